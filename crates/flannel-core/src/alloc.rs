@@ -1,0 +1,1 @@
+//! Which subnet a node should hold: upstream's acquisition order.

@@ -1,0 +1,1 @@
+//! /run/flannel/subnet.env in upstream's format.

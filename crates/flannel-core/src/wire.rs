@@ -1,0 +1,52 @@
+//! Flannel's wire names: every etcd key, annotation, file path and device name
+//! that upstream flannel defines lives here and nowhere else.
+
+/// Default `--net-config-path`.
+pub const DEFAULT_NET_CONFIG_PATH: &str = "/etc/kube-flannel/net-conf.json";
+/// Default `--subnet-file`.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
+/// Default `--etcd-prefix`.
+pub const DEFAULT_ETCD_PREFIX: &str = "/coreos.com/network";
+/// Default `--etcd-endpoints`.
+pub const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1:2379";
+/// Key (below the prefix) holding the net-conf JSON in etcd.
+pub const ETCD_CONFIG_KEY: &str = "config";
+/// Directory (below the prefix) holding one key per lease in etcd.
+pub const ETCD_SUBNETS_DIR: &str = "subnets";
+/// Default `--kube-annotation-prefix`.
+pub const DEFAULT_KUBE_ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com";
+
+/// Lease lifetime granted on acquisition and renewal (24 h).
+pub const LEASE_TTL_SECS: u64 = 24 * 60 * 60;
+/// Default `--subnet-lease-renew-margin` in minutes.
+pub const DEFAULT_RENEW_MARGIN_MINUTES: u64 = 60;
+
+/// vxlan device name for a VNI: `flannel.<VNI>`.
+pub fn vxlan_device_name(vni: u32) -> String {
+    format!("flannel.{vni}")
+}
+/// IPv6 vxlan device name for a VNI: `flannel-v6.<VNI>`.
+pub fn vxlan_v6_device_name(vni: u32) -> String {
+    format!("flannel-v6.{vni}")
+}
+/// TUN device of the udp backend.
+pub const UDP_TUN_DEVICE: &str = "flannel0";
+/// Default UDP port of the udp backend.
+pub const UDP_DEFAULT_PORT: u16 = 8285;
+/// Kernel default vxlan port used by flannel (`Port: 0`).
+pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+
+/// Bridge the CNI plugin attaches pods to.
+pub const CNI_BRIDGE: &str = "cni0";
+/// Default `dataDir` of the flannel CNI plugin (saved delegate configs).
+pub const CNI_DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
+/// Default directory of host-local IPAM (`<dir>/<network name>/<ip>`).
+pub const CNI_DEFAULT_IPAM_DIR: &str = "/var/lib/cni/networks";
+
+/// subnet.env variable names.
+pub const ENV_NETWORK: &str = "FLANNEL_NETWORK";
+pub const ENV_SUBNET: &str = "FLANNEL_SUBNET";
+pub const ENV_IPV6_NETWORK: &str = "FLANNEL_IPV6_NETWORK";
+pub const ENV_IPV6_SUBNET: &str = "FLANNEL_IPV6_SUBNET";
+pub const ENV_MTU: &str = "FLANNEL_MTU";
+pub const ENV_IPMASQ: &str = "FLANNEL_IPMASQ";

@@ -1,0 +1,1 @@
+//! Lease stores: the [`Store`] abstraction and the local directory store.

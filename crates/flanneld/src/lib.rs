@@ -1,0 +1,1 @@
+//! The node daemon: interface selection, lease acquisition, the level-triggered reconciler and backends.
