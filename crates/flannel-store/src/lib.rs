@@ -1,1 +1,90 @@
-//! Lease stores: the [`Store`] abstraction and the local directory store.
+//! Lease stores: the [`Store`] abstraction every subnet manager implements,
+//! and its first implementation, a local directory shared by all flanneld
+//! processes of one machine.
+//!
+//! A store only moves leases in and out; the decisions (which subnet to take,
+//! what a lease means for the kernel) live in `flannel-core`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use flannel_core::lease::{Lease, LeaseEvent, LeaseKey};
+use tokio::sync::mpsc;
+
+/// Errors of a store, with the key or path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lease {key} is invalid: {detail}")]
+    InvalidLease { key: String, detail: String },
+    #[error("lease {key} not found")]
+    NotFound { key: String },
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// All leases at one point of the store's history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseSnapshot {
+    pub leases: Vec<Lease>,
+    /// Store revision the snapshot was read at (etcd revision; a counter for the local store).
+    pub revision: u64,
+}
+
+/// What a watch delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The complete set of leases: replaces whatever the watcher knew. Sent
+    /// first, and again whenever the store cannot prove that no event was lost
+    /// (reconnect, compaction).
+    Snapshot(LeaseSnapshot),
+    /// Changes since the previous message. Expired leases arrive as `Removed`.
+    Events {
+        events: Vec<LeaseEvent>,
+        revision: u64,
+    },
+}
+
+/// A subnet lease store (upstream's subnet manager backends).
+///
+/// Methods return `Send` futures so the daemon can run them on any tokio worker.
+pub trait Store: Send + Sync + 'static {
+    /// The net-conf JSON held by the store (`<prefix>/config` in etcd);
+    /// `Ok(None)` for stores whose config comes from `--net-config-path`.
+    fn get_network_config(&self) -> impl Future<Output = Result<Option<String>>> + Send;
+
+    /// Every lease currently held, expired ones excluded.
+    fn list_leases(&self) -> impl Future<Output = Result<LeaseSnapshot>> + Send;
+
+    /// Creates `lease` only if its key does not exist (a create-if-absent
+    /// transaction). `ttl: None` writes a reservation. Returns the stored lease
+    /// with its expiration, or `Ok(None)` when the key was taken meanwhile.
+    fn create_lease(
+        &self,
+        lease: &Lease,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<Option<Lease>>> + Send;
+
+    /// Overwrites an existing lease held by this node (new attributes or
+    /// renewal). `ttl: None` keeps it a reservation. Returns the stored lease.
+    fn update_lease(
+        &self,
+        lease: &Lease,
+        ttl: Option<Duration>,
+    ) -> impl Future<Output = Result<Lease>> + Send;
+
+    /// Deletes a lease; absent is success.
+    fn delete_lease(&self, key: &LeaseKey) -> impl Future<Output = Result<()>> + Send;
+
+    /// Starts watching every lease: first a [`WatchEvent::Snapshot`], then
+    /// [`WatchEvent::Events`]. The channel closes only when the store is dropped
+    /// or the receiver is.
+    fn watch_leases(&self) -> impl Future<Output = Result<mpsc::Receiver<WatchEvent>>> + Send;
+}
