@@ -50,3 +50,12 @@ pub const ENV_IPV6_NETWORK: &str = "FLANNEL_IPV6_NETWORK";
 pub const ENV_IPV6_SUBNET: &str = "FLANNEL_IPV6_SUBNET";
 pub const ENV_MTU: &str = "FLANNEL_MTU";
 pub const ENV_IPMASQ: &str = "FLANNEL_IPMASQ";
+
+/// Local directory store (`--local-store DIR`, flannel-rs only): lease files live in `DIR/subnets/<LeaseKey>`.
+pub const LOCAL_STORE_SUBNETS_DIR: &str = "subnets";
+/// Local directory store: the file every writer `flock`s.
+pub const LOCAL_STORE_LOCK_FILE: &str = "lock";
+/// Local directory store: the change counter.
+pub const LOCAL_STORE_REVISION_FILE: &str = "revision";
+/// Local directory store: optional net-conf JSON returned by `get_network_config`.
+pub const LOCAL_STORE_CONFIG_FILE: &str = "config";
