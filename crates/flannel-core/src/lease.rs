@@ -3,7 +3,9 @@
 //! The JSON of [`LeaseAttrs`] is byte-compatible with upstream flannel's etcd
 //! value: `{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}}`.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
 use std::time::SystemTime;
 
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -12,13 +14,22 @@ use serde::{Deserialize, Serialize};
 use crate::mac::MacAddr;
 
 /// The attributes a node publishes with its lease (upstream's `LeaseAttrs`).
+///
+/// Field order, `null` for a missing `PublicIPv6` and the omission of an
+/// empty `BackendType` / absent `BackendData` / `BackendV6Data` follow
+/// upstream. A missing IPv4 `PublicIP` (IPv6-only node) is written as
+/// `"0.0.0.0"`, as upstream does, and `"0.0.0.0"` or `null` read back as `None`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseAttrs {
-    #[serde(rename = "PublicIP")]
+    #[serde(rename = "PublicIP", default, with = "public_ip_v4")]
     pub public_ip: Option<Ipv4Addr>,
-    #[serde(rename = "PublicIPv6")]
+    #[serde(rename = "PublicIPv6", default)]
     pub public_ipv6: Option<Ipv6Addr>,
-    #[serde(rename = "BackendType")]
+    #[serde(
+        rename = "BackendType",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub backend_type: String,
     /// Backend-specific data; for vxlan a [`VxlanBackendData`].
     #[serde(
@@ -68,4 +79,459 @@ pub enum LeaseEvent {
     Upsert(Lease),
     /// A lease was deleted or expired.
     Removed(LeaseKey),
+}
+
+/// Upstream's `PublicIP` is a plain IPv4 value: the unset one is `0.0.0.0`.
+mod public_ip_v4 {
+    use std::net::Ipv4Addr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ip: &Option<Ipv4Addr>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&ip.unwrap_or(Ipv4Addr::UNSPECIFIED))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+        Ok(Option::<Ipv4Addr>::deserialize(d)?.filter(|ip| !ip.is_unspecified()))
+    }
+}
+
+/// A store key that is not a lease key (`10.244.1.0-24`,
+/// `10.244.1.0-24&fd00:10:244:1::-64`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid lease key {key:?}: {reason}; expected \"10.244.1.0-24\" or \"10.244.1.0-24&fd00:10:244:1::-64\"")]
+pub struct ParseLeaseKeyError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl LeaseKey {
+    /// An IPv4-only key.
+    pub fn v4(net: Ipv4Net) -> Self {
+        LeaseKey {
+            ipv4: Some(net),
+            ipv6: None,
+        }
+    }
+
+    /// An IPv6-only key.
+    pub fn v6(net: Ipv6Net) -> Self {
+        LeaseKey {
+            ipv4: None,
+            ipv6: Some(net),
+        }
+    }
+
+    /// A dual-stack key.
+    pub fn dual(v4: Ipv4Net, v6: Ipv6Net) -> Self {
+        LeaseKey {
+            ipv4: Some(v4),
+            ipv6: Some(v6),
+        }
+    }
+
+    /// Neither family set: not a usable key.
+    pub fn is_empty(&self) -> bool {
+        self.ipv4.is_none() && self.ipv6.is_none()
+    }
+
+    /// Whether the two keys share an address in either family.
+    pub fn overlaps(&self, other: &LeaseKey) -> bool {
+        let v4 =
+            matches!((self.ipv4, other.ipv4), (Some(a), Some(b)) if crate::ip::overlaps(&a, &b));
+        let v6 =
+            matches!((self.ipv6, other.ipv6), (Some(a), Some(b)) if crate::ip::overlaps(&a, &b));
+        v4 || v6
+    }
+}
+
+/// Upstream's store key: `10.244.1.0-24`, dual stack
+/// `10.244.1.0-24&fd00:10:244:1::-64`, IPv6 only `0.0.0.0-0&fd00:10:244:1::-64`
+/// (upstream always writes an IPv4 part).
+impl fmt::Display for LeaseKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ipv4 {
+            Some(n) => write!(f, "{}-{}", n.addr(), n.prefix_len())?,
+            None => f.write_str("0.0.0.0-0")?,
+        }
+        if let Some(n) = self.ipv6 {
+            write!(f, "&{}-{}", n.addr(), n.prefix_len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses upstream's store key (see [`LeaseKey`]'s `Display`). An IPv4 part
+/// of `0.0.0.0-0` means IPv6 only; a bare IPv6 part (`fd00::-64`) is
+/// accepted as IPv6 only too. Host bits must be clear.
+impl FromStr for LeaseKey {
+    type Err = ParseLeaseKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: &str| ParseLeaseKeyError {
+            key: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let (v4_part, v6_part) = match s.split_once('&') {
+            Some((a, b)) => (Some(a), Some(b)),
+            None if s.contains(':') => (None, Some(s)),
+            None => (Some(s), None),
+        };
+        let mut key = LeaseKey {
+            ipv4: None,
+            ipv6: None,
+        };
+        if let Some(p) = v4_part {
+            let (addr, len) = p
+                .rsplit_once('-')
+                .ok_or_else(|| err("the IPv4 part has no '-<prefix length>'"))?;
+            let addr: Ipv4Addr = addr
+                .parse()
+                .map_err(|_| err("the IPv4 part is not an IPv4 address"))?;
+            let len: u8 = len
+                .parse()
+                .map_err(|_| err("the IPv4 prefix length is not a number"))?;
+            let net =
+                Ipv4Net::new(addr, len).map_err(|_| err("the IPv4 prefix length exceeds 32"))?;
+            if net.trunc() != net {
+                return Err(err("the IPv4 subnet has host bits set"));
+            }
+            if !(addr.is_unspecified() && len == 0) {
+                key.ipv4 = Some(net);
+            }
+        }
+        if let Some(p) = v6_part {
+            let (addr, len) = p
+                .rsplit_once('-')
+                .ok_or_else(|| err("the IPv6 part has no '-<prefix length>'"))?;
+            let addr: Ipv6Addr = addr
+                .parse()
+                .map_err(|_| err("the IPv6 part is not an IPv6 address"))?;
+            let len: u8 = len
+                .parse()
+                .map_err(|_| err("the IPv6 prefix length is not a number"))?;
+            let net =
+                Ipv6Net::new(addr, len).map_err(|_| err("the IPv6 prefix length exceeds 128"))?;
+            if net.trunc() != net {
+                return Err(err("the IPv6 subnet has host bits set"));
+            }
+            key.ipv6 = Some(net);
+        }
+        if key.is_empty() {
+            return Err(err("it names no subnet"));
+        }
+        Ok(key)
+    }
+}
+
+impl Serialize for LeaseKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `BackendType` of the vxlan backend.
+pub const BACKEND_VXLAN: &str = "vxlan";
+/// `BackendType` of the host-gw backend.
+pub const BACKEND_HOST_GW: &str = "host-gw";
+/// `BackendType` of the udp backend.
+pub const BACKEND_UDP: &str = "udp";
+
+impl LeaseAttrs {
+    /// Attributes without backend data (host-gw, udp).
+    pub fn new(
+        backend_type: &str,
+        public_ip: Option<Ipv4Addr>,
+        public_ipv6: Option<Ipv6Addr>,
+    ) -> Self {
+        LeaseAttrs {
+            public_ip,
+            public_ipv6,
+            backend_type: backend_type.to_string(),
+            backend_data: None,
+            backend_v6_data: None,
+        }
+    }
+
+    /// vxlan attributes: `v4` goes to `BackendData` (the `flannel.<VNI>`
+    /// device), `v6` to `BackendV6Data` (`flannel-v6.<VNI>`); each is present
+    /// only when its family is served.
+    pub fn new_vxlan(
+        public_ip: Option<Ipv4Addr>,
+        v4: Option<VxlanBackendData>,
+        public_ipv6: Option<Ipv6Addr>,
+        v6: Option<VxlanBackendData>,
+    ) -> Self {
+        let to_value =
+            |d: VxlanBackendData| serde_json::to_value(d).expect("VxlanBackendData serialises");
+        LeaseAttrs {
+            public_ip,
+            public_ipv6,
+            backend_type: BACKEND_VXLAN.to_string(),
+            backend_data: v4.map(to_value),
+            backend_v6_data: v6.map(to_value),
+        }
+    }
+
+    /// `BackendData` as vxlan data; `None` when absent or malformed.
+    pub fn vxlan_data(&self) -> Option<VxlanBackendData> {
+        serde_json::from_value(self.backend_data.clone()?).ok()
+    }
+
+    /// `BackendV6Data` as vxlan data; `None` when absent or malformed.
+    pub fn vxlan_v6_data(&self) -> Option<VxlanBackendData> {
+        serde_json::from_value(self.backend_v6_data.clone()?).ok()
+    }
+
+    /// The public IP of one family.
+    pub fn public_ip_of(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.public_ip.map(IpAddr::V4),
+            IpFamily::V6 => self.public_ipv6.map(IpAddr::V6),
+        }
+    }
+
+    /// The upstream JSON (the etcd value).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("LeaseAttrs serialises")
+    }
+
+    /// Parses the upstream JSON.
+    pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IpFamily {
+    V4,
+    V6,
+}
+
+impl LeaseKey {
+    /// The subnet of one family.
+    pub fn subnet(&self, family: IpFamily) -> Option<ipnet::IpNet> {
+        match family {
+            IpFamily::V4 => self.ipv4.map(ipnet::IpNet::V4),
+            IpFamily::V6 => self.ipv6.map(ipnet::IpNet::V6),
+        }
+    }
+}
+
+impl Lease {
+    /// A key without TTL: it belongs to the node named by its PublicIP and
+    /// is never reallocated.
+    pub fn is_reservation(&self) -> bool {
+        self.expiration.is_none()
+    }
+
+    /// Whether the lease's TTL has run out at `now` (never for a reservation).
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        matches!(self.expiration, Some(t) if t <= now)
+    }
+
+    /// Still holding its subnet at `now`: a reservation or an unexpired lease.
+    pub fn is_live(&self, now: SystemTime) -> bool {
+        !self.is_expired(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const GOLDEN: &str = r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}}"#;
+
+    fn mac(s: &str) -> MacAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn golden_json() {
+        let a = LeaseAttrs::new_vxlan(
+            Some(Ipv4Addr::new(172, 16, 1, 14)),
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: mac("26:62:24:f0:61:01"),
+            }),
+            None,
+            None,
+        );
+        assert_eq!(a.to_json(), GOLDEN);
+        let back = LeaseAttrs::from_json(GOLDEN).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(back.to_json(), GOLDEN);
+        assert_eq!(
+            back.vxlan_data(),
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: mac("26:62:24:f0:61:01")
+            })
+        );
+        assert_eq!(back.vxlan_v6_data(), None);
+    }
+
+    #[test]
+    fn dual_stack_json() {
+        let a = LeaseAttrs::new_vxlan(
+            Some(Ipv4Addr::new(172, 16, 1, 14)),
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: mac("26:62:24:f0:61:01"),
+            }),
+            Some("fd00::14".parse().unwrap()),
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: mac("26:62:24:f0:61:02"),
+            }),
+        );
+        let j = a.to_json();
+        assert_eq!(
+            j,
+            r#"{"PublicIP":"172.16.1.14","PublicIPv6":"fd00::14","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"26:62:24:f0:61:02"}}"#
+        );
+        let back = LeaseAttrs::from_json(&j).unwrap();
+        assert_eq!(back, a);
+        assert_eq!(
+            back.vxlan_v6_data().unwrap().vtep_mac,
+            mac("26:62:24:f0:61:02")
+        );
+        assert_eq!(
+            back.public_ip_of(IpFamily::V6),
+            Some("fd00::14".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn host_gw_and_v6_only_json() {
+        let a = LeaseAttrs::new(BACKEND_HOST_GW, Some(Ipv4Addr::new(10, 0, 0, 2)), None);
+        assert_eq!(
+            a.to_json(),
+            r#"{"PublicIP":"10.0.0.2","PublicIPv6":null,"BackendType":"host-gw"}"#
+        );
+        let v6only = LeaseAttrs::new(BACKEND_HOST_GW, None, Some("fd00::2".parse().unwrap()));
+        let j = v6only.to_json();
+        assert_eq!(
+            j,
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00::2","BackendType":"host-gw"}"#
+        );
+        assert_eq!(LeaseAttrs::from_json(&j).unwrap(), v6only);
+        // Tolerated on input: null PublicIP, missing optional fields.
+        let t = LeaseAttrs::from_json(r#"{"PublicIP":null}"#).unwrap();
+        assert_eq!(t.public_ip, None);
+        assert_eq!(t.backend_type, "");
+        assert_eq!(t.to_json(), r#"{"PublicIP":"0.0.0.0","PublicIPv6":null}"#);
+    }
+
+    #[test]
+    fn malformed_backend_data() {
+        for bad in [
+            r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":"x","VtepMAC":"26:62:24:f0:61:01"}}"#,
+            r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"nope"}}"#,
+            r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VNI":1}}"#,
+            r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":[]}"#,
+            r#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#,
+        ] {
+            let a = LeaseAttrs::from_json(bad).unwrap();
+            assert_eq!(a.vxlan_data(), None, "{bad}");
+        }
+        assert!(LeaseAttrs::from_json(r#"{"PublicIP":"1.2.3"}"#).is_err());
+        assert!(LeaseAttrs::from_json(r#"{"PublicIP":"1.2.3.4","PublicIPv6":"zz"}"#).is_err());
+    }
+
+    #[test]
+    fn key_string_forms() {
+        let k: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        assert_eq!(k, LeaseKey::v4("10.244.1.0/24".parse().unwrap()));
+        assert_eq!(k.to_string(), "10.244.1.0-24");
+
+        let d = "10.244.1.0-24&fd00:10:244:1::-64";
+        let k: LeaseKey = d.parse().unwrap();
+        assert_eq!(
+            k,
+            LeaseKey::dual(
+                "10.244.1.0/24".parse().unwrap(),
+                "fd00:10:244:1::/64".parse().unwrap()
+            )
+        );
+        assert_eq!(k.to_string(), d);
+
+        let v6 = LeaseKey::v6("fd00:10:244:1::/64".parse().unwrap());
+        assert_eq!(v6.to_string(), "0.0.0.0-0&fd00:10:244:1::-64");
+        assert_eq!(
+            "0.0.0.0-0&fd00:10:244:1::-64".parse::<LeaseKey>().unwrap(),
+            v6
+        );
+        assert_eq!("fd00:10:244:1::-64".parse::<LeaseKey>().unwrap(), v6);
+
+        // JSON as a string.
+        assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{d}\""));
+        assert_eq!(
+            serde_json::from_str::<LeaseKey>(&format!("\"{d}\"")).unwrap(),
+            k
+        );
+    }
+
+    #[test]
+    fn key_parse_errors() {
+        for bad in [
+            "",
+            "10.244.1.0",
+            "10.244.1.0/24",
+            "10.244.1-24",
+            "10.244.1.0-33",
+            "10.244.1.0-x",
+            "10.244.1.1-24",
+            "0.0.0.0-0",
+            "10.244.1.0-24&",
+            "10.244.1.0-24&fd00::",
+            "10.244.1.0-24&fd00::-129",
+            "10.244.1.0-24&fd00::1-64",
+            "10.244.1.0-24&10.0.0.0-8",
+        ] {
+            let e = bad.parse::<LeaseKey>().expect_err(bad);
+            assert!(e.to_string().contains("expected \"10.244.1.0-24\""), "{e}");
+            assert_eq!(e.key, bad);
+        }
+    }
+
+    #[test]
+    fn key_overlap() {
+        let a: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let b: LeaseKey = "10.244.0.0-23".parse().unwrap();
+        let c: LeaseKey = "10.244.2.0-24&fd00::-64".parse().unwrap();
+        let d: LeaseKey = "fd00::-64".parse().unwrap();
+        assert!(a.overlaps(&b));
+        assert!(!a.overlaps(&c));
+        assert!(c.overlaps(&d));
+        assert!(!a.overlaps(&d));
+    }
+
+    #[test]
+    fn expiry() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut l = Lease {
+            key: "10.244.1.0-24".parse().unwrap(),
+            attrs: LeaseAttrs::from_json(GOLDEN).unwrap(),
+            expiration: None,
+        };
+        assert!(l.is_reservation());
+        assert!(!l.is_expired(t0));
+        assert!(l.is_live(t0));
+        l.expiration = Some(t0);
+        assert!(!l.is_reservation());
+        assert!(l.is_expired(t0));
+        assert!(!l.is_expired(t0 - Duration::from_secs(1)));
+        assert!(l.is_expired(t0 + Duration::from_secs(1)));
+    }
 }
