@@ -10,18 +10,25 @@
 //! treats "already there"/"already gone" as success, so callers can apply a
 //! desired state again and again.
 
+mod addrs;
+mod links;
+mod monitor;
+mod neigh;
 pub mod netns;
+mod routes;
+mod transport;
 
 use std::net::IpAddr;
-use std::os::fd::BorrowedFd;
 
-use flannel_core::datapath::{FdbEntry, Neighbour, Route};
 use flannel_core::mac::MacAddr;
 use ipnet::IpNet;
+
+pub use monitor::Monitor;
 
 /// Errors of the kernel layer, each with the operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The kernel refused the request (`source` carries the errno).
     #[error("{op}: {source}")]
     Kernel {
         op: String,
@@ -32,6 +39,28 @@ pub enum Error {
     LinkNotFound { op: String, name: String },
     #[error("{op}: unexpected netlink reply: {detail}")]
     Protocol { op: String, detail: String },
+    /// Bad input, caught before anything was sent; `detail` names the field
+    /// and what to do.
+    #[error("{op}: {detail}")]
+    Invalid { op: String, detail: String },
+    /// Something of the same name exists and is not what was asked for
+    /// (e.g. a link named like the bridge that is not a bridge).
+    #[error("{op}: {detail}")]
+    Conflict { op: String, detail: String },
+}
+
+impl Error {
+    /// The kernel's errno for [`Error::Kernel`] (e.g. `libc::EEXIST`).
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            Error::Kernel { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+    /// The kernel answered EEXIST (e.g. a veth name already taken).
+    pub fn is_exists(&self) -> bool {
+        self.raw_os_error() == Some(libc::EEXIST)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -89,6 +118,7 @@ pub enum Notification {
         name: String,
         deleted: bool,
     },
+    /// A route of the main table.
     Route {
         dst: IpNet,
         deleted: bool,
@@ -107,154 +137,53 @@ pub enum Notification {
         index: u32,
         deleted: bool,
     },
+    /// Notifications were lost (the socket buffer overflowed with ENOBUFS,
+    /// or one could not be decoded): the receiver must re-read the whole
+    /// kernel state (full resync).
+    Overrun,
 }
 
 /// A synchronous rtnetlink socket, bound to the namespace it was opened in.
 pub struct Netlink {
-    _priv: (),
+    t: transport::Transport,
 }
 
 impl Netlink {
     /// Opens a NETLINK_ROUTE socket in the calling thread's namespace.
     pub fn open() -> Result<Self> {
-        todo!()
-    }
-
-    // ---- links --------------------------------------------------------
-    /// `ip link show NAME`; `Ok(None)` when absent.
-    pub fn link_by_name(&mut self, _name: &str) -> Result<Option<Link>> {
-        todo!()
-    }
-    /// `ip link show` by index.
-    pub fn link_by_index(&mut self, _index: u32) -> Result<Option<Link>> {
-        todo!()
-    }
-    /// `ip -d link show`.
-    pub fn list_links(&mut self) -> Result<Vec<Link>> {
-        todo!()
-    }
-    /// `ip link add NAME type vxlan ...`; returns the new link.
-    pub fn add_vxlan(&mut self, _dev: &VxlanDevice) -> Result<Link> {
-        todo!()
-    }
-    /// `ip link add NAME type bridge` with the MTU; returns the link (existing one if present).
-    pub fn add_bridge(&mut self, _name: &str, _mtu: Option<u32>) -> Result<Link> {
-        todo!()
-    }
-    /// `ip link add HOST type veth peer name PEER netns FD`: the peer is
-    /// created directly in the namespace `peer_netns`. Returns the host end.
-    pub fn add_veth(
-        &mut self,
-        _host: &str,
-        _peer: &str,
-        _peer_netns: BorrowedFd<'_>,
-        _mtu: Option<u32>,
-    ) -> Result<Link> {
-        todo!()
-    }
-    /// `ip link set dev INDEX up`.
-    pub fn set_link_up(&mut self, _index: u32) -> Result<()> {
-        todo!()
-    }
-    /// `ip link set dev INDEX down`.
-    pub fn set_link_down(&mut self, _index: u32) -> Result<()> {
-        todo!()
-    }
-    /// `ip link set dev INDEX mtu MTU`.
-    pub fn set_link_mtu(&mut self, _index: u32, _mtu: u32) -> Result<()> {
-        todo!()
-    }
-    /// `ip link set dev INDEX address MAC`.
-    pub fn set_link_address(&mut self, _index: u32, _mac: MacAddr) -> Result<()> {
-        todo!()
-    }
-    /// `ip link set dev INDEX master MASTER`.
-    pub fn set_link_master(&mut self, _index: u32, _master: u32) -> Result<()> {
-        todo!()
-    }
-    /// `ip link set dev INDEX netns FD`.
-    pub fn set_link_netns(&mut self, _index: u32, _netns: BorrowedFd<'_>) -> Result<()> {
-        todo!()
-    }
-    /// `bridge link set dev INDEX hairpin on|off`.
-    pub fn set_hairpin(&mut self, _index: u32, _on: bool) -> Result<()> {
-        todo!()
-    }
-    /// `ip link del dev INDEX`; absent is success.
-    pub fn del_link(&mut self, _index: u32) -> Result<()> {
-        todo!()
-    }
-
-    // ---- addresses ----------------------------------------------------
-    /// `ip addr replace ADDR dev INDEX`.
-    pub fn add_address(&mut self, _index: u32, _addr: IpNet) -> Result<()> {
-        todo!()
-    }
-    /// `ip addr del ADDR dev INDEX`; absent is success.
-    pub fn del_address(&mut self, _index: u32, _addr: IpNet) -> Result<()> {
-        todo!()
-    }
-    /// `ip addr show dev INDEX` (global scope and all families).
-    pub fn list_addresses(&mut self, _index: u32) -> Result<Vec<IpNet>> {
-        todo!()
-    }
-
-    // ---- routes (main table) ------------------------------------------
-    /// `ip route replace ...`.
-    pub fn replace_route(&mut self, _route: &Route) -> Result<()> {
-        todo!()
-    }
-    /// `ip route del ...`; absent is success.
-    pub fn del_route(&mut self, _route: &Route) -> Result<()> {
-        todo!()
-    }
-    /// `ip route show table main` for unicast routes with an output device.
-    pub fn list_routes(&mut self) -> Result<Vec<Route>> {
-        todo!()
-    }
-
-    // ---- neighbours ---------------------------------------------------
-    /// `ip neigh replace IP lladdr MAC dev IFINDEX nud permanent`.
-    pub fn replace_neighbour(&mut self, _n: &Neighbour) -> Result<()> {
-        todo!()
-    }
-    /// `ip neigh del IP dev IFINDEX`; absent is success.
-    pub fn del_neighbour(&mut self, _n: &Neighbour) -> Result<()> {
-        todo!()
-    }
-    /// Permanent neighbour entries of a device (`ip neigh show dev IFINDEX nud permanent`).
-    pub fn list_neighbours(&mut self, _ifindex: u32) -> Result<Vec<Neighbour>> {
-        todo!()
-    }
-
-    // ---- bridge FDB ---------------------------------------------------
-    /// `bridge fdb replace MAC dev IFINDEX dst IP self permanent`.
-    pub fn replace_fdb(&mut self, _e: &FdbEntry) -> Result<()> {
-        todo!()
-    }
-    /// `bridge fdb del MAC dev IFINDEX dst IP self`; absent is success.
-    pub fn del_fdb(&mut self, _e: &FdbEntry) -> Result<()> {
-        todo!()
-    }
-    /// Unicast `self` entries with a `dst` on a vxlan device (`bridge fdb show dev IFINDEX`).
-    pub fn list_fdb(&mut self, _ifindex: u32) -> Result<Vec<FdbEntry>> {
-        todo!()
+        let t = transport::Transport::open(&[], 1 << 20).map_err(|source| Error::Kernel {
+            op: "socket(AF_NETLINK, NETLINK_ROUTE)".into(),
+            source,
+        })?;
+        Ok(Netlink { t })
     }
 }
 
-/// A socket subscribed to link, address, route and neighbour notifications
-/// (`ip monitor link address route neigh`).
-pub struct Monitor {
-    _priv: (),
+/// `IFNAMSIZ - 1`: longer link names are refused by the kernel.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+fn check_ifname(op: &str, field: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_IFNAME_LEN
+        || name == "."
+        || name == ".."
+        || name.contains(['/', ':', '\0'])
+        || name.contains(char::is_whitespace)
+    {
+        return Err(Error::Invalid {
+            op: op.to_string(),
+            detail: format!(
+                "{field} {name:?} is not a valid interface name: use 1..={MAX_IFNAME_LEN} bytes without '/', ':' or spaces"
+            ),
+        });
+    }
+    Ok(())
 }
 
-impl Monitor {
-    /// Subscribes in the calling thread's namespace.
-    pub fn open() -> Result<Self> {
-        todo!()
-    }
-    /// Blocks until at least one notification arrives.
-    pub fn recv(&mut self) -> Result<Vec<Notification>> {
-        todo!()
-    }
+/// Errnos that mean "it is already gone" for a delete.
+fn is_absent(e: &Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL)
+    )
 }

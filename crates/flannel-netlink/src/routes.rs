@@ -1,0 +1,205 @@
+//! Routes of the main table: `ip route`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use flannel_core::datapath::Route;
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType, RouteVia,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::addrs::family;
+use crate::transport::DUMP;
+use crate::{is_absent, Error, Netlink, Result};
+
+/// `ip route` spelling of a route, for error messages.
+pub(crate) fn route_cmd(verb: &str, r: &Route) -> String {
+    let mut s = format!("ip route {verb} {}", r.dst);
+    if let Some(gw) = r.gateway {
+        s.push_str(&format!(" via {gw}"));
+    }
+    if r.oif != 0 {
+        s.push_str(&format!(" dev {}", r.oif));
+    }
+    if r.onlink {
+        s.push_str(" onlink");
+    }
+    s
+}
+
+fn route_msg(r: &Route, op: &str, delete: bool) -> Result<RouteMessage> {
+    if r.dst != r.dst.trunc() {
+        return Err(Error::Invalid {
+            op: op.to_string(),
+            detail: format!(
+                "dst {} has host bits set: use the network address {}",
+                r.dst,
+                r.dst.trunc()
+            ),
+        });
+    }
+    let fam = family(&r.dst.addr());
+    let mut m = RouteMessage::default();
+    m.header.address_family = fam;
+    m.header.destination_prefix_length = r.dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.kind = RouteType::Unicast;
+    if delete {
+        // Match any protocol and scope, as `ip route del` does; the kernel
+        // compares them when they are set.
+        m.header.protocol = RouteProtocol::Unspec;
+        m.header.scope = RouteScope::NoWhere;
+    } else {
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = if r.gateway.is_some() {
+            RouteScope::Universe
+        } else {
+            RouteScope::Link
+        };
+    }
+    if r.onlink {
+        m.header.flags = RouteFlags::Onlink;
+    }
+    m.attributes
+        .push(RouteAttribute::Destination(r.dst.addr().into()));
+    match r.gateway {
+        Some(gw) if family(&gw) == fam => m.attributes.push(RouteAttribute::Gateway(gw.into())),
+        // An IPv4 route with an IPv6 next hop goes as RTA_VIA.
+        Some(IpAddr::V6(gw)) => m.attributes.push(RouteAttribute::Via(RouteVia::Inet6(gw))),
+        Some(IpAddr::V4(gw)) => {
+            return Err(Error::Invalid {
+                op: op.to_string(),
+                detail: format!(
+                    "gateway {gw} is IPv4 but dst {} is IPv6: use an IPv6 gateway",
+                    r.dst
+                ),
+            })
+        }
+        None => {}
+    }
+    if r.oif != 0 {
+        m.attributes.push(RouteAttribute::Oif(r.oif));
+    }
+    Ok(m)
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    }
+}
+
+/// The main-table unicast route a message describes; `None` for anything
+/// else (other tables, cached clones, local/broadcast/blackhole types, and
+/// multipath or device-less routes, which `Route` cannot express).
+pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
+    let unspecified = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    if m.header.kind != RouteType::Unicast || m.header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut dst = unspecified;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = route_addr(d)?,
+            RouteAttribute::Gateway(g) => gateway = route_addr(g),
+            RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
+            RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    Some(Route {
+        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        gateway,
+        oif: oif?,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+    })
+}
+
+/// The destination of any route message (for notifications), main table only.
+pub(crate) fn route_dst(m: &RouteMessage) -> Option<IpNet> {
+    let unspecified = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    if m.header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut dst = unspecified;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = route_addr(d)?,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    IpNet::new(dst, m.header.destination_prefix_length).ok()
+}
+
+impl Netlink {
+    /// `ip route replace DST [via GW] dev OIF [onlink]` in the main table
+    /// (protocol boot, scope link without a gateway, universe with one).
+    pub fn replace_route(&mut self, route: &Route) -> Result<()> {
+        let op = route_cmd("replace", route);
+        let m = route_msg(route, &op, false)?;
+        self.t
+            .request(
+                RouteNetlinkMessage::NewRoute(m),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                &op,
+            )
+            .map(drop)
+    }
+
+    /// `ip route del DST [via GW] dev OIF`; absent is success (also when the
+    /// device is gone, which took its routes with it).
+    pub fn del_route(&mut self, route: &Route) -> Result<()> {
+        let op = route_cmd("del", route);
+        let m = route_msg(route, &op, true)?;
+        match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, &op) {
+            Err(e) if is_absent(&e) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// `ip route show table main` for unicast routes with an output device,
+    /// IPv4 and IPv6. Every such route is listed, including the kernel's own
+    /// (`proto kernel` prefix routes, `fe80::/64`): callers keep to the
+    /// destinations they manage. Multipath routes are left out.
+    pub fn list_routes(&mut self) -> Result<Vec<Route>> {
+        let replies = self.t.request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            DUMP,
+            "ip route show table main",
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(m) => route_from_msg(m),
+                _ => None,
+            })
+            .collect())
+    }
+}
