@@ -1,0 +1,370 @@
+//! The kernel side of an attachment, through flannel-netlink: the bridge with
+//! the gateway address, the veth pair whose pod end is created directly in the
+//! pod namespace, the pod's addresses and routes, and the reverse.
+
+use std::net::IpAddr;
+
+use flannel_core::datapath::Route;
+use flannel_core::mac::MacAddr;
+use flannel_netlink::netns::{NetNs, NetNsError};
+use flannel_netlink::{Link, Netlink};
+use ipnet::IpNet;
+
+use crate::config::BridgeConf;
+use crate::spec::{code, CniError, RouteSpec};
+
+/// Errors of the kernel side, each with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("{op}: {source}")]
+    Kernel {
+        op: String,
+        #[source]
+        source: flannel_netlink::Error,
+    },
+    #[error("{0}")]
+    Netns(#[from] NetNsError),
+    #[error("interface {ifname:?} already exists in {netns}; run DEL for this container first or choose another CNI_IFNAME")]
+    InterfaceExists { ifname: String, netns: String },
+    #[error("{name:?} exists but is a {kind} link, not a bridge; delete it (`ip link del {name}`) or set delegate.bridge")]
+    NotABridge { name: String, kind: String },
+    #[error("bridge {bridge:?} already has address {existing}, not {wanted}: the node's subnet changed; delete the bridge (`ip link del {bridge}`) once no pod uses it")]
+    BridgeAddressConflict {
+        bridge: String,
+        existing: IpNet,
+        wanted: IpNet,
+    },
+    #[error("interface {ifname:?} vanished from {netns} while it was being set up")]
+    Vanished { ifname: String, netns: String },
+}
+
+impl From<AttachError> for CniError {
+    fn from(e: AttachError) -> CniError {
+        let c = match e {
+            AttachError::InterfaceExists { .. } => code::INTERFACE_EXISTS,
+            _ => code::KERNEL_FAILURE,
+        };
+        CniError::new(c, e.to_string())
+    }
+}
+
+/// Wraps a netlink result with the operation, for errors like
+/// "add veth vethab12cd34 to cni0: ...".
+pub trait Ctx<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T, AttachError>;
+}
+
+impl<T> Ctx<T> for flannel_netlink::Result<T> {
+    fn ctx(self, op: impl FnOnce() -> String) -> Result<T, AttachError> {
+        self.map_err(|source| AttachError::Kernel { op: op(), source })
+    }
+}
+
+/// The host end's name: `veth` + 8 hex digits of a hash of container ID and
+/// interface name, so DEL finds it again without state even when the pod's
+/// namespace is gone (the reference plugin picks a random name instead).
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    // FNV-1a, 32 bit: tiny, stable across releases and architectures.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in container_id.bytes().chain([0u8]).chain(ifname.bytes()) {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("veth{h:08x}")
+}
+
+/// An address the pod gets: the address with the subnet's prefix, and the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddress {
+    pub address: IpNet,
+    pub gateway: IpAddr,
+}
+
+/// The routes the pod gets, in result order: the IPAM routes (their `gw`
+/// defaults to the gateway of the same family when the kernel route is
+/// written), then a default route per family when `isDefaultGateway`.
+pub fn pod_routes(conf: &BridgeConf, addrs: &[PodAddress]) -> Vec<RouteSpec> {
+    let mut out = conf.ipam.routes.clone();
+    if conf.is_default_gateway {
+        for a in addrs {
+            let default: IpNet = match a.gateway {
+                IpAddr::V4(_) => "0.0.0.0/0".parse().expect("literal"),
+                IpAddr::V6(_) => "::/0".parse().expect("literal"),
+            };
+            if !out.iter().any(|r| r.dst == default) {
+                out.push(RouteSpec {
+                    dst: default,
+                    gw: Some(a.gateway),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The kernel route for a result route: `gw` or the family's gateway.
+fn kernel_route(r: &RouteSpec, addrs: &[PodAddress], oif: u32) -> Route {
+    let gateway = r.gw.or_else(|| {
+        addrs
+            .iter()
+            .find(|a| a.gateway.is_ipv4() == r.dst.addr().is_ipv4())
+            .map(|a| a.gateway)
+    });
+    Route {
+        dst: r.dst,
+        gateway,
+        oif,
+        onlink: false,
+    }
+}
+
+/// Ensures the bridge exists, is up and, when it is the gateway, holds each
+/// gateway address (`ip link add cni0 type bridge mtu M; ip addr add GW/LEN dev cni0; ip link set cni0 up`).
+pub fn ensure_bridge(
+    nl: &mut Netlink,
+    conf: &BridgeConf,
+    addrs: &[PodAddress],
+) -> Result<Link, AttachError> {
+    let br = match nl
+        .link_by_name(&conf.bridge)
+        .ctx(|| format!("look up bridge {}", conf.bridge))?
+    {
+        Some(l) => l,
+        None => nl
+            .add_bridge(&conf.bridge, conf.mtu)
+            .ctx(|| format!("add bridge {}", conf.bridge))?,
+    };
+    if br.kind.as_deref() != Some("bridge") {
+        return Err(AttachError::NotABridge {
+            name: conf.bridge.clone(),
+            kind: br.kind.clone().unwrap_or_else(|| "plain".into()),
+        });
+    }
+    if conf.is_gateway {
+        let have = nl
+            .list_addresses(br.index)
+            .ctx(|| format!("list addresses of {}", conf.bridge))?;
+        for a in addrs {
+            let wanted =
+                IpNet::new(a.gateway, a.address.prefix_len()).expect("prefix from a valid net");
+            if have.contains(&wanted) {
+                continue;
+            }
+            // As the bridge plugin: one IPv4 address; IPv6 ones may coexist unless they overlap.
+            if let Some(existing) = have.iter().find(|h| {
+                h.addr().is_ipv4() == wanted.addr().is_ipv4()
+                    && (wanted.addr().is_ipv4()
+                        || h.contains(&wanted.addr())
+                        || wanted.contains(&h.addr()))
+            }) {
+                return Err(AttachError::BridgeAddressConflict {
+                    bridge: conf.bridge.clone(),
+                    existing: *existing,
+                    wanted,
+                });
+            }
+            nl.add_address(br.index, wanted)
+                .ctx(|| format!("add {wanted} to {}", conf.bridge))?;
+        }
+    }
+    if !br.up {
+        nl.set_link_up(br.index)
+            .ctx(|| format!("set {} up", conf.bridge))?;
+    }
+    Ok(br)
+}
+
+/// Whether `ifname` exists in the pod namespace.
+pub fn pod_has_link(pod: &NetNs, ifname: &str) -> Result<bool, AttachError> {
+    pod.run(|| -> Result<bool, AttachError> {
+        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
+        Ok(nl
+            .link_by_name(ifname)
+            .ctx(|| format!("look up {ifname} in {}", pod.name))?
+            .is_some())
+    })?
+}
+
+/// `ip link add HOST type veth peer name IFNAME netns POD mtu M`: the pod end
+/// is born in the pod namespace, so it never appears on the node. Returns the host end.
+pub fn add_veth(
+    nl: &mut Netlink,
+    conf: &BridgeConf,
+    host: &str,
+    ifname: &str,
+    pod: &NetNs,
+) -> Result<Link, AttachError> {
+    nl.add_veth(host, ifname, pod.fd(), conf.mtu)
+        .ctx(|| format!("add veth {host} with peer {ifname} in {}", pod.name))
+}
+
+/// `ip link set HOST master BRIDGE`, `bridge link set dev HOST hairpin on|off`,
+/// `ip link set HOST up`.
+pub fn plug_host_end(
+    nl: &mut Netlink,
+    conf: &BridgeConf,
+    bridge: &Link,
+    host: &Link,
+) -> Result<(), AttachError> {
+    nl.set_link_master(host.index, bridge.index)
+        .ctx(|| format!("enslave {} to {}", host.name, conf.bridge))?;
+    // The hairpin flag is a bridge-port flag: it exists only once the port is enslaved.
+    nl.set_hairpin(host.index, conf.hairpin)
+        .ctx(|| format!("set hairpin {} on {}", conf.hairpin, host.name))?;
+    nl.set_link_up(host.index)
+        .ctx(|| format!("set {} up", host.name))
+}
+
+/// Inside the pod: `ip link set IFNAME up`, `ip addr add ADDR dev IFNAME` and
+/// `ip route replace DST via GW dev IFNAME` for each route. Returns the pod MAC.
+pub fn configure_pod(
+    pod: &NetNs,
+    ifname: &str,
+    addrs: &[PodAddress],
+    routes: &[RouteSpec],
+) -> Result<Option<MacAddr>, AttachError> {
+    pod.run(|| -> Result<Option<MacAddr>, AttachError> {
+        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
+        let link = nl
+            .link_by_name(ifname)
+            .ctx(|| format!("look up {ifname} in {}", pod.name))?
+            .ok_or_else(|| AttachError::Vanished {
+                ifname: ifname.into(),
+                netns: pod.name.clone(),
+            })?;
+        for a in addrs {
+            nl.add_address(link.index, a.address)
+                .ctx(|| format!("add {} to {ifname} in {}", a.address, pod.name))?;
+        }
+        // Routes via the gateway need the link up (and its connected route) first.
+        nl.set_link_up(link.index)
+            .ctx(|| format!("set {ifname} up in {}", pod.name))?;
+        for r in routes {
+            let kr = kernel_route(r, addrs, link.index);
+            nl.replace_route(&kr)
+                .ctx(|| format!("add route {} via {:?} in {}", r.dst, kr.gateway, pod.name))?;
+        }
+        Ok(link.mac)
+    })?
+}
+
+/// Deletes `ifname` in the pod namespace (its veth peer goes with it);
+/// absent is success.
+pub fn del_pod_link(pod: &NetNs, ifname: &str) -> Result<(), AttachError> {
+    pod.run(|| -> Result<(), AttachError> {
+        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
+        if let Some(l) = nl
+            .link_by_name(ifname)
+            .ctx(|| format!("look up {ifname} in {}", pod.name))?
+        {
+            nl.del_link(l.index)
+                .ctx(|| format!("delete {ifname} in {}", pod.name))?;
+        }
+        Ok(())
+    })?
+}
+
+/// Deletes the host end by name in the calling thread's namespace; absent is success.
+pub fn del_host_link(nl: &mut Netlink, host: &str) -> Result<(), AttachError> {
+    if let Some(l) = nl.link_by_name(host).ctx(|| format!("look up {host}"))? {
+        // Only our own veths: never delete another kind of link that happens to match.
+        if l.kind.as_deref() == Some("veth") {
+            nl.del_link(l.index).ctx(|| format!("delete {host}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// What CHECK verifies inside the pod: the interface, its addresses and routes.
+/// Returns every mismatch found (empty = all good).
+pub fn check_pod(
+    pod: &NetNs,
+    ifname: &str,
+    addrs: &[IpNet],
+    routes: &[Route],
+) -> Result<Vec<String>, AttachError> {
+    pod.run(|| -> Result<Vec<String>, AttachError> {
+        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
+        let mut problems = Vec::new();
+        let Some(link) = nl
+            .link_by_name(ifname)
+            .ctx(|| format!("look up {ifname} in {}", pod.name))?
+        else {
+            problems.push(format!("interface {ifname} is missing in {}", pod.name));
+            return Ok(problems);
+        };
+        if !link.up {
+            problems.push(format!("interface {ifname} is down"));
+        }
+        let have = nl
+            .list_addresses(link.index)
+            .ctx(|| format!("list addresses of {ifname}"))?;
+        for a in addrs {
+            if !have.contains(a) {
+                problems.push(format!("address {a} is missing on {ifname} (has {have:?})"));
+            }
+        }
+        let have = nl
+            .list_routes()
+            .ctx(|| format!("list routes in {}", pod.name))?;
+        for r in routes {
+            let r = Route {
+                oif: link.index,
+                ..r.clone()
+            };
+            if !have
+                .iter()
+                .any(|h| h.dst == r.dst && h.gateway == r.gateway && h.oif == r.oif)
+            {
+                problems.push(format!(
+                    "route {} via {:?} dev {ifname} is missing",
+                    r.dst, r.gateway
+                ));
+            }
+        }
+        Ok(problems)
+    })?
+}
+
+/// The kernel routes CHECK expects for a result's routes.
+pub fn expected_routes(routes: &[RouteSpec], addrs: &[PodAddress]) -> Vec<Route> {
+    routes.iter().map(|r| kernel_route(r, addrs, 0)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_are_stable_short_and_distinct() {
+        let a = host_veth_name("0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
+        assert!(a.len() <= 15 && a.starts_with("veth"), "{a}");
+        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
+        assert_ne!(a, host_veth_name("0123456789abcdee", "eth0"));
+        // The separator keeps ("ab","c") and ("a","bc") apart.
+        assert_ne!(host_veth_name("ab", "c"), host_veth_name("a", "bc"));
+        let names: std::collections::HashSet<_> = (0..10000)
+            .map(|i| host_veth_name(&format!("c{i}"), "eth0"))
+            .collect();
+        assert_eq!(names.len(), 10000);
+    }
+
+    #[test]
+    fn routes_default_gateway() {
+        let v = serde_json::json!({"name":"n","isDefaultGateway":true,
+            "ipam":{"ranges":[[{"subnet":"10.244.1.0/24"}]],"routes":[{"dst":"10.244.0.0/16"}]}});
+        let conf = BridgeConf::from_rendered(&v).unwrap();
+        let addrs = [PodAddress {
+            address: "10.244.1.5/24".parse().unwrap(),
+            gateway: "10.244.1.1".parse().unwrap(),
+        }];
+        let r = pod_routes(&conf, &addrs);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].gw, None);
+        assert_eq!(r[1].dst.to_string(), "0.0.0.0/0");
+        let k = expected_routes(&r, &addrs);
+        assert_eq!(k[0].gateway, Some("10.244.1.1".parse().unwrap()));
+        assert!(conf.is_gateway);
+    }
+}

@@ -1,0 +1,760 @@
+//! The plugin's network configuration (stdin), subnet.env, and the bridge +
+//! host-local configuration rendered from both, exactly as upstream's flannel
+//! plugin renders the config it hands to its delegate. We do not exec a
+//! delegate: the rendered config is saved (so DEL sees what ADD did) and
+//! drives the native bridge/IPAM code through [`BridgeConf`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use flannel_core::wire;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde_json::{json, Map, Value};
+
+use crate::spec::{self, code, CniError, RouteSpec, Version};
+
+/// Errors reading the configuration or subnet.env, each naming the field and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("network configuration on stdin is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("network configuration field {field}: {msg}")]
+    Invalid { field: String, msg: String },
+    #[error("cniVersion {0:?} is not supported; use one of {supported}", supported = spec::SUPPORTED_VERSIONS.join(", "))]
+    UnsupportedVersion(String),
+    #[error("{path}: cannot read the flannel subnet file ({source}); check that flanneld is running on this node and writes its subnet file there (plugin option subnetFile)")]
+    SubnetEnvMissing {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}; check that flanneld is running on this node and healthy")]
+    SubnetEnvInvalid { path: String, msg: String },
+}
+
+impl From<ConfigError> for CniError {
+    fn from(e: ConfigError) -> CniError {
+        let c = match &e {
+            ConfigError::NotJson(_) => code::DECODING_FAILURE,
+            ConfigError::Invalid { .. } => code::INVALID_CONFIG,
+            ConfigError::UnsupportedVersion(_) => code::INCOMPATIBLE_VERSION,
+            // flanneld writes the file once it holds a lease: the runtime should retry.
+            ConfigError::SubnetEnvMissing { .. } | ConfigError::SubnetEnvInvalid { .. } => {
+                code::TRY_AGAIN_LATER
+            }
+        };
+        CniError::new(c, e.to_string())
+    }
+}
+
+fn invalid(field: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        msg: msg.into(),
+    }
+}
+
+/// The plugin's own configuration, as the runtime passes it on stdin.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub name: String,
+    /// `cniVersion` as written (the version to answer in).
+    pub cni_version: String,
+    pub version: Version,
+    /// `subnetFile` (default /run/flannel/subnet.env).
+    pub subnet_file: PathBuf,
+    /// `dataDir` for saved delegate configs (default /var/lib/cni/flannel).
+    pub data_dir: PathBuf,
+    /// `delegate`: keys merged into the rendered bridge config.
+    pub delegate: Map<String, Value>,
+    /// `ipam`: base of the rendered IPAM section.
+    pub ipam: Map<String, Value>,
+    pub runtime_config: Option<Value>,
+    pub prev_result: Option<Value>,
+    /// `cni.dev/valid-attachments` (GC input).
+    pub valid_attachments: Option<Vec<(String, String)>>,
+}
+
+fn opt_str(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(key, "expected a string")),
+    }
+}
+
+fn opt_obj(obj: &Map<String, Value>, key: &str) -> Result<Map<String, Value>, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(_) => Err(invalid(key, "expected a JSON object")),
+    }
+}
+
+/// Reads only `cniVersion`, for answering errors and VERSION in the caller's
+/// version even when the rest of the config is broken.
+pub fn peek_version(stdin: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(stdin).ok()?;
+    Some(v.get("cniVersion")?.as_str()?.to_string())
+}
+
+impl NetConf {
+    pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
+        let v: Value =
+            serde_json::from_slice(stdin).map_err(|e| ConfigError::NotJson(e.to_string()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| ConfigError::NotJson("expected a JSON object".into()))?;
+        let cni_version = opt_str(obj, "cniVersion")?.unwrap_or_default();
+        let version = Version::parse(&cni_version)
+            .filter(Version::is_supported)
+            .ok_or_else(|| ConfigError::UnsupportedVersion(cni_version.clone()))?;
+        let name = opt_str(obj, "name")?
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid("name", "missing; give the network a name such as \"cbr0\""))?;
+        // The name becomes a directory below the IPAM dataDir.
+        if name.contains('/') || name == "." || name == ".." {
+            return Err(invalid(
+                "name",
+                format!("{name:?} must not contain '/' nor be '.' or '..'"),
+            ));
+        }
+        let plugin_type = opt_str(obj, "type")?.unwrap_or_default();
+        if plugin_type != "flannel" {
+            return Err(invalid(
+                "type",
+                format!("{plugin_type:?}: this plugin is \"flannel\"; set \"type\": \"flannel\""),
+            ));
+        }
+        let subnet_file =
+            opt_str(obj, "subnetFile")?.unwrap_or_else(|| wire::DEFAULT_SUBNET_FILE.into());
+        let data_dir =
+            opt_str(obj, "dataDir")?.unwrap_or_else(|| wire::CNI_DEFAULT_DATA_DIR.into());
+        let delegate = opt_obj(obj, "delegate")?;
+        let ipam = opt_obj(obj, "ipam")?;
+        let valid_attachments = match obj.get("cni.dev/valid-attachments") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(a)) => {
+                let mut out = Vec::new();
+                for (i, e) in a.iter().enumerate() {
+                    let field = format!("cni.dev/valid-attachments[{i}]");
+                    let id = e.get("containerID").and_then(Value::as_str);
+                    let ifname = e.get("ifname").and_then(Value::as_str);
+                    match (id, ifname) {
+                        (Some(id), Some(ifname)) => out.push((id.to_string(), ifname.to_string())),
+                        _ => {
+                            return Err(invalid(
+                                &field,
+                                "expected {\"containerID\": .., \"ifname\": ..}",
+                            ))
+                        }
+                    }
+                }
+                Some(out)
+            }
+            Some(_) => return Err(invalid("cni.dev/valid-attachments", "expected an array")),
+        };
+        Ok(NetConf {
+            name,
+            cni_version,
+            version,
+            subnet_file: subnet_file.into(),
+            data_dir: data_dir.into(),
+            delegate,
+            ipam,
+            runtime_config: obj.get("runtimeConfig").cloned(),
+            prev_result: obj.get("prevResult").cloned(),
+            valid_attachments,
+        })
+    }
+
+    /// The delegate config upstream would hand to the bridge plugin:
+    /// `name`, `type` bridge, `bridge` cni0, `mtu`, `ipMasq` = !FLANNEL_IPMASQ,
+    /// `isGateway` true, then the `delegate` keys on top, `cniVersion`, and an
+    /// `ipam` section of type host-local built on the input `ipam` with the
+    /// node subnet(s) as ranges and routes to the cluster network(s) appended.
+    pub fn render_delegate(&self, env: &SubnetEnv) -> Result<Value, ConfigError> {
+        let mut d = Map::new();
+        d.insert("type".into(), json!("bridge"));
+        d.insert("bridge".into(), json!(wire::CNI_BRIDGE));
+        d.insert("mtu".into(), json!(env.mtu));
+        d.insert("ipMasq".into(), json!(!env.ipmasq));
+        d.insert("isGateway".into(), json!(true));
+        for (k, v) in &self.delegate {
+            d.insert(k.clone(), v.clone());
+        }
+        d.insert("name".into(), json!(self.name));
+        d.insert("cniVersion".into(), json!(self.cni_version));
+
+        let mut ipam = self.ipam.clone();
+        ipam.entry("type").or_insert_with(|| json!("host-local"));
+        let mut ranges = Vec::new();
+        let mut routes = match ipam.get("routes") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(a)) => a.clone(),
+            Some(_) => return Err(invalid("ipam.routes", "expected an array of {\"dst\": ..}")),
+        };
+        if let Some(sn) = env.subnet {
+            ranges.push(json!([{ "subnet": sn.trunc().to_string() }]));
+        }
+        if let Some(sn) = env.ipv6_subnet {
+            ranges.push(json!([{ "subnet": sn.trunc().to_string() }]));
+        }
+        if let Some(nw) = env.network {
+            routes.push(json!({ "dst": nw.to_string() }));
+        }
+        if let Some(nw) = env.ipv6_network {
+            routes.push(json!({ "dst": nw.to_string() }));
+        }
+        ipam.insert("ranges".into(), Value::Array(ranges));
+        ipam.insert("routes".into(), Value::Array(routes));
+        d.insert("ipam".into(), Value::Object(ipam));
+        if let Some(rc) = &self.runtime_config {
+            d.insert("runtimeConfig".into(), rc.clone());
+        }
+        Ok(Value::Object(d))
+    }
+
+    /// The IPAM directory of this network, `<ipam.dataDir>/<name>`, from the
+    /// input config alone (DEL and GC must work without subnet.env).
+    pub fn ipam_network_dir(&self) -> Result<PathBuf, ConfigError> {
+        let base = opt_str(&self.ipam, "dataDir")
+            .map_err(|_| invalid("ipam.dataDir", "expected a string"))?
+            .unwrap_or_else(|| wire::CNI_DEFAULT_IPAM_DIR.into());
+        Ok(Path::new(&base).join(&self.name))
+    }
+}
+
+/// /run/flannel/subnet.env as the plugin needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetEnv {
+    pub network: Option<Ipv4Net>,
+    /// FLANNEL_SUBNET: first usable address with the lease's prefix (`10.244.1.1/24`).
+    pub subnet: Option<Ipv4Net>,
+    pub ipv6_network: Option<Ipv6Net>,
+    pub ipv6_subnet: Option<Ipv6Net>,
+    pub mtu: u32,
+    pub ipmasq: bool,
+}
+
+impl SubnetEnv {
+    /// Reads and validates the file; every problem tells the operator to check flanneld.
+    pub fn load(path: &Path) -> Result<SubnetEnv, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::SubnetEnvMissing {
+                path: path.display().to_string(),
+                source,
+            })?;
+        SubnetEnv::parse_text(&text).map_err(|msg| ConfigError::SubnetEnvInvalid {
+            path: path.display().to_string(),
+            msg,
+        })
+    }
+
+    /// `KEY=VALUE` lines; unknown keys are ignored, as upstream does.
+    pub fn parse_text(text: &str) -> Result<SubnetEnv, String> {
+        let mut network = None;
+        let mut subnet = None;
+        let mut ipv6_network = None;
+        let mut ipv6_subnet = None;
+        let mut mtu = None;
+        let mut ipmasq = None;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(format!("line {line:?} is not KEY=VALUE"));
+            };
+            let (k, v) = (k.trim(), v.trim());
+            let bad = |what: &str| format!("{k}={v:?} is not {what}");
+            match k {
+                wire::ENV_NETWORK => {
+                    network = Some(v.parse::<Ipv4Net>().map_err(|_| bad("an IPv4 CIDR"))?)
+                }
+                wire::ENV_SUBNET => {
+                    subnet = Some(v.parse::<Ipv4Net>().map_err(|_| bad("an IPv4 CIDR"))?)
+                }
+                wire::ENV_IPV6_NETWORK => {
+                    ipv6_network = Some(v.parse::<Ipv6Net>().map_err(|_| bad("an IPv6 CIDR"))?)
+                }
+                wire::ENV_IPV6_SUBNET => {
+                    ipv6_subnet = Some(v.parse::<Ipv6Net>().map_err(|_| bad("an IPv6 CIDR"))?)
+                }
+                wire::ENV_MTU => mtu = Some(v.parse::<u32>().map_err(|_| bad("an MTU"))?),
+                wire::ENV_IPMASQ => {
+                    ipmasq = Some(v.parse::<bool>().map_err(|_| bad("true or false"))?)
+                }
+                _ => {}
+            }
+        }
+        let missing = |k: &str| format!("{k} is missing");
+        if network.is_some() != subnet.is_some() {
+            let k = if network.is_none() {
+                wire::ENV_NETWORK
+            } else {
+                wire::ENV_SUBNET
+            };
+            return Err(missing(k));
+        }
+        if ipv6_network.is_some() != ipv6_subnet.is_some() {
+            let k = if ipv6_network.is_none() {
+                wire::ENV_IPV6_NETWORK
+            } else {
+                wire::ENV_IPV6_SUBNET
+            };
+            return Err(missing(k));
+        }
+        if subnet.is_none() && ipv6_subnet.is_none() {
+            return Err(format!(
+                "{} and {} are missing",
+                wire::ENV_NETWORK,
+                wire::ENV_SUBNET
+            ));
+        }
+        let mtu = mtu.ok_or_else(|| missing(wire::ENV_MTU))?;
+        let ipmasq = ipmasq.ok_or_else(|| missing(wire::ENV_IPMASQ))?;
+        Ok(SubnetEnv {
+            network,
+            subnet,
+            ipv6_network,
+            ipv6_subnet,
+            mtu,
+            ipmasq,
+        })
+    }
+}
+
+/// One host-local range: addresses from `range_start` to `range_end` of `subnet`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    /// The subnet, truncated to its network address.
+    pub subnet: IpNet,
+    pub range_start: IpAddr,
+    pub range_end: IpAddr,
+    pub gateway: IpAddr,
+}
+
+/// The host-local section of the rendered config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpamConf {
+    /// `<dataDir>/<network name>`.
+    pub network_dir: PathBuf,
+    /// One range set per address family; each set is tried range by range.
+    pub range_sets: Vec<Vec<Range>>,
+    pub routes: Vec<RouteSpec>,
+    pub dns: Value,
+}
+
+/// The typed view of the rendered bridge config that ADD/DEL/CHECK act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeConf {
+    pub name: String,
+    pub bridge: String,
+    pub mtu: Option<u32>,
+    pub is_gateway: bool,
+    pub is_default_gateway: bool,
+    pub hairpin: bool,
+    pub ip_masq: bool,
+    pub ipam: IpamConf,
+}
+
+fn bool_field(
+    obj: &Map<String, Value>,
+    key: &str,
+    field: &str,
+) -> Result<Option<bool>, ConfigError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(invalid(field, "expected true or false")),
+    }
+}
+
+fn parse_ip(v: Option<&Value>, field: &str) -> Result<Option<IpAddr>, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| invalid(field, format!("{s:?} is not an IP address"))),
+        Some(_) => Err(invalid(field, "expected an IP address string")),
+    }
+}
+
+fn next_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
+    }
+}
+
+fn parse_range(v: &Value, field: &str) -> Result<Range, ConfigError> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid(field, "expected {\"subnet\": \"10.244.1.0/24\"}"))?;
+    let s = obj.get("subnet").and_then(Value::as_str).ok_or_else(|| {
+        invalid(
+            &format!("{field}.subnet"),
+            "missing; give a CIDR such as \"10.244.1.0/24\"",
+        )
+    })?;
+    let subnet: IpNet = s
+        .parse()
+        .map_err(|_| invalid(&format!("{field}.subnet"), format!("{s:?} is not a CIDR")))?;
+    let subnet = subnet.trunc();
+    let (first, last) = match subnet {
+        IpNet::V4(n) => {
+            if n.prefix_len() > 30 {
+                return Err(invalid(
+                    &format!("{field}.subnet"),
+                    format!("{n} is too small: a /30 or larger is needed for a gateway and a pod"),
+                ));
+            }
+            // The network and broadcast addresses are never handed out.
+            (
+                next_ip(IpAddr::V4(n.network())),
+                IpAddr::V4((u32::from(n.broadcast()) - 1).into()),
+            )
+        }
+        IpNet::V6(n) => {
+            if n.prefix_len() > 126 {
+                return Err(invalid(
+                    &format!("{field}.subnet"),
+                    format!("{n} is too small"),
+                ));
+            }
+            (next_ip(IpAddr::V6(n.network())), IpAddr::V6(n.broadcast()))
+        }
+    };
+    let range_start =
+        parse_ip(obj.get("rangeStart"), &format!("{field}.rangeStart"))?.unwrap_or(first);
+    let range_end = parse_ip(obj.get("rangeEnd"), &format!("{field}.rangeEnd"))?.unwrap_or(last);
+    let gateway = parse_ip(obj.get("gateway"), &format!("{field}.gateway"))?.unwrap_or(first);
+    for (k, ip) in [
+        ("rangeStart", range_start),
+        ("rangeEnd", range_end),
+        ("gateway", gateway),
+    ] {
+        if !subnet.contains(&ip) {
+            return Err(invalid(
+                &format!("{field}.{k}"),
+                format!("{ip} is outside {subnet}"),
+            ));
+        }
+    }
+    if range_start > range_end {
+        return Err(invalid(
+            field,
+            format!("rangeStart {range_start} is after rangeEnd {range_end}"),
+        ));
+    }
+    Ok(Range {
+        subnet,
+        range_start,
+        range_end,
+        gateway,
+    })
+}
+
+impl BridgeConf {
+    /// Reads a rendered (or saved) delegate config.
+    pub fn from_rendered(v: &Value) -> Result<BridgeConf, ConfigError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| invalid("delegate", "expected a JSON object"))?;
+        let ty = obj.get("type").and_then(Value::as_str).unwrap_or("bridge");
+        if ty != "bridge" {
+            return Err(invalid(
+                "delegate.type",
+                format!("{ty:?}: this plugin sets pods up natively with a bridge; remove delegate.type or set it to \"bridge\""),
+            ));
+        }
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let bridge = match obj.get("bridge") {
+            None | Some(Value::Null) => wire::CNI_BRIDGE.to_string(),
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 15 && !s.contains('/') => {
+                s.clone()
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "delegate.bridge",
+                    "expected an interface name of at most 15 characters",
+                ))
+            }
+        };
+        let mtu =
+            match obj.get("mtu") {
+                None | Some(Value::Null) => None,
+                Some(m) => Some(m.as_u64().filter(|m| (68..=65535).contains(m)).ok_or_else(
+                    || invalid("delegate.mtu", "expected an MTU between 68 and 65535"),
+                )? as u32),
+            };
+        let is_default_gateway =
+            bool_field(obj, "isDefaultGateway", "delegate.isDefaultGateway")?.unwrap_or(false);
+        // As the bridge plugin: a default gateway implies a gateway.
+        let is_gateway = bool_field(obj, "isGateway", "delegate.isGateway")?.unwrap_or(false)
+            || is_default_gateway;
+        let hairpin = bool_field(obj, "hairpinMode", "delegate.hairpinMode")?.unwrap_or(false);
+        let ip_masq = bool_field(obj, "ipMasq", "delegate.ipMasq")?.unwrap_or(false);
+
+        let ipam = obj
+            .get("ipam")
+            .and_then(Value::as_object)
+            .ok_or_else(|| invalid("ipam", "missing"))?;
+        let ipam_type = ipam
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("host-local");
+        if ipam_type != "host-local" {
+            return Err(invalid(
+                "ipam.type",
+                format!("{ipam_type:?}: only host-local is built in; remove ipam.type"),
+            ));
+        }
+        let base = match ipam.get("dataDir") {
+            None | Some(Value::Null) => wire::CNI_DEFAULT_IPAM_DIR.to_string(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err(invalid("ipam.dataDir", "expected a directory path")),
+        };
+        let mut range_sets = Vec::new();
+        let sets = ipam
+            .get("ranges")
+            .and_then(Value::as_array)
+            .ok_or_else(|| invalid("ipam.ranges", "missing"))?;
+        for (i, set) in sets.iter().enumerate() {
+            let set = set.as_array().filter(|s| !s.is_empty()).ok_or_else(|| {
+                invalid(
+                    &format!("ipam.ranges[{i}]"),
+                    "expected a non-empty array of ranges",
+                )
+            })?;
+            let mut rs = Vec::new();
+            for (j, r) in set.iter().enumerate() {
+                rs.push(parse_range(r, &format!("ipam.ranges[{i}][{j}]"))?);
+            }
+            if rs
+                .iter()
+                .any(|r| r.subnet.addr().is_ipv4() != rs[0].subnet.addr().is_ipv4())
+            {
+                return Err(invalid(
+                    &format!("ipam.ranges[{i}]"),
+                    "mixes IPv4 and IPv6 ranges",
+                ));
+            }
+            range_sets.push(rs);
+        }
+        if range_sets.is_empty() {
+            return Err(invalid("ipam.ranges", "empty: subnet.env gave no subnet"));
+        }
+        let mut routes = Vec::new();
+        if let Some(rt) = ipam.get("routes") {
+            let arr = rt
+                .as_array()
+                .ok_or_else(|| invalid("ipam.routes", "expected an array of {\"dst\": ..}"))?;
+            for (i, r) in arr.iter().enumerate() {
+                let field = format!("ipam.routes[{i}]");
+                routes.push(spec::parse_route(r, &field).map_err(|msg| invalid(&field, msg))?);
+            }
+        }
+        Ok(BridgeConf {
+            name: name.clone(),
+            bridge,
+            mtu,
+            is_gateway,
+            is_default_gateway,
+            hairpin,
+            ip_masq,
+            ipam: IpamConf {
+                network_dir: Path::new(&base).join(&name),
+                range_sets,
+                routes,
+                dns: ipam.get("dns").cloned().unwrap_or_else(|| json!({})),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENV: &str = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n";
+
+    fn manifest() -> NetConf {
+        NetConf::parse(
+            br#"{"name":"cbr0","cniVersion":"0.3.1","type":"flannel",
+                "delegate":{"hairpinMode":true,"isDefaultGateway":true}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = manifest();
+        assert_eq!(c.name, "cbr0");
+        assert_eq!(c.version, Version(0, 3, 1));
+        assert_eq!(c.subnet_file, Path::new("/run/flannel/subnet.env"));
+        assert_eq!(c.data_dir, Path::new("/var/lib/cni/flannel"));
+        assert_eq!(
+            c.ipam_network_dir().unwrap(),
+            Path::new("/var/lib/cni/networks/cbr0")
+        );
+        assert!(c.prev_result.is_none());
+    }
+
+    #[test]
+    fn render_like_upstream() {
+        let env = SubnetEnv::parse_text(ENV).unwrap();
+        let d = manifest().render_delegate(&env).unwrap();
+        assert_eq!(
+            d,
+            json!({
+                "name": "cbr0", "cniVersion": "0.3.1", "type": "bridge", "bridge": "cni0",
+                "mtu": 1450, "ipMasq": false, "isGateway": true,
+                "hairpinMode": true, "isDefaultGateway": true,
+                "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.1.0/24"}]],
+                         "routes": [{"dst": "10.244.0.0/16"}]}
+            })
+        );
+        let b = BridgeConf::from_rendered(&d).unwrap();
+        assert_eq!(b.bridge, "cni0");
+        assert_eq!(b.mtu, Some(1450));
+        assert!(b.is_gateway && b.is_default_gateway && b.hairpin && !b.ip_masq);
+        assert_eq!(b.ipam.network_dir, Path::new("/var/lib/cni/networks/cbr0"));
+        let r = &b.ipam.range_sets[0][0];
+        assert_eq!(r.range_start.to_string(), "10.244.1.1");
+        assert_eq!(r.range_end.to_string(), "10.244.1.254");
+        assert_eq!(r.gateway.to_string(), "10.244.1.1");
+        assert_eq!(b.ipam.routes.len(), 1);
+    }
+
+    #[test]
+    fn ipam_base_and_delegate_override() {
+        let c = NetConf::parse(
+            br#"{"name":"n","cniVersion":"1.0.0","type":"flannel","dataDir":"/tmp/d",
+                "delegate":{"mtu":1400,"ipMasq":true,"bridge":"br-x"},
+                "ipam":{"dataDir":"/tmp/ipam","routes":[{"dst":"192.168.0.0/16"}]},
+                "runtimeConfig":{"portMappings":[]}}"#,
+        )
+        .unwrap();
+        let env = SubnetEnv::parse_text(
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        let d = c.render_delegate(&env).unwrap();
+        assert_eq!(d["mtu"], 1400);
+        assert_eq!(d["ipMasq"], true);
+        assert_eq!(d["runtimeConfig"], json!({"portMappings": []}));
+        assert_eq!(
+            d["ipam"]["ranges"],
+            json!([[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:10:244:1::/64"}]])
+        );
+        assert_eq!(
+            d["ipam"]["routes"],
+            json!([{"dst": "192.168.0.0/16"}, {"dst": "10.244.0.0/16"}, {"dst": "fd00:10:244::/56"}])
+        );
+        let b = BridgeConf::from_rendered(&d).unwrap();
+        assert_eq!(b.bridge, "br-x");
+        assert_eq!(b.ipam.network_dir, Path::new("/tmp/ipam/n"));
+        assert_eq!(b.ipam.range_sets.len(), 2);
+        let r6 = &b.ipam.range_sets[1][0];
+        assert_eq!(r6.range_start.to_string(), "fd00:10:244:1::1");
+        assert_eq!(
+            r6.range_end.to_string(),
+            "fd00:10:244:1:ffff:ffff:ffff:ffff"
+        );
+        assert_eq!(c.data_dir, Path::new("/tmp/d"));
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not valid JSON"),
+            (br#"{"cniVersion":"0.3.1","type":"flannel"}"#, "field name"),
+            (
+                br#"{"name":"a/b","cniVersion":"0.3.1","type":"flannel"}"#,
+                "field name",
+            ),
+            (
+                br#"{"name":"n","cniVersion":"0.3.1","type":"bridge"}"#,
+                "field type",
+            ),
+            (
+                br#"{"name":"n","cniVersion":"0.3.1","type":"flannel","delegate":3}"#,
+                "field delegate",
+            ),
+            (
+                br#"{"name":"n","cniVersion":"9.9.9","type":"flannel"}"#,
+                "cniVersion \"9.9.9\"",
+            ),
+        ];
+        for (input, want) in cases {
+            let e = NetConf::parse(input).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should mention {want}");
+        }
+        let codes: Vec<u32> = [
+            &b"x"[..],
+            br#"{"cniVersion":"0.3.1"}"#,
+            br#"{"cniVersion":"2.0.0"}"#,
+        ]
+        .iter()
+        .map(|i| CniError::from(NetConf::parse(i).unwrap_err()).code)
+        .collect();
+        assert_eq!(codes, [6, 7, 1]);
+    }
+
+    #[test]
+    fn bad_rendered_configs() {
+        let env = SubnetEnv::parse_text(ENV).unwrap();
+        for (delegate, want) in [
+            (r#"{"type":"macvlan"}"#, "delegate.type"),
+            (r#"{"mtu":"big"}"#, "delegate.mtu"),
+            (r#"{"hairpinMode":"yes"}"#, "delegate.hairpinMode"),
+        ] {
+            let input = format!(
+                r#"{{"name":"n","cniVersion":"1.0.0","type":"flannel","delegate":{delegate}}}"#
+            );
+            let d = NetConf::parse(input.as_bytes())
+                .unwrap()
+                .render_delegate(&env)
+                .unwrap();
+            let e = BridgeConf::from_rendered(&d).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} should mention {want}");
+        }
+        let c = NetConf::parse(
+            br#"{"name":"n","cniVersion":"1.0.0","type":"flannel","ipam":{"type":"dhcp"}}"#,
+        )
+        .unwrap();
+        let e = BridgeConf::from_rendered(&c.render_delegate(&env).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ipam.type"), "{e}");
+    }
+
+    #[test]
+    fn subnet_env_parsing() {
+        let e = SubnetEnv::parse_text(ENV).unwrap();
+        assert_eq!(e.subnet.unwrap().to_string(), "10.244.1.1/24");
+        assert_eq!(e.mtu, 1450);
+        assert!(e.ipmasq);
+        for (text, want) in [
+            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n", "FLANNEL_SUBNET"),
+            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPMASQ=true\n", "FLANNEL_MTU"),
+            ("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\n", "FLANNEL_IPMASQ"),
+            ("FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n", "FLANNEL_NETWORK"),
+            ("FLANNEL_NETWORK=banana\n", "FLANNEL_NETWORK"),
+        ] {
+            let err = SubnetEnv::parse_text(text).unwrap_err();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+        let err = SubnetEnv::load(Path::new("/nonexistent/subnet.env")).unwrap_err();
+        assert!(err.to_string().contains("flanneld"));
+        assert_eq!(CniError::from(err).code, 11);
+    }
+}
