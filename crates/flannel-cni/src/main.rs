@@ -226,13 +226,14 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
                     failures.push(u.msg);
                 }
             }
-            if !failures.is_empty() {
-                e.details = format!(
+            if failures.is_empty() {
+                Err(e)
+            } else {
+                Err(e.with_details(format!(
                     "cleaning up after the failure also failed: {}",
                     failures.join("; ")
-                );
+                )))
             }
-            Err(e)
         }
     }
 }
