@@ -5,6 +5,12 @@
 //! A store only moves leases in and out; the decisions (which subnet to take,
 //! what a lease means for the kernel) live in `flannel-core`.
 
+pub mod acquire;
+pub mod local;
+
+pub use acquire::{acquire_lease, renew_at, renew_lease, AcquireError};
+pub use local::LocalStore;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -26,6 +32,9 @@ pub enum StoreError {
     NotFound { key: String },
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The key exists but belongs to another node (update refused).
+    #[error("lease {key} is held by another node: {detail}")]
+    Conflict { key: String, detail: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,879 @@
+//! The local directory store: leases kept as files in a directory shared by
+//! every flanneld process of one machine (the lab runs several daemons in
+//! several network namespaces on one filesystem).
+//!
+//! # Layout
+//!
+//! ```text
+//! DIR/
+//!   lock                     empty; flock(2)ed around every read-modify-write
+//!   revision                 decimal counter, +1 on every change of subnets/
+//!   config                   optional: the net-conf JSON (see get_network_config)
+//!   subnets/
+//!     10.244.1.0-24          one file per lease, named by the LeaseKey string
+//!     10.244.2.0-24&fd00:10:244:2::-64
+//!     .tmp.*                 a write in progress (ignored by readers)
+//! ```
+//!
+//! A lease file holds one JSON record:
+//!
+//! ```json
+//! {"LeaseAttrs":{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}},"ExpiresUnixMs":1764213406123}
+//! ```
+//!
+//! `LeaseAttrs` is upstream's lease value, byte for byte. `ExpiresUnixMs` is
+//! the expiration in milliseconds since the Unix epoch; `null` (or absent)
+//! makes the lease a reservation, which never expires and is never handed to
+//! another node. An operator can reserve a subnet by writing such a file by
+//! hand (write it elsewhere and `mv` it in, so no reader sees half a file).
+//!
+//! # Concurrency
+//!
+//! Every writer holds an exclusive `flock` on `DIR/lock` for its whole
+//! read-modify-write, so two daemons starting at the same instant cannot both
+//! create the same subnet. Files are replaced atomically (temp file in the same
+//! directory, fsync, rename, fsync of the directory), so lock-free readers
+//! (the watch) never see a torn file. Full scans take the lock shared so the
+//! revision they report matches what they read.
+//!
+//! A writer garbage-collects what it finds under the lock: expired leases and
+//! `.tmp.*` files (with the lock held exclusively no write can be in progress,
+//! so any temp file is a leftover of a crashed writer).
+//!
+//! A file whose name is not a lease key or whose content does not parse is
+//! skipped with a warning naming it; it never hides the other leases. A create
+//! on such a key replaces it (it is not a lease anybody can be holding).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::wire;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::{LeaseSnapshot, Result, Store, StoreError, WatchEvent};
+
+/// Default interval of the watch's safety resync (a full rescan that only
+/// emits differences; inotify is the real source of events).
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Capacity of a watch channel. The watch thread waits when it is full.
+const WATCH_CHANNEL_CAPACITY: usize = 256;
+
+/// The watch thread wakes at least this often to notice a dropped receiver
+/// (a closed mpsc channel cannot be polled together with the inotify fd).
+const WATCH_MAX_SLEEP: Duration = Duration::from_secs(5);
+
+/// Prefix of files being written; readers ignore every dot file.
+const TMP_PREFIX: &str = ".tmp.";
+
+/// A lease store in a local directory shared by the flanneld processes of one
+/// machine. See the module documentation for the layout.
+#[derive(Debug)]
+pub struct LocalStore {
+    layout: Arc<Layout>,
+    resync_interval: Duration,
+    /// Read end of a pipe whose write end only this store holds: when the
+    /// store is dropped the write end closes, every watch thread sees POLLHUP
+    /// and stops, which closes its channel.
+    shutdown_rx: Arc<OwnedFd>,
+    _shutdown_tx: OwnedFd,
+}
+
+/// The paths of a store directory.
+#[derive(Debug)]
+struct Layout {
+    dir: PathBuf,
+    subnets: PathBuf,
+    lock: PathBuf,
+    revision: PathBuf,
+    config: PathBuf,
+}
+
+/// A lease file as stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    #[serde(rename = "LeaseAttrs")]
+    attrs: LeaseAttrs,
+    #[serde(rename = "ExpiresUnixMs", default)]
+    expires_unix_ms: Option<u64>,
+}
+
+/// What reading one file of `subnets/` gave.
+#[derive(Debug)]
+enum FileState {
+    Absent,
+    /// Not a lease: the reason, for the warning.
+    Bad(String),
+    Lease(Lease),
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store in `dir`: `mkdir -p DIR/subnets`,
+    /// creates `DIR/lock` and `DIR/revision` when missing.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let layout = Layout {
+            subnets: dir.join(wire::LOCAL_STORE_SUBNETS_DIR),
+            lock: dir.join(wire::LOCAL_STORE_LOCK_FILE),
+            revision: dir.join(wire::LOCAL_STORE_REVISION_FILE),
+            config: dir.join(wire::LOCAL_STORE_CONFIG_FILE),
+            dir,
+        };
+        fs::create_dir_all(&layout.subnets).map_err(|e| io_err(&layout.subnets, e))?;
+        {
+            let _lock = layout.lock(FlockArg::LockExclusive)?;
+            match fs::metadata(&layout.revision) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    layout.write_atomic(&layout.dir, &layout.revision, b"0\n")?;
+                }
+                Err(e) => return Err(io_err(&layout.revision, e)),
+            }
+        }
+        let (rx, tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| StoreError::Io {
+            path: "pipe (watch shutdown)".into(),
+            source: e.into(),
+        })?;
+        Ok(LocalStore {
+            layout: Arc::new(layout),
+            resync_interval: DEFAULT_RESYNC_INTERVAL,
+            shutdown_rx: Arc::new(rx),
+            _shutdown_tx: tx,
+        })
+    }
+
+    /// Sets the interval of the watch's safety resync (default 60 s) for
+    /// watches started afterwards.
+    pub fn with_resync_interval(mut self, interval: Duration) -> Self {
+        self.resync_interval = interval;
+        self
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.layout.dir
+    }
+
+    /// The file that holds (or would hold) the lease `key`.
+    pub fn lease_path(&self, key: &LeaseKey) -> PathBuf {
+        self.layout.subnets.join(key.to_string())
+    }
+
+    /// Runs blocking file work off the async workers.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Layout) -> Result<T> + Send + 'static,
+    {
+        let layout = Arc::clone(&self.layout);
+        tokio::task::spawn_blocking(move || f(&layout))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("local store worker failed: {e}")))?
+    }
+}
+
+impl Store for LocalStore {
+    /// `DIR/config` when it exists (lets a lab or test ship the net-conf with
+    /// the store), else `Ok(None)`: the config comes from `--net-config-path`.
+    async fn get_network_config(&self) -> Result<Option<String>> {
+        self.blocking(|l| match fs::read_to_string(&l.config) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&l.config, e)),
+        })
+        .await
+    }
+
+    async fn list_leases(&self) -> Result<LeaseSnapshot> {
+        self.blocking(|l| {
+            let _lock = l.lock(FlockArg::LockShared)?;
+            let revision = l.read_revision()?;
+            let leases = l.valid_leases(SystemTime::now())?.into_values().collect();
+            Ok(LeaseSnapshot { leases, revision })
+        })
+        .await
+    }
+
+    async fn create_lease(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Option<Lease>> {
+        let lease = lease.clone();
+        self.blocking(move |l| {
+            let name = file_name(&lease.key)?;
+            let _lock = l.lock(FlockArg::LockExclusive)?;
+            let now = SystemTime::now();
+            let (mut changed, live) = l.collect_garbage(now, None)?;
+            // Create-if-absent, widened to "if no live lease overlaps": in
+            // dual stack two racing nodes may pick the same IPv4 subnet with
+            // different IPv6 ones (different file names), and a config change
+            // may leave leases of another length. Neither may be doubled.
+            let taken = live.values().find(|held| held.key.overlaps(&lease.key));
+            let result = match (taken, l.read_lease(&name)) {
+                (Some(held), _) => {
+                    tracing::debug!(wanted = %name, held = %held.key, "subnet already leased");
+                    None
+                }
+                (None, state) => {
+                    if let FileState::Bad(why) = state {
+                        tracing::warn!(file = %l.subnets.join(&name).display(), problem = %why,
+                            "replacing an unreadable lease file on create");
+                    }
+                    let stored = stamp(&lease, ttl, now);
+                    l.write_lease(&name, &stored)?;
+                    changed = true;
+                    Some(stored)
+                }
+            };
+            if changed {
+                l.bump_revision()?;
+            }
+            Ok(result)
+        })
+        .await
+    }
+
+    /// Fails with [`StoreError::NotFound`] when the lease is gone (revoked,
+    /// or expired and collected) and with [`StoreError::Conflict`] when the
+    /// file is held by another node (another PublicIP/PublicIPv6). A lease
+    /// that expired but is still on disk is revived: nobody else can hold it.
+    async fn update_lease(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease> {
+        let lease = lease.clone();
+        self.blocking(move |l| {
+            let name = file_name(&lease.key)?;
+            let _lock = l.lock(FlockArg::LockExclusive)?;
+            let now = SystemTime::now();
+            let (collected, _) = l.collect_garbage(now, Some(&name))?;
+            let outcome = match l.read_lease(&name) {
+                FileState::Absent => Err(StoreError::NotFound { key: name.clone() }),
+                FileState::Bad(why) => Err(StoreError::InvalidLease {
+                    key: name.clone(),
+                    detail: format!("stored file cannot be updated: {why}"),
+                }),
+                FileState::Lease(held) if owner(&held.attrs) != owner(&lease.attrs) => {
+                    Err(StoreError::Conflict {
+                        key: name.clone(),
+                        detail: format!(
+                            "held by PublicIP {} / PublicIPv6 {}, not by the updater ({} / {})",
+                            show(held.attrs.public_ip),
+                            show(held.attrs.public_ipv6),
+                            show(lease.attrs.public_ip),
+                            show(lease.attrs.public_ipv6)
+                        ),
+                    })
+                }
+                FileState::Lease(_) => {
+                    let stored = stamp(&lease, ttl, now);
+                    l.write_lease(&name, &stored).map(|()| stored)
+                }
+            };
+            if collected || outcome.is_ok() {
+                l.bump_revision()?;
+            }
+            outcome
+        })
+        .await
+    }
+
+    async fn delete_lease(&self, key: &LeaseKey) -> Result<()> {
+        let key = *key;
+        self.blocking(move |l| {
+            let name = file_name(&key)?;
+            let _lock = l.lock(FlockArg::LockExclusive)?;
+            let (mut changed, _) = l.collect_garbage(SystemTime::now(), None)?;
+            let path = l.subnets.join(&name);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    changed = true;
+                    l.sync_subnets_dir()?;
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
+            if changed {
+                l.bump_revision()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Watches `DIR/subnets` with inotify from a dedicated thread: each event
+    /// re-reads only the file it names; a timer emits `Removed` when the
+    /// nearest expiration passes; an inotify queue overflow sends a fresh
+    /// `Snapshot`; a slow resync (default 60 s) emits only differences.
+    async fn watch_leases(&self) -> Result<mpsc::Receiver<WatchEvent>> {
+        let layout = Arc::clone(&self.layout);
+        let shutdown = Arc::clone(&self.shutdown_rx);
+        let resync_interval = self.resync_interval;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        // Setup is blocking (inotify, first scan), so it runs off the async
+        // workers too; errors reach the caller, later ones are logged.
+        let watcher = tokio::task::spawn_blocking(move || {
+            Watcher::start(layout, tx, shutdown, resync_interval)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("local store watch setup failed: {e}")))??;
+        std::thread::Builder::new()
+            .name("local-store-watch".into())
+            .spawn(move || watcher.run())
+            .map_err(|e| StoreError::Unavailable(format!("cannot start watch thread: {e}")))?;
+        Ok(rx)
+    }
+}
+
+impl Layout {
+    /// `flock DIR/lock`; released when the guard drops.
+    fn lock(&self, arg: FlockArg) -> Result<Flock<File>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.lock)
+            .map_err(|e| io_err(&self.lock, e))?;
+        // flock is per open file description: opening the file anew for every
+        // operation makes threads of one process exclude each other too.
+        let mut file = file;
+        loop {
+            match Flock::lock(file, arg) {
+                Ok(guard) => return Ok(guard),
+                Err((f, Errno::EINTR)) => file = f,
+                Err((_, errno)) => return Err(io_err(&self.lock, errno.into())),
+            }
+        }
+    }
+
+    fn read_revision(&self) -> Result<u64> {
+        match fs::read_to_string(&self.revision) {
+            Ok(s) => s.trim().parse().map_err(|e| StoreError::Io {
+                path: self.revision.display().to_string(),
+                source: std::io::Error::new(
+                    ErrorKind::InvalidData,
+                    format!("not a decimal counter ({e}); delete the file to restart at 0"),
+                ),
+            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io_err(&self.revision, e)),
+        }
+    }
+
+    /// Caller holds the exclusive lock.
+    fn bump_revision(&self) -> Result<u64> {
+        let next = self.read_revision()? + 1;
+        self.write_atomic(&self.dir, &self.revision, format!("{next}\n").as_bytes())?;
+        Ok(next)
+    }
+
+    /// Writes `path` (inside `dir`) so that no reader ever sees part of it:
+    /// temp file in the same directory, fsync, rename over, fsync the directory.
+    fn write_atomic(&self, dir: &Path, path: &Path, data: &[u8]) -> Result<()> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = path
+            .file_name()
+            .and_then(OsStr::to_str)
+            .unwrap_or("file")
+            .to_owned();
+        let tmp = dir.join(format!(
+            "{TMP_PREFIX}{base}.{}.{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(&tmp, e));
+        }
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(path, e));
+        }
+        sync_dir(dir)
+    }
+
+    fn write_lease(&self, name: &str, lease: &Lease) -> Result<()> {
+        let record = Record {
+            attrs: lease.attrs.clone(),
+            expires_unix_ms: lease.expiration.map(to_unix_ms),
+        };
+        let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
+            key: name.into(),
+            detail: format!("cannot encode: {e}"),
+        })?;
+        json.push(b'\n');
+        self.write_atomic(&self.subnets, &self.subnets.join(name), &json)
+    }
+
+    fn sync_subnets_dir(&self) -> Result<()> {
+        sync_dir(&self.subnets)
+    }
+
+    /// Reads one file of `subnets/`; no lock needed (files are replaced atomically).
+    fn read_lease(&self, name: &str) -> FileState {
+        let key: LeaseKey = match name.parse() {
+            Ok(k) => k,
+            Err(e) => return FileState::Bad(format!("file name is not a lease key: {e}")),
+        };
+        // Another spelling of a key (`010.244.1.0-24`) would let a create on
+        // the canonical name hand the same subnet out twice.
+        let canonical = key.to_string();
+        if canonical != name {
+            return FileState::Bad(format!(
+                "file name is not the canonical lease key; rename it to {canonical}"
+            ));
+        }
+        let path = self.subnets.join(name);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == ErrorKind::NotFound => return FileState::Absent,
+            Err(e) => return FileState::Bad(format!("cannot read: {e}")),
+        };
+        match serde_json::from_slice::<Record>(&data) {
+            Ok(r) => FileState::Lease(Lease {
+                key,
+                attrs: r.attrs,
+                expiration: r.expires_unix_ms.map(from_unix_ms),
+            }),
+            Err(e) => FileState::Bad(format!(
+                "content is not a lease record ({e}); expected {{\"LeaseAttrs\":{{...}},\"ExpiresUnixMs\":<ms or null>}}"
+            )),
+        }
+    }
+
+    /// Recreates `DIR/subnets` if someone removed it; writers call it under the lock.
+    fn ensure_subnets_dir(&self) -> Result<()> {
+        fs::create_dir_all(&self.subnets).map_err(|e| io_err(&self.subnets, e))
+    }
+
+    /// Names of the lease files (dot files excluded); none when the directory is gone.
+    fn names(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        let entries = match fs::read_dir(&self.subnets) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(io_err(&self.subnets, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&self.subnets, e))?;
+            match entry.file_name().into_string() {
+                Ok(n) if n.starts_with('.') => {}
+                Ok(n) => names.push(n),
+                Err(n) => tracing::warn!(file = %self.subnets.join(&n).display(),
+                    "skipping lease file: name is not UTF-8"),
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Every readable, unexpired lease by file name; bad files are skipped with a warning.
+    fn valid_leases(&self, now: SystemTime) -> Result<BTreeMap<String, Lease>> {
+        let mut out = BTreeMap::new();
+        for name in self.names()? {
+            match self.read_lease(&name) {
+                FileState::Lease(l) if !l.is_expired(now) => {
+                    out.insert(name, l);
+                }
+                FileState::Lease(_) | FileState::Absent => {}
+                FileState::Bad(why) => {
+                    tracing::warn!(file = %self.subnets.join(&name).display(), problem = %why,
+                        "skipping lease file")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes expired leases (except `keep`) and temp files left by crashed
+    /// writers. Caller holds the exclusive lock. Returns whether a lease was
+    /// deleted, and the live leases that remain (by file name).
+    fn collect_garbage(
+        &self,
+        now: SystemTime,
+        keep: Option<&str>,
+    ) -> Result<(bool, BTreeMap<String, Lease>)> {
+        self.ensure_subnets_dir()?;
+        let mut deleted = false;
+        let mut live = BTreeMap::new();
+        let entries = fs::read_dir(&self.subnets).map_err(|e| io_err(&self.subnets, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&self.subnets, e))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let path = entry.path();
+            if !name.starts_with(TMP_PREFIX) {
+                if name.starts_with('.') || Some(name.as_str()) == keep {
+                    continue;
+                }
+                match self.read_lease(&name) {
+                    FileState::Lease(l) if l.is_expired(now) => {}
+                    FileState::Lease(l) => {
+                        live.insert(name, l);
+                        continue;
+                    }
+                    FileState::Absent | FileState::Bad(_) => continue,
+                }
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    if !name.starts_with(TMP_PREFIX) {
+                        tracing::debug!(file = %path.display(), "deleted expired lease");
+                        deleted = true;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
+        }
+        if deleted {
+            self.sync_subnets_dir()?;
+        }
+        Ok((deleted, live))
+    }
+}
+
+/// The watch: one per `watch_leases` call, on its own OS thread.
+struct Watcher {
+    layout: Arc<Layout>,
+    tx: mpsc::Sender<WatchEvent>,
+    shutdown: Arc<OwnedFd>,
+    inotify: Inotify,
+    /// What the receiver knows: unexpired leases by file name.
+    cache: BTreeMap<String, Lease>,
+    resync_interval: Duration,
+    next_resync: Instant,
+}
+
+impl Watcher {
+    fn watch_mask() -> AddWatchFlags {
+        AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE
+            | AddWatchFlags::IN_CREATE
+            | AddWatchFlags::IN_DELETE_SELF
+            | AddWatchFlags::IN_MOVE_SELF
+    }
+
+    /// Adds the inotify watch, then reads the snapshot (in that order, so no
+    /// change between the two is lost) and queues it.
+    fn start(
+        layout: Arc<Layout>,
+        tx: mpsc::Sender<WatchEvent>,
+        shutdown: Arc<OwnedFd>,
+        resync_interval: Duration,
+    ) -> Result<Self> {
+        let inotify =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(|e| {
+                StoreError::Io {
+                    path: "inotify_init1".into(),
+                    source: e.into(),
+                }
+            })?;
+        inotify
+            .add_watch(&layout.subnets, Self::watch_mask())
+            .map_err(|e| io_err(&layout.subnets, e.into()))?;
+        let mut w = Watcher {
+            layout,
+            tx,
+            shutdown,
+            inotify,
+            cache: BTreeMap::new(),
+            resync_interval,
+            next_resync: Instant::now() + resync_interval,
+        };
+        let snapshot = w.full_read()?;
+        w.tx.try_send(WatchEvent::Snapshot(snapshot))
+            .map_err(|_| StoreError::Unavailable("watch receiver dropped during setup".into()))?;
+        Ok(w)
+    }
+
+    fn run(mut self) {
+        match self.run_loop() {
+            Ok(()) => {
+                tracing::debug!(dir = %self.layout.dir.display(), "local store watch stopped")
+            }
+            Err(e) => tracing::error!(dir = %self.layout.dir.display(), error = %e,
+                "local store watch failed; closing the watch channel"),
+        }
+    }
+
+    /// Returns when the receiver or the store is dropped.
+    fn run_loop(&mut self) -> Result<()> {
+        loop {
+            if self.tx.is_closed() {
+                return Ok(());
+            }
+            let now = SystemTime::now();
+            let expired = self.expire(now);
+            if !expired.is_empty() {
+                self.send_events(expired)?;
+            }
+
+            let mut sleep =
+                WATCH_MAX_SLEEP.min(self.next_resync.saturating_duration_since(Instant::now()));
+            if let Some(exp) = self.nearest_expiration() {
+                sleep = sleep.min(exp.duration_since(now).unwrap_or_default());
+            }
+            // Round up: waking a hair early would only loop back to poll.
+            let ms = sleep.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            let (inotify_ready, shutdown) = {
+                let mut fds = [
+                    PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.shutdown.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(
+                    &mut fds,
+                    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+                ) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => {
+                        return Err(StoreError::Io {
+                            path: "poll (inotify)".into(),
+                            source: e.into(),
+                        })
+                    }
+                }
+                (
+                    fds[0].any().unwrap_or(false),
+                    fds[1].revents().is_some_and(|r| !r.is_empty()),
+                )
+            };
+            if shutdown {
+                return Ok(());
+            }
+            if inotify_ready {
+                self.handle_inotify()?;
+            }
+            if Instant::now() >= self.next_resync {
+                self.resync()?;
+            }
+        }
+    }
+
+    fn handle_inotify(&mut self) -> Result<()> {
+        let mut names = BTreeSet::new();
+        let mut overflow = false;
+        let mut lost_dir = false;
+        loop {
+            match self.inotify.read_events() {
+                Ok(events) => {
+                    for ev in events {
+                        if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                            overflow = true;
+                        }
+                        if ev.mask.intersects(
+                            AddWatchFlags::IN_IGNORED
+                                | AddWatchFlags::IN_DELETE_SELF
+                                | AddWatchFlags::IN_MOVE_SELF,
+                        ) {
+                            lost_dir = true;
+                        }
+                        if let Some(name) = ev.name.and_then(|n| n.into_string().ok()) {
+                            if !name.starts_with('.') {
+                                names.insert(name);
+                            }
+                        }
+                    }
+                }
+                Err(Errno::EAGAIN) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: format!("inotify on {}", self.layout.subnets.display()),
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        if lost_dir {
+            // Someone removed or moved DIR/subnets: watch a fresh one and
+            // tell the receiver what is there now.
+            tracing::warn!(dir = %self.layout.subnets.display(),
+                "lease directory removed or moved; recreating it and resending a snapshot");
+            fs::create_dir_all(&self.layout.subnets)
+                .map_err(|e| io_err(&self.layout.subnets, e))?;
+            self.inotify
+                .add_watch(&self.layout.subnets, Self::watch_mask())
+                .map_err(|e| io_err(&self.layout.subnets, e.into()))?;
+            overflow = true;
+        }
+        if overflow {
+            let snapshot = self.full_read()?;
+            return self.send(WatchEvent::Snapshot(snapshot));
+        }
+        let now = SystemTime::now();
+        let events: Vec<LeaseEvent> = names
+            .into_iter()
+            .filter_map(|n| self.refresh(&n, now))
+            .collect();
+        if events.is_empty() {
+            Ok(())
+        } else {
+            self.send_events(events)
+        }
+    }
+
+    /// Re-reads one file and returns what changed for the receiver.
+    fn refresh(&mut self, name: &str, now: SystemTime) -> Option<LeaseEvent> {
+        match self.layout.read_lease(name) {
+            FileState::Lease(l) if !l.is_expired(now) => {
+                if self.cache.get(name) == Some(&l) {
+                    None
+                } else {
+                    self.cache.insert(name.to_owned(), l.clone());
+                    Some(LeaseEvent::Upsert(l))
+                }
+            }
+            FileState::Lease(_) | FileState::Absent => {
+                self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
+            }
+            FileState::Bad(why) => {
+                tracing::warn!(file = %self.layout.subnets.join(name).display(), problem = %why,
+                    "skipping lease file");
+                self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
+            }
+        }
+    }
+
+    /// Drops the leases that expired by `now` and returns their `Removed`.
+    fn expire(&mut self, now: SystemTime) -> Vec<LeaseEvent> {
+        let gone: Vec<String> = self
+            .cache
+            .iter()
+            .filter(|(_, l)| l.is_expired(now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|n| self.cache.remove(&n))
+            .map(|l| LeaseEvent::Removed(l.key))
+            .collect()
+    }
+
+    fn nearest_expiration(&self) -> Option<SystemTime> {
+        self.cache.values().filter_map(|l| l.expiration).min()
+    }
+
+    /// Full scan under the shared lock; replaces the cache.
+    fn full_read(&mut self) -> Result<LeaseSnapshot> {
+        let (revision, leases) = {
+            let _lock = self.layout.lock(FlockArg::LockShared)?;
+            (
+                self.layout.read_revision()?,
+                self.layout.valid_leases(SystemTime::now())?,
+            )
+        };
+        self.next_resync = Instant::now() + self.resync_interval;
+        let snapshot = LeaseSnapshot {
+            leases: leases.values().cloned().collect(),
+            revision,
+        };
+        self.cache = leases;
+        Ok(snapshot)
+    }
+
+    /// The safety resync: a full scan that sends only the differences.
+    fn resync(&mut self) -> Result<()> {
+        let old = std::mem::take(&mut self.cache);
+        self.full_read()?;
+        let mut events = Vec::new();
+        for (name, lease) in &old {
+            if !self.cache.contains_key(name) {
+                events.push(LeaseEvent::Removed(lease.key));
+            }
+        }
+        for (name, lease) in &self.cache {
+            if old.get(name) != Some(lease) {
+                events.push(LeaseEvent::Upsert(lease.clone()));
+            }
+        }
+        if !events.is_empty() {
+            tracing::debug!(
+                count = events.len(),
+                "local store resync found missed changes"
+            );
+            self.send_events(events)?;
+        }
+        Ok(())
+    }
+
+    fn send_events(&self, events: Vec<LeaseEvent>) -> Result<()> {
+        let revision = self.layout.read_revision().unwrap_or(0);
+        self.send(WatchEvent::Events { events, revision })
+    }
+
+    fn send(&self, ev: WatchEvent) -> Result<()> {
+        self.tx
+            .blocking_send(ev)
+            .map_err(|_| StoreError::Unavailable("watch receiver dropped".into()))
+    }
+}
+
+/// The lease as it will be stored: expiration = now + ttl, at the
+/// millisecond precision of the file so the caller and watchers agree.
+fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
+    Lease {
+        key: lease.key,
+        attrs: lease.attrs.clone(),
+        expiration: ttl.map(|t| from_unix_ms(to_unix_ms(now + t))),
+    }
+}
+
+fn owner(attrs: &LeaseAttrs) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    (attrs.public_ip, attrs.public_ipv6)
+}
+
+fn show<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+fn file_name(key: &LeaseKey) -> Result<String> {
+    if key.is_empty() {
+        return Err(StoreError::InvalidLease {
+            key: format!("{key:?}"),
+            detail: "a lease key needs an IPv4 and/or IPv6 subnet".into(),
+        });
+    }
+    Ok(key.to_string())
+}
+
+fn to_unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// fsync a directory so a rename or unlink in it survives a crash.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, e))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}

@@ -1,0 +1,272 @@
+//! Lease acquisition against the local store: races between many daemons,
+//! exhaustion, upstream's acquisition order, renewal.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, SystemTime};
+
+use common::{attrs, attrs_ip, key, net_config, runtime, TempDir};
+use flannel_core::config::NetConfig;
+use flannel_core::lease::{Lease, LeaseKey};
+use flannel_store::{
+    acquire_lease, renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError,
+};
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// Starts `n` acquirers (threads, each with its own runtime and its own
+/// `LocalStore` on `dir`, like separate daemons) at the same instant.
+fn race(dir: &std::path::Path, cfg: &NetConfig, n: usize) -> Vec<Result<Lease, AcquireError>> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = Arc::clone(&barrier);
+            let dir = dir.to_path_buf();
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let store = LocalStore::open(&dir).unwrap();
+                let a = attrs_ip(Ipv4Addr::new(172, 16, 1, i as u8 + 1));
+                barrier.wait();
+                runtime().block_on(acquire_lease(&store, &cfg, &a, None, TTL))
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn twenty_simultaneous_acquirers_get_distinct_subnets() {
+    let dir = TempDir::new("race20");
+    let cfg = net_config("10.244.0.0/16", 24);
+    let results = race(dir.path(), &cfg, 20);
+    let leases: Vec<Lease> = results.into_iter().map(|r| r.unwrap()).collect();
+    let keys: BTreeSet<LeaseKey> = leases.iter().map(|l| l.key).collect();
+    assert_eq!(keys.len(), 20, "duplicate subnets handed out: {leases:?}");
+
+    // The store agrees: 20 leases, each held by the node that got it.
+    let stored = runtime()
+        .block_on(LocalStore::open(dir.path()).unwrap().list_leases())
+        .unwrap()
+        .leases;
+    assert_eq!(stored.len(), 20);
+    for l in &leases {
+        assert!(stored.contains(l), "{l:?} missing from the store");
+        let net = l.key.ipv4.unwrap();
+        assert!(net.addr() >= cfg.subnet_min && net.addr() <= cfg.subnet_max);
+        assert_eq!(net.prefix_len(), 24);
+    }
+}
+
+#[test]
+fn more_acquirers_than_subnets_exhaust_cleanly() {
+    let dir = TempDir::new("exhaust");
+    let cfg = net_config("10.10.0.0/28", 30);
+    let available = ((u32::from(cfg.subnet_max) - u32::from(cfg.subnet_min)) >> 2) + 1;
+    assert!(
+        available >= 2,
+        "test needs a few subnets, config gives {available}"
+    );
+    let n = available as usize + 5;
+    let results = race(dir.path(), &cfg, n);
+    let mut won = Vec::new();
+    let mut exhausted = 0;
+    for r in results {
+        match r {
+            Ok(l) => won.push(l.key),
+            Err(AcquireError::Plan(e)) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("10.10.0.0/28"),
+                    "error names the Network: {msg}"
+                );
+                exhausted += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    let distinct: BTreeSet<_> = won.iter().collect();
+    assert_eq!(
+        won.len(),
+        available as usize,
+        "exactly the available subnets are handed out"
+    );
+    assert_eq!(distinct.len(), won.len(), "no duplicates: {won:?}");
+    assert_eq!(exhausted, n - available as usize);
+}
+
+#[tokio::test]
+async fn own_public_ip_lease_comes_first() {
+    let dir = TempDir::new("order-own");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mine = store
+        .create_lease(
+            &Lease {
+                key: key("10.244.9.0-24"),
+                attrs: attrs(1),
+                expiration: None,
+            },
+            Some(TTL),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let got = acquire_lease(&store, &cfg, &attrs(1), Some(key("10.244.20.0-24")), TTL)
+        .await
+        .unwrap();
+    assert_eq!(got.key, mine.key, "own lease beats the previous subnet");
+    assert!(got.expiration.is_some());
+    assert_eq!(store.list_leases().await.unwrap().leases.len(), 1);
+}
+
+#[tokio::test]
+async fn own_reservation_is_reused_and_stays_a_reservation() {
+    let dir = TempDir::new("order-res");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    store
+        .create_lease(
+            &Lease {
+                key: key("10.244.42.0-24"),
+                attrs: attrs(42),
+                expiration: None,
+            },
+            None,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let mut newer = attrs(42);
+    newer.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:42:42:42:42:42"}));
+    let got = acquire_lease(&store, &cfg, &newer, None, TTL)
+        .await
+        .unwrap();
+    assert_eq!(got.key, key("10.244.42.0-24"));
+    assert_eq!(got.expiration, None, "a reservation stays a reservation");
+    assert_eq!(got.attrs, newer, "our current attributes are published");
+    assert_eq!(renew_at(&got, Duration::from_secs(3600)), None);
+
+    // Others never get the reserved subnet, even as their previous one.
+    let other = acquire_lease(&store, &cfg, &attrs(43), Some(key("10.244.42.0-24")), TTL)
+        .await
+        .unwrap();
+    assert_ne!(other.key, key("10.244.42.0-24"));
+}
+
+#[tokio::test]
+async fn previous_subnet_comes_second() {
+    let dir = TempDir::new("order-prev");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    // Someone else's lease does not count as ours.
+    store
+        .create_lease(
+            &Lease {
+                key: key("10.244.9.0-24"),
+                attrs: attrs(9),
+                expiration: None,
+            },
+            Some(TTL),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    let got = acquire_lease(&store, &cfg, &attrs(1), Some(key("10.244.20.0-24")), TTL)
+        .await
+        .unwrap();
+    assert_eq!(got.key, key("10.244.20.0-24"));
+}
+
+#[tokio::test]
+async fn taken_previous_subnet_falls_back_to_random() {
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mut picked = BTreeSet::new();
+    for i in 0..12 {
+        let dir = TempDir::new("order-random");
+        let store = LocalStore::open(dir.path()).unwrap();
+        store
+            .create_lease(
+                &Lease {
+                    key: key("10.244.20.0-24"),
+                    attrs: attrs(9),
+                    expiration: None,
+                },
+                Some(TTL),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let got = acquire_lease(&store, &cfg, &attrs(1), Some(key("10.244.20.0-24")), TTL)
+            .await
+            .unwrap();
+        assert_ne!(
+            got.key,
+            key("10.244.20.0-24"),
+            "run {i}: took someone else's subnet"
+        );
+        picked.insert(got.key);
+    }
+    // 12 draws among 254 subnets: all equal would mean the choice is not random.
+    assert!(picked.len() > 1, "always the same subnet: {picked:?}");
+}
+
+#[tokio::test]
+async fn lease_without_public_ip_is_refused() {
+    let dir = TempDir::new("noip");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mut a = attrs(1);
+    a.public_ip = None;
+    let err = acquire_lease(&store, &cfg, &a, None, TTL)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AcquireError::NoPublicIp), "{err}");
+}
+
+#[test]
+fn renew_at_is_expiry_minus_margin() {
+    let exp = SystemTime::UNIX_EPOCH + Duration::from_secs(100_000);
+    let l = Lease {
+        key: key("10.244.1.0-24"),
+        attrs: attrs(1),
+        expiration: Some(exp),
+    };
+    assert_eq!(
+        renew_at(&l, Duration::from_secs(3600)),
+        Some(exp - Duration::from_secs(3600))
+    );
+    // A margin beyond the remaining lifetime means renew right away.
+    assert!(renew_at(&l, Duration::from_secs(200_000)).unwrap() <= SystemTime::now());
+    let res = Lease {
+        expiration: None,
+        ..l
+    };
+    assert_eq!(renew_at(&res, Duration::from_secs(60)), None);
+}
+
+#[tokio::test]
+async fn renew_extends_and_reports_revocation() {
+    let dir = TempDir::new("renew");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let l = acquire_lease(&store, &cfg, &attrs(1), None, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let renewed = renew_lease(&store, &l, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(renewed.expiration.unwrap() > l.expiration.unwrap() + Duration::from_secs(50));
+    assert_eq!(
+        store.list_leases().await.unwrap().leases,
+        vec![renewed.clone()]
+    );
+
+    store.delete_lease(&l.key).await.unwrap();
+    let err = renew_lease(&store, &renewed, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+}

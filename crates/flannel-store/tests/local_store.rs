@@ -1,0 +1,313 @@
+//! The local directory store: create/list/update/delete, reservations,
+//! expiry, bad files, ownership checks and the on-disk format.
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use common::{attrs, key, TempDir};
+use flannel_core::lease::Lease;
+use flannel_store::{LocalStore, Store, StoreError};
+
+fn lease(k: &str, node: u8) -> Lease {
+    Lease {
+        key: key(k),
+        attrs: attrs(node),
+        expiration: None,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_create_list_update_delete() {
+    let dir = TempDir::new("roundtrip");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let empty = store.list_leases().await.unwrap();
+    assert!(empty.leases.is_empty());
+
+    let before = SystemTime::now();
+    let ttl = Duration::from_secs(60);
+    let created = store
+        .create_lease(&lease("10.244.1.0-24", 1), Some(ttl))
+        .await
+        .unwrap()
+        .expect("key was free");
+    let exp = created.expiration.expect("a lease with a TTL expires");
+    assert!(exp > before + Duration::from_secs(59) && exp <= SystemTime::now() + ttl);
+    assert_eq!(created.attrs, attrs(1));
+
+    let snap = store.list_leases().await.unwrap();
+    assert_eq!(snap.leases, vec![created.clone()]);
+    assert!(snap.revision > empty.revision);
+
+    // Create-if-absent: a second create on a live key is refused.
+    let second = store
+        .create_lease(&lease("10.244.1.0-24", 2), Some(ttl))
+        .await
+        .unwrap();
+    assert_eq!(second, None);
+    assert_eq!(
+        store.list_leases().await.unwrap().leases,
+        vec![created.clone()]
+    );
+
+    // Update with new attributes (same owner) and a longer TTL.
+    let mut changed = created.clone();
+    changed.attrs.backend_data =
+        Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:aa:bb:cc:dd:ee"}));
+    let updated = store
+        .update_lease(&changed, Some(Duration::from_secs(120)))
+        .await
+        .unwrap();
+    assert_eq!(updated.attrs, changed.attrs);
+    assert!(updated.expiration.unwrap() > exp);
+    let snap2 = store.list_leases().await.unwrap();
+    assert_eq!(snap2.leases, vec![updated.clone()]);
+    assert!(snap2.revision > snap.revision);
+
+    // A second store on the same dir (another daemon) sees the same.
+    let other = LocalStore::open(dir.path()).unwrap();
+    assert_eq!(other.list_leases().await.unwrap().leases, vec![updated]);
+
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+    assert!(store.list_leases().await.unwrap().leases.is_empty());
+    assert!(!store.lease_path(&key("10.244.1.0-24")).exists());
+    // Deleting what is absent is success.
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+}
+
+#[tokio::test]
+async fn file_holds_upstream_attrs_json_and_expiration() {
+    let dir = TempDir::new("format");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let stored = store
+        .create_lease(&lease("10.244.7.0-24", 7), Some(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = std::fs::read_to_string(dir.path().join("subnets/10.244.7.0-24")).unwrap();
+    let upstream = serde_json::to_string(&attrs(7)).unwrap();
+    assert!(
+        text.contains(&format!("\"LeaseAttrs\":{upstream}")),
+        "file {text} lacks the upstream attrs JSON {upstream}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ms = v["ExpiresUnixMs"].as_u64().expect("expiration in ms");
+    let exp_ms = stored
+        .expiration
+        .unwrap()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert_eq!(ms, exp_ms);
+    assert!(dir.path().join("lock").exists());
+    let rev: u64 = std::fs::read_to_string(dir.path().join("revision"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(rev >= 1);
+
+    store
+        .create_lease(&lease("10.244.8.0-24", 8), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let text = std::fs::read_to_string(dir.path().join("subnets/10.244.8.0-24")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(
+        v["ExpiresUnixMs"].is_null(),
+        "reservation stores null: {text}"
+    );
+    // No temp files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("subnets"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test]
+async fn reservation_never_expires_and_is_never_replaced() {
+    let dir = TempDir::new("reservation");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let res = store
+        .create_lease(&lease("10.244.5.0-24", 5), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.expiration, None);
+    // A short-lived lease next to it, so a writer runs garbage collection.
+    store
+        .create_lease(&lease("10.244.6.0-24", 6), Some(Duration::from_millis(50)))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.5.0-24", 9), Some(Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        None,
+        "a reservation is never handed to another node"
+    );
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![res.clone()]);
+    assert!(store.lease_path(&key("10.244.5.0-24")).exists());
+    assert!(
+        !store.lease_path(&key("10.244.6.0-24")).exists(),
+        "expired lease garbage-collected by the writer"
+    );
+    // Updating the reservation with ttl None keeps it a reservation.
+    let kept = store.update_lease(&res, None).await.unwrap();
+    assert_eq!(kept.expiration, None);
+}
+
+#[tokio::test]
+async fn expired_lease_is_free_again() {
+    let dir = TempDir::new("expiry");
+    let store = LocalStore::open(dir.path()).unwrap();
+    store
+        .create_lease(&lease("10.244.3.0-24", 3), Some(Duration::from_millis(150)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.list_leases().await.unwrap().leases.len(), 1);
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.3.0-24", 4), Some(Duration::from_secs(60)))
+            .await
+            .unwrap(),
+        None,
+        "still live"
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        store.list_leases().await.unwrap().leases.is_empty(),
+        "list excludes expired leases"
+    );
+    // The file is still there until a writer collects it: list never deletes.
+    assert!(store.lease_path(&key("10.244.3.0-24")).exists());
+    let taken = store
+        .create_lease(&lease("10.244.3.0-24", 4), Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("an expired lease may be replaced");
+    assert_eq!(taken.attrs, attrs(4));
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![taken]);
+}
+
+#[tokio::test]
+async fn bad_files_are_skipped_not_fatal() {
+    let dir = TempDir::new("badfiles");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let good = store
+        .create_lease(&lease("10.244.1.0-24", 1), Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let subnets = dir.path().join("subnets");
+    std::fs::write(subnets.join("10.244.2.0-24"), b"{not json").unwrap();
+    std::fs::write(
+        subnets.join("10.244.3.0-24"),
+        br#"{"LeaseAttrs":{"PublicIP":7}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        subnets.join("not-a-key"),
+        std::fs::read(store.lease_path(&good.key)).unwrap(),
+    )
+    .unwrap();
+    let snap = store.list_leases().await.unwrap();
+    assert_eq!(snap.leases, vec![good]);
+    // A create on a key whose file is garbage replaces it.
+    let fixed = store
+        .create_lease(&lease("10.244.2.0-24", 2), Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("garbage is not a lease");
+    assert!(store.list_leases().await.unwrap().leases.contains(&fixed));
+    // Update refuses to overwrite garbage it cannot check the owner of.
+    let err = store
+        .update_lease(&lease("10.244.3.0-24", 3), Some(Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidLease { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn update_refuses_absent_and_foreign_leases() {
+    let dir = TempDir::new("update");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let err = store
+        .update_lease(&lease("10.244.1.0-24", 1), Some(Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound { ref key } if key == "10.244.1.0-24"),
+        "{err}"
+    );
+
+    store
+        .create_lease(&lease("10.244.1.0-24", 1), Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    let err = store
+        .update_lease(&lease("10.244.1.0-24", 2), Some(Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert!(err.to_string().contains("172.16.0.1"), "{err}");
+    assert_eq!(
+        store.list_leases().await.unwrap().leases[0].attrs,
+        attrs(1),
+        "the owner's lease is untouched"
+    );
+}
+
+#[tokio::test]
+async fn expired_own_lease_is_revived_by_update() {
+    let dir = TempDir::new("revive");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let l = store
+        .create_lease(&lease("10.244.1.0-24", 1), Some(Duration::from_millis(50)))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store.list_leases().await.unwrap().leases.is_empty());
+    let renewed = store
+        .update_lease(&l, Some(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![renewed]);
+}
+
+#[tokio::test]
+async fn network_config_from_dir_config_file() {
+    let dir = TempDir::new("config");
+    let store = LocalStore::open(dir.path()).unwrap();
+    assert_eq!(store.get_network_config().await.unwrap(), None);
+    let json = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    std::fs::write(dir.path().join("config"), json).unwrap();
+    assert_eq!(
+        store.get_network_config().await.unwrap().as_deref(),
+        Some(json)
+    );
+}
+
+#[tokio::test]
+async fn stale_temp_files_are_collected_by_writers() {
+    let dir = TempDir::new("tmpgc");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let stale = dir.path().join("subnets/.tmp.10.244.1.0-24.999999.0");
+    std::fs::write(&stale, b"half").unwrap();
+    assert!(store.list_leases().await.unwrap().leases.is_empty());
+    store
+        .create_lease(&lease("10.244.2.0-24", 2), Some(Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!stale.exists());
+}
