@@ -1,11 +1,20 @@
 //! The desired kernel state, computed from leases and config, and the diff
 //! against what the kernel actually holds. The kernel layer
 //! (`flannel-netlink`) reads and writes exactly these types.
+//!
+//! A reconcile pass: extract the peers ([`vxlan_peers`] / [`host_gw_peers`]),
+//! compute the [`DesiredState`] ([`desired_vxlan_with`] / [`desired_host_gw`]),
+//! read the kernel's routes, neighbours and FDB entries and keep what flannel
+//! owns ([`Scope::filter`]), then apply [`plan_reconcile`]'s
+//! [`ReconcilePlan::ops`] in order.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use ipnet::IpNet;
 
+use crate::lease::{IpFamily, Lease, LeaseKey, BACKEND_HOST_GW, BACKEND_VXLAN};
 use crate::mac::MacAddr;
 
 /// A route (`ip route replace DST [via GW] dev OIF [onlink]`).
@@ -33,4 +42,932 @@ pub struct FdbEntry {
     pub ifindex: u32,
     pub mac: MacAddr,
     pub dst: IpAddr,
+}
+
+/// A remote node as the vxlan datapath of one address family needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VxlanPeer {
+    /// The peer's lease.
+    pub key: LeaseKey,
+    /// The peer's subnet in the family this peer was extracted for.
+    pub subnet: IpNet,
+    /// Where its VTEP listens (`PublicIP` or `PublicIPv6`).
+    pub public_ip: IpAddr,
+    /// Its vxlan device's MAC (`VtepMAC` of `BackendData`/`BackendV6Data`).
+    pub vtep_mac: MacAddr,
+}
+
+/// A remote node as the host-gw datapath of one address family needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostGwPeer {
+    pub key: LeaseKey,
+    pub subnet: IpNet,
+    pub public_ip: IpAddr,
+}
+
+/// Whether `lease` is a live lease of another node with a subnet and public
+/// IP of `family`; returns that subnet and IP.
+fn remote_of_family(
+    lease: &Lease,
+    own: Option<&LeaseKey>,
+    family: IpFamily,
+    now: SystemTime,
+) -> Option<(IpNet, IpAddr)> {
+    if lease.is_expired(now) {
+        return None;
+    }
+    let subnet = lease.key.subnet(family)?;
+    if let Some(own) = own {
+        // A lease overlapping ours (which should not exist) is never routed
+        // away from this node.
+        let ours = own.subnet(family);
+        if lease.key == *own || ours.is_some_and(|o| o.contains(&subnet) || subnet.contains(&o)) {
+            return None;
+        }
+    }
+    Some((subnet, lease.attrs.public_ip_of(family)?))
+}
+
+/// The vxlan peers of `family` among `leases`: every live lease except our
+/// own (`own`) whose `BackendType` is vxlan, with a subnet and public IP of
+/// that family, and whose `BackendData` (IPv4) or `BackendV6Data` (IPv6)
+/// parses and names our `vni`. Sorted by subnet.
+pub fn vxlan_peers(
+    leases: &[Lease],
+    own: Option<&LeaseKey>,
+    vni: u32,
+    family: IpFamily,
+    now: SystemTime,
+) -> Vec<VxlanPeer> {
+    let mut out: Vec<VxlanPeer> = leases
+        .iter()
+        .filter(|l| l.attrs.backend_type == BACKEND_VXLAN)
+        .filter_map(|l| {
+            let (subnet, public_ip) = remote_of_family(l, own, family, now)?;
+            let data = match family {
+                IpFamily::V4 => l.attrs.vxlan_data(),
+                IpFamily::V6 => l.attrs.vxlan_v6_data(),
+            }?;
+            (data.vni == vni).then_some(VxlanPeer {
+                key: l.key,
+                subnet,
+                public_ip,
+                vtep_mac: data.vtep_mac,
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| (p.subnet, p.key));
+    out
+}
+
+/// The host-gw peers of `family` among `leases`: every live lease except
+/// our own whose `BackendType` is host-gw, with a subnet and public IP of
+/// that family. Sorted by subnet.
+pub fn host_gw_peers(
+    leases: &[Lease],
+    own: Option<&LeaseKey>,
+    family: IpFamily,
+    now: SystemTime,
+) -> Vec<HostGwPeer> {
+    let mut out: Vec<HostGwPeer> = leases
+        .iter()
+        .filter(|l| l.attrs.backend_type == BACKEND_HOST_GW)
+        .filter_map(|l| {
+            let (subnet, public_ip) = remote_of_family(l, own, family, now)?;
+            Some(HostGwPeer {
+                key: l.key,
+                subnet,
+                public_ip,
+            })
+        })
+        .collect();
+    out.sort_by_key(|p| (p.subnet, p.key));
+    out
+}
+
+/// The kernel objects a backend wants (or, read back and scoped with
+/// [`Scope::filter`], the ones it has). Kept sorted and free of duplicates
+/// by [`DesiredState::normalize`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub routes: Vec<Route>,
+    pub neighbours: Vec<Neighbour>,
+    pub fdb: Vec<FdbEntry>,
+}
+
+impl DesiredState {
+    /// Sorts every list and drops exact duplicates.
+    pub fn normalize(&mut self) {
+        fn norm<T: Ord>(v: &mut Vec<T>) {
+            v.sort();
+            v.dedup();
+        }
+        norm(&mut self.routes);
+        norm(&mut self.neighbours);
+        norm(&mut self.fdb);
+    }
+
+    /// No object at all.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.neighbours.is_empty() && self.fdb.is_empty()
+    }
+}
+
+/// DirectRouting (vxlan option): peers whose public IP lies in a subnet
+/// directly connected to the external interface are routed to without
+/// encapsulation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectRouting<'a> {
+    /// The external interface.
+    pub external_ifindex: u32,
+    /// The external interface's connected subnets (its addresses with their
+    /// prefixes, e.g. `172.16.1.14/24`; host bits are ignored).
+    pub connected: &'a [IpNet],
+}
+
+impl DirectRouting<'_> {
+    fn reaches(&self, ip: IpAddr) -> bool {
+        is_connected(self.connected, ip)
+    }
+}
+
+fn is_connected(connected: &[IpNet], ip: IpAddr) -> bool {
+    connected.iter().any(|n| n.trunc().contains(&ip))
+}
+
+/// The per-peer triple of the vxlan datapath on the device `ifindex`
+/// (`flannel.<VNI>`), as in the packet walk:
+/// - `ip neigh replace <subnet addr> lladdr <VtepMAC> dev flannel.1 nud permanent`
+/// - `bridge fdb replace <VtepMAC> dev flannel.1 dst <PublicIP> self permanent`
+/// - `ip route replace <subnet> via <subnet addr> dev flannel.1 onlink`
+pub fn desired_vxlan(ifindex: u32, peers: &[VxlanPeer]) -> DesiredState {
+    desired_vxlan_with(ifindex, peers, None)
+}
+
+/// [`desired_vxlan`] with optional DirectRouting: a peer whose public IP is
+/// directly connected gets `ip route replace <subnet> via <PublicIP> dev
+/// <external>` and no neighbour or FDB entry; the others get the triple.
+pub fn desired_vxlan_with(
+    ifindex: u32,
+    peers: &[VxlanPeer],
+    direct: Option<&DirectRouting<'_>>,
+) -> DesiredState {
+    let mut d = DesiredState::default();
+    for p in peers {
+        if let Some(dr) = direct.filter(|dr| dr.reaches(p.public_ip)) {
+            d.routes.push(Route {
+                dst: p.subnet,
+                gateway: Some(p.public_ip),
+                oif: dr.external_ifindex,
+                onlink: false,
+            });
+            continue;
+        }
+        let gw = p.subnet.network();
+        d.neighbours.push(Neighbour {
+            ifindex,
+            ip: gw,
+            mac: p.vtep_mac,
+        });
+        d.fdb.push(FdbEntry {
+            ifindex,
+            mac: p.vtep_mac,
+            dst: p.public_ip,
+        });
+        d.routes.push(Route {
+            dst: p.subnet,
+            gateway: Some(gw),
+            oif: ifindex,
+            onlink: true,
+        });
+    }
+    d.normalize();
+    d
+}
+
+/// host-gw peers that are not on a directly connected subnet: the kernel
+/// would refuse (or misroute) a route via them.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("host-gw needs every node on the same L2 segment, but these peers are not directly connected to the external interface: {}; put the nodes on one L2 network or use the vxlan backend (with DirectRouting)", list_peers(.not_connected))]
+pub struct HostGwError {
+    pub not_connected: Vec<HostGwPeer>,
+    /// The routes for the peers that are reachable: still worth applying.
+    pub partial: DesiredState,
+}
+
+fn list_peers(peers: &[HostGwPeer]) -> String {
+    peers
+        .iter()
+        .map(|p| format!("{} via {}", p.subnet, p.public_ip))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// host-gw routes: `ip route replace <subnet> via <PublicIP> dev <external>`
+/// per peer. Peers whose public IP is not inside one of `connected` (the
+/// external interface's subnets) are reported in the error, which also
+/// carries the routes for the others.
+pub fn desired_host_gw(
+    external_ifindex: u32,
+    peers: &[HostGwPeer],
+    connected: &[IpNet],
+) -> Result<DesiredState, HostGwError> {
+    let mut d = DesiredState::default();
+    let mut not_connected = Vec::new();
+    for p in peers {
+        if !is_connected(connected, p.public_ip) {
+            not_connected.push(*p);
+            continue;
+        }
+        d.routes.push(Route {
+            dst: p.subnet,
+            gateway: Some(p.public_ip),
+            oif: external_ifindex,
+            onlink: false,
+        });
+    }
+    d.normalize();
+    if not_connected.is_empty() {
+        Ok(d)
+    } else {
+        Err(HostGwError {
+            not_connected,
+            partial: d,
+        })
+    }
+}
+
+/// What to add and what to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diff<T> {
+    pub add: Vec<T>,
+    pub del: Vec<T>,
+}
+
+impl<T> Default for Diff<T> {
+    fn default() -> Self {
+        Diff {
+            add: Vec::new(),
+            del: Vec::new(),
+        }
+    }
+}
+
+impl<T> Diff<T> {
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.del.is_empty()
+    }
+}
+
+/// The exact set difference: `add` = desired but not actual, `del` = actual
+/// but not desired, both sorted. `actual` must already be limited to what
+/// flannel manages ([`Scope`]). For kernel objects written with replace
+/// semantics use [`diff_replace`], which keeps entries that the replace
+/// overwrites out of `del`.
+pub fn diff<T: Ord + Clone>(desired: &[T], actual: &[T]) -> Diff<T> {
+    let want: BTreeSet<&T> = desired.iter().collect();
+    let have: BTreeSet<&T> = actual.iter().collect();
+    Diff {
+        add: want.difference(&have).map(|t| (*t).clone()).collect(),
+        del: have.difference(&want).map(|t| (*t).clone()).collect(),
+    }
+}
+
+/// The identity the kernel uses when a write with `NLM_F_REPLACE` decides
+/// whether to overwrite an existing object.
+pub trait ReplaceKey {
+    type Key: Ord;
+    fn replace_key(&self) -> Self::Key;
+}
+
+/// A route in the main table is replaced by destination (we never set TOS
+/// or metric, so those are equal).
+impl ReplaceKey for Route {
+    type Key = IpNet;
+    fn replace_key(&self) -> IpNet {
+        self.dst
+    }
+}
+
+/// A neighbour entry is replaced by device and IP.
+impl ReplaceKey for Neighbour {
+    type Key = (u32, IpAddr);
+    fn replace_key(&self) -> (u32, IpAddr) {
+        (self.ifindex, self.ip)
+    }
+}
+
+/// A vxlan FDB entry is replaced by device and MAC (the replace rewrites the
+/// entry's destination).
+impl ReplaceKey for FdbEntry {
+    type Key = (u32, MacAddr);
+    fn replace_key(&self) -> (u32, MacAddr) {
+        (self.ifindex, self.mac)
+    }
+}
+
+/// Like [`diff`], for objects written with replace semantics: an actual
+/// object that differs from a desired one but has the same [`ReplaceKey`] as
+/// an object in `add` is overwritten by that replace, so it is NOT put in
+/// `del` (deleting it afterwards could remove the fresh object; deleting it
+/// before would leave a gap). An actual object whose key is desired and
+/// already present exactly (e.g. a second remote of the same MAC) is a
+/// genuine leftover and is deleted. Converges in one pass except when
+/// several stale objects share a key, where the second pass removes the
+/// rest.
+pub fn diff_replace<T: ReplaceKey + Ord + Clone>(desired: &[T], actual: &[T]) -> Diff<T> {
+    let mut d = diff(desired, actual);
+    let overwritten: BTreeSet<T::Key> = d.add.iter().map(ReplaceKey::replace_key).collect();
+    d.del.retain(|t| !overwritten.contains(&t.replace_key()));
+    d
+}
+
+/// What flannel considers its own in the kernel, for one address family.
+/// Only objects accepted here are compared with the desired state, so
+/// nothing else on the host is ever deleted:
+/// - a route is ours when its destination lies inside `network` with a
+///   longer prefix (the `network` route itself, e.g. the kernel's route for
+///   flannel0's address, is not), does not overlap `own_subnet`, and it
+///   leaves through `device_ifindex` (with or without gateway), or through
+///   `external_ifindex` with a gateway (host-gw and DirectRouting routes);
+/// - a neighbour entry is ours when it is on `device_ifindex` (the kernel
+///   layer lists only permanent entries);
+/// - an FDB entry is ours when it is on `device_ifindex` (the kernel layer
+///   lists only entries with a `dst`).
+///
+/// Set `external_ifindex` only for host-gw or vxlan with DirectRouting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// The cluster network of this family (`Network` / `IPv6Network`).
+    pub network: IpNet,
+    /// This node's subnet: never touched.
+    pub own_subnet: Option<IpNet>,
+    /// The flannel device (`flannel.<VNI>`, `flannel-v6.<VNI>`, `flannel0`).
+    pub device_ifindex: Option<u32>,
+    /// The external interface, for host-gw / DirectRouting routes.
+    pub external_ifindex: Option<u32>,
+}
+
+impl Scope {
+    /// Whether `r` is a route flannel manages (see [`Scope`]).
+    pub fn owns_route(&self, r: &Route) -> bool {
+        let inside =
+            self.network.contains(&r.dst) && r.dst.prefix_len() > self.network.prefix_len();
+        let not_own = self
+            .own_subnet
+            .is_none_or(|o| !(o.contains(&r.dst) || r.dst.contains(&o)));
+        let via_device = self.device_ifindex == Some(r.oif);
+        let via_external = self.external_ifindex == Some(r.oif) && r.gateway.is_some();
+        inside && not_own && (via_device || via_external)
+    }
+
+    /// Whether `n` is a neighbour entry flannel manages.
+    pub fn owns_neighbour(&self, n: &Neighbour) -> bool {
+        self.device_ifindex == Some(n.ifindex)
+    }
+
+    /// Whether `e` is an FDB entry flannel manages.
+    pub fn owns_fdb(&self, e: &FdbEntry) -> bool {
+        self.device_ifindex == Some(e.ifindex)
+    }
+
+    /// Keeps only what flannel manages, normalised.
+    pub fn filter(&self, mut actual: DesiredState) -> DesiredState {
+        actual.routes.retain(|r| self.owns_route(r));
+        actual.neighbours.retain(|n| self.owns_neighbour(n));
+        actual.fdb.retain(|e| self.owns_fdb(e));
+        actual.normalize();
+        actual
+    }
+}
+
+/// One kernel write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `ip route del`.
+    DelRoute(Route),
+    /// `bridge fdb replace ... self permanent`.
+    AddFdb(FdbEntry),
+    /// `ip neigh replace ... nud permanent`.
+    AddNeighbour(Neighbour),
+    /// `ip route replace`.
+    AddRoute(Route),
+    /// `ip neigh del`.
+    DelNeighbour(Neighbour),
+    /// `bridge fdb del ... dst ... self`.
+    DelFdb(FdbEntry),
+}
+
+/// The difference between the desired state and the (scoped) actual one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcilePlan {
+    pub routes: Diff<Route>,
+    pub neighbours: Diff<Neighbour>,
+    pub fdb: Diff<FdbEntry>,
+}
+
+/// Computes the writes that make `actual` (already [`Scope::filter`]ed)
+/// equal to `desired`, with replace-aware deletes ([`diff_replace`]).
+pub fn plan_reconcile(desired: &DesiredState, actual: &DesiredState) -> ReconcilePlan {
+    ReconcilePlan {
+        routes: diff_replace(&desired.routes, &actual.routes),
+        neighbours: diff_replace(&desired.neighbours, &actual.neighbours),
+        fdb: diff_replace(&desired.fdb, &actual.fdb),
+    }
+}
+
+impl ReconcilePlan {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.neighbours.is_empty() && self.fdb.is_empty()
+    }
+
+    /// Number of writes.
+    pub fn len(&self) -> usize {
+        self.routes.add.len()
+            + self.routes.del.len()
+            + self.neighbours.add.len()
+            + self.neighbours.del.len()
+            + self.fdb.add.len()
+            + self.fdb.del.len()
+    }
+
+    /// The writes in the order that keeps every packet deliverable: stale
+    /// routes go first (so no route points at an entry about to vanish);
+    /// FDB entries and neighbours are added before the routes that use them;
+    /// stale neighbours and FDB entries go last, when no route uses them.
+    pub fn ops(&self) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(self.len());
+        ops.extend(self.routes.del.iter().cloned().map(Op::DelRoute));
+        ops.extend(self.fdb.add.iter().cloned().map(Op::AddFdb));
+        ops.extend(self.neighbours.add.iter().cloned().map(Op::AddNeighbour));
+        ops.extend(self.routes.add.iter().cloned().map(Op::AddRoute));
+        ops.extend(self.neighbours.del.iter().cloned().map(Op::DelNeighbour));
+        ops.extend(self.fdb.del.iter().cloned().map(Op::DelFdb));
+        ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{LeaseAttrs, VxlanBackendData};
+    use std::time::Duration;
+
+    const VX: u32 = 4; // flannel.1's ifindex
+    const EXT: u32 = 2; // ens3's ifindex
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)
+    }
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    fn mac(s: &str) -> MacAddr {
+        s.parse().unwrap()
+    }
+
+    fn vx_lease(key: &str, public_ip: &str, vni: u32, vtep: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::new_vxlan(
+                Some(public_ip.parse().unwrap()),
+                Some(VxlanBackendData {
+                    vni,
+                    vtep_mac: mac(vtep),
+                }),
+                None,
+                None,
+            ),
+            expiration: Some(t0() + Duration::from_secs(3600)),
+        }
+    }
+
+    /// The packet walk: node1 (10.244.1.0/24, 172.16.1.14) sees node2
+    /// (10.244.2.0/24, 172.16.1.13) and the master (10.244.0.0/24, 172.16.1.8).
+    fn walk_leases() -> Vec<Lease> {
+        vec![
+            vx_lease("10.244.1.0-24", "172.16.1.14", 1, "26:62:24:f0:61:01"),
+            vx_lease("10.244.2.0-24", "172.16.1.13", 1, "52:17:43:ba:2e:56"),
+            vx_lease("10.244.0.0-24", "172.16.1.8", 1, "aa:bb:cc:00:00:08"),
+        ]
+    }
+
+    #[test]
+    fn packet_walk_triple() {
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let peers = vxlan_peers(&walk_leases(), Some(&own), 1, IpFamily::V4, t0());
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].subnet, net("10.244.0.0/24"));
+        assert_eq!(peers[1].public_ip, ip("172.16.1.13"));
+        let d = desired_vxlan(VX, &peers);
+        // 10.244.2.0 dev flannel.1 lladdr 52:17:43:ba:2e:56 PERMANENT
+        assert!(d.neighbours.contains(&Neighbour {
+            ifindex: VX,
+            ip: ip("10.244.2.0"),
+            mac: mac("52:17:43:ba:2e:56")
+        }));
+        // 52:17:43:ba:2e:56 dst 172.16.1.13 self permanent
+        assert!(d.fdb.contains(&FdbEntry {
+            ifindex: VX,
+            mac: mac("52:17:43:ba:2e:56"),
+            dst: ip("172.16.1.13")
+        }));
+        // 10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink
+        assert!(d.routes.contains(&Route {
+            dst: net("10.244.2.0/24"),
+            gateway: Some(ip("10.244.2.0")),
+            oif: VX,
+            onlink: true
+        }));
+        assert_eq!((d.routes.len(), d.neighbours.len(), d.fdb.len()), (2, 2, 2));
+        assert!(
+            !d.routes.iter().any(|r| r.dst == net("10.244.1.0/24")),
+            "own subnet"
+        );
+    }
+
+    #[test]
+    fn peer_filtering() {
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let mut leases = walk_leases();
+        // Other VNI, other backend, malformed data, expired, no PublicIP,
+        // overlapping our subnet: all skipped.
+        leases.push(vx_lease(
+            "10.244.3.0-24",
+            "172.16.1.3",
+            2,
+            "02:00:00:00:00:03",
+        ));
+        let mut hg = vx_lease("10.244.4.0-24", "172.16.1.4", 1, "02:00:00:00:00:04");
+        hg.attrs.backend_type = "host-gw".into();
+        leases.push(hg);
+        let mut bad = vx_lease("10.244.5.0-24", "172.16.1.5", 1, "02:00:00:00:00:05");
+        bad.attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "garbage"}));
+        leases.push(bad);
+        let mut old = vx_lease("10.244.6.0-24", "172.16.1.6", 1, "02:00:00:00:00:06");
+        old.expiration = Some(t0() - Duration::from_secs(1));
+        leases.push(old);
+        let mut noip = vx_lease("10.244.7.0-24", "172.16.1.7", 1, "02:00:00:00:00:07");
+        noip.attrs.public_ip = None;
+        leases.push(noip);
+        leases.push(vx_lease(
+            "10.244.1.128-25",
+            "172.16.1.9",
+            1,
+            "02:00:00:00:00:09",
+        ));
+        // A reservation is a peer like any other.
+        let mut res = vx_lease("10.244.8.0-24", "172.16.1.18", 1, "02:00:00:00:00:08");
+        res.expiration = None;
+        leases.push(res);
+
+        let peers = vxlan_peers(&leases, Some(&own), 1, IpFamily::V4, t0());
+        let subnets: Vec<IpNet> = peers.iter().map(|p| p.subnet).collect();
+        assert_eq!(
+            subnets,
+            vec![
+                net("10.244.0.0/24"),
+                net("10.244.2.0/24"),
+                net("10.244.8.0/24")
+            ]
+        );
+        // Without an own key every live vxlan lease is a peer.
+        assert_eq!(vxlan_peers(&leases, None, 1, IpFamily::V4, t0()).len(), 5);
+
+        let hg = host_gw_peers(&leases, Some(&own), IpFamily::V4, t0());
+        assert_eq!(hg.len(), 1);
+        assert_eq!(hg[0].public_ip, ip("172.16.1.4"));
+    }
+
+    #[test]
+    fn ipv6_peers_use_v6_data() {
+        let own: LeaseKey = "10.244.1.0-24&fd00:10:244:1::-64".parse().unwrap();
+        let mut l = vx_lease(
+            "10.244.2.0-24&fd00:10:244:2::-64",
+            "172.16.1.13",
+            1,
+            "02:00:00:00:00:02",
+        );
+        l.attrs.public_ipv6 = Some("fd00::13".parse().unwrap());
+        l.attrs.backend_v6_data =
+            Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:06:02"}));
+        let peers = vxlan_peers(&[l.clone()], Some(&own), 1, IpFamily::V6, t0());
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].subnet, net("fd00:10:244:2::/64"));
+        assert_eq!(peers[0].public_ip, ip("fd00::13"));
+        assert_eq!(peers[0].vtep_mac, mac("02:00:00:00:06:02"));
+        let d = desired_vxlan(9, &peers);
+        assert_eq!(d.neighbours[0].ip, ip("fd00:10:244:2::"));
+        assert_eq!(d.routes[0].gateway, Some(ip("fd00:10:244:2::")));
+        // No BackendV6Data: no IPv6 peer.
+        l.attrs.backend_v6_data = None;
+        assert!(vxlan_peers(&[l], Some(&own), 1, IpFamily::V6, t0()).is_empty());
+    }
+
+    #[test]
+    fn direct_routing() {
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let mut leases = walk_leases();
+        leases.push(vx_lease(
+            "10.244.9.0-24",
+            "192.168.50.9",
+            1,
+            "02:00:00:00:00:09",
+        ));
+        let peers = vxlan_peers(&leases, Some(&own), 1, IpFamily::V4, t0());
+        let connected = [net("172.16.1.14/24")];
+        let dr = DirectRouting {
+            external_ifindex: EXT,
+            connected: &connected,
+        };
+        let d = desired_vxlan_with(VX, &peers, Some(&dr));
+        assert!(d.routes.contains(&Route {
+            dst: net("10.244.2.0/24"),
+            gateway: Some(ip("172.16.1.13")),
+            oif: EXT,
+            onlink: false
+        }));
+        // The remote one is still encapsulated.
+        assert!(d.routes.contains(&Route {
+            dst: net("10.244.9.0/24"),
+            gateway: Some(ip("10.244.9.0")),
+            oif: VX,
+            onlink: true
+        }));
+        assert_eq!(d.neighbours.len(), 1);
+        assert_eq!(d.fdb.len(), 1);
+        assert_eq!(d.fdb[0].dst, ip("192.168.50.9"));
+    }
+
+    #[test]
+    fn host_gw() {
+        let p = |s: &str, pip: &str| HostGwPeer {
+            key: s.parse().unwrap(),
+            subnet: s.replace('-', "/").parse().unwrap(),
+            public_ip: ip(pip),
+        };
+        let peers = [
+            p("10.244.2.0-24", "172.16.1.13"),
+            p("10.244.3.0-24", "172.16.1.3"),
+        ];
+        let d = desired_host_gw(EXT, &peers, &[net("172.16.1.14/24")]).unwrap();
+        assert_eq!(
+            d.routes,
+            vec![
+                Route {
+                    dst: net("10.244.2.0/24"),
+                    gateway: Some(ip("172.16.1.13")),
+                    oif: EXT,
+                    onlink: false
+                },
+                Route {
+                    dst: net("10.244.3.0/24"),
+                    gateway: Some(ip("172.16.1.3")),
+                    oif: EXT,
+                    onlink: false
+                },
+            ]
+        );
+        assert!(d.neighbours.is_empty() && d.fdb.is_empty());
+
+        let far = [peers[0], p("10.244.4.0-24", "10.9.9.9")];
+        let e = desired_host_gw(EXT, &far, &[net("172.16.1.14/24")]).unwrap_err();
+        assert_eq!(e.not_connected, vec![far[1]]);
+        assert_eq!(e.partial.routes.len(), 1);
+        let msg = e.to_string();
+        assert!(msg.contains("10.244.4.0/24 via 10.9.9.9"), "{msg}");
+    }
+
+    #[test]
+    fn plain_diff() {
+        let d = diff(&[1, 2, 3, 3], &[3, 4, 5]);
+        assert_eq!(d.add, vec![1, 2]);
+        assert_eq!(d.del, vec![4, 5]);
+        assert!(diff(&[1, 2], &[2, 1]).is_empty());
+    }
+
+    fn scope() -> Scope {
+        Scope {
+            network: net("10.244.0.0/16"),
+            own_subnet: Some(net("10.244.1.0/24")),
+            device_ifindex: Some(VX),
+            external_ifindex: None,
+        }
+    }
+
+    fn route(dst: &str, gw: Option<&str>, oif: u32, onlink: bool) -> Route {
+        Route {
+            dst: net(dst),
+            gateway: gw.map(ip),
+            oif,
+            onlink,
+        }
+    }
+
+    #[test]
+    fn scope_decides_what_is_ours() {
+        let s = scope();
+        assert!(s.owns_route(&route("10.244.2.0/24", Some("10.244.2.0"), VX, true)));
+        assert!(s.owns_route(&route("10.244.2.0/24", None, VX, false)));
+        // Not ours: outside the network, the network itself, our own subnet,
+        // another device, the external interface when not configured.
+        assert!(!s.owns_route(&route("10.245.2.0/24", Some("10.245.2.0"), VX, true)));
+        assert!(!s.owns_route(&route("10.244.0.0/16", None, VX, false)));
+        assert!(!s.owns_route(&route("10.0.0.0/8", None, VX, false)));
+        assert!(!s.owns_route(&route("10.244.1.0/24", None, 5, false)));
+        assert!(!s.owns_route(&route("10.244.1.0/24", Some("10.244.1.0"), VX, true)));
+        assert!(!s.owns_route(&route("10.244.1.128/25", None, VX, false)));
+        assert!(!s.owns_route(&route("10.244.2.0/24", Some("172.16.1.13"), EXT, false)));
+        let hs = Scope {
+            external_ifindex: Some(EXT),
+            ..s
+        };
+        assert!(hs.owns_route(&route("10.244.2.0/24", Some("172.16.1.13"), EXT, false)));
+        assert!(
+            !hs.owns_route(&route("10.244.2.0/24", None, EXT, false)),
+            "no gateway"
+        );
+        assert!(!hs.owns_route(&route("0.0.0.0/0", Some("172.16.1.1"), EXT, false)));
+
+        let n = |ifindex| Neighbour {
+            ifindex,
+            ip: ip("10.244.2.0"),
+            mac: mac("02:00:00:00:00:02"),
+        };
+        assert!(s.owns_neighbour(&n(VX)));
+        assert!(!s.owns_neighbour(&n(EXT)));
+        let f = |ifindex| FdbEntry {
+            ifindex,
+            mac: mac("02:00:00:00:00:02"),
+            dst: ip("172.16.1.13"),
+        };
+        assert!(s.owns_fdb(&f(VX)));
+        assert!(!s.owns_fdb(&f(7)));
+
+        let actual = DesiredState {
+            routes: vec![
+                route("10.244.9.0/24", Some("10.244.9.0"), VX, true),
+                route("0.0.0.0/0", Some("172.16.1.1"), EXT, false),
+                route("10.244.1.0/24", None, 5, false),
+            ],
+            neighbours: vec![n(VX), n(EXT)],
+            fdb: vec![f(7), f(VX)],
+        };
+        let ours = s.filter(actual);
+        assert_eq!(
+            ours.routes,
+            vec![route("10.244.9.0/24", Some("10.244.9.0"), VX, true)]
+        );
+        assert_eq!(ours.neighbours, vec![n(VX)]);
+        assert_eq!(ours.fdb, vec![f(VX)]);
+    }
+
+    #[test]
+    fn reconcile_from_empty_and_idempotent() {
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let desired = desired_vxlan(
+            VX,
+            &vxlan_peers(&walk_leases(), Some(&own), 1, IpFamily::V4, t0()),
+        );
+        let p = plan_reconcile(&desired, &DesiredState::default());
+        assert_eq!(p.len(), 6);
+        let ops = p.ops();
+        // FDB and neighbour before the routes that use them.
+        let first_route = ops
+            .iter()
+            .position(|o| matches!(o, Op::AddRoute(_)))
+            .unwrap();
+        assert!(ops[..first_route]
+            .iter()
+            .all(|o| matches!(o, Op::AddFdb(_) | Op::AddNeighbour(_))));
+        assert_eq!(first_route, 4);
+        // Applied: nothing more to do.
+        assert!(plan_reconcile(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn reconcile_removes_vanished_peer_route_first() {
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let all = walk_leases();
+        let before = desired_vxlan(VX, &vxlan_peers(&all, Some(&own), 1, IpFamily::V4, t0()));
+        let after = desired_vxlan(
+            VX,
+            &vxlan_peers(&all[..2], Some(&own), 1, IpFamily::V4, t0()),
+        );
+        let p = plan_reconcile(&after, &before);
+        assert_eq!(
+            p.ops(),
+            vec![
+                Op::DelRoute(route("10.244.0.0/24", Some("10.244.0.0"), VX, true)),
+                Op::DelNeighbour(Neighbour {
+                    ifindex: VX,
+                    ip: ip("10.244.0.0"),
+                    mac: mac("aa:bb:cc:00:00:08")
+                }),
+                Op::DelFdb(FdbEntry {
+                    ifindex: VX,
+                    mac: mac("aa:bb:cc:00:00:08"),
+                    dst: ip("172.16.1.8")
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn reconcile_changed_vtep_mac_and_public_ip() {
+        // node2 restarted with a new VtepMAC and moved to a new public IP.
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let all = walk_leases();
+        let before = desired_vxlan(VX, &vxlan_peers(&all, Some(&own), 1, IpFamily::V4, t0()));
+        let mut moved = all.clone();
+        moved[1] = vx_lease("10.244.2.0-24", "172.16.1.99", 1, "52:17:43:ba:2e:57");
+        let after = desired_vxlan(VX, &vxlan_peers(&moved, Some(&own), 1, IpFamily::V4, t0()));
+        let p = plan_reconcile(&after, &before);
+        // The neighbour for 10.244.2.0 is replaced in place: not deleted.
+        assert_eq!(p.neighbours.add.len(), 1);
+        assert!(p.neighbours.del.is_empty());
+        // The route is unchanged.
+        assert!(p.routes.is_empty());
+        // The FDB entry of the old MAC is a different key: deleted after the
+        // new one is added.
+        assert_eq!(p.fdb.add[0].mac, mac("52:17:43:ba:2e:57"));
+        assert_eq!(p.fdb.del[0].mac, mac("52:17:43:ba:2e:56"));
+        let ops = p.ops();
+        assert!(matches!(ops.first(), Some(Op::AddFdb(_))));
+        assert!(matches!(ops.last(), Some(Op::DelFdb(_))));
+
+        // Only the public IP changed: the FDB entry is replaced in place.
+        let mut moved_ip = all.clone();
+        moved_ip[1] = vx_lease("10.244.2.0-24", "172.16.1.99", 1, "52:17:43:ba:2e:56");
+        let after = desired_vxlan(
+            VX,
+            &vxlan_peers(&moved_ip, Some(&own), 1, IpFamily::V4, t0()),
+        );
+        let p = plan_reconcile(&after, &before);
+        assert_eq!(p.fdb.add.len(), 1);
+        assert!(p.fdb.del.is_empty(), "replace overwrites the dst");
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn reconcile_route_changed_in_place_and_leftovers() {
+        // A route to a peer subnet through the wrong gateway: replaced, not deleted.
+        let desired = DesiredState {
+            routes: vec![route("10.244.2.0/24", Some("10.244.2.0"), VX, true)],
+            ..Default::default()
+        };
+        let actual = DesiredState {
+            routes: vec![route("10.244.2.0/24", Some("10.244.7.0"), VX, true)],
+            ..Default::default()
+        };
+        let p = plan_reconcile(&desired, &actual);
+        assert_eq!(p.routes.add, desired.routes);
+        assert!(p.routes.del.is_empty());
+
+        // DirectRouting switched off: the direct route is replaced by the
+        // encapsulated one (same destination).
+        let actual = DesiredState {
+            routes: vec![route("10.244.2.0/24", Some("172.16.1.13"), EXT, false)],
+            ..Default::default()
+        };
+        let p = plan_reconcile(&desired, &actual);
+        assert!(p.routes.del.is_empty());
+
+        // A second remote for a desired MAC that is already correct: deleted.
+        let f = |dst: &str| FdbEntry {
+            ifindex: VX,
+            mac: mac("02:00:00:00:00:02"),
+            dst: ip(dst),
+        };
+        let desired = DesiredState {
+            fdb: vec![f("172.16.1.13")],
+            ..Default::default()
+        };
+        let actual = DesiredState {
+            fdb: vec![f("172.16.1.13"), f("172.16.1.77")],
+            ..Default::default()
+        };
+        let p = plan_reconcile(&desired, &actual);
+        assert!(p.fdb.add.is_empty());
+        assert_eq!(p.fdb.del, vec![f("172.16.1.77")]);
+    }
+
+    #[test]
+    fn normalize_sorts_and_dedups() {
+        let r1 = route("10.244.3.0/24", None, VX, false);
+        let r2 = route("10.244.2.0/24", None, VX, false);
+        let mut d = DesiredState {
+            routes: vec![r1.clone(), r2.clone(), r1.clone()],
+            ..Default::default()
+        };
+        d.normalize();
+        assert_eq!(d.routes, vec![r2, r1]);
+        assert!(!d.is_empty());
+        assert!(DesiredState::default().is_empty());
+    }
 }
