@@ -36,6 +36,11 @@
 //! (the watch) never see a torn file. Full scans take the lock shared so the
 //! revision they report matches what they read.
 //!
+//! `create_lease` is create-if-absent widened to "create if no live lease
+//! overlaps the key in either family": in dual stack two racing nodes can
+//! pick the same IPv4 subnet with different IPv6 subnets, which are
+//! different file names; a plain exists-check would hand the subnet out twice.
+//!
 //! A writer garbage-collects what it finds under the lock: expired leases and
 //! `.tmp.*` files (with the lock held exclusively no write can be in progress,
 //! so any temp file is a leftover of a crashed writer).

@@ -270,3 +270,46 @@ async fn renew_extends_and_reports_revocation() {
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn own_lease_of_an_old_config_is_deleted_before_acquiring() {
+    let dir = TempDir::new("stale");
+    let store = LocalStore::open(dir.path()).unwrap();
+    store
+        .create_lease(
+            &Lease {
+                key: key("10.244.9.0-24"),
+                attrs: attrs(1),
+                expiration: None,
+            },
+            Some(TTL),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    // SubnetLen changed from 24 to 25.
+    let cfg = net_config("10.244.0.0/16", 25);
+    let got = acquire_lease(&store, &cfg, &attrs(1), None, TTL)
+        .await
+        .unwrap();
+    assert_eq!(got.key.ipv4.unwrap().prefix_len(), 25);
+    let left = store.list_leases().await.unwrap().leases;
+    assert_eq!(left, vec![got], "the /24 of the old config is gone");
+}
+
+#[test]
+fn dual_stack_racers_never_share_either_family() {
+    let dir = TempDir::new("race-dual");
+    let cfg = flannel_core::config::parse(
+        r#"{"Network":"10.244.0.0/20","SubnetLen":24,"EnableIPv6":true,
+            "IPv6Network":"fd00:10:244::/60","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    // 15 subnets per family (the first is skipped): 12 racers often collide.
+    let results = race(dir.path(), &cfg, 12);
+    let leases: Vec<Lease> = results.into_iter().map(|r| r.unwrap()).collect();
+    let v4: BTreeSet<_> = leases.iter().map(|l| l.key.ipv4.unwrap()).collect();
+    let v6: BTreeSet<_> = leases.iter().map(|l| l.key.ipv6.unwrap()).collect();
+    assert_eq!(v4.len(), 12, "IPv4 subnet handed out twice: {leases:?}");
+    assert_eq!(v6.len(), 12, "IPv6 subnet handed out twice: {leases:?}");
+}

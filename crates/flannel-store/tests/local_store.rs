@@ -311,3 +311,64 @@ async fn stale_temp_files_are_collected_by_writers() {
         .unwrap();
     assert!(!stale.exists());
 }
+
+#[tokio::test]
+async fn create_refuses_keys_overlapping_a_live_lease() {
+    let dir = TempDir::new("overlap");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let ttl = Some(Duration::from_secs(60));
+    store
+        .create_lease(&lease("10.244.1.0-24&fd00:0:0:1::-64", 1), ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    // Same IPv4 subnet, another IPv6 one: another file name, same subnet.
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.1.0-24&fd00:0:0:2::-64", 2), ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    // Same IPv6 subnet, another IPv4 one.
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.2.0-24&fd00:0:0:1::-64", 2), ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    // Another length covering it (a changed SubnetLen).
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.0.0-23", 2), ttl)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store
+        .create_lease(&lease("10.244.2.0-24&fd00:0:0:2::-64", 2), ttl)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(store.list_leases().await.unwrap().leases.len(), 2);
+}
+
+#[tokio::test]
+async fn non_canonical_file_name_is_skipped() {
+    let dir = TempDir::new("canonical");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let good = store
+        .create_lease(&lease("10.244.4.0-24&fd00:0:0:4::-64", 4), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let content = std::fs::read(store.lease_path(&good.key)).unwrap();
+    // Parses to a key, but not spelled as the store spells it.
+    std::fs::write(
+        dir.path().join("subnets/10.244.5.0-24&fd00:0000:0:5::-64"),
+        &content,
+    )
+    .unwrap();
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![good]);
+}
