@@ -238,3 +238,401 @@ fn move_link_between_namespaces() {
         .collect();
     assert!(names.contains(&"mv0".to_string()) && names.contains(&"mv1".to_string()));
 }
+
+/// An underlay: a veth pair between two namespaces, with addresses.
+/// Returns the underlay link index in `a`.
+fn underlay(a: &ScopedNetNs, b: &ScopedNetNs) -> u32 {
+    let b_fd = b.fd();
+    let idx = a
+        .run(|| -> Result<_, Error> {
+            let mut nl = Netlink::open()?;
+            let v = nl.add_veth("ul0", "ul1", b_fd, None)?;
+            nl.add_address(v.index, net("172.16.1.14/24"))?;
+            nl.set_link_up(v.index)?;
+            Ok(v.index)
+        })
+        .unwrap()
+        .unwrap();
+    b.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let v = nl.link_by_name("ul1")?.unwrap();
+        nl.add_address(v.index, net("172.16.1.13/24"))?;
+        nl.set_link_up(v.index)?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+    idx
+}
+
+fn vxlan_dev(underlay: u32) -> VxlanDevice {
+    VxlanDevice {
+        name: "flannel.1".into(),
+        vni: 1,
+        local: ip("172.16.1.14"),
+        underlay_index: underlay,
+        port: 0,
+        learning: false,
+        gbp: false,
+        mtu: 1450,
+        mac: Some(mac("26:62:24:f0:61:01")),
+    }
+}
+
+#[test]
+fn routes_round_trip() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-rta").unwrap();
+    let b = ScopedNetNs::unique("fnl-rtb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let vx = nl.add_vxlan(&vxlan_dev(ul))?;
+        nl.set_link_up(vx.index)?;
+        nl.add_address(vx.index, net("10.244.1.0/32"))?;
+        let onlink = Route {
+            dst: net("10.244.2.0/24"),
+            gateway: Some(ip("10.244.2.0")),
+            oif: vx.index,
+            onlink: true,
+        };
+        let via = Route {
+            dst: net("10.96.0.0/16"),
+            gateway: Some(ip("172.16.1.13")),
+            oif: ul,
+            onlink: false,
+        };
+        let direct = Route {
+            dst: net("192.168.77.0/24"),
+            gateway: None,
+            oif: ul,
+            onlink: false,
+        };
+        let v6 = Route {
+            dst: net("fd00:10:244:2::/64"),
+            gateway: None,
+            oif: vx.index,
+            onlink: false,
+        };
+        let wanted = [&onlink, &via, &direct, &v6];
+        for _ in 0..2 {
+            for r in wanted {
+                nl.replace_route(r)?;
+            }
+        }
+        let listed = nl.list_routes()?;
+        for r in wanted {
+            assert_eq!(
+                listed.iter().filter(|x| x.dst == r.dst).collect::<Vec<_>>(),
+                vec![r],
+                "route {r:?} not read back exactly; all: {listed:?}"
+            );
+        }
+        // The kernel's own prefix route of the underlay is listed too.
+        assert!(listed
+            .iter()
+            .any(|x| x.dst == net("172.16.1.0/24") && x.oif == ul && x.gateway.is_none()));
+        // Replace changes the next hop in place.
+        let moved = Route {
+            gateway: Some(ip("172.16.1.1")),
+            ..via.clone()
+        };
+        nl.replace_route(&moved)?;
+        let listed = nl.list_routes()?;
+        assert_eq!(
+            listed
+                .iter()
+                .filter(|x| x.dst == via.dst)
+                .collect::<Vec<_>>(),
+            vec![&moved]
+        );
+        // Delete twice (absent is success), also for a vanished device.
+        for _ in 0..2 {
+            nl.del_route(&onlink)?;
+            nl.del_route(&moved)?;
+            nl.del_route(&v6)?;
+        }
+        nl.del_route(&Route {
+            oif: 9999,
+            ..direct.clone()
+        })?;
+        let listed = nl.list_routes()?;
+        assert!(!listed
+            .iter()
+            .any(|x| x.dst == onlink.dst || x.dst == via.dst || x.dst == v6.dst));
+        assert!(listed.contains(&direct));
+        // Bad input names the field.
+        let bad = nl
+            .replace_route(&Route {
+                dst: net("10.244.3.5/24"),
+                ..direct.clone()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(bad, Error::Invalid { .. }) && bad.to_string().contains("dst"),
+            "{bad}"
+        );
+        // A kernel refusal keeps the errno and reads like the ip command.
+        let err = nl
+            .replace_route(&Route {
+                dst: net("10.1.0.0/16"),
+                gateway: Some(ip("10.99.99.99")),
+                oif: ul,
+                onlink: false,
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ip route replace 10.1.0.0/16 via 10.99.99.99 dev "),
+            "{err}"
+        );
+        eprintln!("kernel refusal reads: {err}");
+        assert!(err.raw_os_error().is_some(), "{err:?}");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn vxlan_device_attributes() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-vxa").unwrap();
+    let b = ScopedNetNs::unique("fnl-vxb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let dev = vxlan_dev(ul);
+        let vx = nl.add_vxlan(&dev)?;
+        assert_eq!(vx.kind.as_deref(), Some("vxlan"));
+        assert_eq!(vx.mtu, 1450);
+        assert_eq!(vx.mac, dev.mac);
+        let info = vx.vxlan.clone().expect("vxlan attributes");
+        assert_eq!(info.vni, 1);
+        assert_eq!(info.local, Some(ip("172.16.1.14")));
+        assert_eq!(info.link, Some(ul));
+        assert_eq!(info.port, 8472, "port 0 means the kernel default 8472");
+        assert!(!info.learning);
+        assert!(!info.gbp);
+        // Same attributes: the same device is kept (index unchanged), MTU fixed.
+        let again = nl.add_vxlan(&VxlanDevice {
+            mtu: 1400,
+            ..dev.clone()
+        })?;
+        assert_eq!(again.index, vx.index);
+        assert_eq!(again.mtu, 1400);
+        // Different VNI/port/learning/gbp: recreated with the new attributes.
+        let changed = VxlanDevice {
+            vni: 4096,
+            port: 4789,
+            learning: true,
+            gbp: true,
+            ..dev.clone()
+        };
+        let re = nl.add_vxlan(&changed)?;
+        assert_ne!(re.index, vx.index);
+        let info = re.vxlan.unwrap();
+        assert_eq!(
+            (info.vni, info.port, info.learning, info.gbp),
+            (4096, 4789, true, true)
+        );
+        assert_eq!(
+            nl.list_links()?
+                .iter()
+                .filter(|l| l.name == "flannel.1")
+                .count(),
+            1
+        );
+        // A non-vxlan link of that name is replaced too.
+        nl.del_link(re.index)?;
+        nl.add_bridge("flannel.1", None)?;
+        let vx = nl.add_vxlan(&dev)?;
+        assert_eq!(vx.kind.as_deref(), Some("vxlan"));
+        // Out of range VNI is refused before anything is sent.
+        let err = nl
+            .add_vxlan(&VxlanDevice {
+                vni: 1 << 24,
+                ..dev.clone()
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }) && err.to_string().contains("vni"));
+        let err = nl
+            .add_vxlan(&VxlanDevice {
+                name: "a-name-longer-than-15".into(),
+                ..dev.clone()
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Invalid { .. }), "{err}");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn neighbours_and_fdb() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-nba").unwrap();
+    let b = ScopedNetNs::unique("fnl-nbb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let vx = nl.add_vxlan(&vxlan_dev(ul))?;
+        nl.set_link_up(vx.index)?;
+        let n1 = Neighbour {
+            ifindex: vx.index,
+            ip: ip("10.244.2.0"),
+            mac: mac("52:17:43:ba:2e:56"),
+        };
+        let n6 = Neighbour {
+            ifindex: vx.index,
+            ip: ip("fd00:10:244:2::"),
+            mac: mac("52:17:43:ba:2e:56"),
+        };
+        let f1 = FdbEntry {
+            ifindex: vx.index,
+            mac: mac("52:17:43:ba:2e:56"),
+            dst: ip("172.16.1.13"),
+        };
+        let f2 = FdbEntry {
+            ifindex: vx.index,
+            mac: mac("52:17:43:ba:2e:57"),
+            dst: ip("172.16.1.15"),
+        };
+        for _ in 0..2 {
+            nl.replace_neighbour(&n1)?;
+            nl.replace_neighbour(&n6)?;
+            nl.replace_fdb(&f1)?;
+            nl.replace_fdb(&f2)?;
+        }
+        let mut ns = nl.list_neighbours(vx.index)?;
+        ns.sort();
+        let mut want = vec![n1.clone(), n6.clone()];
+        want.sort();
+        assert_eq!(ns, want);
+        // Another device's neighbours are not listed.
+        assert!(nl.list_neighbours(ul)?.iter().all(|n| n.ifindex == ul));
+        // A default-destination entry (all-zero MAC) must not be listed.
+        let status = std::process::Command::new("bridge")
+            .args([
+                "fdb",
+                "append",
+                "00:00:00:00:00:00",
+                "dev",
+                "flannel.1",
+                "dst",
+                "172.16.1.99",
+                "self",
+                "permanent",
+            ])
+            .status()
+            .expect("run bridge(8)");
+        assert!(status.success());
+        let mut fdb = nl.list_fdb(vx.index)?;
+        fdb.sort();
+        assert_eq!(fdb, vec![f1.clone(), f2.clone()]);
+        // Replace moves a MAC to a new remote.
+        let f1b = FdbEntry {
+            dst: ip("172.16.1.20"),
+            ..f1.clone()
+        };
+        nl.replace_fdb(&f1b)?;
+        let mut fdb = nl.list_fdb(vx.index)?;
+        fdb.sort();
+        assert_eq!(fdb, vec![f1b.clone(), f2.clone()]);
+        // Replace changes a neighbour's MAC.
+        let n1b = Neighbour {
+            mac: mac("52:17:43:ba:2e:99"),
+            ..n1.clone()
+        };
+        nl.replace_neighbour(&n1b)?;
+        assert!(nl.list_neighbours(vx.index)?.contains(&n1b));
+        // Deletes, twice: absent is success.
+        for _ in 0..2 {
+            nl.del_neighbour(&n1b)?;
+            nl.del_neighbour(&n6)?;
+            nl.del_fdb(&f1b)?;
+            nl.del_fdb(&f2)?;
+        }
+        assert_eq!(nl.list_neighbours(vx.index)?, vec![]);
+        assert_eq!(nl.list_fdb(vx.index)?, vec![]);
+        // On a vanished device too.
+        nl.del_link(vx.index)?;
+        nl.del_neighbour(&n1)?;
+        nl.del_fdb(&f1)?;
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn monitor_sees_changes() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-mon").unwrap();
+    let b = ScopedNetNs::unique("fnl-monb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let mut mon = Monitor::open()?;
+        let r = Route {
+            dst: net("10.244.9.0/24"),
+            gateway: Some(ip("172.16.1.13")),
+            oif: ul,
+            onlink: false,
+        };
+        nl.replace_route(&r)?;
+        let vx = nl.add_vxlan(&vxlan_dev(ul))?;
+        let f = FdbEntry {
+            ifindex: vx.index,
+            mac: mac("52:17:43:ba:2e:56"),
+            dst: ip("172.16.1.13"),
+        };
+        nl.replace_fdb(&f)?;
+        nl.del_route(&r)?;
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            seen.extend(mon.recv_timeout(Duration::from_millis(200))?);
+            if seen.contains(&Notification::Route { dst: r.dst, deleted: true }) {
+                break;
+            }
+        }
+        assert!(
+            seen.contains(&Notification::Route { dst: r.dst, deleted: false }),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&Notification::Route { dst: r.dst, deleted: true }),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|n| matches!(n, Notification::Link { name, deleted: false, .. } if name == "flannel.1")), "{seen:?}");
+        assert!(seen.contains(&Notification::Fdb { ifindex: vx.index, mac: f.mac, deleted: false }), "{seen:?}");
+        // Nothing more pending: a timeout returns empty.
+        let mut rest = mon.recv_timeout(Duration::from_millis(300))?;
+        rest.retain(|n| matches!(n, Notification::Route { dst, .. } if *dst == r.dst));
+        assert_eq!(rest, vec![]);
+        // Blocking recv gets a deletion of a link.
+        nl.del_link(vx.index)?;
+        let mut got = Vec::new();
+        while !got.iter().any(|n| matches!(n, Notification::Link { deleted: true, .. })) {
+            got.extend(mon.recv()?);
+        }
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn nothing_left_behind() {
+    need_root();
+    // Whatever other tests in this binary are doing, a namespace made and
+    // dropped here is gone at once.
+    let name = {
+        let ns = ScopedNetNs::unique("fnl-gone").unwrap();
+        ns.name.clone()
+    };
+    assert!(!netns_names().contains(&name));
+    assert!(!std::path::Path::new("/run/netns").join(&name).exists());
+}
