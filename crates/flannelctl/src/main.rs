@@ -1,1 +1,182 @@
-fn main() {}
+//! `flannelctl`: command-line wiring only; the work is in the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use flannelctl::lab::{self, Lab, LabOptions};
+use flannelctl::leases;
+
+#[derive(Parser)]
+#[command(name = "flannelctl", version, about = "The flannel-rs operator's tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A whole flannel cluster in network namespaces of this machine.
+    #[command(subcommand)]
+    Lab(LabCommand),
+    /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
+    Leases {
+        /// The directory flanneld uses as `--local-store`.
+        #[arg(long, value_name = "DIR")]
+        local_store: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct NameArg {
+    /// Lab name (prefixes every namespace: NAME-master, NAME-k8s-node1, ...).
+    #[arg(long, env = "FLANNEL_LAB_NAME", default_value = lab::DEFAULT_NAME)]
+    name: String,
+}
+
+#[derive(Subcommand)]
+enum LabCommand {
+    /// Build the lab, start flanneld on every node, attach the pods, check connectivity.
+    Up {
+        #[command(flatten)]
+        name: NameArg,
+        /// Number of workers k8s-node1..k8s-nodeN (besides the master).
+        #[arg(long, default_value_t = lab::DEFAULT_NODES)]
+        nodes: u32,
+        /// Underlay MTU; pods get MTU - 50.
+        #[arg(long, default_value_t = lab::DEFAULT_MTU)]
+        mtu: u32,
+        /// Directory holding flanneld and flannel (default: next to flannelctl).
+        #[arg(long, env = lab::BIN_DIR_ENV, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Leave what was built in place when `up` fails.
+        #[arg(long)]
+        keep_on_failure: bool,
+        /// Do not run the connectivity check after `up`.
+        #[arg(long)]
+        no_check: bool,
+    },
+    /// Ping every node and pod from every pod again and print the matrix.
+    Check {
+        #[command(flatten)]
+        name: NameArg,
+    },
+    /// Nodes, daemons, leases and pods.
+    Status {
+        #[command(flatten)]
+        name: NameArg,
+    },
+    /// Run a command inside a node's, pod's or the underlay's namespace.
+    Exec {
+        #[command(flatten)]
+        name: NameArg,
+        /// `master`, `k8s-node<i>`, `ubuntu-<i>` or `underlay`.
+        target: String,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<OsString>,
+    },
+    /// Stop the daemons, detach the pods, remove every namespace and file of the lab.
+    Down {
+        #[command(flatten)]
+        name: NameArg,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("flannelctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
+    let m = lab.check()?;
+    print!("{}", m.render());
+    Ok(if m.all_ok() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("flannelctl: {}", m.ensure_all_ok().unwrap_err());
+        ExitCode::FAILURE
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Leases { local_store, json } => {
+            let rows = leases::list(&local_store)?;
+            if json {
+                println!("{}", leases::render_json(&rows));
+            } else {
+                print!("{}", leases::render_table(&rows, SystemTime::now()));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Up {
+            name,
+            nodes,
+            mtu,
+            bin_dir,
+            keep_on_failure,
+            no_check,
+        }) => {
+            let opts = LabOptions {
+                name: name.name,
+                nodes,
+                mtu,
+                bin_dir,
+                keep_on_failure,
+                ..LabOptions::default()
+            };
+            let lab = Lab::up(&opts).context("lab up")?;
+            println!(
+                "lab {} is up: {} in {}",
+                lab.name(),
+                lab.state
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{} {} {}", n.name, n.underlay_ip, n.subnet))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                lab.dir().display()
+            );
+            for p in &lab.state.pods {
+                if let Some(ip) = p.ip {
+                    println!("pod {} on {}: {}", p.name, p.node, ip);
+                }
+            }
+            if no_check {
+                return Ok(ExitCode::SUCCESS);
+            }
+            print_check(&lab)
+        }
+        Command::Lab(LabCommand::Check { name }) => print_check(&Lab::open(&name.name)?),
+        Command::Lab(LabCommand::Status { name }) => {
+            let status = Lab::open(&name.name)?.status();
+            print!("{}", status.render());
+            Ok(if status.healthy() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Lab(LabCommand::Exec { name, target, cmd }) => {
+            let code = lab::exec(&name.name, &target, &cmd)?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::Lab(LabCommand::Down { name }) => {
+            lab::down(&name.name)?;
+            println!("lab {} is down", name.name);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,1067 @@
+//! `flannelctl lab`: the seed's cluster (packet-walk.txt) rebuilt in network
+//! namespaces of this machine, with the real `flanneld` and `flannel` binaries.
+//!
+//! Topology of a lab called NAME with N workers:
+//!
+//! ```text
+//!   NAME-underlay      bridge br0, 172.16.1.1/24 (the nodes' default gateway)
+//!     ├─ p-master  <veth>  ens3 in NAME-master      172.16.1.8    10.244.0.0/24
+//!     ├─ p-node1   <veth>  ens3 in NAME-k8s-node1   172.16.1.14   10.244.1.0/24  pod ubuntu-1 (NAME-ubuntu-1)
+//!     ├─ p-node2   <veth>  ens3 in NAME-k8s-node2   172.16.1.13   10.244.2.0/24  pod ubuntu-2 (NAME-ubuntu-2)
+//!     └─ p-nodeI   <veth>  ens3 in NAME-k8s-nodeI   172.16.1.(20+I) for I >= 3    10.244.I.0/24
+//! ```
+//!
+//! Master, node1 and node2 keep the seed's addresses; further workers get
+//! 172.16.1.(20+I), which never collides with the seed's (.1 gateway, .8, .13,
+//! .14) for I in 3..=200. Subnets are pinned by reservations (leases without
+//! expiry whose PublicIP is the node's underlay address) written into the
+//! lab's local store before any daemon starts.
+//!
+//! Everything lives below `/run/flannel-lab/NAME` (the "labdir"): the store,
+//! net-conf.json, one directory per node with `subnet.env`, `flanneld.log`,
+//! `flanneld.pid` and the CNI state, and `lab.json` (what `up` built, read by
+//! `status`, `exec` and `down`). The root namespace is never touched.
+
+mod check;
+mod ping;
+mod pods;
+mod procs;
+mod status;
+mod topology;
+
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
+use flannel_core::mac::MacAddr;
+use flannel_netlink::netns::{NetNs, NetNsError};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use check::{Matrix, Outcome, Target, TargetKind};
+pub use ping::{EchoReply, Pinger};
+pub use procs::{lab_processes, resolve_bin_dir, BIN_DIR_ENV, CNI_BINARY, FLANNELD_BINARY};
+pub use status::{DaemonStatus, LabStatus};
+
+/// Where every lab keeps its files: `/run/flannel-lab/<name>`.
+pub const LAB_ROOT: &str = "/run/flannel-lab";
+/// Default lab name.
+pub const DEFAULT_NAME: &str = "lab";
+/// Default number of workers.
+pub const DEFAULT_NODES: u32 = 2;
+/// Default underlay MTU (flannel's MTU is 50 less).
+pub const DEFAULT_MTU: u32 = 1500;
+/// Most workers a lab may have (keeps underlay addresses and /24 subnets unique).
+pub const MAX_NODES: u32 = 200;
+/// The cluster network of the seed.
+pub const CLUSTER_NETWORK: &str = "10.244.0.0/16";
+/// The vxlan VNI of the seed (device `flannel.1`).
+pub const VNI: u32 = 1;
+/// The underlay's gateway, held by the switch namespace.
+pub const UNDERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
+/// Prefix length of the underlay (172.16.1.0/24).
+pub const UNDERLAY_PREFIX: u8 = 24;
+/// The node's underlay interface, named as in the seed.
+pub const NODE_IFACE: &str = "ens3";
+/// The CNI network name of upstream's manifest.
+pub const CNI_NETWORK_NAME: &str = "cbr0";
+
+/// Errors of the lab, each saying what was being done and, where there is
+/// one, how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("flannelctl lab needs root: it creates network namespaces (run it with sudo)")]
+    NeedsRoot,
+    #[error("invalid lab name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid option {option}: {reason}")]
+    InvalidOption {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("lab {name:?} already exists ({what}); remove it first with `flannelctl lab down --name {name}`")]
+    Exists { name: String, what: String },
+    #[error("lab {name:?} does not exist ({path} is missing); create it with `flannelctl lab up --name {name}`")]
+    NotFound { name: String, path: String },
+    #[error("{binary} not found at {path}: build them with `cargo build --workspace --bins`, or point --bin-dir / {env} at the directory holding flanneld and flannel", env = BIN_DIR_ENV)]
+    BinaryMissing { binary: &'static str, path: String },
+    #[error("{context}: {source}")]
+    NetNs {
+        context: String,
+        #[source]
+        source: NetNsError,
+    },
+    #[error("{context}: {source}")]
+    Kernel {
+        context: String,
+        #[source]
+        source: flannel_netlink::Error,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lab store {path}: {source}")]
+    Store {
+        path: String,
+        #[source]
+        source: flannel_store::StoreError,
+    },
+    #[error("timed out after {secs:.1}s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+    #[error("flanneld on {node} is not running (pid {pid}); last lines of {log}:\n{tail}")]
+    DaemonDied {
+        node: String,
+        pid: u32,
+        log: String,
+        tail: String,
+    },
+    #[error("flanneld on {node} took subnet {got} instead of its reservation {want}; see {log}")]
+    WrongSubnet {
+        node: String,
+        got: String,
+        want: String,
+        log: String,
+    },
+    #[error("CNI {command} of pod {pod} on {node} failed: {detail}")]
+    Cni {
+        command: &'static str,
+        pod: String,
+        node: String,
+        detail: String,
+    },
+    #[error("unknown lab target {target:?}: expected one of {known}")]
+    UnknownTarget { target: String, known: String },
+    #[error("{path}: {detail}")]
+    BadState { path: String, detail: String },
+    #[error("connectivity check failed: {failed} of {total} pairs did not answer as expected")]
+    Connectivity { failed: usize, total: usize },
+    #[error("lab down {name:?} finished with errors:\n  {}", errors.join("\n  "))]
+    Teardown { name: String, errors: Vec<String> },
+}
+
+pub type Result<T, E = LabError> = std::result::Result<T, E>;
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let context = context.into();
+    move |source| LabError::Io { context, source }
+}
+
+pub(crate) fn ns_err(context: impl Into<String>) -> impl FnOnce(NetNsError) -> LabError {
+    let context = context.into();
+    move |source| LabError::NetNs { context, source }
+}
+
+pub(crate) fn nl_err(
+    context: impl Into<String>,
+) -> impl FnOnce(flannel_netlink::Error) -> LabError {
+    let context = context.into();
+    move |source| LabError::Kernel { context, source }
+}
+
+/// What `flannelctl lab up` builds.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Lab name: `[A-Za-z0-9_]`, 1..=24 characters; prefixes every namespace.
+    pub name: String,
+    /// Number of workers (`k8s-node1`..`k8s-nodeN`), besides the master.
+    pub nodes: u32,
+    /// Underlay MTU; pods get MTU - 50 (vxlan over IPv4).
+    pub mtu: u32,
+    /// Directory holding `flanneld` and `flannel`; see [`resolve_bin_dir`].
+    pub bin_dir: Option<PathBuf>,
+    /// Leave a half-built lab in place when `up` fails, for inspection.
+    pub keep_on_failure: bool,
+    /// How long to wait for the daemons to come up.
+    pub ready_timeout: Duration,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions {
+            name: DEFAULT_NAME.to_string(),
+            nodes: DEFAULT_NODES,
+            mtu: DEFAULT_MTU,
+            bin_dir: None,
+            keep_on_failure: false,
+            ready_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A node of the lab, as recorded in `lab.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// `master` or `k8s-node<i>`.
+    pub name: String,
+    /// 0 for the master, i for `k8s-node<i>`.
+    pub index: u32,
+    /// Network namespace (`<lab>-<node>`).
+    pub netns: String,
+    /// Address of `ens3`.
+    pub underlay_ip: Ipv4Addr,
+    /// The reserved pod subnet (10.244.<index>.0/24).
+    pub subnet: Ipv4Net,
+}
+
+/// A pod of the lab, as recorded in `lab.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodState {
+    /// `ubuntu-<i>`.
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Network namespace (`<lab>-ubuntu-<i>`).
+    pub netns: String,
+    /// CNI_CONTAINERID used for ADD and DEL.
+    pub container_id: String,
+    /// `eth0`'s address as the CNI result reported it (None until ADD succeeded).
+    pub ip: Option<Ipv4Net>,
+    /// The gateway from the CNI result (the node's cni0 address).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+/// Everything `up` built, saved as `<labdir>/lab.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub mtu: u32,
+    pub bin_dir: PathBuf,
+    pub underlay_netns: String,
+    pub nodes: Vec<NodeState>,
+    pub pods: Vec<PodState>,
+}
+
+/// Checks a lab name: it prefixes namespace names, so it is kept to
+/// `[A-Za-z0-9_]` (no `-`, which separates the name from the node part and
+/// keeps `down` from matching another lab's namespaces).
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |reason: &str| LabError::InvalidName {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    if name.is_empty() || name.len() > 24 {
+        return Err(bad("it must have 1 to 24 characters"));
+    }
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(bad(
+            "use only letters, digits and '_' (it prefixes namespace names like NAME-master)",
+        ));
+    }
+    Ok(())
+}
+
+/// `/run/flannel-lab/<name>`.
+pub fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+/// Node name for an index: 0 is `master`, i is `k8s-node<i>`.
+pub fn node_name(index: u32) -> String {
+    if index == 0 {
+        "master".to_string()
+    } else {
+        format!("k8s-node{index}")
+    }
+}
+
+/// Underlay address of a node: the seed's for master (.8), node1 (.14) and
+/// node2 (.13); 172.16.1.(20+i) for k8s-node<i>, i >= 3.
+pub fn underlay_ip(index: u32) -> Ipv4Addr {
+    let last = match index {
+        0 => 8,
+        1 => 14,
+        2 => 13,
+        i => 20 + i,
+    };
+    assert!(last < 255, "node index {index} out of range");
+    Ipv4Addr::new(172, 16, 1, last as u8)
+}
+
+/// Pod subnet reserved for a node: 10.244.<index>.0/24.
+pub fn node_subnet(index: u32) -> Ipv4Net {
+    assert!(index < 256, "node index {index} out of range");
+    Ipv4Net::new(Ipv4Addr::new(10, 244, index as u8, 0), 24).expect("/24 is valid")
+}
+
+/// The cluster network as a value.
+pub fn cluster_network() -> Ipv4Net {
+    CLUSTER_NETWORK.parse().expect("constant is a valid CIDR")
+}
+
+/// The net-conf.json every daemon of the lab reads.
+pub fn net_conf_json() -> String {
+    serde_json::json!({
+        "Network": CLUSTER_NETWORK,
+        "Backend": { "Type": "vxlan", "VNI": VNI },
+    })
+    .to_string()
+}
+
+impl LabState {
+    /// The plan for a lab: nodes, addresses, subnets and pods (nothing built yet).
+    pub fn plan(name: &str, workers: u32, mtu: u32, bin_dir: PathBuf) -> LabState {
+        let nodes: Vec<NodeState> = (0..=workers)
+            .map(|i| NodeState {
+                name: node_name(i),
+                index: i,
+                netns: format!("{name}-{}", node_name(i)),
+                underlay_ip: underlay_ip(i),
+                subnet: node_subnet(i),
+            })
+            .collect();
+        let pods = (1..=workers)
+            .map(|i| PodState {
+                name: format!("ubuntu-{i}"),
+                node: node_name(i),
+                netns: format!("{name}-ubuntu-{i}"),
+                container_id: format!("flannel-lab-{name}-ubuntu-{i}"),
+                ip: None,
+                gateway: None,
+            })
+            .collect();
+        LabState {
+            name: name.to_string(),
+            mtu,
+            bin_dir,
+            underlay_netns: format!("{name}-underlay"),
+            nodes,
+            pods,
+        }
+    }
+
+    fn path(name: &str) -> PathBuf {
+        lab_dir(name).join("lab.json")
+    }
+
+    /// Reads `<labdir>/lab.json`.
+    pub fn load(name: &str) -> Result<LabState> {
+        let path = Self::path(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(LabError::NotFound {
+                    name: name.to_string(),
+                    path: path.display().to_string(),
+                })
+            }
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        serde_json::from_str(&text).map_err(|e| LabError::BadState {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Writes `<labdir>/lab.json` atomically (temp file + rename).
+    pub fn save(&self) -> Result<()> {
+        let path = Self::path(&self.name);
+        let text = serde_json::to_string_pretty(self).expect("state serialises");
+        write_atomic(&path, text.as_bytes())
+    }
+
+    /// The node called `name`.
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The pod called `name`.
+    pub fn pod(&self, name: &str) -> Option<&PodState> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+
+    /// Namespace of a target: a node name, a pod name, or `underlay`.
+    pub fn netns_of(&self, target: &str) -> Result<String> {
+        if target == "underlay" {
+            return Ok(self.underlay_netns.clone());
+        }
+        if let Some(n) = self.node(target) {
+            return Ok(n.netns.clone());
+        }
+        if let Some(p) = self.pod(target) {
+            return Ok(p.netns.clone());
+        }
+        let mut known: Vec<&str> = vec!["underlay"];
+        known.extend(self.nodes.iter().map(|n| n.name.as_str()));
+        known.extend(self.pods.iter().map(|p| p.name.as_str()));
+        Err(LabError::UnknownTarget {
+            target: target.to_string(),
+            known: known.join(", "),
+        })
+    }
+}
+
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data).map_err(io_err(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming to {}", path.display())))
+}
+
+pub(crate) fn require_root() -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(LabError::NeedsRoot)
+    }
+}
+
+/// Names of the namespaces in /run/netns that belong to lab `name`
+/// (`NAME-underlay`, `NAME-master`, `NAME-k8s-node<i>`, `NAME-ubuntu-<i>`),
+/// whether or not `lab.json` knows them (a half-failed `up` may not have
+/// recorded everything).
+pub fn lab_namespaces(name: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return Vec::new();
+    };
+    let prefix = format!("{name}-");
+    let mut out: Vec<String> = dir
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| {
+            let Some(rest) = n.strip_prefix(&prefix) else {
+                return false;
+            };
+            let numbered = |p: &str| {
+                rest.strip_prefix(p)
+                    .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+            };
+            rest == "underlay" || rest == "master" || numbered("k8s-node") || numbered("ubuntu-")
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A running (or half-running) lab.
+#[derive(Debug, Clone)]
+pub struct Lab {
+    pub state: LabState,
+}
+
+impl Lab {
+    /// `flannelctl lab up`: builds the topology, starts the daemons, waits
+    /// for them, attaches the pods. On failure everything built so far is
+    /// removed again unless `keep_on_failure`.
+    pub fn up(opts: &LabOptions) -> Result<Lab> {
+        require_root()?;
+        validate_name(&opts.name)?;
+        if opts.nodes == 0 || opts.nodes > MAX_NODES {
+            return Err(LabError::InvalidOption {
+                option: "--nodes",
+                reason: format!("{} is out of range: use 1 to {MAX_NODES}", opts.nodes),
+            });
+        }
+        if !(1280..=9000).contains(&opts.mtu) {
+            return Err(LabError::InvalidOption {
+                option: "--mtu",
+                reason: format!(
+                    "{} is out of range: use 1280 to 9000 (pods get MTU - 50)",
+                    opts.mtu
+                ),
+            });
+        }
+        let bin_dir = resolve_bin_dir(opts.bin_dir.as_deref())?;
+        let dir = lab_dir(&opts.name);
+        let leftovers = lab_namespaces(&opts.name);
+        if !leftovers.is_empty() {
+            return Err(LabError::Exists {
+                name: opts.name.clone(),
+                what: format!("namespaces {}", leftovers.join(", ")),
+            });
+        }
+        std::fs::create_dir_all(LAB_ROOT).map_err(io_err(format!("creating {LAB_ROOT}")))?;
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(LabError::Exists {
+                    name: opts.name.clone(),
+                    what: format!("{} is present", dir.display()),
+                })
+            }
+            Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
+        }
+        let state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
+        let mut lab = Lab { state };
+        match lab.build(opts.ready_timeout) {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                if !opts.keep_on_failure {
+                    if let Err(down_err) = down(&opts.name) {
+                        eprintln!("cleaning up after the failed `lab up`: {down_err}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Opens an existing lab from its `lab.json`.
+    pub fn open(name: &str) -> Result<Lab> {
+        validate_name(name)?;
+        Ok(Lab {
+            state: LabState::load(name)?,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// `/run/flannel-lab/<name>`.
+    pub fn dir(&self) -> PathBuf {
+        lab_dir(&self.state.name)
+    }
+
+    /// The lab's local store directory (`--local-store` of every daemon).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir().join("store")
+    }
+
+    /// `--net-config-path` of every daemon.
+    pub fn net_conf_path(&self) -> PathBuf {
+        self.dir().join("net-conf.json")
+    }
+
+    /// A node's directory (subnet.env, flanneld.log, flanneld.pid, CNI state).
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir().join(node)
+    }
+
+    /// `--subnet-file` of a node's daemon.
+    pub fn subnet_file(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("subnet.env")
+    }
+
+    /// The node called `name`, or an error listing the nodes.
+    pub fn node(&self, name: &str) -> Result<&NodeState> {
+        self.state
+            .node(name)
+            .ok_or_else(|| LabError::UnknownTarget {
+                target: name.to_string(),
+                known: self
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// The pod called `name`, or an error listing the pods.
+    pub fn pod(&self, name: &str) -> Result<&PodState> {
+        self.state.pod(name).ok_or_else(|| LabError::UnknownTarget {
+            target: name.to_string(),
+            known: self
+                .state
+                .pods
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// Opens the namespace of a node, a pod, or `underlay`.
+    pub fn netns(&self, target: &str) -> Result<NetNs> {
+        let ns = self.state.netns_of(target)?;
+        NetNs::open(&ns).map_err(ns_err(format!("opening namespace of {target}")))
+    }
+
+    fn build(&mut self, ready_timeout: Duration) -> Result<()> {
+        self.state.save()?;
+        let underlay =
+            NetNs::add(&self.state.underlay_netns).map_err(ns_err("creating the underlay"))?;
+        topology::build_underlay(&underlay, self.state.mtu)?;
+        for node in &self.state.nodes {
+            let ns = NetNs::add(&node.netns)
+                .map_err(ns_err(format!("creating the namespace of {}", node.name)))?;
+            topology::wire_node(&underlay, &ns, node, self.state.mtu)?;
+            std::fs::create_dir_all(self.node_dir(&node.name))
+                .map_err(io_err(format!("creating the directory of {}", node.name)))?;
+        }
+
+        write_atomic(&self.net_conf_path(), net_conf_json().as_bytes())?;
+        std::fs::create_dir_all(self.store_dir()).map_err(io_err("creating the lab store"))?;
+        self.write_reservations()?;
+
+        for node in &self.state.nodes {
+            self.start_daemon(&node.name)?;
+        }
+        let deadline = Instant::now() + ready_timeout;
+        for node in &self.state.nodes {
+            self.wait_subnet_env(&node.name, deadline)?;
+        }
+        self.wait_leases_published(deadline)?;
+
+        for i in 0..self.state.pods.len() {
+            let (ip, gw) = self.attach_pod(i)?;
+            self.state.pods[i].ip = Some(ip);
+            self.state.pods[i].gateway = gw;
+            self.state.save()?;
+        }
+        Ok(())
+    }
+
+    fn write_reservations(&self) -> Result<()> {
+        let leases: Vec<Lease> = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| Lease {
+                key: LeaseKey {
+                    ipv4: Some(n.subnet),
+                    ipv6: None,
+                },
+                attrs: LeaseAttrs {
+                    public_ip: Some(n.underlay_ip),
+                    public_ipv6: None,
+                    backend_type: "vxlan".to_string(),
+                    backend_data: None,
+                    backend_v6_data: None,
+                },
+                expiration: None,
+            })
+            .collect();
+        let store_dir = self.store_dir();
+        store_block_on(&store_dir, |store| async move {
+            use flannel_store::Store;
+            for lease in &leases {
+                store.create_lease(lease, None).await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Every lease in the lab's store.
+    pub fn leases(&self) -> Result<Vec<Lease>> {
+        store_block_on(&self.store_dir(), |store| async move {
+            use flannel_store::Store;
+            Ok(store.list_leases().await?.leases)
+        })
+    }
+
+    /// Deletes a lease from the lab's store (`LocalStore::delete_lease`).
+    pub fn delete_lease(&self, subnet: Ipv4Net) -> Result<()> {
+        let key = LeaseKey {
+            ipv4: Some(subnet),
+            ipv6: None,
+        };
+        store_block_on(&self.store_dir(), |store| async move {
+            use flannel_store::Store;
+            store.delete_lease(&key).await
+        })
+    }
+
+    /// The VtepMAC a node published in its lease, if any.
+    pub fn published_vtep_mac(&self, node: &str) -> Result<Option<MacAddr>> {
+        let n = self.node(node)?;
+        Ok(self
+            .leases()?
+            .into_iter()
+            .find(|l| l.key.ipv4 == Some(n.subnet))
+            .and_then(|l| vxlan_data(&l.attrs))
+            .map(|d| d.vtep_mac))
+    }
+
+    /// Starts the node's `flanneld` exactly as `up` does (detached, logs to
+    /// `flanneld.log`, pid in `flanneld.pid`). Returns its pid. Fails if the
+    /// node's daemon is already running.
+    pub fn start_daemon(&self, node: &str) -> Result<u32> {
+        let n = self.node(node)?;
+        if let Some(pid) = self.daemon_pid(node) {
+            if procs::is_lab_flanneld(pid, &self.dir()) {
+                return Err(LabError::InvalidOption {
+                    option: "start_daemon",
+                    reason: format!("flanneld of {node} is already running (pid {pid})"),
+                });
+            }
+        }
+        let ns = NetNs::open(&n.netns).map_err(ns_err(format!("opening {}", n.netns)))?;
+        procs::spawn_flanneld(
+            &ns,
+            &self.state.bin_dir,
+            &self.node_dir(node),
+            &self.store_dir(),
+            &self.net_conf_path(),
+            &self.subnet_file(node),
+        )
+    }
+
+    /// Stops the node's `flanneld` with SIGTERM (SIGKILL after `timeout`),
+    /// after checking that the pid really is this lab's flanneld. Returns
+    /// whether a daemon was running.
+    pub fn stop_daemon(&self, node: &str, timeout: Duration) -> Result<bool> {
+        self.node(node)?;
+        match self.daemon_pid(node) {
+            Some(pid) => procs::stop_flanneld(pid, &self.dir(), timeout),
+            None => Ok(false),
+        }
+    }
+
+    /// The pid recorded in the node's `flanneld.pid`.
+    pub fn daemon_pid(&self, node: &str) -> Option<u32> {
+        procs::read_pid(&self.node_dir(node).join(procs::PID_FILE))
+    }
+
+    /// Whether the node's daemon runs (pid alive and really our flanneld).
+    pub fn daemon_alive(&self, node: &str) -> bool {
+        self.daemon_pid(node)
+            .is_some_and(|pid| procs::is_lab_flanneld(pid, &self.dir()))
+    }
+
+    /// Waits until the node's subnet.env names its reserved subnet.
+    pub fn wait_subnet_env(&self, node: &str, deadline: Instant) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let path = self.subnet_file(node);
+        let want = n.subnet;
+        poll_until(deadline, &format!("{} of {node}", path.display()), || {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                if let Ok(env) = flannel_core::subnet_env::SubnetEnv::parse(&text) {
+                    let got = env.subnet.map(|s| s.trunc());
+                    if got == Some(want) {
+                        return Ok(true);
+                    }
+                    return Err(LabError::WrongSubnet {
+                        node: node.to_string(),
+                        got: got.map(|g| g.to_string()).unwrap_or_else(|| "none".into()),
+                        want: want.to_string(),
+                        log: self.log_path(node).display().to_string(),
+                    });
+                }
+            }
+            self.ensure_daemon_alive(node)?;
+            Ok(false)
+        })
+    }
+
+    /// Waits until every node's lease carries its VtepMAC.
+    pub fn wait_leases_published(&self, deadline: Instant) -> Result<()> {
+        poll_until(deadline, "every node's lease to carry its VtepMAC", || {
+            let leases = self.leases()?;
+            let missing: Vec<&NodeState> = self
+                .state
+                .nodes
+                .iter()
+                .filter(|n| {
+                    !leases.iter().any(|l| {
+                        l.key.ipv4 == Some(n.subnet)
+                            && l.attrs.public_ip == Some(n.underlay_ip)
+                            && vxlan_data(&l.attrs).is_some()
+                    })
+                })
+                .collect();
+            for n in &missing {
+                self.ensure_daemon_alive(&n.name)?;
+            }
+            Ok(missing.is_empty())
+        })
+    }
+
+    fn log_path(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join(procs::LOG_FILE)
+    }
+
+    fn ensure_daemon_alive(&self, node: &str) -> Result<()> {
+        if self.daemon_alive(node) {
+            return Ok(());
+        }
+        let log = self.log_path(node);
+        Err(LabError::DaemonDied {
+            node: node.to_string(),
+            pid: self.daemon_pid(node).unwrap_or(0),
+            log: log.display().to_string(),
+            tail: procs::tail(&log, 15),
+        })
+    }
+
+    fn attach_pod(&self, i: usize) -> Result<(Ipv4Net, Option<Ipv4Addr>)> {
+        let pod = &self.state.pods[i];
+        let node = self.node(&pod.node)?;
+        NetNs::add(&pod.netns)
+            .map_err(ns_err(format!("creating the namespace of {}", pod.name)))?;
+        let node_ns =
+            NetNs::open(&node.netns).map_err(ns_err(format!("opening {}", node.netns)))?;
+        let config = pods::cni_config(&self.node_dir(&node.name), &self.subnet_file(&node.name));
+        let out = pods::invoke(
+            "ADD",
+            &node_ns,
+            &self.state.bin_dir,
+            pod,
+            &node.name,
+            &config,
+        )?;
+        pods::parse_add_result(&out).map_err(|detail| LabError::Cni {
+            command: "ADD",
+            pod: pod.name.clone(),
+            node: node.name.clone(),
+            detail,
+        })
+    }
+
+    /// Pings every target from every pod and returns the matrix.
+    pub fn check(&self) -> Result<Matrix> {
+        check::run(self, Duration::from_secs(5))
+    }
+
+    /// Status of the lab for `flannelctl lab status`.
+    pub fn status(&self) -> LabStatus {
+        status::collect(self)
+    }
+}
+
+pub(crate) fn vxlan_data(attrs: &LeaseAttrs) -> Option<VxlanBackendData> {
+    attrs
+        .backend_data
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+/// Polls `f` every 100 ms until it returns `Ok(true)`, an error, or the deadline passes.
+pub(crate) fn poll_until(
+    deadline: Instant,
+    what: &str,
+    mut f: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if f()? {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(LabError::Timeout {
+                what: what.to_string(),
+                secs: start.elapsed().as_secs_f64(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs an async store operation on a private current-thread runtime (the
+/// lab itself is synchronous; only the store API is async).
+pub(crate) fn store_block_on<T, F, Fut>(dir: &Path, f: F) -> Result<T>
+where
+    F: FnOnce(flannel_store::LocalStore) -> Fut,
+    Fut: std::future::Future<Output = flannel_store::Result<T>>,
+{
+    let map = |source| LabError::Store {
+        path: dir.display().to_string(),
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting a runtime for the store"))?;
+    rt.block_on(async {
+        let store = flannel_store::LocalStore::open(dir).map_err(map)?;
+        f(store).await.map_err(map)
+    })
+}
+
+/// `flannelctl lab down`: stops the daemons (checking each pid is this lab's
+/// flanneld), runs CNI DEL for the pods, deletes every namespace of the lab
+/// and its directory. Safe to run twice and after a half-failed `up`; keeps
+/// going after errors and reports them all at the end.
+pub fn down(name: &str) -> Result<()> {
+    require_root()?;
+    validate_name(name)?;
+    let dir = lab_dir(name);
+    let mut errors = Vec::new();
+    let state = match LabState::load(name) {
+        Ok(s) => Some(s),
+        Err(LabError::NotFound { .. }) => None,
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+
+    // 1. Daemons: by their pid files, then any flanneld still running with
+    //    this labdir on its command line (e.g. started before its pid file
+    //    was written).
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.filter_map(|e| e.ok()) {
+            if let Some(pid) = procs::read_pid(&e.path().join(procs::PID_FILE)) {
+                if let Err(err) = procs::stop_flanneld(pid, &dir, Duration::from_secs(5)) {
+                    errors.push(err.to_string());
+                }
+            }
+        }
+    }
+    for pid in lab_processes(name) {
+        if procs::is_lab_flanneld(pid, &dir) {
+            if let Err(err) = procs::stop_flanneld(pid, &dir, Duration::from_secs(5)) {
+                errors.push(err.to_string());
+            }
+        }
+    }
+
+    // 2. CNI DEL for every pod whose node still exists.
+    if let Some(state) = &state {
+        let lab = Lab {
+            state: state.clone(),
+        };
+        for pod in &state.pods {
+            let Some(node) = state.node(&pod.node) else {
+                continue;
+            };
+            let Ok(node_ns) = NetNs::open(&node.netns) else {
+                continue;
+            };
+            if !lab.node_dir(&node.name).exists() {
+                continue;
+            }
+            let config = pods::cni_config(&lab.node_dir(&node.name), &lab.subnet_file(&node.name));
+            if let Err(e) = pods::invoke("DEL", &node_ns, &state.bin_dir, pod, &node.name, &config)
+            {
+                errors.push(e.to_string());
+            }
+        }
+    }
+
+    // 3. Namespaces: pods first, then nodes, then the switch.
+    let mut namespaces = lab_namespaces(name);
+    namespaces.sort_by_key(|n| {
+        if n.contains("-ubuntu-") {
+            0
+        } else if n.ends_with("-underlay") {
+            2
+        } else {
+            1
+        }
+    });
+    for ns in namespaces {
+        if let Err(e) = NetNs::delete(&ns) {
+            errors.push(format!("deleting namespace {ns}: {e}"));
+        }
+    }
+
+    // 4. The lab directory.
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+    }
+
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LabError::Teardown {
+            name: name.to_string(),
+            errors,
+        })
+    }
+}
+
+/// `flannelctl lab exec TARGET -- CMD...`: runs CMD inside the namespace of
+/// a node, a pod or `underlay` (like `ip netns exec NAME-TARGET CMD`) with
+/// the terminal's stdio; returns its exit code (128 + signal when killed).
+pub fn exec(name: &str, target: &str, argv: &[OsString]) -> Result<i32> {
+    require_root()?;
+    let lab = Lab::open(name)?;
+    let Some((program, args)) = argv.split_first() else {
+        return Err(LabError::InvalidOption {
+            option: "CMD",
+            reason: "give the command to run after `--`, e.g. `-- ip route`".to_string(),
+        });
+    };
+    let ns = lab.netns(target)?;
+    let status = ns
+        .run(|| std::process::Command::new(program).args(args).status())
+        .map_err(ns_err(format!("entering {target}")))?
+        .map_err(io_err(format!("running {}", program.to_string_lossy())))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The address that represents a node in the overlay: its `cni0` gateway
+/// (first address of its subnet) when it has pods, else its `flannel.1`
+/// address (the subnet's network address), as the master in the lab has no
+/// pod and hence no cni0.
+pub fn overlay_address(state: &LabState, node: &NodeState) -> Ipv4Addr {
+    if state.pods.iter().any(|p| p.node == node.name) {
+        first_host(node.subnet)
+    } else {
+        node.subnet.network()
+    }
+}
+
+fn first_host(net: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_addresses_and_subnets() {
+        assert_eq!(underlay_ip(0), Ipv4Addr::new(172, 16, 1, 8));
+        assert_eq!(underlay_ip(1), Ipv4Addr::new(172, 16, 1, 14));
+        assert_eq!(underlay_ip(2), Ipv4Addr::new(172, 16, 1, 13));
+        assert_eq!(underlay_ip(3), Ipv4Addr::new(172, 16, 1, 23));
+        assert_eq!(underlay_ip(MAX_NODES), Ipv4Addr::new(172, 16, 1, 220));
+        assert_eq!(node_subnet(0).to_string(), "10.244.0.0/24");
+        assert_eq!(node_subnet(2).to_string(), "10.244.2.0/24");
+    }
+
+    #[test]
+    fn underlay_addresses_are_unique() {
+        let mut all: Vec<Ipv4Addr> = (0..=MAX_NODES).map(underlay_ip).collect();
+        all.push(UNDERLAY_GATEWAY);
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+    }
+
+    #[test]
+    fn plan_names_everything_after_the_lab() {
+        let s = LabState::plan("t1", 2, 1500, PathBuf::from("/bin"));
+        let names: Vec<_> = s.nodes.iter().map(|n| n.netns.as_str()).collect();
+        assert_eq!(names, ["t1-master", "t1-k8s-node1", "t1-k8s-node2"]);
+        assert_eq!(s.underlay_netns, "t1-underlay");
+        assert_eq!(s.pods[1].netns, "t1-ubuntu-2");
+        assert_eq!(s.pods[1].node, "k8s-node2");
+        assert_eq!(s.netns_of("ubuntu-1").unwrap(), "t1-ubuntu-1");
+        assert_eq!(s.netns_of("master").unwrap(), "t1-master");
+        let err = s.netns_of("node9").unwrap_err().to_string();
+        assert!(
+            err.contains("k8s-node2") && err.contains("ubuntu-1"),
+            "{err}"
+        );
+        assert_eq!(
+            overlay_address(&s, &s.nodes[0]),
+            Ipv4Addr::new(10, 244, 0, 0)
+        );
+        assert_eq!(
+            overlay_address(&s, &s.nodes[1]),
+            Ipv4Addr::new(10, 244, 1, 1)
+        );
+    }
+
+    #[test]
+    fn names_are_validated() {
+        assert!(validate_name("lab").is_ok());
+        assert!(validate_name("t123n4").is_ok());
+        for bad in ["", "a-b", "a b", "x/y", &"n".repeat(25)] {
+            let err = validate_name(bad).unwrap_err().to_string();
+            assert!(err.contains("invalid lab name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn net_conf_is_the_seeds() {
+        let v: serde_json::Value = serde_json::from_str(&net_conf_json()).unwrap();
+        assert_eq!(v["Network"], "10.244.0.0/16");
+        assert_eq!(v["Backend"]["Type"], "vxlan");
+        assert_eq!(v["Backend"]["VNI"], 1);
+    }
+}

@@ -1,0 +1,278 @@
+//! The lab's processes: finding the binaries, starting `flanneld` detached
+//! inside a node namespace, and stopping it again by pid — only after
+//! checking that the pid still is this lab's flanneld.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flannel_netlink::netns::NetNs;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use super::{io_err, ns_err, write_atomic, LabError, Result};
+
+/// The daemon binary.
+pub const FLANNELD_BINARY: &str = "flanneld";
+/// The CNI plugin binary.
+pub const CNI_BINARY: &str = "flannel";
+/// Overrides where the binaries are looked up (like `--bin-dir`).
+pub const BIN_DIR_ENV: &str = "FLANNEL_LAB_BIN_DIR";
+/// Per node: the daemon's pid.
+pub(crate) const PID_FILE: &str = "flanneld.pid";
+/// Per node: the daemon's stdout and stderr.
+pub(crate) const LOG_FILE: &str = "flanneld.log";
+
+/// Where `flanneld` and `flannel` are: `explicit` (`--bin-dir`), else
+/// `$FLANNEL_LAB_BIN_DIR`, else the directory of the running executable
+/// (cargo puts all workspace binaries side by side). Both must exist.
+pub fn resolve_bin_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    let dir = match explicit {
+        Some(d) => d.to_path_buf(),
+        None => match std::env::var_os(BIN_DIR_ENV) {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => {
+                let exe = std::env::current_exe().map_err(io_err("finding flannelctl's path"))?;
+                exe.parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            }
+        },
+    };
+    let dir = dir.canonicalize().unwrap_or(dir);
+    for binary in [FLANNELD_BINARY, CNI_BINARY] {
+        let path = dir.join(binary);
+        if !path.is_file() {
+            return Err(LabError::BinaryMissing {
+                binary,
+                path: path.display().to_string(),
+            });
+        }
+    }
+    Ok(dir)
+}
+
+/// Children this process started and has not reaped yet. A daemon started
+/// by a test (or by `up` in the same process) must be waited for after it is
+/// killed, or it lingers as a zombie that still looks like a process.
+static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+fn reap_children() {
+    let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
+    children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+}
+
+/// Starts `flanneld --local-store STORE --net-config-path CONF --subnet-file
+/// ENV` inside `ns`: spawned from a thread that entered the namespace (the
+/// child inherits it), in a session of its own (`setsid`) so it survives
+/// the terminal, stdout/stderr appended to `node_dir/flanneld.log`, pid
+/// written to `node_dir/flanneld.pid`.
+pub(crate) fn spawn_flanneld(
+    ns: &NetNs,
+    bin_dir: &Path,
+    node_dir: &Path,
+    store: &Path,
+    net_conf: &Path,
+    subnet_file: &Path,
+) -> Result<u32> {
+    let log_path = node_dir.join(LOG_FILE);
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(format!("opening {}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(io_err(format!("duplicating {}", log_path.display())))?;
+    let mut cmd = Command::new(bin_dir.join(FLANNELD_BINARY));
+    cmd.arg("--local-store")
+        .arg(store)
+        .arg("--net-config-path")
+        .arg(net_conf)
+        .arg("--subnet-file")
+        .arg(subnet_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let child = ns
+        .run(move || cmd.spawn())
+        .map_err(ns_err(format!("entering {} to start flanneld", ns.name)))?
+        .map_err(io_err(format!(
+            "starting {}",
+            bin_dir.join(FLANNELD_BINARY).display()
+        )))?;
+    let pid = child.id();
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(child);
+    write_atomic(&node_dir.join(PID_FILE), format!("{pid}\n").as_bytes())?;
+    Ok(pid)
+}
+
+/// The pid in a pid file.
+pub(crate) fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The command line of a process.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// Process state letter from /proc/PID/stat (`R`, `S`, `Z`, ...).
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: the state follows the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.trim_start().chars().next()
+}
+
+/// Alive and not a zombie.
+pub(crate) fn is_alive(pid: u32) -> bool {
+    reap_children();
+    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// Whether `pid` is a live `flanneld` whose command line points into `lab_dir`.
+pub(crate) fn is_lab_flanneld(pid: u32, lab_dir: &Path) -> bool {
+    if !is_alive(pid) {
+        return false;
+    }
+    let Some(args) = cmdline(pid) else {
+        return false;
+    };
+    let is_flanneld = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n == FLANNELD_BINARY);
+    let prefix = lab_dir.to_string_lossy();
+    is_flanneld
+        && args
+            .iter()
+            .any(|a| Path::new(a).starts_with(prefix.as_ref()))
+}
+
+/// Every live process whose command line names a path inside this lab's
+/// directory (the daemons; a leftover one is a leak).
+pub fn lab_processes(name: &str) -> Vec<u32> {
+    reap_children();
+    let dir = super::lab_dir(name);
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()))
+        .filter(|&pid| {
+            is_alive(pid)
+                && cmdline(pid)
+                    .is_some_and(|args| args.iter().any(|a| Path::new(a).starts_with(&dir)))
+        })
+        .collect()
+}
+
+/// SIGTERM, wait up to `timeout`, then SIGKILL. Only signals `pid` if it is
+/// this lab's flanneld; returns whether it was.
+pub(crate) fn stop_flanneld(pid: u32, lab_dir: &Path, timeout: Duration) -> Result<bool> {
+    if !is_lab_flanneld(pid, lab_dir) {
+        return Ok(false);
+    }
+    let target = Pid::from_raw(pid as i32);
+    let signal_err = |sig: &str, e: nix::Error| LabError::Io {
+        context: format!("kill -{sig} {pid} (flanneld)"),
+        source: std::io::Error::from(e),
+    };
+    match kill(target, Signal::SIGTERM) {
+        Ok(()) | Err(nix::Error::ESRCH) => {}
+        Err(e) => return Err(signal_err("TERM", e)),
+    }
+    if wait_gone(pid, timeout) {
+        return Ok(true);
+    }
+    match kill(target, Signal::SIGKILL) {
+        Ok(()) | Err(nix::Error::ESRCH) => {}
+        Err(e) => return Err(signal_err("KILL", e)),
+    }
+    if wait_gone(pid, Duration::from_secs(5)) {
+        Ok(true)
+    } else {
+        Err(LabError::Timeout {
+            what: format!("flanneld (pid {pid}) to exit after SIGKILL"),
+            secs: timeout.as_secs_f64() + 5.0,
+        })
+    }
+}
+
+fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `n` lines of a log file (for error messages).
+pub(crate) fn tail(path: &Path, n: usize) -> String {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(n);
+            lines[start..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_is_alive_and_not_flanneld() {
+        let me = std::process::id();
+        assert!(is_alive(me));
+        assert!(!is_lab_flanneld(me, Path::new("/run/flannel-lab/x")));
+        assert!(!is_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn missing_binaries_are_reported_with_the_fix() {
+        let err = resolve_bin_dir(Some(Path::new("/nonexistent-flannel-bin")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flanneld"), "{err}");
+        assert!(err.contains("cargo build --workspace --bins"), "{err}");
+    }
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let dir = std::env::temp_dir().join(format!("flannelctl-tail-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("log");
+        std::fs::write(&f, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(tail(&f, 2), "c\nd");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

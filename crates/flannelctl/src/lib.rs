@@ -1,0 +1,10 @@
+//! flannelctl as a library: the operator commands, callable from the binary
+//! and from the integration tests.
+//!
+//! - [`lab`]: a whole flannel cluster (underlay switch, master, workers, pods)
+//!   in network namespaces of this machine, driven by the real `flanneld` and
+//!   `flannel` CNI binaries.
+//! - [`leases`]: the leases held by a store, as `flannelctl leases` prints them.
+
+pub mod lab;
+pub mod leases;
