@@ -187,3 +187,32 @@ fn is_absent(e: &Error) -> bool {
         Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::ENODEV) | Some(libc::EADDRNOTAVAIL)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names() {
+        assert!(check_ifname("op", "name", "flannel.1").is_ok());
+        assert!(check_ifname("op", "name", "123456789012345").is_ok());
+        for bad in ["", "1234567890123456", "a/b", "a b", "a:b", ".", ".."] {
+            let e = check_ifname("ip link add", "bridge name", bad).unwrap_err();
+            assert!(e.to_string().contains("bridge name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn route_command_spelling() {
+        let r = flannel_core::datapath::Route {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            gateway: Some("10.244.2.0".parse().unwrap()),
+            oif: 5,
+            onlink: true,
+        };
+        assert_eq!(
+            routes::route_cmd("replace", &r),
+            "ip route replace 10.244.2.0/24 via 10.244.2.0 dev 5 onlink"
+        );
+    }
+}

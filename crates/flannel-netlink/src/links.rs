@@ -151,8 +151,9 @@ impl Netlink {
 
     /// `ip link add NAME type vxlan ...`; returns the new link.
     ///
-    /// Idempotent: a vxlan link of that name with the same attributes (and
-    /// MAC, when one is asked for) is kept, only its MTU is corrected. A link
+    /// Idempotent: a vxlan link of that name with the same vxlan attributes
+    /// is kept, only its MAC (when one is asked for) and MTU are corrected,
+    /// so the routes, neighbours and FDB entries on it survive. A link
     /// of that name with other attributes, or of another kind, is deleted and
     /// created anew: the kernel cannot change a vxlan device's VNI, local
     /// address, underlay or port in place (changelink refuses them), so
@@ -198,10 +199,16 @@ impl Netlink {
         }
 
         if let Some(existing) = self.link_by_name(&dev.name)? {
-            let same = existing.kind.as_deref() == Some("vxlan")
-                && existing.vxlan.as_ref() == Some(&want)
-                && dev.mac.is_none_or(|m| existing.mac == Some(m));
+            let same =
+                existing.kind.as_deref() == Some("vxlan") && existing.vxlan.as_ref() == Some(&want);
             if same {
+                // MAC and MTU can change in place; keeping the device keeps
+                // its routes, neighbours and FDB entries.
+                if let Some(m) = dev.mac {
+                    if existing.mac != Some(m) {
+                        self.set_link_address(existing.index, m)?;
+                    }
+                }
                 if dev.mtu != 0 && existing.mtu != dev.mtu {
                     self.set_link_mtu(existing.index, dev.mtu)?;
                 }

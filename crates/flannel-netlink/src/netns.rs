@@ -362,3 +362,38 @@ impl Drop for ScopedNetNs {
         let _ = NetNs::delete(&self.ns.name);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_keys() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").unwrap(),
+            Path::new("/proc/sys/net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            sysctl_path("net/ipv4/conf/eth0.10/rp_filter").unwrap(),
+            Path::new("/proc/sys/net/ipv4/conf/eth0.10/rp_filter")
+        );
+        for bad in [
+            "",
+            "/etc/passwd",
+            "net/../../etc",
+            "net//ipv4",
+            "..",
+            "net/",
+        ] {
+            assert!(sysctl_path(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("fnl-1-2").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\0b"] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

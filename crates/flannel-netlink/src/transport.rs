@@ -287,3 +287,53 @@ fn set_rcvbuf(sock: &Socket, size: usize) {
 
 /// True for the ACK/done requests flags of a dump.
 pub(crate) const DUMP: u16 = NLM_F_DUMP;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nlmsg(len: u32, ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        v.extend_from_slice(&len.to_ne_bytes());
+        v.extend_from_slice(&ty.to_ne_bytes());
+        v.extend_from_slice(&flags.to_ne_bytes());
+        v.extend_from_slice(&seq.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn split_walks_aligned_messages() {
+        let mut buf = nlmsg(18, 3, 0, 1, &[1, 2]);
+        buf.extend_from_slice(&[0, 0]); // padding to 4
+        buf.extend(nlmsg(20, 3, 0, 2, &[0; 4]));
+        let parts = split(&buf).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].len(), 18);
+        assert_eq!(parts[1].len(), 20);
+        // A length running past the datagram is an error, not a panic.
+        let bad = nlmsg(64, 3, 0, 1, &[0; 4]);
+        assert!(split(&bad).is_err());
+    }
+
+    #[test]
+    fn extack_text_is_found_after_the_echoed_header() {
+        // Capped: the echo is the 16-byte request header, then the TLVs.
+        let mut payload = nlmsg(16, 24, 5, 7, &[]);
+        let text = b"Nexthop has invalid gateway\0";
+        let nla_len = 4 + text.len();
+        payload.extend_from_slice(&(nla_len as u16).to_ne_bytes());
+        payload.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
+        payload.extend_from_slice(text);
+        while payload.len() & 3 != 0 {
+            payload.push(0);
+        }
+        let got = extack_message(NLM_F_CAPPED | NLM_F_ACK_TLVS, &payload);
+        assert_eq!(got.as_deref(), Some("Nexthop has invalid gateway"));
+        // Without the TLV flag nothing is read.
+        assert_eq!(extack_message(NLM_F_CAPPED, &payload), None);
+        // Garbage does not panic.
+        assert_eq!(extack_message(NLM_F_ACK_TLVS, &[0xff; 20]), None);
+    }
+}

@@ -3,6 +3,7 @@
 //! the root namespace.
 
 use std::net::IpAddr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
@@ -421,6 +422,14 @@ fn vxlan_device_attributes() {
         })?;
         assert_eq!(again.index, vx.index);
         assert_eq!(again.mtu, 1400);
+        // Only the MAC differs: changed in place, the device is kept.
+        let new_mac = mac("26:62:24:f0:61:02");
+        let kept = nl.add_vxlan(&VxlanDevice {
+            mac: Some(new_mac),
+            mtu: 1400,
+            ..dev.clone()
+        })?;
+        assert_eq!((kept.index, kept.mac), (vx.index, Some(new_mac)));
         // Different VNI/port/learning/gbp: recreated with the new attributes.
         let changed = VxlanDevice {
             vni: 4096,
@@ -448,6 +457,28 @@ fn vxlan_device_attributes() {
         nl.add_bridge("flannel.1", None)?;
         let vx = nl.add_vxlan(&dev)?;
         assert_eq!(vx.kind.as_deref(), Some("vxlan"));
+        // IPv6 underlay address: IFLA_VXLAN_LOCAL6 is written and read back.
+        let v6 = nl.add_vxlan(&VxlanDevice {
+            name: "flannel-v6.1".into(),
+            local: ip("fd00:172:16::14"),
+            mac: None,
+            mtu: 0,
+            ..dev.clone()
+        })?;
+        let info6 = v6.vxlan.unwrap();
+        assert_eq!(info6.local, Some(ip("fd00:172:16::14")));
+        assert_eq!(info6.link, Some(ul));
+        assert!(v6.mtu > 0, "kernel picks an MTU when none is given");
+        let f6 = FdbEntry {
+            ifindex: v6.index,
+            mac: mac("52:17:43:ba:2e:60"),
+            dst: ip("fd00:172:16::13"),
+        };
+        nl.replace_fdb(&f6)?;
+        assert_eq!(nl.list_fdb(v6.index)?, vec![f6.clone()]);
+        assert_eq!(nl.list_fdb(vx.index)?, vec![]);
+        nl.del_fdb(&f6)?;
+        assert_eq!(nl.list_fdb(v6.index)?, vec![]);
         // Out of range VNI is refused before anything is sent.
         let err = nl
             .add_vxlan(&VxlanDevice {
@@ -635,4 +666,97 @@ fn nothing_left_behind() {
     };
     assert!(!netns_names().contains(&name));
     assert!(!std::path::Path::new("/run/netns").join(&name).exists());
+}
+
+#[test]
+fn monitor_reports_overrun() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-ovr").unwrap();
+    let b = ScopedNetNs::unique("fnl-ovrb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let mut mon = Monitor::open()?;
+        // Shrink the buffer (the kernel's minimum) so a burst overflows it.
+        let small: libc::c_int = 1;
+        let rc = unsafe {
+            libc::setsockopt(
+                mon.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let routes: Vec<Route> = (0..200u32)
+            .map(|i| Route {
+                dst: IpNet::new(
+                    IpAddr::from([10, 200, (i / 256) as u8, (i % 256) as u8]),
+                    32,
+                )
+                .unwrap(),
+                gateway: Some(ip("172.16.1.13")),
+                oif: ul,
+                onlink: false,
+            })
+            .collect();
+        for r in &routes {
+            nl.replace_route(r)?;
+        }
+        let first = mon.recv_timeout(Duration::from_secs(5))?;
+        assert_eq!(
+            first,
+            vec![Notification::Overrun],
+            "expected an overrun first"
+        );
+        // After the overrun the socket keeps working.
+        for r in &routes {
+            nl.del_route(r)?;
+        }
+        let mut more = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while more.is_empty() && std::time::Instant::now() < deadline {
+            more = mon.recv_timeout(Duration::from_millis(200))?;
+        }
+        assert!(!more.is_empty());
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn open_path_and_current() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-path").unwrap();
+    let want = nix::sys::stat::fstat(ns.fd()).unwrap().st_ino;
+    // /proc/<tid>/ns/net of a thread inside, as a CNI_NETNS would be given.
+    let (by_path, current) = ns
+        .run(|| {
+            let tid = nix::unistd::gettid();
+            let p = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+            let by_path = NetNs::open_path(std::path::Path::new(&p)).unwrap();
+            (by_path, NetNs::current().unwrap())
+        })
+        .unwrap();
+    assert_eq!(nix::sys::stat::fstat(by_path.fd()).unwrap().st_ino, want);
+    assert_eq!(nix::sys::stat::fstat(current.fd()).unwrap().st_ino, want);
+    assert!(by_path.path.is_none());
+    // A file that is not a namespace is refused with a clear message.
+    let err = NetNs::open_path(std::path::Path::new("/proc/self/status")).unwrap_err();
+    assert!(err.to_string().contains("not a namespace file"), "{err}");
+    // run() on a handle opened by path works like by name.
+    let links = by_path
+        .run(|| Netlink::open().unwrap().list_links().unwrap().len())
+        .unwrap();
+    assert_eq!(links, 1);
+}
+
+#[test]
+fn handles_are_send() {
+    fn send<T: Send>() {}
+    send::<Netlink>();
+    send::<Monitor>();
+    send::<NetNs>();
 }
