@@ -125,20 +125,36 @@ pub fn ensure_bridge(
     conf: &BridgeConf,
     addrs: &[PodAddress],
 ) -> Result<Link, AttachError> {
-    let br = match nl
+    let (br, created) = match nl
         .link_by_name(&conf.bridge)
         .ctx(|| format!("look up bridge {}", conf.bridge))?
     {
-        Some(l) => l,
-        None => nl
-            .add_bridge(&conf.bridge, conf.mtu)
-            .ctx(|| format!("add bridge {}", conf.bridge))?,
+        Some(l) => (l, false),
+        None => (
+            nl.add_bridge(&conf.bridge, conf.mtu)
+                .ctx(|| format!("add bridge {}", conf.bridge))?,
+            true,
+        ),
     };
     if br.kind.as_deref() != Some("bridge") {
         return Err(AttachError::NotABridge {
             name: conf.bridge.clone(),
             kind: br.kind.clone().unwrap_or_else(|| "plain".into()),
         });
+    }
+    // A bridge without an address of its own takes the lowest MAC among its
+    // ports, so the pods' gateway MAC would change as pods come and go (and
+    // their ARP caches go stale). Pin one, as `ip link set cni0 address MAC`.
+    if created || br.mac.is_none_or(|m| m == MacAddr::default()) {
+        let mac = random_mac().map_err(|source| AttachError::Kernel {
+            op: "getrandom for the bridge MAC".into(),
+            source: flannel_netlink::Error::Kernel {
+                op: "getrandom".into(),
+                source,
+            },
+        })?;
+        nl.set_link_address(br.index, mac)
+            .ctx(|| format!("set {} address {mac}", conf.bridge))?;
     }
     if conf.is_gateway {
         let have = nl
@@ -172,6 +188,18 @@ pub fn ensure_bridge(
             .ctx(|| format!("set {} up", conf.bridge))?;
     }
     Ok(br)
+}
+
+/// A random locally administered unicast MAC from the kernel's getrandom(2).
+fn random_mac() -> std::io::Result<MacAddr> {
+    let mut b = [0u8; 6];
+    // SAFETY: the buffer is valid for writes of its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    b[0] = (b[0] & 0xfe) | 0x02;
+    Ok(MacAddr(b))
 }
 
 /// Whether `ifname` exists in the pod namespace.

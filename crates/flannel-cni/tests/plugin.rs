@@ -1,0 +1,648 @@
+//! Root tests of the `flannel` binary, run exactly as a container runtime runs
+//! it (CNI_* environment + config on stdin) inside a node namespace, with pod
+//! namespaces of their own and all state files in a temporary directory.
+//! Nothing here touches the root namespace.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use common::{need_root, netns_path, Node};
+use flannel_core::datapath::Route;
+use flannel_netlink::netns::{NetNs, ScopedNetNs};
+use flannel_netlink::{Link, Netlink};
+use ipnet::IpNet;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flannel");
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+fn links(ns: &NetNs) -> Vec<Link> {
+    ns.run(|| Netlink::open().unwrap().list_links().unwrap())
+        .unwrap()
+}
+
+fn link(ns: &NetNs, name: &str) -> Option<Link> {
+    links(ns).into_iter().find(|l| l.name == name)
+}
+
+fn addrs(ns: &NetNs, name: &str) -> Vec<IpNet> {
+    let idx = link(ns, name)
+        .unwrap_or_else(|| panic!("{name} missing in {}", ns.name))
+        .index;
+    ns.run(move || Netlink::open().unwrap().list_addresses(idx).unwrap())
+        .unwrap()
+}
+
+fn routes(ns: &NetNs) -> Vec<Route> {
+    ns.run(|| Netlink::open().unwrap().list_routes().unwrap())
+        .unwrap()
+}
+
+fn veths(ns: &NetNs) -> Vec<String> {
+    links(ns)
+        .into_iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+        .map(|l| l.name)
+        .collect()
+}
+
+/// Address files (not lock / last_reserved) in the network's IPAM dir.
+fn ip_files(node: &Node) -> Vec<String> {
+    match std::fs::read_dir(node.net_dir()) {
+        Err(_) => Vec::new(),
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.parse::<IpAddr>().is_ok())
+            .collect(),
+    }
+}
+
+fn saved_configs(node: &Node) -> Vec<String> {
+    match std::fs::read_dir(node.data_dir()) {
+        Err(_) => Vec::new(),
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+    }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn add_check_del_like_a_runtime() {
+    need_root();
+    let node = Node::new("fcni-add");
+    let pod = ScopedNetNs::unique("fcni-addp").unwrap();
+    let pod_path = netns_path(&pod);
+    let conf = node.conf("0.3.1");
+    let out = node.cni(bin(), "ADD", "ctr-one", &pod_path, "eth0", &conf);
+    let res = out.expect_ok().json();
+
+    // The result, 0.3.1 shape.
+    assert_eq!(res["cniVersion"], "0.3.1");
+    let host_name = res["interfaces"][1]["name"].as_str().unwrap().to_string();
+    assert_eq!(res["interfaces"][0]["name"], "cni0");
+    assert!(
+        host_name.starts_with("veth") && host_name.len() == 12,
+        "{host_name}"
+    );
+    assert_eq!(res["interfaces"][2]["name"], "eth0");
+    assert_eq!(res["interfaces"][2]["sandbox"], pod_path.as_str());
+    assert_eq!(
+        res["ips"],
+        json!([{"version": "4", "interface": 2, "address": "10.244.1.2/24", "gateway": "10.244.1.1"}])
+    );
+    assert_eq!(
+        res["routes"],
+        json!([{"dst": "10.244.0.0/16"}, {"dst": "0.0.0.0/0", "gw": "10.244.1.1"}])
+    );
+
+    // The pod side.
+    let eth0 = link(&pod, "eth0").expect("eth0 in the pod");
+    assert!(eth0.up);
+    assert_eq!(eth0.mtu, 1450);
+    assert_eq!(
+        eth0.mac.unwrap().to_string(),
+        res["interfaces"][2]["mac"].as_str().unwrap()
+    );
+    assert_eq!(addrs(&pod, "eth0"), vec![net("10.244.1.2/24")]);
+    let r = routes(&pod);
+    for dst in ["0.0.0.0/0", "10.244.0.0/16"] {
+        assert!(
+            r.iter().any(|x| x.dst == net(dst)
+                && x.gateway == Some(ip("10.244.1.1"))
+                && x.oif == eth0.index),
+            "route {dst} via 10.244.1.1 missing: {r:?}"
+        );
+    }
+    // The node side: bridge with the gateway address, veth on it with hairpin.
+    let br = link(&node.ns, "cni0").expect("cni0 on the node");
+    assert_eq!(br.kind.as_deref(), Some("bridge"));
+    assert!(br.up);
+    assert_eq!(br.mtu, 1450);
+    assert_eq!(addrs(&node.ns, "cni0"), vec![net("10.244.1.1/24")]);
+    let host = link(&node.ns, &host_name).expect("host veth");
+    assert_eq!(host.master, Some(br.index));
+    assert!(host.up);
+    assert_eq!(host.mtu, 1450);
+    let detail = Node::sh_in(
+        &node.ns,
+        &["bridge", "-d", "link", "show", "dev", &host_name],
+    );
+    assert!(detail.contains("hairpin on"), "{detail}");
+    // No pod interface leaked into the node namespace.
+    assert!(link(&node.ns, "eth0").is_none());
+
+    // Files: host-local format, saved config with tight permissions.
+    assert_eq!(
+        std::fs::read(node.net_dir().join("10.244.1.2")).unwrap(),
+        b"ctr-one\r\neth0"
+    );
+    assert_eq!(
+        std::fs::read_to_string(node.net_dir().join("last_reserved_ip.0")).unwrap(),
+        "10.244.1.2"
+    );
+    assert!(node.net_dir().join("lock").exists());
+    let saved_path = node.data_dir().join("ctr-one");
+    let saved: Value = serde_json::from_slice(&std::fs::read(&saved_path).unwrap()).unwrap();
+    assert_eq!(saved["type"], "bridge");
+    assert_eq!(saved["ipMasq"], false);
+    assert_eq!(
+        saved["ipam"]["ranges"],
+        json!([[{"subnet": "10.244.1.0/24"}]])
+    );
+    assert_eq!(
+        std::fs::metadata(&saved_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::metadata(node.data_dir())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
+
+    // CHECK (needs 0.4.0+): good.
+    let mut cconf = node.conf("1.0.0");
+    let mut prev = res.clone();
+    prev["cniVersion"] = json!("1.0.0");
+    cconf["prevResult"] = prev;
+    node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &cconf)
+        .expect_ok();
+    // CHECK below 0.4.0 is refused with "incompatible version".
+    let mut old = node.conf("0.3.1");
+    old["prevResult"] = res.clone();
+    assert_eq!(
+        node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &old)
+            .code(),
+        1
+    );
+    // CHECK without prevResult: invalid config.
+    assert_eq!(
+        node.cni(
+            bin(),
+            "CHECK",
+            "ctr-one",
+            &pod_path,
+            "eth0",
+            &node.conf("1.0.0")
+        )
+        .code(),
+        7
+    );
+
+    // Break the pod: CHECK notices a missing route, then a missing address.
+    let idx = eth0.index;
+    pod.run(move || {
+        let mut nl = Netlink::open().unwrap();
+        nl.del_route(&Route {
+            dst: net("10.244.0.0/16"),
+            gateway: Some(ip("10.244.1.1")),
+            oif: idx,
+            onlink: false,
+        })
+        .unwrap();
+    })
+    .unwrap();
+    let out = node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &cconf);
+    assert_eq!(out.code(), 103);
+    assert!(out.stdout.contains("10.244.0.0/16"), "{}", out.stdout);
+    pod.run(move || {
+        Netlink::open()
+            .unwrap()
+            .del_address(idx, net("10.244.1.2/24"))
+            .unwrap()
+    })
+    .unwrap();
+    let out = node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &cconf);
+    assert_eq!(out.code(), 103);
+    assert!(out.stdout.contains("10.244.1.2/24"), "{}", out.stdout);
+    // And a host veth moved off the bridge.
+    let hidx = host.index;
+    node.ns
+        .run(move || Netlink::open().unwrap().set_link_master(hidx, 0).unwrap())
+        .unwrap();
+    let out = node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &cconf);
+    assert!(out.stdout.contains("not enslaved"), "{}", out.stdout);
+
+    // DEL removes everything; a second DEL succeeds too.
+    node.cni(bin(), "DEL", "ctr-one", &pod_path, "eth0", &conf)
+        .expect_ok();
+    assert!(link(&pod, "eth0").is_none());
+    assert!(veths(&node.ns).is_empty());
+    assert!(ip_files(&node).is_empty());
+    assert!(!saved_path.exists());
+    let out = node.cni(bin(), "DEL", "ctr-one", &pod_path, "eth0", &conf);
+    out.expect_ok();
+    assert!(out.stdout.is_empty());
+    // CHECK after DEL fails.
+    assert_eq!(
+        node.cni(bin(), "CHECK", "ctr-one", &pod_path, "eth0", &cconf)
+            .code(),
+        103
+    );
+}
+
+#[test]
+fn del_after_netns_is_gone_or_empty() {
+    need_root();
+    let node = Node::new("fcni-gone");
+    let conf = node.conf("1.0.0");
+    let pod = ScopedNetNs::unique("fcni-gonep").unwrap();
+    let path = netns_path(&pod);
+    node.cni(bin(), "ADD", "ctr-gone", &path, "eth0", &conf)
+        .expect_ok();
+    let pod2 = ScopedNetNs::unique("fcni-gonep").unwrap();
+    let path2 = netns_path(&pod2);
+    node.cni(bin(), "ADD", "ctr-gone2", &path2, "eth0", &conf)
+        .expect_ok();
+    assert_eq!(veths(&node.ns).len(), 2);
+    drop(pod);
+    // The namespace and its path are gone.
+    node.cni(bin(), "DEL", "ctr-gone", &path, "eth0", &conf)
+        .expect_ok();
+    // Empty CNI_NETNS: the host end is found by its derived name.
+    node.cni(bin(), "DEL", "ctr-gone2", "", "eth0", &conf)
+        .expect_ok();
+    assert!(veths(&node.ns).is_empty(), "{:?}", veths(&node.ns));
+    assert!(link(&pod2, "eth0").is_none());
+    assert!(ip_files(&node).is_empty());
+    assert!(saved_configs(&node).is_empty());
+    // DEL of a container never added: success.
+    node.cni(bin(), "DEL", "never-added", "", "eth0", &conf)
+        .expect_ok();
+}
+
+#[test]
+fn gc_releases_attachments_not_listed() {
+    need_root();
+    let node = Node::new("fcni-gc");
+    let conf = node.conf("1.1.0");
+    let pods: Vec<ScopedNetNs> = (0..3)
+        .map(|_| ScopedNetNs::unique("fcni-gcp").unwrap())
+        .collect();
+    for (i, p) in pods.iter().enumerate() {
+        node.cni(
+            bin(),
+            "ADD",
+            &format!("gc{i}"),
+            &netns_path(p),
+            "eth0",
+            &conf,
+        )
+        .expect_ok();
+    }
+    assert_eq!(ip_files(&node).len(), 3);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "gc1", "ifname": "eth0"}]);
+    node.cni(bin(), "GC", "", "", "", &gc).expect_ok();
+    assert_eq!(ip_files(&node), vec!["10.244.1.3".to_string()]);
+    assert_eq!(saved_configs(&node), vec!["gc1".to_string()]);
+    assert_eq!(veths(&node.ns).len(), 1);
+    assert!(link(&pods[0], "eth0").is_none());
+    assert!(link(&pods[1], "eth0").is_some());
+    // GC needs the list, and 1.1.0.
+    assert_eq!(node.cni(bin(), "GC", "", "", "", &conf).code(), 7);
+    let mut old = node.conf("1.0.0");
+    old["cni.dev/valid-attachments"] = json!([]);
+    assert_eq!(node.cni(bin(), "GC", "", "", "", &old).code(), 1);
+    // An empty list releases the rest.
+    gc["cni.dev/valid-attachments"] = json!([]);
+    node.cni(bin(), "GC", "", "", "", &gc).expect_ok();
+    assert!(ip_files(&node).is_empty());
+    assert!(saved_configs(&node).is_empty());
+    assert!(veths(&node.ns).is_empty());
+}
+
+#[test]
+fn status_and_version() {
+    need_root();
+    let node = Node::new("fcni-st");
+    let conf = node.conf("1.1.0");
+    let out = node.cni(bin(), "STATUS", "", "", "", &conf);
+    out.expect_ok();
+    assert!(out.stdout.is_empty());
+    std::fs::remove_file(node.subnet_env()).unwrap();
+    let out = node.cni(bin(), "STATUS", "", "", "", &conf);
+    assert_eq!(out.code(), 50);
+    assert!(out.stdout.contains("flanneld"), "{}", out.stdout);
+    node.write_subnet_env("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n");
+    assert_eq!(node.cni(bin(), "STATUS", "", "", "", &conf).code(), 50);
+    assert_eq!(
+        node.cni(bin(), "STATUS", "", "", "", &node.conf("1.0.0"))
+            .code(),
+        1
+    );
+
+    let out = node.exec(
+        bin(),
+        &[("CNI_COMMAND", "VERSION")],
+        br#"{"cniVersion":"0.4.0"}"#,
+    );
+    let v = out.expect_ok().json();
+    assert_eq!(v["cniVersion"], "0.4.0");
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
+
+#[test]
+fn results_in_every_version_shape() {
+    need_root();
+    let node = Node::new("fcni-ver");
+    let pod = ScopedNetNs::unique("fcni-verp").unwrap();
+    let path = netns_path(&pod);
+    for v in [
+        "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+    ] {
+        let conf = node.conf(v);
+        let res = node
+            .cni(bin(), "ADD", "ctr-ver", &path, "eth0", &conf)
+            .expect_ok()
+            .json();
+        assert_eq!(res["cniVersion"], v);
+        if v < "0.3.0" {
+            assert!(res["ip4"]["ip"].as_str().unwrap().ends_with("/24"), "{res}");
+            assert_eq!(res["ip4"]["gateway"], "10.244.1.1");
+            assert!(res.get("interfaces").is_none());
+        } else {
+            assert_eq!(res["ips"][0]["interface"], 2);
+            assert_eq!(
+                res["ips"][0].get("version").is_some(),
+                v < "1.0.0",
+                "{v}: {res}"
+            );
+        }
+        node.cni(bin(), "DEL", "ctr-ver", &path, "eth0", &conf)
+            .expect_ok();
+    }
+    assert!(ip_files(&node).is_empty());
+}
+
+#[test]
+fn error_codes_and_failed_add_leaves_nothing() {
+    need_root();
+    let node = Node::new("fcni-err");
+    let pod = ScopedNetNs::unique("fcni-errp").unwrap();
+    let path = netns_path(&pod);
+    let conf = node.conf("1.0.0");
+    let s = conf.to_string();
+
+    // 4: environment.
+    let out = node.exec(bin(), &[], s.as_bytes());
+    assert_eq!(out.code(), 4);
+    let out = node.exec(
+        bin(),
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        s.as_bytes(),
+    );
+    assert_eq!(out.code(), 4);
+    assert!(out.stdout.contains("CNI_CONTAINERID"), "{}", out.stdout);
+    assert_eq!(node.cni(bin(), "ADD", "ctr", "", "eth0", &conf).code(), 4);
+    assert_eq!(
+        node.cni(bin(), "ADD", "../evil", &path, "eth0", &conf)
+            .code(),
+        4
+    );
+    assert_eq!(
+        node.cni(bin(), "ADD", "ctr", &path, "this-name-is-too-long", &conf)
+            .code(),
+        4
+    );
+    assert_eq!(
+        node.cni(bin(), "FROB", "ctr", &path, "eth0", &conf).code(),
+        4
+    );
+    // 6: not JSON.
+    let out = node.exec(
+        bin(),
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr"),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        b"{not json",
+    );
+    assert_eq!(out.code(), 6);
+    // 7: invalid config, naming the field.
+    let mut bad = conf.clone();
+    bad["delegate"]["mtu"] = json!("large");
+    let out = node.cni(bin(), "ADD", "ctr", &path, "eth0", &bad);
+    assert_eq!(out.code(), 7);
+    assert!(out.stdout.contains("delegate.mtu"), "{}", out.stdout);
+    // 1: unsupported version; the error still has the spec shape.
+    let mut bad = conf.clone();
+    bad["cniVersion"] = json!("2.0.0");
+    let out = node.cni(bin(), "ADD", "ctr", &path, "eth0", &bad);
+    assert_eq!(out.code(), 1);
+    assert_eq!(out.json()["cniVersion"], "1.1.0");
+    // 3: namespace does not exist.
+    assert_eq!(
+        node.cni(
+            bin(),
+            "ADD",
+            "ctr",
+            "/run/netns/fcni-does-not-exist",
+            "eth0",
+            &conf
+        )
+        .code(),
+        3
+    );
+    // 11: no subnet.env, with a hint at flanneld.
+    std::fs::rename(node.subnet_env(), node.dir.0.join("away")).unwrap();
+    let out = node.cni(bin(), "ADD", "ctr", &path, "eth0", &conf);
+    assert_eq!(out.code(), 11);
+    assert!(out.stdout.contains("flanneld"), "{}", out.stdout);
+    assert_eq!(out.json()["cniVersion"], "1.0.0");
+    std::fs::rename(node.dir.0.join("away"), node.subnet_env()).unwrap();
+    node.write_subnet_env(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPMASQ=true\n",
+    );
+    let out = node.cni(bin(), "ADD", "ctr", &path, "eth0", &conf);
+    assert_eq!(out.code(), 11);
+    assert!(out.stdout.contains("FLANNEL_MTU"), "{}", out.stdout);
+    node.write_subnet_env(common::SUBNET_ENV);
+    // None of the failures above left anything.
+    assert!(veths(&node.ns).is_empty());
+    assert!(ip_files(&node).is_empty());
+    assert!(saved_configs(&node).is_empty());
+
+    // 101: the interface already exists in the pod; the failed ADD leaves nothing.
+    node.cni(bin(), "ADD", "ctr-a", &path, "eth0", &conf)
+        .expect_ok();
+    let out = node.cni(bin(), "ADD", "ctr-b", &path, "eth0", &conf);
+    assert_eq!(out.code(), 101);
+    assert_eq!(veths(&node.ns).len(), 1);
+    assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
+    assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
+
+    // A kernel failure half-way (the host veth name is taken by another
+    // container's pod end... simulated with a link of that name on the node)
+    // rolls back the address and the saved config.
+    let host_b = "veth".to_string() + &format!("{:08x}", fnv("ctr-c", "eth1"));
+    Node::sh_in(&node.ns, &["ip", "link", "add", &host_b, "type", "bridge"]);
+    let out = node.cni(bin(), "ADD", "ctr-c", &path, "eth1", &conf);
+    assert_eq!(out.code(), 102, "{}", out.stdout);
+    assert!(link(&pod, "eth1").is_none());
+    assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
+    assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
+    Node::sh_in(&node.ns, &["ip", "link", "del", &host_b]);
+    node.cni(bin(), "DEL", "ctr-a", &path, "eth0", &conf)
+        .expect_ok();
+}
+
+/// The plugin's host veth naming (FNV-1a of id, NUL, ifname), to provoke a name clash.
+fn fnv(id: &str, ifname: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes().chain([0u8]).chain(ifname.bytes()) {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+#[test]
+fn exhaustion_in_a_slash_30() {
+    need_root();
+    let node = Node::new("fcni-ex");
+    node.write_subnet_env("FLANNEL_NETWORK=10.9.0.0/16\nFLANNEL_SUBNET=10.9.0.1/30\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+    let conf = node.conf("1.0.0");
+    let p1 = ScopedNetNs::unique("fcni-exp").unwrap();
+    let p2 = ScopedNetNs::unique("fcni-exp").unwrap();
+    let res = node
+        .cni(bin(), "ADD", "ex1", &netns_path(&p1), "eth0", &conf)
+        .expect_ok()
+        .json();
+    assert_eq!(res["ips"][0]["address"], "10.9.0.2/30");
+    let out = node.cni(bin(), "ADD", "ex2", &netns_path(&p2), "eth0", &conf);
+    assert_eq!(out.code(), 100);
+    assert!(
+        out.stdout
+            .contains("no IP addresses available in range set"),
+        "{}",
+        out.stdout
+    );
+    assert!(link(&p2, "eth0").is_none());
+    assert_eq!(veths(&node.ns).len(), 1);
+    assert_eq!(saved_configs(&node), vec!["ex1".to_string()]);
+    node.cni(bin(), "DEL", "ex1", &netns_path(&p1), "eth0", &conf)
+        .expect_ok();
+    node.cni(bin(), "ADD", "ex2", &netns_path(&p2), "eth0", &conf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "ex2", &netns_path(&p2), "eth0", &conf)
+        .expect_ok();
+}
+
+#[test]
+fn fifty_parallel_adds_then_dels() {
+    need_root();
+    let node = Node::new("fcni-par");
+    let conf = node.conf("0.3.1");
+    let pods: Vec<ScopedNetNs> = (0..50)
+        .map(|_| ScopedNetNs::unique("fcni-parp").unwrap())
+        .collect();
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let (node, conf) = (&node, &conf);
+                s.spawn(move || {
+                    node.cni(
+                        bin(),
+                        "ADD",
+                        &format!("par{i}"),
+                        &netns_path(p),
+                        "eth0",
+                        conf,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().expect_ok().json())
+            .collect()
+    });
+    let addrs: HashSet<String> = results
+        .iter()
+        .map(|r| r["ips"][0]["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(addrs.len(), 50, "duplicate addresses handed out");
+    assert_eq!(ip_files(&node).len(), 50);
+    assert_eq!(veths(&node.ns).len(), 50);
+    std::thread::scope(|s| {
+        for (i, p) in pods.iter().enumerate() {
+            let (node, conf) = (&node, &conf);
+            s.spawn(move || {
+                node.cni(
+                    bin(),
+                    "DEL",
+                    &format!("par{i}"),
+                    &netns_path(p),
+                    "eth0",
+                    conf,
+                )
+                .expect_ok();
+            });
+        }
+    });
+    assert!(ip_files(&node).is_empty());
+    assert!(veths(&node.ns).is_empty());
+    assert!(saved_configs(&node).is_empty());
+}
+
+#[test]
+fn pods_on_one_node_ping_each_other() {
+    need_root();
+    let node = Node::new("fcni-ping");
+    let conf = node.conf("1.0.0");
+    let a = ScopedNetNs::unique("fcni-pinga").unwrap();
+    let b = ScopedNetNs::unique("fcni-pingb").unwrap();
+    node.cni(bin(), "ADD", "pa", &netns_path(&a), "eth0", &conf)
+        .expect_ok();
+    let rb = node
+        .cni(bin(), "ADD", "pb", &netns_path(&b), "eth0", &conf)
+        .expect_ok()
+        .json();
+    let b_ip = rb["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = Node::sh_in(&a, &["ping", "-c", "2", "-W", "2", "-i", "0.2", &b_ip]);
+    assert!(out.contains("2 received"), "{out}");
+    // The gateway (cni0) answers too.
+    let out = Node::sh_in(&a, &["ping", "-c", "1", "-W", "2", "10.244.1.1"]);
+    assert!(out.contains("1 received"), "{out}");
+    node.cni(bin(), "DEL", "pa", &netns_path(&a), "eth0", &conf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "pb", &netns_path(&b), "eth0", &conf)
+        .expect_ok();
+}
