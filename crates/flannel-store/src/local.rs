@@ -65,7 +65,7 @@ use flannel_core::wire;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -559,6 +559,8 @@ struct Watcher {
     tx: mpsc::Sender<WatchEvent>,
     shutdown: Arc<OwnedFd>,
     inotify: Inotify,
+    /// The watch on `DIR/subnets`.
+    wd: WatchDescriptor,
     /// What the receiver knows: unexpired leases by file name.
     cache: BTreeMap<String, Lease>,
     resync_interval: Duration,
@@ -591,7 +593,7 @@ impl Watcher {
                     source: e.into(),
                 }
             })?;
-        inotify
+        let wd = inotify
             .add_watch(&layout.subnets, Self::watch_mask())
             .map_err(|e| io_err(&layout.subnets, e.into()))?;
         let mut w = Watcher {
@@ -599,6 +601,7 @@ impl Watcher {
             tx,
             shutdown,
             inotify,
+            wd,
             cache: BTreeMap::new(),
             resync_interval,
             next_resync: Instant::now() + resync_interval,
@@ -684,11 +687,15 @@ impl Watcher {
                         if ev.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                             overflow = true;
                         }
-                        if ev.mask.intersects(
-                            AddWatchFlags::IN_IGNORED
-                                | AddWatchFlags::IN_DELETE_SELF
-                                | AddWatchFlags::IN_MOVE_SELF,
-                        ) {
+                        // Only the current watch: after a re-add, the old
+                        // watch's IN_IGNORED still arrives and means nothing.
+                        if ev.wd == self.wd
+                            && ev.mask.intersects(
+                                AddWatchFlags::IN_IGNORED
+                                    | AddWatchFlags::IN_DELETE_SELF
+                                    | AddWatchFlags::IN_MOVE_SELF,
+                            )
+                        {
                             lost_dir = true;
                         }
                         if let Some(name) = ev.name.and_then(|n| n.into_string().ok()) {
@@ -708,6 +715,11 @@ impl Watcher {
                 }
             }
         }
+        self.apply(names, overflow, lost_dir)
+    }
+
+    /// Turns one batch of inotify events into watch messages.
+    fn apply(&mut self, names: BTreeSet<String>, overflow: bool, lost_dir: bool) -> Result<()> {
         if lost_dir {
             // Someone removed or moved DIR/subnets: watch a fresh one and
             // tell the receiver what is there now.
@@ -715,12 +727,13 @@ impl Watcher {
                 "lease directory removed or moved; recreating it and resending a snapshot");
             fs::create_dir_all(&self.layout.subnets)
                 .map_err(|e| io_err(&self.layout.subnets, e))?;
-            self.inotify
+            self.wd = self
+                .inotify
                 .add_watch(&self.layout.subnets, Self::watch_mask())
                 .map_err(|e| io_err(&self.layout.subnets, e.into()))?;
-            overflow = true;
         }
-        if overflow {
+        if overflow || lost_dir {
+            // Events were lost: only a full snapshot is trustworthy.
             let snapshot = self.full_read()?;
             return self.send(WatchEvent::Snapshot(snapshot));
         }
@@ -880,5 +893,87 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
     StoreError::Io {
         path: path.display().to_string(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An inotify queue overflow (cannot be provoked without changing
+    /// `fs.inotify.max_queued_events`) makes the watch resend a full snapshot,
+    /// which also corrects the watch's cache.
+    #[test]
+    fn overflow_resends_a_snapshot() {
+        let dir = std::env::temp_dir().join(format!(
+            "flannel-store-unit-{}-overflow",
+            std::process::id()
+        ));
+        struct Rm(PathBuf);
+        impl Drop for Rm {
+            fn drop(&mut self) {
+                let _ = fs::remove_dir_all(&self.0);
+            }
+        }
+        let _rm = Rm(dir.clone());
+        let store = LocalStore::open(&dir).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut w = Watcher::start(
+            Arc::clone(&store.layout),
+            tx,
+            Arc::clone(&store.shutdown_rx),
+            DEFAULT_RESYNC_INTERVAL,
+        )
+        .unwrap();
+        assert!(matches!(rx.try_recv().unwrap(), WatchEvent::Snapshot(s) if s.leases.is_empty()));
+
+        let key: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let lease = Lease {
+            key,
+            attrs: LeaseAttrs {
+                public_ip: Some(Ipv4Addr::new(172, 16, 0, 1)),
+                public_ipv6: None,
+                backend_type: "vxlan".into(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            expiration: None,
+        };
+        store.layout.write_lease(&key.to_string(), &lease).unwrap();
+        // The write's own events are not consumed; the overflow alone must do.
+        w.apply(BTreeSet::new(), true, false).unwrap();
+        match rx.try_recv().unwrap() {
+            WatchEvent::Snapshot(s) => assert_eq!(s.leases, vec![lease.clone()]),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        assert_eq!(w.cache.values().cloned().collect::<Vec<_>>(), vec![lease.clone()]);
+        // Re-reading the same file afterwards reports nothing new.
+        let mut names = BTreeSet::new();
+        names.insert(key.to_string());
+        w.apply(names, false, false).unwrap();
+        assert!(rx.try_recv().is_err());
+
+        // The safety resync sends only differences: none now...
+        w.resync().unwrap();
+        assert!(rx.try_recv().is_err());
+        // ...and exactly the missed ones when the cache went stale (as if
+        // inotify had dropped events).
+        let phantom: LeaseKey = "10.244.2.0-24".parse().unwrap();
+        w.cache.clear();
+        w.cache.insert(
+            phantom.to_string(),
+            Lease {
+                key: phantom,
+                ..lease.clone()
+            },
+        );
+        w.resync().unwrap();
+        match rx.try_recv().unwrap() {
+            WatchEvent::Events { events, .. } => assert_eq!(
+                events,
+                vec![LeaseEvent::Removed(phantom), LeaseEvent::Upsert(lease)]
+            ),
+            other => panic!("expected events, got {other:?}"),
+        }
     }
 }

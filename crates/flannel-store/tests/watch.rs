@@ -309,3 +309,27 @@ async fn removed_subnets_dir_is_recreated_with_a_fresh_snapshot() {
         apply(&mut state, msg);
     }
 }
+
+#[tokio::test]
+async fn safety_resync_sends_nothing_when_nothing_changed() {
+    let dir = TempDir::new("watch-resync");
+    let store = LocalStore::open(dir.path())
+        .unwrap()
+        .with_resync_interval(Duration::from_millis(50));
+    store
+        .create_lease(&lease("10.244.1.0-24", 1), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rx = store.watch_leases().await.unwrap();
+    assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot(s) if s.leases.len() == 1));
+    // About ten resyncs happen meanwhile; none may produce a message.
+    quiet(&mut rx, Duration::from_millis(600)).await;
+    // And the watch still works after them.
+    let l = store
+        .create_lease(&lease("10.244.2.0-24", 2), None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(next_events(&mut rx).await, vec![LeaseEvent::Upsert(l)]);
+}
