@@ -315,7 +315,20 @@ fn routes_round_trip() {
             oif: vx.index,
             onlink: false,
         };
-        let wanted = [&onlink, &via, &direct, &v6];
+        let v6_onlink = Route {
+            dst: net("fd00:10:244:3::/64"),
+            gateway: Some(ip("fd00:10:244:3::")),
+            oif: vx.index,
+            onlink: true,
+        };
+        // IPv4 destination, IPv6 next hop (RTA_VIA).
+        let v4_via6 = Route {
+            dst: net("10.245.0.0/16"),
+            gateway: Some(ip("fe80::1")),
+            oif: ul,
+            onlink: false,
+        };
+        let wanted = [&onlink, &via, &direct, &v6, &v6_onlink, &v4_via6];
         for _ in 0..2 {
             for r in wanted {
                 nl.replace_route(r)?;
@@ -352,15 +365,20 @@ fn routes_round_trip() {
             nl.del_route(&onlink)?;
             nl.del_route(&moved)?;
             nl.del_route(&v6)?;
+            nl.del_route(&v6_onlink)?;
+            nl.del_route(&v4_via6)?;
         }
         nl.del_route(&Route {
             oif: 9999,
             ..direct.clone()
         })?;
         let listed = nl.list_routes()?;
-        assert!(!listed
-            .iter()
-            .any(|x| x.dst == onlink.dst || x.dst == via.dst || x.dst == v6.dst));
+        for gone in [&onlink, &via, &v6, &v6_onlink, &v4_via6] {
+            assert!(
+                !listed.iter().any(|x| x.dst == gone.dst),
+                "{gone:?} still there"
+            );
+        }
         assert!(listed.contains(&direct));
         // Bad input names the field.
         let bad = nl
