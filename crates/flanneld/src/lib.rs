@@ -1,1 +1,15 @@
 //! The node daemon: interface selection, lease acquisition, the level-triggered reconciler and backends.
+//!
+//! - [`flags`]: the command line (upstream's flag names, `FLANNELD_*` environment).
+//! - [`iface`]: choosing the external interface.
+//! - [`backend`]: the vxlan device and VtepMAC.
+//! - [`reconcile`]: the kernel thread that makes the datapath match the leases.
+//! - [`daemon`]: startup, the lease watch, renewal and signals.
+//! - [`subnet_file`]: atomic subnet.env writes.
+
+pub mod backend;
+pub mod daemon;
+pub mod flags;
+pub mod iface;
+pub mod reconcile;
+pub mod subnet_file;

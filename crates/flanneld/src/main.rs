@@ -1,1 +1,30 @@
-fn main() {}
+//! `flanneld`: parse flags, set up logging, run the daemon.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let flags = flanneld::flags::Flags::parse();
+    // RUST_LOG, when set, wins over --log-level.
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&flags.log_level))
+        .unwrap_or_else(|e| {
+            eprintln!(
+                "flanneld: --log-level {:?} is invalid ({e}); using info",
+                flags.log_level
+            );
+            EnvFilter::new("info")
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match flanneld::daemon::run(flags) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("flanneld: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Backends: how packets between nodes are carried. Only vxlan exists so far.
+
+pub mod vxlan;

@@ -1,0 +1,523 @@
+//! The daemon's life: validate everything, choose the interface, acquire the
+//! lease, set up the device, write subnet.env, then keep the datapath in line
+//! with the lease set until SIGTERM/SIGINT.
+//!
+//! Nothing is written to the kernel before the config, the store mode and the
+//! interface have been validated and the lease acquired: a bad flag or
+//! net-conf.json exits non-zero with nothing changed.
+//!
+//! The async side (this module) never touches netlink: kernel reads at
+//! startup happen on the main thread before the runtime exists, and every
+//! kernel write happens on the reconciler's own thread.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, VxlanConfig};
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::subnet_env::SubnetEnv;
+use flannel_netlink::{Link, Netlink};
+use flannel_store::{
+    acquire_lease, renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
+};
+use ipnet::Ipv4Net;
+use tokio::sync::mpsc;
+
+use crate::backend::vxlan::{self, DeviceSpec};
+use crate::flags::Flags;
+use crate::iface::{self, ExternalInterface, IfaceError};
+use crate::reconcile::{ReconcileError, Reconciler, Request, Settings};
+use crate::subnet_file::{self, SubnetFileError};
+
+/// Why the daemon stopped with an error. Each message says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(
+        "reading the network config {path}: {source}; create it or point --net-config-path at it"
+    )]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network config {path}: {source}")]
+    Config {
+        path: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\"")]
+    BackendNotImplemented { backend: &'static str },
+    #[error("network config: EnableIPv6 is not implemented yet in flannel-rs; set \"EnableIPv6\": false")]
+    Ipv6NotImplemented,
+    #[error("network config: EnableIPv4 is false, but flannel-rs needs IPv4 for now; set \"EnableIPv4\": true and \"Network\"")]
+    Ipv4Required,
+    #[error("the etcd store is not implemented yet in flannel-rs; use --local-store DIR (a directory shared by the nodes' flanneld processes)")]
+    EtcdNotImplemented,
+    #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
+    KubeNotImplemented,
+    #[error("selecting the external interface: {0}")]
+    Iface(#[from] IfaceError),
+    #[error("reading the kernel state at startup: {0}")]
+    Kernel(#[from] flannel_netlink::Error),
+    #[error("lease store: {0}")]
+    Store(#[from] StoreError),
+    #[error("acquiring a subnet lease: {0}")]
+    Acquire(#[from] AcquireError),
+    #[error("{0}")]
+    Reconcile(#[from] ReconcileError),
+    #[error("setting up the vxlan device: {0}")]
+    Device(String),
+    #[error("writing subnet.env: {0}")]
+    SubnetFile(#[from] SubnetFileError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the lease store's watch ended and could not be restarted: {0}")]
+    WatchLost(String),
+}
+
+/// What startup learns before the runtime starts.
+#[derive(Debug, Clone)]
+pub struct Startup {
+    pub cfg: NetConfig,
+    pub network: Ipv4Net,
+    pub vxlan: VxlanConfig,
+    pub ext: ExternalInterface,
+    /// The `flannel.<VNI>` device if it already exists.
+    pub existing_device: Option<Link>,
+    /// The subnet of the previous subnet.env, for acquisition step 2.
+    pub previous: Option<LeaseKey>,
+    pub store_dir: PathBuf,
+}
+
+/// Reads and validates the config file (or `store_config` when the file is
+/// missing and the store ships one).
+pub fn load_config(flags: &Flags, store_config: Option<String>) -> Result<NetConfig, DaemonError> {
+    let path = &flags.net_config_path;
+    let (text, origin) = match std::fs::read_to_string(path) {
+        Ok(t) => (t, path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && store_config.is_some() => (
+            store_config.expect("checked"),
+            "from the local store".to_string(),
+        ),
+        Err(source) => {
+            return Err(DaemonError::ReadConfig {
+                path: path.clone(),
+                source,
+            })
+        }
+    };
+    config::parse(&text).map_err(|source| DaemonError::Config {
+        path: origin,
+        source: Box::new(source),
+    })
+}
+
+/// Checks what this version supports; returns the vxlan options and network.
+pub fn check_supported(cfg: &NetConfig) -> Result<(VxlanConfig, Ipv4Net), DaemonError> {
+    let vx = match &cfg.backend {
+        BackendConfig::Vxlan(v) => v.clone(),
+        other => {
+            return Err(DaemonError::BackendNotImplemented {
+                backend: other.type_name(),
+            })
+        }
+    };
+    if cfg.enable_ipv6 {
+        return Err(DaemonError::Ipv6NotImplemented);
+    }
+    let net = match (cfg.enable_ipv4, cfg.network) {
+        (true, Some(n)) => n,
+        _ => return Err(DaemonError::Ipv4Required),
+    };
+    Ok((vx, net))
+}
+
+/// The store directory, or the error explaining which store is missing.
+pub fn store_dir(flags: &Flags) -> Result<PathBuf, DaemonError> {
+    if flags.kube_subnet_mgr {
+        return Err(DaemonError::KubeNotImplemented);
+    }
+    flags
+        .local_store
+        .clone()
+        .ok_or(DaemonError::EtcdNotImplemented)
+}
+
+/// The subnet recorded in a previous subnet.env (`FLANNEL_SUBNET=10.244.1.1/24` -> 10.244.1.0/24).
+pub fn previous_subnet(flags: &Flags) -> Option<LeaseKey> {
+    let text = match subnet_file::read(&flags.subnet_file) {
+        Ok(Some(t)) => t,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring the previous subnet.env");
+            return None;
+        }
+    };
+    match SubnetEnv::parse(&text) {
+        Ok(env) => env.lease_key(),
+        Err(e) => {
+            tracing::warn!(path = %flags.subnet_file.display(), error = %e, "ignoring an unreadable previous subnet.env");
+            None
+        }
+    }
+}
+
+/// Runs flanneld to completion: `Ok(())` after SIGTERM/SIGINT.
+pub fn run(flags: Flags) -> Result<(), DaemonError> {
+    // Everything that can be refused is checked before anything is written.
+    let dir = store_dir(&flags)?;
+    let store_config =
+        std::fs::read_to_string(dir.join(flannel_core::wire::LOCAL_STORE_CONFIG_FILE)).ok();
+    let cfg = load_config(&flags, store_config)?;
+    let (vx, network) = check_supported(&cfg)?;
+    if flags.healthz_port != 0 {
+        tracing::warn!(
+            port = flags.healthz_port,
+            "--healthz-port is accepted but the health endpoint is not implemented yet"
+        );
+    }
+    if flags.public_ipv6.is_some() {
+        tracing::warn!("--public-ipv6 is ignored: IPv6 is not implemented yet");
+    }
+    let req = iface::Request {
+        ifaces: flags.iface.clone(),
+        regexes: flags.iface_regex.clone(),
+        public_ip: flags.public_ip,
+        can_reach: flags.iface_can_reach,
+    };
+    // Read-only kernel access on the main thread, before any runtime exists.
+    let (ext, existing_device) = {
+        let mut nl = Netlink::open()?;
+        let ext = iface::lookup(&mut nl, &req)?;
+        let dev = nl.link_by_name(&flannel_core::wire::vxlan_device_name(vx.vni))?;
+        (ext, dev)
+    };
+    tracing::info!(iface = %ext.name, index = ext.index, addr = %ext.iface_addr, public_ip = %ext.public_ip, mtu = ext.mtu,
+        "using external interface");
+    let startup = Startup {
+        previous: previous_subnet(&flags),
+        cfg,
+        network,
+        vxlan: vx,
+        ext,
+        existing_device,
+        store_dir: dir,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(run_async(flags, startup))
+}
+
+struct State {
+    flags: Flags,
+    s: Startup,
+    store: LocalStore,
+    attrs: LeaseAttrs,
+    own: Lease,
+    leases: BTreeMap<LeaseKey, Lease>,
+    mtu: u32,
+    reconciler: Option<Reconciler>,
+}
+
+async fn run_async(flags: Flags, s: Startup) -> Result<(), DaemonError> {
+    let store = LocalStore::open(&s.store_dir)?;
+    // VtepMAC: the existing device's, else our previous lease's, else random.
+    let snapshot = store.list_leases().await?;
+    let prev_mac = snapshot
+        .leases
+        .iter()
+        .filter(|l| l.attrs.public_ip == Some(s.ext.public_ip))
+        .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, s.vxlan.vni));
+    let (mac, source) = {
+        let mut rng = rand::rng();
+        vxlan::choose_vtep_mac(s.existing_device.as_ref(), prev_mac, &mut rng)
+    };
+    tracing::info!(vtep_mac = %mac, source = ?source, "VtepMAC");
+    let attrs = vxlan::lease_attrs(s.ext.public_ip, s.vxlan.vni, mac);
+    let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
+    let own_subnet = own.key.ipv4.ok_or_else(|| {
+        DaemonError::Device(format!("acquired lease {:?} has no IPv4 subnet", own.key))
+    })?;
+    tracing::info!(subnet = %own_subnet, expires = ?own.expiration, "holding lease");
+
+    let mut watch = store.watch_leases().await?;
+    let leases = first_snapshot(&mut watch).await?;
+    let mtu = s.cfg.pod_mtu(s.ext.mtu, false);
+    let mut st = State {
+        flags,
+        s,
+        store,
+        attrs,
+        own,
+        leases,
+        mtu,
+        reconciler: None,
+    };
+    let settings = st.settings(mac);
+    let rec = Reconciler::start(settings, st.lease_vec())?;
+    let report = rec.pass_now().await?;
+    if let Some(e) = report.device_error {
+        rec.shutdown();
+        return Err(DaemonError::Device(e));
+    }
+    tracing::info!(
+        ifindex = report.ifindex,
+        changes = report.changes,
+        errors = report.errors.len(),
+        peers = st.leases.len().saturating_sub(1),
+        "datapath programmed"
+    );
+    st.reconciler = Some(rec);
+    st.write_subnet_env()?;
+
+    let result = st.main_loop(watch).await;
+    if let Some(r) = st.reconciler.take() {
+        r.shutdown();
+    }
+    result
+}
+
+/// Waits for the watch's first message, which must be a snapshot.
+async fn first_snapshot(
+    rx: &mut mpsc::Receiver<WatchEvent>,
+) -> Result<BTreeMap<LeaseKey, Lease>, DaemonError> {
+    loop {
+        match rx.recv().await {
+            Some(WatchEvent::Snapshot(s)) => {
+                return Ok(s.leases.into_iter().map(|l| (l.key, l)).collect())
+            }
+            Some(WatchEvent::Events { .. }) => continue,
+            None => {
+                return Err(DaemonError::WatchLost(
+                    "closed before the first snapshot".into(),
+                ))
+            }
+        }
+    }
+}
+
+impl State {
+    fn settings(&self, mac: flannel_core::mac::MacAddr) -> Settings {
+        let own_subnet = self.own.key.ipv4.expect("checked at acquisition");
+        Settings {
+            spec: DeviceSpec {
+                device: vxlan::device(&self.s.vxlan, &self.s.ext, self.mtu, mac),
+                address: vxlan::device_address(own_subnet),
+            },
+            network: self.s.network,
+            own: self.own.key,
+        }
+    }
+
+    fn mac(&self) -> flannel_core::mac::MacAddr {
+        vxlan::lease_vtep_mac(&self.attrs, self.s.vxlan.vni).expect("our own attrs carry the MAC")
+    }
+
+    fn lease_vec(&self) -> Vec<Lease> {
+        self.leases.values().cloned().collect()
+    }
+
+    fn write_subnet_env(&self) -> Result<(), DaemonError> {
+        let env = SubnetEnv::new(&self.s.cfg, &self.own.key, self.mtu, self.flags.ip_masq);
+        subnet_file::write_atomic(&self.flags.subnet_file, &env.render())?;
+        tracing::info!(path = %self.flags.subnet_file.display(), "wrote subnet.env");
+        Ok(())
+    }
+
+    fn push_leases(&self) {
+        if let Some(r) = &self.reconciler {
+            let _ = r.send(Request::Leases(self.lease_vec()));
+        }
+    }
+
+    /// The renewal deadline. `--subnet-lease-renew-margin` is at least a
+    /// minute; with a short test `--lease-ttl` the margin is capped at half
+    /// the TTL so that renewal does not spin.
+    fn next_renewal(&self) -> Option<SystemTime> {
+        let margin = self.flags.renew_margin().min(self.flags.lease_ttl() / 2);
+        renew_at(&self.own, margin)
+    }
+
+    fn retry_delay(&self) -> Duration {
+        Duration::from_secs(60)
+            .min(self.flags.lease_ttl() / 4)
+            .max(Duration::from_secs(1))
+    }
+
+    async fn main_loop(
+        &mut self,
+        mut watch: mpsc::Receiver<WatchEvent>,
+    ) -> Result<(), DaemonError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+        let mut resync = tokio::time::interval(self.flags.resync_interval());
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await; // the first tick is immediate; the startup pass just ran
+        let mut renew_due = self.next_renewal();
+        loop {
+            let renew_sleep = async {
+                match renew_due {
+                    Some(at) => {
+                        let d = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::sleep(d).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
+                _ = sigint.recv() => { tracing::info!("SIGINT: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
+                _ = resync.tick() => {
+                    if let Some(r) = &self.reconciler { r.send(Request::Resync)?; }
+                }
+                _ = renew_sleep => {
+                    renew_due = self.renew().await?;
+                }
+                ev = watch.recv() => match ev {
+                    Some(ev) => {
+                        if self.on_watch(ev).await? {
+                            renew_due = self.next_renewal();
+                        }
+                    }
+                    None => {
+                        tracing::warn!("lease watch ended; restarting it");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        watch = self.store.watch_leases().await
+                            .map_err(|e| DaemonError::WatchLost(e.to_string()))?;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Renews our lease; returns when to try next.
+    async fn renew(&mut self) -> Result<Option<SystemTime>, DaemonError> {
+        match renew_lease(&self.store, &self.own, self.flags.lease_ttl()).await {
+            Ok(l) => {
+                tracing::info!(subnet = %self.own.key, expires = ?l.expiration, "renewed lease");
+                self.own = l;
+                Ok(self.next_renewal())
+            }
+            Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {
+                tracing::warn!(subnet = %self.own.key, "our lease is gone from the store at renewal; re-acquiring");
+                self.reacquire().await?;
+                Ok(self.next_renewal())
+            }
+            Err(e) => {
+                let d = self.retry_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "lease renewal failed; retrying");
+                Ok(Some(SystemTime::now() + d))
+            }
+        }
+    }
+
+    /// Re-acquires a lease (preferring our previous subnet), reprograms the
+    /// device address and rewrites subnet.env when the subnet changed. The
+    /// datapath toward the peers is kept throughout.
+    async fn reacquire(&mut self) -> Result<(), DaemonError> {
+        let previous = Some(self.own.key);
+        let mut delay = Duration::from_secs(1);
+        let lease = loop {
+            match acquire_lease(
+                &self.store,
+                &self.s.cfg,
+                &self.attrs,
+                previous,
+                self.flags.lease_ttl(),
+            )
+            .await
+            {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::error!(error = %e, retry_in = ?delay, "re-acquiring a lease failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.retry_delay());
+                }
+            }
+        };
+        let changed = lease.key != self.own.key;
+        if changed {
+            tracing::warn!(old = %self.own.key, new = %lease.key, "re-acquired a DIFFERENT subnet; pods on this node must be restarted to use it");
+        } else {
+            tracing::info!(subnet = %lease.key, "re-acquired the same subnet");
+        }
+        self.own = lease.clone();
+        self.leases.insert(lease.key, lease);
+        if changed {
+            if let Some(r) = &self.reconciler {
+                r.send(Request::Settings(Box::new(self.settings(self.mac()))))?;
+            }
+            self.write_subnet_env()?;
+        }
+        self.push_leases();
+        Ok(())
+    }
+
+    /// Applies a watch message; returns true when our own lease changed.
+    async fn on_watch(&mut self, ev: WatchEvent) -> Result<bool, DaemonError> {
+        let mut own_lost = false;
+        let mut own_changed = false;
+        match ev {
+            WatchEvent::Snapshot(s) => {
+                let new: BTreeMap<LeaseKey, Lease> =
+                    s.leases.into_iter().map(|l| (l.key, l)).collect();
+                for k in self.leases.keys().filter(|k| !new.contains_key(k)) {
+                    tracing::info!(subnet = %k, "lease removed (resync)");
+                }
+                for (k, l) in new.iter().filter(|(k, l)| self.leases.get(k) != Some(l)) {
+                    tracing::info!(subnet = %k, public_ip = ?l.attrs.public_ip, "lease added or changed (resync)");
+                }
+                self.leases = new;
+                match self.leases.get(&self.own.key) {
+                    None => own_lost = true,
+                    Some(l) if l.attrs.public_ip != self.attrs.public_ip => own_lost = true,
+                    Some(l) => {
+                        own_changed = l.expiration != self.own.expiration;
+                        self.own = l.clone();
+                    }
+                }
+            }
+            WatchEvent::Events { events, .. } => {
+                for e in events {
+                    match e {
+                        LeaseEvent::Upsert(l) => {
+                            if l.key == self.own.key {
+                                if l.attrs.public_ip != self.attrs.public_ip {
+                                    tracing::warn!(subnet = %l.key, holder = ?l.attrs.public_ip, "our subnet now belongs to another node");
+                                    own_lost = true;
+                                } else {
+                                    own_changed |= l.expiration != self.own.expiration;
+                                    self.own = l.clone();
+                                }
+                            } else if self.leases.get(&l.key) != Some(&l) {
+                                tracing::info!(subnet = %l.key, public_ip = ?l.attrs.public_ip, "peer lease added or changed");
+                            }
+                            self.leases.insert(l.key, l);
+                        }
+                        LeaseEvent::Removed(k) => {
+                            if k == self.own.key {
+                                own_lost = true;
+                            } else {
+                                tracing::info!(subnet = %k, "peer lease removed");
+                            }
+                            self.leases.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+        self.push_leases();
+        if own_lost {
+            tracing::warn!(subnet = %self.own.key, "our lease was removed from the store while running; re-acquiring (the datapath is kept)");
+            self.reacquire().await?;
+            return Ok(true);
+        }
+        Ok(own_changed)
+    }
+}

@@ -1,0 +1,329 @@
+//! Choosing the external interface: the one carrying inter-host (underlay)
+//! traffic, whose address becomes the vxlan `local` and, unless
+//! `--public-ip` says otherwise, the PublicIP of our lease.
+//!
+//! Order, as upstream: every `--iface` (a name or an address) in the order
+//! given, then every `--iface-regex` (matched against the interfaces'
+//! addresses first, then their names), and only when neither flag was given,
+//! the interface of the default route (`ip route show default`).
+//!
+//! [`select`] is the pure decision over a snapshot of links, addresses and
+//! routes; [`lookup`] takes that snapshot from the kernel.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use flannel_netlink::Netlink;
+use ipnet::IpNet;
+use regex::Regex;
+
+/// Errors of interface selection, each telling which flag to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum IfaceError {
+    #[error("--iface-regex {pattern:?} is not a valid regular expression: {source}")]
+    BadRegex {
+        pattern: String,
+        #[source]
+        source: regex::Error,
+    },
+    #[error(
+        "no usable interface matches --iface {ifaces:?} / --iface-regex {regexes:?} ({detail}); \
+         pass the name or IPv4 address of an interface that is up and has a global IPv4 address"
+    )]
+    NoMatch {
+        ifaces: Vec<String>,
+        regexes: Vec<String>,
+        detail: String,
+    },
+    #[error(
+        "no default route to pick the external interface from; pass --iface NAME or --iface-regex"
+    )]
+    NoDefaultRoute,
+    #[error("the default route's interface (index {index}) {problem}; pass --iface NAME")]
+    DefaultRouteUnusable { index: u32, problem: String },
+    #[error("--iface-can-reach is not implemented yet; use --iface or --iface-regex")]
+    CanReachUnsupported,
+    #[error("reading interfaces from the kernel: {0}")]
+    Kernel(#[from] flannel_netlink::Error),
+}
+
+/// One interface as selection sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    /// Global addresses, in the order the kernel lists them.
+    pub addrs: Vec<IpNet>,
+}
+
+impl Candidate {
+    /// The first global IPv4 address (upstream uses the first one too).
+    pub fn first_ipv4(&self) -> Option<Ipv4Addr> {
+        self.addrs.iter().find_map(|a| match a.addr() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+    }
+}
+
+/// What the flags ask for.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub ifaces: Vec<String>,
+    pub regexes: Vec<String>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub can_reach: Option<IpAddr>,
+}
+
+/// The chosen external interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalInterface {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    /// The interface's own (first global) IPv4 address: the vxlan `local`.
+    pub iface_addr: Ipv4Addr,
+    /// The address published in our lease: `--public-ip` or `iface_addr`.
+    pub public_ip: Ipv4Addr,
+}
+
+fn finish(c: &Candidate, req: &Request) -> Result<ExternalInterface, String> {
+    let addr = c
+        .first_ipv4()
+        .ok_or_else(|| format!("interface {} has no global IPv4 address", c.name))?;
+    Ok(ExternalInterface {
+        index: c.index,
+        name: c.name.clone(),
+        mtu: c.mtu,
+        iface_addr: addr,
+        public_ip: req.public_ip.unwrap_or(addr),
+    })
+}
+
+/// Decides the external interface from a snapshot of the host's interfaces
+/// and the output interface of its default route.
+pub fn select(
+    cands: &[Candidate],
+    default_oif: Option<u32>,
+    req: &Request,
+) -> Result<ExternalInterface, IfaceError> {
+    if req.can_reach.is_some() {
+        return Err(IfaceError::CanReachUnsupported);
+    }
+    let regexes = req
+        .regexes
+        .iter()
+        .map(|p| {
+            Regex::new(p).map_err(|source| IfaceError::BadRegex {
+                pattern: p.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut problems = Vec::new();
+    for spec in &req.ifaces {
+        let found = match spec.parse::<IpAddr>() {
+            Ok(ip) => cands
+                .iter()
+                .find(|c| c.addrs.iter().any(|a| a.addr() == ip)),
+            Err(_) => cands.iter().find(|c| &c.name == spec),
+        };
+        match found {
+            Some(c) => match finish(c, req) {
+                Ok(e) => return Ok(e),
+                Err(p) => problems.push(p),
+            },
+            None => problems.push(format!("no interface named or addressed {spec:?}")),
+        }
+    }
+    for re in &regexes {
+        // Addresses first, then names, as upstream.
+        let by_addr = cands.iter().find(|c| {
+            c.addrs
+                .iter()
+                .any(|a| a.addr().is_ipv4() && re.is_match(&a.addr().to_string()))
+        });
+        let by_name = || cands.iter().find(|c| re.is_match(&c.name));
+        match by_addr.or_else(by_name) {
+            Some(c) => match finish(c, req) {
+                Ok(e) => return Ok(e),
+                Err(p) => problems.push(p),
+            },
+            None => problems.push(format!("nothing matches /{}/", re.as_str())),
+        }
+    }
+    if !req.ifaces.is_empty() || !req.regexes.is_empty() {
+        return Err(IfaceError::NoMatch {
+            ifaces: req.ifaces.clone(),
+            regexes: req.regexes.clone(),
+            detail: problems.join("; "),
+        });
+    }
+    let index = default_oif.ok_or(IfaceError::NoDefaultRoute)?;
+    let c = cands.iter().find(|c| c.index == index).ok_or_else(|| {
+        IfaceError::DefaultRouteUnusable {
+            index,
+            problem: "does not exist".into(),
+        }
+    })?;
+    finish(c, req).map_err(|problem| IfaceError::DefaultRouteUnusable { index, problem })
+}
+
+/// Reads links, their addresses and the default route (`ip -d link`,
+/// `ip addr`, `ip route show default`) and runs [`select`]. Read-only.
+pub fn lookup(nl: &mut Netlink, req: &Request) -> Result<ExternalInterface, IfaceError> {
+    let mut cands = Vec::new();
+    for link in nl.list_links()? {
+        let addrs = nl.list_addresses(link.index)?;
+        cands.push(Candidate {
+            index: link.index,
+            name: link.name,
+            mtu: link.mtu,
+            addrs,
+        });
+    }
+    let default_oif = default_route_oif(&nl.list_routes()?);
+    select(&cands, default_oif, req)
+}
+
+/// The output interface of the IPv4 default route, if any.
+pub fn default_route_oif(routes: &[flannel_core::datapath::Route]) -> Option<u32> {
+    // Several default routes (different metrics) are possible; the kernel
+    // dumps them in preference order, so the first one is the one in use.
+    let default: IpNet = "0.0.0.0/0".parse().expect("literal");
+    routes.iter().find(|r| r.dst == default).map(|r| r.oif)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flannel_core::datapath::Route;
+
+    fn c(index: u32, name: &str, mtu: u32, addrs: &[&str]) -> Candidate {
+        Candidate {
+            index,
+            name: name.into(),
+            mtu,
+            addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
+        }
+    }
+
+    fn host() -> Vec<Candidate> {
+        vec![
+            c(1, "lo", 65536, &["127.0.0.1/8"]),
+            c(
+                2,
+                "ens3",
+                1500,
+                &["fd00::14/64", "172.16.1.14/24", "172.16.1.99/24"],
+            ),
+            c(3, "eth1", 9000, &["10.9.0.5/16"]),
+            c(4, "v6only", 1500, &["fd00:1::1/64"]),
+        ]
+    }
+
+    fn req(ifaces: &[&str], regexes: &[&str]) -> Request {
+        Request {
+            ifaces: ifaces.iter().map(|s| s.to_string()).collect(),
+            regexes: regexes.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn default_route_interface_when_no_flags() {
+        let e = select(&host(), Some(2), &req(&[], &[])).unwrap();
+        assert_eq!(e.name, "ens3");
+        assert_eq!(e.mtu, 1500);
+        // First global IPv4, skipping the IPv6 address listed before it.
+        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
+        assert_eq!(e.public_ip, e.iface_addr);
+    }
+
+    #[test]
+    fn no_default_route_is_an_error_naming_the_flag() {
+        let err = select(&host(), None, &req(&[], &[])).unwrap_err();
+        assert!(err.to_string().contains("--iface"), "{err}");
+    }
+
+    #[test]
+    fn iface_by_name_and_by_address_in_order() {
+        let e = select(&host(), Some(2), &req(&["eth1"], &[])).unwrap();
+        assert_eq!((e.index, e.mtu), (3, 9000));
+        let e = select(&host(), Some(2), &req(&["172.16.1.99"], &[])).unwrap();
+        assert_eq!(e.name, "ens3");
+        // The matched interface's first address is used, as upstream.
+        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
+        // Missing ones are skipped, the first existing one wins.
+        let e = select(&host(), Some(2), &req(&["nope", "eth1", "ens3"], &[])).unwrap();
+        assert_eq!(e.name, "eth1");
+    }
+
+    #[test]
+    fn iface_without_ipv4_is_skipped_then_error() {
+        let e = select(&host(), Some(2), &req(&["v6only", "ens3"], &[])).unwrap();
+        assert_eq!(e.name, "ens3");
+        let err = select(&host(), Some(2), &req(&["v6only"], &[])).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("v6only has no global IPv4"), "{msg}");
+    }
+
+    #[test]
+    fn given_flags_never_fall_back_to_default_route() {
+        let err = select(&host(), Some(2), &req(&["nope"], &[])).unwrap_err();
+        assert!(matches!(err, IfaceError::NoMatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn regex_matches_addresses_before_names() {
+        let e = select(&host(), None, &req(&[], &["^10\\.9\\."])).unwrap();
+        assert_eq!(e.name, "eth1");
+        let e = select(&host(), None, &req(&[], &["^eth"])).unwrap();
+        assert_eq!(e.name, "eth1");
+        // An address match on a later interface beats a name match on an earlier one.
+        let e = select(&host(), None, &req(&[], &["^10|ens"])).unwrap();
+        assert_eq!(e.name, "eth1");
+        // Each regex is tried in turn: the first that matches anything wins.
+        let e = select(&host(), None, &req(&[], &["^nothing$", "ens"])).unwrap();
+        assert_eq!(e.name, "ens3");
+    }
+
+    #[test]
+    fn iface_is_tried_before_regex() {
+        let e = select(&host(), None, &req(&["nope"], &["^ens"])).unwrap();
+        assert_eq!(e.name, "ens3");
+        let e = select(&host(), None, &req(&["eth1"], &["^ens"])).unwrap();
+        assert_eq!(e.name, "eth1");
+    }
+
+    #[test]
+    fn bad_regex_names_the_flag() {
+        let err = select(&host(), None, &req(&[], &["(unclosed"])).unwrap_err();
+        assert!(err.to_string().contains("--iface-regex"), "{err}");
+    }
+
+    #[test]
+    fn public_ip_overrides_the_published_address_only() {
+        let mut r = req(&["ens3"], &[]);
+        r.public_ip = Some(Ipv4Addr::new(203, 0, 113, 9));
+        let e = select(&host(), None, &r).unwrap();
+        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
+        assert_eq!(e.public_ip, Ipv4Addr::new(203, 0, 113, 9));
+    }
+
+    #[test]
+    fn default_route_oif_picks_the_ipv4_default() {
+        let r = |dst: &str, oif| Route {
+            dst: dst.parse().unwrap(),
+            gateway: None,
+            oif,
+            onlink: false,
+        };
+        assert_eq!(default_route_oif(&[r("10.0.0.0/8", 3), r("::/0", 4)]), None);
+        assert_eq!(
+            default_route_oif(&[r("10.0.0.0/8", 3), r("0.0.0.0/0", 2), r("0.0.0.0/0", 5)]),
+            Some(2)
+        );
+    }
+}
