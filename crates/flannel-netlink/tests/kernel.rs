@@ -778,3 +778,64 @@ fn handles_are_send() {
     send::<Monitor>();
     send::<NetNs>();
 }
+
+/// `NetNs::add` when /run/netns is not a mount point yet (a fresh machine):
+/// it must bind /run/netns onto itself and make it shared, as `ip netns add`
+/// does. Run in a private mount namespace of one thread, with a tmpfs on
+/// /run, so the host's mounts are never touched.
+#[test]
+fn netns_add_makes_run_dir_a_shared_mount() {
+    need_root();
+    std::thread::spawn(|| {
+        use nix::mount::{mount, MsFlags};
+        use nix::sched::{unshare, CloneFlags};
+        unshare(CloneFlags::CLONE_FS | CloneFlags::CLONE_NEWNS).expect("unshare mount ns");
+        // First cut propagation to the host: only then mount anything.
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .expect("make / rprivate in the private mount namespace");
+        // Here (private) the host's /run/netns mount is dropped, and a
+        // tmpfs keeps our files off the host's /run.
+        let _ = nix::mount::umount2("/run/netns", nix::mount::MntFlags::MNT_DETACH);
+        mount(
+            Some("tmpfs"),
+            "/run",
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("tmpfs on /run");
+        let mountinfo = || std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap();
+        assert!(!mountinfo()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some("/run/netns")));
+        let ns = ScopedNetNs::unique("fnl-fresh").unwrap();
+        let line = mountinfo()
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some("/run/netns"))
+            .map(str::to_string)
+            .expect("/run/netns became a mount point");
+        assert!(line.contains("shared:"), "not shared: {line}");
+        let links = ns
+            .run(|| Netlink::open().unwrap().list_links().unwrap())
+            .unwrap();
+        assert_eq!(links.len(), 1);
+        assert!(links[0].up);
+        // A second namespace reuses the mount point as it is.
+        let ns2 = ScopedNetNs::unique("fnl-fresh").unwrap();
+        let count = mountinfo()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some("/run/netns"))
+            .count();
+        assert_eq!(count, 1);
+        drop(ns2);
+        drop(ns);
+    })
+    .join()
+    .unwrap();
+}
