@@ -53,7 +53,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,7 +265,7 @@ impl Store for LocalStore {
                     key: name.clone(),
                     detail: format!("stored file cannot be updated: {why}"),
                 }),
-                FileState::Lease(held) if owner(&held.attrs) != owner(&lease.attrs) => {
+                FileState::Lease(held) if !same_owner(&held.attrs, &lease.attrs) => {
                     Err(StoreError::Conflict {
                         key: name.clone(),
                         detail: format!(
@@ -854,8 +853,17 @@ fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
     }
 }
 
-fn owner(attrs: &LeaseAttrs) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
-    (attrs.public_ip, attrs.public_ipv6)
+/// Whether `new` may overwrite `held`: they name the same public address in
+/// at least one family and different ones in none. A family only one side
+/// names does not count (a node that gained an IPv6 address, or a
+/// reservation written with the IPv4 address only, still owns its lease).
+fn same_owner(held: &LeaseAttrs, new: &LeaseAttrs) -> bool {
+    fn cmp<T: PartialEq>(a: Option<T>, b: Option<T>) -> Option<bool> {
+        Some(a? == b?)
+    }
+    let v4 = cmp(held.public_ip, new.public_ip);
+    let v6 = cmp(held.public_ipv6, new.public_ipv6);
+    v4 != Some(false) && v6 != Some(false) && (v4 == Some(true) || v6 == Some(true))
 }
 
 fn show<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -899,6 +907,33 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn owner_is_matched_per_family() {
+        let a = |v4: Option<[u8; 4]>, v6: Option<u16>| LeaseAttrs {
+            public_ip: v4.map(Ipv4Addr::from),
+            public_ipv6: v6.map(|x| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, x)),
+            backend_type: "vxlan".into(),
+            backend_data: None,
+            backend_v6_data: None,
+        };
+        let (ip1, ip2) = (Some([172, 16, 0, 1]), Some([172, 16, 0, 2]));
+        assert!(same_owner(&a(ip1, None), &a(ip1, None)));
+        assert!(same_owner(&a(ip1, None), &a(ip1, Some(1))), "gained IPv6");
+        assert!(same_owner(&a(ip1, Some(1)), &a(ip1, None)));
+        assert!(same_owner(&a(None, Some(1)), &a(None, Some(1))));
+        assert!(!same_owner(&a(ip1, None), &a(ip2, None)));
+        assert!(
+            !same_owner(&a(ip1, Some(1)), &a(ip1, Some(2))),
+            "IPv6 differs"
+        );
+        assert!(
+            !same_owner(&a(ip1, None), &a(None, Some(1))),
+            "nothing in common"
+        );
+        assert!(!same_owner(&a(None, None), &a(None, None)));
+    }
 
     /// An inotify queue overflow (cannot be provoked without changing
     /// `fs.inotify.max_queued_events`) makes the watch resend a full snapshot,
@@ -946,7 +981,10 @@ mod tests {
             WatchEvent::Snapshot(s) => assert_eq!(s.leases, vec![lease.clone()]),
             other => panic!("expected a snapshot, got {other:?}"),
         }
-        assert_eq!(w.cache.values().cloned().collect::<Vec<_>>(), vec![lease.clone()]);
+        assert_eq!(
+            w.cache.values().cloned().collect::<Vec<_>>(),
+            vec![lease.clone()]
+        );
         // Re-reading the same file afterwards reports nothing new.
         let mut names = BTreeSet::new();
         names.insert(key.to_string());
