@@ -470,6 +470,12 @@ impl Netlink {
     /// `ip link del dev INDEX`; absent is success.
     pub fn del_link(&mut self, index: u32) -> Result<()> {
         let op = format!("ip link del dev {index}");
+        if index == 0 {
+            return Err(Error::Invalid {
+                op,
+                detail: "index 0 names no link: pass the index of the link to delete".into(),
+            });
+        }
         match self.link_write(RouteNetlinkMessage::DelLink(link_msg(index)), 0, &op) {
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
             r => r,

@@ -134,10 +134,13 @@ impl Transport {
         op: &str,
     ) -> Result<Vec<RouteNetlinkMessage>> {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        if !dump {
+            return self.exchange(msg, flags, false, op).map(|(out, _)| out);
+        }
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (out, interrupted) = self.exchange(msg.clone(), flags, dump, op)?;
+            let (out, interrupted) = self.exchange(msg.clone(), flags, true, op)?;
             if !interrupted {
                 return Ok(out);
             }
@@ -172,13 +175,14 @@ impl Transport {
                 source,
             })?;
             for raw in split(&self.buf[..n]).map_err(|detail| protocol(op, detail))? {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw)
-                    .map_err(|e| protocol(op, e.to_string()))?;
                 // Replies to an earlier request that was abandoned (an error
-                // part-way through a dump) still carry its old number.
-                if msg.header.sequence_number != seq {
+                // part-way through a dump) still carry its old number: skip
+                // them before decoding.
+                if NetlinkBuffer::new(raw).sequence_number() != seq {
                     continue;
                 }
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw)
+                    .map_err(|e| protocol(op, e.to_string()))?;
                 if msg.header.flags & NLM_F_DUMP_INTR != 0 {
                     interrupted = true;
                 }
@@ -285,7 +289,7 @@ fn set_rcvbuf(sock: &Socket, size: usize) {
     }
 }
 
-/// True for the ACK/done requests flags of a dump.
+/// Request flags of a dump (`NLM_F_DUMP`), for [`Transport::request`].
 pub(crate) const DUMP: u16 = NLM_F_DUMP;
 
 #[cfg(test)]
