@@ -539,14 +539,14 @@ struct Validated {
     max: u128,
 }
 
-/// Size of a subnet of length `len` in a family of `bits` bits.
-fn block(bits: u8, len: u8) -> u128 {
+/// Size minus one of a block of length `len` in a family of `bits` bits
+/// (the host part all ones); `u128::MAX` for ::/0.
+fn span(bits: u8, len: u8) -> u128 {
     let host = u32::from(bits - len);
     if host >= 128 {
-        // Only reachable for ::/0 with length 0, which validation refuses.
         u128::MAX
     } else {
-        1u128 << host
+        (1u128 << host) - 1
     }
 }
 
@@ -582,9 +582,9 @@ fn validate_family(
         None if prefix <= f.wide_prefix => f.default_len,
         None => prefix + 2,
     };
-    let size = block(f.bits, len);
-    let net_size = block(f.bits, prefix);
-    let net_last = net.wrapping_add(net_size).wrapping_sub(1);
+    // len >= prefix + 2 >= 2, so a subnet's size fits in u128.
+    let size = span(f.bits, len) + 1;
+    let net_last = net | span(f.bits, prefix);
     let inside = |a: u128| a >= net && a <= net_last;
 
     let check = |field: &'static str, a: u128| -> Result<(), ConfigError> {
@@ -929,6 +929,17 @@ mod tests {
         assert_eq!(c.ipv6_subnet_min, "fd00::40".parse::<Ipv6Addr>().unwrap());
         assert_eq!(c.ipv6_subnet_max, "fd00::c0".parse::<Ipv6Addr>().unwrap());
 
+        let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"::/0"}"#);
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(c.ipv6_subnet_min, "0:0:0:1::".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            c.ipv6_subnet_max,
+            "ffff:ffff:ffff:ffff::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(c.ipv6_pool().unwrap().count(), u128::from(u64::MAX));
+        let c = ok(r#"{"Network":"0.0.0.0/0"}"#);
+        assert_eq!(c.subnet_max, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.ipv4_pool().unwrap().count(), (1 << 24) - 1);
         let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/62"}"#);
         assert_eq!(c.ipv6_subnet_len, 64);
         let c = ok(
