@@ -6,7 +6,7 @@
 //! work, so [`NetNs::run`] always runs the closure on a dedicated OS thread.
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -103,6 +103,13 @@ static RUN_DIR_LOCK: Mutex<()> = Mutex::new(());
 fn ensure_run_dir(name: &str) -> Result<(), NetNsError> {
     let _guard = RUN_DIR_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     std::fs::create_dir_all(NETNS_RUN_DIR).map_err(io(name, "create /run/netns"))?;
+    // Other processes (parallel test binaries, the CNI plugin) may do the
+    // same at the same time: an flock on the directory inode (the same
+    // inode before and after the bind mount) serialises us with them.
+    let dir = std::fs::File::open(NETNS_RUN_DIR).map_err(io(name, "open /run/netns"))?;
+    if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io(name, "lock /run/netns")(std::io::Error::last_os_error()));
+    }
     let make_shared = || {
         mount(
             Some("none"),
