@@ -81,6 +81,9 @@ const WATCH_CHANNEL_CAPACITY: usize = 256;
 /// (a closed mpsc channel cannot be polled together with the inotify fd).
 const WATCH_MAX_SLEEP: Duration = Duration::from_secs(5);
 
+/// After a failed read the watch resyncs this soon.
+const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
+
 /// Prefix of files being written; readers ignore every dot file.
 const TMP_PREFIX: &str = ".tmp.";
 
@@ -560,6 +563,8 @@ struct Watcher {
     inotify: Inotify,
     /// The watch on `DIR/subnets`.
     wd: WatchDescriptor,
+    /// False after the directory vanished and re-adding the watch failed.
+    watching: bool,
     /// What the receiver knows: unexpired leases by file name.
     cache: BTreeMap<String, Lease>,
     resync_interval: Duration,
@@ -601,6 +606,7 @@ impl Watcher {
             shutdown,
             inotify,
             wd,
+            watching: true,
             cache: BTreeMap::new(),
             resync_interval,
             next_resync: Instant::now() + resync_interval,
@@ -666,11 +672,22 @@ impl Watcher {
             if shutdown {
                 return Ok(());
             }
+            let mut outcome = Ok(());
             if inotify_ready {
-                self.handle_inotify()?;
+                outcome = self.handle_inotify();
             }
-            if Instant::now() >= self.next_resync {
-                self.resync()?;
+            if outcome.is_ok() && Instant::now() >= self.next_resync {
+                outcome = self.resync();
+            }
+            if let Err(e) = outcome {
+                if self.tx.is_closed() {
+                    return Ok(());
+                }
+                // A failed read (a file system hiccup) must not end the watch:
+                // the resync a second from now repairs the receiver's view.
+                tracing::warn!(dir = %self.layout.subnets.display(), error = %e,
+                    "local store watch: read failed; resyncing in 1 s");
+                self.next_resync = self.next_resync.min(Instant::now() + RETRY_AFTER_ERROR);
             }
         }
     }
@@ -717,6 +734,17 @@ impl Watcher {
         self.apply(names, overflow, lost_dir)
     }
 
+    /// Recreates `DIR/subnets` if needed and watches it again.
+    fn rewatch(&mut self) -> Result<()> {
+        fs::create_dir_all(&self.layout.subnets).map_err(|e| io_err(&self.layout.subnets, e))?;
+        self.wd = self
+            .inotify
+            .add_watch(&self.layout.subnets, Self::watch_mask())
+            .map_err(|e| io_err(&self.layout.subnets, e.into()))?;
+        self.watching = true;
+        Ok(())
+    }
+
     /// Turns one batch of inotify events into watch messages.
     fn apply(&mut self, names: BTreeSet<String>, overflow: bool, lost_dir: bool) -> Result<()> {
         if lost_dir {
@@ -724,12 +752,8 @@ impl Watcher {
             // tell the receiver what is there now.
             tracing::warn!(dir = %self.layout.subnets.display(),
                 "lease directory removed or moved; recreating it and resending a snapshot");
-            fs::create_dir_all(&self.layout.subnets)
-                .map_err(|e| io_err(&self.layout.subnets, e))?;
-            self.wd = self
-                .inotify
-                .add_watch(&self.layout.subnets, Self::watch_mask())
-                .map_err(|e| io_err(&self.layout.subnets, e.into()))?;
+            self.watching = false;
+            self.rewatch()?;
         }
         if overflow || lost_dir {
             // Events were lost: only a full snapshot is trustworthy.
@@ -808,6 +832,9 @@ impl Watcher {
 
     /// The safety resync: a full scan that sends only the differences.
     fn resync(&mut self) -> Result<()> {
+        if !self.watching {
+            self.rewatch()?;
+        }
         let old = std::mem::take(&mut self.cache);
         self.full_read()?;
         let mut events = Vec::new();
