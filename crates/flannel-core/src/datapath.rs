@@ -970,4 +970,116 @@ mod tests {
         assert!(!d.is_empty());
         assert!(DesiredState::default().is_empty());
     }
+
+    /// A model of the kernel's replace/delete semantics for these objects.
+    #[derive(Default, Debug)]
+    struct ModelKernel {
+        state: DesiredState,
+    }
+
+    impl ModelKernel {
+        fn apply(&mut self, op: &Op) {
+            let s = &mut self.state;
+            match op {
+                // Replace overwrites the object with the same key (the first
+                // one, for an FDB MAC with several remotes), else appends.
+                Op::AddRoute(r) => replace(&mut s.routes, r),
+                Op::AddNeighbour(n) => replace(&mut s.neighbours, n),
+                Op::AddFdb(e) => replace(&mut s.fdb, e),
+                // `ip route del` matches dst, gateway and device.
+                Op::DelRoute(r) => s.routes.retain(|x| x != r),
+                // `ip neigh del IP dev X` matches the key only.
+                Op::DelNeighbour(n) => s.neighbours.retain(|x| x.replace_key() != n.replace_key()),
+                // `bridge fdb del MAC dev X dst IP` removes that remote.
+                Op::DelFdb(e) => s.fdb.retain(|x| x != e),
+            }
+            s.normalize();
+        }
+    }
+
+    fn replace<T: ReplaceKey + Clone + PartialEq>(v: &mut Vec<T>, t: &T) {
+        match v.iter_mut().find(|x| x.replace_key() == t.replace_key()) {
+            Some(x) => *x = t.clone(),
+            None => v.push(t.clone()),
+        }
+    }
+
+    fn random_state(rng: &mut impl rand::Rng) -> DesiredState {
+        let mut d = DesiredState::default();
+        let macs = [
+            "02:00:00:00:00:01",
+            "02:00:00:00:00:02",
+            "02:00:00:00:00:03",
+        ];
+        for i in 0..4u8 {
+            let dst = format!("10.244.{i}.0/24");
+            if rng.random_bool(0.6) {
+                let gw = if rng.random_bool(0.5) {
+                    format!("10.244.{i}.0")
+                } else {
+                    "172.16.1.9".into()
+                };
+                let oif = if rng.random_bool(0.7) { VX } else { EXT };
+                d.routes.push(route(&dst, Some(&gw), oif, oif == VX));
+            }
+            if rng.random_bool(0.6) {
+                d.neighbours.push(Neighbour {
+                    ifindex: VX,
+                    ip: ip(&format!("10.244.{i}.0")),
+                    mac: mac(macs[rng.random_range(0..3)]),
+                });
+            }
+        }
+        for m in macs {
+            // Occasionally two remotes for one MAC in the actual state.
+            for _ in 0..rng.random_range(0..3) {
+                d.fdb.push(FdbEntry {
+                    ifindex: VX,
+                    mac: mac(m),
+                    dst: ip(&format!("172.16.1.{}", rng.random_range(1..4))),
+                });
+            }
+        }
+        d.normalize();
+        // Routes and neighbours cannot hold two objects with one key.
+        d.routes.dedup_by_key(|r| r.replace_key());
+        d.neighbours.dedup_by_key(|n| n.replace_key());
+        d
+    }
+
+    #[test]
+    fn plan_converges_on_a_model_kernel() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..2000 {
+            let mut desired = random_state(&mut rng);
+            // A desired state has one FDB entry per MAC.
+            desired.fdb.dedup_by_key(|e| e.replace_key());
+            let mut k = ModelKernel {
+                state: random_state(&mut rng),
+            };
+            let start = k.state.clone();
+            let mut passes = 0;
+            loop {
+                let plan = plan_reconcile(&desired, &k.state);
+                if plan.is_empty() {
+                    break;
+                }
+                passes += 1;
+                assert!(passes <= 2, "no convergence from {start:?} to {desired:?}");
+                for op in plan.ops() {
+                    k.apply(&op);
+                }
+            }
+            assert_eq!(k.state, desired);
+            // One pass suffices unless a MAC had several stale remotes.
+            let multi = start
+                .fdb
+                .windows(2)
+                .any(|w| w[0].replace_key() == w[1].replace_key());
+            if !multi {
+                assert!(passes <= 1, "two passes from {start:?} to {desired:?}");
+            }
+        }
+    }
 }

@@ -537,4 +537,28 @@ mod tests {
             assert!((700..1300).contains(&c), "{n} drawn {c} times of 7000");
         }
     }
+
+    #[test]
+    fn random_free_in_a_huge_v6_range() {
+        // fd00::/8 in /124s: 2^116 - 1 candidates; a taken /16 block and
+        // single subnets are stepped over without listing anything.
+        let p = SubnetPool::new(
+            v6("fd00::/8"),
+            124,
+            "fd00::10".parse().unwrap(),
+            "fdff:ffff:ffff:ffff:ffff:ffff:ffff:fff0".parse().unwrap(),
+        )
+        .unwrap();
+        let taken = [v6("fd00::/9"), v6("fdff::/16"), v6("fd80::/124")];
+        let mut rng = StdRng::seed_from_u64(2);
+        assert_eq!(
+            p.free_count(&taken),
+            p.count() - ((1u128 << 115) - 1) - (1u128 << 108) - 1
+        );
+        for _ in 0..1000 {
+            let n = p.random_free(&mut rng, &taken).unwrap();
+            assert!(p.contains(&n));
+            assert!(!taken.iter().any(|t| overlaps(t, &n)), "{n}");
+        }
+    }
 }
