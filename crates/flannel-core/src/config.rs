@@ -386,9 +386,9 @@ impl BackendConfig {
     /// The backend's `Type` as upstream spells it (also the lease's `BackendType`).
     pub fn type_name(&self) -> &'static str {
         match self {
-            BackendConfig::Vxlan(_) => "vxlan",
-            BackendConfig::HostGw => "host-gw",
-            BackendConfig::Udp(_) => "udp",
+            BackendConfig::Vxlan(_) => wire::BACKEND_TYPE_VXLAN,
+            BackendConfig::HostGw => wire::BACKEND_TYPE_HOST_GW,
+            BackendConfig::Udp(_) => wire::BACKEND_TYPE_UDP,
         }
     }
 
@@ -443,7 +443,7 @@ fn parse_backend(root: &Obj<'_>) -> Result<BackendConfig, ConfigError> {
     let ty = be.string("Type")?.unwrap_or_default();
     match ty.as_str() {
         // An empty Type is read as vxlan, the documented default.
-        "" | "vxlan" => {
+        "" | wire::BACKEND_TYPE_VXLAN => {
             let d = VxlanConfig::default();
             let vni = match be.uint("VNI")? {
                 Some(v) if v > u64::from(MAX_VNI) => {
@@ -466,8 +466,8 @@ fn parse_backend(root: &Obj<'_>) -> Result<BackendConfig, ConfigError> {
                 mtu: be.mtu("MTU")?,
             }))
         }
-        "host-gw" => Ok(BackendConfig::HostGw),
-        "udp" => {
+        wire::BACKEND_TYPE_HOST_GW => Ok(BackendConfig::HostGw),
+        wire::BACKEND_TYPE_UDP => {
             let d = UdpConfig::default();
             Ok(BackendConfig::Udp(UdpConfig {
                 // Port 0 is upstream's "not set".
@@ -475,7 +475,9 @@ fn parse_backend(root: &Obj<'_>) -> Result<BackendConfig, ConfigError> {
                 mtu: be.mtu("MTU")?,
             }))
         }
-        "wireguard" | "ipip" => Err(ConfigError::BackendNotSupportedYet { value: ty }),
+        wire::BACKEND_TYPE_WIREGUARD | wire::BACKEND_TYPE_IPIP => {
+            Err(ConfigError::BackendNotSupportedYet { value: ty })
+        }
         _ => Err(ConfigError::UnknownBackend { value: ty }),
     }
 }

@@ -239,11 +239,11 @@ impl<'de> Deserialize<'de> for LeaseKey {
 }
 
 /// `BackendType` of the vxlan backend.
-pub const BACKEND_VXLAN: &str = "vxlan";
+pub const BACKEND_VXLAN: &str = crate::wire::BACKEND_TYPE_VXLAN;
 /// `BackendType` of the host-gw backend.
-pub const BACKEND_HOST_GW: &str = "host-gw";
+pub const BACKEND_HOST_GW: &str = crate::wire::BACKEND_TYPE_HOST_GW;
 /// `BackendType` of the udp backend.
-pub const BACKEND_UDP: &str = "udp";
+pub const BACKEND_UDP: &str = crate::wire::BACKEND_TYPE_UDP;
 
 impl LeaseAttrs {
     /// Attributes without backend data (host-gw, udp).

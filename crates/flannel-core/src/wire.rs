@@ -59,3 +59,14 @@ pub const LOCAL_STORE_LOCK_FILE: &str = "lock";
 pub const LOCAL_STORE_REVISION_FILE: &str = "revision";
 /// Local directory store: optional net-conf JSON returned by `get_network_config`.
 pub const LOCAL_STORE_CONFIG_FILE: &str = "config";
+
+/// `Backend.Type` / lease `BackendType` of the vxlan backend.
+pub const BACKEND_TYPE_VXLAN: &str = "vxlan";
+/// `Backend.Type` / lease `BackendType` of the host-gw backend.
+pub const BACKEND_TYPE_HOST_GW: &str = "host-gw";
+/// `Backend.Type` / lease `BackendType` of the udp backend.
+pub const BACKEND_TYPE_UDP: &str = "udp";
+/// `Backend.Type` of upstream's wireguard backend (not supported yet).
+pub const BACKEND_TYPE_WIREGUARD: &str = "wireguard";
+/// `Backend.Type` of upstream's ipip backend (not supported yet).
+pub const BACKEND_TYPE_IPIP: &str = "ipip";
