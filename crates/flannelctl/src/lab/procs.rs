@@ -88,6 +88,14 @@ pub(crate) fn spawn_flanneld(
         .try_clone()
         .map_err(io_err(format!("duplicating {}", log_path.display())))?;
     let mut cmd = Command::new(bin_dir.join(FLANNELD_BINARY));
+    // Every flag of flanneld can also come from FLANNELD_<FLAG>: drop any the
+    // caller's environment holds so that each lab daemon runs with exactly
+    // the flags below.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLANNELD_") {
+            cmd.env_remove(key);
+        }
+    }
     cmd.arg("--local-store")
         .arg(store)
         .arg("--net-config-path")

@@ -1,0 +1,546 @@
+//! End-to-end tests: whole labs (underlay switch, master, workers, pods) with
+//! the real flanneld and flannel binaries, each lab in namespaces of its own
+//! named `t<pid>n<counter>-...`, removed by a guard even when a test panics.
+//!
+//! Needs root, and `cargo build --workspace --bins` first (the tests run the
+//! flanneld and flannel binaries found next to flannelctl).
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flannel_core::datapath::{FdbEntry, Neighbour, Route};
+use flannel_core::mac::MacAddr;
+use flannel_netlink::Netlink;
+use flannelctl::lab::{self, Lab, LabOptions, Outcome, Pinger};
+use ipnet::IpNet;
+
+fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("needs root: these tests build labs in network namespaces (run them with sudo, or scripts/test)");
+    }
+}
+
+/// The directory of the test's flannelctl, where cargo also puts flanneld and flannel.
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_flannelctl"))
+        .parent()
+        .expect("binary has a directory")
+        .to_path_buf();
+    for b in [lab::FLANNELD_BINARY, lab::CNI_BINARY] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} is not built in {}: run `cargo build --workspace --bins` (same target dir) before these tests",
+            b,
+            dir.display()
+        );
+    }
+    dir
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique_name() -> String {
+    format!(
+        "t{}n{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A lab that is taken down when the guard drops (also on panic).
+struct LabGuard {
+    lab: Lab,
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        if let Err(e) = lab::down(self.lab.name()) {
+            eprintln!("lab down {}: {e}", self.lab.name());
+        }
+    }
+}
+
+impl std::ops::Deref for LabGuard {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        &self.lab
+    }
+}
+
+fn up(workers: u32) -> LabGuard {
+    require_root();
+    let opts = LabOptions {
+        name: unique_name(),
+        nodes: workers,
+        bin_dir: Some(bin_dir()),
+        ..LabOptions::default()
+    };
+    let name = opts.name.clone();
+    match Lab::up(&opts) {
+        Ok(lab) => LabGuard { lab },
+        Err(e) => {
+            // `up` cleans up after itself; make sure anyway.
+            let _ = lab::down(&name);
+            panic!("lab up {name}: {e}");
+        }
+    }
+}
+
+/// What flannel manages on a node, read back from the kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tables {
+    ifindex: u32,
+    mac: MacAddr,
+    routes: BTreeSet<Route>,
+    neighbours: BTreeSet<Neighbour>,
+    fdb: BTreeSet<FdbEntry>,
+}
+
+/// Reads flannel.1 and everything of ours: routes into the cluster network
+/// other than the node's own subnet, every route via flannel.1 (but the
+/// kernel's IPv6 link-local one), permanent
+/// neighbours and FDB entries on flannel.1. `None` when flannel.1 is missing.
+fn read_tables(lab: &Lab, node: &str) -> Option<Tables> {
+    let own = lab.node(node).unwrap().subnet;
+    let cluster = lab::cluster_network();
+    lab.netns(node)
+        .unwrap()
+        .run(|| {
+            let mut nl = Netlink::open().unwrap();
+            let link = nl.link_by_name("flannel.1").unwrap()?;
+            let routes = nl
+                .list_routes()
+                .unwrap()
+                .into_iter()
+                .filter(|r| match r.dst {
+                    IpNet::V4(d) => r.oif == link.index || (cluster.contains(&d) && d != own),
+                    // The kernel's own fe80::/64 on every up device is not flannel's.
+                    IpNet::V6(d) => {
+                        r.oif == link.index && d.addr().segments()[0] & 0xffc0 != 0xfe80
+                    }
+                })
+                .collect();
+            Some(Tables {
+                ifindex: link.index,
+                mac: link.mac.expect("flannel.1 has a MAC"),
+                routes,
+                neighbours: nl
+                    .list_neighbours(link.index)
+                    .unwrap()
+                    .into_iter()
+                    .collect(),
+                fdb: nl.list_fdb(link.index).unwrap().into_iter().collect(),
+            })
+        })
+        .unwrap()
+}
+
+/// The exact triple per peer (packet-walk.txt): neighbour subnet-address ->
+/// VtepMAC, FDB VtepMAC -> PublicIP, route subnet via subnet-address onlink.
+fn expected(
+    lab: &Lab,
+    node: &str,
+    ifindex: u32,
+    peers: &[(&str, MacAddr)],
+) -> (BTreeSet<Route>, BTreeSet<Neighbour>, BTreeSet<FdbEntry>) {
+    assert!(peers.iter().all(|(p, _)| *p != node));
+    let mut r = BTreeSet::new();
+    let mut n = BTreeSet::new();
+    let mut f = BTreeSet::new();
+    for (peer, mac) in peers {
+        let p = lab.node(peer).unwrap();
+        let gw = IpAddr::V4(p.subnet.network());
+        r.insert(Route {
+            dst: IpNet::V4(p.subnet),
+            gateway: Some(gw),
+            oif: ifindex,
+            onlink: true,
+        });
+        n.insert(Neighbour {
+            ifindex,
+            ip: gw,
+            mac: *mac,
+        });
+        f.insert(FdbEntry {
+            ifindex,
+            mac: *mac,
+            dst: IpAddr::V4(p.underlay_ip),
+        });
+    }
+    (r, n, f)
+}
+
+/// Each node's VtepMAC as its own kernel holds it, checked against the lease it published.
+fn vtep_macs(lab: &Lab) -> Vec<(String, MacAddr)> {
+    lab.state
+        .nodes
+        .iter()
+        .map(|n| {
+            let t =
+                read_tables(lab, &n.name).unwrap_or_else(|| panic!("{} has no flannel.1", n.name));
+            assert_eq!(
+                lab.published_vtep_mac(&n.name).unwrap(),
+                Some(t.mac),
+                "{}: the lease's VtepMAC is not flannel.1's MAC",
+                n.name
+            );
+            (n.name.clone(), t.mac)
+        })
+        .collect()
+}
+
+/// Whether `node`'s tables hold exactly the triples for `peers` and nothing else of ours.
+fn tables_match(lab: &Lab, node: &str, peers: &[(String, MacAddr)]) -> Result<Tables, String> {
+    let Some(t) = read_tables(lab, node) else {
+        return Err(format!("{node}: flannel.1 is missing"));
+    };
+    let peers: Vec<(&str, MacAddr)> = peers
+        .iter()
+        .filter(|(p, _)| p != node)
+        .map(|(p, m)| (p.as_str(), *m))
+        .collect();
+    let (r, n, f) = expected(lab, node, t.ifindex, &peers);
+    if t.routes != r || t.neighbours != n || t.fdb != f {
+        return Err(format!(
+            "{node}: tables differ\n routes     {:?}\n expected   {:?}\n neighbours {:?}\n expected   {:?}\n fdb        {:?}\n expected   {:?}",
+            t.routes, r, t.neighbours, n, t.fdb, f
+        ));
+    }
+    Ok(t)
+}
+
+/// Polls until `node`'s tables match `peers` exactly, or panics with the last difference.
+fn wait_tables(lab: &Lab, node: &str, peers: &[(String, MacAddr)], within: Duration) -> Tables {
+    let deadline = Instant::now() + within;
+    loop {
+        match tables_match(lab, node, peers) {
+            Ok(t) => return t,
+            Err(e) if Instant::now() >= deadline => panic!("after {within:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn in_node<R: Send>(lab: &Lab, node: &str, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
+    lab.netns(node)
+        .unwrap()
+        .run(|| f(&mut Netlink::open().unwrap()))
+        .unwrap()
+}
+
+fn pod_ip(lab: &Lab, pod: &str) -> Ipv4Addr {
+    lab.pod(pod).unwrap().ip.expect("pod has an address").addr()
+}
+
+fn assert_ping(lab: &Lab, from: &str, to: Ipv4Addr, ttl: u8) {
+    let mut p = Pinger::open_in(&lab.netns(from).unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(r) = p.echo(to, Duration::from_millis(500)).unwrap() {
+            assert_eq!(r.ttl, ttl, "{from} -> {to}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{from} -> {to}: no reply");
+    }
+}
+
+#[test]
+fn three_workers_ping_across_nodes_with_ttl_62_and_hold_exactly_the_triples() {
+    let lab = up(3);
+    let m = lab.check().unwrap();
+    println!("{}", m.render());
+    assert!(m.all_ok(), "matrix has failures:\n{}", m.render());
+    // 3 pods x (2 pods + 4 nodes x 2 addresses)
+    assert_eq!(m.total(), 3 * (2 + 8));
+    for a in ["ubuntu-1", "ubuntu-2", "ubuntu-3"] {
+        for b in ["ubuntu-1", "ubuntu-2", "ubuntu-3"] {
+            if a != b {
+                assert!(
+                    matches!(m.get(a, b), Some(Outcome::Ok { ttl: 62, .. })),
+                    "{a} -> {b}: {:?}",
+                    m.get(a, b)
+                );
+            }
+        }
+    }
+    // The seed's addresses.
+    assert_eq!(
+        lab.node("k8s-node1").unwrap().underlay_ip,
+        Ipv4Addr::new(172, 16, 1, 14)
+    );
+    assert_eq!(
+        lab.node("k8s-node2").unwrap().underlay_ip,
+        Ipv4Addr::new(172, 16, 1, 13)
+    );
+    assert_eq!(
+        lab.node("master").unwrap().underlay_ip,
+        Ipv4Addr::new(172, 16, 1, 8)
+    );
+
+    let macs = vtep_macs(&lab);
+    for n in &lab.state.nodes {
+        let t = tables_match(&lab, &n.name, &macs).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(t.routes.len(), 3, "{}: one route per peer", n.name);
+    }
+    let status = lab.status();
+    assert!(status.healthy(), "{}", status.render());
+}
+
+#[test]
+fn drift_is_repaired_within_seconds() {
+    let lab = up(2);
+    let macs = vtep_macs(&lab);
+    let node = "k8s-node1";
+    let t = wait_tables(&lab, node, &macs, Duration::from_secs(5));
+    let node2 = lab.node("k8s-node2").unwrap().clone();
+    let mac2 = macs.iter().find(|(n, _)| n == "k8s-node2").unwrap().1;
+    let gw2 = IpAddr::V4(node2.subnet.network());
+    let within = Duration::from_secs(10);
+
+    // A route.
+    let route = Route {
+        dst: IpNet::V4(node2.subnet),
+        gateway: Some(gw2),
+        oif: t.ifindex,
+        onlink: true,
+    };
+    in_node(&lab, node, |nl| nl.del_route(&route).unwrap());
+    assert!(
+        !read_tables(&lab, node).unwrap().routes.contains(&route),
+        "route was not deleted"
+    );
+    wait_tables(&lab, node, &macs, within);
+
+    // An FDB entry.
+    let fdb = FdbEntry {
+        ifindex: t.ifindex,
+        mac: mac2,
+        dst: IpAddr::V4(node2.underlay_ip),
+    };
+    in_node(&lab, node, |nl| nl.del_fdb(&fdb).unwrap());
+    assert!(
+        !read_tables(&lab, node).unwrap().fdb.contains(&fdb),
+        "fdb entry was not deleted"
+    );
+    wait_tables(&lab, node, &macs, within);
+
+    // A neighbour.
+    let neigh = Neighbour {
+        ifindex: t.ifindex,
+        ip: gw2,
+        mac: mac2,
+    };
+    in_node(&lab, node, |nl| nl.del_neighbour(&neigh).unwrap());
+    assert!(
+        !read_tables(&lab, node).unwrap().neighbours.contains(&neigh),
+        "neighbour was not deleted"
+    );
+    wait_tables(&lab, node, &macs, within);
+
+    // The whole device: it comes back, with the same VtepMAC and every peer.
+    in_node(&lab, node, |nl| nl.del_link(t.ifindex).unwrap());
+    let back = wait_tables(&lab, node, &macs, within);
+    assert_eq!(back.mac, t.mac, "flannel.1 came back with another MAC");
+    assert_ping(&lab, "ubuntu-1", pod_ip(&lab, "ubuntu-2"), 62);
+    assert_ping(&lab, "ubuntu-2", pod_ip(&lab, "ubuntu-1"), 62);
+}
+
+#[test]
+fn daemon_restart_keeps_subnet_and_mac_and_loses_no_ping() {
+    let lab = up(2);
+    let node = "k8s-node1";
+    let macs = vtep_macs(&lab);
+    let before = wait_tables(&lab, node, &macs, Duration::from_secs(5));
+    let env_before = std::fs::read_to_string(lab.subnet_file(node)).unwrap();
+    let lease_mac_before = lab.published_vtep_mac(node).unwrap();
+    let old_pid = lab.daemon_pid(node).unwrap();
+    let to = pod_ip(&lab, "ubuntu-2");
+    assert_ping(&lab, "ubuntu-1", to, 62);
+
+    // Ping ubuntu-2 from ubuntu-1 every 50 ms across the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut pinger = Pinger::open_in(&lab.netns("ubuntu-1").unwrap()).unwrap();
+    let pinging = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut sent, mut lost) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                sent += 1;
+                match pinger.echo(to, Duration::from_secs(1)).unwrap() {
+                    Some(r) => assert_eq!(r.ttl, 62),
+                    None => lost.push(sent),
+                }
+                if let Some(rest) = Duration::from_millis(50).checked_sub(t0.elapsed()) {
+                    std::thread::sleep(rest);
+                }
+            }
+            (sent, lost)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.stop_daemon(node, Duration::from_secs(5)).unwrap(),
+        "daemon was not running"
+    );
+    assert!(!lab.daemon_alive(node));
+    std::thread::sleep(Duration::from_millis(300));
+    let new_pid = lab.start_daemon(node).unwrap();
+    assert_ne!(old_pid, new_pid);
+    // Ready again: the lease is (re)published; then give it time to resync.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    lab.wait_subnet_env(node, deadline).unwrap();
+    lab.wait_leases_published(deadline).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (sent, lost) = pinging.join().unwrap();
+    assert!(sent >= 20, "only {sent} pings were sent");
+    assert!(
+        lost.is_empty(),
+        "lost pings {lost:?} of {sent} across the restart"
+    );
+
+    assert!(lab.daemon_alive(node));
+    assert_eq!(
+        std::fs::read_to_string(lab.subnet_file(node)).unwrap(),
+        env_before
+    );
+    assert_eq!(lab.published_vtep_mac(node).unwrap(), lease_mac_before);
+    let after = wait_tables(&lab, node, &macs, Duration::from_secs(5));
+    assert_eq!(after, before, "the restart changed the kernel state");
+    for peer in ["master", "k8s-node2"] {
+        wait_tables(&lab, peer, &macs, Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn leases_removed_while_daemons_are_down_disappear_everywhere() {
+    let lab = up(3);
+    let macs = vtep_macs(&lab);
+    for n in &lab.state.nodes {
+        wait_tables(&lab, &n.name, &macs, Duration::from_secs(5));
+    }
+    // node1 goes down first, so it misses what follows; then node3 goes down
+    // and its lease is removed from the store.
+    assert!(lab
+        .stop_daemon("k8s-node1", Duration::from_secs(5))
+        .unwrap());
+    assert!(lab
+        .stop_daemon("k8s-node3", Duration::from_secs(5))
+        .unwrap());
+    lab.delete_lease(lab.node("k8s-node3").unwrap().subnet)
+        .unwrap();
+    assert!(lab
+        .leases()
+        .unwrap()
+        .iter()
+        .all(|l| l.key.ipv4 != Some(lab.node("k8s-node3").unwrap().subnet)));
+
+    let remaining: Vec<(String, MacAddr)> = macs
+        .iter()
+        .filter(|(n, _)| n != "k8s-node3")
+        .cloned()
+        .collect();
+    // The running daemons drop node3.
+    for n in ["master", "k8s-node2"] {
+        wait_tables(&lab, n, &remaining, Duration::from_secs(10));
+    }
+    // node1's daemon is down: its kernel still holds node3 (the stale state to clean).
+    tables_match(&lab, "k8s-node1", &macs).unwrap_or_else(|e| panic!("before restart: {e}"));
+    // Started again, it removes node3 from its node.
+    lab.start_daemon("k8s-node1").unwrap();
+    wait_tables(&lab, "k8s-node1", &remaining, Duration::from_secs(10));
+    assert_ping(&lab, "ubuntu-1", pod_ip(&lab, "ubuntu-2"), 62);
+}
+
+#[test]
+fn down_twice_leaves_no_namespace_and_no_process() {
+    let guard = up(1);
+    let name = guard.name().to_string();
+    let pids: Vec<u32> = guard
+        .state
+        .nodes
+        .iter()
+        .map(|n| guard.daemon_pid(&n.name).unwrap())
+        .collect();
+    assert_eq!(lab::lab_processes(&name).len(), 2);
+    assert_eq!(lab::lab_namespaces(&name).len(), 4);
+    // A second `up` with the same name is refused and tells how to fix it.
+    let again = Lab::up(&LabOptions {
+        name: name.clone(),
+        nodes: 1,
+        bin_dir: Some(bin_dir()),
+        ..LabOptions::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(again.contains("lab down"), "{again}");
+
+    lab::down(&name).unwrap();
+    lab::down(&name).unwrap();
+    assert!(lab::lab_namespaces(&name).is_empty());
+    assert!(lab::lab_processes(&name).is_empty());
+    for pid in pids {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            state.is_empty() || state.contains(") Z"),
+            "flanneld {pid} survived: {state}"
+        );
+    }
+    assert!(!lab::lab_dir(&name).exists());
+    if let Ok(out) = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+    {
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !list.lines().any(|l| l.starts_with(&format!("{name}-"))),
+            "ip netns list still shows {name}: {list}"
+        );
+    }
+}
+
+#[test]
+fn failed_up_removes_what_it_built() {
+    require_root();
+    let real = bin_dir();
+    // A bin dir whose flanneld exits at once: `up` fails while waiting for it.
+    let dir = std::env::temp_dir().join(format!("flannel-lab-bad-bin-{}", unique_name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(real.join(lab::CNI_BINARY), dir.join(lab::CNI_BINARY)).unwrap();
+    std::fs::write(
+        dir.join(lab::FLANNELD_BINARY),
+        "#!/bin/sh\necho broken on purpose >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join(lab::FLANNELD_BINARY),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+
+    let name = unique_name();
+    let err = Lab::up(&LabOptions {
+        name: name.clone(),
+        nodes: 1,
+        bin_dir: Some(dir.clone()),
+        ready_timeout: Duration::from_secs(10),
+        ..LabOptions::default()
+    })
+    .unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let msg = err.to_string();
+    let leftovers = lab::lab_namespaces(&name);
+    let _ = lab::down(&name);
+    assert!(
+        msg.contains("broken on purpose"),
+        "the error should carry the daemon's log: {msg}"
+    );
+    assert!(leftovers.is_empty(), "failed up left {leftovers:?}");
+    assert!(!lab::lab_dir(&name).exists());
+}
