@@ -343,6 +343,14 @@ impl Lease {
     pub fn is_live(&self, now: SystemTime) -> bool {
         !self.is_expired(now)
     }
+
+    /// When to renew: `margin` (`--subnet-lease-renew-margin`) before the
+    /// expiration; a time already past means "now". `None` for a
+    /// reservation, which is never renewed.
+    pub fn renew_at(&self, margin: std::time::Duration) -> Option<SystemTime> {
+        let exp = self.expiration?;
+        Some(exp.checked_sub(margin).unwrap_or(exp))
+    }
 }
 
 #[cfg(test)]
@@ -533,5 +541,11 @@ mod tests {
         assert!(l.is_expired(t0));
         assert!(!l.is_expired(t0 - Duration::from_secs(1)));
         assert!(l.is_expired(t0 + Duration::from_secs(1)));
+        assert_eq!(
+            l.renew_at(Duration::from_secs(3600)),
+            Some(t0 - Duration::from_secs(3600))
+        );
+        l.expiration = None;
+        assert_eq!(l.renew_at(Duration::from_secs(3600)), None);
     }
 }
