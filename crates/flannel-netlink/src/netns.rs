@@ -75,6 +75,12 @@ impl std::fmt::Debug for NetNs {
     }
 }
 
+impl AsFd for NetNs {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// A namespace name becomes a file name below [`NETNS_RUN_DIR`]: refuse
 /// anything that could escape that directory.
 fn check_name(name: &str) -> Result<(), NetNsError> {
