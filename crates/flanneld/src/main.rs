@@ -1,5 +1,7 @@
 //! `flanneld`: parse flags, set up logging, run the daemon.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +20,8 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal, never in journald or log files.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match flanneld::daemon::run(flags) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,773 @@
+//! Root integration tests: real `flanneld` processes in network namespaces.
+//!
+//! Topology per test: a "switch" namespace holding a bridge, and one
+//! namespace per node joined to it by a veth pair (node side `eth0`,
+//! 172.16.1.1N/24). Leases live in a temporary local-store directory. Every
+//! namespace, process and directory is removed on drop, also on panic;
+//! nothing touches the root namespace.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use flannel_core::datapath::{FdbEntry, Neighbour, Route};
+use flannel_core::lease::{Lease, LeaseKey};
+use flannel_core::mac::MacAddr;
+use flannel_core::subnet_env::SubnetEnv;
+use flannel_netlink::netns::ScopedNetNs;
+use flannel_netlink::{Link, Netlink, Notification};
+use flannel_store::{LocalStore, Store};
+use ipnet::{IpNet, Ipv4Net};
+
+const NETWORK: &str = "10.244.0.0/16";
+const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+
+fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("needs root: these tests create network namespaces and run flanneld in them (run as root)");
+    }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "flanneld-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A flanneld process, killed (by PID) and reaped on drop.
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+    /// SIGTERM and wait for the exit status.
+    fn stop(mut self) -> ExitStatus {
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "flanneld did not exit within 10 s of SIGTERM; log:\n{}",
+                    read_log(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().unwrap().try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn read_log(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Runs flanneld in `ns` with `args`, stderr appended to `log`; returns the child.
+fn spawn_in(ns: &ScopedNetNs, args: &[String], log: &Path) -> Child {
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let fd = ns.fd().as_raw_fd();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+    // SAFETY: between fork and exec only async-signal-safe syscalls run:
+    // setns(2) into the node's namespace (the fd stays open in the child
+    // until exec), and prctl(2) so the daemon dies with the test thread.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = BorrowedFd::borrow_raw(fd);
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn flanneld")
+}
+
+struct Node {
+    name: String,
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    ns: ScopedNetNs,
+}
+
+impl Node {
+    fn subnet_file(&self) -> PathBuf {
+        self.dir.join("run/flannel/subnet.env")
+    }
+    fn log(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
+        self.ns
+            .run(|| {
+                let mut nl = Netlink::open().expect("open netlink");
+                f(&mut nl)
+            })
+            .expect("run in namespace")
+    }
+    fn subnet_env(&self) -> Option<SubnetEnv> {
+        let t = fs::read_to_string(self.subnet_file()).ok()?;
+        SubnetEnv::parse(&t).ok()
+    }
+    /// The lease subnet, once subnet.env exists.
+    fn wait_subnet(&self, d: &mut Daemon) -> Ipv4Net {
+        wait_for(
+            &format!("{} subnet.env", self.name),
+            Duration::from_secs(15),
+            || {
+                if !d.alive() {
+                    panic!(
+                        "flanneld on {} exited; log:\n{}",
+                        self.name,
+                        read_log(&self.log())
+                    );
+                }
+                self.subnet_env()?.lease_key()?.ipv4
+            },
+        )
+    }
+    fn state(&self) -> Option<NodeState> {
+        self.nl(|nl| {
+            let link = nl.link_by_name("flannel.1").unwrap()?;
+            let net: Ipv4Net = NETWORK.parse().unwrap();
+            let mut routes: Vec<Route> = nl
+                .list_routes()
+                .unwrap()
+                .into_iter()
+                .filter(|r| {
+                    matches!(r.dst, IpNet::V4(d) if net.contains(&d)) && r.oif == link.index
+                })
+                .collect();
+            routes.sort();
+            let mut neighbours = nl.list_neighbours(link.index).unwrap();
+            neighbours.sort();
+            let mut fdb = nl.list_fdb(link.index).unwrap();
+            fdb.sort();
+            let mut addrs = nl.list_addresses(link.index).unwrap();
+            addrs.sort();
+            let eth0 = nl.link_by_name("eth0").unwrap().unwrap().index;
+            Some(NodeState {
+                link,
+                addrs,
+                routes,
+                neighbours,
+                fdb,
+                eth0,
+            })
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeState {
+    link: Link,
+    addrs: Vec<IpNet>,
+    routes: Vec<Route>,
+    neighbours: Vec<Neighbour>,
+    fdb: Vec<FdbEntry>,
+    eth0: u32,
+}
+
+/// What a node must hold for its peers: (subnet, public ip, vtep mac).
+fn expected(
+    ifindex: u32,
+    peers: &[(Ipv4Net, Ipv4Addr, MacAddr)],
+) -> (Vec<Route>, Vec<Neighbour>, Vec<FdbEntry>) {
+    let mut routes = Vec::new();
+    let mut neigh = Vec::new();
+    let mut fdb = Vec::new();
+    for (subnet, ip, mac) in peers {
+        let gw = IpAddr::V4(subnet.network());
+        routes.push(Route {
+            dst: IpNet::V4(*subnet),
+            gateway: Some(gw),
+            oif: ifindex,
+            onlink: true,
+        });
+        neigh.push(Neighbour {
+            ifindex,
+            ip: gw,
+            mac: *mac,
+        });
+        fdb.push(FdbEntry {
+            ifindex,
+            mac: *mac,
+            dst: IpAddr::V4(*ip),
+        });
+    }
+    routes.sort();
+    neigh.sort();
+    fdb.sort();
+    (routes, neigh, fdb)
+}
+
+/// Switch namespace + nodes + store. Field order is drop order: daemons are
+/// owned by the tests and dropped first; then nodes, switch, directory.
+struct Cluster {
+    nodes: Vec<Node>,
+    _switch: ScopedNetNs,
+    store_dir: PathBuf,
+    config: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Cluster {
+    fn new(tag: &str, n: usize) -> Cluster {
+        require_root();
+        let tmp = TempDir::new(tag);
+        let switch = ScopedNetNs::unique("fdit-sw").unwrap();
+        switch
+            .run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let br = nl.add_bridge("br0", None).unwrap();
+                nl.set_link_up(br.index).unwrap();
+            })
+            .unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let ns = ScopedNetNs::unique(&format!("fdit-n{i}")).unwrap();
+            let ip = Ipv4Addr::new(172, 16, 1, 10 + i as u8);
+            switch
+                .run(|| {
+                    let mut nl = Netlink::open().unwrap();
+                    let br = nl.link_by_name("br0").unwrap().unwrap();
+                    let host = nl
+                        .add_veth(&format!("n{i}"), "eth0", ns.fd(), Some(1500))
+                        .unwrap();
+                    nl.set_link_master(host.index, br.index).unwrap();
+                    nl.set_link_up(host.index).unwrap();
+                })
+                .unwrap();
+            ns.run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let eth0 = nl
+                    .link_by_name("eth0")
+                    .unwrap()
+                    .expect("eth0 in node namespace");
+                nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
+                    .unwrap();
+                nl.set_link_up(eth0.index).unwrap();
+            })
+            .unwrap();
+            let dir = tmp.0.join(format!("node{i}"));
+            fs::create_dir_all(&dir).unwrap();
+            nodes.push(Node {
+                name: format!("node{i}"),
+                ip,
+                dir,
+                ns,
+            });
+        }
+        let config = tmp.0.join("net-conf.json");
+        fs::write(&config, CONFIG).unwrap();
+        let store_dir = tmp.0.join("store");
+        Cluster {
+            nodes,
+            _switch: switch,
+            store_dir,
+            config,
+            _tmp: tmp,
+        }
+    }
+
+    fn args(&self, i: usize, extra: &[&str]) -> Vec<String> {
+        let node = &self.nodes[i];
+        let mut a: Vec<String> = [
+            "--iface",
+            "eth0",
+            "--local-store",
+            self.store_dir.to_str().unwrap(),
+            "--net-config-path",
+            self.config.to_str().unwrap(),
+            "--subnet-file",
+            node.subnet_file().to_str().unwrap(),
+            "--resync-interval",
+            "30",
+            "--log-level",
+            "debug",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    }
+
+    fn start(&self, i: usize, extra: &[&str]) -> Daemon {
+        let node = &self.nodes[i];
+        let child = spawn_in(&node.ns, &self.args(i, extra), &node.log());
+        Daemon {
+            child: Some(child),
+            log: node.log(),
+        }
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = LocalStore::open(&self.store_dir).unwrap();
+            store.list_leases().await.unwrap().leases
+        })
+    }
+
+    fn delete_lease(&self, key: LeaseKey) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = LocalStore::open(&self.store_dir).unwrap();
+            store.delete_lease(&key).await.unwrap();
+        })
+    }
+
+    /// (subnet, public ip, vtep mac) of every node, from the store.
+    fn peers_of(&self, subnets: &[Ipv4Net]) -> Vec<(Ipv4Net, Ipv4Addr, MacAddr)> {
+        let leases = self.leases();
+        subnets
+            .iter()
+            .map(|s| {
+                let l = leases
+                    .iter()
+                    .find(|l| l.key.ipv4 == Some(*s))
+                    .unwrap_or_else(|| panic!("no lease for {s} in {leases:?}"));
+                (
+                    *s,
+                    l.attrs.public_ip.unwrap(),
+                    l.attrs.vxlan_data().unwrap().vtep_mac,
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until node `i` holds exactly the triples for `peers`.
+    fn wait_programmed(
+        &self,
+        i: usize,
+        peers: &[(Ipv4Net, Ipv4Addr, MacAddr)],
+        timeout: Duration,
+    ) -> NodeState {
+        let node = &self.nodes[i];
+        let mut last = None;
+        let start = Instant::now();
+        loop {
+            if let Some(st) = node.state() {
+                let (r, n, f) = expected(st.link.index, peers);
+                if st.routes == r && st.neighbours == n && st.fdb == f {
+                    return st;
+                }
+                last = Some(st);
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "{} not programmed for {peers:?} within {timeout:?}; last state {last:#?}\nlog:\n{}",
+                    node.name,
+                    read_log(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn ping(node: &Node, dst: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            dst,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn three_nodes_program_the_upstream_datapath_and_repair_drift() {
+    let c = Cluster::new("drift", 3);
+    let mut d: Vec<Daemon> = (0..3)
+        .map(|i| c.start(i, if i == 2 { &["--ip-masq"] } else { &[] }))
+        .collect();
+    let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.nodes[i].wait_subnet(&mut d[i])).collect();
+    let mut uniq = subnets.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), 3, "distinct subnets: {subnets:?}");
+    let all = c.peers_of(&subnets);
+
+    for i in 0..3 {
+        let node = &c.nodes[i];
+        let peers: Vec<_> = all.iter().filter(|p| p.0 != subnets[i]).cloned().collect();
+        let st = c.wait_programmed(i, &peers, Duration::from_secs(10));
+        // The device exactly as upstream.
+        let vx = st.link.vxlan.clone().expect("vxlan attributes");
+        assert_eq!(st.link.kind.as_deref(), Some("vxlan"));
+        assert_eq!(vx.vni, 1);
+        assert_eq!(vx.local, Some(IpAddr::V4(node.ip)));
+        assert_eq!(vx.link, Some(st.eth0));
+        assert_eq!(vx.port, 8472);
+        assert!(!vx.learning, "nolearning");
+        assert!(!vx.gbp);
+        assert_eq!(st.link.mtu, 1450);
+        assert!(st.link.up);
+        assert_eq!(
+            st.addrs,
+            vec![IpNet::V4(Ipv4Net::new(subnets[i].network(), 32).unwrap())]
+        );
+        // The published VtepMAC is the device's.
+        assert_eq!(st.link.mac, Some(all[i].2));
+        // subnet.env, byte for byte.
+        let first = Ipv4Addr::from(u32::from(subnets[i].network()) + 1);
+        assert_eq!(
+            fs::read_to_string(node.subnet_file()).unwrap(),
+            format!(
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET={first}/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ={}\n",
+                i == 2
+            )
+        );
+    }
+
+    // Real traffic through the overlay: node1 pings node2's and node3's VTEP addresses.
+    for j in [1, 2] {
+        let dst = subnets[j].network().to_string();
+        wait_for(
+            &format!("ping {dst} from node1"),
+            Duration::from_secs(10),
+            || ping(&c.nodes[0], &dst).then_some(()),
+        );
+    }
+
+    // Drift on node1: each kind of entry comes back within a few seconds
+    // (far below --resync-interval 30: the netlink monitor drives the repair).
+    let peers0: Vec<_> = all.iter().filter(|p| p.0 != subnets[0]).cloned().collect();
+    let st = c.nodes[0].state().unwrap();
+    let victim_route = st.routes[0].clone();
+    c.nodes[0].nl(|nl| nl.del_route(&victim_route).unwrap());
+    c.wait_programmed(0, &peers0, Duration::from_secs(5));
+    let victim_neigh = st.neighbours[1].clone();
+    c.nodes[0].nl(|nl| nl.del_neighbour(&victim_neigh).unwrap());
+    c.wait_programmed(0, &peers0, Duration::from_secs(5));
+    let victim_fdb = st.fdb[0].clone();
+    c.nodes[0].nl(|nl| nl.del_fdb(&victim_fdb).unwrap());
+    c.wait_programmed(0, &peers0, Duration::from_secs(5));
+    // A stray entry of ours that no lease justifies is removed.
+    let stray = Route {
+        dst: "10.244.250.0/24".parse().unwrap(),
+        gateway: Some("10.244.250.0".parse().unwrap()),
+        oif: st.link.index,
+        onlink: true,
+    };
+    c.nodes[0].nl(|nl| nl.replace_route(&stray).unwrap());
+    c.wait_programmed(0, &peers0, Duration::from_secs(5));
+
+    // The whole device: recreated with the same MAC and every peer.
+    let old = c.nodes[0].state().unwrap();
+    c.nodes[0].nl(|nl| nl.del_link(old.link.index).unwrap());
+    let new = c.wait_programmed(0, &peers0, Duration::from_secs(5));
+    assert_eq!(new.link.mac, old.link.mac, "VtepMAC kept across recreation");
+    assert_eq!(new.addrs, old.addrs);
+    assert_eq!(new.link.mtu, 1450);
+    assert!(new.link.up);
+    let dst = subnets[1].network().to_string();
+    wait_for(
+        "ping after device recreation",
+        Duration::from_secs(10),
+        || ping(&c.nodes[0], &dst).then_some(()),
+    );
+
+    for (i, dm) in d.drain(..).enumerate() {
+        let st = dm.stop();
+        assert!(st.success(), "node{} exit status {st:?}", i + 1);
+    }
+}
+
+#[test]
+fn restart_changes_nothing_and_sigterm_leaves_everything_in_place() {
+    let c = Cluster::new("restart", 2);
+    let mut d0 = c.start(0, &[]);
+    let mut d1 = c.start(1, &[]);
+    let s0 = c.nodes[0].wait_subnet(&mut d0);
+    let s1 = c.nodes[1].wait_subnet(&mut d1);
+    let peers0 = c.peers_of(&[s1]);
+    let before = c.wait_programmed(0, &peers0, Duration::from_secs(10));
+    let env_before = fs::read_to_string(c.nodes[0].subnet_file()).unwrap();
+
+    // Watch node1's kernel for any change while flanneld stops and restarts.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<Notification>>();
+    let stop_watch = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sw = stop_watch.clone();
+    let ns_name = c.nodes[0].ns.name.clone();
+    let watcher = std::thread::spawn(move || {
+        let ns = flannel_netlink::netns::NetNs::open(&ns_name).unwrap();
+        ns.run(|| {
+            let mut mon = flannel_netlink::Monitor::open().unwrap();
+            while !sw.load(Ordering::SeqCst) {
+                if let Ok(n) = mon.recv_timeout(Duration::from_millis(200)) {
+                    if !n.is_empty() {
+                        let _ = tx.send(n);
+                    }
+                }
+            }
+        })
+        .unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+
+    let st = d0.stop();
+    assert!(st.success(), "SIGTERM exit status {st:?}");
+    // Lease, device, routes and subnet.env stay.
+    assert!(c.leases().iter().any(|l| l.key.ipv4 == Some(s0)));
+    assert_eq!(c.nodes[0].state().as_ref(), Some(&before));
+    assert_eq!(
+        fs::read_to_string(c.nodes[0].subnet_file()).unwrap(),
+        env_before
+    );
+
+    let mut d0 = c.start(0, &[]);
+    // Wait for the restarted daemon's first pass to be done.
+    wait_for(
+        "restarted daemon programmed",
+        Duration::from_secs(15),
+        || {
+            assert!(
+                d0.alive(),
+                "restarted flanneld exited:\n{}",
+                read_log(&c.nodes[0].log())
+            );
+            read_log(&c.nodes[0].log())
+                .matches("datapath programmed")
+                .nth(1)
+                .map(|_| ())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let after = c.nodes[0].state().unwrap();
+    assert_eq!(
+        after, before,
+        "same ifindex, MAC, address, routes, neighbours, FDB"
+    );
+    assert_eq!(
+        fs::read_to_string(c.nodes[0].subnet_file()).unwrap(),
+        env_before
+    );
+    assert!(
+        read_log(&c.nodes[0].log()).contains("changes=0"),
+        "restart pass made no kernel writes:\n{}",
+        read_log(&c.nodes[0].log())
+    );
+
+    stop_watch.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let seen: Vec<Notification> = rx.try_iter().flatten().collect();
+    let dev = before.link.index;
+    let touched: Vec<&Notification> = seen
+        .iter()
+        .filter(|n| match n {
+            Notification::Link { index, .. } | Notification::Address { index, .. } => *index == dev,
+            Notification::Neighbour { ifindex, .. } | Notification::Fdb { ifindex, .. } => {
+                *ifindex == dev
+            }
+            Notification::Route { dst, .. } => *dst == before.routes[0].dst,
+            _ => false,
+        })
+        .collect();
+    assert!(
+        touched.is_empty(),
+        "restart touched the datapath: {touched:?}"
+    );
+
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
+}
+
+#[test]
+fn stale_peers_are_removed_at_start_and_own_lease_is_reacquired() {
+    let c = Cluster::new("stale", 2);
+    let mut d0 = c.start(0, &[]);
+    let mut d1 = c.start(1, &[]);
+    let s0 = c.nodes[0].wait_subnet(&mut d0);
+    let s1 = c.nodes[1].wait_subnet(&mut d1);
+    c.wait_programmed(0, &c.peers_of(&[s1]), Duration::from_secs(10));
+
+    // Our own lease deleted under a running daemon: re-acquired (same subnet),
+    // datapath kept.
+    let own_key = c
+        .leases()
+        .iter()
+        .find(|l| l.key.ipv4 == Some(s0))
+        .unwrap()
+        .key;
+    c.delete_lease(own_key);
+    wait_for("own lease re-acquired", Duration::from_secs(10), || {
+        c.leases()
+            .iter()
+            .any(|l| l.key.ipv4 == Some(s0))
+            .then_some(())
+    });
+    assert!(d0.alive());
+    c.wait_programmed(0, &c.peers_of(&[s1]), Duration::from_secs(5));
+
+    // node2 vanishes while node1's daemon is down: node1 cleans up at start.
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
+    let key1 = c
+        .leases()
+        .iter()
+        .find(|l| l.key.ipv4 == Some(s1))
+        .unwrap()
+        .key;
+    c.delete_lease(key1);
+    assert_eq!(
+        c.nodes[0].state().unwrap().routes.len(),
+        1,
+        "the stale route is still there before the restart"
+    );
+    let mut d0 = c.start(0, &[]);
+    assert_eq!(c.nodes[0].wait_subnet(&mut d0), s0);
+    c.wait_programmed(0, &[], Duration::from_secs(10));
+    assert!(d0.stop().success());
+}
+
+#[test]
+fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
+    let c = Cluster::new("invalid", 1);
+    let node = &c.nodes[0];
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            r#"{"Network": "10.244.0.0/16", "SubnetLen": 31}"#,
+            c.args(0, &[]),
+            "SubnetLen",
+        ),
+        (
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 16777216}}"#,
+            c.args(0, &[]),
+            "VNI",
+        ),
+        (
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
+            c.args(0, &[]),
+            "not implemented yet",
+        ),
+        (
+            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#,
+            c.args(0, &[]),
+            "udp",
+        ),
+        (r#"{"Network": "10.244.0.0/16""#, c.args(0, &[]), "JSON"),
+        (
+            CONFIG,
+            c.args(0, &["--iface", "nope0"])
+                .into_iter()
+                .filter(|a| a != "eth0")
+                .collect(),
+            "--iface",
+        ),
+    ];
+    for (cfg, args, needle) in cases {
+        fs::write(&c.config, cfg).unwrap();
+        let _ = fs::remove_file(node.log());
+        let mut child = spawn_in(&node.ns, &args, &node.log());
+        let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
+            child.try_wait().unwrap()
+        });
+        let log = read_log(&node.log());
+        assert!(!st.success(), "config {cfg} must fail; log:\n{log}");
+        assert!(
+            log.contains(needle),
+            "error for {cfg} must name {needle:?}:\n{log}"
+        );
+        assert!(node.state().is_none(), "no device may be created for {cfg}");
+        assert!(!node.subnet_file().exists(), "no subnet.env for {cfg}");
+    }
+    // No store: the etcd store is not implemented yet, say so.
+    fs::write(&c.config, CONFIG).unwrap();
+    let args: Vec<String> = c.args(0, &[]);
+    let pos = args.iter().position(|a| a == "--local-store").unwrap();
+    let mut args = args;
+    args.drain(pos..pos + 2);
+    let _ = fs::remove_file(node.log());
+    let mut child = spawn_in(&node.ns, &args, &node.log());
+    let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
+        child.try_wait().unwrap()
+    });
+    assert!(!st.success());
+    let log = read_log(&node.log());
+    assert!(
+        log.contains("etcd store is not implemented") && log.contains("--local-store"),
+        "{log}"
+    );
+    assert!(node.state().is_none());
+    // And nothing leased either.
+    assert!(c.leases().is_empty() || !c.store_dir.exists());
+}
