@@ -72,10 +72,15 @@ impl std::ops::Deref for LabGuard {
 }
 
 fn up(workers: u32) -> LabGuard {
+    up_with_mtu(workers, lab::DEFAULT_MTU)
+}
+
+fn up_with_mtu(workers: u32, mtu: u32) -> LabGuard {
     require_root();
     let opts = LabOptions {
         name: unique_name(),
         nodes: workers,
+        mtu,
         bin_dir: Some(bin_dir()),
         ..LabOptions::default()
     };
@@ -288,14 +293,43 @@ fn three_workers_ping_across_nodes_with_ttl_62_and_hold_exactly_the_triples() {
     }
     let status = lab.status();
     assert!(status.healthy(), "{}", status.render());
+    // The seed's MTUs: 1500 underlay, 1450 for flannel.1, cni0 and the pods.
+    assert_eq!(link_mtu(&lab, "k8s-node1", "flannel.1"), 1450);
+    assert_eq!(link_mtu(&lab, "ubuntu-2", "eth0"), 1450);
+    let env = std::fs::read_to_string(lab.subnet_file("k8s-node2")).unwrap();
+    assert_eq!(
+        env.lines()
+            .filter(|l| l.starts_with("FLANNEL_NETWORK") || l.starts_with("FLANNEL_SUBNET"))
+            .collect::<Vec<_>>(),
+        [
+            "FLANNEL_NETWORK=10.244.0.0/16",
+            "FLANNEL_SUBNET=10.244.2.1/24"
+        ]
+    );
+}
+
+fn link_mtu(lab: &Lab, target: &str, dev: &str) -> u32 {
+    in_node(lab, target, |nl| {
+        nl.link_by_name(dev)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{target} has no {dev}"))
+            .mtu
+    })
 }
 
 #[test]
 fn drift_is_repaired_within_seconds() {
-    let lab = up(2);
+    // Also a jumbo underlay: everything of flannel gets MTU - 50.
+    let lab = up_with_mtu(2, 9000);
     let macs = vtep_macs(&lab);
     let node = "k8s-node1";
     let t = wait_tables(&lab, node, &macs, Duration::from_secs(5));
+    assert_eq!(link_mtu(&lab, node, "ens3"), 9000);
+    assert_eq!(link_mtu(&lab, node, "flannel.1"), 8950);
+    assert_eq!(link_mtu(&lab, node, "cni0"), 8950);
+    assert_eq!(link_mtu(&lab, "ubuntu-1", "eth0"), 8950);
+    let env = std::fs::read_to_string(lab.subnet_file(node)).unwrap();
+    assert!(env.contains("FLANNEL_MTU=8950"), "{env}");
     let node2 = lab.node("k8s-node2").unwrap().clone();
     let mac2 = macs.iter().find(|(n, _)| n == "k8s-node2").unwrap().1;
     let gw2 = IpAddr::V4(node2.subnet.network());
