@@ -32,19 +32,29 @@ use crate::wire;
 /// unspecified address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
+    /// `EnableIPv4`, default true.
     pub enable_ipv4: bool,
+    /// `EnableIPv6`, default false.
     pub enable_ipv6: bool,
+    /// `EnableNFTables`, default false: masquerade with nftables instead of iptables.
     pub enable_nftables: bool,
     /// `Network` (required when `EnableIPv4`).
     pub network: Option<Ipv4Net>,
+    /// `SubnetLen`: prefix length of each node's subnet.
     pub subnet_len: u8,
+    /// `SubnetMin`: address of the first subnet handed out.
     pub subnet_min: Ipv4Addr,
+    /// `SubnetMax`: address of the last subnet handed out.
     pub subnet_max: Ipv4Addr,
     /// `IPv6Network` (required when `EnableIPv6`).
     pub ipv6_network: Option<Ipv6Net>,
+    /// `IPv6SubnetLen`.
     pub ipv6_subnet_len: u8,
+    /// `IPv6SubnetMin`.
     pub ipv6_subnet_min: Ipv6Addr,
+    /// `IPv6SubnetMax`.
     pub ipv6_subnet_max: Ipv6Addr,
+    /// `Backend`.
     pub backend: BackendConfig,
 }
 
@@ -52,8 +62,11 @@ pub struct NetConfig {
 /// to udp, contradicting its own docs; we follow the docs).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendConfig {
+    /// `"Type": "vxlan"`: kernel vxlan device `flannel.<VNI>`.
     Vxlan(VxlanConfig),
+    /// `"Type": "host-gw"`: plain routes via the peers' public IPs.
     HostGw,
+    /// `"Type": "udp"`: TUN device `flannel0`, userspace encapsulation.
     Udp(UdpConfig),
 }
 
@@ -64,8 +77,11 @@ pub struct VxlanConfig {
     pub vni: u32,
     /// `Port`, 0 = kernel default (8472).
     pub port: u16,
+    /// `GBP`: vxlan Group Based Policy extension.
     pub gbp: bool,
+    /// `Learning`: let the kernel learn FDB entries from received packets.
     pub learning: bool,
+    /// `DirectRouting`: route without encapsulation to peers on a connected subnet.
     pub direct_routing: bool,
     /// `MTU` override.
     pub mtu: Option<u32>,
@@ -76,6 +92,7 @@ pub struct VxlanConfig {
 pub struct UdpConfig {
     /// `Port`, default 8285.
     pub port: u16,
+    /// `MTU` override.
     pub mtu: Option<u32>,
 }
 

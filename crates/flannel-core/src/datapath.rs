@@ -337,7 +337,9 @@ pub fn diff<T: Ord + Clone>(desired: &[T], actual: &[T]) -> Diff<T> {
 /// The identity the kernel uses when a write with `NLM_F_REPLACE` decides
 /// whether to overwrite an existing object.
 pub trait ReplaceKey {
+    /// The identity.
     type Key: Ord;
+    /// This object's identity.
     fn replace_key(&self) -> Self::Key;
 }
 
