@@ -11,6 +11,17 @@
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
+//!
+//! Nothing here reads a clock, a file or a random source on its own: callers
+//! pass `now: SystemTime` and an `rng`, so every decision is reproducible in
+//! tests.
+//!
+//! Deliberate differences from upstream flannel (see each module):
+//! a missing `Backend` means vxlan, not udp; vxlan over an IPv6 underlay
+//! costs 70 bytes of MTU, not 50; dual-stack acquisition keeps the previous
+//! subnet per family; a new subnet never overlaps a live lease of another
+//! length; the reconcile diff is scoped to what flannel owns and removes
+//! routes of nodes that vanished while the daemon was down.
 
 pub mod alloc;
 pub mod config;
