@@ -313,3 +313,92 @@ fn dual_stack_racers_never_share_either_family() {
     assert_eq!(v4.len(), 12, "IPv4 subnet handed out twice: {leases:?}");
     assert_eq!(v6.len(), 12, "IPv6 subnet handed out twice: {leases:?}");
 }
+
+const RACE_DIR_ENV: &str = "FLANNEL_STORE_TEST_RACE_DIR";
+const RACE_START_ENV: &str = "FLANNEL_STORE_TEST_RACE_START_MS";
+const RACE_NODE_ENV: &str = "FLANNEL_STORE_TEST_RACE_NODE";
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One daemon of `separate_processes_never_share_a_subnet`, run in a child
+/// process of this test binary.
+#[test]
+#[ignore = "helper run in child processes by separate_processes_never_share_a_subnet"]
+fn race_child_process() {
+    let dir =
+        std::env::var(RACE_DIR_ENV).expect("spawned by separate_processes_never_share_a_subnet");
+    let start: u64 = std::env::var(RACE_START_ENV).unwrap().parse().unwrap();
+    let node: u8 = std::env::var(RACE_NODE_ENV).unwrap().parse().unwrap();
+    let cfg = net_config("10.10.0.0/24", 28);
+    let store = LocalStore::open(&dir).unwrap();
+    std::thread::sleep(Duration::from_millis(start.saturating_sub(unix_ms())));
+    let lease = runtime()
+        .block_on(acquire_lease(&store, &cfg, &attrs(node), None, TTL))
+        .unwrap();
+    println!("ACQUIRED {}", lease.key);
+}
+
+/// Kills (by pid) the children not yet reaped, also when the test panics.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn separate_processes_never_share_a_subnet() {
+    let dir = TempDir::new("race-procs");
+    let exe = std::env::current_exe().unwrap();
+    let start = unix_ms() + 2000;
+    let n = 12u8;
+    let mut children = Children(Vec::new());
+    for node in 1..=n {
+        let child = std::process::Command::new(&exe)
+            .args(["--ignored", "--exact", "race_child_process", "--nocapture"])
+            .env(RACE_DIR_ENV, dir.path())
+            .env(RACE_START_ENV, start.to_string())
+            .env(RACE_NODE_ENV, node.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.0.push(child);
+    }
+    let mut keys = Vec::new();
+    for child in std::mem::take(&mut children.0) {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ACQUIRED "))
+            .unwrap_or_else(|| panic!("child printed no lease: {stdout}"))
+            .to_string();
+        keys.push(key);
+    }
+    let distinct: BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        keys.len(),
+        "a subnet went to two processes: {keys:?}"
+    );
+    let stored = runtime()
+        .block_on(LocalStore::open(dir.path()).unwrap().list_leases())
+        .unwrap()
+        .leases;
+    assert_eq!(stored.len(), n as usize);
+}
