@@ -1327,4 +1327,49 @@ mod tests {
         let s = r#"{"Network":"10.244.0.0/16"}"#;
         assert_eq!(s.parse::<NetConfig>().unwrap(), parse(s).unwrap());
     }
+
+    #[test]
+    fn random_inputs_never_panic_and_valid_ones_are_consistent() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let mut oks = 0;
+        for _ in 0..3000 {
+            let a: u32 = rng.random();
+            let p4 = rng.random_range(0..=32u8);
+            let l4 = if rng.random_bool(0.5) {
+                0
+            } else {
+                rng.random_range(p4..=33u8)
+            };
+            let b: u128 = rng.random();
+            let p6 = rng.random_range(0..=128u8);
+            let l6 = if rng.random_bool(0.5) {
+                0
+            } else {
+                rng.random_range(p6..=129u8)
+            };
+            let mut j = format!(
+                r#"{{"Network":"{}/{p4}","SubnetLen":{l4},"EnableIPv6":true,"IPv6Network":"{}/{p6}","IPv6SubnetLen":{l6}"#,
+                Ipv4Addr::from(a),
+                Ipv6Addr::from(b)
+            );
+            if rng.random_bool(0.3) {
+                let m = a & rng.random::<u32>();
+                j.push_str(&format!(r#","SubnetMin":"{}""#, Ipv4Addr::from(m)));
+            }
+            j.push('}');
+            match parse(&j) {
+                Ok(c) => {
+                    oks += 1;
+                    let p4 = c.ipv4_pool().expect("consistent IPv4 pool");
+                    let p6 = c.ipv6_pool().expect("consistent IPv6 pool");
+                    assert!(p4.count() >= 1 && p6.count() >= 1);
+                    assert!(p4.is_valid(&p4.min()) && p4.is_valid(&p4.max()));
+                    assert!(p6.is_valid(&p6.min()) && p6.is_valid(&p6.max()));
+                }
+                Err(e) => assert!(!e.field().is_empty(), "{j}: {e}"),
+            }
+        }
+        assert!(oks > 300, "only {oks} valid configs drawn");
+    }
 }
