@@ -125,7 +125,7 @@ pub fn ensure_bridge(
     conf: &BridgeConf,
     addrs: &[PodAddress],
 ) -> Result<Link, AttachError> {
-    let (br, created) = match nl
+    let (mut br, created) = match nl
         .link_by_name(&conf.bridge)
         .ctx(|| format!("look up bridge {}", conf.bridge))?
     {
@@ -155,6 +155,7 @@ pub fn ensure_bridge(
         })?;
         nl.set_link_address(br.index, mac)
             .ctx(|| format!("set {} address {mac}", conf.bridge))?;
+        br.mac = Some(mac);
     }
     if conf.is_gateway {
         let have = nl
@@ -202,15 +203,21 @@ fn random_mac() -> std::io::Result<MacAddr> {
     Ok(MacAddr(b))
 }
 
-/// Whether `ifname` exists in the pod namespace.
-pub fn pod_has_link(pod: &NetNs, ifname: &str) -> Result<bool, AttachError> {
-    pod.run(|| -> Result<bool, AttachError> {
-        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
-        Ok(nl
-            .link_by_name(ifname)
-            .ctx(|| format!("look up {ifname} in {}", pod.name))?
-            .is_some())
-    })?
+/// Opens a netlink socket inside the pod namespace. The socket stays bound
+/// to that namespace, so the rest of the call drives the pod from this
+/// thread: one short-lived thread per call instead of one per step (each
+/// costs a wake-up, which a loaded node makes expensive).
+pub fn open_in(pod: &NetNs) -> Result<Netlink, AttachError> {
+    pod.run(Netlink::open)?
+        .ctx(|| format!("open netlink in {}", pod.name))
+}
+
+/// Whether `ifname` exists in the pod namespace (`pod_nl` opened there).
+pub fn pod_has_link(pod_nl: &mut Netlink, pod: &NetNs, ifname: &str) -> Result<bool, AttachError> {
+    Ok(pod_nl
+        .link_by_name(ifname)
+        .ctx(|| format!("look up {ifname} in {}", pod.name))?
+        .is_some())
 }
 
 /// `ip link add HOST type veth peer name IFNAME netns POD mtu M`: the pod end
@@ -243,53 +250,50 @@ pub fn plug_host_end(
         .ctx(|| format!("set {} up", host.name))
 }
 
-/// Inside the pod: `ip link set IFNAME up`, `ip addr add ADDR dev IFNAME` and
+/// Inside the pod: `ip addr add ADDR dev IFNAME`, `ip link set IFNAME up` and
 /// `ip route replace DST via GW dev IFNAME` for each route. Returns the pod MAC.
 pub fn configure_pod(
+    pod_nl: &mut Netlink,
     pod: &NetNs,
     ifname: &str,
     addrs: &[PodAddress],
     routes: &[RouteSpec],
 ) -> Result<Option<MacAddr>, AttachError> {
-    pod.run(|| -> Result<Option<MacAddr>, AttachError> {
-        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
-        let link = nl
-            .link_by_name(ifname)
-            .ctx(|| format!("look up {ifname} in {}", pod.name))?
-            .ok_or_else(|| AttachError::Vanished {
-                ifname: ifname.into(),
-                netns: pod.name.clone(),
-            })?;
-        for a in addrs {
-            nl.add_address(link.index, a.address)
-                .ctx(|| format!("add {} to {ifname} in {}", a.address, pod.name))?;
-        }
-        // Routes via the gateway need the link up (and its connected route) first.
-        nl.set_link_up(link.index)
-            .ctx(|| format!("set {ifname} up in {}", pod.name))?;
-        for r in routes {
-            let kr = kernel_route(r, addrs, link.index);
-            nl.replace_route(&kr)
-                .ctx(|| format!("add route {} via {:?} in {}", r.dst, kr.gateway, pod.name))?;
-        }
-        Ok(link.mac)
-    })?
+    let nl = pod_nl;
+    let link = nl
+        .link_by_name(ifname)
+        .ctx(|| format!("look up {ifname} in {}", pod.name))?
+        .ok_or_else(|| AttachError::Vanished {
+            ifname: ifname.into(),
+            netns: pod.name.clone(),
+        })?;
+    for a in addrs {
+        nl.add_address(link.index, a.address)
+            .ctx(|| format!("add {} to {ifname} in {}", a.address, pod.name))?;
+    }
+    // Routes via the gateway need the link up (and its connected route) first.
+    nl.set_link_up(link.index)
+        .ctx(|| format!("set {ifname} up in {}", pod.name))?;
+    for r in routes {
+        let kr = kernel_route(r, addrs, link.index);
+        nl.replace_route(&kr)
+            .ctx(|| format!("add route {} via {:?} in {}", r.dst, kr.gateway, pod.name))?;
+    }
+    Ok(link.mac)
 }
 
 /// Deletes `ifname` in the pod namespace (its veth peer goes with it);
 /// absent is success.
-pub fn del_pod_link(pod: &NetNs, ifname: &str) -> Result<(), AttachError> {
-    pod.run(|| -> Result<(), AttachError> {
-        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
-        if let Some(l) = nl
-            .link_by_name(ifname)
-            .ctx(|| format!("look up {ifname} in {}", pod.name))?
-        {
-            nl.del_link(l.index)
-                .ctx(|| format!("delete {ifname} in {}", pod.name))?;
-        }
-        Ok(())
-    })?
+pub fn del_pod_link(pod_nl: &mut Netlink, pod: &NetNs, ifname: &str) -> Result<(), AttachError> {
+    let nl = pod_nl;
+    if let Some(l) = nl
+        .link_by_name(ifname)
+        .ctx(|| format!("look up {ifname} in {}", pod.name))?
+    {
+        nl.del_link(l.index)
+            .ctx(|| format!("delete {ifname} in {}", pod.name))?;
+    }
+    Ok(())
 }
 
 /// Deletes the host end by name in the calling thread's namespace; absent is success.
@@ -306,52 +310,51 @@ pub fn del_host_link(nl: &mut Netlink, host: &str) -> Result<(), AttachError> {
 /// What CHECK verifies inside the pod: the interface, its addresses and routes.
 /// Returns every mismatch found (empty = all good).
 pub fn check_pod(
+    pod_nl: &mut Netlink,
     pod: &NetNs,
     ifname: &str,
     addrs: &[IpNet],
     routes: &[Route],
 ) -> Result<Vec<String>, AttachError> {
-    pod.run(|| -> Result<Vec<String>, AttachError> {
-        let mut nl = Netlink::open().ctx(|| format!("open netlink in {}", pod.name))?;
-        let mut problems = Vec::new();
-        let Some(link) = nl
-            .link_by_name(ifname)
-            .ctx(|| format!("look up {ifname} in {}", pod.name))?
-        else {
-            problems.push(format!("interface {ifname} is missing in {}", pod.name));
-            return Ok(problems);
+    let nl = pod_nl;
+    let mut problems = Vec::new();
+    let Some(link) = nl
+        .link_by_name(ifname)
+        .ctx(|| format!("look up {ifname} in {}", pod.name))?
+    else {
+        problems.push(format!("interface {ifname} is missing in {}", pod.name));
+        return Ok(problems);
+    };
+    if !link.up {
+        problems.push(format!("interface {ifname} is down"));
+    }
+    let have = nl
+        .list_addresses(link.index)
+        .ctx(|| format!("list addresses of {ifname}"))?;
+    for a in addrs {
+        if !have.contains(a) {
+            problems.push(format!("address {a} is missing on {ifname} (has {have:?})"));
+        }
+    }
+    let have = nl
+        .list_routes()
+        .ctx(|| format!("list routes in {}", pod.name))?;
+    for r in routes {
+        let r = Route {
+            oif: link.index,
+            ..r.clone()
         };
-        if !link.up {
-            problems.push(format!("interface {ifname} is down"));
+        if !have
+            .iter()
+            .any(|h| h.dst == r.dst && h.gateway == r.gateway && h.oif == r.oif)
+        {
+            problems.push(format!(
+                "route {} via {:?} dev {ifname} is missing",
+                r.dst, r.gateway
+            ));
         }
-        let have = nl
-            .list_addresses(link.index)
-            .ctx(|| format!("list addresses of {ifname}"))?;
-        for a in addrs {
-            if !have.contains(a) {
-                problems.push(format!("address {a} is missing on {ifname} (has {have:?})"));
-            }
-        }
-        let have = nl
-            .list_routes()
-            .ctx(|| format!("list routes in {}", pod.name))?;
-        for r in routes {
-            let r = Route {
-                oif: link.index,
-                ..r.clone()
-            };
-            if !have
-                .iter()
-                .any(|h| h.dst == r.dst && h.gateway == r.gateway && h.oif == r.oif)
-            {
-                problems.push(format!(
-                    "route {} via {:?} dev {ifname} is missing",
-                    r.dst, r.gateway
-                ));
-            }
-        }
-        Ok(problems)
-    })?
+    }
+    Ok(problems)
 }
 
 /// The kernel routes CHECK expects for a result's routes.

@@ -193,7 +193,8 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
     let pod = open_netns(&env.netns)?;
     let store = IpamStore::open_locked(&bconf.ipam.network_dir)?;
-    if attach::pod_has_link(&pod, &env.ifname)? {
+    let mut pod_nl = attach::open_in(&pod)?;
+    if attach::pod_has_link(&mut pod_nl, &pod, &env.ifname)? {
         return Err(attach::AttachError::InterfaceExists {
             ifname: env.ifname.clone(),
             netns: env.netns.clone(),
@@ -205,7 +206,14 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         .map_err(CniError::from)?;
     let mut undo: Vec<Undo> = Vec::new();
     let result = add_steps(
-        env, conf, &rendered, &bconf, &pod, &store, &mut nl, &mut undo,
+        env,
+        conf,
+        &rendered,
+        &bconf,
+        (&pod, &mut pod_nl),
+        &store,
+        &mut nl,
+        &mut undo,
     );
     match result {
         Ok(v) => Ok(v),
@@ -244,7 +252,7 @@ fn add_steps(
     conf: &NetConf,
     rendered: &Value,
     bconf: &BridgeConf,
-    pod: &NetNs,
+    (pod, pod_nl): (&NetNs, &mut Netlink),
     store: &IpamStore,
     nl: &mut Netlink,
     undo: &mut Vec<Undo>,
@@ -270,13 +278,8 @@ fn add_steps(
     undo.push(Undo::DeleteHostLink(host_name.clone()));
     attach::plug_host_end(nl, bconf, &bridge, &host)?;
     let routes = attach::pod_routes(bconf, &addrs);
-    let pod_mac = attach::configure_pod(pod, &env.ifname, &addrs, &routes)?;
-
-    // Read the MACs back now: a bridge takes its lowest port's MAC unless one was set.
-    let bridge_mac = nl
-        .link_by_index(bridge.index)
-        .ctx(|| format!("look up {}", bconf.bridge))?
-        .and_then(|l| l.mac);
+    let pod_mac = attach::configure_pod(pod_nl, pod, &env.ifname, &addrs, &routes)?;
+    let bridge_mac = bridge.mac;
     let mac = |m: Option<flannel_core::mac::MacAddr>| m.map(|m| m.to_string()).unwrap_or_default();
     let result = AddResult {
         interfaces: vec![
@@ -322,7 +325,9 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     if !env.netns.is_empty() {
         // A namespace that is gone took the veth pair with it.
         if let Ok(pod) = NetNs::open_path(Path::new(&env.netns)) {
-            if let Err(e) = attach::del_pod_link(&pod, &env.ifname) {
+            let r = attach::open_in(&pod)
+                .and_then(|mut pod_nl| attach::del_pod_link(&mut pod_nl, &pod, &env.ifname));
+            if let Err(e) = r {
                 failures.push(e.to_string());
             }
         }
@@ -405,7 +410,9 @@ fn cmd_check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
     }
     let nets: Vec<IpNet> = addrs.iter().map(|a| a.address).collect();
+    let mut pod_nl = attach::open_in(&pod)?;
     problems.extend(attach::check_pod(
+        &mut pod_nl,
         &pod,
         &env.ifname,
         &nets,

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use flannel_netlink::netns::{NetNs, ScopedNetNs};
 use serde_json::Value;
@@ -46,6 +47,8 @@ pub struct Outcome {
     pub ok: bool,
     pub stdout: String,
     pub stderr: String,
+    /// From spawn to exit, measured inside the node namespace's thread.
+    pub elapsed: Duration,
 }
 
 impl Outcome {
@@ -132,6 +135,7 @@ impl Node {
         self.ns
             .run(move || {
                 // Spawned from a thread inside the node namespace: the child inherits it.
+                let start = Instant::now();
                 let mut child = Command::new(&bin)
                     .env_clear()
                     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -143,7 +147,9 @@ impl Node {
                     .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
                 child.stdin.take().unwrap().write_all(&stdin).unwrap();
                 let out = child.wait_with_output().unwrap();
+                let elapsed = start.elapsed();
                 Outcome {
+                    elapsed,
                     ok: out.status.success(),
                     stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
                     stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
