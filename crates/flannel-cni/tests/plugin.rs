@@ -646,3 +646,76 @@ fn pods_on_one_node_ping_each_other() {
     node.cni(bin(), "DEL", "pb", &netns_path(&b), "eth0", &conf)
         .expect_ok();
 }
+
+#[test]
+fn dual_stack_add_and_ping6() {
+    need_root();
+    let node = Node::new("fcni-ds");
+    node.write_subnet_env(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    );
+    let conf = node.conf("1.0.0");
+    let a = ScopedNetNs::unique("fcni-dsa").unwrap();
+    let b = ScopedNetNs::unique("fcni-dsb").unwrap();
+    let ra = node
+        .cni(bin(), "ADD", "dsa", &netns_path(&a), "eth0", &conf)
+        .expect_ok()
+        .json();
+    assert_eq!(
+        ra["ips"],
+        json!([
+            {"interface": 2, "address": "10.244.1.2/24", "gateway": "10.244.1.1"},
+            {"interface": 2, "address": "fd00:10:244:1::2/64", "gateway": "fd00:10:244:1::1"}
+        ])
+    );
+    assert_eq!(
+        ra["routes"],
+        json!([
+            {"dst": "10.244.0.0/16"}, {"dst": "fd00:10:244::/56"},
+            {"dst": "0.0.0.0/0", "gw": "10.244.1.1"}, {"dst": "::/0", "gw": "fd00:10:244:1::1"}
+        ])
+    );
+    let mut have = addrs(&node.ns, "cni0");
+    have.sort();
+    assert_eq!(have, vec![net("10.244.1.1/24"), net("fd00:10:244:1::1/64")]);
+    assert!(addrs(&a, "eth0").contains(&net("fd00:10:244:1::2/64")));
+    let r = routes(&a);
+    assert!(
+        r.iter()
+            .any(|x| x.dst == net("fd00:10:244::/56") && x.gateway == Some(ip("fd00:10:244:1::1"))),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read(node.net_dir().join("fd00:10:244:1::2")).unwrap(),
+        b"dsa\r\neth0"
+    );
+    assert!(node.net_dir().join("last_reserved_ip.1").exists());
+    node.cni(bin(), "ADD", "dsb", &netns_path(&b), "eth0", &conf)
+        .expect_ok();
+    // Duplicate address detection keeps new IPv6 addresses tentative for a moment.
+    let mut ok = false;
+    for _ in 0..30 {
+        let out = b.run(|| {
+            std::process::Command::new("ping")
+                .args(["-6", "-c", "1", "-W", "1", "fd00:10:244:1::2"])
+                .output()
+                .unwrap()
+        });
+        if out.unwrap().status.success() {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(ok, "pod b cannot ping pod a over IPv6");
+    let mut cconf = conf.clone();
+    cconf["prevResult"] = ra;
+    node.cni(bin(), "CHECK", "dsa", &netns_path(&a), "eth0", &cconf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "dsa", &netns_path(&a), "eth0", &conf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "dsb", &netns_path(&b), "eth0", &conf)
+        .expect_ok();
+    assert!(ip_files(&node).is_empty());
+    assert!(veths(&node.ns).is_empty());
+}
