@@ -135,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 mtu,
                 bin_dir,
                 keep_on_failure,
+                progress: true,
                 ..LabOptions::default()
             };
             let lab = Lab::up(&opts).context("lab up")?;

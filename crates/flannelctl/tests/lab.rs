@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
 use flannel_core::mac::MacAddr;
-use flannel_netlink::Netlink;
+use flannel_netlink::{Monitor, Netlink, Notification};
 use flannelctl::lab::{self, Lab, LabOptions, Outcome, Pinger};
 use ipnet::IpNet;
 
@@ -308,6 +308,33 @@ fn three_workers_ping_across_nodes_with_ttl_62_and_hold_exactly_the_triples() {
     );
 }
 
+/// Deletes something in a node's namespace and waits for the kernel to
+/// announce the deletion (a monitor is opened first), which proves it took
+/// effect even when the daemon puts it back a moment later.
+fn delete_observed(
+    lab: &Lab,
+    node: &str,
+    what: &str,
+    delete: impl FnOnce(&mut Netlink) + Send,
+    is_it: impl Fn(&Notification) -> bool + Send,
+) {
+    in_node(lab, node, move |nl| {
+        let mut mon = Monitor::open().unwrap();
+        delete(nl);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{node}: the kernel never announced the deletion of {what}"
+            );
+            if mon.recv_timeout(left).unwrap().iter().any(|n| is_it(n)) {
+                return;
+            }
+        }
+    })
+}
+
 fn link_mtu(lab: &Lab, target: &str, dev: &str) -> u32 {
     in_node(lab, target, |nl| {
         nl.link_by_name(dev)
@@ -342,10 +369,12 @@ fn drift_is_repaired_within_seconds() {
         oif: t.ifindex,
         onlink: true,
     };
-    in_node(&lab, node, |nl| nl.del_route(&route).unwrap());
-    assert!(
-        !read_tables(&lab, node).unwrap().routes.contains(&route),
-        "route was not deleted"
+    delete_observed(
+        &lab,
+        node,
+        "the route",
+        |nl| nl.del_route(&route).unwrap(),
+        |n| matches!(n, Notification::Route { dst, deleted: true } if *dst == route.dst),
     );
     wait_tables(&lab, node, &macs, within);
 
@@ -355,10 +384,12 @@ fn drift_is_repaired_within_seconds() {
         mac: mac2,
         dst: IpAddr::V4(node2.underlay_ip),
     };
-    in_node(&lab, node, |nl| nl.del_fdb(&fdb).unwrap());
-    assert!(
-        !read_tables(&lab, node).unwrap().fdb.contains(&fdb),
-        "fdb entry was not deleted"
+    delete_observed(
+        &lab,
+        node,
+        "the FDB entry",
+        |nl| nl.del_fdb(&fdb).unwrap(),
+        |n| matches!(n, Notification::Fdb { mac, deleted: true, .. } if *mac == mac2),
     );
     wait_tables(&lab, node, &macs, within);
 
@@ -368,15 +399,23 @@ fn drift_is_repaired_within_seconds() {
         ip: gw2,
         mac: mac2,
     };
-    in_node(&lab, node, |nl| nl.del_neighbour(&neigh).unwrap());
-    assert!(
-        !read_tables(&lab, node).unwrap().neighbours.contains(&neigh),
-        "neighbour was not deleted"
+    delete_observed(
+        &lab,
+        node,
+        "the neighbour",
+        |nl| nl.del_neighbour(&neigh).unwrap(),
+        |n| matches!(n, Notification::Neighbour { ip, deleted: true, .. } if *ip == gw2),
     );
     wait_tables(&lab, node, &macs, within);
 
     // The whole device: it comes back, with the same VtepMAC and every peer.
-    in_node(&lab, node, |nl| nl.del_link(t.ifindex).unwrap());
+    delete_observed(
+        &lab,
+        node,
+        "flannel.1",
+        |nl| nl.del_link(t.ifindex).unwrap(),
+        |n| matches!(n, Notification::Link { index, deleted: true, .. } if *index == t.ifindex),
+    );
     let back = wait_tables(&lab, node, &macs, within);
     assert_eq!(back.mac, t.mac, "flannel.1 came back with another MAC");
     assert_ping(&lab, "ubuntu-1", pod_ip(&lab, "ubuntu-2"), 62);
@@ -577,4 +616,37 @@ fn failed_up_removes_what_it_built() {
     );
     assert!(leftovers.is_empty(), "failed up left {leftovers:?}");
     assert!(!lab::lab_dir(&name).exists());
+}
+
+#[test]
+fn down_only_kills_what_is_really_the_labs_flanneld() {
+    let guard = up(1);
+    let name = guard.name().to_string();
+    let node = "k8s-node1";
+    let real = guard.daemon_pid(node).unwrap();
+    // Someone else's process behind the node's pid file.
+    let mut other = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid_file = guard.node_dir(node).join("flanneld.pid");
+    std::fs::write(&pid_file, format!("{}\n", other.id())).unwrap();
+    assert!(
+        !guard.stop_daemon(node, Duration::from_secs(1)).unwrap(),
+        "stop_daemon signalled a process that is not flanneld"
+    );
+    assert!(other.try_wait().unwrap().is_none(), "sleep was killed");
+    // `down` still finds the real daemon (its command line points into the labdir)
+    // and leaves the stranger alone.
+    lab::down(&name).unwrap();
+    assert!(
+        other.try_wait().unwrap().is_none(),
+        "lab down killed a process that is not ours"
+    );
+    assert!(
+        lab::lab_processes(&name).is_empty(),
+        "flanneld {real} survived"
+    );
+    other.kill().unwrap();
+    other.wait().unwrap();
 }

@@ -143,6 +143,7 @@ impl Matrix {
             }
             out.push('\n');
         }
+        let mut out: String = out.lines().map(|l| format!("{}\n", l.trim_end())).collect();
         let _ = writeln!(
             out,
             "{} of {} pairs OK (pod to pod across nodes: ttl 62, as in the seed)",

@@ -178,6 +178,8 @@ pub struct LabOptions {
     pub keep_on_failure: bool,
     /// How long to wait for the daemons to come up.
     pub ready_timeout: Duration,
+    /// Print each step of `up` on stderr.
+    pub progress: bool,
 }
 
 impl Default for LabOptions {
@@ -189,6 +191,7 @@ impl Default for LabOptions {
             bin_dir: None,
             keep_on_failure: false,
             ready_timeout: Duration::from_secs(30),
+            progress: false,
         }
     }
 }
@@ -486,7 +489,7 @@ impl Lab {
         }
         let state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
         let mut lab = Lab { state };
-        match lab.build(opts.ready_timeout) {
+        match lab.build(opts.ready_timeout, opts.progress) {
             Ok(()) => Ok(lab),
             Err(e) => {
                 if !opts.keep_on_failure {
@@ -572,37 +575,71 @@ impl Lab {
         NetNs::open(&ns).map_err(ns_err(format!("opening namespace of {target}")))
     }
 
-    fn build(&mut self, ready_timeout: Duration) -> Result<()> {
+    fn build(&mut self, ready_timeout: Duration, progress: bool) -> Result<()> {
+        let say = |msg: String| {
+            if progress {
+                eprintln!("lab {}: {msg}", self.state.name);
+            }
+        };
         self.state.save()?;
         let underlay =
             NetNs::add(&self.state.underlay_netns).map_err(ns_err("creating the underlay"))?;
         topology::build_underlay(&underlay, self.state.mtu)?;
+        say(format!(
+            "switch {}: br0 {UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX}, mtu {}",
+            self.state.underlay_netns, self.state.mtu
+        ));
         for node in &self.state.nodes {
             let ns = NetNs::add(&node.netns)
                 .map_err(ns_err(format!("creating the namespace of {}", node.name)))?;
             topology::wire_node(&underlay, &ns, node, self.state.mtu)?;
             std::fs::create_dir_all(self.node_dir(&node.name))
                 .map_err(io_err(format!("creating the directory of {}", node.name)))?;
+            say(format!(
+                "node {} ({}): ens3 {}/{UNDERLAY_PREFIX}, default via {UNDERLAY_GATEWAY}, ip_forward=1",
+                node.name, node.netns, node.underlay_ip
+            ));
         }
 
         write_atomic(&self.net_conf_path(), net_conf_json().as_bytes())?;
         std::fs::create_dir_all(self.store_dir()).map_err(io_err("creating the lab store"))?;
         self.write_reservations()?;
+        say(format!(
+            "store {}: reservations {}",
+            self.store_dir().display(),
+            self.state
+                .nodes
+                .iter()
+                .map(|n| format!("{} -> {}", n.subnet, n.underlay_ip))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
 
         for node in &self.state.nodes {
-            self.start_daemon(&node.name)?;
+            let pid = self.start_daemon(&node.name)?;
+            say(format!(
+                "flanneld on {}: pid {pid}, log {}",
+                node.name,
+                self.log_path(&node.name).display()
+            ));
         }
         let deadline = Instant::now() + ready_timeout;
         for node in &self.state.nodes {
             self.wait_subnet_env(&node.name, deadline)?;
         }
         self.wait_leases_published(deadline)?;
+        say("every node wrote subnet.env and published its VtepMAC".to_string());
 
         for i in 0..self.state.pods.len() {
             let (ip, gw) = self.attach_pod(i)?;
             self.state.pods[i].ip = Some(ip);
             self.state.pods[i].gateway = gw;
             self.state.save()?;
+            let pod = &self.state.pods[i];
+            say(format!(
+                "pod {} ({}) on {}: eth0 {ip} (CNI ADD via the flannel plugin)",
+                pod.name, pod.netns, pod.node
+            ));
         }
         Ok(())
     }

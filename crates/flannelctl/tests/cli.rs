@@ -1,0 +1,141 @@
+//! The `flannelctl` binary as an operator uses it: `lab up`, `status`,
+//! `exec`, `leases`, `down`, finding flanneld and flannel next to itself.
+//! Needs root, and `cargo build --workspace --bins` first.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const FLANNELCTL: &str = env!("CARGO_BIN_EXE_flannelctl");
+
+fn require_root_and_binaries() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("needs root: these tests build labs in network namespaces (run them with sudo, or scripts/test)");
+    }
+    let dir = Path::new(FLANNELCTL).parent().unwrap();
+    for b in ["flanneld", "flannel"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{b} is not built in {}: run `cargo build --workspace --bins` (same target dir) before these tests",
+            dir.display()
+        );
+    }
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(100);
+
+fn unique_name() -> String {
+    format!(
+        "t{}n{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn flannelctl(args: &[&str]) -> Output {
+    let out = Command::new(FLANNELCTL)
+        .args(args)
+        .env_remove("FLANNEL_LAB_BIN_DIR")
+        .env_remove("FLANNEL_LAB_NAME")
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ flannelctl {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if let Err(e) = flannelctl::lab::down(&self.0) {
+            eprintln!("lab down {}: {e}", self.0);
+        }
+    }
+}
+
+#[test]
+fn operator_session() {
+    require_root_and_binaries();
+    let name = unique_name();
+    let _guard = Down(name.clone());
+
+    let up = flannelctl(&["lab", "up", "--name", &name]);
+    assert!(up.status.success(), "lab up failed");
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(stdout.contains("14 of 14 pairs OK"), "{stdout}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("ubuntu-1 "))
+        .expect("a matrix row for ubuntu-1");
+    assert!(row.contains("ttl 62"), "{row}");
+
+    let again = flannelctl(&["lab", "up", "--name", &name]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("lab down --name"));
+
+    let status = flannelctl(&["lab", "status", "--name", &name]);
+    assert!(status.status.success());
+    let s = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(s.matches("running").count(), 3, "{s}");
+    assert!(s.contains("never (reservation)"), "{s}");
+
+    let check = flannelctl(&["lab", "check", "--name", &name]);
+    assert!(check.status.success());
+
+    // exec passes the exit code through and runs inside the namespace.
+    let e = flannelctl(&[
+        "lab", "exec", "--name", &name, "ubuntu-1", "--", "sh", "-c", "exit 7",
+    ]);
+    assert_eq!(e.status.code(), Some(7));
+    let e = flannelctl(&["lab", "exec", "--name", &name, "nowhere", "--", "true"]);
+    assert_eq!(e.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("unknown lab target"));
+    let e = flannelctl(&[
+        "lab",
+        "exec",
+        "--name",
+        &name,
+        "k8s-node1",
+        "--",
+        "cat",
+        "/proc/net/route",
+    ]);
+    assert!(e.status.success());
+    // /proc/net/route of node1: its ens3 and flannel.1, not the machine's interfaces.
+    let routes = String::from_utf8_lossy(&e.stdout);
+    assert!(
+        routes.contains("ens3") && routes.contains("flannel.1"),
+        "{routes}"
+    );
+
+    let store = format!("/run/flannel-lab/{name}/store");
+    let l = flannelctl(&["leases", "--local-store", &store, "--json"]);
+    assert!(l.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        assert_eq!(r["reservation"], true);
+        assert_eq!(r["backend_type"], "vxlan");
+        assert!(r["vtep_mac"].as_str().is_some_and(|m| m.len() == 17), "{r}");
+    }
+    let l = flannelctl(&["leases", "--local-store", &store]);
+    assert!(String::from_utf8_lossy(&l.stdout).contains("172.16.1.14"));
+
+    assert!(flannelctl(&["lab", "down", "--name", &name])
+        .status
+        .success());
+    assert!(flannelctl(&["lab", "down", "--name", &name])
+        .status
+        .success());
+    assert!(flannelctl::lab::lab_namespaces(&name).is_empty());
+    assert!(flannelctl::lab::lab_processes(&name).is_empty());
+    let status = flannelctl(&["lab", "status", "--name", &name]);
+    assert!(!status.status.success());
+    assert!(String::from_utf8_lossy(&status.stderr).contains("does not exist"));
+}
