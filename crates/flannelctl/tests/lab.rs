@@ -328,7 +328,7 @@ fn delete_observed(
                 !left.is_zero(),
                 "{node}: the kernel never announced the deletion of {what}"
             );
-            if mon.recv_timeout(left).unwrap().iter().any(|n| is_it(n)) {
+            if mon.recv_timeout(left).unwrap().iter().any(&is_it) {
                 return;
             }
         }
