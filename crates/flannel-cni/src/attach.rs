@@ -203,13 +203,11 @@ fn random_mac() -> std::io::Result<MacAddr> {
     Ok(MacAddr(b))
 }
 
-/// Opens a netlink socket inside the pod namespace. The socket stays bound
-/// to that namespace, so the rest of the call drives the pod from this
-/// thread: one short-lived thread per call instead of one per step (each
-/// costs a wake-up, which a loaded node makes expensive).
+/// Opens a netlink socket inside the pod namespace
+/// ([`Netlink::open_in`]: no helper thread). The socket stays bound to that
+/// namespace, so the rest of the call drives the pod from this thread.
 pub fn open_in(pod: &NetNs) -> Result<Netlink, AttachError> {
-    pod.run(Netlink::open)?
-        .ctx(|| format!("open netlink in {}", pod.name))
+    Netlink::open_in(pod).ctx(|| format!("open netlink in {}", pod.name))
 }
 
 /// Whether `ifname` exists in the pod namespace (`pod_nl` opened there).

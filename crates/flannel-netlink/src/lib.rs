@@ -11,6 +11,7 @@
 //! desired state again and again.
 
 mod addrs;
+mod cni_ext;
 mod links;
 mod monitor;
 mod neigh;
