@@ -19,8 +19,8 @@ pub const MAX_ACQUIRE_ATTEMPTS: u32 = 50;
 /// Why no lease could be acquired.
 #[derive(Debug, thiserror::Error)]
 pub enum AcquireError {
-    /// Every subnet of the range is held.
-    #[error(transparent)]
+    /// Every subnet of the range is held (or another planning failure).
+    #[error("cannot acquire a subnet lease (net-conf.json Network/SubnetMin/SubnetMax): {0}")]
     Plan(#[from] AllocError),
     /// The attributes name no public address to own a lease by.
     #[error("lease attributes have neither PublicIP nor PublicIPv6: set --public-ip or --iface so the node has an address")]

@@ -2,11 +2,19 @@
 //! and its first implementation, a local directory shared by all flanneld
 //! processes of one machine.
 //!
+//! - [`local`]: [`LocalStore`], leases as files in a directory shared by the
+//!   daemons of one machine (flock + atomic rename, inotify watch).
+//! - [`acquire`]: store-generic [`acquire_lease`] (upstream's order, retried
+//!   on lost races), [`renew_at`] and [`renew_lease`].
+//!
 //! A store only moves leases in and out; the decisions (which subnet to take,
 //! what a lease means for the kernel) live in `flannel-core`.
 
 pub mod acquire;
+pub mod etcd;
 pub mod local;
+#[cfg(feature = "test-support")]
+pub mod testsupport;
 
 pub use acquire::{acquire_lease, renew_at, renew_lease, AcquireError};
 pub use local::LocalStore;

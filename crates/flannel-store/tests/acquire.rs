@@ -77,11 +77,10 @@ fn more_acquirers_than_subnets_exhaust_cleanly() {
         match r {
             Ok(l) => won.push(l.key),
             Err(AcquireError::Plan(e)) => {
-                let msg = e.to_string();
-                assert!(
-                    msg.contains("10.10.0.0/28"),
-                    "error names the Network: {msg}"
-                );
+                let msg = AcquireError::Plan(e).to_string();
+                for name in ["Network", "10.10.0.0/28", "SubnetMin", "SubnetMax"] {
+                    assert!(msg.contains(name), "error lacks {name}: {msg}");
+                }
                 exhausted += 1;
             }
             Err(e) => panic!("unexpected error: {e}"),
