@@ -1,0 +1,1041 @@
+//! The etcd v3 store, wire-compatible with upstream flannel's etcd subnet
+//! manager so that upstream nodes and ours can share one cluster.
+//!
+//! # Layout (below `--etcd-prefix`, default `/coreos.com/network`)
+//!
+//! ```text
+//! <prefix>/config                          the net-conf JSON (written by the operator)
+//! <prefix>/subnets/10.244.1.0-24           one key per lease, named by the LeaseKey string
+//! <prefix>/subnets/10.244.2.0-24&fd00:10:244:2::-64
+//! ```
+//!
+//! A lease value is upstream's `LeaseAttrs` JSON, byte for byte. A lease key is
+//! attached to an etcd lease granted with the TTL (24 h in production), so
+//! etcd itself deletes it when it is not renewed; a key without an etcd lease
+//! is a reservation: it never expires and is never handed to another node.
+//!
+//! # Differences from upstream, on purpose
+//!
+//! * Renewal keeps the key's etcd lease alive (one `LeaseKeepAlive`) instead
+//!   of granting a new etcd lease every time; a new one is granted only when
+//!   the old one is gone or was granted with another TTL.
+//! * `create_lease` refuses a key that overlaps a held key in either family
+//!   (dual stack: same IPv4 subnet, another IPv6 one), not only the same key.
+//!   The transaction is guarded by "key absent" and by "nothing under
+//!   `subnets/` changed since the check", so the wider check is atomic too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::wire;
+use tokio::sync::{mpsc, watch};
+
+use crate::{LeaseSnapshot, Result, Store, StoreError, WatchEvent};
+
+/// What to tell the operator when `<prefix>/config` is missing (upstream's
+/// hint): the config must be written with the etcd v3 API; a key written with
+/// the v2 API is invisible to v3 clients. See [`missing_config_message`].
+pub const MISSING_CONFIG_HINT: &str = "the network config must be written with the etcd v3 API, e.g. \
+     ETCDCTL_API=3 etcdctl put /coreos.com/network/config '{\"Network\":\"10.244.0.0/16\",\"Backend\":{\"Type\":\"vxlan\"}}' \
+     (a key written with the v2 API is not visible to v3 clients)";
+
+/// The full error text for a missing `<prefix>/config`, naming the key.
+pub fn missing_config_message(prefix: &str) -> String {
+    format!(
+        "network config not found at {}/{} in etcd: {MISSING_CONFIG_HINT}",
+        prefix.trim_end_matches('/'),
+        wire::ETCD_CONFIG_KEY
+    )
+}
+
+/// Default time limit of one etcd request.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time limit of establishing a connection to one endpoint.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Capacity of a watch channel.
+const WATCH_CHANNEL_CAPACITY: usize = 256;
+/// First pause after a failed watch or list; doubles up to [`WATCH_MAX_BACKOFF`].
+const WATCH_MIN_BACKOFF: Duration = Duration::from_millis(100);
+const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a create re-checks after a concurrent change under `subnets/`
+/// before it reports "taken" (the acquirer then plans again).
+const CREATE_ATTEMPTS: u32 = 20;
+/// How often an update retries when the key changed between read and write.
+const UPDATE_ATTEMPTS: u32 = 10;
+/// The TTL cache forgets everything past this many lease ids.
+const TTL_CACHE_MAX: usize = 8192;
+
+/// How to reach etcd: upstream's `--etcd-*` flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    /// `--etcd-endpoints` (comma-separated on the command line):
+    /// `http://127.0.0.1:2379`, `https://10.0.0.1:2379`, or `host:port`
+    /// (https when TLS files are given).
+    pub endpoints: Vec<String>,
+    /// `--etcd-prefix`.
+    pub prefix: String,
+    /// `--etcd-cafile`: PEM CA bundle that signed the servers' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// `--etcd-certfile`: PEM client certificate (needs `key_file`).
+    pub cert_file: Option<PathBuf>,
+    /// `--etcd-keyfile`: PEM private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// `--etcd-username`.
+    pub username: Option<String>,
+    /// `--etcd-password`.
+    pub password: Option<String>,
+    /// Time limit of one request (not of a watch stream).
+    pub request_timeout: Duration,
+    /// Time limit of connecting to one endpoint.
+    pub connect_timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    /// Upstream's defaults: endpoints `http://127.0.0.1:4001,http://127.0.0.1:2379`,
+    /// prefix `/coreos.com/network`, no TLS, no auth.
+    fn default() -> Self {
+        EtcdOptions {
+            endpoints: wire::DEFAULT_ETCD_ENDPOINTS
+                .split(',')
+                .map(str::to_string)
+                .collect(),
+            prefix: wire::DEFAULT_ETCD_PREFIX.to_string(),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password: None,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Why [`EtcdStore::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A flag is wrong (retrying cannot help): the message names it and the fix.
+    #[error("--{flag}: {detail}")]
+    Option { flag: &'static str, detail: String },
+    /// etcd could not be reached or refused us ([`StoreError::Unavailable`]):
+    /// retry with backoff.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ConnectError {
+    /// Whether retrying later may succeed (etcd down or not elected yet).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConnectError::Store(_))
+    }
+}
+
+/// The etcd v3 lease store. Cheap to share behind an `Arc`; dropping it ends
+/// its watches (their channels close).
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    /// Dropped with the store: every watch task sees it and stops.
+    _shutdown: watch::Sender<()>,
+    shutdown_rx: watch::Receiver<()>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.inner.endpoints)
+            .field("prefix", &self.inner.prefix)
+            .finish()
+    }
+}
+
+/// What the store and its watch tasks share.
+struct Inner {
+    client: Client,
+    /// Endpoints as given, for error messages.
+    endpoints: String,
+    /// `--etcd-prefix` without a trailing slash.
+    prefix: String,
+    /// `<prefix>/subnets/`.
+    subnets: String,
+    ttl_cache: Mutex<TtlCache>,
+}
+
+/// Expirations by etcd lease id. An entry looked up when the store was at
+/// revision R is good for every key whose mod_revision is <= R: a later put
+/// may come with a renewal, an earlier one cannot have seen a fresher TTL.
+/// (A keepalive does not move the revision, so an entry is a lower bound:
+/// that is all a reader needs, since etcd itself deletes expired keys.)
+#[derive(Default)]
+struct TtlCache {
+    entries: HashMap<i64, (SystemTime, i64)>,
+}
+
+/// The state of an etcd lease.
+enum LeaseState {
+    /// Alive: expires at this time; `granted` is its TTL in seconds.
+    Alive {
+        expiration: SystemTime,
+        granted: i64,
+    },
+    /// Expired or revoked: its keys are deleted or about to be.
+    Gone,
+}
+
+impl EtcdStore {
+    /// Connects to etcd (TLS with client certificates and/or
+    /// username/password when set) and checks that the cluster answers a read
+    /// of `<prefix>/config`.
+    ///
+    /// `etcdctl --endpoints=... --cacert=... --cert=... --key=... --user=... get <prefix>/config`
+    pub async fn connect(opts: EtcdOptions) -> Result<EtcdStore, ConnectError> {
+        let endpoints: Vec<String> = opts
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(ConnectError::Option {
+                flag: "etcd-endpoints",
+                detail: "no endpoint given; set it to e.g. http://127.0.0.1:2379".into(),
+            });
+        }
+        let prefix = opts.prefix.trim_end_matches('/').to_string();
+        if !opts.prefix.starts_with('/') {
+            return Err(ConnectError::Option {
+                flag: "etcd-prefix",
+                detail: format!(
+                    "{:?} must start with '/', e.g. {}",
+                    opts.prefix,
+                    wire::DEFAULT_ETCD_PREFIX
+                ),
+            });
+        }
+        let shown = endpoints.join(",");
+        let mut copts = ConnectOptions::new()
+            .with_timeout(opts.request_timeout)
+            .with_connect_timeout(opts.connect_timeout)
+            // Notices a member that died without closing the connection
+            // (host gone): the watch then reconnects to another member.
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_auto_token_refresh(true);
+        if let Some(tls) = tls_options(&opts, &endpoints)? {
+            copts = copts.with_tls(tls);
+        }
+        match (&opts.username, &opts.password) {
+            (Some(user), password) if !user.is_empty() => {
+                copts = copts.with_user(user.clone(), password.clone().unwrap_or_default());
+            }
+            (_, Some(p)) if !p.is_empty() => {
+                return Err(ConnectError::Option {
+                    flag: "etcd-password",
+                    detail: "a password without --etcd-username; set both or neither".into(),
+                })
+            }
+            _ => {}
+        }
+        let client = Client::connect(&endpoints, Some(copts))
+            .await
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot connect to etcd at {shown}: {e}"))
+            })?;
+        let (tx, rx) = watch::channel(());
+        let store = EtcdStore {
+            inner: Arc::new(Inner {
+                client,
+                endpoints: shown,
+                subnets: format!("{prefix}/{}/", wire::ETCD_SUBNETS_DIR),
+                prefix,
+                ttl_cache: Mutex::new(TtlCache::default()),
+            }),
+            _shutdown: tx,
+            shutdown_rx: rx,
+        };
+        // The connection is lazy: prove that a member answers (and that the
+        // credentials may read) before the daemon goes on.
+        store.get_network_config().await?;
+        Ok(store)
+    }
+
+    /// `--etcd-prefix` without the trailing slash.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The etcd key of a lease: `<prefix>/subnets/10.244.1.0-24`.
+    pub fn lease_key(&self, key: &LeaseKey) -> String {
+        format!("{}{key}", self.inner.subnets)
+    }
+
+    /// The etcd key of the network config: `<prefix>/config`.
+    pub fn config_key(&self) -> String {
+        format!("{}/{}", self.inner.prefix, wire::ETCD_CONFIG_KEY)
+    }
+
+    /// The underlying client (tests and tools: raw reads, compaction, auth setup).
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+}
+
+/// Reads the TLS files named by the options.
+fn tls_options(
+    opts: &EtcdOptions,
+    endpoints: &[String],
+) -> Result<Option<TlsOptions>, ConnectError> {
+    fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+        std::fs::read(path).map_err(|e| ConnectError::Option {
+            flag,
+            detail: format!("cannot read {}: {e}", path.display()),
+        })
+    }
+    let any_https = endpoints.iter().any(|e| e.starts_with("https://"));
+    let any_tls = opts.ca_file.is_some() || opts.cert_file.is_some() || opts.key_file.is_some();
+    if !any_tls {
+        if any_https {
+            return Err(ConnectError::Option {
+                flag: "etcd-cafile",
+                detail: "https endpoints need the CA that signed the etcd servers' certificates"
+                    .into(),
+            });
+        }
+        return Ok(None);
+    }
+    if let Some(plain) = endpoints.iter().find(|e| e.starts_with("http://")) {
+        return Err(ConnectError::Option {
+            flag: "etcd-endpoints",
+            detail: format!(
+                "{plain} is plain HTTP but TLS files are set; use https:// endpoints or drop --etcd-cafile/--etcd-certfile/--etcd-keyfile"
+            ),
+        });
+    }
+    let mut tls = TlsOptions::new();
+    match &opts.ca_file {
+        Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read("etcd-cafile", ca)?)),
+        None => {
+            return Err(ConnectError::Option {
+                flag: "etcd-cafile",
+                detail: "TLS needs the CA that signed the etcd servers' certificates".into(),
+            })
+        }
+    }
+    match (&opts.cert_file, &opts.key_file) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(
+                read("etcd-certfile", cert)?,
+                read("etcd-keyfile", key)?,
+            ));
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(ConnectError::Option {
+                flag: "etcd-keyfile",
+                detail: "--etcd-certfile needs its private key".into(),
+            })
+        }
+        (None, Some(_)) => {
+            return Err(ConnectError::Option {
+                flag: "etcd-certfile",
+                detail: "--etcd-keyfile needs its certificate".into(),
+            })
+        }
+    }
+    Ok(Some(tls))
+}
+
+impl Inner {
+    fn unavailable(&self, what: &str, e: etcd_client::Error) -> StoreError {
+        StoreError::Unavailable(format!("etcd at {}: {what}: {e}", self.endpoints))
+    }
+
+    fn lease_key(&self, key: &LeaseKey) -> Result<String> {
+        if key.is_empty() {
+            return Err(StoreError::InvalidLease {
+                key: format!("{key:?}"),
+                detail: "a lease key needs an IPv4 and/or IPv6 subnet".into(),
+            });
+        }
+        Ok(format!("{}{key}", self.subnets))
+    }
+
+    /// The lease key of an etcd key under `subnets/`, or a warning.
+    fn parse_key(&self, raw: &[u8]) -> Option<LeaseKey> {
+        let name = String::from_utf8_lossy(raw);
+        let Some(rest) = name.strip_prefix(self.subnets.as_str()) else {
+            tracing::warn!(key = %name, "skipping an etcd key outside the subnets prefix");
+            return None;
+        };
+        match rest.parse::<LeaseKey>() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(key = %name, error = %e, "skipping an etcd key that is not a lease key");
+                None
+            }
+        }
+    }
+
+    /// Key and attributes of a stored lease, or a warning naming the key.
+    fn parse_kv(&self, kv: &KeyValue) -> Option<(LeaseKey, LeaseAttrs)> {
+        let key = self.parse_key(kv.key())?;
+        match std::str::from_utf8(kv.value())
+            .map_err(|e| e.to_string())
+            .and_then(|s| LeaseAttrs::from_json(s).map_err(|e| e.to_string()))
+        {
+            Ok(attrs) => Some((key, attrs)),
+            Err(e) => {
+                tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e,
+                    "skipping an etcd lease whose value is not lease JSON");
+                None
+            }
+        }
+    }
+
+    /// `etcdctl lease timetolive <id>`, with the store revision of the answer.
+    async fn lease_state(&self, id: i64) -> Result<(LeaseState, i64)> {
+        let mut client = self.client.clone();
+        match client.lease_time_to_live(id, None).await {
+            Ok(r) if r.ttl() > 0 => Ok((
+                LeaseState::Alive {
+                    expiration: SystemTime::now() + Duration::from_secs(r.ttl() as u64),
+                    granted: r.granted_ttl(),
+                },
+                r.header().map_or(0, |h| h.revision()),
+            )),
+            Ok(_) => Ok((LeaseState::Gone, 0)),
+            Err(e) if is_lease_not_found(&e) => Ok((LeaseState::Gone, 0)),
+            Err(e) => Err(self.unavailable(&format!("lease timetolive {id:x}"), e)),
+        }
+    }
+
+    /// The expiration of a key with etcd lease `id` last modified at
+    /// `mod_revision`: `Ok(None)` when the lease is gone (the key is being
+    /// deleted). Uses the cache when it is fresh enough for that revision.
+    async fn expiration(&self, id: i64, mod_revision: i64) -> Result<Option<SystemTime>> {
+        let now = SystemTime::now();
+        if let Some(&(exp, seen_at)) = self.cache().entries.get(&id) {
+            if seen_at >= mod_revision && exp > now {
+                return Ok(Some(exp));
+            }
+        }
+        match self.lease_state(id).await? {
+            (LeaseState::Alive { expiration, .. }, revision) => {
+                let mut cache = self.cache();
+                if cache.entries.len() >= TTL_CACHE_MAX {
+                    cache.entries.retain(|_, (exp, _)| *exp > now);
+                    if cache.entries.len() >= TTL_CACHE_MAX {
+                        cache.entries.clear();
+                    }
+                }
+                cache.entries.insert(id, (expiration, revision));
+                Ok(Some(expiration))
+            }
+            (LeaseState::Gone, _) => {
+                self.cache().entries.remove(&id);
+                Ok(None)
+            }
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, TtlCache> {
+        // A panic while holding the lock cannot leave the map inconsistent.
+        self.ttl_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, id: i64, expiration: SystemTime, revision: i64) {
+        if id != 0 {
+            self.cache().entries.insert(id, (expiration, revision));
+        }
+    }
+
+    /// `etcdctl get --prefix <prefix>/subnets/`: the raw keys and the revision.
+    async fn raw_list(&self) -> Result<(Vec<KeyValue>, i64)> {
+        let mut client = self.client.clone();
+        let mut r = client
+            .get(self.subnets.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unavailable(&format!("get --prefix {}", self.subnets), e))?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        Ok((r.take_kvs(), revision))
+    }
+
+    /// The stored lease of one key-value; `None` (with a warning for bad
+    /// data) when it is not a live lease.
+    async fn to_lease(&self, kv: &KeyValue) -> Result<Option<Lease>> {
+        let Some((key, attrs)) = self.parse_kv(kv) else {
+            return Ok(None);
+        };
+        let expiration = if kv.lease() == 0 {
+            None
+        } else {
+            match self.expiration(kv.lease(), kv.mod_revision()).await? {
+                Some(t) => Some(t),
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(Lease {
+            key,
+            attrs,
+            expiration,
+        }))
+    }
+
+    async fn list(&self) -> Result<LeaseSnapshot> {
+        let (kvs, revision) = self.raw_list().await?;
+        let mut leases = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            if let Some(l) = self.to_lease(kv).await? {
+                leases.push(l);
+            }
+        }
+        Ok(LeaseSnapshot {
+            leases,
+            revision: revision.max(0) as u64,
+        })
+    }
+
+    /// `etcdctl lease grant <ttl>`: the lease id and its expiration.
+    async fn grant(&self, ttl: Duration) -> Result<(i64, SystemTime)> {
+        let mut client = self.client.clone();
+        let r = client
+            .lease_grant(ttl_secs(ttl), None)
+            .await
+            .map_err(|e| self.unavailable("lease grant", e))?;
+        Ok((
+            r.id(),
+            SystemTime::now() + Duration::from_secs(r.ttl().max(0) as u64),
+        ))
+    }
+
+    /// `etcdctl lease revoke <id>`, best effort (cleanup of a lease that no
+    /// key uses; it would expire by itself anyway).
+    async fn revoke_quietly(&self, id: i64) {
+        let mut client = self.client.clone();
+        if let Err(e) = client.lease_revoke(id).await {
+            if !is_lease_not_found(&e) {
+                tracing::debug!(lease = %format!("{id:x}"), error = %e, "revoking an unused etcd lease failed; it will expire");
+            }
+        }
+        self.cache().entries.remove(&id);
+    }
+
+    /// Keeps etcd lease `id` alive for another period when it still exists
+    /// and was granted with `ttl`; otherwise grants a new one. Returns the
+    /// lease id to attach and the expiration.
+    ///
+    /// `etcdctl lease keep-alive --once <id>` / `etcdctl lease grant <ttl>`
+    async fn renew_or_grant(&self, id: i64, ttl: Duration) -> Result<(i64, SystemTime)> {
+        if id != 0 {
+            if let (LeaseState::Alive { granted, .. }, _) = self.lease_state(id).await? {
+                if granted == ttl_secs(ttl) {
+                    let mut client = self.client.clone();
+                    match client.lease_keep_alive(id).await {
+                        // The keepalive stream is closed when these drop: once is enough.
+                        Ok((_keeper, _stream)) => {
+                            return Ok((
+                                id,
+                                SystemTime::now() + Duration::from_secs(granted as u64),
+                            ));
+                        }
+                        Err(e) if is_lease_not_found(&e) => {}
+                        Err(e) => {
+                            return Err(self.unavailable(&format!("lease keep-alive {id:x}"), e))
+                        }
+                    }
+                } else {
+                    tracing::info!(lease = %format!("{id:x}"), granted, wanted = ttl_secs(ttl),
+                        "etcd lease was granted with another TTL; granting a new one");
+                }
+            }
+        }
+        self.grant(ttl).await
+    }
+}
+
+impl Store for EtcdStore {
+    /// `etcdctl get <prefix>/config`. `Ok(None)` when absent: tell the user
+    /// [`missing_config_message`].
+    async fn get_network_config(&self) -> Result<Option<String>> {
+        let key = self.config_key();
+        let mut client = self.inner.client.clone();
+        let r = client
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| self.inner.unavailable(&format!("get {key}"), e))?;
+        Ok(r.kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// `etcdctl get --prefix <prefix>/subnets/`; keys or values that do not
+    /// parse are skipped with a warning naming the key.
+    async fn list_leases(&self) -> Result<LeaseSnapshot> {
+        self.inner.list().await
+    }
+
+    /// A transaction: if the key does not exist and nothing under
+    /// `subnets/` changed since we saw no overlapping lease, put it with a
+    /// freshly granted etcd lease (`ttl: None`: without one, a reservation).
+    async fn create_lease(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Option<Lease>> {
+        let inner = &self.inner;
+        let key = inner.lease_key(&lease.key)?;
+        let value = lease.attrs.to_json();
+        let mut granted: Option<(i64, SystemTime)> = None;
+        for _ in 0..CREATE_ATTEMPTS {
+            let (kvs, revision) = inner.raw_list().await?;
+            let taken = kvs.iter().find_map(|kv| {
+                let held = inner.parse_key(kv.key())?;
+                held.overlaps(&lease.key).then_some(held)
+            });
+            if let Some(held) = taken {
+                tracing::debug!(wanted = %lease.key, held = %held, "subnet already leased");
+                break;
+            }
+            if granted.is_none() {
+                if let Some(ttl) = ttl {
+                    granted = Some(inner.grant(ttl).await?);
+                }
+            }
+            let put_opts = granted.map(|(id, _)| PutOptions::new().with_lease(id));
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                    Compare::mod_revision(inner.subnets.as_str(), CompareOp::Less, revision + 1)
+                        .with_prefix(),
+                ])
+                .and_then([TxnOp::put(key.as_str(), value.as_str(), put_opts)]);
+            let mut client = inner.client.clone();
+            let r = client
+                .txn(txn)
+                .await
+                .map_err(|e| inner.unavailable(&format!("txn create {key}"), e))?;
+            if r.succeeded() {
+                let expiration = granted.map(|(id, exp)| {
+                    let rev = r.header().map_or(0, |h| h.revision());
+                    inner.remember(id, exp, rev);
+                    exp
+                });
+                return Ok(Some(Lease {
+                    key: lease.key,
+                    attrs: lease.attrs.clone(),
+                    expiration,
+                }));
+            }
+            // Something under subnets/ changed meanwhile: check again.
+        }
+        if let Some((id, _)) = granted {
+            inner.revoke_quietly(id).await;
+        }
+        Ok(None)
+    }
+
+    /// Renews or rewrites this node's lease: keeps the key's etcd lease
+    /// alive (`LeaseKeepAlive` once) and puts the value with it, guarded by
+    /// the key's mod_revision; a new etcd lease only when the old one is gone.
+    /// [`StoreError::NotFound`]: the key is gone (revoked or expired);
+    /// [`StoreError::Conflict`]: another node's PublicIP holds it.
+    async fn update_lease(&self, lease: &Lease, ttl: Option<Duration>) -> Result<Lease> {
+        let inner = &self.inner;
+        let key = inner.lease_key(&lease.key)?;
+        let value = lease.attrs.to_json();
+        for _ in 0..UPDATE_ATTEMPTS {
+            let mut client = inner.client.clone();
+            let r = client
+                .get(key.as_str(), None)
+                .await
+                .map_err(|e| inner.unavailable(&format!("get {key}"), e))?;
+            let Some(kv) = r.kvs().first() else {
+                return Err(StoreError::NotFound {
+                    key: lease.key.to_string(),
+                });
+            };
+            let held = std::str::from_utf8(kv.value())
+                .map_err(|e| e.to_string())
+                .and_then(|s| LeaseAttrs::from_json(s).map_err(|e| e.to_string()))
+                .map_err(|e| StoreError::InvalidLease {
+                    key: key.clone(),
+                    detail: format!("stored value cannot be updated: {e}"),
+                })?;
+            if !same_owner(&held, &lease.attrs) {
+                return Err(StoreError::Conflict {
+                    key: key.clone(),
+                    detail: format!(
+                        "held by PublicIP {} / PublicIPv6 {}, not by the updater ({} / {})",
+                        show(held.public_ip),
+                        show(held.public_ipv6),
+                        show(lease.attrs.public_ip),
+                        show(lease.attrs.public_ipv6)
+                    ),
+                });
+            }
+            let old_id = kv.lease();
+            let mod_revision = kv.mod_revision();
+            let (new_id, expiration) = match ttl {
+                Some(ttl) => {
+                    let (id, exp) = inner.renew_or_grant(old_id, ttl).await?;
+                    (id, Some(exp))
+                }
+                None => (0, None),
+            };
+            let put_opts = (new_id != 0).then(|| PutOptions::new().with_lease(new_id));
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::put(key.as_str(), value.as_str(), put_opts)]);
+            let r = client
+                .txn(txn)
+                .await
+                .map_err(|e| inner.unavailable(&format!("txn update {key}"), e))?;
+            if r.succeeded() {
+                if let Some(exp) = expiration {
+                    inner.remember(new_id, exp, r.header().map_or(0, |h| h.revision()));
+                }
+                if old_id != 0 && old_id != new_id {
+                    // No key uses it any more (each lease key has its own).
+                    inner.revoke_quietly(old_id).await;
+                }
+                return Ok(Lease {
+                    key: lease.key,
+                    attrs: lease.attrs.clone(),
+                    expiration,
+                });
+            }
+            if new_id != 0 && new_id != old_id {
+                inner.revoke_quietly(new_id).await;
+            }
+            tracing::debug!(key = %key, "lease changed while renewing it; reading it again");
+        }
+        Err(StoreError::Unavailable(format!(
+            "lease {key} kept changing while we renewed it ({UPDATE_ATTEMPTS} attempts)"
+        )))
+    }
+
+    /// `etcdctl del <prefix>/subnets/<key>`; absent is success.
+    async fn delete_lease(&self, key: &LeaseKey) -> Result<()> {
+        let key = self.inner.lease_key(key)?;
+        let mut client = self.inner.client.clone();
+        client
+            .delete(key.as_str(), None)
+            .await
+            .map_err(|e| self.inner.unavailable(&format!("del {key}"), e))?;
+        Ok(())
+    }
+
+    /// Lists (the first [`WatchEvent::Snapshot`]), then watches
+    /// `<prefix>/subnets/` from the next revision
+    /// (`etcdctl watch --prefix --rev=<rev+1> --prev-kv`). After a
+    /// compaction, a stream error or a reconnect it backs off, lists again,
+    /// sends a fresh Snapshot and resumes from that list's revision.
+    async fn watch_leases(&self) -> Result<mpsc::Receiver<WatchEvent>> {
+        let snapshot = self.inner.list().await?;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        let revision = snapshot.revision as i64;
+        tx.send(WatchEvent::Snapshot(snapshot))
+            .await
+            .map_err(|_| StoreError::Unavailable("watch receiver dropped".into()))?;
+        let inner = Arc::clone(&self.inner);
+        let shutdown = self.shutdown_rx.clone();
+        tokio::spawn(run_watch(inner, tx, shutdown, revision));
+        Ok(rx)
+    }
+}
+
+/// Why a watch stream ended.
+enum StreamEnd {
+    /// The receiver or the store is gone: stop.
+    Stop,
+    /// List again, send a Snapshot, watch again.
+    Resync,
+}
+
+async fn run_watch(
+    inner: Arc<Inner>,
+    tx: mpsc::Sender<WatchEvent>,
+    mut shutdown: watch::Receiver<()>,
+    mut revision: i64,
+) {
+    let mut backoff = WATCH_MIN_BACKOFF;
+    let mut need_snapshot = false;
+    loop {
+        if need_snapshot {
+            match inner.list().await {
+                Ok(s) => {
+                    revision = s.revision as i64;
+                    if tx.send(WatchEvent::Snapshot(s)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "etcd watch: listing leases failed");
+                    if !pause(&tx, &mut shutdown, &mut backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        need_snapshot = true;
+        match watch_once(&inner, &tx, &mut shutdown, revision, &mut backoff).await {
+            StreamEnd::Stop => return,
+            StreamEnd::Resync => {
+                if !pause(&tx, &mut shutdown, &mut backoff).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps `backoff` (doubling it for next time); false when the receiver or
+/// the store went away meanwhile.
+async fn pause(
+    tx: &mpsc::Sender<WatchEvent>,
+    shutdown: &mut watch::Receiver<()>,
+    backoff: &mut Duration,
+) -> bool {
+    let d = *backoff;
+    *backoff = (*backoff * 2).min(WATCH_MAX_BACKOFF);
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = tx.closed() => false,
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// One watch stream from `revision + 1` until it fails or is canceled.
+async fn watch_once(
+    inner: &Inner,
+    tx: &mpsc::Sender<WatchEvent>,
+    shutdown: &mut watch::Receiver<()>,
+    revision: i64,
+    backoff: &mut Duration,
+) -> StreamEnd {
+    let mut client = inner.client.clone();
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_prev_key();
+    let started = tokio::select! {
+        r = client.watch(inner.subnets.as_str(), Some(opts)) => r,
+        _ = tx.closed() => return StreamEnd::Stop,
+        _ = shutdown.changed() => return StreamEnd::Stop,
+    };
+    let mut stream = match started {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, retry_in = ?backoff, "etcd watch: cannot start the watch");
+            return StreamEnd::Resync;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = tx.closed() => return StreamEnd::Stop,
+            _ = shutdown.changed() => return StreamEnd::Stop,
+        };
+        let resp = match msg {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                tracing::warn!(retry_in = ?backoff, "etcd watch stream ended; listing again");
+                return StreamEnd::Resync;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "etcd watch stream failed; listing again");
+                return StreamEnd::Resync;
+            }
+        };
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                tracing::warn!(
+                    compact_revision = resp.compact_revision(),
+                    watched_from = revision + 1,
+                    "etcd compacted the history the watch needed; listing again"
+                );
+                // Nothing is wrong with etcd: resync at once.
+                *backoff = Duration::ZERO;
+            } else {
+                tracing::warn!(reason = resp.cancel_reason(), retry_in = ?backoff,
+                    "etcd canceled the watch; listing again");
+            }
+            return StreamEnd::Resync;
+        }
+        *backoff = WATCH_MIN_BACKOFF;
+        if resp.events().is_empty() {
+            continue;
+        }
+        let header_revision = resp.header().map_or(0, |h| h.revision());
+        let mut events = Vec::with_capacity(resp.events().len());
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                etcd_client::EventType::Put => match inner.parse_kv(kv) {
+                    Some((key, attrs)) => {
+                        let expiration = if kv.lease() == 0 {
+                            None
+                        } else {
+                            match inner.expiration(kv.lease(), kv.mod_revision()).await {
+                                Ok(Some(t)) => Some(t),
+                                // Lease already gone: its DELETE event follows.
+                                Ok(None) => continue,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "etcd watch: cannot read a lease's TTL; listing again");
+                                    return StreamEnd::Resync;
+                                }
+                            }
+                        };
+                        events.push(LeaseEvent::Upsert(Lease {
+                            key,
+                            attrs,
+                            expiration,
+                        }));
+                    }
+                    // A key that held a lease now holds garbage: as in a
+                    // list, it is no lease any more.
+                    None => {
+                        if let Some(key) = inner.parse_key(kv.key()) {
+                            events.push(LeaseEvent::Removed(key));
+                        }
+                    }
+                },
+                etcd_client::EventType::Delete => {
+                    if let Some(key) = inner.parse_key(kv.key()) {
+                        events.push(LeaseEvent::Removed(key));
+                    }
+                }
+            }
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let msg = WatchEvent::Events {
+            events,
+            revision: header_revision.max(0) as u64,
+        };
+        if tx.send(msg).await.is_err() {
+            return StreamEnd::Stop;
+        }
+    }
+}
+
+/// A TTL in whole seconds, rounded up, at least 1.
+fn ttl_secs(ttl: Duration) -> i64 {
+    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    secs.clamp(1, i64::MAX as u64) as i64
+}
+
+/// etcd answers "requested lease not found" for an expired or revoked lease.
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.message().contains("lease not found"),
+        _ => false,
+    }
+}
+
+/// Whether `new` may overwrite `held`: the same public address in at least
+/// one family and a different one in none (a node that gained an IPv6
+/// address still owns its lease). Same rule as the local store.
+fn same_owner(held: &LeaseAttrs, new: &LeaseAttrs) -> bool {
+    fn cmp<T: PartialEq>(a: Option<T>, b: Option<T>) -> Option<bool> {
+        Some(a? == b?)
+    }
+    let v4 = cmp(held.public_ip, new.public_ip);
+    let v6 = cmp(held.public_ipv6, new.public_ipv6);
+    v4 != Some(false) && v6 != Some(false) && (v4 == Some(true) || v6 == Some(true))
+}
+
+fn show<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "null".into(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rounds_up() {
+        assert_eq!(ttl_secs(Duration::from_secs(86400)), 86400);
+        assert_eq!(ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ttl_secs(Duration::ZERO), 1);
+    }
+
+    #[test]
+    fn missing_config_message_names_key_and_v3() {
+        let m = missing_config_message("/coreos.com/network/");
+        assert!(m.contains("/coreos.com/network/config"), "{m}");
+        assert!(m.contains("v3"), "{m}");
+        assert!(m.contains("etcdctl put"), "{m}");
+    }
+
+    #[test]
+    fn owner_rules() {
+        let a = LeaseAttrs::new("vxlan", Some("10.0.0.1".parse().unwrap()), None);
+        let b = LeaseAttrs::new("vxlan", Some("10.0.0.2".parse().unwrap()), None);
+        let a6 = LeaseAttrs::new(
+            "vxlan",
+            Some("10.0.0.1".parse().unwrap()),
+            Some("fd00::1".parse().unwrap()),
+        );
+        assert!(same_owner(&a, &a));
+        assert!(!same_owner(&a, &b));
+        assert!(same_owner(&a, &a6));
+        assert!(!same_owner(&LeaseAttrs::new("vxlan", None, None), &a));
+    }
+
+    fn opts(endpoints: &[&str]) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            ..EtcdOptions::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_options_name_the_flag() {
+        let flag = |r: Result<EtcdStore, ConnectError>| match r {
+            Err(ConnectError::Option { flag, .. }) => flag,
+            other => panic!("expected an option error, got {other:?}"),
+        };
+        assert_eq!(flag(EtcdStore::connect(opts(&[])).await), "etcd-endpoints");
+        assert_eq!(
+            flag(EtcdStore::connect(opts(&["https://127.0.0.1:1"])).await),
+            "etcd-cafile"
+        );
+        let mut o = opts(&["http://127.0.0.1:1"]);
+        o.ca_file = Some("/nonexistent/ca.pem".into());
+        assert_eq!(flag(EtcdStore::connect(o).await), "etcd-endpoints");
+        let mut o = opts(&["https://127.0.0.1:1"]);
+        o.ca_file = Some("/nonexistent/ca.pem".into());
+        assert_eq!(flag(EtcdStore::connect(o).await), "etcd-cafile");
+        let mut o = opts(&["http://127.0.0.1:1"]);
+        o.prefix = "coreos.com/network".into();
+        assert_eq!(flag(EtcdStore::connect(o).await), "etcd-prefix");
+        let mut o = opts(&["http://127.0.0.1:1"]);
+        o.password = Some("secret".into());
+        assert_eq!(flag(EtcdStore::connect(o).await), "etcd-password");
+    }
+
+    #[tokio::test]
+    async fn unreachable_is_unavailable_and_names_endpoints() {
+        // Port 1 on loopback: nothing listens there.
+        let mut o = opts(&["http://127.0.0.1:1"]);
+        o.connect_timeout = Duration::from_millis(500);
+        o.request_timeout = Duration::from_secs(2);
+        let e = EtcdStore::connect(o).await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(
+            matches!(e, ConnectError::Store(StoreError::Unavailable(_))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+    }
+}
