@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use super::{overlay_address, Lab, LabError, NodeState, Pinger, Result};
+use super::{overlay_address, Lab, LabError, NodeState, Pinger, PodState, Result};
 
 /// What a target is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,59 +206,72 @@ fn underlay_target(n: &NodeState) -> Target {
     }
 }
 
-/// Pings every target from every pod. A pair is retried until it answers or
-/// `per_pair` has passed (the first packets may race the daemons' last writes).
+/// Pings every target from every pod, one thread per pod. A pair is retried
+/// until it answers or `per_pair` has passed (the first packets may race the
+/// daemons' last writes).
 pub(crate) fn run(lab: &Lab, per_pair: Duration) -> Result<Matrix> {
     let targets = targets(lab);
-    let mut sources = Vec::new();
-    let mut cells = Vec::new();
-    for pod in &lab.state.pods {
-        let Some(ip) = pod.ip else { continue };
-        sources.push((pod.name.clone(), ip.addr()));
-        let mut pinger = Pinger::open_in(&lab.netns(&pod.name)?)?;
-        let mut row = Vec::new();
-        for t in &targets {
-            if t.kind == TargetKind::Pod && t.label == pod.name {
-                row.push(Outcome::Itself);
-                continue;
-            }
-            let expected = expected_ttl(&pod.node, t);
-            let deadline = Instant::now() + per_pair;
-            let mut outcome = Outcome::NoReply;
-            while Instant::now() < deadline {
-                match pinger.echo(t.ip, Duration::from_millis(500)) {
-                    Ok(Some(r)) if r.ttl == expected => {
-                        outcome = Outcome::Ok {
-                            ttl: r.ttl,
-                            rtt: r.rtt,
-                        };
-                        break;
-                    }
-                    Ok(Some(r)) => {
-                        outcome = Outcome::WrongTtl {
-                            ttl: r.ttl,
-                            expected,
-                        };
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                    Err(e) => {
-                        return Err(LabError::Io {
-                            context: format!("pinging {} from {}", t.ip, pod.name),
-                            source: e,
-                        })
-                    }
-                }
-            }
-            row.push(outcome);
-        }
-        cells.push(row);
-    }
+    let pods: Vec<_> = lab.state.pods.iter().filter(|p| p.ip.is_some()).collect();
+    let sources = pods
+        .iter()
+        .map(|p| (p.name.clone(), p.ip.expect("filtered").addr()))
+        .collect();
+    let rows: Vec<Result<Vec<Outcome>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|pod| scope.spawn(|| row(lab, pod, &targets, per_pair)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ping thread panicked"))
+            .collect()
+    });
     Ok(Matrix {
         sources,
         targets,
-        cells,
+        cells: rows.into_iter().collect::<Result<_>>()?,
     })
+}
+
+fn row(lab: &Lab, pod: &PodState, targets: &[Target], per_pair: Duration) -> Result<Vec<Outcome>> {
+    let mut pinger = Pinger::open_in(&lab.netns(&pod.name)?)?;
+    let mut row = Vec::new();
+    for t in targets {
+        if t.kind == TargetKind::Pod && t.label == pod.name {
+            row.push(Outcome::Itself);
+            continue;
+        }
+        let expected = expected_ttl(&pod.node, t);
+        let deadline = Instant::now() + per_pair;
+        let mut outcome = Outcome::NoReply;
+        while Instant::now() < deadline {
+            match pinger.echo(t.ip, Duration::from_millis(500)) {
+                Ok(Some(r)) if r.ttl == expected => {
+                    outcome = Outcome::Ok {
+                        ttl: r.ttl,
+                        rtt: r.rtt,
+                    };
+                    break;
+                }
+                Ok(Some(r)) => {
+                    outcome = Outcome::WrongTtl {
+                        ttl: r.ttl,
+                        expected,
+                    };
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    return Err(LabError::Io {
+                        context: format!("pinging {} from {}", t.ip, pod.name),
+                        source: e,
+                    })
+                }
+            }
+        }
+        row.push(outcome);
+    }
+    Ok(row)
 }
 
 #[cfg(test)]
