@@ -719,3 +719,56 @@ fn dual_stack_add_and_ping6() {
     assert!(ip_files(&node).is_empty());
     assert!(veths(&node.ns).is_empty());
 }
+
+/// Our address files and the reference host-local plugin's are the same
+/// format: each side sees, honours and releases the other's reservations.
+#[test]
+fn ipam_files_interoperate_with_reference_host_local() {
+    need_root();
+    let host_local = Path::new("/usr/lib/cni/host-local");
+    assert!(
+        host_local.exists(),
+        "needs the reference plugins: apt-get install containernetworking-plugins (scripts/test does)"
+    );
+    let node = Node::new("fcni-hl");
+    let conf = node.conf("1.0.0");
+    let hl_conf = json!({
+        "cniVersion": "1.0.0", "name": "cbr0", "type": "host-local",
+        "ipam": {"type": "host-local", "dataDir": node.ipam_dir(),
+                 "ranges": [[{"subnet": "10.244.1.0/24"}]], "routes": [{"dst": "10.244.0.0/16"}]}
+    });
+    let pod = ScopedNetNs::unique("fcni-hlp").unwrap();
+    let path = netns_path(&pod);
+    // The reference reserves .2; we must skip it and continue after it.
+    let r = node
+        .cni(host_local, "ADD", "ref-ctr", &path, "eth9", &hl_conf)
+        .expect_ok()
+        .json();
+    assert_eq!(r["ips"][0]["address"], "10.244.1.2/24");
+    let ours = node
+        .cni(bin(), "ADD", "our-ctr", &path, "eth0", &conf)
+        .expect_ok()
+        .json();
+    assert_eq!(ours["ips"][0]["address"], "10.244.1.3/24");
+    // And the reference continues after ours.
+    let r = node
+        .cni(host_local, "ADD", "ref-ctr2", &path, "eth8", &hl_conf)
+        .expect_ok()
+        .json();
+    assert_eq!(r["ips"][0]["address"], "10.244.1.4/24");
+    // The reference releases our file by container ID + interface name.
+    node.cni(host_local, "DEL", "our-ctr", &path, "eth0", &hl_conf)
+        .expect_ok();
+    assert!(!node.net_dir().join("10.244.1.3").exists());
+    // We release the reference's file the same way.
+    node.cni(bin(), "DEL", "ref-ctr", &path, "eth9", &conf)
+        .expect_ok();
+    assert!(!node.net_dir().join("10.244.1.2").exists());
+    assert_eq!(ip_files(&node), vec!["10.244.1.4".to_string()]);
+    node.cni(host_local, "DEL", "ref-ctr2", &path, "eth8", &hl_conf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "our-ctr", &path, "eth0", &conf)
+        .expect_ok();
+    assert!(ip_files(&node).is_empty());
+    assert!(veths(&node.ns).is_empty());
+}
