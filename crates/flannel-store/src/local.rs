@@ -506,6 +506,26 @@ impl Layout {
         Ok(out)
     }
 
+    /// Removes `.tmp.*` files in `dir` (left by a writer that crashed
+    /// between create and rename). Caller holds the exclusive lock.
+    fn remove_stale_temp_files(&self, dir: &Path) -> Result<()> {
+        let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(dir, e))?;
+            if !entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::debug!(file = %entry.path().display(), "removed stale temp file")
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&entry.path(), e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes expired leases (except `keep`) and temp files left by crashed
     /// writers. Caller holds the exclusive lock. Returns whether a lease was
     /// deleted, and the live leases that remain (by file name).
@@ -515,6 +535,7 @@ impl Layout {
         keep: Option<&str>,
     ) -> Result<(bool, BTreeMap<String, Lease>)> {
         self.ensure_subnets_dir()?;
+        self.remove_stale_temp_files(&self.dir)?;
         let mut deleted = false;
         let mut live = BTreeMap::new();
         let entries = fs::read_dir(&self.subnets).map_err(|e| io_err(&self.subnets, e))?;

@@ -303,6 +303,8 @@ async fn stale_temp_files_are_collected_by_writers() {
     let store = LocalStore::open(dir.path()).unwrap();
     let stale = dir.path().join("subnets/.tmp.10.244.1.0-24.999999.0");
     std::fs::write(&stale, b"half").unwrap();
+    let stale_rev = dir.path().join(".tmp.revision.999999.0");
+    std::fs::write(&stale_rev, b"4").unwrap();
     assert!(store.list_leases().await.unwrap().leases.is_empty());
     store
         .create_lease(&lease("10.244.2.0-24", 2), Some(Duration::from_secs(60)))
@@ -310,6 +312,7 @@ async fn stale_temp_files_are_collected_by_writers() {
         .unwrap()
         .unwrap();
     assert!(!stale.exists());
+    assert!(!stale_rev.exists());
 }
 
 #[tokio::test]
