@@ -96,6 +96,8 @@ pub(crate) fn spawn_flanneld(
             cmd.env_remove(key);
         }
     }
+    // The log is a file: no terminal colours (honoured by tracing-subscriber).
+    cmd.env("NO_COLOR", "1");
     cmd.arg("--local-store")
         .arg(store)
         .arg("--net-config-path")
