@@ -18,6 +18,7 @@ mod neigh;
 pub mod netns;
 mod routes;
 mod transport;
+pub mod tun;
 
 use std::net::IpAddr;
 

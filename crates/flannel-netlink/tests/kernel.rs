@@ -995,3 +995,51 @@ fn vxlan_packet_walk() {
     let (n, _) = sender.recv_from(&mut buf).expect("reply crossed back");
     assert_eq!(&buf[..n], b"and back");
 }
+
+#[test]
+fn tun_device_carries_packets() {
+    use std::io::Read;
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-tun").unwrap();
+    ns.run(|| -> Result<_, Error> {
+        let tun = flannel_netlink::tun::Tun::open("flannel0")?;
+        assert_eq!(tun.name(), "flannel0");
+        let mut nl = Netlink::open()?;
+        let link = nl.link_by_name("flannel0")?.expect("tun link");
+        assert_eq!(link.kind.as_deref(), Some("tun"));
+        assert_eq!(link.mac, None, "a TUN device has no link-layer address");
+        nl.set_link_mtu(link.index, 1472)?;
+        nl.add_address(link.index, net("10.244.1.0/16"))?;
+        nl.set_link_up(link.index)?;
+        // A datagram routed into the device comes out of the file as an IP packet.
+        let s = std::net::UdpSocket::bind("10.244.1.0:0").unwrap();
+        s.send_to(b"to the tun", "10.244.7.7:9999").unwrap();
+        let mut f = tun.file();
+        let mut buf = [0u8; 2048];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            // Bounded wait: a missing packet fails the test instead of hanging it.
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+            assert!(ready > 0, "no packet came out of the tun device");
+            let n = f.read(&mut buf).unwrap();
+            // Skip IPv6 router solicitations and the like.
+            if n >= 20 && buf[0] >> 4 == 4 && buf[9] == 17 {
+                break n;
+            }
+        };
+        assert_eq!(&buf[16..20], &[10, 244, 7, 7], "destination");
+        assert_eq!(&buf[n - 10..n], b"to the tun");
+        // The device goes with the handle.
+        drop(tun);
+        assert!(nl.link_by_name("flannel0")?.is_none());
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
