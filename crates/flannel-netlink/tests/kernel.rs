@@ -1043,3 +1043,41 @@ fn tun_device_carries_packets() {
     .unwrap()
     .unwrap();
 }
+
+#[test]
+fn open_in_binds_the_socket_to_another_namespace() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-opin").unwrap();
+    let b = ScopedNetNs::unique("fnl-opinb").unwrap();
+    let ul = underlay(&a, &b);
+    // From a thread inside `b`, open a socket in `a`; the thread stays in `b`.
+    let (names, still_b) = b
+        .run(|| {
+            let mut nl = Netlink::open_in(&a).unwrap();
+            let home = nix::sys::stat::stat("/proc/thread-self/ns/net")
+                .unwrap()
+                .st_ino;
+            // Used from another thread: the socket keeps its namespace.
+            let names: Vec<String> = std::thread::scope(|s| {
+                s.spawn(|| {
+                    nl.list_links()
+                        .unwrap()
+                        .into_iter()
+                        .map(|l| l.name)
+                        .collect()
+                })
+                .join()
+                .unwrap()
+            });
+            (names, home == nix::sys::stat::fstat(b.fd()).unwrap().st_ino)
+        })
+        .unwrap();
+    assert!(
+        still_b,
+        "the calling thread did not return to its namespace"
+    );
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, vec!["lo".to_string(), "ul0".to_string()]);
+    assert!(ul > 0);
+}
