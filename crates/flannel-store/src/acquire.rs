@@ -110,7 +110,10 @@ pub async fn acquire_lease<S: Store>(
                 tracing::debug!(subnet = %key, attempt, "subnet taken by another node meanwhile; planning again");
             }
         }
-        let pause = Duration::from_millis(rand::rng().random_range(1..=25));
+        // Random, and wider after each loss: racers that keep colliding
+        // (stores whose create also fails on any concurrent change) spread out.
+        let max_ms = 10 * u64::from(attempt.min(10));
+        let pause = Duration::from_millis(rand::rng().random_range(1..=max_ms));
         tokio::time::sleep(pause).await;
     }
     Err(AcquireError::TooManyRaces {
