@@ -505,6 +505,15 @@ fn leases_removed_while_daemons_are_down_disappear_everywhere() {
     assert!(lab
         .stop_daemon("k8s-node3", Duration::from_secs(5))
         .unwrap());
+    let status = lab.status();
+    let down: Vec<&str> = status
+        .nodes
+        .iter()
+        .filter(|n| !n.healthy())
+        .map(|n| n.node.as_str())
+        .collect();
+    assert_eq!(down, ["k8s-node1", "k8s-node3"], "{}", status.render());
+    assert!(!status.healthy());
     lab.delete_lease(lab.node("k8s-node3").unwrap().subnet)
         .unwrap();
     assert!(lab
