@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
 use crate::iface::{self, ExternalInterface, IfaceError};
-use crate::reconcile::{ReconcileError, Reconciler, Request, Settings};
+use crate::reconcile::{DirectRoutingSettings, ReconcileError, Reconciler, Request, Settings};
 use crate::subnet_file::{self, SubnetFileError};
 
 /// Why the daemon stopped with an error. Each message says what to fix.
@@ -311,6 +311,10 @@ impl State {
             },
             network: self.s.network,
             own: self.own.key,
+            direct_routing: self.s.vxlan.direct_routing.then(|| DirectRoutingSettings {
+                external_ifindex: self.s.ext.index,
+                connected: self.s.ext.connected.clone(),
+            }),
         }
     }
 

@@ -85,6 +85,9 @@ pub struct ExternalInterface {
     pub iface_addr: Ipv4Addr,
     /// The address published in our lease: `--public-ip` or `iface_addr`.
     pub public_ip: Ipv4Addr,
+    /// Its global IPv4 addresses with prefixes: the directly connected
+    /// subnets (for the vxlan DirectRouting option).
+    pub connected: Vec<IpNet>,
 }
 
 fn finish(c: &Candidate, req: &Request) -> Result<ExternalInterface, String> {
@@ -97,6 +100,12 @@ fn finish(c: &Candidate, req: &Request) -> Result<ExternalInterface, String> {
         mtu: c.mtu,
         iface_addr: addr,
         public_ip: req.public_ip.unwrap_or(addr),
+        connected: c
+            .addrs
+            .iter()
+            .filter(|a| a.addr().is_ipv4())
+            .cloned()
+            .collect(),
     })
 }
 
@@ -239,6 +248,13 @@ mod tests {
         // First global IPv4, skipping the IPv6 address listed before it.
         assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
         assert_eq!(e.public_ip, e.iface_addr);
+        assert_eq!(
+            e.connected,
+            vec![
+                "172.16.1.14/24".parse::<IpNet>().unwrap(),
+                "172.16.1.99/24".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

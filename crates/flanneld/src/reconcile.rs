@@ -16,15 +16,12 @@
 //! added before the route that uses them, and a route is deleted before the
 //! neighbour and FDB entry it used.
 
-use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use flannel_core::datapath::{FdbEntry, Neighbour, Route};
-use flannel_core::lease::{Lease, LeaseKey};
-use flannel_core::mac::MacAddr;
+use flannel_core::datapath::{self, DesiredState, DirectRouting, Op, Route, Scope};
+use flannel_core::lease::{IpFamily, Lease, LeaseKey};
 use flannel_netlink::{Monitor, Netlink, Notification};
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::oneshot;
@@ -57,166 +54,54 @@ pub struct Settings {
     pub network: Ipv4Net,
     /// Our lease.
     pub own: LeaseKey,
+    /// Set with the vxlan `DirectRouting` option: peers on a directly
+    /// connected subnet of the external interface are routed to without
+    /// encapsulation.
+    pub direct_routing: Option<DirectRoutingSettings>,
+}
+
+/// The external interface as DirectRouting needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectRoutingSettings {
+    pub external_ifindex: u32,
+    /// Its addresses with prefixes (the connected subnets).
+    pub connected: Vec<IpNet>,
 }
 
 impl Settings {
-    fn own_subnet(&self) -> Option<Ipv4Net> {
-        self.own.ipv4
+    /// What this daemon owns in the kernel (flannel-core's [`Scope`]).
+    pub fn scope(&self, device_ifindex: u32) -> Scope {
+        Scope {
+            network: IpNet::V4(self.network),
+            own_subnet: self.own.ipv4.map(IpNet::V4),
+            device_ifindex: Some(device_ifindex),
+            external_ifindex: self.direct_routing.as_ref().map(|d| d.external_ifindex),
+        }
     }
-}
 
-/// A remote node as the vxlan datapath needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub subnet: Ipv4Net,
-    pub public_ip: Ipv4Addr,
-    pub vtep_mac: MacAddr,
-}
-
-/// The vxlan peers among `leases`: every lease except ours that is a vxlan
-/// lease of our VNI with a PublicIP, an IPv4 subnet inside the network and
-/// parseable BackendData, and is not expired.
-pub fn peers(leases: &[Lease], s: &Settings, now: SystemTime) -> Vec<Peer> {
-    let mut out: Vec<Peer> = leases
-        .iter()
-        .filter(|l| l.key != s.own)
-        .filter(|l| l.expiration.is_none_or(|e| e > now))
-        .filter_map(|l| {
-            let subnet = l.key.ipv4?;
-            if !s.network.contains(&subnet) || Some(subnet) == s.own_subnet() {
-                return None;
-            }
-            let mac = vxlan::lease_vtep_mac(&l.attrs, s.spec.device.vni)?;
-            Some(Peer {
-                subnet,
-                public_ip: l.attrs.public_ip?,
-                vtep_mac: mac,
-            })
-        })
-        .collect();
-    out.sort_by_key(|p| p.subnet);
-    out
-}
-
-/// The kernel state the vxlan datapath wants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Desired {
-    pub routes: Vec<Route>,
-    pub neighbours: Vec<Neighbour>,
-    pub fdb: Vec<FdbEntry>,
-}
-
-/// Per peer, the triple of flannel-compat.md: neighbour (subnet network
-/// address -> VtepMAC), FDB (VtepMAC -> PublicIP), route (subnet via its
-/// network address dev flannel.VNI onlink).
-pub fn desired(ifindex: u32, peers: &[Peer]) -> Desired {
-    let mut d = Desired::default();
-    for p in peers {
-        let gw = IpAddr::V4(p.subnet.network());
-        d.neighbours.push(Neighbour {
-            ifindex,
-            ip: gw,
-            mac: p.vtep_mac,
+    /// The state the kernel should hold for `leases` with our device at `ifindex`.
+    pub fn desired(
+        &self,
+        ifindex: u32,
+        leases: &[Lease],
+        now: SystemTime,
+    ) -> (usize, DesiredState) {
+        let peers = datapath::vxlan_peers(
+            leases,
+            Some(&self.own),
+            self.spec.device.vni,
+            IpFamily::V4,
+            now,
+        );
+        let direct = self.direct_routing.as_ref().map(|d| DirectRouting {
+            external_ifindex: d.external_ifindex,
+            connected: &d.connected,
         });
-        d.fdb.push(FdbEntry {
-            ifindex,
-            mac: p.vtep_mac,
-            dst: IpAddr::V4(p.public_ip),
-        });
-        d.routes.push(Route {
-            dst: IpNet::V4(p.subnet),
-            gateway: Some(gw),
-            oif: ifindex,
-            onlink: true,
-        });
+        (
+            peers.len(),
+            datapath::desired_vxlan_with(ifindex, &peers, direct.as_ref()),
+        )
     }
-    d
-}
-
-/// The kernel state we consider ours, read back: routes whose destination is
-/// inside the cluster network (but not our own subnet) through our device,
-/// and every permanent neighbour and every FDB entry with a destination on
-/// our device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Actual {
-    pub routes: Vec<Route>,
-    pub neighbours: Vec<Neighbour>,
-    pub fdb: Vec<FdbEntry>,
-}
-
-/// The writes of one pass, in the order they are applied.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub del_routes: Vec<Route>,
-    pub add_fdb: Vec<FdbEntry>,
-    pub add_neighbours: Vec<Neighbour>,
-    pub add_routes: Vec<Route>,
-    pub del_neighbours: Vec<Neighbour>,
-    pub del_fdb: Vec<FdbEntry>,
-}
-
-impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn len(&self) -> usize {
-        self.del_routes.len()
-            + self.add_fdb.len()
-            + self.add_neighbours.len()
-            + self.add_routes.len()
-            + self.del_neighbours.len()
-            + self.del_fdb.len()
-    }
-}
-
-/// What must change to go from `actual` to `desired`.
-///
-/// Replace semantics decide what is deleted: a route is keyed by its
-/// destination and a neighbour by its IP, so an entry whose key is still
-/// desired is overwritten by the replace and must not be deleted (the delete
-/// would remove the fresh entry). FDB entries are deleted by exact
-/// MAC + destination, which never touches the desired one.
-pub fn plan(desired: &Desired, actual: &Actual) -> Plan {
-    fn missing<T: Ord + Clone>(want: &[T], have: &[T]) -> Vec<T> {
-        let have: BTreeSet<&T> = have.iter().collect();
-        want.iter().filter(|w| !have.contains(w)).cloned().collect()
-    }
-    let want_dsts: BTreeSet<IpNet> = desired.routes.iter().map(|r| r.dst).collect();
-    let want_ips: BTreeSet<IpAddr> = desired.neighbours.iter().map(|n| n.ip).collect();
-    let want_fdb: BTreeSet<&FdbEntry> = desired.fdb.iter().collect();
-    Plan {
-        del_routes: actual
-            .routes
-            .iter()
-            .filter(|r| !want_dsts.contains(&r.dst))
-            .cloned()
-            .collect(),
-        add_fdb: missing(&desired.fdb, &actual.fdb),
-        add_neighbours: missing(&desired.neighbours, &actual.neighbours),
-        add_routes: missing(&desired.routes, &actual.routes),
-        del_neighbours: actual
-            .neighbours
-            .iter()
-            .filter(|n| !want_ips.contains(&n.ip))
-            .cloned()
-            .collect(),
-        del_fdb: actual
-            .fdb
-            .iter()
-            .filter(|f| !want_fdb.contains(f))
-            .cloned()
-            .collect(),
-    }
-}
-
-/// Filters a route dump down to the routes this daemon manages.
-pub fn managed_routes(all: Vec<Route>, s: &Settings, ifindex: u32) -> Vec<Route> {
-    all.into_iter()
-        .filter(|r| match r.dst {
-            IpNet::V4(d) => r.oif == ifindex && s.network.contains(&d) && Some(d) != s.own_subnet(),
-            IpNet::V6(_) => false,
-        })
-        .collect()
 }
 
 /// What one pass did.
@@ -411,26 +296,7 @@ impl Worker {
     }
 
     fn relevant(&self, n: &Notification) -> bool {
-        let ours = |i: &u32| Some(*i) == self.ifindex;
-        #[allow(unreachable_patterns)]
-        match n {
-            Notification::Link { index, name, .. } => {
-                ours(index)
-                    || *name == self.settings.spec.device.name
-                    || *index == self.settings.spec.device.underlay_index
-            }
-            Notification::Route { dst, .. } => match dst {
-                IpNet::V4(d) => self.settings.network.contains(d),
-                IpNet::V6(_) => false,
-            },
-            Notification::Neighbour { ifindex, .. } | Notification::Fdb { ifindex, .. } => {
-                ours(ifindex)
-            }
-            Notification::Address { index, .. } => ours(index),
-            // Anything else (e.g. a lost-notifications overrun) may hide a
-            // change of ours: resync.
-            _ => true,
-        }
+        is_relevant(n, &self.settings, self.ifindex)
     }
 
     /// One full reconciliation pass.
@@ -458,8 +324,9 @@ impl Worker {
         self.ifindex = Some(ifindex);
         report.ifindex = Some(ifindex);
 
-        let peers = peers(&self.leases, &self.settings, SystemTime::now());
-        let want = desired(ifindex, &peers);
+        let (npeers, want) = self
+            .settings
+            .desired(ifindex, &self.leases, SystemTime::now());
         let actual = match self.read_actual(ifindex) {
             Ok(a) => a,
             Err(e) => {
@@ -468,59 +335,50 @@ impl Worker {
                 return report;
             }
         };
-        let p = plan(&want, &actual);
-        let nl = &mut self.nl;
-        let mut apply = |what: String, r: flannel_netlink::Result<()>| match r {
-            Ok(()) => {
-                tracing::info!("{what}");
-                report.changes += 1;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "failed: {what}");
-                report.errors.push(format!("{what}: {e}"));
-            }
-        };
-        for r in &p.del_routes {
-            apply(
-                format!("deleted stale route {}", show_route(r, &name)),
-                nl.del_route(r),
-            );
-        }
-        for f in &p.add_fdb {
-            apply(
-                format!("added fdb {} dst {} dev {name}", f.mac, f.dst),
-                nl.replace_fdb(f),
-            );
-        }
-        for n in &p.add_neighbours {
-            apply(
-                format!("added neighbour {} lladdr {} dev {name}", n.ip, n.mac),
-                nl.replace_neighbour(n),
-            );
-        }
-        for r in &p.add_routes {
-            apply(
-                format!("added route {}", show_route(r, &name)),
-                nl.replace_route(r),
-            );
-        }
-        for n in &p.del_neighbours {
-            apply(
-                format!(
-                    "deleted stale neighbour {} lladdr {} dev {name}",
-                    n.ip, n.mac
+        let plan = datapath::plan_reconcile(&want, &actual);
+        for op in plan.ops() {
+            let (what, r) = match &op {
+                Op::DelRoute(r) => (
+                    format!("deleted stale route {}", show_route(r, &name, ifindex)),
+                    self.nl.del_route(r),
                 ),
-                nl.del_neighbour(n),
-            );
-        }
-        for f in &p.del_fdb {
-            apply(
-                format!("deleted stale fdb {} dst {} dev {name}", f.mac, f.dst),
-                nl.del_fdb(f),
-            );
+                Op::AddFdb(f) => (
+                    format!("added fdb {} dst {} dev {name}", f.mac, f.dst),
+                    self.nl.replace_fdb(f),
+                ),
+                Op::AddNeighbour(n) => (
+                    format!("added neighbour {} lladdr {} dev {name}", n.ip, n.mac),
+                    self.nl.replace_neighbour(n),
+                ),
+                Op::AddRoute(r) => (
+                    format!("added route {}", show_route(r, &name, ifindex)),
+                    self.nl.replace_route(r),
+                ),
+                Op::DelNeighbour(n) => (
+                    format!(
+                        "deleted stale neighbour {} lladdr {} dev {name}",
+                        n.ip, n.mac
+                    ),
+                    self.nl.del_neighbour(n),
+                ),
+                Op::DelFdb(f) => (
+                    format!("deleted stale fdb {} dst {} dev {name}", f.mac, f.dst),
+                    self.nl.del_fdb(f),
+                ),
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!("{what}");
+                    report.changes += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed: {what}");
+                    report.errors.push(format!("{what}: {e}"));
+                }
+            }
         }
         tracing::debug!(
-            peers = peers.len(),
+            peers = npeers,
             changes = report.changes,
             errors = report.errors.len(),
             took_ms = started.elapsed().as_millis() as u64,
@@ -529,32 +387,65 @@ impl Worker {
         report
     }
 
-    fn read_actual(&mut self, ifindex: u32) -> flannel_netlink::Result<Actual> {
-        Ok(Actual {
-            routes: managed_routes(self.nl.list_routes()?, &self.settings, ifindex),
+    /// What the kernel holds of ours ([`Settings::scope`]).
+    fn read_actual(&mut self, ifindex: u32) -> flannel_netlink::Result<DesiredState> {
+        let all = DesiredState {
+            routes: self.nl.list_routes()?,
             neighbours: self.nl.list_neighbours(ifindex)?,
             fdb: self.nl.list_fdb(ifindex)?,
-        })
+        };
+        Ok(self.settings.scope(ifindex).filter(all))
     }
 }
 
-fn show_route(r: &Route, dev: &str) -> String {
+fn show_route(r: &Route, dev: &str, dev_index: u32) -> String {
     let mut s = r.dst.to_string();
     if let Some(gw) = r.gateway {
         s.push_str(&format!(" via {gw}"));
     }
-    s.push_str(&format!(" dev {dev}"));
+    if r.oif == dev_index {
+        s.push_str(&format!(" dev {dev}"));
+    } else {
+        s.push_str(&format!(" dev index {}", r.oif));
+    }
     if r.onlink {
         s.push_str(" onlink");
     }
     s
 }
 
+/// Whether a kernel notification may concern our datapath: our device (by
+/// index or name), the underlay interface, addresses on our device, routes
+/// inside the cluster network, neighbour/FDB entries on our device, and
+/// anything unknown (e.g. lost notifications).
+pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool {
+    let ours = |i: &u32| Some(*i) == ifindex;
+    #[allow(unreachable_patterns)]
+    match n {
+        Notification::Link { index, name, .. } => {
+            ours(index) || *name == s.spec.device.name || *index == s.spec.device.underlay_index
+        }
+        Notification::Route { dst, .. } => match dst {
+            IpNet::V4(d) => s.network.contains(d),
+            IpNet::V6(_) => false,
+        },
+        Notification::Neighbour { ifindex, .. } | Notification::Fdb { ifindex, .. } => {
+            ours(ifindex)
+        }
+        Notification::Address { index, .. } => ours(index),
+        // Anything else (e.g. a lost-notifications overrun) may hide a
+        // change of ours: resync.
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::backend::vxlan::lease_attrs;
+    use flannel_core::datapath::{FdbEntry, Neighbour};
     use flannel_netlink::VxlanDevice;
+    use std::net::IpAddr;
 
     fn settings() -> Settings {
         Settings {
@@ -573,158 +464,134 @@ mod tests {
                 address: "10.244.1.0/32".parse().unwrap(),
             },
             network: "10.244.0.0/16".parse().unwrap(),
-            own: key("10.244.1.0/24"),
+            own: "10.244.1.0-24".parse().unwrap(),
+            direct_routing: None,
         }
     }
 
-    fn key(s: &str) -> LeaseKey {
-        LeaseKey {
-            ipv4: Some(s.parse().unwrap()),
-            ipv6: None,
-        }
-    }
-
-    fn lease(subnet: &str, ip: &str, mac: &str, vni: u32) -> Lease {
+    fn lease(key: &str, ip: &str, mac: &str, vni: u32) -> Lease {
         Lease {
-            key: key(subnet),
+            key: key.parse().unwrap(),
             attrs: lease_attrs(ip.parse().unwrap(), vni, mac.parse().unwrap()),
             expiration: None,
         }
     }
 
-    #[test]
-    fn peers_skip_own_foreign_and_malformed_leases() {
-        let now = SystemTime::now();
-        let mut expired = lease("10.244.5.0/24", "172.16.1.5", "02:00:00:00:00:05", 1);
-        expired.expiration = Some(now - Duration::from_secs(1));
-        let mut hostgw = lease("10.244.6.0/24", "172.16.1.6", "02:00:00:00:00:06", 1);
-        hostgw.attrs.backend_type = "host-gw".into();
-        let mut garbage = lease("10.244.7.0/24", "172.16.1.7", "02:00:00:00:00:07", 1);
-        garbage.attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "nope"}));
-        let leases = vec![
-            lease("10.244.1.0/24", "172.16.1.14", "02:00:00:00:00:01", 1),
-            lease("10.244.3.0/24", "172.16.1.13", "02:00:00:00:00:03", 1),
-            lease("10.244.2.0/24", "172.16.1.12", "02:00:00:00:00:02", 1),
-            lease("10.244.4.0/24", "172.16.1.4", "02:00:00:00:00:04", 2),
-            lease("10.99.0.0/24", "172.16.1.9", "02:00:00:00:00:09", 1),
-            expired,
-            hostgw,
-            garbage,
-        ];
-        let p = peers(&leases, &settings(), now);
-        let subnets: Vec<String> = p.iter().map(|p| p.subnet.to_string()).collect();
-        assert_eq!(subnets, vec!["10.244.2.0/24", "10.244.3.0/24"]);
-        assert_eq!(p[0].public_ip, Ipv4Addr::new(172, 16, 1, 12));
+    fn leases() -> Vec<Lease> {
+        vec![
+            lease("10.244.1.0-24", "172.16.1.14", "26:62:24:f0:61:01", 1),
+            lease("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56", 1),
+            lease("10.244.3.0-24", "192.168.7.3", "02:00:00:00:00:03", 1),
+            lease("10.244.4.0-24", "172.16.1.4", "02:00:00:00:00:04", 2),
+        ]
     }
 
     #[test]
-    fn desired_is_the_upstream_triple() {
-        let p = Peer {
-            subnet: "10.244.2.0/24".parse().unwrap(),
-            public_ip: "172.16.1.13".parse().unwrap(),
-            vtep_mac: "52:17:43:ba:2e:56".parse().unwrap(),
-        };
-        let d = desired(4, &[p]);
+    fn desired_is_the_packet_walk_triple_for_each_peer_of_our_vni() {
+        let (n, d) = settings().desired(4, &leases(), SystemTime::now());
+        assert_eq!(n, 2, "own lease and other VNI skipped");
         assert_eq!(
-            d.neighbours,
-            vec![Neighbour {
-                ifindex: 4,
-                ip: "10.244.2.0".parse().unwrap(),
-                mac: "52:17:43:ba:2e:56".parse().unwrap()
-            }]
-        );
-        assert_eq!(
-            d.fdb,
-            vec![FdbEntry {
-                ifindex: 4,
-                mac: "52:17:43:ba:2e:56".parse().unwrap(),
-                dst: "172.16.1.13".parse().unwrap()
-            }]
-        );
-        assert_eq!(
-            d.routes,
-            vec![Route {
+            d.routes[0],
+            Route {
                 dst: "10.244.2.0/24".parse().unwrap(),
                 gateway: Some("10.244.2.0".parse().unwrap()),
                 oif: 4,
                 onlink: true
-            }]
+            }
         );
-    }
-
-    fn peer(n: u8, mac_last: u8) -> Peer {
-        Peer {
-            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-            public_ip: Ipv4Addr::new(172, 16, 1, n),
-            vtep_mac: MacAddr([2, 0, 0, 0, 0, mac_last]),
-        }
-    }
-
-    #[test]
-    fn plan_is_empty_when_in_sync() {
-        let d = desired(4, &[peer(2, 2), peer(3, 3)]);
-        let a = Actual {
-            routes: d.routes.clone(),
-            neighbours: d.neighbours.clone(),
-            fdb: d.fdb.clone(),
-        };
-        assert!(plan(&d, &a).is_empty());
+        assert!(d.neighbours.contains(&Neighbour {
+            ifindex: 4,
+            ip: "10.244.2.0".parse().unwrap(),
+            mac: "52:17:43:ba:2e:56".parse().unwrap()
+        }));
+        assert!(d.fdb.contains(&FdbEntry {
+            ifindex: 4,
+            mac: "52:17:43:ba:2e:56".parse().unwrap(),
+            dst: "172.16.1.13".parse().unwrap()
+        }));
+        assert_eq!((d.routes.len(), d.neighbours.len(), d.fdb.len()), (2, 2, 2));
     }
 
     #[test]
-    fn plan_adds_missing_and_deletes_stale() {
-        let d = desired(4, &[peer(2, 2), peer(3, 3)]);
-        let old = desired(4, &[peer(2, 2), peer(9, 9)]);
-        let a = Actual {
-            routes: old.routes.clone(),
-            neighbours: old.neighbours.clone(),
-            fdb: old.fdb.clone(),
-        };
-        let p = plan(&d, &a);
-        assert_eq!(p.add_routes, vec![d.routes[1].clone()]);
-        assert_eq!(p.add_neighbours, vec![d.neighbours[1].clone()]);
-        assert_eq!(p.add_fdb, vec![d.fdb[1].clone()]);
-        assert_eq!(p.del_routes, vec![old.routes[1].clone()]);
-        assert_eq!(p.del_neighbours, vec![old.neighbours[1].clone()]);
-        assert_eq!(p.del_fdb, vec![old.fdb[1].clone()]);
-    }
-
-    #[test]
-    fn changed_mac_is_replaced_not_deleted() {
-        // Peer 2 restarted with a new VtepMAC: the neighbour with the same IP
-        // is overwritten by replace, never deleted (deleting by IP would
-        // remove the fresh entry). The old FDB entry is deleted exactly.
-        let d = desired(4, &[peer(2, 0x22)]);
-        let old = desired(4, &[peer(2, 2)]);
-        let a = Actual {
-            routes: old.routes.clone(),
-            neighbours: old.neighbours.clone(),
-            fdb: old.fdb.clone(),
-        };
-        let p = plan(&d, &a);
-        assert!(p.del_routes.is_empty() && p.add_routes.is_empty());
-        assert_eq!(p.add_neighbours, d.neighbours);
-        assert!(p.del_neighbours.is_empty());
-        assert_eq!(p.add_fdb, d.fdb);
-        assert_eq!(p.del_fdb, old.fdb);
-    }
-
-    #[test]
-    fn managed_routes_scope() {
-        let s = settings();
-        let r = |dst: &str, oif| Route {
-            dst: dst.parse().unwrap(),
-            gateway: None,
-            oif,
+    fn direct_routing_skips_encapsulation_for_connected_peers_only() {
+        let mut s = settings();
+        s.direct_routing = Some(DirectRoutingSettings {
+            external_ifindex: 2,
+            connected: vec!["172.16.1.14/24".parse().unwrap()],
+        });
+        let (_, d) = s.desired(4, &leases(), SystemTime::now());
+        let direct = Route {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            gateway: Some("172.16.1.13".parse().unwrap()),
+            oif: 2,
             onlink: false,
         };
-        let all = vec![
-            r("10.244.2.0/24", 4),
-            r("10.244.1.0/24", 4),  // our own subnet: not ours to manage
-            r("10.244.3.0/24", 9),  // another device (cni0)
-            r("192.168.0.0/24", 4), // outside the network
-            r("0.0.0.0/0", 2),
-        ];
-        assert_eq!(managed_routes(all, &s, 4), vec![r("10.244.2.0/24", 4)]);
+        assert!(d.routes.contains(&direct), "{d:?}");
+        // 192.168.7.3 is not connected: the vxlan triple.
+        assert_eq!(d.neighbours.len(), 1);
+        assert_eq!(d.neighbours[0].ip, "10.244.3.0".parse::<IpAddr>().unwrap());
+        // The scope then owns gateway routes on the external interface.
+        assert!(s.scope(4).owns_route(&direct));
+        assert!(!settings().scope(4).owns_route(&direct));
+    }
+
+    #[test]
+    fn relevant_notifications() {
+        let s = settings();
+        let yes = |n: Notification| assert!(is_relevant(&n, &s, Some(4)), "{n:?}");
+        let no = |n: Notification| assert!(!is_relevant(&n, &s, Some(4)), "{n:?}");
+        yes(Notification::Link {
+            index: 4,
+            name: "flannel.1".into(),
+            deleted: true,
+        });
+        // Recreated by someone else under a new index: matched by name.
+        yes(Notification::Link {
+            index: 9,
+            name: "flannel.1".into(),
+            deleted: false,
+        });
+        yes(Notification::Link {
+            index: 2,
+            name: "eth0".into(),
+            deleted: false,
+        });
+        no(Notification::Link {
+            index: 7,
+            name: "veth1".into(),
+            deleted: false,
+        });
+        yes(Notification::Route {
+            dst: "10.244.2.0/24".parse().unwrap(),
+            deleted: true,
+        });
+        no(Notification::Route {
+            dst: "192.168.0.0/24".parse().unwrap(),
+            deleted: true,
+        });
+        yes(Notification::Neighbour {
+            ifindex: 4,
+            ip: "10.244.2.0".parse().unwrap(),
+            deleted: true,
+        });
+        no(Notification::Neighbour {
+            ifindex: 2,
+            ip: "172.16.1.1".parse().unwrap(),
+            deleted: false,
+        });
+        yes(Notification::Fdb {
+            ifindex: 4,
+            mac: Default::default(),
+            deleted: true,
+        });
+        yes(Notification::Address {
+            index: 4,
+            deleted: true,
+        });
+        no(Notification::Address {
+            index: 2,
+            deleted: true,
+        });
+        yes(Notification::Overrun);
     }
 }

@@ -124,6 +124,12 @@ fn spawn_in(ns: &ScopedNetNs, args: &[String], log: &Path) -> Child {
         .unwrap();
     let fd = ns.fd().as_raw_fd();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
+    // Exactly the flags given: no FLANNELD_* or RUST_LOG from the caller.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLANNELD_") {
+            cmd.env_remove(key);
+        }
+    }
     cmd.args(args)
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -563,6 +569,10 @@ fn restart_changes_nothing_and_sigterm_leaves_everything_in_place() {
     let before = c.wait_programmed(0, &peers0, Duration::from_secs(10));
     let env_before = fs::read_to_string(c.nodes[0].subnet_file()).unwrap();
 
+    // Let the kernel finish its own follow-ups of the device creation (IPv6
+    // link-local DAD completes ~1 s after up and is announced as an address
+    // change) so that only the restart is observed.
+    std::thread::sleep(Duration::from_secs(3));
     // Watch node1's kernel for any change while flanneld stops and restarts.
     let (tx, rx) = std::sync::mpsc::channel::<Vec<Notification>>();
     let stop_watch = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -621,10 +631,19 @@ fn restart_changes_nothing_and_sigterm_leaves_everything_in_place() {
         fs::read_to_string(c.nodes[0].subnet_file()).unwrap(),
         env_before
     );
+    let log = read_log(&c.nodes[0].log());
+    let second_run = log.split("using external interface").nth(2).unwrap_or("");
     assert!(
-        read_log(&c.nodes[0].log()).contains("changes=0"),
-        "restart pass made no kernel writes:\n{}",
-        read_log(&c.nodes[0].log())
+        second_run.contains("datapath programmed ifindex=") && second_run.contains("changes=0"),
+        "restart pass made no kernel writes:\n{log}"
+    );
+    let changes: Vec<&str> = second_run
+        .lines()
+        .filter(|l| l.contains(" INFO ") && l.contains("flanneld::reconcile:"))
+        .collect();
+    assert!(
+        changes.is_empty(),
+        "restart changed the kernel: {changes:#?}"
     );
 
     stop_watch.store(true, Ordering::SeqCst);
@@ -770,4 +789,97 @@ fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
     assert!(node.state().is_none());
     // And nothing leased either.
     assert!(c.leases().is_empty() || !c.store_dir.exists());
+}
+
+#[test]
+fn direct_routing_routes_connected_peers_without_encapsulation() {
+    let c = Cluster::new("direct", 2);
+    fs::write(
+        &c.config,
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#,
+    )
+    .unwrap();
+    let mut d0 = c.start(0, &[]);
+    let mut d1 = c.start(1, &[]);
+    let _s0 = c.nodes[0].wait_subnet(&mut d0);
+    let s1 = c.nodes[1].wait_subnet(&mut d1);
+    let want = Route {
+        dst: IpNet::V4(s1),
+        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
+        oif: c.nodes[0].state().unwrap().eth0,
+        onlink: false,
+    };
+    wait_for("direct route on node1", Duration::from_secs(10), || {
+        let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
+        routes.contains(&want).then_some(())
+    });
+    let st = c.nodes[0].state().unwrap();
+    assert!(st.routes.is_empty(), "no route through flannel.1: {st:?}");
+    assert!(st.neighbours.is_empty() && st.fdb.is_empty(), "{st:?}");
+    // Drift repair covers the direct route too.
+    c.nodes[0].nl(|nl| nl.del_route(&want).unwrap());
+    wait_for("direct route restored", Duration::from_secs(5), || {
+        let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
+        routes.contains(&want).then_some(())
+    });
+    let dst = s1.network().to_string();
+    wait_for(
+        "ping over the direct route",
+        Duration::from_secs(10),
+        || ping(&c.nodes[0], &dst).then_some(()),
+    );
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
+}
+
+#[test]
+fn short_lease_is_renewed_before_it_expires() {
+    let c = Cluster::new("renew", 2);
+    // A 4 s lease: the renew margin (>= 1 min) is capped at half the TTL,
+    // so node1 renews about every 2 s.
+    let mut d0 = c.start(0, &["--lease-ttl", "4"]);
+    let mut d1 = c.start(1, &[]);
+    let s0 = c.nodes[0].wait_subnet(&mut d0);
+    let _s1 = c.nodes[1].wait_subnet(&mut d1);
+    let exp0 = c
+        .leases()
+        .into_iter()
+        .find(|l| l.key.ipv4 == Some(s0))
+        .unwrap()
+        .expiration
+        .expect("a lease with a TTL");
+    let peers1 = c.peers_of(&[s0]);
+    // Three lifetimes later the lease is still held, with a later expiry,
+    // and node2 never lost its route to node1.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(12) {
+        assert!(
+            c.leases().iter().any(|l| l.key.ipv4 == Some(s0)),
+            "node1's lease lapsed; log:\n{}",
+            read_log(&c.nodes[0].log())
+        );
+        let st = c.nodes[1].state().unwrap();
+        assert_eq!(st.routes.len(), 1, "node2 lost node1's route: {st:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let exp_now = c
+        .leases()
+        .into_iter()
+        .find(|l| l.key.ipv4 == Some(s0))
+        .unwrap()
+        .expiration
+        .unwrap();
+    assert!(
+        exp_now > exp0 + Duration::from_secs(6),
+        "{exp0:?} -> {exp_now:?}"
+    );
+    let log = read_log(&c.nodes[0].log());
+    assert!(log.matches("renewed lease").count() >= 3, "{log}");
+    assert!(
+        !log.contains("re-acquir"),
+        "renewal must not lose the lease:\n{log}"
+    );
+    c.wait_programmed(1, &peers1, Duration::from_secs(1));
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
 }

@@ -262,6 +262,7 @@ mod tests {
             mtu: 1500,
             iface_addr: Ipv4Addr::new(172, 16, 1, 14),
             public_ip: Ipv4Addr::new(172, 16, 1, 14),
+            connected: vec!["172.16.1.14/24".parse().unwrap()],
         }
     }
 
