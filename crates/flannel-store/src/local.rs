@@ -261,7 +261,7 @@ impl Store for LocalStore {
             let name = file_name(&lease.key)?;
             let _lock = l.lock(FlockArg::LockExclusive)?;
             let now = SystemTime::now();
-            let (collected, _) = l.collect_garbage(now, Some(&name))?;
+            let (collected, others) = l.collect_garbage(now, Some(&name))?;
             let outcome = match l.read_lease(&name) {
                 FileState::Absent => Err(StoreError::NotFound { key: name.clone() }),
                 FileState::Bad(why) => Err(StoreError::InvalidLease {
@@ -277,6 +277,21 @@ impl Store for LocalStore {
                             show(held.attrs.public_ipv6),
                             show(lease.attrs.public_ip),
                             show(lease.attrs.public_ipv6)
+                        ),
+                    })
+                }
+                FileState::Lease(held)
+                    if held.is_expired(now)
+                        && others.values().any(|o| o.key.overlaps(&lease.key)) =>
+                {
+                    // Expired, and meanwhile another node leased an
+                    // overlapping key (another IPv6 half, another length).
+                    let o = others.values().find(|o| o.key.overlaps(&lease.key));
+                    Err(StoreError::Conflict {
+                        key: name.clone(),
+                        detail: format!(
+                            "the lease expired and {} now holds an overlapping subnet",
+                            o.map_or_else(String::new, |o| o.key.to_string())
                         ),
                     })
                 }

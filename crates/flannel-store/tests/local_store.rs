@@ -375,3 +375,40 @@ async fn non_canonical_file_name_is_skipped() {
     .unwrap();
     assert_eq!(store.list_leases().await.unwrap().leases, vec![good]);
 }
+
+#[tokio::test]
+async fn expired_lease_is_not_revived_over_an_overlapping_one() {
+    let dir = TempDir::new("revive-overlap");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let mine = store
+        .create_lease(
+            &lease("10.244.1.0-24&fd00:0:0:1::-64", 1),
+            Some(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another node takes the IPv4 half with another IPv6 subnet. Its create
+    // garbage-collects our expired file; put it back as if no writer had
+    // collected it yet.
+    let theirs = store
+        .create_lease(
+            &lease("10.244.1.0-24&fd00:0:0:2::-64", 2),
+            Some(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap()
+        .expect("the expired lease does not hold the subnet");
+    let expired_record = format!(
+        r#"{{"LeaseAttrs":{},"ExpiresUnixMs":1}}"#,
+        serde_json::to_string(&attrs(1)).unwrap()
+    );
+    std::fs::write(store.lease_path(&mine.key), expired_record).unwrap();
+    let err = store
+        .update_lease(&mine, Some(Duration::from_secs(60)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![theirs]);
+}
