@@ -615,7 +615,6 @@ fn failed_up_removes_what_it_built() {
         ..LabOptions::default()
     })
     .unwrap_err();
-    std::fs::remove_dir_all(&dir).unwrap();
     let msg = err.to_string();
     let leftovers = lab::lab_namespaces(&name);
     let _ = lab::down(&name);
@@ -625,6 +624,30 @@ fn failed_up_removes_what_it_built() {
     );
     assert!(leftovers.is_empty(), "failed up left {leftovers:?}");
     assert!(!lab::lab_dir(&name).exists());
+
+    // With keep_on_failure the half-built lab stays for inspection, and
+    // `down` removes it (twice is fine).
+    let kept = unique_name();
+    Lab::up(&LabOptions {
+        name: kept.clone(),
+        nodes: 1,
+        bin_dir: Some(dir.clone()),
+        ready_timeout: Duration::from_secs(10),
+        keep_on_failure: true,
+        ..LabOptions::default()
+    })
+    .unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let left = lab::lab_namespaces(&kept);
+    let log = std::fs::read_to_string(lab::lab_dir(&kept).join("master/flanneld.log"));
+    let first = lab::down(&kept);
+    let second = lab::down(&kept);
+    assert_eq!(left.len(), 3, "kept {left:?}");
+    assert!(log.unwrap().contains("broken on purpose"));
+    first.unwrap();
+    second.unwrap();
+    assert!(lab::lab_namespaces(&kept).is_empty());
+    assert!(!lab::lab_dir(&kept).exists());
 }
 
 #[test]

@@ -950,7 +950,11 @@ pub fn down(name: &str) -> Result<()> {
             let Ok(node_ns) = NetNs::open(&node.netns) else {
                 continue;
             };
-            if !lab.node_dir(&node.name).exists() {
+            // Without the node's directory or the plugin binary (moved or
+            // rebuilt elsewhere since `up`) DEL cannot run; that is harmless:
+            // all the plugin created lives in the node and pod namespaces and
+            // in the labdir, which are removed below.
+            if !lab.node_dir(&node.name).exists() || !state.bin_dir.join(CNI_BINARY).is_file() {
                 continue;
             }
             let config = pods::cni_config(&lab.node_dir(&node.name), &lab.subnet_file(&node.name));
