@@ -49,6 +49,7 @@ struct Side<'a> {
     ifname: &'static str,
     add: Vec<Duration>,
     del: Vec<Duration>,
+    version: Vec<Duration>,
 }
 
 impl Side<'_> {
@@ -80,6 +81,18 @@ fn run(sides: &mut [Side<'_>], pods: &[ScopedNetNs]) {
         s.add.clear();
         s.del.clear();
     }
+    // Process start-up alone: VERSION does no work, so this is the floor under ADD/DEL.
+    for _ in pods {
+        for s in sides.iter_mut() {
+            let out = s.node.exec(
+                s.bin,
+                &[("CNI_COMMAND", "VERSION")],
+                br#"{"cniVersion":"0.3.1"}"#,
+            );
+            out.expect_ok();
+            s.version.push(out.elapsed);
+        }
+    }
     for verb in ["ADD", "DEL"] {
         for (i, p) in pods.iter().enumerate() {
             for s in sides.iter_mut() {
@@ -108,6 +121,7 @@ fn main() {
         ifname: "eth0",
         add: Vec::new(),
         del: Vec::new(),
+        version: Vec::new(),
     }];
     // The config upstream's flannel plugin hands to bridge for the manifest's conflist.
     let ref_node = Node::new("fcni-benchref");
@@ -126,6 +140,7 @@ fn main() {
             ifname: "eth1",
             add: Vec::new(),
             del: Vec::new(),
+            version: Vec::new(),
         });
     }
     run(&mut sides, &pods);
@@ -139,6 +154,10 @@ fn main() {
     let ours = (stats(sides[0].add.clone()), stats(sides[0].del.clone()));
     row("flannel-rs ADD", &ours.0);
     row("flannel-rs DEL", &ours.1);
+    row(
+        "flannel-rs VERSION (start-up)",
+        &stats(sides[0].version.clone()),
+    );
     if !have_ref {
         println!("reference plugins not found at {REF_BRIDGE} / {REF_HOST_LOCAL} (Debian package containernetworking-plugins): no comparison");
         return;
@@ -146,6 +165,7 @@ fn main() {
     let refs = (stats(sides[1].add.clone()), stats(sides[1].del.clone()));
     row("reference bridge+host-local ADD", &refs.0);
     row("reference bridge+host-local DEL", &refs.1);
+    row("reference bridge VERSION", &stats(sides[1].version.clone()));
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!(
         "ratio ours/reference: ADD p50 {:.3} (min {:.3}), DEL p50 {:.3} (min {:.3})",

@@ -6,6 +6,22 @@
 //! Upstream's plugin renders a bridge + host-local config and execs the
 //! reference plugins; we render the same config, save it the same way, and do
 //! the work natively in this process (see [`attach`] and [`ipam`]).
+//!
+//! Deliberate differences from upstream flannel + bridge + host-local:
+//! - The host veth is `veth` + 8 hex digits of a hash of container ID and
+//!   interface name (upstream: random), so DEL and GC find it without state.
+//! - A failed ADD takes back every step (upstream leaves the veth when IPAM fails).
+//! - ADD again for an attachment that holds an address reuses it (host-local
+//!   refuses with "duplicate allocation"); an existing pod interface is error 101.
+//! - DEL without a saved config still releases the attachment's addresses and
+//!   veth, using the input config (upstream does nothing then).
+//! - cni0 gets a fixed random MAC when created, so the pods' gateway MAC does
+//!   not follow the lowest port MAC as pods come and go.
+//! - `ipMasq: true` (flanneld run without `--ip-masq`) writes no firewall
+//!   rules; a warning goes to stderr. Masquerading belongs to flanneld.
+//! - `CNI_PATH` is not required: nothing is executed.
+//! - The IPAM lock is held for the whole ADD/DEL, so bridge setup is
+//!   serialised along with allocation.
 
 mod attach;
 mod config;

@@ -772,3 +772,40 @@ fn ipam_files_interoperate_with_reference_host_local() {
     assert!(ip_files(&node).is_empty());
     assert!(veths(&node.ns).is_empty());
 }
+
+/// A cni0 that holds another subnet's gateway (the node's lease changed) is
+/// reported with the fix, and the failed ADD leaves nothing behind.
+#[test]
+fn bridge_with_a_stale_address_is_refused() {
+    need_root();
+    let node = Node::new("fcni-stale");
+    Node::sh_in(&node.ns, &["ip", "link", "add", "cni0", "type", "bridge"]);
+    Node::sh_in(
+        &node.ns,
+        &["ip", "addr", "add", "10.244.7.1/24", "dev", "cni0"],
+    );
+    let pod = ScopedNetNs::unique("fcni-stalep").unwrap();
+    let conf = node.conf("1.0.0");
+    let out = node.cni(bin(), "ADD", "stale", &netns_path(&pod), "eth0", &conf);
+    assert_eq!(out.code(), 102);
+    assert!(
+        out.stdout.contains("10.244.7.1/24") && out.stdout.contains("ip link del cni0"),
+        "{}",
+        out.stdout
+    );
+    assert!(link(&pod, "eth0").is_none());
+    assert!(veths(&node.ns).is_empty());
+    assert!(ip_files(&node).is_empty());
+    assert!(saved_configs(&node).is_empty());
+    // A link named cni0 that is not a bridge is refused too.
+    Node::sh_in(&node.ns, &["ip", "link", "del", "cni0"]);
+    Node::sh_in(
+        &node.ns,
+        &[
+            "ip", "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p",
+        ],
+    );
+    let out = node.cni(bin(), "ADD", "stale", &netns_path(&pod), "eth0", &conf);
+    assert_eq!(out.code(), 102);
+    assert!(out.stdout.contains("not a bridge"), "{}", out.stdout);
+}

@@ -145,7 +145,14 @@ impl Node {
                     .stderr(Stdio::piped())
                     .spawn()
                     .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-                child.stdin.take().unwrap().write_all(&stdin).unwrap();
+                // A plugin may exit without reading stdin (VERSION): a broken pipe is fine.
+                if let Err(e) = child.stdin.take().unwrap().write_all(&stdin) {
+                    assert_eq!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe,
+                        "writing stdin: {e}"
+                    );
+                }
                 let out = child.wait_with_output().unwrap();
                 let elapsed = start.elapsed();
                 Outcome {
