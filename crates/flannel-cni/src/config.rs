@@ -7,8 +7,9 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::wire;
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::spec::{self, code, CniError, RouteSpec, Version};
@@ -225,105 +226,17 @@ impl NetConf {
     }
 }
 
-/// /run/flannel/subnet.env as the plugin needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SubnetEnv {
-    pub network: Option<Ipv4Net>,
-    /// FLANNEL_SUBNET: first usable address with the lease's prefix (`10.244.1.1/24`).
-    pub subnet: Option<Ipv4Net>,
-    pub ipv6_network: Option<Ipv6Net>,
-    pub ipv6_subnet: Option<Ipv6Net>,
-    pub mtu: u32,
-    pub ipmasq: bool,
-}
-
-impl SubnetEnv {
-    /// Reads and validates the file; every problem tells the operator to check flanneld.
-    pub fn load(path: &Path) -> Result<SubnetEnv, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::SubnetEnvMissing {
-                path: path.display().to_string(),
-                source,
-            })?;
-        SubnetEnv::parse_text(&text).map_err(|msg| ConfigError::SubnetEnvInvalid {
-            path: path.display().to_string(),
-            msg,
-        })
-    }
-
-    /// `KEY=VALUE` lines; unknown keys are ignored, as upstream does.
-    pub fn parse_text(text: &str) -> Result<SubnetEnv, String> {
-        let mut network = None;
-        let mut subnet = None;
-        let mut ipv6_network = None;
-        let mut ipv6_subnet = None;
-        let mut mtu = None;
-        let mut ipmasq = None;
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else {
-                return Err(format!("line {line:?} is not KEY=VALUE"));
-            };
-            let (k, v) = (k.trim(), v.trim());
-            let bad = |what: &str| format!("{k}={v:?} is not {what}");
-            match k {
-                wire::ENV_NETWORK => {
-                    network = Some(v.parse::<Ipv4Net>().map_err(|_| bad("an IPv4 CIDR"))?)
-                }
-                wire::ENV_SUBNET => {
-                    subnet = Some(v.parse::<Ipv4Net>().map_err(|_| bad("an IPv4 CIDR"))?)
-                }
-                wire::ENV_IPV6_NETWORK => {
-                    ipv6_network = Some(v.parse::<Ipv6Net>().map_err(|_| bad("an IPv6 CIDR"))?)
-                }
-                wire::ENV_IPV6_SUBNET => {
-                    ipv6_subnet = Some(v.parse::<Ipv6Net>().map_err(|_| bad("an IPv6 CIDR"))?)
-                }
-                wire::ENV_MTU => mtu = Some(v.parse::<u32>().map_err(|_| bad("an MTU"))?),
-                wire::ENV_IPMASQ => {
-                    ipmasq = Some(v.parse::<bool>().map_err(|_| bad("true or false"))?)
-                }
-                _ => {}
-            }
-        }
-        let missing = |k: &str| format!("{k} is missing");
-        if network.is_some() != subnet.is_some() {
-            let k = if network.is_none() {
-                wire::ENV_NETWORK
-            } else {
-                wire::ENV_SUBNET
-            };
-            return Err(missing(k));
-        }
-        if ipv6_network.is_some() != ipv6_subnet.is_some() {
-            let k = if ipv6_network.is_none() {
-                wire::ENV_IPV6_NETWORK
-            } else {
-                wire::ENV_IPV6_SUBNET
-            };
-            return Err(missing(k));
-        }
-        if subnet.is_none() && ipv6_subnet.is_none() {
-            return Err(format!(
-                "{} and {} are missing",
-                wire::ENV_NETWORK,
-                wire::ENV_SUBNET
-            ));
-        }
-        let mtu = mtu.ok_or_else(|| missing(wire::ENV_MTU))?;
-        let ipmasq = ipmasq.ok_or_else(|| missing(wire::ENV_IPMASQ))?;
-        Ok(SubnetEnv {
-            network,
-            subnet,
-            ipv6_network,
-            ipv6_subnet,
-            mtu,
-            ipmasq,
-        })
-    }
+/// Reads and validates subnet.env (parsed by flannel-core, the same code
+/// flanneld renders it with); every problem tells the operator to check flanneld.
+pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SubnetEnvMissing {
+        path: path.display().to_string(),
+        source,
+    })?;
+    SubnetEnv::parse(&text).map_err(|e| ConfigError::SubnetEnvInvalid {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })
 }
 
 /// One host-local range: addresses from `range_start` to `range_end` of `subnet`.
@@ -610,7 +523,7 @@ mod tests {
 
     #[test]
     fn render_like_upstream() {
-        let env = SubnetEnv::parse_text(ENV).unwrap();
+        let env = SubnetEnv::parse(ENV).unwrap();
         let d = manifest().render_delegate(&env).unwrap();
         assert_eq!(
             d,
@@ -643,7 +556,7 @@ mod tests {
                 "runtimeConfig":{"portMappings":[]}}"#,
         )
         .unwrap();
-        let env = SubnetEnv::parse_text(
+        let env = SubnetEnv::parse(
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\nFLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
         )
         .unwrap();
@@ -711,7 +624,7 @@ mod tests {
 
     #[test]
     fn bad_rendered_configs() {
-        let env = SubnetEnv::parse_text(ENV).unwrap();
+        let env = SubnetEnv::parse(ENV).unwrap();
         for (delegate, want) in [
             (r#"{"type":"macvlan"}"#, "delegate.type"),
             (r#"{"mtu":"big"}"#, "delegate.mtu"),
@@ -739,7 +652,7 @@ mod tests {
 
     #[test]
     fn subnet_env_parsing() {
-        let e = SubnetEnv::parse_text(ENV).unwrap();
+        let e = SubnetEnv::parse(ENV).unwrap();
         assert_eq!(e.subnet.unwrap().to_string(), "10.244.1.1/24");
         assert_eq!(e.mtu, 1450);
         assert!(e.ipmasq);
@@ -750,10 +663,10 @@ mod tests {
             ("FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n", "FLANNEL_NETWORK"),
             ("FLANNEL_NETWORK=banana\n", "FLANNEL_NETWORK"),
         ] {
-            let err = SubnetEnv::parse_text(text).unwrap_err();
+            let err = SubnetEnv::parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{err} should mention {want}");
         }
-        let err = SubnetEnv::load(Path::new("/nonexistent/subnet.env")).unwrap_err();
+        let err = load_subnet_env(Path::new("/nonexistent/subnet.env")).unwrap_err();
         assert!(err.to_string().contains("flanneld"));
         assert_eq!(CniError::from(err).code, 11);
     }

@@ -40,7 +40,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use attach::{Ctx, PodAddress};
-use config::{BridgeConf, NetConf, SubnetEnv};
+use config::{load_subnet_env, BridgeConf, NetConf};
 use ipam::IpamStore;
 use spec::{code, AddResult, CniError, Interface, IpConfig, Version};
 
@@ -200,7 +200,7 @@ enum Undo {
 }
 
 fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
-    let senv = SubnetEnv::load(&conf.subnet_file)?;
+    let senv = load_subnet_env(&conf.subnet_file)?;
     let rendered = conf.render_delegate(&senv)?;
     let bconf = BridgeConf::from_rendered(&rendered)?;
     if bconf.ip_masq {
@@ -557,7 +557,7 @@ fn cmd_gc(conf: &NetConf) -> Result<(), CniError> {
 
 fn cmd_status(conf: &NetConf) -> Result<(), CniError> {
     need_1_1(conf, "STATUS")?;
-    SubnetEnv::load(&conf.subnet_file).map(|_| ()).map_err(|e| {
+    load_subnet_env(&conf.subnet_file).map(|_| ()).map_err(|e| {
         CniError::new(
             code::PLUGIN_NOT_AVAILABLE,
             format!("plugin not available: {e}"),
