@@ -916,17 +916,16 @@ fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
     }
 }
 
-/// Whether `new` may overwrite `held`: they name the same public address in
-/// at least one family and different ones in none. A family only one side
-/// names does not count (a node that gained an IPv6 address, or a
-/// reservation written with the IPv4 address only, still owns its lease).
+/// Whether `new` may overwrite `held`: the node is identified by its IPv4
+/// PublicIP when both name one, else by the IPv6 one. The store does not
+/// know which families the config enables, so a changed IPv6 address of a
+/// node identified by IPv4 (or one gained or lost) keeps its lease, as the
+/// acquisition planner would.
 fn same_owner(held: &LeaseAttrs, new: &LeaseAttrs) -> bool {
-    fn cmp<T: PartialEq>(a: Option<T>, b: Option<T>) -> Option<bool> {
-        Some(a? == b?)
+    match (held.public_ip, new.public_ip) {
+        (Some(a), Some(b)) => a == b,
+        _ => matches!((held.public_ipv6, new.public_ipv6), (Some(a), Some(b)) if a == b),
     }
-    let v4 = cmp(held.public_ip, new.public_ip);
-    let v6 = cmp(held.public_ipv6, new.public_ipv6);
-    v4 != Some(false) && v6 != Some(false) && (v4 == Some(true) || v6 == Some(true))
 }
 
 fn show<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -973,7 +972,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
-    fn owner_is_matched_per_family() {
+    fn owner_is_identified_by_ipv4_then_ipv6() {
         let a = |v4: Option<[u8; 4]>, v6: Option<u16>| LeaseAttrs {
             public_ip: v4.map(Ipv4Addr::from),
             public_ipv6: v6.map(|x| Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, x)),
@@ -984,13 +983,18 @@ mod tests {
         let (ip1, ip2) = (Some([172, 16, 0, 1]), Some([172, 16, 0, 2]));
         assert!(same_owner(&a(ip1, None), &a(ip1, None)));
         assert!(same_owner(&a(ip1, None), &a(ip1, Some(1))), "gained IPv6");
-        assert!(same_owner(&a(ip1, Some(1)), &a(ip1, None)));
-        assert!(same_owner(&a(None, Some(1)), &a(None, Some(1))));
-        assert!(!same_owner(&a(ip1, None), &a(ip2, None)));
+        assert!(same_owner(&a(ip1, Some(1)), &a(ip1, None)), "lost IPv6");
         assert!(
-            !same_owner(&a(ip1, Some(1)), &a(ip1, Some(2))),
-            "IPv6 differs"
+            same_owner(&a(ip1, Some(1)), &a(ip1, Some(2))),
+            "IPv6 changed"
         );
+        assert!(same_owner(&a(None, Some(1)), &a(None, Some(1))));
+        assert!(!same_owner(&a(None, Some(1)), &a(None, Some(2))));
+        assert!(
+            !same_owner(&a(ip1, Some(1)), &a(ip2, Some(1))),
+            "IPv4 decides"
+        );
+        assert!(!same_owner(&a(ip1, None), &a(ip2, None)));
         assert!(
             !same_owner(&a(ip1, None), &a(None, Some(1))),
             "nothing in common"

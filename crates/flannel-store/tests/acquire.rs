@@ -401,3 +401,23 @@ fn separate_processes_never_share_a_subnet() {
         .leases;
     assert_eq!(stored.len(), n as usize);
 }
+
+#[tokio::test]
+async fn node_whose_ipv6_address_changed_keeps_its_lease() {
+    let dir = TempDir::new("v6-changed");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mut before = attrs(1);
+    before.public_ipv6 = Some("fd00::1".parse().unwrap());
+    let first = acquire_lease(&store, &cfg, &before, None, TTL)
+        .await
+        .unwrap();
+    let mut after = attrs(1);
+    after.public_ipv6 = Some("fd00::2".parse().unwrap());
+    let second = acquire_lease(&store, &cfg, &after, None, TTL)
+        .await
+        .unwrap();
+    assert_eq!(second.key, first.key);
+    assert_eq!(second.attrs, after);
+    assert_eq!(store.list_leases().await.unwrap().leases, vec![second]);
+}
