@@ -412,7 +412,7 @@ pub(crate) fn require_root() -> Result<()> {
     }
 }
 
-/// Names of the namespaces in /run/netns that belong to lab `name`
+/// Names of the namespaces in /run/netns (`ip netns list`) that belong to lab `name`
 /// (`NAME-underlay`, `NAME-master`, `NAME-k8s-node<i>`, `NAME-ubuntu-<i>`),
 /// whether or not `lab.json` knows them (a half-failed `up` may not have
 /// recorded everything).
@@ -569,7 +569,8 @@ impl Lab {
         })
     }
 
-    /// Opens the namespace of a node, a pod, or `underlay`.
+    /// Opens the namespace of a node, a pod, or `underlay` (`/run/netns/<lab>-<target>`,
+    /// what `ip netns exec <lab>-<target>` enters).
     pub fn netns(&self, target: &str) -> Result<NetNs> {
         let ns = self.state.netns_of(target)?;
         NetNs::open(&ns).map_err(ns_err(format!("opening namespace of {target}")))

@@ -41,7 +41,8 @@ pub struct Pinger {
 }
 
 impl Pinger {
-    /// Opens the socket inside `ns` (e.g. a pod's namespace).
+    /// Opens the socket inside `ns` (e.g. a pod's namespace), as `ip netns
+    /// exec NS ping` would.
     pub fn open_in(ns: &NetNs) -> Result<Pinger> {
         let fd = ns
             .run(open_raw_icmp)
@@ -61,8 +62,9 @@ impl Pinger {
         Ok(Pinger { fd, id, seq: 0 })
     }
 
-    /// Sends one echo request to `dst` and waits up to `timeout` for its reply.
-    /// `Ok(None)` means no reply in time.
+    /// Sends one echo request to `dst` and waits up to `timeout` for its reply
+    /// (`ping -c 1 -W TIMEOUT DST` run inside the namespace). `Ok(None)` means
+    /// no reply in time.
     pub fn echo(&mut self, dst: Ipv4Addr, timeout: Duration) -> io::Result<Option<EchoReply>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
