@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, VxlanConfig};
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::subnet_env::SubnetEnv;
+use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
+use flannel_store::etcd::{missing_config_message, EtcdOptions, EtcdStore};
 use flannel_store::{
     acquire_lease, renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
 };
@@ -53,8 +55,10 @@ pub enum DaemonError {
     Ipv6NotImplemented,
     #[error("network config: EnableIPv4 is false, but flannel-rs needs IPv4 for now; set \"EnableIPv4\": true and \"Network\"")]
     Ipv4Required,
-    #[error("the etcd store is not implemented yet in flannel-rs; use --local-store DIR (a directory shared by the nodes' flanneld processes)")]
-    EtcdNotImplemented,
+    #[error("{0}")]
+    EtcdOption(String),
+    #[error("{0}")]
+    EtcdConfigMissing(String),
     #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
     KubeNotImplemented,
     #[error("selecting the external interface: {0}")]
@@ -88,7 +92,6 @@ pub struct Startup {
     pub existing_device: Option<Link>,
     /// The subnet of the previous subnet.env, for acquisition step 2.
     pub previous: Option<LeaseKey>,
-    pub store_dir: PathBuf,
 }
 
 /// Reads and validates the config file (or `store_config` when the file is
@@ -134,15 +137,55 @@ pub fn check_supported(cfg: &NetConfig) -> Result<(VxlanConfig, Ipv4Net), Daemon
     Ok((vx, net))
 }
 
-/// The store directory, or the error explaining which store is missing.
-pub fn store_dir(flags: &Flags) -> Result<PathBuf, DaemonError> {
+/// Which lease store the flags select.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// `--local-store DIR`.
+    Local(PathBuf),
+    /// etcd v3 (upstream's default): `--etcd-*`.
+    Etcd(EtcdOptions),
+}
+
+/// The store the flags select: `--local-store` wins; else etcd (as upstream).
+pub fn store_kind(flags: &Flags) -> Result<StoreKind, DaemonError> {
     if flags.kube_subnet_mgr {
         return Err(DaemonError::KubeNotImplemented);
     }
-    flags
-        .local_store
-        .clone()
-        .ok_or(DaemonError::EtcdNotImplemented)
+    if let Some(dir) = &flags.local_store {
+        return Ok(StoreKind::Local(dir.clone()));
+    }
+    Ok(StoreKind::Etcd(EtcdOptions {
+        endpoints: flags
+            .etcd_endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect(),
+        prefix: flags.etcd_prefix.clone(),
+        ca_file: flags.etcd_cafile.clone(),
+        cert_file: flags.etcd_certfile.clone(),
+        key_file: flags.etcd_keyfile.clone(),
+        username: flags.etcd_username.clone(),
+        password: flags.etcd_password.clone(),
+        ..EtcdOptions::default()
+    }))
+}
+
+/// Connects to etcd, waiting (with backoff) while it is unreachable, as a
+/// daemon started before its etcd must; a wrong flag fails at once.
+async fn connect_etcd(opts: EtcdOptions) -> Result<EtcdStore, DaemonError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match EtcdStore::connect(opts.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in = ?delay, "etcd not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(DaemonError::EtcdOption(e.to_string())),
+        }
+    }
 }
 
 /// The subnet recorded in a previous subnet.env (`FLANNEL_SUBNET=10.244.1.1/24` -> 10.244.1.0/24).
@@ -166,11 +209,48 @@ pub fn previous_subnet(flags: &Flags) -> Option<LeaseKey> {
 
 /// Runs flanneld to completion: `Ok(())` after SIGTERM/SIGINT.
 pub fn run(flags: Flags) -> Result<(), DaemonError> {
+    let kind = store_kind(&flags)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    rt.block_on(async move {
+        match kind {
+            StoreKind::Local(dir) => {
+                let store = LocalStore::open(&dir)?;
+                let cfg = load_config(&flags, store.get_network_config().await?)?;
+                run_with_store(flags, store, cfg).await
+            }
+            StoreKind::Etcd(opts) => {
+                let prefix = opts.prefix.clone();
+                let store = connect_etcd(opts).await?;
+                // In etcd mode the config lives in etcd, as upstream.
+                let text = store.get_network_config().await?.ok_or_else(|| {
+                    DaemonError::EtcdConfigMissing(missing_config_message(&prefix))
+                })?;
+                let cfg = config::parse(&text).map_err(|source| DaemonError::Config {
+                    path: format!(
+                        "{}/{} in etcd",
+                        prefix.trim_end_matches('/'),
+                        wire::ETCD_CONFIG_KEY
+                    ),
+                    source: Box::new(source),
+                })?;
+                run_with_store(flags, store, cfg).await
+            }
+        }
+    })
+}
+
+/// Everything after the store is open and the config read: validation,
+/// interface selection (read-only), acquisition, device, subnet.env, loop.
+async fn run_with_store<S: Store>(
+    flags: Flags,
+    store: S,
+    cfg: NetConfig,
+) -> Result<(), DaemonError> {
     // Everything that can be refused is checked before anything is written.
-    let dir = store_dir(&flags)?;
-    let store_config =
-        std::fs::read_to_string(dir.join(flannel_core::wire::LOCAL_STORE_CONFIG_FILE)).ok();
-    let cfg = load_config(&flags, store_config)?;
     let (vx, network) = check_supported(&cfg)?;
     if flags.healthz_port != 0 {
         tracing::warn!(
@@ -187,13 +267,17 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
         public_ip: flags.public_ip,
         can_reach: flags.iface_can_reach,
     };
-    // Read-only kernel access on the main thread, before any runtime exists.
-    let (ext, existing_device) = {
+    // Read-only kernel access, on a blocking-pool thread (never on an async
+    // worker): the interface and an existing device's MAC.
+    let dev_name = wire::vxlan_device_name(vx.vni);
+    let (ext, existing_device) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
         let ext = iface::lookup(&mut nl, &req)?;
-        let dev = nl.link_by_name(&flannel_core::wire::vxlan_device_name(vx.vni))?;
-        (ext, dev)
-    };
+        let dev = nl.link_by_name(&dev_name)?;
+        Ok::<_, DaemonError>((ext, dev))
+    })
+    .await
+    .map_err(|e| DaemonError::Device(format!("startup kernel reads failed: {e}")))??;
     tracing::info!(iface = %ext.name, index = ext.index, addr = %ext.iface_addr, public_ip = %ext.public_ip, mtu = ext.mtu,
         "using external interface");
     let startup = Startup {
@@ -203,20 +287,14 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
         vxlan: vx,
         ext,
         existing_device,
-        store_dir: dir,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(DaemonError::Runtime)?;
-    rt.block_on(run_async(flags, startup))
+    run_async(flags, startup, store).await
 }
 
-struct State {
+struct State<S: Store> {
     flags: Flags,
     s: Startup,
-    store: LocalStore,
+    store: S,
     attrs: LeaseAttrs,
     own: Lease,
     leases: BTreeMap<LeaseKey, Lease>,
@@ -224,8 +302,7 @@ struct State {
     reconciler: Option<Reconciler>,
 }
 
-async fn run_async(flags: Flags, s: Startup) -> Result<(), DaemonError> {
-    let store = LocalStore::open(&s.store_dir)?;
+async fn run_async<S: Store>(flags: Flags, s: Startup, store: S) -> Result<(), DaemonError> {
     // VtepMAC: the existing device's, else our previous lease's, else random.
     let snapshot = store.list_leases().await?;
     let prev_mac = snapshot
@@ -301,7 +378,7 @@ async fn first_snapshot(
     }
 }
 
-impl State {
+impl<S: Store> State<S> {
     fn settings(&self, mac: flannel_core::mac::MacAddr) -> Settings {
         let own_subnet = self.own.key.ipv4.expect("checked at acquisition");
         Settings {

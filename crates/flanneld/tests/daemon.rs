@@ -271,7 +271,7 @@ fn expected(
 /// owned by the tests and dropped first; then nodes, switch, directory.
 struct Cluster {
     nodes: Vec<Node>,
-    _switch: ScopedNetNs,
+    switch: ScopedNetNs,
     store_dir: PathBuf,
     config: PathBuf,
     _tmp: TempDir,
@@ -286,6 +286,9 @@ impl Cluster {
             .run(|| {
                 let mut nl = Netlink::open().unwrap();
                 let br = nl.add_bridge("br0", None).unwrap();
+                // The switch's own address: where the etcd test serves etcd.
+                nl.add_address(br.index, "172.16.1.1/24".parse().unwrap())
+                    .unwrap();
                 nl.set_link_up(br.index).unwrap();
             })
             .unwrap();
@@ -329,7 +332,7 @@ impl Cluster {
         let store_dir = tmp.0.join("store");
         Cluster {
             nodes,
-            _switch: switch,
+            switch,
             store_dir,
             config,
             _tmp: tmp,
@@ -769,24 +772,35 @@ fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
         assert!(node.state().is_none(), "no device may be created for {cfg}");
         assert!(!node.subnet_file().exists(), "no subnet.env for {cfg}");
     }
-    // No store: the etcd store is not implemented yet, say so.
+    // Flags refused before anything is written: the Kubernetes subnet
+    // manager (not implemented yet) and a malformed etcd prefix.
     fs::write(&c.config, CONFIG).unwrap();
-    let args: Vec<String> = c.args(0, &[]);
-    let pos = args.iter().position(|a| a == "--local-store").unwrap();
-    let mut args = args;
-    args.drain(pos..pos + 2);
-    let _ = fs::remove_file(node.log());
-    let mut child = spawn_in(&node.ns, &args, &node.log());
-    let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
-        child.try_wait().unwrap()
-    });
-    assert!(!st.success());
-    let log = read_log(&node.log());
-    assert!(
-        log.contains("etcd store is not implemented") && log.contains("--local-store"),
-        "{log}"
-    );
-    assert!(node.state().is_none());
+    let without_store = |extra: &[&str]| {
+        let mut args: Vec<String> = c.args(0, extra);
+        let pos = args.iter().position(|a| a == "--local-store").unwrap();
+        args.drain(pos..pos + 2);
+        args
+    };
+    for (args, needle) in [
+        (
+            c.args(0, &["--kube-subnet-mgr"]),
+            "--kube-subnet-mgr is not implemented yet",
+        ),
+        (
+            without_store(&["--etcd-prefix", "no-slash"]),
+            "--etcd-prefix",
+        ),
+    ] {
+        let _ = fs::remove_file(node.log());
+        let mut child = spawn_in(&node.ns, &args, &node.log());
+        let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
+            child.try_wait().unwrap()
+        });
+        assert!(!st.success());
+        let log = read_log(&node.log());
+        assert!(log.contains(needle), "{needle}: {log}");
+        assert!(node.state().is_none());
+    }
     // And nothing leased either.
     assert!(c.leases().is_empty() || !c.store_dir.exists());
 }
@@ -882,4 +896,162 @@ fn short_lease_is_renewed_before_it_expires() {
     c.wait_programmed(1, &peers1, Duration::from_secs(1));
     assert!(d0.stop().success());
     assert!(d1.stop().success());
+}
+
+/// A throwaway etcd serving on the switch's address 172.16.1.1:2379 inside
+/// the switch namespace; killed by PID on drop.
+struct SwitchEtcd {
+    _child: Daemon,
+    endpoint: String,
+    ns_name: String,
+}
+
+impl SwitchEtcd {
+    fn start(c: &Cluster) -> SwitchEtcd {
+        let data = c._tmp.0.join("etcd-data");
+        let log = c._tmp.0.join("etcd.log");
+        let endpoint = "http://172.16.1.1:2379".to_string();
+        let args: Vec<String> = [
+            "--name",
+            "t",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "t=http://127.0.0.1:2380",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let fd = c.switch.fd().as_raw_fd();
+        let mut cmd = Command::new("etcd");
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        // SAFETY: only setns(2) and prctl(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = BorrowedFd::borrow_raw(fd);
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("spawn etcd (Debian package etcd-server)");
+        let e = SwitchEtcd {
+            _child: Daemon {
+                child: Some(child),
+                log,
+            },
+            endpoint,
+            ns_name: c.switch.name.clone(),
+        };
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            e.with_store(|_| async {}).ok()
+        });
+        e
+    }
+
+    /// Runs `f` with a store client, from a thread inside the switch namespace.
+    fn with_store<F, Fut, R>(&self, f: F) -> Result<R, String>
+    where
+        F: FnOnce(flannel_store::etcd::EtcdStore) -> Fut + Send,
+        Fut: std::future::Future<Output = R>,
+        R: Send,
+    {
+        let opts = flannel_store::etcd::EtcdOptions {
+            endpoints: vec![self.endpoint.clone()],
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        };
+        let ns = flannel_netlink::netns::NetNs::open(&self.ns_name).map_err(|e| e.to_string())?;
+        ns.run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let store = flannel_store::etcd::EtcdStore::connect(opts)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(f(store).await)
+            })
+        })
+        .map_err(|e| e.to_string())?
+    }
+}
+
+#[test]
+fn etcd_store_shared_by_two_nodes() {
+    let c = Cluster::new("etcd", 2);
+    let etcd = SwitchEtcd::start(&c);
+    // Missing <prefix>/config: a clear error naming the key, nothing written.
+    let etcd_args = |i: usize| -> Vec<String> {
+        let mut a = c.args(i, &["--etcd-endpoints", &etcd.endpoint]);
+        let pos = a.iter().position(|x| x == "--local-store").unwrap();
+        a.drain(pos..pos + 2);
+        a
+    };
+    let mut child = spawn_in(&c.nodes[0].ns, &etcd_args(0), &c.nodes[0].log());
+    let st = wait_for("flanneld to exit", Duration::from_secs(15), || {
+        child.try_wait().unwrap()
+    });
+    assert!(!st.success());
+    let log = read_log(&c.nodes[0].log());
+    assert!(log.contains("/coreos.com/network/config"), "{log}");
+    assert!(c.nodes[0].state().is_none());
+
+    etcd.with_store(|s| async move {
+        let mut client = s.client();
+        client
+            .put("/coreos.com/network/config", CONFIG, None)
+            .await
+            .unwrap();
+    })
+    .unwrap();
+    let mut d: Vec<Daemon> = (0..2)
+        .map(|i| Daemon {
+            child: Some(spawn_in(&c.nodes[i].ns, &etcd_args(i), &c.nodes[i].log())),
+            log: c.nodes[i].log(),
+        })
+        .collect();
+    let s0 = c.nodes[0].wait_subnet(&mut d[0]);
+    let s1 = c.nodes[1].wait_subnet(&mut d[1]);
+    assert_ne!(s0, s1);
+    let leases = etcd
+        .with_store(|s| async move { s.list_leases().await.unwrap().leases })
+        .unwrap();
+    let peer = |sub: Ipv4Net| {
+        let l = leases.iter().find(|l| l.key.ipv4 == Some(sub)).unwrap();
+        (
+            sub,
+            l.attrs.public_ip.unwrap(),
+            l.attrs.vxlan_data().unwrap().vtep_mac,
+        )
+    };
+    c.wait_programmed(0, &[peer(s1)], Duration::from_secs(10));
+    c.wait_programmed(1, &[peer(s0)], Duration::from_secs(10));
+    let dst = s1.network().to_string();
+    wait_for("ping through the overlay", Duration::from_secs(10), || {
+        ping(&c.nodes[0], &dst).then_some(())
+    });
+    for dm in d.drain(..) {
+        assert!(dm.stop().success());
+    }
 }
