@@ -709,3 +709,115 @@ fn down_only_kills_what_is_really_the_labs_flanneld() {
     other.kill().unwrap();
     other.wait().unwrap();
 }
+
+/// One vxlan-encapsulated ICMP echo request as seen on the underlay.
+#[derive(Debug)]
+struct WireFrame {
+    outer_src: Ipv4Addr,
+    outer_dst: Ipv4Addr,
+    dport: u16,
+    vxlan_flags: u8,
+    vni: u32,
+    inner_src: Ipv4Addr,
+    inner_dst: Ipv4Addr,
+    inner_ttl: u8,
+}
+
+/// Ethernet / IPv4 / UDP / VXLAN / Ethernet / IPv4 / ICMP echo request.
+fn parse_vxlan_echo(f: &[u8]) -> Option<WireFrame> {
+    let ip = f.get(14..)?;
+    if u16::from_be_bytes([f[12], f[13]]) != 0x0800 || ip[0] >> 4 != 4 || ip[9] != 17 {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let udp = ip.get(ihl..)?;
+    let vx = udp.get(8..)?;
+    let inner_ip = vx.get(8 + 14..)?;
+    if u16::from_be_bytes([vx[8 + 12], vx[8 + 13]]) != 0x0800 || inner_ip[9] != 1 {
+        return None;
+    }
+    let iihl = usize::from(inner_ip[0] & 0xf) * 4;
+    if *inner_ip.get(iihl)? != 8 {
+        return None;
+    }
+    let v4 = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    Some(WireFrame {
+        outer_src: v4(&ip[12..16]),
+        outer_dst: v4(&ip[16..20]),
+        dport: u16::from_be_bytes([udp[2], udp[3]]),
+        vxlan_flags: vx[0],
+        vni: u32::from_be_bytes([0, vx[4], vx[5], vx[6]]),
+        inner_src: v4(&inner_ip[12..16]),
+        inner_dst: v4(&inner_ip[16..20]),
+        inner_ttl: inner_ip[8],
+    })
+}
+
+#[test]
+fn the_packet_walk_on_the_wire() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let lab = up(2);
+    let (from, to) = (pod_ip(&lab, "ubuntu-1"), pod_ip(&lab, "ubuntu-2"));
+    assert_ping(&lab, "ubuntu-1", to, 62);
+    // tcpdump -ni <switch port> udp, done with a packet socket in the switch namespace.
+    let sock = lab
+        .netns("underlay")
+        .unwrap()
+        .run(|| {
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                )
+            };
+            assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .unwrap();
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: valid timeval for SO_RCVTIMEO.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    let mut pinger = Pinger::open_in(&lab.netns("ubuntu-1").unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 4096];
+    let frame = 'found: loop {
+        assert!(
+            Instant::now() < deadline,
+            "no vxlan frame of the ping on the underlay"
+        );
+        pinger.echo(to, Duration::from_millis(100)).unwrap();
+        loop {
+            // SAFETY: buffer of the given length.
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                break;
+            }
+            if let Some(f) = parse_vxlan_echo(&buf[..n as usize]) {
+                if f.inner_src == from && f.inner_dst == to {
+                    break 'found f;
+                }
+            }
+        }
+    };
+    // As in the seed's capture: 172.16.1.14.x > 172.16.1.13.8472: flags [I], instance 1,
+    // inner 10.244.1.x > 10.244.2.x with ttl 63 (decremented once by node1).
+    assert_eq!(frame.outer_src, Ipv4Addr::new(172, 16, 1, 14), "{frame:?}");
+    assert_eq!(frame.outer_dst, Ipv4Addr::new(172, 16, 1, 13), "{frame:?}");
+    assert_eq!(frame.dport, 8472, "{frame:?}");
+    assert_eq!(frame.vxlan_flags, 0x08, "{frame:?}");
+    assert_eq!(frame.vni, 1, "{frame:?}");
+    assert_eq!(frame.inner_ttl, 63, "{frame:?}");
+}
