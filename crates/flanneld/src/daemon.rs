@@ -261,6 +261,12 @@ async fn run_with_store<S: Store>(
     if flags.public_ipv6.is_some() {
         tracing::warn!("--public-ipv6 is ignored: IPv6 is not implemented yet");
     }
+    if flags.ip_masq {
+        tracing::warn!("--ip-masq: FLANNEL_IPMASQ=true is written to subnet.env (the CNI plugin then leaves masquerading to flanneld), but flanneld's own masquerade rules are not implemented yet");
+    }
+    if flags.ip_blackhole_route {
+        tracing::warn!("--ip-blackhole-route is accepted but not implemented yet");
+    }
     let req = iface::Request {
         ifaces: flags.iface.clone(),
         regexes: flags.iface_regex.clone(),
@@ -600,5 +606,108 @@ impl<S: Store> State<S> {
             return Ok(true);
         }
         Ok(own_changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut v = vec!["flanneld"];
+        v.extend_from_slice(args);
+        Flags::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn store_selection() {
+        assert_eq!(
+            store_kind(&flags(&["--local-store", "/var/lib/x"])).unwrap(),
+            StoreKind::Local("/var/lib/x".into())
+        );
+        match store_kind(&flags(&[
+            "--etcd-endpoints",
+            "http://10.0.0.1:2379, http://10.0.0.2:2379",
+            "--etcd-prefix",
+            "/p",
+            "--etcd-username",
+            "u",
+        ]))
+        .unwrap()
+        {
+            StoreKind::Etcd(o) => {
+                assert_eq!(
+                    o.endpoints,
+                    vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+                );
+                assert_eq!(o.prefix, "/p");
+                assert_eq!(o.username.as_deref(), Some("u"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = store_kind(&flags(&["--kube-subnet-mgr"])).unwrap_err();
+        assert!(e.to_string().contains("--kube-subnet-mgr"), "{e}");
+    }
+
+    #[test]
+    fn unsupported_configs_are_refused_with_the_field() {
+        let e = check_supported(
+            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("Backend.Type")
+                && e.contains("host-gw")
+                && e.contains("not implemented yet"),
+            "{e}"
+        );
+        let e = check_supported(
+            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"udp\""), "{e}");
+        let e = check_supported(
+            &config::parse(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("EnableIPv6"), "{e}");
+        let (vx, net) =
+            check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
+        assert_eq!(vx.vni, 1, "no Backend means vxlan");
+        assert_eq!(net, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
+    }
+
+    #[test]
+    fn config_file_first_then_the_store_copy() {
+        let dir = std::env::temp_dir().join(format!("flanneld-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("net-conf.json");
+        let f = flags(&["--net-config-path", path.to_str().unwrap()]);
+        // Missing file, no store copy: the error names the path and the flag.
+        let e = load_config(&f, None).unwrap_err().to_string();
+        assert!(
+            e.contains("net-conf.json") && e.contains("--net-config-path"),
+            "{e}"
+        );
+        // Missing file, the store ships one.
+        let c = load_config(&f, Some(r#"{"Network":"10.5.0.0/16"}"#.into())).unwrap();
+        assert_eq!(c.network, Some("10.5.0.0/16".parse().unwrap()));
+        // The file wins; its errors name the field.
+        std::fs::write(&path, r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#).unwrap();
+        let e = load_config(&f, Some(r#"{"Network":"10.5.0.0/16"}"#.into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SubnetLen") && e.contains("net-conf.json"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

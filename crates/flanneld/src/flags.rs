@@ -60,13 +60,45 @@ pub struct Flags {
           value_parser = BoolishValueParser::new())]
     pub ip_masq: bool,
 
+    /// Disable --random-fully on masquerade rules (accepted for compatibility;
+    /// masquerade rules are not implemented yet).
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Seconds between checks of the iptables rules (accepted for
+    /// compatibility; rules are not implemented yet).
+    #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
+    pub iptables_resync: u64,
+
+    /// Add FORWARD accept rules for the network (accepted for compatibility;
+    /// rules are not implemented yet).
+    #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "true", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub iptables_forward_rules: bool,
+
+    /// Add a blackhole route for the node's subnet (accepted; not implemented yet).
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub ip_blackhole_route: bool,
+
+    /// Set the node's NetworkUnavailable condition (with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "true", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub set_node_network_unavailable: bool,
+
     /// Renew the lease this many minutes before it expires (1..1439).
     #[arg(long, env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
           default_value_t = wire::DEFAULT_RENEW_MARGIN_MINUTES,
           value_parser = clap::value_parser!(u64).range(1..=1439))]
     pub subnet_lease_renew_margin: u64,
 
-    /// Comma-separated etcd endpoints.
+    /// Comma-separated etcd endpoints (the etcd v3 store is used unless
+    /// --local-store or --kube-subnet-mgr is given).
     #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = wire::DEFAULT_ETCD_ENDPOINTS)]
     pub etcd_endpoints: String,
     /// etcd key prefix.
@@ -111,7 +143,8 @@ pub struct Flags {
     pub healthz_port: u16,
 
     /// flannel-rs: keep leases in this local directory instead of etcd (all
-    /// flanneld processes of one machine may share it).
+    /// flanneld processes of one machine may share it). The net-conf is read
+    /// from --net-config-path, or from DIR/config when that file is missing.
     #[arg(long, env = "FLANNELD_LOCAL_STORE")]
     pub local_store: Option<PathBuf>,
 
@@ -185,6 +218,31 @@ mod tests {
         assert_eq!(f.lease_ttl(), Duration::from_secs(86400));
         assert!(f.iface.is_empty());
         assert_eq!(f.log_level, "info");
+        assert_eq!(f.iptables_resync, 5);
+        assert!(f.iptables_forward_rules);
+        assert!(f.set_node_network_unavailable);
+        assert!(!f.ip_blackhole_route && !f.ip_masq_fully_random_disable);
+    }
+
+    #[test]
+    fn upstream_manifest_flags_are_accepted() {
+        let f = parse(&[
+            "--ip-masq",
+            "--kube-subnet-mgr",
+            "--iptables-forward-rules=false",
+            "--ip-blackhole-route",
+            "--iptables-resync",
+            "9",
+            "--kube-annotation-prefix",
+            "example.com",
+            "--healthz-port",
+            "10244",
+        ])
+        .unwrap();
+        assert!(f.ip_masq && f.kube_subnet_mgr && f.ip_blackhole_route);
+        assert!(!f.iptables_forward_rules);
+        assert_eq!(f.iptables_resync, 9);
+        assert_eq!(f.healthz_port, 10244);
     }
 
     #[test]
