@@ -70,6 +70,14 @@ const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CREATE_ATTEMPTS: u32 = 20;
 /// How often an update retries when the key changed between read and write.
 const UPDATE_ATTEMPTS: u32 = 10;
+/// Attempts of one request while no member can take it, and the pauses
+/// between them (about 3.5 s in all: a leader election fits).
+const REQUEST_ATTEMPTS: u32 = 8;
+const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+/// gRPC status code UNAVAILABLE (fixed by the gRPC spec): connection
+/// refused, no leader, leader changed, request timed out in raft.
+const GRPC_UNAVAILABLE: i32 = 14;
 /// The TTL cache forgets everything past this many lease ids.
 const TTL_CACHE_MAX: usize = 8192;
 
@@ -280,6 +288,23 @@ impl EtcdStore {
         format!("{}/{}", self.inner.prefix, wire::ETCD_CONFIG_KEY)
     }
 
+    /// Resumes watching after `revision` (the revision of a snapshot or of
+    /// the last events the caller applied), without an initial Snapshot. If
+    /// etcd compacted that history meanwhile, the watch lists again and
+    /// sends a [`WatchEvent::Snapshot`] before further events.
+    ///
+    /// `etcdctl watch --prefix --rev=<revision+1> --prev-kv <prefix>/subnets/`
+    pub fn watch_leases_since(&self, revision: u64) -> mpsc::Receiver<WatchEvent> {
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL_CAPACITY);
+        tokio::spawn(run_watch(
+            Arc::clone(&self.inner),
+            tx,
+            self.shutdown_rx.clone(),
+            revision as i64,
+        ));
+        rx
+    }
+
     /// The underlying client (tests and tools: raw reads, compaction, auth setup).
     pub fn client(&self) -> Client {
         self.inner.client.clone()
@@ -356,6 +381,42 @@ impl Inner {
         StoreError::Unavailable(format!("etcd at {}: {what}: {e}", self.endpoints))
     }
 
+    /// Runs one request, again when no member could take it (a dead member
+    /// refused the connection, or the cluster is electing a leader): the
+    /// balanced channel then picks another endpoint. Other errors return at
+    /// once. Every caller tolerates a repeated request (guarded txns, reads,
+    /// keepalives; a granted lease nobody uses expires).
+    async fn call_raw<T, F, Fut>(&self, what: &str, f: F) -> Result<T, etcd_client::Error>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut delay = RETRY_FIRST_DELAY;
+        let mut attempt = 1;
+        loop {
+            match f(self.client.clone()).await {
+                Err(e) if attempt < REQUEST_ATTEMPTS && is_transient(&e) => {
+                    tracing::debug!(what, attempt, error = %e, "etcd request failed; trying again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(RETRY_MAX_DELAY);
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// [`Inner::call_raw`] with errors as [`StoreError::Unavailable`].
+    async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        self.call_raw(what, f)
+            .await
+            .map_err(|e| self.unavailable(what, e))
+    }
+
     fn lease_key(&self, key: &LeaseKey) -> Result<String> {
         if key.is_empty() {
             return Err(StoreError::InvalidLease {
@@ -385,10 +446,7 @@ impl Inner {
     /// Key and attributes of a stored lease, or a warning naming the key.
     fn parse_kv(&self, kv: &KeyValue) -> Option<(LeaseKey, LeaseAttrs)> {
         let key = self.parse_key(kv.key())?;
-        match std::str::from_utf8(kv.value())
-            .map_err(|e| e.to_string())
-            .and_then(|s| LeaseAttrs::from_json(s).map_err(|e| e.to_string()))
-        {
+        match parse_attrs(kv.value()) {
             Ok(attrs) => Some((key, attrs)),
             Err(e) => {
                 tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e,
@@ -400,9 +458,16 @@ impl Inner {
 
     /// `etcdctl lease timetolive <id>`, with the store revision of the answer.
     async fn lease_state(&self, id: i64) -> Result<(LeaseState, i64)> {
-        let mut client = self.client.clone();
-        match client.lease_time_to_live(id, None).await {
-            Ok(r) if r.ttl() > 0 => Ok((
+        let what = format!("lease timetolive {id:x}");
+        match self
+            .call_raw(&what, |mut c| async move {
+                c.lease_time_to_live(id, None).await
+            })
+            .await
+        {
+            // 0: alive with less than a second left (etcd rounds down);
+            // -1: expired or revoked.
+            Ok(r) if r.ttl() >= 0 => Ok((
                 LeaseState::Alive {
                     expiration: SystemTime::now() + Duration::from_secs(r.ttl() as u64),
                     granted: r.granted_ttl(),
@@ -411,7 +476,7 @@ impl Inner {
             )),
             Ok(_) => Ok((LeaseState::Gone, 0)),
             Err(e) if is_lease_not_found(&e) => Ok((LeaseState::Gone, 0)),
-            Err(e) => Err(self.unavailable(&format!("lease timetolive {id:x}"), e)),
+            Err(e) => Err(self.unavailable(&what, e)),
         }
     }
 
@@ -455,13 +520,27 @@ impl Inner {
         }
     }
 
+    /// `etcdctl get <key>`
+    async fn get_kv(&self, key: &str) -> Result<Option<KeyValue>> {
+        let owned = key.to_string();
+        let mut r = self
+            .call(&format!("get {key}"), |mut c| {
+                let key = owned.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
+        Ok(r.take_kvs().into_iter().next())
+    }
+
     /// `etcdctl get --prefix <prefix>/subnets/`: the raw keys and the revision.
     async fn raw_list(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let mut client = self.client.clone();
-        let mut r = client
-            .get(self.subnets.as_str(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.unavailable(&format!("get --prefix {}", self.subnets), e))?;
+        let prefix = self.subnets.clone();
+        let mut r = self
+            .call(&format!("get --prefix {prefix}"), |mut c| {
+                let prefix = prefix.clone();
+                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
         let revision = r.header().map_or(0, |h| h.revision());
         Ok((r.take_kvs(), revision))
     }
@@ -503,11 +582,12 @@ impl Inner {
 
     /// `etcdctl lease grant <ttl>`: the lease id and its expiration.
     async fn grant(&self, ttl: Duration) -> Result<(i64, SystemTime)> {
-        let mut client = self.client.clone();
-        let r = client
-            .lease_grant(ttl_secs(ttl), None)
-            .await
-            .map_err(|e| self.unavailable("lease grant", e))?;
+        let secs = ttl_secs(ttl);
+        let r = self
+            .call("lease grant", |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?;
         Ok((
             r.id(),
             SystemTime::now() + Duration::from_secs(r.ttl().max(0) as u64),
@@ -535,8 +615,11 @@ impl Inner {
         if id != 0 {
             if let (LeaseState::Alive { granted, .. }, _) = self.lease_state(id).await? {
                 if granted == ttl_secs(ttl) {
-                    let mut client = self.client.clone();
-                    match client.lease_keep_alive(id).await {
+                    let what = format!("lease keep-alive {id:x}");
+                    match self
+                        .call_raw(&what, |mut c| async move { c.lease_keep_alive(id).await })
+                        .await
+                    {
                         // The keepalive stream is closed when these drop: once is enough.
                         Ok((_keeper, _stream)) => {
                             return Ok((
@@ -545,9 +628,7 @@ impl Inner {
                             ));
                         }
                         Err(e) if is_lease_not_found(&e) => {}
-                        Err(e) => {
-                            return Err(self.unavailable(&format!("lease keep-alive {id:x}"), e))
-                        }
+                        Err(e) => return Err(self.unavailable(&what, e)),
                     }
                 } else {
                     tracing::info!(lease = %format!("{id:x}"), granted, wanted = ttl_secs(ttl),
@@ -564,11 +645,13 @@ impl Store for EtcdStore {
     /// [`missing_config_message`].
     async fn get_network_config(&self) -> Result<Option<String>> {
         let key = self.config_key();
-        let mut client = self.inner.client.clone();
-        let r = client
-            .get(key.as_str(), None)
-            .await
-            .map_err(|e| self.inner.unavailable(&format!("get {key}"), e))?;
+        let r = self
+            .inner
+            .call(&format!("get {key}"), |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(r.kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
@@ -611,12 +694,19 @@ impl Store for EtcdStore {
                         .with_prefix(),
                 ])
                 .and_then([TxnOp::put(key.as_str(), value.as_str(), put_opts)]);
-            let mut client = inner.client.clone();
-            let r = client
-                .txn(txn)
-                .await
-                .map_err(|e| inner.unavailable(&format!("txn create {key}"), e))?;
-            if r.succeeded() {
+            let r = inner
+                .call(&format!("txn create {key}"), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            // A retried txn whose first try landed fails its guard: the key
+            // then holds exactly what we wrote.
+            let landed = !r.succeeded()
+                && inner.get_kv(&key).await?.is_some_and(|kv| {
+                    kv.value() == value.as_bytes() && kv.lease() == granted.map_or(0, |g| g.0)
+                });
+            if r.succeeded() || landed {
                 let expiration = granted.map(|(id, exp)| {
                     let rev = r.header().map_or(0, |h| h.revision());
                     inner.remember(id, exp, rev);
@@ -646,23 +736,15 @@ impl Store for EtcdStore {
         let key = inner.lease_key(&lease.key)?;
         let value = lease.attrs.to_json();
         for _ in 0..UPDATE_ATTEMPTS {
-            let mut client = inner.client.clone();
-            let r = client
-                .get(key.as_str(), None)
-                .await
-                .map_err(|e| inner.unavailable(&format!("get {key}"), e))?;
-            let Some(kv) = r.kvs().first() else {
+            let Some(kv) = inner.get_kv(&key).await? else {
                 return Err(StoreError::NotFound {
                     key: lease.key.to_string(),
                 });
             };
-            let held = std::str::from_utf8(kv.value())
-                .map_err(|e| e.to_string())
-                .and_then(|s| LeaseAttrs::from_json(s).map_err(|e| e.to_string()))
-                .map_err(|e| StoreError::InvalidLease {
-                    key: key.clone(),
-                    detail: format!("stored value cannot be updated: {e}"),
-                })?;
+            let held = parse_attrs(kv.value()).map_err(|e| StoreError::InvalidLease {
+                key: key.clone(),
+                detail: format!("stored value cannot be updated: {e}"),
+            })?;
             if !same_owner(&held, &lease.attrs) {
                 return Err(StoreError::Conflict {
                     key: key.clone(),
@@ -692,11 +774,18 @@ impl Store for EtcdStore {
                     mod_revision,
                 )])
                 .and_then([TxnOp::put(key.as_str(), value.as_str(), put_opts)]);
-            let r = client
-                .txn(txn)
-                .await
-                .map_err(|e| inner.unavailable(&format!("txn update {key}"), e))?;
-            if r.succeeded() {
+            let r = inner
+                .call(&format!("txn update {key}"), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            let landed = !r.succeeded()
+                && inner
+                    .get_kv(&key)
+                    .await?
+                    .is_some_and(|kv| kv.value() == value.as_bytes() && kv.lease() == new_id);
+            if r.succeeded() || landed {
                 if let Some(exp) = expiration {
                     inner.remember(new_id, exp, r.header().map_or(0, |h| h.revision()));
                 }
@@ -723,11 +812,12 @@ impl Store for EtcdStore {
     /// `etcdctl del <prefix>/subnets/<key>`; absent is success.
     async fn delete_lease(&self, key: &LeaseKey) -> Result<()> {
         let key = self.inner.lease_key(key)?;
-        let mut client = self.inner.client.clone();
-        client
-            .delete(key.as_str(), None)
-            .await
-            .map_err(|e| self.inner.unavailable(&format!("del {key}"), e))?;
+        self.inner
+            .call(&format!("del {key}"), |mut c| {
+                let key = key.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?;
         Ok(())
     }
 
@@ -804,7 +894,7 @@ async fn pause(
     backoff: &mut Duration,
 ) -> bool {
     let d = *backoff;
-    *backoff = (*backoff * 2).min(WATCH_MAX_BACKOFF);
+    *backoff = (*backoff * 2).clamp(WATCH_MIN_BACKOFF, WATCH_MAX_BACKOFF);
     tokio::select! {
         _ = tokio::time::sleep(d) => true,
         _ = tx.closed() => false,
@@ -931,6 +1021,26 @@ async fn watch_once(
 fn ttl_secs(ttl: Duration) -> i64 {
     let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
     secs.clamp(1, i64::MAX as u64) as i64
+}
+
+/// A lease value: upstream's LeaseAttrs JSON object. (serde would also take
+/// a JSON array for a struct; a lease value never is one.)
+fn parse_attrs(value: &[u8]) -> Result<LeaseAttrs, String> {
+    let text = std::str::from_utf8(value).map_err(|e| format!("not UTF-8: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if !v.is_object() {
+        return Err(format!("expected a JSON object, found {text:?}"));
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
+}
+
+/// Whether a failed request may succeed on another member or a bit later.
+fn is_transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => i32::from(s.code()) == GRPC_UNAVAILABLE,
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
 }
 
 /// etcd answers "requested lease not found" for an expired or revoked lease.

@@ -1,0 +1,936 @@
+//! The etcd v3 store against real etcd servers: every test starts its own
+//! `etcd` on 127.0.0.1 (free ports, temp data dir, killed and removed on drop).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{attrs, key, net_config};
+use etcd_client::{Client, GetOptions, PutOptions};
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_store::etcd::{missing_config_message, ConnectError, EtcdOptions, EtcdStore};
+use flannel_store::testsupport::{EtcdCluster, EtcdServer, ServerTls, TestDir};
+use flannel_store::{acquire_lease, renew_lease, AcquireError, Store, StoreError, WatchEvent};
+use tokio::sync::mpsc;
+
+const GOLDEN: &str = r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}}"#;
+const PREFIX: &str = "/coreos.com/network";
+const DAY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest wait for one watch message.
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn connect(etcd: &EtcdServer) -> EtcdStore {
+    EtcdStore::connect(etcd.store_options())
+        .await
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", etcd.endpoint()))
+}
+
+/// A plain etcd client for raw reads and writes next to the store.
+async fn raw(etcd: &EtcdServer) -> Client {
+    Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("raw etcd client")
+}
+
+fn subnet_key(k: &str) -> String {
+    format!("{PREFIX}/subnets/{k}")
+}
+
+async fn raw_get(c: &mut Client, k: &str) -> Option<etcd_client::KeyValue> {
+    c.get(k, None)
+        .await
+        .expect("raw get")
+        .kvs()
+        .first()
+        .cloned()
+}
+
+async fn ttl_of(c: &mut Client, lease: i64) -> i64 {
+    c.lease_time_to_live(lease, None)
+        .await
+        .expect("timetolive")
+        .ttl()
+}
+
+fn golden_attrs() -> LeaseAttrs {
+    LeaseAttrs::from_json(GOLDEN).unwrap()
+}
+
+fn lease(k: &str, a: LeaseAttrs) -> Lease {
+    Lease {
+        key: key(k),
+        attrs: a,
+        expiration: None,
+    }
+}
+
+fn assert_expires_in(l: &Lease, ttl: Duration) {
+    let exp = l.expiration.expect("lease has an expiration");
+    let left = exp
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    assert!(
+        left <= ttl + Duration::from_secs(1) && left + Duration::from_secs(3) >= ttl,
+        "expires in {left:?}, expected about {ttl:?}"
+    );
+}
+
+async fn next(rx: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("watch message within the time limit")
+        .expect("watch channel open")
+}
+
+/// What a watcher knows: snapshots replace it, events change it.
+#[derive(Default)]
+struct View {
+    leases: BTreeMap<LeaseKey, Lease>,
+    snapshots: usize,
+}
+
+impl View {
+    fn apply(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Snapshot(s) => {
+                self.snapshots += 1;
+                self.leases = s.leases.into_iter().map(|l| (l.key, l)).collect();
+            }
+            WatchEvent::Events { events, .. } => {
+                for e in events {
+                    match e {
+                        LeaseEvent::Upsert(l) => {
+                            self.leases.insert(l.key, l);
+                        }
+                        LeaseEvent::Removed(k) => {
+                            self.leases.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies messages until `done` holds.
+    async fn until(
+        &mut self,
+        rx: &mut mpsc::Receiver<WatchEvent>,
+        what: &str,
+        done: impl Fn(&View) -> bool,
+    ) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(ev)) => self.apply(ev),
+                Ok(None) => panic!("watch channel closed while waiting for {what}"),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; view: {:?}",
+                    self.leases.keys().collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    fn keys(&self) -> BTreeSet<LeaseKey> {
+        self.leases.keys().copied().collect()
+    }
+}
+
+#[tokio::test]
+async fn layout_json_and_ttl_match_upstream() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+
+    // Config: absent is Ok(None) with a v3 hint; present is returned verbatim.
+    assert_eq!(store.get_network_config().await.unwrap(), None);
+    assert!(missing_config_message(store.prefix()).contains("/coreos.com/network/config"));
+    let conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    c.put(format!("{PREFIX}/config"), conf, None).await.unwrap();
+    assert_eq!(
+        store.get_network_config().await.unwrap().as_deref(),
+        Some(conf)
+    );
+
+    // A lease: exact key and bytes, attached to an etcd lease with the TTL.
+    let created = store
+        .create_lease(&lease("10.244.1.0-24", golden_attrs()), Some(DAY))
+        .await
+        .unwrap()
+        .expect("key was free");
+    assert_expires_in(&created, DAY);
+    let kv = raw_get(&mut c, &subnet_key("10.244.1.0-24"))
+        .await
+        .expect("key written at the upstream path");
+    assert_eq!(kv.value(), GOLDEN.as_bytes());
+    assert_ne!(kv.lease(), 0, "a lease key carries an etcd lease");
+    let ttl = ttl_of(&mut c, kv.lease()).await;
+    assert!(
+        (DAY.as_secs() as i64 - 5..=DAY.as_secs() as i64).contains(&ttl),
+        "TTL {ttl}"
+    );
+
+    // Dual stack key form.
+    let dual = "10.244.2.0-24&fd00:10:244:2::-64";
+    let mut a = attrs(2);
+    a.public_ipv6 = Some("fd00::2".parse().unwrap());
+    store
+        .create_lease(&lease(dual, a.clone()), Some(DAY))
+        .await
+        .unwrap()
+        .expect("dual key free");
+    let kv = raw_get(&mut c, &subnet_key(dual)).await.expect("dual key");
+    assert_eq!(kv.value(), a.to_json().as_bytes());
+
+    // The same key again, or one overlapping it in either family: taken.
+    assert_eq!(
+        store
+            .create_lease(&lease("10.244.1.0-24", attrs(3)), Some(DAY))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .create_lease(
+                &lease("10.244.2.0-24&fd00:10:244:99::-64", attrs(3)),
+                Some(DAY)
+            )
+            .await
+            .unwrap(),
+        None
+    );
+    let kv = raw_get(&mut c, &subnet_key("10.244.1.0-24")).await.unwrap();
+    assert_eq!(
+        kv.value(),
+        GOLDEN.as_bytes(),
+        "a lost create changes nothing"
+    );
+
+    // Reading back: attributes, expiration from the remaining TTL, revision
+    // of the read.
+    let snap = store.list_leases().await.unwrap();
+    let rev = c
+        .get(
+            format!("{PREFIX}/subnets/"),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    assert_eq!(snap.revision, rev as u64);
+    assert_eq!(snap.leases.len(), 2);
+    let l = snap
+        .leases
+        .iter()
+        .find(|l| l.key == key("10.244.1.0-24"))
+        .unwrap();
+    assert_eq!(l.attrs, golden_attrs());
+    assert_expires_in(l, DAY);
+
+    // A lease written by upstream flannel (raw put with its own etcd lease)
+    // reads the same way.
+    let grant = c.lease_grant(600, None).await.unwrap();
+    let upstream = r#"{"PublicIP":"172.16.1.15","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:02"}}"#;
+    c.put(
+        subnet_key("10.244.3.0-24"),
+        upstream,
+        Some(PutOptions::new().with_lease(grant.id())),
+    )
+    .await
+    .unwrap();
+    let snap = store.list_leases().await.unwrap();
+    let l = snap
+        .leases
+        .iter()
+        .find(|l| l.key == key("10.244.3.0-24"))
+        .unwrap();
+    assert_eq!(l.attrs.to_json(), upstream);
+    assert_expires_in(l, Duration::from_secs(600));
+
+    // Delete, and delete again (absent is success).
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+    assert!(raw_get(&mut c, &subnet_key("10.244.1.0-24"))
+        .await
+        .is_none());
+}
+
+#[tokio::test]
+async fn reservation_is_kept_and_never_reallocated() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    // 10.5.0.0/22 in /24s: SubnetMin skips 10.5.0.0, so 10.5.1-3 are leasable.
+    let cfg = net_config("10.5.0.0/22", 24);
+    // An operator's reservation for node 9: a key without an etcd lease.
+    c.put(subnet_key("10.5.1.0-24"), attrs(9).to_json(), None)
+        .await
+        .unwrap();
+
+    let a = acquire_lease(&store, &cfg, &attrs(1), None, DAY)
+        .await
+        .unwrap();
+    let b = acquire_lease(&store, &cfg, &attrs(2), None, DAY)
+        .await
+        .unwrap();
+    let mut got: Vec<_> = [a.key, b.key].into_iter().collect();
+    got.sort();
+    assert_eq!(got, vec![key("10.5.2.0-24"), key("10.5.3.0-24")]);
+    match acquire_lease(&store, &cfg, &attrs(3), None, DAY).await {
+        Err(AcquireError::Plan(_)) => {}
+        other => panic!("the reserved subnet must not be handed out: {other:?}"),
+    }
+    // Node 9 gets its reservation, and it stays a reservation (no etcd lease).
+    let r = acquire_lease(&store, &cfg, &attrs(9), None, DAY)
+        .await
+        .unwrap();
+    assert_eq!(r.key, key("10.5.1.0-24"));
+    assert_eq!(r.expiration, None);
+    let kv = raw_get(&mut c, &subnet_key("10.5.1.0-24")).await.unwrap();
+    assert_eq!(kv.lease(), 0);
+    assert_eq!(kv.value(), attrs(9).to_json().as_bytes());
+    let listed = store.list_leases().await.unwrap();
+    let res = listed.leases.iter().find(|l| l.key == r.key).unwrap();
+    assert!(res.is_reservation());
+}
+
+#[tokio::test]
+async fn acquisition_order_own_then_previous_then_random() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    let cfg = net_config("10.244.0.0/16", 24);
+
+    // (1) Our own lease comes back, on the same etcd lease (kept alive).
+    let first = acquire_lease(&store, &cfg, &attrs(1), None, DAY)
+        .await
+        .unwrap();
+    let id = raw_get(&mut c, &subnet_key(&first.key.to_string()))
+        .await
+        .unwrap()
+        .lease();
+    let again = acquire_lease(&store, &cfg, &attrs(1), None, DAY)
+        .await
+        .unwrap();
+    assert_eq!(again.key, first.key);
+    let kv = raw_get(&mut c, &subnet_key(&first.key.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(kv.lease(), id, "reuse keeps the etcd lease");
+
+    // (2) The previous subnet when free.
+    let prev = key("10.244.77.0-24");
+    let second = acquire_lease(&store, &cfg, &attrs(2), Some(prev), DAY)
+        .await
+        .unwrap();
+    assert_eq!(second.key, prev);
+
+    // (3) Otherwise a free one: not the taken previous subnet.
+    let third = acquire_lease(&store, &cfg, &attrs(3), Some(prev), DAY)
+        .await
+        .unwrap();
+    assert_ne!(third.key, prev);
+    assert_ne!(third.key, first.key);
+    assert!(cfg.network.unwrap().contains(&third.key.ipv4.unwrap()));
+
+    // Another node may not update our lease.
+    let stolen = Lease {
+        key: first.key,
+        attrs: attrs(4),
+        expiration: None,
+    };
+    match store.update_lease(&stolen, Some(DAY)).await {
+        Err(StoreError::Conflict { key, .. }) => assert!(key.contains("10.244.")),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_acquirers_at_once_get_distinct_subnets() {
+    let etcd = EtcdServer::start();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mut tasks = Vec::new();
+    for n in 1..=20u8 {
+        // Each acquirer is its own node with its own connection.
+        let opts = etcd.store_options();
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            let store = EtcdStore::connect(opts).await.expect("connect");
+            acquire_lease(&store, &cfg, &attrs(n), None, DAY).await
+        }));
+    }
+    let mut keys = BTreeSet::new();
+    for t in tasks {
+        let l = t.await.unwrap().expect("every node gets a lease");
+        assert!(keys.insert(l.key), "subnet {} handed out twice", l.key);
+    }
+    assert_eq!(keys.len(), 20);
+    let store = connect(&etcd).await;
+    let listed: BTreeSet<_> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    assert_eq!(listed, keys);
+}
+
+#[tokio::test]
+async fn renewal_keeps_the_etcd_lease_and_expiry_is_removed() {
+    let etcd = EtcdServer::start();
+    let mut opts = etcd.store_options();
+    // Shorter than the idle watch below: a request timeout must not cut a watch.
+    opts.request_timeout = Duration::from_secs(1);
+    let store = EtcdStore::connect(opts).await.unwrap();
+    let mut c = raw(&etcd).await;
+    let ttl = Duration::from_secs(2);
+
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+    assert_eq!(view.snapshots, 1);
+
+    let kept = store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let doomed = store
+        .create_lease(&lease("10.244.2.0-24", attrs(2)), Some(ttl))
+        .await
+        .unwrap()
+        .unwrap();
+    let id = raw_get(&mut c, &subnet_key("10.244.1.0-24"))
+        .await
+        .unwrap()
+        .lease();
+    view.until(&mut rx, "both leases", |v| v.leases.len() == 2)
+        .await;
+    assert_expires_in(&view.leases[&kept.key], ttl);
+
+    // Renew for 4 s (twice the TTL) every 700 ms: same etcd lease each time.
+    let start = Instant::now();
+    let mut renewed = kept.clone();
+    while start.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        renewed = renew_lease(&store, &renewed, ttl).await.unwrap();
+        assert_expires_in(&renewed, ttl);
+        let kv = raw_get(&mut c, &subnet_key("10.244.1.0-24"))
+            .await
+            .expect("renewed key still there");
+        assert_eq!(kv.lease(), id, "renewal must not grant a new etcd lease");
+    }
+    // The lease nobody renewed expired in etcd and reached the watcher as
+    // Removed, in events (no resync: the idle stream outlived the request
+    // timeout).
+    view.until(&mut rx, "expiry of the unrenewed lease", |v| {
+        !v.leases.contains_key(&doomed.key)
+    })
+    .await;
+    assert_eq!(view.snapshots, 1, "no resync expected");
+    assert!(view.leases.contains_key(&kept.key));
+    assert!(raw_get(&mut c, &subnet_key("10.244.2.0-24"))
+        .await
+        .is_none());
+
+    // Renewing a lease that is gone reports NotFound (upstream: "revoked").
+    match renew_lease(&store, &doomed, ttl).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+
+    // Revoked under us: etcd deletes the key with its lease; renewal then
+    // reports NotFound (the daemon exits as upstream does).
+    c.lease_revoke(id).await.unwrap();
+    view.until(&mut rx, "removal after revoke", |v| {
+        !v.leases.contains_key(&kept.key)
+    })
+    .await;
+    match renew_lease(&store, &renewed, ttl).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("expected NotFound after revoke, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn update_reattaches_when_the_etcd_lease_is_gone() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    // A key of ours whose etcd lease is gone but the key survived: written
+    // without a lease (a reservation) and then renewed as a lease.
+    c.put(subnet_key("10.244.9.0-24"), attrs(9).to_json(), None)
+        .await
+        .unwrap();
+    let l = store
+        .update_lease(&lease("10.244.9.0-24", attrs(9)), Some(DAY))
+        .await
+        .unwrap();
+    assert_expires_in(&l, DAY);
+    let id = raw_get(&mut c, &subnet_key("10.244.9.0-24"))
+        .await
+        .unwrap()
+        .lease();
+    assert_ne!(id, 0, "a lease was attached");
+    // Another TTL than the etcd lease was granted with: a new etcd lease,
+    // the old one revoked.
+    let l = store
+        .update_lease(
+            &lease("10.244.9.0-24", attrs(9)),
+            Some(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    assert_expires_in(&l, Duration::from_secs(600));
+    let id2 = raw_get(&mut c, &subnet_key("10.244.9.0-24"))
+        .await
+        .unwrap()
+        .lease();
+    assert_ne!(id2, id);
+    assert!(ttl_of(&mut c, id).await <= 0, "old etcd lease revoked");
+    // Back to a reservation: no lease attached.
+    let l = store
+        .update_lease(&lease("10.244.9.0-24", attrs(9)), None)
+        .await
+        .unwrap();
+    assert_eq!(l.expiration, None);
+    assert_eq!(
+        raw_get(&mut c, &subnet_key("10.244.9.0-24"))
+            .await
+            .unwrap()
+            .lease(),
+        0
+    );
+    // Updating a missing key is NotFound.
+    match store
+        .update_lease(&lease("10.244.10.0-24", attrs(9)), Some(DAY))
+        .await
+    {
+        Err(StoreError::NotFound { key }) => assert_eq!(key, "10.244.10.0-24"),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_an_etcd_restart() {
+    let mut etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+    assert_eq!(view.keys(), [key("10.244.1.0-24")].into());
+
+    // Stop, write nothing, start again on the same data dir and ports.
+    tokio::task::block_in_place(|| {
+        etcd.stop();
+        etcd.restart();
+    });
+
+    // Changes after the restart arrive (the store reconnects by itself).
+    let deadline = Instant::now() + WAIT;
+    let created = loop {
+        match store
+            .create_lease(&lease("10.244.2.0-24", attrs(2)), Some(DAY))
+            .await
+        {
+            Ok(r) => break r,
+            Err(StoreError::Unavailable(e)) if Instant::now() < deadline => {
+                eprintln!("store not reconnected yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("store did not recover after the restart: {e}"),
+        }
+    };
+    assert!(created.is_some());
+    view.until(&mut rx, "the lease created after the restart", |v| {
+        v.leases.contains_key(&key("10.244.2.0-24"))
+    })
+    .await;
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+    view.until(&mut rx, "the deletion after the restart", |v| {
+        !v.leases.contains_key(&key("10.244.1.0-24"))
+    })
+    .await;
+    assert_eq!(view.keys(), [key("10.244.2.0-24")].into());
+    assert!(
+        view.snapshots >= 2,
+        "a broken stream must be followed by a fresh snapshot"
+    );
+    // The view agrees with a fresh list, attributes included.
+    let listed: BTreeMap<_, _> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| (l.key, l.attrs))
+        .collect();
+    let seen: BTreeMap<_, _> = view
+        .leases
+        .values()
+        .map(|l| (l.key, l.attrs.clone()))
+        .collect();
+    assert_eq!(seen, listed);
+}
+
+#[tokio::test]
+async fn watch_after_compaction_sends_a_snapshot_then_events() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    // A watcher that saw revision `behind` and then lost its stream...
+    let behind = store.list_leases().await.unwrap().revision;
+    // ...while others wrote and etcd compacted that history away.
+    store
+        .create_lease(&lease("10.244.2.0-24", attrs(2)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
+    let now_rev = store.list_leases().await.unwrap().revision;
+    c.compact(now_rev as i64, None).await.unwrap();
+
+    let mut rx = store.watch_leases_since(behind);
+    // The watch cannot replay the compacted history: a fresh snapshot.
+    match next(&mut rx).await {
+        WatchEvent::Snapshot(s) => {
+            let keys: BTreeSet<_> = s.leases.iter().map(|l| l.key).collect();
+            assert_eq!(keys, [key("10.244.2.0-24")].into());
+            assert!(s.revision >= now_rev);
+        }
+        other => panic!("expected a snapshot after compaction, got {other:?}"),
+    }
+    // Then ordinary events, exactly the changes made after it.
+    store
+        .create_lease(&lease("10.244.3.0-24", attrs(3)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    match next(&mut rx).await {
+        WatchEvent::Events { events, revision } => {
+            assert!(revision > now_rev);
+            assert_eq!(events.len(), 1, "{events:?}");
+            match &events[0] {
+                LeaseEvent::Upsert(l) => {
+                    assert_eq!(l.key, key("10.244.3.0-24"));
+                    assert_eq!(l.attrs, attrs(3));
+                    assert_expires_in(l, DAY);
+                }
+                other => panic!("expected an upsert, got {other:?}"),
+            }
+        }
+        other => panic!("expected events, got {other:?}"),
+    }
+    store.delete_lease(&key("10.244.2.0-24")).await.unwrap();
+    match next(&mut rx).await {
+        WatchEvent::Events { events, .. } => {
+            assert_eq!(events, vec![LeaseEvent::Removed(key("10.244.2.0-24"))]);
+        }
+        other => panic!("expected events, got {other:?}"),
+    }
+
+    // Resuming from a revision still in history replays exactly what
+    // followed it, with no snapshot.
+    let mark = store.list_leases().await.unwrap().revision;
+    store.delete_lease(&key("10.244.3.0-24")).await.unwrap();
+    let mut rx2 = store.watch_leases_since(mark);
+    match next(&mut rx2).await {
+        WatchEvent::Events { events, .. } => {
+            assert_eq!(events, vec![LeaseEvent::Removed(key("10.244.3.0-24"))]);
+        }
+        other => panic!("expected the missed event, got {other:?}"),
+    }
+
+    // Dropping the store ends its watches.
+    drop(store);
+    let closed = tokio::time::timeout(WAIT, async { while rx.recv().await.is_some() {} }).await;
+    assert!(
+        closed.is_ok(),
+        "watch channel closes when the store is dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_cluster_survives_losing_one_member() {
+    let mut cluster = tokio::task::block_in_place(|| EtcdCluster::start(3));
+    let store = EtcdStore::connect(cluster.store_options()).await.unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let mine = acquire_lease(&store, &cfg, &attrs(1), None, DAY)
+        .await
+        .unwrap();
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+
+    // Kill every member in turn (restarting the previous one), so whichever
+    // the client or the watch was using, and the leader, is lost once.
+    for victim in 0..3 {
+        tokio::task::block_in_place(|| cluster.members[victim].kill());
+        let deadline = Instant::now() + WAIT;
+        // Operations may fail while a new leader is elected; then they work.
+        let other = loop {
+            match acquire_lease(&store, &cfg, &attrs(10 + victim as u8), None, DAY).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("member {victim} down, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("store stopped working with member {victim} down: {e}"),
+            }
+        };
+        renew_lease(&store, &mine, DAY).await.unwrap();
+        assert_eq!(store.list_leases().await.unwrap().leases.len(), 2 + victim);
+        view.until(&mut rx, "the lease acquired with a member down", |v| {
+            v.leases.contains_key(&other.key)
+        })
+        .await;
+        tokio::task::block_in_place(|| cluster.members[victim].restart());
+    }
+}
+
+/// PEM files of a test CA, a server certificate for 127.0.0.1 and a client
+/// certificate (CN `flannel-node`).
+struct Pki {
+    _dir: TestDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+fn pki() -> Pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let dir = TestDir::new("pki");
+    let write = |name: &str, pem: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    let make_ca = |cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        (cert, Issuer::new(params, key))
+    };
+    let (ca_cert, issuer) = make_ca("flannel test CA");
+    let (other_ca_cert, _) = make_ca("some other CA");
+    let leaf = |cn: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (scert, skey) = leaf(
+        "etcd",
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (ccert, ckey) = leaf("flannel-node", vec![], ExtendedKeyUsagePurpose::ClientAuth);
+    Pki {
+        ca: write("ca.pem", ca_cert.pem()),
+        server_cert: write("server.pem", scert),
+        server_key: write("server-key.pem", skey),
+        client_cert: write("client.pem", ccert),
+        client_key: write("client-key.pem", ckey),
+        other_ca: write("other-ca.pem", other_ca_cert.pem()),
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates_and_password_auth() {
+    let pki = pki();
+    let etcd = tokio::task::block_in_place(|| {
+        EtcdServer::start_with_tls(Some(ServerTls {
+            ca_file: pki.ca.clone(),
+            cert_file: pki.server_cert.clone(),
+            key_file: pki.server_key.clone(),
+        }))
+    });
+    let tls = |ca: &PathBuf, client: bool| EtcdOptions {
+        ca_file: Some(ca.clone()),
+        cert_file: client.then(|| pki.client_cert.clone()),
+        key_file: client.then(|| pki.client_key.clone()),
+        ..etcd.store_options()
+    };
+
+    // With the client certificate: works.
+    let store = EtcdStore::connect(tls(&pki.ca, true)).await.unwrap();
+    store
+        .create_lease(&lease("10.244.1.0-24", golden_attrs()), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    // Without one (the server demands it), or trusting another CA: refused,
+    // as a retryable error naming the endpoint.
+    for (what, opts) in [
+        ("no client certificate", tls(&pki.ca, false)),
+        ("server signed by an untrusted CA", tls(&pki.other_ca, true)),
+    ] {
+        let e = EtcdStore::connect(opts).await.expect_err(what);
+        assert!(
+            matches!(e, ConnectError::Store(StoreError::Unavailable(_))),
+            "{what}: {e}"
+        );
+        assert!(e.to_string().contains(&etcd.endpoint()), "{what}: {e}");
+    }
+
+    // Password auth on top (etcdctl user add root; role add root; user
+    // grant-role root root; auth enable).
+    let mut admin = store.client();
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.role_add("root").await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+
+    let authed = EtcdStore::connect(EtcdOptions {
+        username: Some("root".into()),
+        password: Some("root-secret".into()),
+        ..tls(&pki.ca, true)
+    })
+    .await
+    .unwrap();
+    let snap = authed.list_leases().await.unwrap();
+    assert_eq!(snap.leases.len(), 1);
+    assert_eq!(snap.leases[0].attrs, golden_attrs());
+    let mut rx = authed.watch_leases().await.unwrap();
+    assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot(_)));
+    authed
+        .create_lease(&lease("10.244.2.0-24", attrs(2)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    match next(&mut rx).await {
+        WatchEvent::Events { events, .. } => {
+            assert!(matches!(&events[0], LeaseEvent::Upsert(l) if l.key == key("10.244.2.0-24")))
+        }
+        other => panic!("expected events, got {other:?}"),
+    }
+
+    // Wrong password, or certificates only (CN flannel-node is no etcd
+    // user): refused.
+    let wrong = EtcdStore::connect(EtcdOptions {
+        username: Some("root".into()),
+        password: Some("wrong".into()),
+        ..tls(&pki.ca, true)
+    })
+    .await
+    .expect_err("wrong password");
+    assert!(
+        wrong.to_string().contains("authentication failed"),
+        "{wrong}"
+    );
+    let certs_only = EtcdStore::connect(tls(&pki.ca, true))
+        .await
+        .expect_err("no such user");
+    assert!(certs_only.is_retryable(), "{certs_only}");
+}
+
+#[tokio::test]
+async fn bad_values_are_skipped_and_harm_nothing() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    c.put(subnet_key("10.244.2.0-24"), "{not json", None)
+        .await
+        .unwrap();
+    c.put(subnet_key("not-a-subnet"), attrs(3).to_json(), None)
+        .await
+        .unwrap();
+    c.put(subnet_key("10.244.4.0-24"), vec![0xff, 0xfe, 0x00], None)
+        .await
+        .unwrap();
+    c.put(format!("{PREFIX}/config"), r#"{"Network":"banana"}"#, None)
+        .await
+        .unwrap();
+
+    let snap = store.list_leases().await.unwrap();
+    assert_eq!(
+        snap.leases.iter().map(|l| l.key).collect::<Vec<_>>(),
+        vec![key("10.244.1.0-24")]
+    );
+    // The config is returned as stored; validation is the daemon's and fails
+    // cleanly.
+    let conf = store.get_network_config().await.unwrap().unwrap();
+    let err = flannel_core::config::parse(&conf).expect_err("invalid network");
+    assert!(!err.to_string().is_empty());
+
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+    assert_eq!(view.keys(), [key("10.244.1.0-24")].into());
+    // Garbage written while watching: a valid lease turned bad is Removed,
+    // other garbage produces nothing, later good events still arrive.
+    c.put(subnet_key("10.244.1.0-24"), "[]", None)
+        .await
+        .unwrap();
+    c.put(subnet_key("also/not-a-subnet"), "{}", None)
+        .await
+        .unwrap();
+    store
+        .create_lease(&lease("10.244.5.0-24", attrs(5)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    view.until(&mut rx, "the good lease after garbage", |v| {
+        v.leases.contains_key(&key("10.244.5.0-24"))
+    })
+    .await;
+    assert_eq!(view.keys(), [key("10.244.5.0-24")].into());
+
+    // Acquisition works around garbage and never takes a subnet whose key
+    // exists, even with an unreadable value.
+    let cfg = net_config("10.244.0.0/22", 24);
+    let got = acquire_lease(&store, &cfg, &attrs(7), None, DAY)
+        .await
+        .unwrap();
+    assert_eq!(got.key, key("10.244.3.0-24"));
+    // Updating an unreadable lease is a clear error, not a panic.
+    match store
+        .update_lease(&lease("10.244.2.0-24", attrs(1)), Some(DAY))
+        .await
+    {
+        Err(StoreError::InvalidLease { key, detail }) => {
+            assert!(key.ends_with("10.244.2.0-24"), "{key}");
+            assert!(!detail.is_empty());
+        }
+        other => panic!("expected InvalidLease, got {other:?}"),
+    }
+}
