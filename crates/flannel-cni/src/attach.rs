@@ -34,6 +34,8 @@ pub enum AttachError {
         existing: IpNet,
         wanted: IpNet,
     },
+    #[error("the host veth name {name} is taken by another link (a hash collision with another attachment); retry with another container ID")]
+    HostNameTaken { name: String },
     #[error("interface {ifname:?} vanished from {netns} while it was being set up")]
     Vanished { ifname: String, netns: String },
 }
@@ -227,8 +229,14 @@ pub fn add_veth(
     ifname: &str,
     pod: &NetNs,
 ) -> Result<Link, AttachError> {
-    nl.add_veth(host, ifname, pod.fd(), conf.mtu)
-        .ctx(|| format!("add veth {host} with peer {ifname} in {}", pod.name))
+    match nl.add_veth(host, ifname, pod.fd(), conf.mtu) {
+        Ok(l) => Ok(l),
+        // Checked only on failure, to keep the common path at one request.
+        Err(e) => match nl.link_by_name(host) {
+            Ok(Some(_)) => Err(AttachError::HostNameTaken { name: host.into() }),
+            _ => Err(e).ctx(|| format!("add veth {host} with peer {ifname} in {}", pod.name)),
+        },
+    }
 }
 
 /// `ip link set HOST master BRIDGE`, `bridge link set dev HOST hairpin on|off`,

@@ -338,6 +338,14 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         _ => conf.ipam_network_dir()?,
     };
     let mut failures: Vec<String> = Vec::new();
+    // Held until the end: no ADD of this network runs while we decide what is ours.
+    let store = match IpamStore::open_locked(&ipam_dir) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            failures.push(e.to_string());
+            None
+        }
+    };
     if !env.netns.is_empty() {
         // A namespace that is gone took the veth pair with it.
         if let Ok(pod) = NetNs::open_path(Path::new(&env.netns)) {
@@ -348,19 +356,33 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             }
         }
     }
-    match Netlink::open() {
-        Ok(mut nl) => {
+    if let Some(store) = &store {
+        // The host end by its derived name, for a pod namespace we could not
+        // enter. Only while the attachment holds an address: then the ADD that
+        // created the name succeeded, so the link is ours and not another
+        // container's whose name hashed the same (our ADD then failed and
+        // gave its address back).
+        let owned = match store.reservations() {
+            Ok(rs) => rs
+                .iter()
+                .any(|r| r.container_id == env.container_id && r.ifname == env.ifname),
+            Err(e) => {
+                failures.push(e.to_string());
+                false
+            }
+        };
+        if owned {
             let host = attach::host_veth_name(&env.container_id, &env.ifname);
-            if let Err(e) = attach::del_host_link(&mut nl, &host) {
+            let r = Netlink::open()
+                .ctx(|| "open netlink".into())
+                .and_then(|mut nl| attach::del_host_link(&mut nl, &host));
+            if let Err(e) = r {
                 failures.push(e.to_string());
             }
         }
-        Err(e) => failures.push(format!("open netlink: {e}")),
-    }
-    match IpamStore::open_locked(&ipam_dir).and_then(|s| s.release(&env.container_id, &env.ifname))
-    {
-        Ok(_) => {}
-        Err(e) => failures.push(e.to_string()),
+        if let Err(e) = store.release(&env.container_id, &env.ifname) {
+            failures.push(e.to_string());
+        }
     }
     if !failures.is_empty() {
         return Err(CniError::new(

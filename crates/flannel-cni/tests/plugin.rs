@@ -500,17 +500,56 @@ fn error_codes_and_failed_add_leaves_nothing() {
     assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
     assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
 
-    // A kernel failure half-way (the host veth name is taken by another
-    // container's pod end... simulated with a link of that name on the node)
-    // rolls back the address and the saved config.
-    let host_b = "veth".to_string() + &format!("{:08x}", fnv("ctr-c", "eth1"));
-    Node::sh_in(&node.ns, &["ip", "link", "add", &host_b, "type", "bridge"]);
+    // The derived host veth name is taken by another container's veth (a
+    // hash collision, simulated with a veth of that name): the ADD fails
+    // and rolls back the address and the saved config...
+    let host_c = "veth".to_string() + &format!("{:08x}", fnv("ctr-c", "eth1"));
+    Node::sh_in(
+        &node.ns,
+        &[
+            "ip",
+            "link",
+            "add",
+            &host_c,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "other-end",
+        ],
+    );
     let out = node.cni(bin(), "ADD", "ctr-c", &path, "eth1", &conf);
     assert_eq!(out.code(), 102, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("taken by another link"),
+        "{}",
+        out.stdout
+    );
     assert!(link(&pod, "eth1").is_none());
     assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
     assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
-    Node::sh_in(&node.ns, &["ip", "link", "del", &host_b]);
+    // ...and the runtime's DEL after the failed ADD leaves the other container's veth alone.
+    node.cni(bin(), "DEL", "ctr-c", &path, "eth1", &conf)
+        .expect_ok();
+    node.cni(bin(), "DEL", "ctr-c", "", "eth1", &conf)
+        .expect_ok();
+    assert!(
+        link(&node.ns, &host_c).is_some(),
+        "DEL deleted a veth it did not create"
+    );
+    Node::sh_in(&node.ns, &["ip", "link", "del", &host_c]);
+
+    // A failure at the last step (a route the kernel refuses, after the veth
+    // and the pod's address are in place) takes back everything.
+    let mut bad_route = conf.clone();
+    bad_route["ipam"]["routes"] = json!([{"dst": "192.168.0.0/16", "gw": "172.31.0.1"}]);
+    let out = node.cni(bin(), "ADD", "ctr-d", &path, "eth2", &bad_route);
+    assert_eq!(out.code(), 102, "{}", out.stdout);
+    assert!(out.stdout.contains("192.168.0.0/16"), "{}", out.stdout);
+    assert!(link(&pod, "eth2").is_none());
+    assert_eq!(veths(&node.ns).len(), 1);
+    assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
+    assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
     node.cni(bin(), "DEL", "ctr-a", &path, "eth0", &conf)
         .expect_ok();
 }
