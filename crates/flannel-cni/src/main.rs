@@ -330,9 +330,10 @@ fn add_steps(
 }
 
 fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
-    let saved = load_saved(&conf.data_dir, &env.container_id)?;
-    // Without a saved config (ADD never ran, or DEL already did) the input
-    // config still says where the addresses live: clean up what may be left.
+    // Without a usable saved config (ADD never ran, DEL already did, or the
+    // file is damaged) the input config still says where the addresses live:
+    // clean up what may be left rather than fail DEL for good.
+    let saved = load_saved(&conf.data_dir, &env.container_id).unwrap_or(None);
     let ipam_dir = match saved.as_ref().map(BridgeConf::from_rendered) {
         Some(Ok(b)) => b.ipam.network_dir,
         _ => conf.ipam_network_dir()?,
@@ -390,10 +391,7 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             format!("DEL incomplete: {}", failures.join("; ")),
         ));
     }
-    if saved.is_some() {
-        remove_file(&conf.data_dir.join(&env.container_id))?;
-    }
-    Ok(())
+    remove_file(&conf.data_dir.join(&env.container_id))
 }
 
 fn cmd_check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {

@@ -285,6 +285,17 @@ fn del_after_netns_is_gone_or_empty() {
     assert!(link(&pod2, "eth0").is_none());
     assert!(ip_files(&node).is_empty());
     assert!(saved_configs(&node).is_empty());
+    // A damaged saved config does not block DEL forever: it is cleaned up.
+    let pod3 = ScopedNetNs::unique("fcni-gonep").unwrap();
+    let path3 = netns_path(&pod3);
+    node.cni(bin(), "ADD", "ctr-dmg", &path3, "eth0", &conf)
+        .expect_ok();
+    std::fs::write(node.data_dir().join("ctr-dmg"), "{truncated").unwrap();
+    node.cni(bin(), "DEL", "ctr-dmg", &path3, "eth0", &conf)
+        .expect_ok();
+    assert!(saved_configs(&node).is_empty());
+    assert!(ip_files(&node).is_empty());
+    assert!(link(&pod3, "eth0").is_none());
     // DEL of a container never added: success.
     node.cni(bin(), "DEL", "never-added", "", "eth0", &conf)
         .expect_ok();
