@@ -1055,3 +1055,70 @@ fn etcd_store_shared_by_two_nodes() {
         assert!(dm.stop().success());
     }
 }
+
+#[test]
+fn existing_device_with_wrong_attributes_is_recreated_keeping_its_mac() {
+    let c = Cluster::new("predev", 1);
+    let node = &c.nodes[0];
+    let mac: MacAddr = "02:42:ac:10:01:0b".parse().unwrap();
+    // A leftover flannel.1 with the wrong port, learning on, wrong MTU, down.
+    let old_index = node.nl(|nl| {
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+        nl.add_vxlan(&flannel_netlink::VxlanDevice {
+            name: "flannel.1".into(),
+            vni: 1,
+            local: IpAddr::V4(node.ip),
+            underlay_index: eth0.index,
+            port: 4789,
+            learning: true,
+            gbp: false,
+            mtu: 1300,
+            mac: Some(mac),
+        })
+        .unwrap()
+        .index
+    });
+    // Chosen by --iface-regex on the address; published with --public-ip.
+    let mut args: Vec<String> = c.args(0, &[]);
+    let pos = args.iter().position(|a| a == "--iface").unwrap();
+    args.drain(pos..pos + 2);
+    args.extend(
+        [
+            "--iface-regex",
+            r"^172\.16\.1\.",
+            "--public-ip",
+            "198.51.100.7",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    );
+    let mut d = Daemon {
+        child: Some(spawn_in(&node.ns, &args, &node.log())),
+        log: node.log(),
+    };
+    let s = node.wait_subnet(&mut d);
+    let st = node.state().unwrap();
+    let vx = st.link.vxlan.clone().unwrap();
+    assert_ne!(st.link.index, old_index, "recreated");
+    assert_eq!(
+        st.link.mac,
+        Some(mac),
+        "VtepMAC taken from the existing device"
+    );
+    assert_eq!((vx.port, vx.learning), (8472, false));
+    assert_eq!(
+        vx.local,
+        Some(IpAddr::V4(node.ip)),
+        "local is the interface address"
+    );
+    assert_eq!(st.link.mtu, 1450);
+    assert!(st.link.up);
+    let lease = c
+        .leases()
+        .into_iter()
+        .find(|l| l.key.ipv4 == Some(s))
+        .unwrap();
+    assert_eq!(lease.attrs.public_ip, Some(Ipv4Addr::new(198, 51, 100, 7)));
+    assert_eq!(lease.attrs.vxlan_data().unwrap().vtep_mac, mac);
+    assert!(d.stop().success());
+}
