@@ -43,3 +43,37 @@ impl Netlink {
         nl
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::ScopedNetNs;
+
+    fn ns_inode(path: &str) -> u64 {
+        nix::sys::stat::stat(path).unwrap().st_ino
+    }
+
+    #[test]
+    fn open_in_binds_the_socket_there_and_comes_back() {
+        if !nix::unistd::geteuid().is_root() {
+            panic!("needs root: creates a network namespace; run as root");
+        }
+        let before = ns_inode("/proc/thread-self/ns/net");
+        let ns = ScopedNetNs::unique("fnl-openin").unwrap();
+        let mut nl = Netlink::open_in(&ns).unwrap();
+        assert_eq!(
+            ns_inode("/proc/thread-self/ns/net"),
+            before,
+            "thread did not return home"
+        );
+        // Only the new namespace's loopback is visible through the socket.
+        let links = nl.list_links().unwrap();
+        assert_eq!(links.len(), 1, "{links:?}");
+        assert_eq!(links[0].name, "lo");
+        nl.add_bridge("fnl-br0", None).unwrap();
+        let seen = ns
+            .run(|| Netlink::open().unwrap().link_by_name("fnl-br0").unwrap())
+            .unwrap();
+        assert!(seen.is_some(), "bridge not created inside the namespace");
+    }
+}
