@@ -10,16 +10,13 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser};
 use flannel_core::wire;
 
-/// The flags of `flanneld`.
+/// flannel-rs node daemon: leases a pod subnet and programs the vxlan overlay.
 ///
-/// Boolean flags accept `--flag`, `--flag=true` and `--flag=false` (Go's flag
-/// package semantics, which existing manifests rely on).
+/// Every flag can also be set from the environment as FLANNELD_<FLAG> (e.g.
+/// FLANNELD_IFACE=eth0,eth1). Boolean flags accept --flag, --flag=true and
+/// --flag=false (Go's flag package semantics, which existing manifests rely on).
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "flanneld",
-    version,
-    about = "flannel-rs node daemon: leases a pod subnet and programs the overlay"
-)]
+#[command(name = "flanneld", version)]
 pub struct Flags {
     /// Path of the network configuration (net-conf.json).
     #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = wire::DEFAULT_NET_CONFIG_PATH)]
