@@ -182,7 +182,8 @@ pub fn ensure_bridge(
                     wanted,
                 });
             }
-            nl.add_address(br.index, wanted)
+            // nodad for IPv6: a tentative gateway would not answer the pods' neighbour solicitations.
+            nl.add_address_nodad(br.index, wanted)
                 .ctx(|| format!("add {wanted} to {}", conf.bridge))?;
         }
     }
@@ -274,7 +275,9 @@ pub fn configure_pod(
             netns: pod.name.clone(),
         })?;
     for a in addrs {
-        nl.add_address(link.index, a.address)
+        // IPv6 without DAD: IPAM made the address unique, and a tentative
+        // address could not be bound by the pod's first process.
+        nl.add_address_nodad(link.index, a.address)
             .ctx(|| format!("add {} to {ifname} in {}", a.address, pod.name))?;
     }
     // Routes via the gateway need the link up (and its connected route) first.

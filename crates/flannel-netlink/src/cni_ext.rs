@@ -9,6 +9,10 @@
 
 use std::fs::File;
 
+use ipnet::IpNet;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sched::{setns, CloneFlags};
 
 use crate::netns::NetNs;
@@ -41,6 +45,36 @@ impl Netlink {
             );
         }
         nl
+    }
+
+    /// `ip addr replace ADDR dev INDEX nodad` for IPv6 (plain
+    /// [`Netlink::add_address`] for IPv4): the address skips duplicate
+    /// address detection and is usable at once. A pod's addresses come from
+    /// IPAM and are unique on the bridge by construction; DAD would only keep
+    /// them "tentative" for a second or more, during which nothing in the pod
+    /// can bind them.
+    pub fn add_address_nodad(&mut self, index: u32, addr: IpNet) -> Result<()> {
+        let IpNet::V6(v6) = addr else {
+            return self.add_address(index, addr);
+        };
+        let op = format!("ip addr replace {addr} dev {index} nodad");
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet6;
+        m.header.prefix_len = v6.prefix_len();
+        m.header.scope = AddressScope::Universe;
+        m.header.index = index;
+        m.attributes.push(AddressAttribute::Local(addr.addr()));
+        m.attributes.push(AddressAttribute::Address(addr.addr()));
+        m.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match self.t.request(
+            RouteNetlinkMessage::NewAddress(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &op,
+        ) {
+            Err(e) if e.is_exists() => Ok(()),
+            r => r.map(drop),
+        }
     }
 }
 
@@ -75,5 +109,22 @@ mod tests {
             .run(|| Netlink::open().unwrap().link_by_name("fnl-br0").unwrap())
             .unwrap();
         assert!(seen.is_some(), "bridge not created inside the namespace");
+
+        // nodad: the IPv6 address is not tentative (iproute2 would print "tentative").
+        let br = nl.link_by_name("fnl-br0").unwrap().unwrap();
+        nl.set_link_up(br.index).unwrap();
+        let a: IpNet = "fd00:99::2/64".parse().unwrap();
+        nl.add_address_nodad(br.index, a).unwrap();
+        nl.add_address_nodad(br.index, a).unwrap();
+        assert!(nl.list_addresses(br.index).unwrap().contains(&a));
+        let name = ns.name.clone();
+        let out = std::process::Command::new("ip")
+            .args(["-n", &name, "-6", "addr", "show", "dev", "fnl-br0"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("fd00:99::2/64"), "{text}");
+        let line = text.lines().find(|l| l.contains("fd00:99::2/64")).unwrap();
+        assert!(!line.contains("tentative"), "{line}");
     }
 }
