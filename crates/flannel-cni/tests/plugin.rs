@@ -858,3 +858,44 @@ fn bridge_with_a_stale_address_is_refused() {
     assert_eq!(out.code(), 102);
     assert!(out.stdout.contains("not a bridge"), "{}", out.stdout);
 }
+
+/// Our result feeds a chained reference plugin (Debian's `tuning`, which
+/// decodes prevResult with the reference library, as portmap does) in every
+/// version that has a prevResult, exactly as a conflist runs it.
+#[test]
+fn result_is_accepted_by_a_chained_reference_plugin() {
+    need_root();
+    let tuning = Path::new("/usr/lib/cni/tuning");
+    assert!(
+        tuning.exists(),
+        "needs the reference plugins: apt-get install containernetworking-plugins (scripts/test does)"
+    );
+    let node = Node::new("fcni-chain");
+    let pod = ScopedNetNs::unique("fcni-chainp").unwrap();
+    let path = netns_path(&pod);
+    for v in ["0.3.1", "0.4.0", "1.0.0"] {
+        let conf = node.conf(v);
+        let ours = node
+            .cni(bin(), "ADD", "chain", &path, "eth0", &conf)
+            .expect_ok()
+            .json();
+        let tconf = json!({
+            "cniVersion": v, "name": "cbr0", "type": "tuning",
+            "sysctl": {"net.ipv4.conf.eth0.rp_filter": "2"},
+            "prevResult": ours,
+        });
+        let out = node
+            .cni(tuning, "ADD", "chain", &path, "eth0", &tconf)
+            .expect_ok()
+            .json();
+        assert_eq!(out["ips"], ours["ips"], "{v}");
+        assert_eq!(out["interfaces"][2]["name"], "eth0", "{v}");
+        let rp = Node::sh_in(&pod, &["cat", "/proc/sys/net/ipv4/conf/eth0/rp_filter"]);
+        assert_eq!(rp.trim(), "2");
+        node.cni(tuning, "DEL", "chain", &path, "eth0", &tconf)
+            .expect_ok();
+        node.cni(bin(), "DEL", "chain", &path, "eth0", &conf)
+            .expect_ok();
+    }
+    assert!(ip_files(&node).is_empty());
+}
