@@ -352,7 +352,7 @@ async fn run_async<S: Store>(flags: Flags, s: Startup, store: S) -> Result<(), D
         ifindex = report.ifindex,
         changes = report.changes,
         errors = report.errors.len(),
-        peers = st.leases.len().saturating_sub(1),
+        peers = report.peers,
         "datapath programmed"
     );
     st.reconciler = Some(rec);
@@ -485,7 +485,13 @@ impl<S: Store> State<S> {
 
     /// Renews our lease; returns when to try next.
     async fn renew(&mut self) -> Result<Option<SystemTime>, DaemonError> {
-        match renew_lease(&self.store, &self.own, self.flags.lease_ttl()).await {
+        // Renew with our attributes, so that a lease edited in the store
+        // (another VtepMAC, say) is put right at the latest on renewal.
+        let mine = Lease {
+            attrs: self.attrs.clone(),
+            ..self.own.clone()
+        };
+        match renew_lease(&self.store, &mine, self.flags.lease_ttl()).await {
             Ok(l) => {
                 tracing::info!(subnet = %self.own.key, expires = ?l.expiration, "renewed lease");
                 self.own = l;

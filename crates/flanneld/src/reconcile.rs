@@ -109,6 +109,8 @@ impl Settings {
 pub struct PassReport {
     /// Index of the device after the pass (None if it could not be set up).
     pub ifindex: Option<u32>,
+    /// Number of peers programmed.
+    pub peers: usize,
     /// Number of kernel writes made.
     pub changes: usize,
     /// Every failure; the pass went on after each.
