@@ -250,11 +250,30 @@ impl EtcdStore {
             }
             _ => {}
         }
-        let client = Client::connect(&endpoints, Some(copts))
-            .await
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot connect to etcd at {shown}: {e}"))
-            })?;
+        let who = match &opts.username {
+            Some(u) if !u.is_empty() => format!("user {u:?}"),
+            _ if opts.cert_file.is_some() => "the client certificate's CN".to_string(),
+            _ => "anonymous clients".to_string(),
+        };
+        // With credentials, connecting authenticates: a wrong password is a
+        // wrong flag, not an outage, and retrying cannot fix it.
+        let client = match Client::connect(&endpoints, Some(copts)).await {
+            Ok(c) => c,
+            Err(e) if is_refusal(&e) => {
+                return Err(ConnectError::Option {
+                    flag: "etcd-password",
+                    detail: format!(
+                        "etcd at {shown} rejected {who}: {e}; check --etcd-username and --etcd-password"
+                    ),
+                })
+            }
+            Err(e) => {
+                return Err(
+                    StoreError::Unavailable(format!("cannot connect to etcd at {shown}: {e}"))
+                        .into(),
+                )
+            }
+        };
         let (tx, rx) = watch::channel(());
         let store = EtcdStore {
             inner: Arc::new(Inner {
@@ -267,10 +286,28 @@ impl EtcdStore {
             _shutdown: tx,
             shutdown_rx: rx,
         };
-        // The connection is lazy: prove that a member answers (and that the
-        // credentials may read) before the daemon goes on.
-        store.get_network_config().await?;
-        Ok(store)
+        // The connection is lazy: prove that a member answers, and that we
+        // may read below the prefix, before the daemon goes on.
+        let key = store.config_key();
+        let probe = store
+            .inner
+            .call_raw(&format!("get {key}"), |mut c| {
+                let key = key.clone();
+                async move { c.get(key, Some(GetOptions::new().with_count_only())).await }
+            })
+            .await;
+        match probe {
+            Ok(_) => Ok(store),
+            Err(e) if is_refusal(&e) => Err(ConnectError::Option {
+                flag: "etcd-username",
+                detail: format!(
+                    "etcd at {} refuses {key} to {who}: {e}; grant the user readwrite on the prefix \
+                     (etcdctl role grant-permission ROLE --prefix=true readwrite {}/)",
+                    store.inner.endpoints, store.inner.prefix
+                ),
+            }),
+            Err(e) => Err(store.inner.unavailable(&format!("get {key}"), e).into()),
+        }
     }
 
     /// `--etcd-prefix` without the trailing slash.
@@ -1039,6 +1076,20 @@ fn is_transient(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => i32::from(s.code()) == GRPC_UNAVAILABLE,
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// etcd refused who we are or what we may read: wrong password, unknown
+/// user, missing permission. Retrying cannot help.
+fn is_refusal(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            let m = s.message();
+            m.contains("authentication failed")
+                || m.contains("permission denied")
+                || m.contains("user name not found")
+        }
         _ => false,
     }
 }

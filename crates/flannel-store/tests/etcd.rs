@@ -841,21 +841,75 @@ async fn tls_client_certificates_and_password_auth() {
 
     // Wrong password, or certificates only (CN flannel-node is no etcd
     // user): refused.
-    let wrong = EtcdStore::connect(EtcdOptions {
-        username: Some("root".into()),
-        password: Some("wrong".into()),
+    let flag_of = |r: Result<EtcdStore, ConnectError>| match r {
+        Err(e @ ConnectError::Option { .. }) => {
+            assert!(!e.is_retryable());
+            let ConnectError::Option { flag, detail } = e else {
+                unreachable!()
+            };
+            (flag, detail)
+        }
+        other => panic!("expected a refusal naming a flag, got {other:?}"),
+    };
+    let user = |name: &str, password: &str| EtcdOptions {
+        username: Some(name.into()),
+        password: Some(password.into()),
         ..tls(&pki.ca, true)
-    })
-    .await
-    .expect_err("wrong password");
+    };
+    let (flag, detail) = flag_of(EtcdStore::connect(user("root", "wrong")).await);
+    assert_eq!(flag, "etcd-password");
+    assert!(detail.contains("authentication failed"), "{detail}");
+    assert!(detail.contains("\"root\""), "{detail}");
+    // Certificates only: etcd takes the CN (flannel-node) as the user, and
+    // there is no such user.
+    let (flag, detail) = flag_of(EtcdStore::connect(tls(&pki.ca, true)).await);
     assert!(
-        wrong.to_string().contains("authentication failed"),
-        "{wrong}"
+        flag == "etcd-username" || flag == "etcd-password",
+        "{flag}: {detail}"
     );
-    let certs_only = EtcdStore::connect(tls(&pki.ca, true))
+
+    // A least-privilege user: readwrite on the prefix only
+    // (etcdctl role grant-permission flannel --prefix=true readwrite /coreos.com/network/).
+    let mut admin = authed.client();
+    admin
+        .user_add("flannel", "flannel-secret", None)
         .await
-        .expect_err("no such user");
-    assert!(certs_only.is_retryable(), "{certs_only}");
+        .unwrap();
+    admin
+        .user_add("nobody", "nobody-secret", None)
+        .await
+        .unwrap();
+    admin.role_add("flannel").await.unwrap();
+    admin
+        .role_grant_permission(
+            "flannel",
+            etcd_client::Permission::read_write(format!("{PREFIX}/")).with_prefix(),
+        )
+        .await
+        .unwrap();
+    admin.user_grant_role("flannel", "flannel").await.unwrap();
+    let limited = EtcdStore::connect(user("flannel", "flannel-secret"))
+        .await
+        .unwrap();
+    let cfg = net_config("10.244.0.0/16", 24);
+    let got = acquire_lease(&limited, &cfg, &attrs(3), None, DAY)
+        .await
+        .unwrap();
+    let renewed = renew_lease(&limited, &got, DAY).await.unwrap();
+    assert_eq!(renewed.key, got.key);
+    let mut rx = limited.watch_leases().await.unwrap();
+    match next(&mut rx).await {
+        WatchEvent::Snapshot(s) => assert_eq!(s.leases.len(), 3),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    // A user without permission on the prefix: a clear refusal.
+    let (flag, detail) = flag_of(EtcdStore::connect(user("nobody", "nobody-secret")).await);
+    assert_eq!(flag, "etcd-username");
+    assert!(detail.contains("permission denied"), "{detail}");
+    assert!(
+        detail.contains("readwrite /coreos.com/network/"),
+        "{detail}"
+    );
 }
 
 #[tokio::test]
