@@ -119,22 +119,30 @@ impl EtcdServer {
     /// A single-member etcd, serving clients over TLS with client
     /// certificates when `tls` is set.
     pub fn start_with_tls(tls: Option<ServerTls>) -> Self {
-        let p = free_ports(3);
-        let ports = Ports {
-            client: p[0],
-            peer: p[1],
-            metrics: p[2],
-        };
-        let name = "m0".to_string();
-        let spec = MemberSpec {
-            initial_cluster: format!("{name}=http://127.0.0.1:{}", ports.peer),
-            name,
-            ports,
-            tls,
-        };
-        let mut s = Self::spawn(spec);
-        s.wait_healthy();
-        s
+        let mut attempt = 1;
+        loop {
+            let p = free_ports(3);
+            let ports = Ports {
+                client: p[0],
+                peer: p[1],
+                metrics: p[2],
+            };
+            let name = "m0".to_string();
+            let spec = MemberSpec {
+                initial_cluster: format!("{name}=http://127.0.0.1:{}", ports.peer),
+                name,
+                ports,
+                tls: tls.clone(),
+            };
+            let mut s = Self::spawn(spec);
+            match s.try_wait_healthy() {
+                Ok(()) => return s,
+                // Another process took a port between our probe and etcd's
+                // bind: pick new ports.
+                Err(e) if attempt < 3 && e.contains("address already in use") => attempt += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn spawn(spec: MemberSpec) -> Self {
@@ -248,28 +256,35 @@ impl EtcdServer {
 
     /// Waits until `/health` is true; panics with the log tail otherwise.
     pub fn wait_healthy(&mut self) {
+        if let Err(e) = self.try_wait_healthy() {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until `/health` is true; the error carries the log tail.
+    fn try_wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     self.child = None;
-                    panic!(
+                    return Err(format!(
                         "etcd {} exited at start ({status}); log:\n{}",
                         self.spec.name,
                         self.log_tail()
-                    );
+                    ));
                 }
             }
             if self.is_healthy() {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(25));
         }
-        panic!(
+        Err(format!(
             "etcd {} not healthy after {START_TIMEOUT:?}; log:\n{}",
             self.spec.name,
             self.log_tail()
-        );
+        ))
     }
 
     /// The client URL (`http://127.0.0.1:<port>` or `https://...`).
@@ -291,6 +306,11 @@ impl EtcdServer {
             connect_timeout: Duration::from_secs(2),
             ..EtcdOptions::default()
         }
+    }
+
+    /// The member's directory (data dir and log), removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The process id, while running.

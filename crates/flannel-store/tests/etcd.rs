@@ -988,3 +988,46 @@ async fn bad_values_are_skipped_and_harm_nothing() {
         other => panic!("expected InvalidLease, got {other:?}"),
     }
 }
+
+#[test]
+fn test_etcd_is_killed_and_removed_on_drop_even_on_panic() {
+    let etcd = EtcdServer::start();
+    let pid = etcd.pid().expect("running");
+    let dir = etcd.dir().to_path_buf();
+    assert!(dir.join("data").exists());
+    // Dropped while a panic unwinds.
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _etcd = etcd;
+        panic!("test failure");
+    }));
+    assert!(r.is_err());
+    // Reaped by the drop: no such process any more (not even a zombie).
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "etcd {pid} still exists"
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[test]
+fn missing_etcd_binary_fails_with_a_clear_message() {
+    // Runs in a child process: the override is process-wide.
+    if std::env::var_os("FLANNEL_ETCD_TEST_CHILD").is_some() {
+        EtcdServer::start();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "missing_etcd_binary_fails_with_a_clear_message",
+            "--nocapture",
+        ])
+        .env("FLANNEL_ETCD_TEST_CHILD", "1")
+        .env("FLANNEL_TEST_ETCD", "/nonexistent/etcd")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "must fail, never skip");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("apt-get install etcd-server"), "{text}");
+}
