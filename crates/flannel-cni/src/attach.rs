@@ -221,40 +221,42 @@ pub fn pod_has_link(pod_nl: &mut Netlink, pod: &NetNs, ifname: &str) -> Result<b
         .is_some())
 }
 
-/// `ip link add HOST type veth peer name IFNAME netns POD mtu M`: the pod end
-/// is born in the pod namespace, so it never appears on the node. Returns the host end.
+/// `ip link add HOST type veth peer name IFNAME netns POD mtu M` with the
+/// host end enslaved to the bridge and up in the same request
+/// ([`Netlink::add_veth_attached`]): the pod end is born in the pod
+/// namespace, so it never appears on the node. Returns the host end.
 pub fn add_veth(
     nl: &mut Netlink,
     conf: &BridgeConf,
+    bridge: &Link,
     host: &str,
     ifname: &str,
     pod: &NetNs,
 ) -> Result<Link, AttachError> {
-    match nl.add_veth(host, ifname, pod.fd(), conf.mtu) {
+    match nl.add_veth_attached(host, ifname, pod.fd(), conf.mtu, bridge.index) {
         Ok(l) => Ok(l),
         // Checked only on failure, to keep the common path at one request.
         Err(e) => match nl.link_by_name(host) {
             Ok(Some(_)) => Err(AttachError::HostNameTaken { name: host.into() }),
-            _ => Err(e).ctx(|| format!("add veth {host} with peer {ifname} in {}", pod.name)),
+            _ => Err(e).ctx(|| {
+                format!(
+                    "add veth {host} on {} with peer {ifname} in {}",
+                    conf.bridge, pod.name
+                )
+            }),
         },
     }
 }
 
-/// `ip link set HOST master BRIDGE`, `bridge link set dev HOST hairpin on|off`,
-/// `ip link set HOST up`.
-pub fn plug_host_end(
-    nl: &mut Netlink,
-    conf: &BridgeConf,
-    bridge: &Link,
-    host: &Link,
-) -> Result<(), AttachError> {
-    nl.set_link_master(host.index, bridge.index)
-        .ctx(|| format!("enslave {} to {}", host.name, conf.bridge))?;
-    // The hairpin flag is a bridge-port flag: it exists only once the port is enslaved.
-    nl.set_hairpin(host.index, conf.hairpin)
-        .ctx(|| format!("set hairpin {} on {}", conf.hairpin, host.name))?;
-    nl.set_link_up(host.index)
-        .ctx(|| format!("set {} up", host.name))
+/// `bridge link set dev HOST hairpin on` when `hairpinMode` asks for it (a
+/// new bridge port starts with hairpin off). The flag belongs to the bridge
+/// port, so the host end must be enslaved already.
+pub fn set_hairpin(nl: &mut Netlink, conf: &BridgeConf, host: &Link) -> Result<(), AttachError> {
+    if !conf.hairpin {
+        return Ok(());
+    }
+    nl.set_hairpin(host.index, true)
+        .ctx(|| format!("set hairpin on {}", host.name))
 }
 
 /// Inside the pod: `ip addr add ADDR dev IFNAME`, `ip link set IFNAME up` and

@@ -290,9 +290,9 @@ fn add_steps(
         .collect();
     let bridge = attach::ensure_bridge(nl, bconf, &addrs)?;
     let host_name = attach::host_veth_name(&env.container_id, &env.ifname);
-    let host = attach::add_veth(nl, bconf, &host_name, &env.ifname, pod)?;
+    let host = attach::add_veth(nl, bconf, &bridge, &host_name, &env.ifname, pod)?;
     undo.push(Undo::DeleteHostLink(host_name.clone()));
-    attach::plug_host_end(nl, bconf, &bridge, &host)?;
+    attach::set_hairpin(nl, bconf, &host)?;
     let routes = attach::pod_routes(bconf, &addrs);
     let pod_mac = attach::configure_pod(pod_nl, pod, &env.ifname, &addrs, &routes)?;
     let bridge_mac = bridge.mac;

@@ -580,7 +580,9 @@ fn exhaustion_in_a_slash_30() {
     need_root();
     let node = Node::new("fcni-ex");
     node.write_subnet_env("FLANNEL_NETWORK=10.9.0.0/16\nFLANNEL_SUBNET=10.9.0.1/30\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
-    let conf = node.conf("1.0.0");
+    let mut conf = node.conf("1.0.0");
+    // Also: hairpinMode false leaves the port's hairpin off.
+    conf["delegate"]["hairpinMode"] = json!(false);
     let p1 = ScopedNetNs::unique("fcni-exp").unwrap();
     let p2 = ScopedNetNs::unique("fcni-exp").unwrap();
     let res = node
@@ -588,6 +590,9 @@ fn exhaustion_in_a_slash_30() {
         .expect_ok()
         .json();
     assert_eq!(res["ips"][0]["address"], "10.9.0.2/30");
+    let host = res["interfaces"][1]["name"].as_str().unwrap();
+    let detail = Node::sh_in(&node.ns, &["bridge", "-d", "link", "show", "dev", host]);
+    assert!(detail.contains("hairpin off"), "{detail}");
     let out = node.cni(bin(), "ADD", "ex2", &netns_path(&p2), "eth0", &conf);
     assert_eq!(out.code(), 100);
     assert!(

@@ -8,15 +8,19 @@
 //! the pod's namespace.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sched::{setns, CloneFlags};
 
 use crate::netns::NetNs;
-use crate::{Error, Netlink, Result};
+use crate::{check_ifname, Error, Link, Netlink, Result};
 
 impl Netlink {
     /// Opens a NETLINK_ROUTE socket inside `ns` from the calling thread, like
@@ -45,6 +49,61 @@ impl Netlink {
             );
         }
         nl
+    }
+
+    /// `ip link add HOST mtu M master MASTER up type veth peer name PEER mtu M
+    /// netns FD`: one request creates the pair with the peer directly in
+    /// `peer_netns`, enslaves the host end to `master` and brings it up (the
+    /// kernel applies `IFLA_MASTER` and `ifi_flags` at creation), instead of
+    /// three requests that each take the RTNL lock. The peer stays down.
+    /// Returns the host end. A taken name is EEXIST, as for
+    /// [`Netlink::add_veth`].
+    pub fn add_veth_attached(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_netns: BorrowedFd<'_>,
+        mtu: Option<u32>,
+        master: u32,
+    ) -> Result<Link> {
+        let fd = peer_netns.as_raw_fd();
+        let mtu_s = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
+        let op = format!(
+            "ip link add {host}{mtu_s} master {master} up type veth peer name {peer}{mtu_s} netns {fd}"
+        );
+        check_ifname(&op, "veth host name", host)?;
+        check_ifname(&op, "veth peer name", peer)?;
+        let up = |m: &mut LinkMessage| {
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+        };
+        // The peer cannot come up here: the kernel configures it before the
+        // two ends are linked to each other, and opening a veth without its
+        // peer fails with ENOTCONN. The caller brings it up in its namespace.
+        let mut p = LinkMessage::default();
+        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
+        p.attributes.push(LinkAttribute::NetNsFd(fd));
+        let mut m = LinkMessage::default();
+        up(&mut m);
+        m.attributes.push(LinkAttribute::IfName(host.to_string()));
+        if let Some(v) = mtu {
+            p.attributes.push(LinkAttribute::Mtu(v));
+            m.attributes.push(LinkAttribute::Mtu(v));
+        }
+        m.attributes.push(LinkAttribute::Controller(master));
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
+        ]));
+        self.t.request(
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &op,
+        )?;
+        self.link_by_name(host)?.ok_or(Error::LinkNotFound {
+            op,
+            name: host.into(),
+        })
     }
 
     /// `ip addr replace ADDR dev INDEX nodad` for IPv6 (plain
@@ -126,5 +185,23 @@ mod tests {
         assert!(text.contains("fd00:99::2/64"), "{text}");
         let line = text.lines().find(|l| l.contains("fd00:99::2/64")).unwrap();
         assert!(!line.contains("tentative"), "{line}");
+
+        // A veth pair born attached: host end on the bridge and up, peer in the other namespace.
+        let other = ScopedNetNs::unique("fnl-openin").unwrap();
+        let host = nl
+            .add_veth_attached("fnl-vh", "fnl-vp", other.fd(), Some(1400), br.index)
+            .unwrap();
+        assert_eq!(host.master, Some(br.index));
+        assert!(host.up);
+        assert_eq!(host.mtu, 1400);
+        let peer = other
+            .run(|| Netlink::open().unwrap().link_by_name("fnl-vp").unwrap())
+            .unwrap()
+            .expect("peer in the other namespace");
+        assert_eq!(peer.mtu, 1400);
+        let e = nl
+            .add_veth_attached("fnl-vh", "fnl-vq", other.fd(), None, br.index)
+            .unwrap_err();
+        assert!(e.is_exists(), "{e}");
     }
 }
