@@ -65,7 +65,11 @@ fn operator_session() {
     let _guard = Down(name.clone());
 
     let up = flannelctl(&["lab", "up", "--name", &name]);
-    assert!(up.status.success(), "lab up failed");
+    assert!(
+        up.status.success(),
+        "lab up failed: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
     let stdout = String::from_utf8_lossy(&up.stdout);
     assert!(stdout.contains("14 of 14 pairs OK"), "{stdout}");
     let row = stdout
