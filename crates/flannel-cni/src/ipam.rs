@@ -119,6 +119,23 @@ pub fn next_free(
     None
 }
 
+/// Overwrites a small file's content without truncating it to zero first:
+/// ext4 treats "truncate to 0, then rewrite" as a replace and starts
+/// writeback of the file when it is closed (`auto_da_alloc`), which costs a
+/// disk round trip on every ADD. Writing from offset 0 and then cutting to the
+/// new length leaves the same bytes without that.
+fn write_in_place(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(path)?;
+    f.write_all_at(content, 0)?;
+    f.set_len(content.len() as u64)
+}
+
 /// One address file's owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -263,7 +280,7 @@ impl IpamStore {
                 f.write_all(format!("{container_id}{LINE_BREAK}{ifname}").as_bytes())
                     .map_err(io_err(&path, "write"))?;
                 let last = self.dir.join(format!("{LAST_RESERVED_PREFIX}{i}"));
-                fs::write(&last, ip.to_string()).map_err(io_err(&last, "write"))?;
+                write_in_place(&last, ip.to_string().as_bytes()).map_err(io_err(&last, "write"))?;
                 let range = set
                     .iter()
                     .find(|rg| in_range(rg, ip))
