@@ -405,6 +405,17 @@ mod tests {
         );
     }
 
+    #[test]
+    fn write_in_place_shrinks_and_grows() {
+        let p = std::env::temp_dir().join(format!("flannel-cni-wip-{}", std::process::id()));
+        write_in_place(&p, b"10.244.1.100").unwrap();
+        write_in_place(&p, b"10.244.1.2").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"10.244.1.2");
+        write_in_place(&p, b"fd00:10:244:1::2").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"fd00:10:244:1::2");
+        fs::remove_file(&p).unwrap();
+    }
+
     fn conf(dir: &Path, subnet: &str) -> IpamConf {
         let v = json!({"name":"n","ipam":{"dataDir": dir, "ranges":[[{"subnet": subnet}]]}});
         crate::config::BridgeConf::from_rendered(&v).unwrap().ipam
