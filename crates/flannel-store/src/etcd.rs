@@ -14,6 +14,28 @@
 //! etcd itself deletes it when it is not renewed; a key without an etcd lease
 //! is a reservation: it never expires and is never handed to another node.
 //!
+//! # Failures
+//!
+//! A request that no member could take (a dead member refused the
+//! connection, the cluster is electing a leader) is tried again for about
+//! 3.5 s, so one member of three going down is invisible to callers; then it
+//! fails with [`StoreError::Unavailable`] naming the endpoints. A wrong
+//! password, an unknown user or a missing permission fails
+//! [`EtcdStore::connect`] with [`ConnectError::Option`] (not retryable).
+//! Values that are not lease JSON and keys that are not lease keys are
+//! skipped with a warning naming the key.
+//!
+//! # Watch
+//!
+//! A [`WatchEvent::Snapshot`] from a list, then events from a watch started
+//! at the list's revision + 1 with previous values. Expiry reaches watchers
+//! as etcd's DELETE, hence [`LeaseEvent::Removed`]. When etcd compacted the
+//! history the watch needs, or the stream fails (restart, member lost), the
+//! watch backs off (100 ms doubling to 5 s), lists again, sends a fresh
+//! Snapshot and resumes from that revision: no event is lost or replayed
+//! across the gap. Expirations come from `LeaseTimeToLive`, cached per etcd
+//! lease id and looked up in parallel for a list.
+//!
 //! # Differences from upstream, on purpose
 //!
 //! * Renewal keeps the key's etcd lease alive (one `LeaseKeepAlive`) instead
@@ -78,6 +100,8 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 /// gRPC status code UNAVAILABLE (fixed by the gRPC spec): connection
 /// refused, no leader, leader changed, request timed out in raft.
 const GRPC_UNAVAILABLE: i32 = 14;
+/// Parallel TTL lookups of one list.
+const LOOKUP_CONCURRENCY: usize = 16;
 /// The TTL cache forgets everything past this many lease ids.
 const TTL_CACHE_MAX: usize = 8192;
 
@@ -183,7 +207,31 @@ struct Inner {
 /// that is all a reader needs, since etcd itself deletes expired keys.)
 #[derive(Default)]
 struct TtlCache {
-    entries: HashMap<i64, (SystemTime, i64)>,
+    /// Lease id -> (expiration, or `None` once gone for good; revision of
+    /// the lookup). Lease ids are random 64-bit numbers, never reused.
+    entries: HashMap<i64, (Option<SystemTime>, i64)>,
+}
+
+impl TtlCache {
+    /// The cached answer for a key of lease `id` modified at `mod_revision`.
+    fn get(&self, id: i64, mod_revision: i64, now: SystemTime) -> Option<Option<SystemTime>> {
+        match self.entries.get(&id) {
+            Some(&(None, _)) => Some(None),
+            Some(&(Some(exp), seen_at)) if seen_at >= mod_revision && exp > now => Some(Some(exp)),
+            _ => None,
+        }
+    }
+
+    fn insert(&mut self, id: i64, expiration: Option<SystemTime>, revision: i64, now: SystemTime) {
+        if self.entries.len() >= TTL_CACHE_MAX {
+            self.entries
+                .retain(|_, (exp, _)| exp.is_some_and(|e| e > now));
+            if self.entries.len() >= TTL_CACHE_MAX {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(id, (expiration, revision));
+    }
 }
 
 /// The state of an etcd lease.
@@ -522,26 +570,51 @@ impl Inner {
     /// deleted). Uses the cache when it is fresh enough for that revision.
     async fn expiration(&self, id: i64, mod_revision: i64) -> Result<Option<SystemTime>> {
         let now = SystemTime::now();
-        if let Some(&(exp, seen_at)) = self.cache().entries.get(&id) {
-            if seen_at >= mod_revision && exp > now {
-                return Ok(Some(exp));
+        if let Some(hit) = self.cache().get(id, mod_revision, now) {
+            return Ok(hit);
+        }
+        let (state, revision) = self.lease_state(id).await?;
+        let expiration = match state {
+            LeaseState::Alive { expiration, .. } => Some(expiration),
+            LeaseState::Gone => None,
+        };
+        self.cache().insert(id, expiration, revision, now);
+        Ok(expiration)
+    }
+
+    /// Looks up, [`LOOKUP_CONCURRENCY`] at a time, the expirations of
+    /// these keys' etcd leases that the cache cannot answer, so that a list
+    /// of many leases is not as slow as that many round trips in a row.
+    async fn prefetch_expirations(self: &Arc<Self>, kvs: &[KeyValue]) -> Result<()> {
+        let now = SystemTime::now();
+        let mut wanted: HashMap<i64, i64> = HashMap::new();
+        {
+            let cache = self.cache();
+            for kv in kvs.iter().filter(|kv| kv.lease() != 0) {
+                if cache.get(kv.lease(), kv.mod_revision(), now).is_none() {
+                    let rev = wanted.entry(kv.lease()).or_default();
+                    *rev = (*rev).max(kv.mod_revision());
+                }
             }
         }
-        match self.lease_state(id).await? {
-            (LeaseState::Alive { expiration, .. }, revision) => {
-                let mut cache = self.cache();
-                if cache.entries.len() >= TTL_CACHE_MAX {
-                    cache.entries.retain(|_, (exp, _)| *exp > now);
-                    if cache.entries.len() >= TTL_CACHE_MAX {
-                        cache.entries.clear();
-                    }
-                }
-                cache.entries.insert(id, (expiration, revision));
-                Ok(Some(expiration))
+        let mut wanted = wanted.into_iter();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            while tasks.len() < LOOKUP_CONCURRENCY {
+                let Some((id, rev)) = wanted.next() else {
+                    break;
+                };
+                let inner = Arc::clone(self);
+                tasks.spawn(async move { inner.expiration(id, rev).await.map(|_| ()) });
             }
-            (LeaseState::Gone, _) => {
-                self.cache().entries.remove(&id);
-                Ok(None)
+            match tasks.join_next().await {
+                Some(Ok(r)) => r?,
+                Some(Err(e)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "etcd lease lookup task failed: {e}"
+                    )))
+                }
+                None => return Ok(()),
             }
         }
     }
@@ -553,7 +626,8 @@ impl Inner {
 
     fn remember(&self, id: i64, expiration: SystemTime, revision: i64) {
         if id != 0 {
-            self.cache().entries.insert(id, (expiration, revision));
+            self.cache()
+                .insert(id, Some(expiration), revision, SystemTime::now());
         }
     }
 
@@ -603,8 +677,9 @@ impl Inner {
         }))
     }
 
-    async fn list(&self) -> Result<LeaseSnapshot> {
+    async fn list(self: &Arc<Self>) -> Result<LeaseSnapshot> {
         let (kvs, revision) = self.raw_list().await?;
+        self.prefetch_expirations(&kvs).await?;
         let mut leases = Vec::with_capacity(kvs.len());
         for kv in &kvs {
             if let Some(l) = self.to_lease(kv).await? {
@@ -635,12 +710,13 @@ impl Inner {
     /// key uses; it would expire by itself anyway).
     async fn revoke_quietly(&self, id: i64) {
         let mut client = self.client.clone();
-        if let Err(e) = client.lease_revoke(id).await {
-            if !is_lease_not_found(&e) {
+        match client.lease_revoke(id).await {
+            Err(e) if !is_lease_not_found(&e) => {
                 tracing::debug!(lease = %format!("{id:x}"), error = %e, "revoking an unused etcd lease failed; it will expire");
+                self.cache().entries.remove(&id);
             }
+            _ => self.cache().insert(id, None, 0, SystemTime::now()),
         }
-        self.cache().entries.remove(&id);
     }
 
     /// Keeps etcd lease `id` alive for another period when it still exists

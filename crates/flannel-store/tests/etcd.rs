@@ -1031,3 +1031,43 @@ fn missing_etcd_binary_fails_with_a_clear_message() {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("apt-get install etcd-server"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_of_many_upstream_leases_reads_each_ttl() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    // 60 leases as upstream writes them, each on its own etcd lease, with
+    // TTLs 600..=659 s so that every expiration is distinguishable.
+    let mut ids = Vec::new();
+    for i in 0..60u8 {
+        let g = c.lease_grant(600 + i as i64, None).await.unwrap();
+        c.put(
+            subnet_key(&format!("10.244.{i}.0-24")),
+            attrs(i).to_json(),
+            Some(PutOptions::new().with_lease(g.id())),
+        )
+        .await
+        .unwrap();
+        ids.push(g.id());
+    }
+    for round in 0..2 {
+        let snap = store.list_leases().await.unwrap();
+        assert_eq!(snap.leases.len(), 60, "round {round}");
+        for l in &snap.leases {
+            let i = l.key.ipv4.unwrap().addr().octets()[2];
+            assert_eq!(l.attrs, attrs(i));
+            assert_expires_in(l, Duration::from_secs(600 + i as u64));
+        }
+    }
+    // Revoked leases vanish from the next list.
+    for id in ids.iter().step_by(2) {
+        c.lease_revoke(*id).await.unwrap();
+    }
+    let snap = store.list_leases().await.unwrap();
+    assert_eq!(snap.leases.len(), 30);
+    assert!(snap
+        .leases
+        .iter()
+        .all(|l| l.key.ipv4.unwrap().addr().octets()[2] % 2 == 1));
+}
