@@ -282,6 +282,9 @@ impl EtcdStore {
             // Notices a member that died without closing the connection
             // (host gone): the watch then reconnects to another member.
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member cut off from the leader refuses (and cancels its
+            // watches) instead of serving stale data: we go to another one.
+            .with_require_leader(true)
             .with_auto_token_refresh(true);
         if let Some(tls) = tls_options(&opts, &endpoints)? {
             copts = copts.with_tls(tls);

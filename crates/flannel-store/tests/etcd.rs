@@ -1071,3 +1071,59 @@ async fn list_of_many_upstream_leases_reads_each_ttl() {
         .iter()
         .all(|l| l.key.ipv4.unwrap().addr().octets()[2] % 2 == 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_loss_fails_cleanly_and_the_watch_recovers() {
+    let mut cluster = tokio::task::block_in_place(|| EtcdCluster::start(3));
+    let store = EtcdStore::connect(cluster.store_options()).await.unwrap();
+    store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+
+    // Two of three members gone: no leader. Requests fail (no hang, no
+    // stale answer from the lone member) as Unavailable.
+    tokio::task::block_in_place(|| {
+        cluster.members[1].kill();
+        cluster.members[2].kill();
+    });
+    let started = Instant::now();
+    match store.list_leases().await {
+        Err(StoreError::Unavailable(e)) => assert!(e.contains("127.0.0.1"), "{e}"),
+        other => panic!("expected Unavailable without quorum, got {other:?}"),
+    }
+    eprintln!("without quorum, list failed after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    // Quorum back: writes work again and the watch delivers them.
+    tokio::task::block_in_place(|| cluster.members[1].restart());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match store
+            .create_lease(&lease("10.244.2.0-24", attrs(2)), Some(DAY))
+            .await
+        {
+            Ok(r) => {
+                assert!(r.is_some());
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("quorum not back yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("store did not recover with quorum back: {e}"),
+        }
+    }
+    view.until(&mut rx, "the lease written after quorum came back", |v| {
+        v.leases.contains_key(&key("10.244.2.0-24"))
+    })
+    .await;
+    assert_eq!(
+        view.keys(),
+        [key("10.244.1.0-24"), key("10.244.2.0-24")].into()
+    );
+}
