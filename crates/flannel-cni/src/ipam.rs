@@ -22,12 +22,10 @@ use nix::fcntl::{Flock, FlockArg};
 use crate::config::{IpamConf, Range};
 use crate::spec::{code, CniError};
 
-/// Name of the lock file in the network's IPAM directory.
-pub const LOCK_FILE: &str = "lock";
-/// Prefix of the per-range-set round-robin state files.
-pub const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
-/// Separator between container ID and interface name in an address file.
-pub const LINE_BREAK: &str = "\r\n";
+use flannel_core::wire::{
+    CNI_IPAM_LAST_RESERVED_PREFIX as LAST_RESERVED_PREFIX, CNI_IPAM_LINE_BREAK as LINE_BREAK,
+    CNI_IPAM_LOCK_FILE as LOCK_FILE,
+};
 
 /// Errors of the address store, each with the path involved.
 #[derive(Debug, thiserror::Error)]

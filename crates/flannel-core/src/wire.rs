@@ -42,6 +42,12 @@ pub const CNI_BRIDGE: &str = "cni0";
 pub const CNI_DEFAULT_DATA_DIR: &str = "/var/lib/cni/flannel";
 /// Default directory of host-local IPAM (`<dir>/<network name>/<ip>`).
 pub const CNI_DEFAULT_IPAM_DIR: &str = "/var/lib/cni/networks";
+/// host-local's lock file in `<ipam dir>/<network name>/` (flock'ed).
+pub const CNI_IPAM_LOCK_FILE: &str = "lock";
+/// host-local's round-robin state, `last_reserved_ip.<range set index>`.
+pub const CNI_IPAM_LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
+/// Separator between container ID and interface name in a host-local address file.
+pub const CNI_IPAM_LINE_BREAK: &str = "\r\n";
 
 /// subnet.env variable names.
 pub const ENV_NETWORK: &str = "FLANNEL_NETWORK";
