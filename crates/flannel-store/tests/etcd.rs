@@ -912,8 +912,45 @@ async fn tls_client_certificates_and_password_auth() {
     );
 }
 
+/// A tracing writer into memory.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogCapture {
+    type Writer = LogCapture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
 #[tokio::test]
 async fn bad_values_are_skipped_and_harm_nothing() {
+    // Capture this thread's warnings (the current-thread runtime runs the
+    // store's calls here).
+    let logs = LogCapture::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
     let etcd = EtcdServer::start();
     let store = connect(&etcd).await;
     let mut c = raw(&etcd).await;
@@ -940,6 +977,15 @@ async fn bad_values_are_skipped_and_harm_nothing() {
         snap.leases.iter().map(|l| l.key).collect::<Vec<_>>(),
         vec![key("10.244.1.0-24")]
     );
+    // Each skipped entry is named in a warning.
+    let text = logs.text();
+    for bad in ["10.244.2.0-24", "not-a-subnet", "10.244.4.0-24"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("WARN") && l.contains(&subnet_key(bad))),
+            "no warning naming {bad}:\n{text}"
+        );
+    }
     // The config is returned as stored; validation is the daemon's and fails
     // cleanly.
     let conf = store.get_network_config().await.unwrap().unwrap();
