@@ -82,6 +82,8 @@ struct MemberSpec {
     ports: Ports,
     initial_cluster: String,
     tls: Option<ServerTls>,
+    /// More etcd flags, e.g. `--auth-token-ttl=1`.
+    extra_args: Vec<String>,
 }
 
 /// A running test etcd member (or a stopped one that can be restarted on
@@ -119,6 +121,11 @@ impl EtcdServer {
     /// A single-member etcd, serving clients over TLS with client
     /// certificates when `tls` is set.
     pub fn start_with_tls(tls: Option<ServerTls>) -> Self {
+        Self::start_with(tls, &[])
+    }
+
+    /// A single-member etcd with more command-line flags (`--auth-token-ttl=1`, ...).
+    pub fn start_with(tls: Option<ServerTls>, extra_args: &[&str]) -> Self {
         let mut attempt = 1;
         loop {
             let p = free_ports(3);
@@ -133,6 +140,7 @@ impl EtcdServer {
                 name,
                 ports,
                 tls: tls.clone(),
+                extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             };
             let mut s = Self::spawn(spec);
             match s.try_wait_healthy() {
@@ -206,6 +214,7 @@ impl EtcdServer {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
+        cmd.args(&s.extra_args);
         if let Some(tls) = &s.tls {
             cmd.arg("--cert-file")
                 .arg(&tls.cert_file)
@@ -395,6 +404,7 @@ impl EtcdCluster {
                     ports,
                     initial_cluster: initial_cluster.clone(),
                     tls: None,
+                    extra_args: Vec::new(),
                 })
             })
             .collect();

@@ -1173,3 +1173,33 @@ async fn quorum_loss_fails_cleanly_and_the_watch_recovers() {
         [key("10.244.1.0-24"), key("10.244.2.0-24")].into()
     );
 }
+
+#[tokio::test]
+async fn expired_auth_token_is_refreshed() {
+    // Tokens live 1 s here (300 s by default): an idle daemon outlives its
+    // token between renewals.
+    let etcd = EtcdServer::start_with(None, &["--auth-token-ttl=1"]);
+    let mut admin = raw(&etcd).await;
+    admin.user_add("root", "root-secret", None).await.unwrap();
+    admin.role_add("root").await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let store = EtcdStore::connect(EtcdOptions {
+        username: Some("root".into()),
+        password: Some("root-secret".into()),
+        ..etcd.store_options()
+    })
+    .await
+    .unwrap();
+    let created = store
+        .create_lease(&lease("10.244.1.0-24", attrs(1)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let renewed = renew_lease(&store, &created, DAY)
+        .await
+        .expect("renewal after the token expired");
+    assert_expires_in(&renewed, DAY);
+    assert_eq!(store.list_leases().await.unwrap().leases.len(), 1);
+}
