@@ -63,17 +63,18 @@ use crate::{LeaseSnapshot, Result, Store, StoreError, WatchEvent};
 
 /// What to tell the operator when `<prefix>/config` is missing (upstream's
 /// hint): the config must be written with the etcd v3 API; a key written with
-/// the v2 API is invisible to v3 clients. See [`missing_config_message`].
-pub const MISSING_CONFIG_HINT: &str = "the network config must be written with the etcd v3 API, e.g. \
-     ETCDCTL_API=3 etcdctl put /coreos.com/network/config '{\"Network\":\"10.244.0.0/16\",\"Backend\":{\"Type\":\"vxlan\"}}' \
+/// the v2 API is invisible to v3 clients. [`missing_config_message`] adds
+/// the key and an example command.
+pub const MISSING_CONFIG_HINT: &str = "write it with the etcd v3 API \
      (a key written with the v2 API is not visible to v3 clients)";
 
-/// The full error text for a missing `<prefix>/config`, naming the key.
+/// The full error text for a missing `<prefix>/config`: the key, the hint
+/// and an example (`ETCDCTL_API=3 etcdctl put <prefix>/config '{...}'`).
 pub fn missing_config_message(prefix: &str) -> String {
+    let key = format!("{}/{}", prefix.trim_end_matches('/'), wire::ETCD_CONFIG_KEY);
     format!(
-        "network config not found at {}/{} in etcd: {MISSING_CONFIG_HINT}",
-        prefix.trim_end_matches('/'),
-        wire::ETCD_CONFIG_KEY
+        "network config not found at {key} in etcd: {MISSING_CONFIG_HINT}, e.g. \
+         ETCDCTL_API=3 etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}'"
     )
 }
 
@@ -1214,7 +1215,10 @@ mod tests {
         let m = missing_config_message("/coreos.com/network/");
         assert!(m.contains("/coreos.com/network/config"), "{m}");
         assert!(m.contains("v3"), "{m}");
-        assert!(m.contains("etcdctl put"), "{m}");
+        assert!(
+            m.contains(r#"etcdctl put /coreos.com/network/config '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'"#),
+            "{m}"
+        );
     }
 
     #[test]
