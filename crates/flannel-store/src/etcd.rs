@@ -53,7 +53,7 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions,
 };
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::wire;
@@ -101,6 +101,11 @@ const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
 /// gRPC status code UNAVAILABLE (fixed by the gRPC spec): connection
 /// refused, no leader, leader changed, request timed out in raft.
 const GRPC_UNAVAILABLE: i32 = 14;
+/// Keys per page of a list.
+const LIST_PAGE_KEYS: i64 = 1000;
+/// Largest response accepted from etcd (a page of big values, a watch
+/// response of a large transaction).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Parallel TTL lookups of one list.
 const LOOKUP_CONCURRENCY: usize = 16;
 /// The TTL cache forgets everything past this many lease ids.
@@ -192,6 +197,10 @@ impl std::fmt::Debug for EtcdStore {
 /// What the store and its watch tasks share.
 struct Inner {
     client: Client,
+    /// Reads and watches through clients that accept messages up to
+    /// [`MAX_RESPONSE_BYTES`] (gRPC's default limit is 4 MiB).
+    kv: KvClient,
+    watcher: WatchClient,
     /// Endpoints as given, for error messages.
     endpoints: String,
     /// `--etcd-prefix` without a trailing slash.
@@ -329,6 +338,12 @@ impl EtcdStore {
         let (tx, rx) = watch::channel(());
         let store = EtcdStore {
             inner: Arc::new(Inner {
+                kv: client
+                    .kv_client()
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES),
+                watcher: client
+                    .watch_client()
+                    .max_decoding_message_size(MAX_RESPONSE_BYTES),
                 client,
                 endpoints: shown,
                 subnets: format!("{prefix}/{}/", wire::ETCD_SUBNETS_DIR),
@@ -648,16 +663,58 @@ impl Inner {
     }
 
     /// `etcdctl get --prefix <prefix>/subnets/`: the raw keys and the revision.
+    ///
+    /// Read in pages of [`LIST_PAGE_KEYS`] keys, every page at the revision
+    /// of the first, so that a large cluster's list is one consistent view
+    /// without one huge response. A compaction between pages starts over.
     async fn raw_list(&self) -> Result<(Vec<KeyValue>, i64)> {
-        let prefix = self.subnets.clone();
-        let mut r = self
-            .call(&format!("get --prefix {prefix}"), |mut c| {
-                let prefix = prefix.clone();
-                async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
-            })
-            .await?;
-        let revision = r.header().map_or(0, |h| h.revision());
-        Ok((r.take_kvs(), revision))
+        let what = format!("get --prefix {}", self.subnets);
+        let end = prefix_end(self.subnets.as_bytes());
+        let mut attempt = 1;
+        'list: loop {
+            let mut kvs = Vec::new();
+            let mut start = self.subnets.as_bytes().to_vec();
+            let mut revision = 0;
+            loop {
+                let mut opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(LIST_PAGE_KEYS);
+                if revision > 0 {
+                    opts = opts.with_revision(revision);
+                }
+                let page = self
+                    .call_raw(&what, |_| {
+                        let (mut kv, start, opts) = (self.kv.clone(), start.clone(), opts.clone());
+                        async move { kv.get(start, Some(opts)).await }
+                    })
+                    .await;
+                let mut r = match page {
+                    Ok(r) => r,
+                    Err(e) if revision > 0 && attempt < 3 && is_compacted(&e) => {
+                        attempt += 1;
+                        continue 'list;
+                    }
+                    Err(e) => return Err(self.unavailable(&what, e)),
+                };
+                if revision == 0 {
+                    revision = r.header().map_or(0, |h| h.revision());
+                }
+                let more = r.more();
+                let page = r.take_kvs();
+                match page.last() {
+                    Some(last) if more => {
+                        // The next page starts right after the last key.
+                        start = last.key().to_vec();
+                        start.push(0);
+                    }
+                    _ => {
+                        kvs.extend(page);
+                        return Ok((kvs, revision));
+                    }
+                }
+                kvs.extend(page);
+            }
+        }
     }
 
     /// The stored lease of one key-value; `None` (with a warning for bad
@@ -1027,13 +1084,13 @@ async fn watch_once(
     revision: i64,
     backoff: &mut Duration,
 ) -> StreamEnd {
-    let mut client = inner.client.clone();
+    let mut watcher = inner.watcher.clone();
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
         .with_prev_key();
     let started = tokio::select! {
-        r = client.watch(inner.subnets.as_str(), Some(opts)) => r,
+        r = watcher.watch(inner.subnets.as_str(), Some(opts)) => r,
         _ = tx.closed() => return StreamEnd::Stop,
         _ = shutdown.changed() => return StreamEnd::Stop,
     };
@@ -1151,6 +1208,25 @@ fn parse_attrs(value: &[u8]) -> Result<LeaseAttrs, String> {
     serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
+/// The end of the key range of a prefix (etcd's "prefix end": the prefix
+/// with its last byte incremented, trailing 0xff bytes dropped).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff (or empty): to the end of the keyspace.
+    vec![0]
+}
+
+/// etcd refused a read at a revision it has compacted.
+fn is_compacted(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
+}
+
 /// Whether a failed request may succeed on another member or a bit later.
 fn is_transient(e: &etcd_client::Error) -> bool {
     match e {
@@ -1202,6 +1278,16 @@ fn show<T: std::fmt::Display>(v: Option<T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_end(b"/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
+        );
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
 
     #[test]
     fn ttl_rounds_up() {

@@ -127,8 +127,10 @@ impl View {
                 Ok(Some(ev)) => self.apply(ev),
                 Ok(None) => panic!("watch channel closed while waiting for {what}"),
                 Err(_) => panic!(
-                    "timed out waiting for {what}; view: {:?}",
-                    self.leases.keys().collect::<Vec<_>>()
+                    "timed out waiting for {what}; view: {} leases ({:?}...), {} snapshots",
+                    self.leases.len(),
+                    self.leases.keys().take(5).collect::<Vec<_>>(),
+                    self.snapshots
                 ),
             }
         }
@@ -1202,4 +1204,114 @@ async fn expired_auth_token_is_refreshed() {
         .expect("renewal after the token expired");
     assert_expires_in(&renewed, DAY);
     assert_eq!(store.list_leases().await.unwrap().leases.len(), 1);
+}
+
+#[tokio::test]
+async fn watcher_that_falls_behind_a_compaction_gets_a_snapshot() {
+    // Current-thread runtime: the watch task logs on this thread.
+    let logs = LogCapture::default();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish(),
+    );
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    let mut rx = store.watch_leases().await.unwrap();
+    let mut view = View::default();
+    view.apply(next(&mut rx).await);
+
+    // Do not read: the watch channel fills, the store stops reading its
+    // stream, the HTTP/2 window and etcd's buffers fill, and etcd sets the
+    // watcher aside as a slow one. Large values fill the buffers quickly.
+    let mut big = attrs(1);
+    big.backend_data = Some(
+        serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:01", "Pad": "x".repeat(16 * 1024)}),
+    );
+    let big = big.to_json();
+    for i in 0..700u32 {
+        let k = format!("10.{}.{}.0-24", 100 + i / 256, i % 256);
+        c.put(subnet_key(&k), big.as_str(), None).await.unwrap();
+    }
+    // Meanwhile the history it still needs is compacted away.
+    let rev = c
+        .get(
+            format!("{PREFIX}/subnets/"),
+            Some(GetOptions::new().with_count_only()),
+        )
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    c.compact(rev, None).await.unwrap();
+
+    // Reading again: whatever was queued, then a fresh snapshot, and the
+    // view ends up exactly what etcd holds.
+    view.until(&mut rx, "a snapshot after the compaction", |v| {
+        v.snapshots >= 2
+    })
+    .await;
+    let text = logs.text();
+    assert!(
+        text.contains("etcd compacted the history the watch needed"),
+        "the resync must come from the compaction:\n{text}"
+    );
+    store
+        .create_lease(&lease("10.244.1.0-24", attrs(2)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    view.until(&mut rx, "the lease written after the resync", |v| {
+        v.leases.contains_key(&key("10.244.1.0-24"))
+    })
+    .await;
+    let listed: BTreeSet<_> = store
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    assert_eq!(listed.len(), 701);
+    assert_eq!(view.keys(), listed);
+}
+
+#[tokio::test]
+async fn list_of_thousands_of_leases_reads_every_page() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let mut c = raw(&etcd).await;
+    // 2500 reservations (several list pages), 100 per transaction.
+    for t in 0..25u32 {
+        let ops: Vec<_> = (0..100u32)
+            .map(|j| {
+                let i = t * 100 + j;
+                etcd_client::TxnOp::put(
+                    subnet_key(&format!("10.{}.{}.0-24", 100 + i / 256, i % 256)),
+                    attrs((i % 250) as u8).to_json(),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let snap = store.list_leases().await.unwrap();
+    assert_eq!(snap.leases.len(), 2500);
+    let distinct: BTreeSet<_> = snap.leases.iter().map(|l| l.key).collect();
+    assert_eq!(distinct.len(), 2500);
+    assert!(snap.leases.iter().all(Lease::is_reservation));
+    let rev = c
+        .get(
+            format!("{PREFIX}/subnets/"),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rev.count(), 2500);
+    assert_eq!(snap.revision, rev.header().unwrap().revision() as u64);
 }
