@@ -1315,3 +1315,39 @@ async fn list_of_thousands_of_leases_reads_every_page() {
     assert_eq!(rev.count(), 2500);
     assert_eq!(snap.revision, rev.header().unwrap().revision() as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dual_stack_racers_never_share_either_family() {
+    let etcd = EtcdServer::start();
+    let cfg = flannel_core::config::parse(
+        r#"{"Network":"10.244.0.0/20","SubnetLen":24,"EnableIPv6":true,
+            "IPv6Network":"fd00:10:244::/60","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    // 15 subnets per family: 12 racers pick colliding IPv4 subnets with
+    // different IPv6 ones (different etcd keys) all the time.
+    let racers = 12u8;
+    let mut stores = Vec::new();
+    for _ in 0..racers {
+        stores.push(connect(&etcd).await);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(racers as usize));
+    let mut tasks = Vec::new();
+    for (n, store) in (1..=racers).zip(stores) {
+        let (cfg, barrier) = (cfg.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut a = attrs(n);
+            a.public_ipv6 = Some(format!("fd00::{n}").parse().unwrap());
+            barrier.wait().await;
+            acquire_lease(&store, &cfg, &a, None, DAY).await
+        }));
+    }
+    let mut leases = Vec::new();
+    for t in tasks {
+        leases.push(t.await.unwrap().expect("every racer gets a lease"));
+    }
+    let v4: BTreeSet<_> = leases.iter().map(|l| l.key.ipv4.unwrap()).collect();
+    let v6: BTreeSet<_> = leases.iter().map(|l| l.key.ipv6.unwrap()).collect();
+    assert_eq!(v4.len(), 12, "IPv4 subnet handed out twice: {leases:?}");
+    assert_eq!(v6.len(), 12, "IPv6 subnet handed out twice: {leases:?}");
+}
