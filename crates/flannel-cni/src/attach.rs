@@ -207,7 +207,7 @@ fn random_mac() -> std::io::Result<MacAddr> {
 }
 
 /// Opens a netlink socket inside the pod namespace
-/// ([`Netlink::open_in`]: no helper thread). The socket stays bound to that
+/// ([`Netlink::open_in`]). The socket stays bound to that
 /// namespace, so the rest of the call drives the pod from this thread.
 pub fn open_in(pod: &NetNs) -> Result<Netlink, AttachError> {
     Netlink::open_in(pod).ctx(|| format!("open netlink in {}", pod.name))

@@ -1,13 +1,11 @@
-//! Additions for the CNI plugin (owned by the flannel-cni engineer).
+//! Operations the CNI plugin needs: a socket opened in the pod's namespace,
+//! a veth created already attached to the bridge, addresses without DAD.
 //!
-//! The plugin is a short, single-purpose process that must drive two
-//! namespaces (the node's and the pod's). [`crate::netns::NetNs::run`] costs a
-//! thread per use; on a busy node each thread start, malloc arena and join is
-//! a scheduling round trip. A netlink socket stays bound to the namespace it
-//! was created in, so creating it is the only step that has to happen inside
-//! the pod's namespace.
+//! The plugin drives two namespaces (the node's and the pod's). A netlink
+//! socket stays bound to the namespace it was created in, so creating it is
+//! the only step that has to happen inside the pod's namespace: one thread
+//! start per call, instead of one per step.
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ipnet::IpNet;
@@ -17,38 +15,21 @@ use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use nix::sched::{setns, CloneFlags};
 
 use crate::netns::NetNs;
 use crate::{check_ifname, Error, Link, Netlink, Result};
 
 impl Netlink {
-    /// Opens a NETLINK_ROUTE socket inside `ns` from the calling thread, like
-    /// `ip -n NS ...` does: the thread enters `ns` (`setns`), creates the
-    /// socket and returns to its own namespace before this function returns.
-    /// The returned handle operates on `ns` from any thread.
-    ///
-    /// Panics if the thread cannot return to its namespace (it would
-    /// otherwise go on running in the wrong one); the kernel only refuses that
-    /// for lack of privilege, which the first `setns` would already have hit.
+    /// Opens a NETLINK_ROUTE socket inside `ns`, like `ip -n NS ...` does.
+    /// The socket is created on a short-lived thread that entered `ns`
+    /// ([`NetNs::run`]), so the calling thread never changes namespace; the
+    /// socket stays bound to `ns` for its whole life and the returned handle
+    /// drives `ns` from any thread.
     pub fn open_in(ns: &NetNs) -> Result<Netlink> {
-        let op = |what: &str| format!("open netlink in {}: {what}", ns.name);
-        let home = File::open("/proc/thread-self/ns/net").map_err(|source| Error::Kernel {
-            op: op("open /proc/thread-self/ns/net"),
-            source,
-        })?;
-        setns(ns.fd(), CloneFlags::CLONE_NEWNET).map_err(|e| Error::Kernel {
-            op: op("setns"),
-            source: e.into(),
-        })?;
-        let nl = Netlink::open();
-        if let Err(e) = setns(&home, CloneFlags::CLONE_NEWNET) {
-            panic!(
-                "cannot return to the original network namespace after opening a socket in {}: {e}",
-                ns.name
-            );
-        }
-        nl
+        ns.run(Netlink::open).map_err(|e| Error::Kernel {
+            op: format!("open netlink in {}", ns.name),
+            source: std::io::Error::other(e),
+        })?
     }
 
     /// `ip link add HOST mtu M master MASTER up type veth peer name PEER mtu M
