@@ -53,7 +53,8 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    KvClient, PutOptions, TlsOptions, Txn, TxnOp, WatchClient, WatchOptions,
+    KvClient, LeaseTimeToLiveOptions, PutOptions, TlsOptions, Txn, TxnOp, WatchClient,
+    WatchOptions,
 };
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::wire;
@@ -767,10 +768,28 @@ impl Inner {
         ))
     }
 
-    /// `etcdctl lease revoke <id>`, best effort (cleanup of a lease that no
-    /// key uses; it would expire by itself anyway).
+    /// `etcdctl lease revoke <id>` when no key is attached to it any more
+    /// (`etcdctl lease timetolive --keys <id>`), best effort: an unused lease
+    /// expires by itself anyway, while revoking one that an operator shared
+    /// with other keys would delete them.
     async fn revoke_quietly(&self, id: i64) {
         let mut client = self.client.clone();
+        match client
+            .lease_time_to_live(id, Some(LeaseTimeToLiveOptions::new().with_keys()))
+            .await
+        {
+            Ok(r) if !r.keys().is_empty() => {
+                tracing::debug!(lease = %format!("{id:x}"), keys = r.keys().len(),
+                    "not revoking an etcd lease that other keys still use");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if is_lease_not_found(&e) => {}
+            Err(e) => {
+                tracing::debug!(lease = %format!("{id:x}"), error = %e, "cannot check an unused etcd lease; leaving it to expire");
+                return;
+            }
+        }
         match client.lease_revoke(id).await {
             Err(e) if !is_lease_not_found(&e) => {
                 tracing::debug!(lease = %format!("{id:x}"), error = %e, "revoking an unused etcd lease failed; it will expire");

@@ -511,6 +511,35 @@ async fn update_reattaches_when_the_etcd_lease_is_gone() {
             .lease(),
         0
     );
+    // An etcd lease an operator shared with another key is left alone when
+    // our key moves to a lease of its own: revoking it would delete that key.
+    let shared = c.lease_grant(600, None).await.unwrap().id();
+    for k in ["10.244.11.0-24", "10.244.12.0-24"] {
+        let n = if k.contains(".11.") { 11 } else { 12 };
+        c.put(
+            subnet_key(k),
+            attrs(n).to_json(),
+            Some(PutOptions::new().with_lease(shared)),
+        )
+        .await
+        .unwrap();
+    }
+    store
+        .update_lease(&lease("10.244.11.0-24", attrs(11)), Some(DAY))
+        .await
+        .unwrap();
+    assert_ne!(
+        raw_get(&mut c, &subnet_key("10.244.11.0-24"))
+            .await
+            .unwrap()
+            .lease(),
+        shared
+    );
+    assert!(ttl_of(&mut c, shared).await > 0, "shared lease kept");
+    assert!(raw_get(&mut c, &subnet_key("10.244.12.0-24"))
+        .await
+        .is_some());
+
     // Updating a missing key is NotFound.
     match store
         .update_lease(&lease("10.244.10.0-24", attrs(9)), Some(DAY))
