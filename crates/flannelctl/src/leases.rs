@@ -1,4 +1,5 @@
-//! `flannelctl leases --local-store DIR [--json]`: who holds which subnet.
+//! `flannelctl leases [--local-store DIR | --etcd-endpoints URLS ...] [--json]`:
+//! who holds which subnet.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -23,6 +24,14 @@ pub enum LeasesError {
     Missing { path: String },
     #[error("starting a runtime for the store: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("{0}")]
+    EtcdConnect(#[source] flannel_store::etcd::ConnectError),
+    #[error("reading leases from etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: flannel_store::StoreError,
+    },
 }
 
 /// One lease as `flannelctl leases` shows it.
@@ -88,6 +97,31 @@ pub fn list(dir: &Path) -> Result<Vec<LeaseRow>, LeasesError> {
         use flannel_store::Store;
         let store = flannel_store::LocalStore::open(dir).map_err(map)?;
         store.list_leases().await.map_err(map)
+    })?;
+    let mut leases = leases.leases;
+    leases.sort_by_key(|l| l.key);
+    Ok(leases.iter().map(LeaseRow::from_lease).collect())
+}
+
+/// Every lease held in etcd below `opts.prefix`, sorted by subnet (one
+/// connection attempt; an unreachable etcd is an error naming the endpoints).
+///
+/// `etcdctl --endpoints=URLS get --prefix /coreos.com/network/subnets/`
+pub fn list_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<LeaseRow>, LeasesError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LeasesError::Runtime)?;
+    let endpoints = opts.endpoints.join(",");
+    let leases = rt.block_on(async {
+        use flannel_store::Store;
+        let store = flannel_store::etcd::EtcdStore::connect(opts)
+            .await
+            .map_err(LeasesError::EtcdConnect)?;
+        store
+            .list_leases()
+            .await
+            .map_err(|source| LeasesError::Etcd { endpoints, source })
     })?;
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);

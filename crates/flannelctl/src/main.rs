@@ -7,6 +7,8 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use flannel_core::wire;
+use flannel_store::etcd::EtcdOptions;
 use flannelctl::lab::{self, Lab, LabOptions};
 use flannelctl::leases;
 
@@ -23,14 +25,73 @@ enum Command {
     #[command(subcommand)]
     Lab(LabCommand),
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
+    ///
+    /// Reads the store flanneld would use with the same flags (and the same
+    /// FLANNELD_* variables): `--local-store DIR` when given, else etcd.
     Leases {
         /// The directory flanneld uses as `--local-store`.
-        #[arg(long, value_name = "DIR")]
-        local_store: PathBuf,
+        #[arg(long, env = "FLANNELD_LOCAL_STORE", value_name = "DIR")]
+        local_store: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// flanneld's etcd flags, with the same names, defaults and variables.
+#[derive(Args)]
+struct EtcdArgs {
+    /// Comma-separated etcd endpoints.
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = wire::DEFAULT_ETCD_ENDPOINTS)]
+    etcd_endpoints: String,
+    /// etcd key prefix.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = wire::DEFAULT_ETCD_PREFIX)]
+    etcd_prefix: String,
+    /// TLS CA file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// TLS certificate file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    etcd_certfile: Option<PathBuf>,
+    /// TLS key file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+}
+
+impl EtcdArgs {
+    fn options(self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self
+                .etcd_endpoints
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            prefix: self.etcd_prefix,
+            ca_file: self.etcd_cafile,
+            cert_file: self.etcd_certfile,
+            key_file: self.etcd_keyfile,
+            username: self.etcd_username,
+            password: self.etcd_password,
+            ..EtcdOptions::default()
+        }
+    }
+}
+
+fn print_leases(rows: &[leases::LeaseRow], json: bool) {
+    if json {
+        println!("{}", leases::render_json(rows));
+    } else {
+        print!("{}", leases::render_table(rows, SystemTime::now()));
+    }
 }
 
 #[derive(Args)]
@@ -61,6 +122,25 @@ enum LabCommand {
         /// Do not run the connectivity check after `up`.
         #[arg(long)]
         no_check: bool,
+        /// The store the daemons share: `local` (a directory in the labdir)
+        /// or `etcd` (a real etcd server in the master's namespace).
+        #[arg(long, default_value_t = lab::StoreKind::Local)]
+        store: lab::StoreKind,
+        /// flanneld's --lease-ttl in seconds (default: flanneld's, 24 h).
+        #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+        lease_ttl: Option<u64>,
+        /// No reservations: nodes hold ordinary leases that expire when not
+        /// renewed (their subnets stay deterministic through a seeded subnet.env).
+        #[arg(long)]
+        no_reservations: bool,
+    },
+    /// The leases of the lab's store (whichever it is).
+    Leases {
+        #[command(flatten)]
+        name: NameArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Ping every node and pod from every pod again and print the matrix.
     Check {
@@ -112,13 +192,24 @@ fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Leases { local_store, json } => {
-            let rows = leases::list(&local_store)?;
-            if json {
-                println!("{}", leases::render_json(&rows));
-            } else {
-                print!("{}", leases::render_table(&rows, SystemTime::now()));
-            }
+        Command::Leases {
+            local_store,
+            etcd,
+            json,
+        } => {
+            let rows = match local_store {
+                Some(dir) => leases::list(&dir)?,
+                None => leases::list_etcd(etcd.options())?,
+            };
+            print_leases(&rows, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Leases { name, json }) => {
+            let lab = Lab::open(&name.name)?;
+            let mut all = lab.leases()?;
+            all.sort_by_key(|l| l.key);
+            let rows: Vec<_> = all.iter().map(leases::LeaseRow::from_lease).collect();
+            print_leases(&rows, json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::Up {
@@ -128,6 +219,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bin_dir,
             keep_on_failure,
             no_check,
+            store,
+            lease_ttl,
+            no_reservations,
         }) => {
             let opts = LabOptions {
                 name: name.name,
@@ -136,6 +230,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bin_dir,
                 keep_on_failure,
                 progress: true,
+                store,
+                lease_ttl,
+                reservations: !no_reservations,
                 ..LabOptions::default()
             };
             let lab = Lab::up(&opts).context("lab up")?;

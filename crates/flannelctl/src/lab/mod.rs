@@ -23,6 +23,7 @@
 //! `status`, `exec` and `down`). The root namespace is never touched.
 
 mod check;
+mod etcd;
 mod ping;
 mod pods;
 mod procs;
@@ -41,6 +42,10 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use check::{Matrix, Outcome, Target, TargetKind};
+pub use etcd::{
+    client_url as etcd_client_url, etcd_binary, ETCD_BINARY, ETCD_BINARY_ENV, ETCD_CLIENT_PORT,
+    ETCD_PEER_PORT,
+};
 pub use ping::{EchoReply, Pinger};
 pub use procs::{lab_processes, resolve_bin_dir, BIN_DIR_ENV, CNI_BINARY, FLANNELD_BINARY};
 pub use status::{DaemonStatus, LabStatus};
@@ -111,6 +116,12 @@ pub enum LabError {
         #[source]
         source: flannel_store::StoreError,
     },
+    #[error("etcd not found ({path}): the lab's --store etcd runs the etcd server; install it with `apt-get install etcd-server` (or point {env} at the binary)", env = etcd::ETCD_BINARY_ENV)]
+    EtcdMissing { path: String },
+    #[error("lab etcd at {endpoint}: {detail}")]
+    Etcd { endpoint: String, detail: String },
+    #[error("the lab's etcd (pid {pid}) is not running; last lines of {log}:\n{tail}")]
+    EtcdDied { pid: u32, log: String, tail: String },
     #[error("timed out after {secs:.1}s waiting for {what}")]
     Timeout { what: String, secs: f64 },
     #[error("flanneld on {node} is not running (pid {pid}); last lines of {log}:\n{tail}")]
@@ -163,6 +174,42 @@ pub(crate) fn nl_err(
     move |source| LabError::Kernel { context, source }
 }
 
+/// Which store the lab's daemons share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// A local directory (`flanneld --local-store LABDIR/store`).
+    #[default]
+    Local,
+    /// A real etcd server in the master's namespace (`flanneld
+    /// --etcd-endpoints http://172.16.1.8:2379`).
+    Etcd,
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "local" => Ok(StoreKind::Local),
+            "etcd" => Ok(StoreKind::Etcd),
+            other => Err(format!("unknown store {other:?}: use `local` or `etcd`")),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreKind::Local => "local",
+            StoreKind::Etcd => "etcd",
+        })
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// What `flannelctl lab up` builds.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -180,6 +227,16 @@ pub struct LabOptions {
     pub ready_timeout: Duration,
     /// Print each step of `up` on stderr.
     pub progress: bool,
+    /// The store the daemons share.
+    pub store: StoreKind,
+    /// `flanneld --lease-ttl` in seconds (None: flanneld's default, 24 h).
+    pub lease_ttl: Option<u64>,
+    /// Pin each node's subnet with a reservation (a lease that never
+    /// expires). Without, each node's subnet.env is seeded with its planned
+    /// subnet, which flanneld requests as its previous subnet: the subnets
+    /// stay deterministic while the leases are ordinary ones that expire
+    /// when their node stops renewing them.
+    pub reservations: bool,
 }
 
 impl Default for LabOptions {
@@ -192,6 +249,9 @@ impl Default for LabOptions {
             keep_on_failure: false,
             ready_timeout: Duration::from_secs(30),
             progress: false,
+            store: StoreKind::Local,
+            lease_ttl: None,
+            reservations: true,
         }
     }
 }
@@ -237,6 +297,15 @@ pub struct LabState {
     pub underlay_netns: String,
     pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
+    /// The store the daemons share (absent in labs of older versions: local).
+    #[serde(default)]
+    pub store: StoreKind,
+    /// `--lease-ttl` of the daemons, if not flanneld's default.
+    #[serde(default)]
+    pub lease_ttl: Option<u64>,
+    /// Whether nodes get reservations (see [`LabOptions::reservations`]).
+    #[serde(default = "yes")]
+    pub reservations: bool,
 }
 
 /// Checks a lab name: it prefixes namespace names, so it is kept to
@@ -334,6 +403,9 @@ impl LabState {
             underlay_netns: format!("{name}-underlay"),
             nodes,
             pods,
+            store: StoreKind::Local,
+            lease_ttl: None,
+            reservations: true,
         }
     }
 
@@ -487,7 +559,20 @@ impl Lab {
             }
             Err(e) => return Err(io_err(format!("creating {}", dir.display()))(e)),
         }
-        let state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
+        if opts.lease_ttl == Some(0) {
+            return Err(LabError::InvalidOption {
+                option: "--lease-ttl",
+                reason: "0 is out of range: give the lease lifetime in seconds, at least 1"
+                    .to_string(),
+            });
+        }
+        if opts.store == StoreKind::Etcd {
+            etcd::etcd_binary()?;
+        }
+        let mut state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
+        state.store = opts.store;
+        state.lease_ttl = opts.lease_ttl;
+        state.reservations = opts.reservations;
         let mut lab = Lab { state };
         match lab.build(opts.ready_timeout, opts.progress) {
             Ok(()) => Ok(lab),
@@ -603,11 +688,39 @@ impl Lab {
         }
 
         write_atomic(&self.net_conf_path(), net_conf_json().as_bytes())?;
-        std::fs::create_dir_all(self.store_dir()).map_err(io_err("creating the lab store"))?;
-        self.write_reservations()?;
+        match self.state.store {
+            StoreKind::Local => {
+                std::fs::create_dir_all(self.store_dir())
+                    .map_err(io_err("creating the lab store"))?;
+            }
+            StoreKind::Etcd => {
+                let pid = self.start_store_within(ready_timeout)?;
+                self.put_etcd_config()?;
+                say(format!(
+                    "etcd in {}: pid {pid}, {} (config at {}), data {}",
+                    self.master()?.netns,
+                    self.etcd_endpoint()?,
+                    flannel_core::wire::DEFAULT_ETCD_PREFIX,
+                    self.etcd_dir().join("data").display()
+                ));
+            }
+        }
+        let nodes: Vec<NodeState> = self.state.nodes.clone();
+        for n in &nodes {
+            if self.state.reservations {
+                self.write_reservation(n)?;
+            } else {
+                self.seed_subnet_env(n)?;
+            }
+        }
         say(format!(
-            "store {}: reservations {}",
-            self.store_dir().display(),
+            "store {}: {} {}",
+            self.store_description(),
+            if self.state.reservations {
+                "reservations"
+            } else {
+                "no reservations; subnet.env seeded with"
+            },
             self.state
                 .nodes
                 .iter()
@@ -645,54 +758,257 @@ impl Lab {
         Ok(())
     }
 
-    fn write_reservations(&self) -> Result<()> {
-        let leases: Vec<Lease> = self
-            .state
-            .nodes
-            .iter()
-            .map(|n| Lease {
-                key: LeaseKey {
-                    ipv4: Some(n.subnet),
-                    ipv6: None,
-                },
-                attrs: LeaseAttrs {
-                    public_ip: Some(n.underlay_ip),
-                    public_ipv6: None,
-                    backend_type: "vxlan".to_string(),
-                    backend_data: None,
-                    backend_v6_data: None,
-                },
-                expiration: None,
-            })
-            .collect();
-        let store_dir = self.store_dir();
-        store_block_on(&store_dir, |store| async move {
-            use flannel_store::Store;
-            for lease in &leases {
-                store.create_lease(lease, None).await?;
-            }
+    fn reservation(n: &NodeState) -> Lease {
+        Lease {
+            key: LeaseKey {
+                ipv4: Some(n.subnet),
+                ipv6: None,
+            },
+            attrs: LeaseAttrs {
+                public_ip: Some(n.underlay_ip),
+                public_ipv6: None,
+                backend_type: "vxlan".to_string(),
+                backend_data: None,
+                backend_v6_data: None,
+            },
+            expiration: None,
+        }
+    }
+
+    /// Writes the reservation of a node (a lease without expiry naming its
+    /// underlay address), unless its key is already taken.
+    fn write_reservation(&self, n: &NodeState) -> Result<()> {
+        let lease = Self::reservation(n);
+        self.store_block_on(|store| async move {
+            store.create_lease(&lease, None).await?;
             Ok(())
         })
     }
 
-    /// Every lease in the lab's store.
-    pub fn leases(&self) -> Result<Vec<Lease>> {
-        store_block_on(&self.store_dir(), |store| async move {
-            use flannel_store::Store;
-            Ok(store.list_leases().await?.leases)
-        })
+    /// Writes the subnet.env flanneld would have left from an earlier run
+    /// with the node's planned subnet: flanneld's acquisition asks for that
+    /// subnet first (after a lease naming its own address).
+    fn seed_subnet_env(&self, n: &NodeState) -> Result<()> {
+        let cfg = flannel_core::config::parse(&net_conf_json()).expect("the lab's net-conf parses");
+        let key = LeaseKey {
+            ipv4: Some(n.subnet),
+            ipv6: None,
+        };
+        let env = flannel_core::subnet_env::SubnetEnv::new(&cfg, &key, self.state.mtu - 50, false);
+        std::fs::create_dir_all(self.node_dir(&n.name))
+            .map_err(io_err(format!("creating the directory of {}", n.name)))?;
+        write_atomic(&self.subnet_file(&n.name), env.render().as_bytes())
     }
 
-    /// Deletes a lease from the lab's store (`LocalStore::delete_lease`).
+    /// Where the leases are: the local store's directory or etcd's URL.
+    pub fn store_description(&self) -> String {
+        match self.state.store {
+            StoreKind::Local => format!("local {}", self.store_dir().display()),
+            StoreKind::Etcd => match self.etcd_endpoint() {
+                Ok(url) => format!("etcd {url}"),
+                Err(_) => "etcd (no master)".to_string(),
+            },
+        }
+    }
+
+    /// Runs an async operation on the lab's store: the local directory on a
+    /// private runtime, or etcd from a thread inside the master's namespace.
+    pub(crate) fn store_block_on<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(AnyStore) -> Fut + Send,
+        Fut: std::future::Future<Output = flannel_store::Result<T>>,
+    {
+        match self.state.store {
+            StoreKind::Local => {
+                store_block_on(
+                    &self.store_dir(),
+                    |s| async move { f(AnyStore::Local(s)).await },
+                )
+            }
+            StoreKind::Etcd => {
+                let master = self.master()?;
+                let ns = NetNs::open(&master.netns)
+                    .map_err(ns_err(format!("opening {}", master.netns)))?;
+                let path = self.store_description();
+                etcd::block_on(
+                    &ns,
+                    etcd::client_options(master.underlay_ip),
+                    |s| async move {
+                        f(AnyStore::Etcd(s))
+                            .await
+                            .map_err(|source| LabError::Store { path, source })
+                    },
+                )
+            }
+        }
+    }
+
+    /// Every lease in the lab's store.
+    pub fn leases(&self) -> Result<Vec<Lease>> {
+        self.store_block_on(|store| async move { store.list_leases().await })
+    }
+
+    /// Deletes a lease from the lab's store.
     pub fn delete_lease(&self, subnet: Ipv4Net) -> Result<()> {
         let key = LeaseKey {
             ipv4: Some(subnet),
             ipv6: None,
         };
-        store_block_on(&self.store_dir(), |store| async move {
-            use flannel_store::Store;
-            store.delete_lease(&key).await
+        self.store_block_on(|store| async move { store.delete_lease(&key).await })
+    }
+
+    fn master(&self) -> Result<&NodeState> {
+        self.node(&node_name(0))
+    }
+
+    /// `http://172.16.1.8:2379`: where the daemons reach the lab's etcd.
+    pub fn etcd_endpoint(&self) -> Result<String> {
+        Ok(etcd::client_url(self.master()?.underlay_ip))
+    }
+
+    /// `<labdir>/etcd`: etcd's data directory, log and pid file.
+    pub fn etcd_dir(&self) -> PathBuf {
+        self.dir().join(etcd::ETCD_DIR)
+    }
+
+    /// The pid in `<labdir>/etcd/etcd.pid`.
+    pub fn etcd_pid(&self) -> Option<u32> {
+        procs::read_pid(&self.etcd_dir().join(etcd::ETCD_PID_FILE))
+    }
+
+    /// Whether the lab's etcd runs (pid alive and really this lab's etcd).
+    pub fn etcd_alive(&self) -> bool {
+        self.etcd_pid()
+            .is_some_and(|pid| etcd::is_lab_etcd(pid, &self.dir()))
+    }
+
+    /// Whether the store answers: a read of every lease (for etcd, from
+    /// inside the master's namespace).
+    pub fn store_health(&self) -> Result<()> {
+        self.leases().map(|_| ())
+    }
+
+    /// Stops the lab's etcd (SIGTERM, after checking its command line),
+    /// keeping its data directory: the daemons see an outage. Returns
+    /// whether it was running. Without etcd (`--store local`) an error.
+    pub fn stop_store(&self) -> Result<bool> {
+        self.require_etcd("stop_store")?;
+        match self.etcd_pid() {
+            Some(pid) => etcd::stop(pid, &self.dir(), Duration::from_secs(10)),
+            None => Ok(false),
+        }
+    }
+
+    /// Starts the lab's etcd again (same data directory, same addresses)
+    /// and waits until it answers. Returns its pid.
+    pub fn start_store(&self) -> Result<u32> {
+        self.start_store_within(Duration::from_secs(30))
+    }
+
+    fn start_store_within(&self, timeout: Duration) -> Result<u32> {
+        self.require_etcd("start_store")?;
+        if let Some(pid) = self.etcd_pid().filter(|_| self.etcd_alive()) {
+            return Err(LabError::InvalidOption {
+                option: "start_store",
+                reason: format!("the lab's etcd is already running (pid {pid})"),
+            });
+        }
+        let master = self.master()?.clone();
+        let ns = NetNs::open(&master.netns).map_err(ns_err(format!("opening {}", master.netns)))?;
+        let dir = self.etcd_dir();
+        let pid = etcd::spawn(&ns, self.name(), &dir, master.underlay_ip)?;
+        etcd::wait_ready(
+            &ns,
+            master.underlay_ip,
+            pid,
+            &self.dir(),
+            &dir.join(etcd::ETCD_LOG_FILE),
+            Instant::now() + timeout,
+        )?;
+        Ok(pid)
+    }
+
+    fn require_etcd(&self, what: &'static str) -> Result<()> {
+        if self.state.store == StoreKind::Etcd {
+            Ok(())
+        } else {
+            Err(LabError::InvalidOption {
+                option: what,
+                reason: format!(
+                    "lab {} uses the {} store; only a lab made with `lab up --store etcd` has an etcd to stop or start",
+                    self.name(),
+                    self.state.store
+                ),
+            })
+        }
+    }
+
+    /// Writes the net-conf into etcd (`etcdctl put /coreos.com/network/config
+    /// '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}'`), where
+    /// flanneld in etcd mode reads it.
+    fn put_etcd_config(&self) -> Result<()> {
+        let value = net_conf_json();
+        let endpoint = self.etcd_endpoint()?;
+        self.with_etcd(move |store| async move {
+            let key = store.config_key();
+            store
+                .client()
+                .put(key.clone(), value, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| LabError::Etcd {
+                    endpoint,
+                    detail: format!("put {key}: {e}"),
+                })
         })
+    }
+
+    /// The raw value of an etcd key (`etcdctl get KEY --print-value-only`),
+    /// e.g. `/coreos.com/network/subnets/10.244.1.0-24`; `None` when absent.
+    pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
+        self.require_etcd("etcd_get")?;
+        let key = key.to_string();
+        let endpoint = self.etcd_endpoint()?;
+        self.with_etcd(move |store| async move {
+            let resp = store
+                .client()
+                .get(key.clone(), None)
+                .await
+                .map_err(|e| LabError::Etcd {
+                    endpoint,
+                    detail: format!("get {key}: {e}"),
+                })?;
+            Ok(resp
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+    }
+
+    /// The etcd key of a node's lease: `/coreos.com/network/subnets/10.244.1.0-24`.
+    pub fn etcd_lease_key(&self, node: &str) -> Result<String> {
+        let n = self.node(node)?;
+        let key = LeaseKey {
+            ipv4: Some(n.subnet),
+            ipv6: None,
+        };
+        Ok(format!(
+            "{}/{}/{key}",
+            flannel_core::wire::DEFAULT_ETCD_PREFIX,
+            flannel_core::wire::ETCD_SUBNETS_DIR
+        ))
+    }
+
+    fn with_etcd<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(flannel_store::etcd::EtcdStore) -> Fut + Send,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let master = self.master()?;
+        let ns = NetNs::open(&master.netns).map_err(ns_err(format!("opening {}", master.netns)))?;
+        etcd::block_on(&ns, etcd::client_options(master.underlay_ip), f)
     }
 
     /// The VtepMAC a node published in its lease, if any.
@@ -724,10 +1040,39 @@ impl Lab {
             &ns,
             &self.state.bin_dir,
             &self.node_dir(node),
-            &self.store_dir(),
-            &self.net_conf_path(),
+            &self.daemon_store_args()?,
             &self.subnet_file(node),
         )
+    }
+
+    /// The flags every daemon gets besides `--subnet-file`.
+    fn daemon_store_args(&self) -> Result<Vec<OsString>> {
+        let mut args: Vec<OsString> = match self.state.store {
+            StoreKind::Local => vec![
+                "--local-store".into(),
+                self.store_dir().into(),
+                "--net-config-path".into(),
+                self.net_conf_path().into(),
+            ],
+            // No --local-store: flanneld uses etcd and reads the config there.
+            StoreKind::Etcd => vec!["--etcd-endpoints".into(), self.etcd_endpoint()?.into()],
+        };
+        if let Some(ttl) = self.state.lease_ttl {
+            args.push("--lease-ttl".into());
+            args.push(ttl.to_string().into());
+        }
+        Ok(args)
+    }
+
+    /// Kills the node's `flanneld` with SIGKILL (a crash: nothing is cleaned
+    /// up, its lease stays until it expires), after checking that the pid
+    /// really is this lab's flanneld. Returns whether a daemon was running.
+    pub fn kill_daemon(&self, node: &str) -> Result<bool> {
+        self.node(node)?;
+        match self.daemon_pid(node) {
+            Some(pid) => procs::kill_flanneld(pid, &self.dir()),
+            None => Ok(false),
+        }
     }
 
     /// Stops the node's `flanneld` with SIGTERM (SIGKILL after `timeout`),
@@ -841,6 +1186,126 @@ impl Lab {
         })
     }
 
+    /// Adds a worker `k8s-node<I>` (I = the highest index + 1) with its pod
+    /// `ubuntu-<I>` to the running lab and waits until its lease is
+    /// published and the pod attached; the other nodes are not touched.
+    /// Returns the node's name.
+    pub fn add_node(&mut self, timeout: Duration) -> Result<String> {
+        let node = self.begin_add_node()?;
+        self.finish_add_node(&node, Instant::now() + timeout)?;
+        Ok(node)
+    }
+
+    /// First half of [`Lab::add_node`]: namespace, underlay port, the
+    /// reservation (or, with the store unreachable or reservations off, a
+    /// seeded subnet.env naming the planned subnet) and the daemon. Does not
+    /// wait for the store: while etcd is stopped the new daemon keeps
+    /// trying to reach it.
+    pub fn begin_add_node(&mut self) -> Result<String> {
+        require_root()?;
+        let index = self.state.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
+        if index > MAX_NODES {
+            return Err(LabError::InvalidOption {
+                option: "add_node",
+                reason: format!("the lab already has {MAX_NODES} workers"),
+            });
+        }
+        let name = node_name(index);
+        let node = NodeState {
+            name: name.clone(),
+            index,
+            netns: format!("{}-{name}", self.state.name),
+            underlay_ip: underlay_ip(index),
+            subnet: node_subnet(index),
+        };
+        // Recorded first, so that `down` knows it whatever fails below.
+        self.state.nodes.push(node.clone());
+        self.state.pods.push(PodState {
+            name: format!("ubuntu-{index}"),
+            node: name.clone(),
+            netns: format!("{}-ubuntu-{index}", self.state.name),
+            container_id: format!("flannel-lab-{}-ubuntu-{index}", self.state.name),
+            ip: None,
+            gateway: None,
+        });
+        self.state.save()?;
+        let underlay = NetNs::open(&self.state.underlay_netns)
+            .map_err(ns_err(format!("opening {}", self.state.underlay_netns)))?;
+        let ns =
+            NetNs::add(&node.netns).map_err(ns_err(format!("creating the namespace of {name}")))?;
+        topology::wire_node(&underlay, &ns, &node, self.state.mtu)?;
+        std::fs::create_dir_all(self.node_dir(&name))
+            .map_err(io_err(format!("creating the directory of {name}")))?;
+        if self.state.reservations {
+            match self.write_reservation(&node) {
+                Ok(()) => {}
+                // The store is down (an outage test): the seeded subnet.env
+                // still makes the daemon ask for the planned subnet.
+                Err(LabError::Etcd { .. })
+                | Err(LabError::Store {
+                    source: flannel_store::StoreError::Unavailable(_),
+                    ..
+                }) => self.seed_subnet_env(&node)?,
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.seed_subnet_env(&node)?;
+        }
+        self.start_daemon(&name)?;
+        Ok(name)
+    }
+
+    /// Second half of [`Lab::add_node`]: waits until the node's lease carries
+    /// its VtepMAC (store errors count as "not yet": etcd may be coming
+    /// back) and its subnet.env is right, then attaches its pod.
+    pub fn finish_add_node(&mut self, node: &str, deadline: Instant) -> Result<()> {
+        let n = self.node(node)?.clone();
+        let mut last_error = String::new();
+        poll_until(
+            deadline,
+            &format!("the lease of {node} with its VtepMAC"),
+            || {
+                match self.leases() {
+                    Ok(leases) => {
+                        if leases.iter().any(|l| {
+                            l.key.ipv4 == Some(n.subnet)
+                                && l.attrs.public_ip == Some(n.underlay_ip)
+                                && vxlan_data(&l.attrs).is_some()
+                        }) {
+                            return Ok(true);
+                        }
+                    }
+                    Err(e) => last_error = e.to_string(),
+                }
+                self.ensure_daemon_alive(node)?;
+                Ok(false)
+            },
+        )
+        .map_err(|e| match e {
+            LabError::Timeout { what, secs } if !last_error.is_empty() => LabError::Timeout {
+                what: format!("{what} (last store error: {last_error})"),
+                secs,
+            },
+            e => e,
+        })?;
+        self.wait_subnet_env(node, deadline)?;
+        for i in 0..self.state.pods.len() {
+            if self.state.pods[i].node == node && self.state.pods[i].ip.is_none() {
+                let (ip, gw) = self.attach_pod(i)?;
+                self.state.pods[i].ip = Some(ip);
+                self.state.pods[i].gateway = gw;
+                self.state.save()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `lab.json` again (after another handle changed the lab).
+    pub fn reload(&mut self) -> Result<()> {
+        self.state = LabState::load(&self.state.name)?;
+        Ok(())
+    }
+
     /// Pings every target from every pod and returns the matrix.
     pub fn check(&self) -> Result<Matrix> {
         check::run(self, Duration::from_secs(5))
@@ -877,6 +1342,43 @@ pub(crate) fn poll_until(
             });
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The lab's store, whichever it is (the [`flannel_store::Store`] trait is
+/// not object-safe).
+pub(crate) enum AnyStore {
+    Local(flannel_store::LocalStore),
+    Etcd(flannel_store::etcd::EtcdStore),
+}
+
+impl AnyStore {
+    async fn list_leases(&self) -> flannel_store::Result<Vec<Lease>> {
+        use flannel_store::Store;
+        Ok(match self {
+            AnyStore::Local(s) => s.list_leases().await?.leases,
+            AnyStore::Etcd(s) => s.list_leases().await?.leases,
+        })
+    }
+
+    async fn create_lease(
+        &self,
+        lease: &Lease,
+        ttl: Option<Duration>,
+    ) -> flannel_store::Result<Option<Lease>> {
+        use flannel_store::Store;
+        match self {
+            AnyStore::Local(s) => s.create_lease(lease, ttl).await,
+            AnyStore::Etcd(s) => s.create_lease(lease, ttl).await,
+        }
+    }
+
+    async fn delete_lease(&self, key: &LeaseKey) -> flannel_store::Result<()> {
+        use flannel_store::Store;
+        match self {
+            AnyStore::Local(s) => s.delete_lease(key).await,
+            AnyStore::Etcd(s) => s.delete_lease(key).await,
+        }
     }
 }
 
@@ -934,6 +1436,21 @@ pub fn down(name: &str) -> Result<()> {
     for pid in lab_processes(name) {
         if procs::is_lab_flanneld(pid, &dir) {
             if let Err(err) = procs::stop_flanneld(pid, &dir, Duration::from_secs(5)) {
+                errors.push(err.to_string());
+            }
+        }
+    }
+
+    // 1b. The lab's etcd, by its pid file, then any still running with its
+    //     data directory in this labdir.
+    if let Some(pid) = procs::read_pid(&dir.join(etcd::ETCD_DIR).join(etcd::ETCD_PID_FILE)) {
+        if let Err(err) = etcd::stop(pid, &dir, Duration::from_secs(10)) {
+            errors.push(err.to_string());
+        }
+    }
+    for pid in lab_processes(name) {
+        if etcd::is_lab_etcd(pid, &dir) {
+            if let Err(err) = etcd::stop(pid, &dir, Duration::from_secs(10)) {
                 errors.push(err.to_string());
             }
         }

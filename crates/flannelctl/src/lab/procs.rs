@@ -2,6 +2,7 @@
 //! inside a node namespace, and stopping it again by pid — only after
 //! checking that the pid still is this lab's flanneld.
 
+use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -60,22 +61,32 @@ pub fn resolve_bin_dir(explicit: Option<&Path>) -> Result<PathBuf> {
 /// killed, or it lingers as a zombie that still looks like a process.
 static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
 
+/// Remembers a child so that it is reaped once it exits.
+pub(crate) fn adopt(child: Child) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(child);
+}
+
 fn reap_children() {
     let mut children = CHILDREN.lock().unwrap_or_else(|e| e.into_inner());
     children.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
 }
 
-/// Starts `flanneld --local-store STORE --net-config-path CONF --subnet-file
-/// ENV` inside `ns`: spawned from a thread that entered the namespace (the
+/// Starts `flanneld STORE-ARGS... --subnet-file ENV` inside `ns`: spawned from a thread that entered the namespace (the
 /// child inherits it), in a session of its own (`setsid`) so it survives
 /// the terminal, stdout/stderr appended to `node_dir/flanneld.log`, pid
 /// written to `node_dir/flanneld.pid`.
+///
+/// `store_args` select the store (`--local-store DIR --net-config-path
+/// CONF`, or `--etcd-endpoints URL`); `extra` are further flags (e.g.
+/// `--lease-ttl`).
 pub(crate) fn spawn_flanneld(
     ns: &NetNs,
     bin_dir: &Path,
     node_dir: &Path,
-    store: &Path,
-    net_conf: &Path,
+    store_args: &[OsString],
     subnet_file: &Path,
 ) -> Result<u32> {
     let log_path = node_dir.join(LOG_FILE);
@@ -98,10 +109,7 @@ pub(crate) fn spawn_flanneld(
     }
     // The log is a file: no terminal colours (honoured by tracing-subscriber).
     cmd.env("NO_COLOR", "1");
-    cmd.arg("--local-store")
-        .arg(store)
-        .arg("--net-config-path")
-        .arg(net_conf)
+    cmd.args(store_args)
         .arg("--subnet-file")
         .arg(subnet_file)
         .stdin(Stdio::null())
@@ -122,10 +130,7 @@ pub(crate) fn spawn_flanneld(
             bin_dir.join(FLANNELD_BINARY).display()
         )))?;
     let pid = child.id();
-    CHILDREN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(child);
+    adopt(child);
     write_atomic(&node_dir.join(PID_FILE), format!("{pid}\n").as_bytes())?;
     Ok(pid)
 }
@@ -162,18 +167,25 @@ pub(crate) fn is_alive(pid: u32) -> bool {
 
 /// Whether `pid` is a live `flanneld` whose command line points into `lab_dir`.
 pub(crate) fn is_lab_flanneld(pid: u32, lab_dir: &Path) -> bool {
+    is_lab_process(pid, lab_dir, FLANNELD_BINARY)
+}
+
+/// Whether `pid` is a live `binary` (by the file name of argv\[0\]) whose
+/// command line names a path inside `lab_dir` (a daemon's files, etcd's
+/// data directory): a recycled pid of another program never matches.
+pub(crate) fn is_lab_process(pid: u32, lab_dir: &Path, binary: &str) -> bool {
     if !is_alive(pid) {
         return false;
     }
     let Some(args) = cmdline(pid) else {
         return false;
     };
-    let is_flanneld = args
+    let is_binary = args
         .first()
         .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|n| n == FLANNELD_BINARY);
+        .is_some_and(|n| n == binary);
     let prefix = lab_dir.to_string_lossy();
-    is_flanneld
+    is_binary
         && args
             .iter()
             .any(|a| Path::new(a).starts_with(prefix.as_ref()))
@@ -201,12 +213,48 @@ pub fn lab_processes(name: &str) -> Vec<u32> {
 /// SIGTERM, wait up to `timeout`, then SIGKILL. Only signals `pid` if it is
 /// this lab's flanneld; returns whether it was.
 pub(crate) fn stop_flanneld(pid: u32, lab_dir: &Path, timeout: Duration) -> Result<bool> {
+    stop_process(pid, lab_dir, FLANNELD_BINARY, timeout)
+}
+
+/// `kill -KILL PID` of this lab's flanneld (a crash: no cleanup, the lease
+/// stays until it expires). Returns whether it was this lab's flanneld.
+pub(crate) fn kill_flanneld(pid: u32, lab_dir: &Path) -> Result<bool> {
     if !is_lab_flanneld(pid, lab_dir) {
+        return Ok(false);
+    }
+    match kill(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+        Ok(()) | Err(nix::Error::ESRCH) => {}
+        Err(e) => {
+            return Err(LabError::Io {
+                context: format!("kill -KILL {pid} (flanneld)"),
+                source: std::io::Error::from(e),
+            })
+        }
+    }
+    if wait_gone(pid, Duration::from_secs(5)) {
+        Ok(true)
+    } else {
+        Err(LabError::Timeout {
+            what: format!("flanneld (pid {pid}) to exit after SIGKILL"),
+            secs: 5.0,
+        })
+    }
+}
+
+/// [`stop_flanneld`] for any of the lab's programs (`binary` is the file
+/// name of its argv\[0\], e.g. `etcd`).
+pub(crate) fn stop_process(
+    pid: u32,
+    lab_dir: &Path,
+    binary: &str,
+    timeout: Duration,
+) -> Result<bool> {
+    if !is_lab_process(pid, lab_dir, binary) {
         return Ok(false);
     }
     let target = Pid::from_raw(pid as i32);
     let signal_err = |sig: &str, e: nix::Error| LabError::Io {
-        context: format!("kill -{sig} {pid} (flanneld)"),
+        context: format!("kill -{sig} {pid} ({binary})"),
         source: std::io::Error::from(e),
     };
     match kill(target, Signal::SIGTERM) {
@@ -224,7 +272,7 @@ pub(crate) fn stop_flanneld(pid: u32, lab_dir: &Path, timeout: Duration) -> Resu
         Ok(true)
     } else {
         Err(LabError::Timeout {
-            what: format!("flanneld (pid {pid}) to exit after SIGKILL"),
+            what: format!("{binary} (pid {pid}) to exit after SIGKILL"),
             secs: timeout.as_secs_f64() + 5.0,
         })
     }

@@ -35,6 +35,12 @@ impl DaemonStatus {
 #[derive(Debug, Clone)]
 pub struct LabStatus {
     pub name: String,
+    /// `local /run/flannel-lab/NAME/store` or `etcd http://172.16.1.8:2379`.
+    pub store: String,
+    /// For `--store etcd`: the etcd process (pid, running).
+    pub etcd: Option<(Option<u32>, bool)>,
+    /// Whether the store answered a read of every lease, or why not.
+    pub store_health: Result<(), String>,
     pub nodes: Vec<DaemonStatus>,
     /// The leases of the lab's store, or why they could not be read.
     pub leases: Result<Vec<LeaseRow>, String>,
@@ -43,14 +49,32 @@ pub struct LabStatus {
 }
 
 impl LabStatus {
-    /// Every node's namespace, daemon and subnet.env are in place.
+    /// Every node's namespace, daemon and subnet.env are in place and the
+    /// store answers.
     pub fn healthy(&self) -> bool {
-        self.nodes.iter().all(DaemonStatus::healthy)
+        self.nodes.iter().all(DaemonStatus::healthy) && self.store_health.is_ok()
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "lab {}", self.name);
+        let _ = writeln!(out, "\nstore: {}", self.store);
+        if let Some((pid, alive)) = self.etcd {
+            let _ = writeln!(
+                out,
+                "  etcd pid {} {}",
+                pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                if alive { "running" } else { "stopped" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  health: {}",
+            match &self.store_health {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("DOWN: {e}"),
+            }
+        );
         let _ = writeln!(out, "\nnodes:");
         let _ = writeln!(
             out,
@@ -127,7 +151,16 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
             }
         })
         .collect();
-    let leases = leases::list(&lab.store_dir()).map_err(|e| e.to_string());
+    let leases = lab
+        .leases()
+        .map(|mut l| {
+            l.sort_by_key(|l| l.key);
+            l.iter().map(LeaseRow::from_lease).collect::<Vec<_>>()
+        })
+        .map_err(|e| e.to_string());
+    let store_health = leases.as_ref().map(|_| ()).map_err(Clone::clone);
+    let etcd =
+        (lab.state.store == super::StoreKind::Etcd).then(|| (lab.etcd_pid(), lab.etcd_alive()));
     let pods = lab
         .state
         .pods
@@ -143,6 +176,9 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
         .collect();
     LabStatus {
         name: lab.state.name.clone(),
+        store: lab.store_description(),
+        etcd,
+        store_health,
         nodes,
         leases,
         pods,
