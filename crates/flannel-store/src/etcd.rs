@@ -99,6 +99,9 @@ const UPDATE_ATTEMPTS: u32 = 10;
 const REQUEST_ATTEMPTS: u32 = 8;
 const RETRY_FIRST_DELAY: Duration = Duration::from_millis(50);
 const RETRY_MAX_DELAY: Duration = Duration::from_secs(1);
+/// Immediate retries of a request whose endpoint could not be connected to
+/// (the balanced channel picks endpoints at random).
+const UNREACHED_ATTEMPTS: u32 = 16;
 /// gRPC status code UNAVAILABLE (fixed by the gRPC spec): connection
 /// refused, no leader, leader changed, request timed out in raft.
 const GRPC_UNAVAILABLE: i32 = 14;
@@ -498,8 +501,16 @@ impl Inner {
     {
         let mut delay = RETRY_FIRST_DELAY;
         let mut attempt = 1;
+        let mut unreached = 0;
         loop {
             match f(self.client.clone()).await {
+                // The endpoint picked is down (as one of upstream's two
+                // default endpoints usually is): the next pick may be
+                // another one, so try again at once.
+                Err(e) if unreached < UNREACHED_ATTEMPTS && is_not_reached(&e) => {
+                    tracing::debug!(what, error = %e, "etcd endpoint not reachable; trying another");
+                    unreached += 1;
+                }
                 Err(e) if attempt < REQUEST_ATTEMPTS && is_transient(&e) => {
                     tracing::debug!(what, attempt, error = %e, "etcd request failed; trying again");
                     tokio::time::sleep(delay).await;
@@ -1244,6 +1255,16 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 /// etcd refused a read at a revision it has compacted.
 fn is_compacted(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
+}
+
+/// The request never reached a server: connecting to the endpoint failed.
+fn is_not_reached(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            i32::from(s.code()) == GRPC_UNAVAILABLE && s.message().contains("connect error")
+        }
+        _ => false,
+    }
 }
 
 /// Whether a failed request may succeed on another member or a bit later.

@@ -1380,3 +1380,40 @@ async fn dual_stack_racers_never_share_either_family() {
     assert_eq!(v4.len(), 12, "IPv4 subnet handed out twice: {leases:?}");
     assert_eq!(v6.len(), 12, "IPv6 subnet handed out twice: {leases:?}");
 }
+
+#[tokio::test]
+async fn a_dead_endpoint_in_the_list_is_tolerated() {
+    // As with upstream's default --etcd-endpoints, where only one of
+    // 127.0.0.1:4001 and 127.0.0.1:2379 usually answers.
+    let etcd = EtcdServer::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_endpoint = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let store = EtcdStore::connect(EtcdOptions {
+        endpoints: vec![dead_endpoint, etcd.endpoint()],
+        ..etcd.store_options()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    for i in 0..100u8 {
+        store
+            .create_lease(&lease(&format!("10.244.{i}.0-24"), attrs(i)), Some(DAY))
+            .await
+            .unwrap()
+            .unwrap();
+        store.list_leases().await.unwrap();
+    }
+    // Requests that hit the dead endpoint go to the live one at once, with
+    // no pause: 100 creates and lists take well under a second or two.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rx = store.watch_leases().await.unwrap();
+    match next(&mut rx).await {
+        WatchEvent::Snapshot(s) => assert_eq!(s.leases.len(), 100),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
