@@ -1114,13 +1114,16 @@ async fn watch_once(
     revision: i64,
     backoff: &mut Duration,
 ) -> StreamEnd {
-    let mut watcher = inner.watcher.clone();
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1)
         .with_prev_key();
+    let start = inner.call_raw("watch", |_| {
+        let (mut watcher, key, opts) = (inner.watcher.clone(), inner.subnets.clone(), opts.clone());
+        async move { watcher.watch(key, Some(opts)).await }
+    });
     let started = tokio::select! {
-        r = watcher.watch(inner.subnets.as_str(), Some(opts)) => r,
+        r = start => r,
         _ = tx.closed() => return StreamEnd::Stop,
         _ = shutdown.changed() => return StreamEnd::Stop,
     };

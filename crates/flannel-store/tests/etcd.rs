@@ -1411,9 +1411,29 @@ async fn a_dead_endpoint_in_the_list_is_tolerated() {
         "{:?}",
         started.elapsed()
     );
-    let mut rx = store.watch_leases().await.unwrap();
-    match next(&mut rx).await {
-        WatchEvent::Snapshot(s) => assert_eq!(s.leases.len(), 100),
-        other => panic!("expected a snapshot, got {other:?}"),
+    // Watches start on the live endpoint without a resync either: snapshot,
+    // then exactly the next change.
+    for i in 0..10u8 {
+        let mut rx = store.watch_leases().await.unwrap();
+        match next(&mut rx).await {
+            WatchEvent::Snapshot(s) => assert_eq!(s.leases.len(), 100 + i as usize),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        let k = format!("10.245.{i}.0-24");
+        store
+            .create_lease(&lease(&k, attrs(i)), Some(DAY))
+            .await
+            .unwrap()
+            .unwrap();
+        match next(&mut rx).await {
+            WatchEvent::Events { events, .. } => {
+                assert!(matches!(&events[..], [LeaseEvent::Upsert(l)] if l.key == key(&k)))
+            }
+            WatchEvent::Snapshot(s) => panic!(
+                "watch {i}: expected the event, got another snapshot ({} leases at revision {})",
+                s.leases.len(),
+                s.revision
+            ),
+        }
     }
 }
