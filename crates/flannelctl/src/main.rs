@@ -247,6 +247,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .join(", "),
                 lab.dir().display()
             );
+            println!("store: {}", lab.store_description());
             for p in &lab.state.pods {
                 if let Some(ip) = p.ip {
                     println!("pod {} on {}: {}", p.name, p.node, ip);

@@ -306,6 +306,38 @@ fn etcd_lab_matrix_leases_and_upstream_wire_layout() {
     assert!(status.healthy(), "{text}");
     assert!(text.contains("etcd http://172.16.1.8:2379"), "{text}");
     assert!(text.contains("running"), "{text}");
+
+    // `down` stops etcd too (by its verified pid) and leaves nothing behind.
+    let etcd_pid = lab.etcd_pid().expect("etcd.pid");
+    lab::down(lab.name()).unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{etcd_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{etcd_pid}/stat"))
+                .is_ok_and(|s| s.contains(") Z")),
+        "etcd (pid {etcd_pid}) survived lab down"
+    );
+    assert_eq!(lab::lab_processes(lab.name()), Vec::<u32>::new());
+    assert_eq!(lab::lab_namespaces(lab.name()), Vec::<String>::new());
+}
+
+#[test]
+fn missing_etcd_binary_is_a_clear_error_and_builds_nothing() {
+    require_root();
+    bin_dir();
+    let name = unique_name();
+    let out = Command::new(env!("CARGO_BIN_EXE_flannelctl"))
+        .args(["lab", "up", "--store", "etcd", "--name", &name])
+        .env("FLANNEL_LAB_ETCD", "/nonexistent/etcd")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let (namespaces, dir) = (lab::lab_namespaces(&name), lab::lab_dir(&name).exists());
+    // Should it have built anything, remove it before failing.
+    let _ = lab::down(&name);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("apt-get install etcd-server"), "{err}");
+    assert!(namespaces.is_empty(), "{namespaces:?}");
+    assert!(!dir, "the labdir was created");
 }
 
 #[test]

@@ -540,6 +540,9 @@ impl Lab {
             });
         }
         let bin_dir = resolve_bin_dir(opts.bin_dir.as_deref())?;
+        if opts.store == StoreKind::Etcd {
+            etcd::etcd_binary()?;
+        }
         let dir = lab_dir(&opts.name);
         let leftovers = lab_namespaces(&opts.name);
         if !leftovers.is_empty() {
@@ -565,9 +568,6 @@ impl Lab {
                 reason: "0 is out of range: give the lease lifetime in seconds, at least 1"
                     .to_string(),
             });
-        }
-        if opts.store == StoreKind::Etcd {
-            etcd::etcd_binary()?;
         }
         let mut state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
         state.store = opts.store;
