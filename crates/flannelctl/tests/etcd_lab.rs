@@ -530,3 +530,62 @@ fn short_ttl_leases_are_renewed_and_never_lapse() {
     let m = lab.check().unwrap();
     assert!(m.all_ok(), "{}", m.render());
 }
+
+#[test]
+fn etcd_outage_longer_than_the_lease_ttl_removes_nothing() {
+    // Upstream acts only on etcd's own DELETE of an expired key; while etcd
+    // is down nothing expires (etcd extends every lease when it is back), so
+    // a node must not expire its peers' leases on its own clock.
+    const TTL: u64 = 4;
+    let lab = etcd_lab(2, Some(TTL), false);
+    let nodes = ["master", "k8s-node1", "k8s-node2"];
+    let macs = macs_of(&lab, &nodes);
+    let mut mons = monitors(&lab, &nodes);
+    let to = lab.pod("ubuntu-2").unwrap().ip.unwrap().addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinging = ping_loop(&lab, "ubuntu-1", to, stop.clone());
+
+    assert!(lab.stop_store().unwrap(), "etcd was not running");
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(3 * TTL) {
+        for n in nodes {
+            assert!(lab.daemon_alive(n), "{n}'s flanneld died during the outage");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let during = deletions(&lab, &mut mons);
+    assert!(
+        during.is_empty(),
+        "kernel state deleted during an outage of {:?} (lease TTL {TTL} s): {during:?}",
+        outage.elapsed()
+    );
+    lab.start_store().unwrap();
+    // Back: every lease is there again and renewed on, nothing was deleted.
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(2 * TTL) {
+        if let Ok(leases) = lab.leases() {
+            for n in &lab.state.nodes {
+                assert!(
+                    leases.iter().any(|l| l.key.ipv4 == Some(n.subnet)),
+                    "{}'s lease is gone {:?} after etcd returned",
+                    n.name,
+                    back.elapsed()
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (sent, lost) = pinging.join().unwrap();
+    assert!(lost.is_empty(), "lost pings {lost:?} of {sent}");
+    let after = deletions(&lab, &mut mons);
+    assert!(
+        after.is_empty(),
+        "kernel state deleted after etcd returned: {after:?}"
+    );
+    for n in nodes {
+        tables_match(&lab, n, &macs).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let m = lab.check().unwrap();
+    assert!(m.all_ok(), "{}", m.render());
+}
