@@ -220,7 +220,7 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
             StoreKind::Local(dir) => {
                 let store = LocalStore::open(&dir)?;
                 let cfg = load_config(&flags, store.get_network_config().await?)?;
-                run_with_store(flags, store, cfg).await
+                run_with_store(flags, store, cfg, false).await
             }
             StoreKind::Etcd(opts) => {
                 let prefix = opts.prefix.clone();
@@ -237,7 +237,7 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
                     ),
                     source: Box::new(source),
                 })?;
-                run_with_store(flags, store, cfg).await
+                run_with_store(flags, store, cfg, true).await
             }
         }
     })
@@ -245,10 +245,13 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
 
 /// Everything after the store is open and the config read: validation,
 /// interface selection (read-only), acquisition, device, subnet.env, loop.
+///
+/// `store_expires_leases`: see [`State::store_expires_leases`].
 async fn run_with_store<S: Store>(
     flags: Flags,
     store: S,
     cfg: NetConfig,
+    store_expires_leases: bool,
 ) -> Result<(), DaemonError> {
     // Everything that can be refused is checked before anything is written.
     let (vx, network) = check_supported(&cfg)?;
@@ -294,7 +297,7 @@ async fn run_with_store<S: Store>(
         ext,
         existing_device,
     };
-    run_async(flags, startup, store).await
+    run_async(flags, startup, store, store_expires_leases).await
 }
 
 struct State<S: Store> {
@@ -306,9 +309,22 @@ struct State<S: Store> {
     leases: BTreeMap<LeaseKey, Lease>,
     mtu: u32,
     reconciler: Option<Reconciler>,
+    /// The store itself deletes expired leases and says so through the
+    /// watch (etcd: the DELETE of a key whose etcd lease ran out). Then
+    /// the datapath must not also expire leases on this node's clock: while
+    /// etcd is unreachable no peer can renew, yet none has expired (etcd
+    /// extends every lease when it is back), and expiring them locally would
+    /// tear down the routes to every live peer during an outage longer than
+    /// a TTL. Upstream, too, acts only on the store's events.
+    store_expires_leases: bool,
 }
 
-async fn run_async<S: Store>(flags: Flags, s: Startup, store: S) -> Result<(), DaemonError> {
+async fn run_async<S: Store>(
+    flags: Flags,
+    s: Startup,
+    store: S,
+    store_expires_leases: bool,
+) -> Result<(), DaemonError> {
     // VtepMAC: the existing device's, else our previous lease's, else random.
     let snapshot = store.list_leases().await?;
     let prev_mac = snapshot
@@ -340,6 +356,7 @@ async fn run_async<S: Store>(flags: Flags, s: Startup, store: S) -> Result<(), D
         leases,
         mtu,
         reconciler: None,
+        store_expires_leases,
     };
     let settings = st.settings(mac);
     let rec = Reconciler::start(settings, st.lease_vec())?;
@@ -405,8 +422,19 @@ impl<S: Store> State<S> {
         vxlan::lease_vtep_mac(&self.attrs, self.s.vxlan.vni).expect("our own attrs carry the MAC")
     }
 
+    /// The leases as the datapath sees them; with a store that expires
+    /// leases itself, without expiry (see [`State::store_expires_leases`]).
     fn lease_vec(&self) -> Vec<Lease> {
-        self.leases.values().cloned().collect()
+        self.leases
+            .values()
+            .cloned()
+            .map(|mut l| {
+                if self.store_expires_leases {
+                    l.expiration = None;
+                }
+                l
+            })
+            .collect()
     }
 
     fn write_subnet_env(&self) -> Result<(), DaemonError> {
