@@ -2,7 +2,9 @@
 //! (Debian's containernetworking-plugins: bridge + host-local) with the
 //! equivalent config, each run exactly as a runtime runs it, in a node
 //! namespace of its own. `cargo bench -p flannel-cni`; set
-//! `FLANNEL_CNI_BENCH_N` to change the number of pods (default 100).
+//! `FLANNEL_CNI_BENCH_N` to change the number of pods (default 100) and
+//! `FLANNEL_CNI_BENCH_BIN` to measure another build of the plugin (e.g. the
+//! static build `scripts/bench-cni` makes, as the plugin is shipped).
 //!
 //! Target: our ADD p50 at most a quarter of the reference's.
 
@@ -113,10 +115,12 @@ fn main() {
         .map(|_| ScopedNetNs::unique("fcni-benchp").unwrap())
         .collect();
 
+    let ours_bin = std::env::var("FLANNEL_CNI_BENCH_BIN").unwrap_or_else(|_| OURS.to_string());
+    println!("flannel-rs plugin measured: {ours_bin}");
     let ours_node = Node::new("fcni-bench");
     let mut sides = vec![Side {
         node: &ours_node,
-        bin: Path::new(OURS),
+        bin: Path::new(&ours_bin),
         conf: ours_node.conf("0.3.1"),
         ifname: "eth0",
         add: Vec::new(),
