@@ -1623,4 +1623,73 @@ mod tests {
         assert_eq!(v["Backend"]["Type"], "vxlan");
         assert_eq!(v["Backend"]["VNI"], 1);
     }
+
+    #[test]
+    fn store_kind_parses_and_old_lab_json_means_local_with_reservations() {
+        assert_eq!("etcd".parse::<StoreKind>().unwrap(), StoreKind::Etcd);
+        assert_eq!("local".parse::<StoreKind>().unwrap(), StoreKind::Local);
+        let err = "consul".parse::<StoreKind>().unwrap_err();
+        assert!(err.contains("local") && err.contains("etcd"), "{err}");
+        assert_eq!(StoreKind::Etcd.to_string(), "etcd");
+
+        let mut s = LabState::plan("t1", 1, 1500, PathBuf::from("/bin"));
+        s.store = StoreKind::Etcd;
+        s.lease_ttl = Some(5);
+        s.reservations = false;
+        let back: LabState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        // lab.json written before the store options existed.
+        let mut v = serde_json::to_value(&s).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("store");
+        obj.remove("lease_ttl");
+        obj.remove("reservations");
+        let old: LabState = serde_json::from_value(v).unwrap();
+        assert_eq!(old.store, StoreKind::Local);
+        assert_eq!(old.lease_ttl, None);
+        assert!(old.reservations);
+    }
+
+    #[test]
+    fn daemons_get_the_store_flags_and_the_ttl() {
+        let mut lab = Lab {
+            state: LabState::plan("t1", 1, 1500, PathBuf::from("/bin")),
+        };
+        let args = |lab: &Lab| -> Vec<String> {
+            lab.daemon_store_args()
+                .unwrap()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            args(&lab),
+            [
+                "--local-store",
+                "/run/flannel-lab/t1/store",
+                "--net-config-path",
+                "/run/flannel-lab/t1/net-conf.json"
+            ]
+        );
+        lab.state.store = StoreKind::Etcd;
+        lab.state.lease_ttl = Some(7);
+        assert_eq!(
+            args(&lab),
+            [
+                "--etcd-endpoints",
+                "http://172.16.1.8:2379",
+                "--lease-ttl",
+                "7"
+            ]
+        );
+        assert_eq!(
+            lab.etcd_lease_key("k8s-node1").unwrap(),
+            "/coreos.com/network/subnets/10.244.1.0-24"
+        );
+        let err = lab.require_etcd("stop_store");
+        assert!(err.is_ok());
+        lab.state.store = StoreKind::Local;
+        let err = lab.stop_store().unwrap_err().to_string();
+        assert!(err.contains("--store etcd"), "{err}");
+    }
 }
