@@ -307,9 +307,21 @@ fn etcd_lab_matrix_leases_and_upstream_wire_layout() {
     assert!(text.contains("etcd http://172.16.1.8:2379"), "{text}");
     assert!(text.contains("running"), "{text}");
 
-    // `down` stops etcd too (by its verified pid) and leaves nothing behind.
+    // `down` stops etcd too, and only etcd: etcd.pid is made to name another
+    // process (a stale pid file whose pid was reused), which must survive;
+    // the real etcd is still found by its command line and stopped.
     let etcd_pid = lab.etcd_pid().expect("etcd.pid");
-    lab::down(lab.name()).unwrap();
+    let mut decoy = Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::write(lab.etcd_dir().join("etcd.pid"), format!("{}\n", decoy.id())).unwrap();
+    let down = lab::down(lab.name());
+    let decoy_alive = decoy.try_wait().unwrap().is_none();
+    decoy.kill().unwrap();
+    decoy.wait().unwrap();
+    down.unwrap();
+    assert!(
+        decoy_alive,
+        "lab down killed a process that is not its etcd"
+    );
     assert!(
         !std::path::Path::new(&format!("/proc/{etcd_pid}")).exists()
             || std::fs::read_to_string(format!("/proc/{etcd_pid}/stat"))
