@@ -134,6 +134,23 @@ enum LabCommand {
         #[arg(long)]
         no_reservations: bool,
     },
+    /// Stop or start the lab's etcd (`--store etcd`): an outage and its end.
+    /// `stop` keeps the data; `start` resumes on the same data and addresses.
+    Store {
+        #[command(flatten)]
+        name: NameArg,
+        /// `stop` or `start`.
+        #[arg(value_parser = ["stop", "start"])]
+        action: String,
+    },
+    /// Add a worker (the next k8s-nodeI, with its pod ubuntu-I) to the running lab.
+    AddNode {
+        #[command(flatten)]
+        name: NameArg,
+        /// How long to wait for its lease and pod (seconds).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// The leases of the lab's store (whichever it is).
     Leases {
         #[command(flatten)]
@@ -202,6 +219,42 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => leases::list_etcd(etcd.options())?,
             };
             print_leases(&rows, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Store { name, action }) => {
+            let lab = Lab::open(&name.name)?;
+            if action == "stop" {
+                let was = lab.stop_store()?;
+                println!(
+                    "etcd of lab {} {}",
+                    lab.name(),
+                    if was { "stopped" } else { "was not running" }
+                );
+            } else {
+                let pid = lab.start_store()?;
+                println!(
+                    "etcd of lab {} started: pid {pid}, {}",
+                    lab.name(),
+                    lab.etcd_endpoint()?
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::AddNode { name, timeout }) => {
+            let mut lab = Lab::open(&name.name)?;
+            let node = lab.add_node(std::time::Duration::from_secs(timeout))?;
+            let n = lab.node(&node)?;
+            println!(
+                "{node} {} {} joined lab {}",
+                n.underlay_ip,
+                n.subnet,
+                lab.name()
+            );
+            for p in lab.state.pods.iter().filter(|p| p.node == node) {
+                if let Some(ip) = p.ip {
+                    println!("pod {} on {}: {}", p.name, p.node, ip);
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::Leases { name, json }) => {

@@ -307,6 +307,28 @@ fn etcd_lab_matrix_leases_and_upstream_wire_layout() {
     assert!(text.contains("etcd http://172.16.1.8:2379"), "{text}");
     assert!(text.contains("running"), "{text}");
 
+    // The operator's commands: an outage and its end, a node joining.
+    let name = lab.name().to_string();
+    let stopped = flannelctl(&["lab", "store", "stop", "--name", &name]);
+    assert!(stopped.contains("stopped"), "{stopped}");
+    let st = Command::new(env!("CARGO_BIN_EXE_flannelctl"))
+        .args(["lab", "status", "--name", &name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(!st.status.success(), "status exits 0 without etcd:\n{text}");
+    assert!(text.contains("stopped") && text.contains("DOWN"), "{text}");
+    let started = flannelctl(&["lab", "store", "start", "--name", &name]);
+    assert!(started.contains("http://172.16.1.8:2379"), "{started}");
+    let added = flannelctl(&["lab", "add-node", "--name", &name]);
+    assert!(
+        added.contains("k8s-node4 172.16.1.24 10.244.4.0/24"),
+        "{added}"
+    );
+    let m = wait_matrix_green(&Lab::open(&name).unwrap(), Duration::from_secs(20));
+    assert_eq!(m.total(), 4 * (3 + 10));
+    flannelctl(&["lab", "status", "--name", &name]);
+
     // `down` stops etcd too, and only etcd: etcd.pid is made to name another
     // process (a stale pid file whose pid was reused), which must survive;
     // the real etcd is still found by its command line and stopped.
