@@ -57,8 +57,6 @@ pub enum DaemonError {
     Ipv4Required,
     #[error("{0}")]
     EtcdOption(String),
-    #[error("{0}")]
-    EtcdConfigMissing(String),
     #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
     KubeNotImplemented,
     #[error("selecting the external interface: {0}")]
@@ -188,6 +186,42 @@ async fn connect_etcd(opts: EtcdOptions) -> Result<EtcdStore, DaemonError> {
     }
 }
 
+/// Reads `<prefix>/config` from etcd, waiting while it is missing, invalid
+/// or asks for something not implemented: the operator fixes it with
+/// `etcdctl put` and this node carries on, instead of crash-looping (a bad
+/// config in etcd is shared by every node). `Ok(None)` on SIGTERM/SIGINT
+/// while waiting.
+async fn wait_for_etcd_config(
+    store: &EtcdStore,
+    prefix: &str,
+) -> Result<Option<NetConfig>, DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
+    let key = format!("{}/{}", prefix.trim_end_matches('/'), wire::ETCD_CONFIG_KEY);
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let problem = match store.get_network_config().await {
+            Ok(Some(text)) => match config::parse(&text) {
+                Ok(cfg) => match check_supported(&cfg) {
+                    Ok(_) => return Ok(Some(cfg)),
+                    Err(e) => format!("{key} in etcd: {e}"),
+                },
+                Err(e) => format!("{key} in etcd is invalid: {e}"),
+            },
+            Ok(None) => missing_config_message(prefix),
+            Err(e) => format!("reading {key}: {e}"),
+        };
+        tracing::error!(retry_in = ?delay, "{problem}; waiting for a valid config");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = sigterm.recv() => return Ok(None),
+            _ = sigint.recv() => return Ok(None),
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
 /// The subnet recorded in a previous subnet.env (`FLANNEL_SUBNET=10.244.1.1/24` -> 10.244.1.0/24).
 pub fn previous_subnet(flags: &Flags) -> Option<LeaseKey> {
     let text = match subnet_file::read(&flags.subnet_file) {
@@ -226,17 +260,9 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
                 let prefix = opts.prefix.clone();
                 let store = connect_etcd(opts).await?;
                 // In etcd mode the config lives in etcd, as upstream.
-                let text = store.get_network_config().await?.ok_or_else(|| {
-                    DaemonError::EtcdConfigMissing(missing_config_message(&prefix))
-                })?;
-                let cfg = config::parse(&text).map_err(|source| DaemonError::Config {
-                    path: format!(
-                        "{}/{} in etcd",
-                        prefix.trim_end_matches('/'),
-                        wire::ETCD_CONFIG_KEY
-                    ),
-                    source: Box::new(source),
-                })?;
+                let Some(cfg) = wait_for_etcd_config(&store, &prefix).await? else {
+                    return Ok(());
+                };
                 run_with_store(flags, store, cfg, true).await
             }
         }

@@ -1001,20 +1001,45 @@ impl SwitchEtcd {
 fn etcd_store_shared_by_two_nodes() {
     let c = Cluster::new("etcd", 2);
     let etcd = SwitchEtcd::start(&c);
-    // Missing <prefix>/config: a clear error naming the key, nothing written.
+    // Missing <prefix>/config: a clear error naming the key, nothing written,
+    // and flanneld waits for it instead of exiting.
     let etcd_args = |i: usize| -> Vec<String> {
         let mut a = c.args(i, &["--etcd-endpoints", &etcd.endpoint]);
         let pos = a.iter().position(|x| x == "--local-store").unwrap();
         a.drain(pos..pos + 2);
         a
     };
-    let mut child = spawn_in(&c.nodes[0].ns, &etcd_args(0), &c.nodes[0].log());
-    let st = wait_for("flanneld to exit", Duration::from_secs(15), || {
-        child.try_wait().unwrap()
+    let mut early = Daemon {
+        child: Some(spawn_in(&c.nodes[0].ns, &etcd_args(0), &c.nodes[0].log())),
+        log: c.nodes[0].log(),
+    };
+    wait_for("the missing-config error", Duration::from_secs(15), || {
+        read_log(&c.nodes[0].log())
+            .contains("/coreos.com/network/config")
+            .then_some(())
     });
-    assert!(!st.success());
-    let log = read_log(&c.nodes[0].log());
-    assert!(log.contains("/coreos.com/network/config"), "{log}");
+    // A config that fails validation: logged, still waiting, nothing written.
+    etcd.with_store(|s| async move {
+        let mut client = s.client();
+        client
+            .put(
+                "/coreos.com/network/config",
+                r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#,
+                None,
+            )
+            .await
+            .unwrap();
+    })
+    .unwrap();
+    wait_for("the invalid-config error", Duration::from_secs(15), || {
+        read_log(&c.nodes[0].log())
+            .contains("SubnetLen")
+            .then_some(())
+    });
+    assert!(
+        early.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "flanneld must wait for a valid config, not exit"
+    );
     assert!(c.nodes[0].state().is_none());
 
     etcd.with_store(|s| async move {
@@ -1025,6 +1050,9 @@ fn etcd_store_shared_by_two_nodes() {
             .unwrap();
     })
     .unwrap();
+    // The waiting daemon picks the config up by itself.
+    c.nodes[0].wait_subnet(&mut early);
+    assert!(early.stop().success());
     let mut d: Vec<Daemon> = (0..2)
         .map(|i| Daemon {
             child: Some(spawn_in(&c.nodes[i].ns, &etcd_args(i), &c.nodes[i].log())),
