@@ -7,10 +7,9 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use flannel_core::wire;
-use flannel_store::etcd::EtcdOptions;
 use flannelctl::lab::{self, Lab, LabOptions};
 use flannelctl::leases;
+use flanneld::flags::EtcdFlags;
 
 #[derive(Parser)]
 #[command(name = "flannelctl", version, about = "The flannel-rs operator's tool")]
@@ -33,57 +32,11 @@ enum Command {
         #[arg(long, env = "FLANNELD_LOCAL_STORE", value_name = "DIR")]
         local_store: Option<PathBuf>,
         #[command(flatten)]
-        etcd: EtcdArgs,
+        etcd: EtcdFlags,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-}
-
-/// flanneld's etcd flags, with the same names, defaults and variables.
-#[derive(Args)]
-struct EtcdArgs {
-    /// Comma-separated etcd endpoints.
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = wire::DEFAULT_ETCD_ENDPOINTS)]
-    etcd_endpoints: String,
-    /// etcd key prefix.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = wire::DEFAULT_ETCD_PREFIX)]
-    etcd_prefix: String,
-    /// TLS CA file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
-    etcd_cafile: Option<PathBuf>,
-    /// TLS certificate file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
-    etcd_certfile: Option<PathBuf>,
-    /// TLS key file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
-    etcd_keyfile: Option<PathBuf>,
-    /// etcd user name.
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
-    etcd_username: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    etcd_password: Option<String>,
-}
-
-impl EtcdArgs {
-    fn options(self) -> EtcdOptions {
-        EtcdOptions {
-            endpoints: self
-                .etcd_endpoints
-                .split(',')
-                .map(|e| e.trim().to_string())
-                .filter(|e| !e.is_empty())
-                .collect(),
-            prefix: self.etcd_prefix,
-            ca_file: self.etcd_cafile,
-            cert_file: self.etcd_certfile,
-            key_file: self.etcd_keyfile,
-            username: self.etcd_username,
-            password: self.etcd_password,
-            ..EtcdOptions::default()
-        }
-    }
 }
 
 fn print_leases(rows: &[leases::LeaseRow], json: bool) {

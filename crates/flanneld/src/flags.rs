@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, Parser};
 use flannel_core::wire;
+use flannel_store::etcd::EtcdOptions;
 
 /// flannel-rs node daemon: leases a pod subnet and programs the vxlan overlay.
 ///
@@ -94,28 +95,9 @@ pub struct Flags {
           value_parser = clap::value_parser!(u64).range(1..=1439))]
     pub subnet_lease_renew_margin: u64,
 
-    /// Comma-separated etcd endpoints (the etcd v3 store is used unless
-    /// --local-store or --kube-subnet-mgr is given).
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = wire::DEFAULT_ETCD_ENDPOINTS)]
-    pub etcd_endpoints: String,
-    /// etcd key prefix.
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = wire::DEFAULT_ETCD_PREFIX)]
-    pub etcd_prefix: String,
-    /// TLS key file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
-    pub etcd_keyfile: Option<PathBuf>,
-    /// TLS certificate file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
-    pub etcd_certfile: Option<PathBuf>,
-    /// TLS CA file for etcd.
-    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
-    pub etcd_cafile: Option<PathBuf>,
-    /// etcd user name.
-    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
-    pub etcd_username: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
+    /// etcd connection flags (`--etcd-*`), shared with `flannelctl leases`.
+    #[command(flatten)]
+    pub etcd: EtcdFlags,
 
     /// Use the Kubernetes API as the subnet store (not implemented yet).
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", action = ArgAction::Set, num_args = 0..=1,
@@ -161,7 +143,72 @@ pub struct Flags {
     pub resync_interval: u64,
 }
 
+/// flanneld's etcd flags, one definition for every binary that talks to
+/// flanneld's etcd (`flanneld`, `flannelctl leases`): same names, defaults
+/// and `FLANNELD_ETCD_*` variables.
+#[derive(Debug, Clone, Args)]
+pub struct EtcdFlags {
+    /// Comma-separated etcd endpoints (the etcd v3 store is used unless
+    /// --local-store or --kube-subnet-mgr is given).
+    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = wire::DEFAULT_ETCD_ENDPOINTS)]
+    pub etcd_endpoints: String,
+    /// etcd key prefix.
+    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = wire::DEFAULT_ETCD_PREFIX)]
+    pub etcd_prefix: String,
+    /// TLS key file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// TLS certificate file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// TLS CA file for etcd.
+    #[arg(long, env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+impl EtcdFlags {
+    /// The store options these flags select; `--etcd-endpoints` is split at
+    /// commas, blanks around and between commas ignored.
+    pub fn options(&self) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: self
+                .etcd_endpoints
+                .split(',')
+                .map(|e| e.trim().to_string())
+                .filter(|e| !e.is_empty())
+                .collect(),
+            prefix: self.etcd_prefix.clone(),
+            ca_file: self.etcd_cafile.clone(),
+            cert_file: self.etcd_certfile.clone(),
+            key_file: self.etcd_keyfile.clone(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+            ..EtcdOptions::default()
+        }
+    }
+}
+
+/// `flags.etcd_endpoints` etc. stay reachable as before the etcd flags moved
+/// into [`EtcdFlags`] (field access auto-derefs), so code reading them from
+/// `Flags` needs no change. New code should use [`Flags::etcd_options`].
+impl std::ops::Deref for Flags {
+    type Target = EtcdFlags;
+    fn deref(&self) -> &EtcdFlags {
+        &self.etcd
+    }
+}
+
 impl Flags {
+    /// The etcd store options `--etcd-*` select (see [`EtcdFlags::options`]).
+    pub fn etcd_options(&self) -> EtcdOptions {
+        self.etcd.options()
+    }
     /// `--subnet-lease-renew-margin` as a duration.
     pub fn renew_margin(&self) -> Duration {
         Duration::from_secs(self.subnet_lease_renew_margin * 60)
@@ -319,5 +366,31 @@ mod tests {
         let explicit = explicit.unwrap();
         assert!(!explicit.ip_masq);
         assert_eq!(explicit.iface, vec!["lo"]);
+    }
+
+    #[test]
+    fn etcd_flags_give_store_options() {
+        let f = parse(&[
+            "--etcd-endpoints",
+            " http://10.0.0.1:2379 ,,https://h:2379",
+            "--etcd-prefix=/x/network",
+            "--etcd-cafile",
+            "/ca.pem",
+            "--etcd-username",
+            "u",
+        ])
+        .unwrap();
+        let o = f.etcd_options();
+        assert_eq!(o.endpoints, vec!["http://10.0.0.1:2379", "https://h:2379"]);
+        assert_eq!(o.prefix, "/x/network");
+        assert_eq!(o.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(o.username.as_deref(), Some("u"));
+        assert_eq!(o.password, None);
+        let d = parse(&[]).unwrap().etcd_options();
+        assert_eq!(
+            d.endpoints,
+            vec!["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
+        );
+        assert_eq!(d.prefix, "/coreos.com/network");
     }
 }
