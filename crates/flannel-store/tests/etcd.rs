@@ -563,6 +563,24 @@ async fn watch_resumes_after_an_etcd_restart() {
     let mut view = View::default();
     view.apply(next(&mut rx).await);
     assert_eq!(view.keys(), [key("10.244.1.0-24")].into());
+    // Make sure the watch stream is established before the restart (an event
+    // arrived through it); otherwise the watch could simply start after the
+    // restart and no stream would break.
+    store
+        .create_lease(&lease("10.244.3.0-24", attrs(3)), Some(DAY))
+        .await
+        .unwrap()
+        .unwrap();
+    view.until(&mut rx, "the lease created before the restart", |v| {
+        v.leases.contains_key(&key("10.244.3.0-24"))
+    })
+    .await;
+    store.delete_lease(&key("10.244.3.0-24")).await.unwrap();
+    view.until(&mut rx, "the deletion before the restart", |v| {
+        !v.leases.contains_key(&key("10.244.3.0-24"))
+    })
+    .await;
+    assert_eq!(view.snapshots, 1);
 
     // Stop, write nothing, start again on the same data dir and ports.
     tokio::task::block_in_place(|| {
