@@ -907,7 +907,17 @@ struct SwitchEtcd {
 }
 
 impl SwitchEtcd {
+    /// Starts etcd and waits until it answers.
     fn start(c: &Cluster) -> SwitchEtcd {
+        let e = SwitchEtcd::spawn(c);
+        wait_for("etcd to answer", Duration::from_secs(20), || {
+            e.with_store(|_| async {}).ok()
+        });
+        e
+    }
+
+    /// Starts etcd without waiting for it to answer.
+    fn spawn(c: &Cluster) -> SwitchEtcd {
         let data = c._tmp.0.join("etcd-data");
         let log = c._tmp.0.join("etcd.log");
         let endpoint = "http://172.16.1.1:2379".to_string();
@@ -953,18 +963,14 @@ impl SwitchEtcd {
         let child = cmd
             .spawn()
             .expect("spawn etcd (Debian package etcd-server)");
-        let e = SwitchEtcd {
+        SwitchEtcd {
             _child: Daemon {
                 child: Some(child),
                 log,
             },
             endpoint,
             ns_name: c.switch.name.clone(),
-        };
-        wait_for("etcd to answer", Duration::from_secs(20), || {
-            e.with_store(|_| async {}).ok()
-        });
-        e
+        }
     }
 
     /// Runs `f` with a store client, from a thread inside the switch namespace.
@@ -1076,6 +1082,92 @@ fn etcd_store_shared_by_two_nodes() {
     c.wait_programmed(0, &[peer(s1)], Duration::from_secs(10));
     c.wait_programmed(1, &[peer(s0)], Duration::from_secs(10));
     let dst = s1.network().to_string();
+    wait_for("ping through the overlay", Duration::from_secs(10), || {
+        ping(&c.nodes[0], &dst).then_some(())
+    });
+    for dm in d.drain(..) {
+        assert!(dm.stop().success());
+    }
+}
+
+/// flanneld started before its etcd (a node booting faster than the control
+/// plane) keeps retrying instead of exiting, and joins once etcd is up.
+#[test]
+fn flanneld_started_before_etcd_retries_then_joins() {
+    const RETRY: &str = "etcd not reachable yet; retrying";
+    let c = Cluster::new("etcdlate", 2);
+    // SwitchEtcd's address; nothing listens there until `SwitchEtcd::start`.
+    let endpoint = "http://172.16.1.1:2379";
+    let args = |i: usize| -> Vec<String> {
+        let mut a = c.args(i, &["--etcd-endpoints", endpoint]);
+        let pos = a.iter().position(|x| x == "--local-store").unwrap();
+        a.drain(pos..pos + 2);
+        a
+    };
+    let mut d: Vec<Daemon> = (0..2)
+        .map(|i| Daemon {
+            child: Some(spawn_in(&c.nodes[i].ns, &args(i), &c.nodes[i].log())),
+            log: c.nodes[i].log(),
+        })
+        .collect();
+    // Two retries each: the daemon survived at least one backoff pause.
+    for (i, dm) in d.iter_mut().enumerate() {
+        let node = &c.nodes[i];
+        wait_for(
+            &format!("{} to log two etcd retries", node.name),
+            Duration::from_secs(15),
+            || {
+                assert!(
+                    dm.alive(),
+                    "flanneld on {} exited while etcd was down; log:\n{}",
+                    node.name,
+                    read_log(&node.log())
+                );
+                (read_log(&node.log()).matches(RETRY).count() >= 2).then_some(())
+            },
+        );
+        assert!(dm.alive(), "flanneld on {} must keep waiting", node.name);
+        assert!(node.subnet_env().is_none() && node.state().is_none());
+    }
+
+    let etcd = SwitchEtcd::start(&c);
+    assert_eq!(etcd.endpoint, endpoint);
+    etcd.with_store(|s| async move {
+        let mut client = s.client();
+        client
+            .put("/coreos.com/network/config", CONFIG, None)
+            .await
+            .unwrap();
+    })
+    .unwrap();
+    // The backoff is capped at 10 s, so a retry comes within that.
+    let s: Vec<Ipv4Net> = (0..2)
+        .map(|i| {
+            wait_for(
+                &format!("{} subnet.env after etcd started", c.nodes[i].name),
+                Duration::from_secs(30),
+                || {
+                    assert!(d[i].alive(), "{}", read_log(&c.nodes[i].log()));
+                    c.nodes[i].subnet_env()?.lease_key()?.ipv4
+                },
+            )
+        })
+        .collect();
+    assert_ne!(s[0], s[1]);
+    let leases = etcd
+        .with_store(|st| async move { st.list_leases().await.unwrap().leases })
+        .unwrap();
+    let peer = |sub: Ipv4Net| {
+        let l = leases.iter().find(|l| l.key.ipv4 == Some(sub)).unwrap();
+        (
+            sub,
+            l.attrs.public_ip.unwrap(),
+            l.attrs.vxlan_data().unwrap().vtep_mac,
+        )
+    };
+    c.wait_programmed(0, &[peer(s[1])], Duration::from_secs(10));
+    c.wait_programmed(1, &[peer(s[0])], Duration::from_secs(10));
+    let dst = s[1].network().to_string();
     wait_for("ping through the overlay", Duration::from_secs(10), || {
         ping(&c.nodes[0], &dst).then_some(())
     });
