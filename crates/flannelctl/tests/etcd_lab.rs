@@ -300,6 +300,8 @@ fn etcd_lab_matrix_leases_and_upstream_wire_layout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http://127.0.0.1:1"), "{err}");
 
+    bad_values_in_etcd_are_logged_and_harm_no_valid_peer(&lab, &macs);
+
     // Status names the store and its health.
     let status = lab.status();
     let text = status.render();
@@ -352,6 +354,100 @@ fn etcd_lab_matrix_leases_and_upstream_wire_layout() {
     );
     assert_eq!(lab::lab_processes(lab.name()), Vec::<u32>::new());
     assert_eq!(lab::lab_namespaces(lab.name()), Vec::<String>::new());
+}
+
+/// Issue 3: a lease value that is not JSON, a key under `subnets/` that is
+/// no subnet, and a config that fails validation are each logged naming the
+/// key; every daemon stays alive, no valid peer's kernel state is removed
+/// (netlink monitors) and the matrix stays green. A daemon restarted while
+/// the config is invalid waits, logging why, and carries on once it is fixed.
+/// Leaves the lab as it found it (bad keys deleted, config restored).
+fn bad_values_in_etcd_are_logged_and_harm_no_valid_peer(lab: &Lab, macs: &[(String, MacAddr)]) {
+    const NOT_JSON: &str = "/coreos.com/network/subnets/10.244.99.0-24";
+    const NOT_A_SUBNET: &str = "/coreos.com/network/subnets/garbage";
+    const CONFIG: &str = "/coreos.com/network/config";
+    let nodes: Vec<String> = lab.state.nodes.iter().map(|n| n.name.clone()).collect();
+    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let pids: Vec<u32> = names.iter().map(|n| lab.daemon_pid(n).unwrap()).collect();
+    let log = |n: &str| std::fs::read_to_string(lab.log_path(n)).unwrap_or_default();
+    let mut mons = monitors(lab, &names);
+
+    lab.etcd_put(NOT_JSON, "not json").unwrap();
+    lab.etcd_put(NOT_A_SUBNET, "{}").unwrap();
+    // Every daemon's watch sees both keys and names them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for n in &names {
+        loop {
+            let text = log(n);
+            if text.contains(NOT_JSON) && text.contains(NOT_A_SUBNET) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n}'s log does not name both bad keys:\n{text}"
+            );
+            assert!(lab.daemon_alive(n), "{n}'s flanneld died:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // The running daemons read the config only at start: a node restarted
+    // now meets the invalid one.
+    let restarted = "k8s-node2";
+    let invalid = r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#;
+    lab.etcd_put(CONFIG, invalid).unwrap();
+    let holding_before = log(restarted).matches("holding lease").count();
+    assert!(lab.stop_daemon(restarted, Duration::from_secs(10)).unwrap());
+    lab.start_daemon(restarted).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = log(restarted);
+        let tail = &text[text.rfind("SIGTERM").unwrap_or(0)..];
+        if tail.contains(CONFIG) && tail.contains("SubnetLen") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{restarted}'s log does not name the invalid config:\n{text}"
+        );
+        assert!(lab.daemon_alive(restarted), "{restarted} exited:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The whole cluster unaffected: daemons alive (the others not even
+    // restarted), exact triples everywhere, nothing deleted, pings answered.
+    for (n, pid) in names.iter().zip(&pids) {
+        assert!(lab.daemon_alive(n), "{n}'s flanneld died:\n{}", log(n));
+        if *n != restarted {
+            assert_eq!(lab.daemon_pid(n), Some(*pid), "{n} restarted");
+        }
+        tables_match(lab, n, macs).unwrap_or_else(|e| panic!("with bad values in etcd: {e}"));
+    }
+    let m = lab.check().unwrap();
+    assert!(m.all_ok(), "with bad values in etcd:\n{}", m.render());
+    let gone = deletions(lab, &mut mons);
+    assert!(gone.is_empty(), "kernel state deleted: {gone:?}");
+
+    // Restored: the waiting daemon carries on by itself, still nothing deleted.
+    lab.etcd_put(CONFIG, &lab::net_conf_json()).unwrap();
+    assert!(lab.etcd_delete(NOT_JSON).unwrap());
+    assert!(lab.etcd_delete(NOT_A_SUBNET).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log(restarted).matches("holding lease").count() <= holding_before {
+        assert!(
+            Instant::now() < deadline,
+            "{restarted} did not resume after the config was restored:\n{}",
+            log(restarted)
+        );
+        assert!(lab.daemon_alive(restarted), "{}", log(restarted));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in &names {
+        wait_tables(lab, n, macs, Duration::from_secs(10));
+    }
+    assert!(lab.check().unwrap().all_ok());
+    let gone = deletions(lab, &mut mons);
+    assert!(gone.is_empty(), "kernel state deleted: {gone:?}");
 }
 
 #[test]

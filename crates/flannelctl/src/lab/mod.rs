@@ -986,6 +986,43 @@ impl Lab {
         })
     }
 
+    /// Writes a raw value under an etcd key (`etcdctl put KEY VALUE`), without
+    /// any check: how a test or an operator puts a bad value into the store.
+    pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
+        self.require_etcd("etcd_put")?;
+        let (key, value) = (key.to_string(), value.to_string());
+        let endpoint = self.etcd_endpoint()?;
+        self.with_etcd(move |store| async move {
+            store
+                .client()
+                .put(key.clone(), value, None)
+                .await
+                .map(|_| ())
+                .map_err(|e| LabError::Etcd {
+                    endpoint,
+                    detail: format!("put {key}: {e}"),
+                })
+        })
+    }
+
+    /// Deletes an etcd key (`etcdctl del KEY`); whether it existed.
+    pub fn etcd_delete(&self, key: &str) -> Result<bool> {
+        self.require_etcd("etcd_delete")?;
+        let key = key.to_string();
+        let endpoint = self.etcd_endpoint()?;
+        self.with_etcd(move |store| async move {
+            store
+                .client()
+                .delete(key.clone(), None)
+                .await
+                .map(|r| r.deleted() > 0)
+                .map_err(|e| LabError::Etcd {
+                    endpoint,
+                    detail: format!("del {key}: {e}"),
+                })
+        })
+    }
+
     /// The etcd key of a node's lease: `/coreos.com/network/subnets/10.244.1.0-24`.
     pub fn etcd_lease_key(&self, node: &str) -> Result<String> {
         let n = self.node(node)?;
@@ -1145,7 +1182,8 @@ impl Lab {
         })
     }
 
-    fn log_path(&self, node: &str) -> PathBuf {
+    /// The node's `flanneld.log` (the daemon's stderr, appended across restarts).
+    pub fn log_path(&self, node: &str) -> PathBuf {
         self.node_dir(node).join(procs::LOG_FILE)
     }
 
