@@ -26,10 +26,13 @@ use flannel_store::{
 use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 
+use crate::backend::hostgw;
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
 use crate::iface::{self, ExternalInterface, IfaceError};
-use crate::reconcile::{DirectRoutingSettings, ReconcileError, Reconciler, Request, Settings};
+use crate::reconcile::{
+    BackendSettings, ExternalSettings, ReconcileError, Reconciler, Request, Settings,
+};
 use crate::subnet_file::{self, SubnetFileError};
 
 /// Why the daemon stopped with an error. Each message says what to fix.
@@ -49,7 +52,7 @@ pub enum DaemonError {
         #[source]
         source: Box<ConfigError>,
     },
-    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\"")]
+    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\" or \"host-gw\"")]
     BackendNotImplemented { backend: &'static str },
     #[error("network config: EnableIPv6 is not implemented yet in flannel-rs; set \"EnableIPv6\": false")]
     Ipv6NotImplemented,
@@ -79,14 +82,21 @@ pub enum DaemonError {
     WatchLost(String),
 }
 
+/// The backends this version runs, with their options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan(VxlanConfig),
+    HostGw,
+}
+
 /// What startup learns before the runtime starts.
 #[derive(Debug, Clone)]
 pub struct Startup {
     pub cfg: NetConfig,
     pub network: Ipv4Net,
-    pub vxlan: VxlanConfig,
+    pub backend: Backend,
     pub ext: ExternalInterface,
-    /// The `flannel.<VNI>` device if it already exists.
+    /// With vxlan, the `flannel.<VNI>` device if it already exists.
     pub existing_device: Option<Link>,
     /// The subnet of the previous subnet.env, for acquisition step 2.
     pub previous: Option<LeaseKey>,
@@ -115,10 +125,11 @@ pub fn load_config(flags: &Flags, store_config: Option<String>) -> Result<NetCon
     })
 }
 
-/// Checks what this version supports; returns the vxlan options and network.
-pub fn check_supported(cfg: &NetConfig) -> Result<(VxlanConfig, Ipv4Net), DaemonError> {
-    let vx = match &cfg.backend {
-        BackendConfig::Vxlan(v) => v.clone(),
+/// Checks what this version supports; returns the backend and network.
+pub fn check_supported(cfg: &NetConfig) -> Result<(Backend, Ipv4Net), DaemonError> {
+    let backend = match &cfg.backend {
+        BackendConfig::Vxlan(v) => Backend::Vxlan(v.clone()),
+        BackendConfig::HostGw => Backend::HostGw,
         other => {
             return Err(DaemonError::BackendNotImplemented {
                 backend: other.type_name(),
@@ -132,7 +143,7 @@ pub fn check_supported(cfg: &NetConfig) -> Result<(VxlanConfig, Ipv4Net), Daemon
         (true, Some(n)) => n,
         _ => return Err(DaemonError::Ipv4Required),
     };
-    Ok((vx, net))
+    Ok((backend, net))
 }
 
 /// Which lease store the flags select.
@@ -280,7 +291,7 @@ async fn run_with_store<S: Store>(
     store_expires_leases: bool,
 ) -> Result<(), DaemonError> {
     // Everything that can be refused is checked before anything is written.
-    let (vx, network) = check_supported(&cfg)?;
+    let (backend, network) = check_supported(&cfg)?;
     if flags.healthz_port != 0 {
         tracing::warn!(
             port = flags.healthz_port,
@@ -304,11 +315,17 @@ async fn run_with_store<S: Store>(
     };
     // Read-only kernel access, on a blocking-pool thread (never on an async
     // worker): the interface and an existing device's MAC.
-    let dev_name = wire::vxlan_device_name(vx.vni);
+    let dev_name = match &backend {
+        Backend::Vxlan(vx) => Some(wire::vxlan_device_name(vx.vni)),
+        Backend::HostGw => None,
+    };
     let (ext, existing_device) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
         let ext = iface::lookup(&mut nl, &req)?;
-        let dev = nl.link_by_name(&dev_name)?;
+        let dev = match dev_name {
+            Some(n) => nl.link_by_name(&n)?,
+            None => None,
+        };
         Ok::<_, DaemonError>((ext, dev))
     })
     .await
@@ -319,7 +336,7 @@ async fn run_with_store<S: Store>(
         previous: previous_subnet(&flags),
         cfg,
         network,
-        vxlan: vx,
+        backend,
         ext,
         existing_device,
     };
@@ -332,6 +349,8 @@ struct State<S: Store> {
     store: S,
     attrs: LeaseAttrs,
     own: Lease,
+    /// The VtepMAC (vxlan only).
+    mac: Option<flannel_core::mac::MacAddr>,
     leases: BTreeMap<LeaseKey, Lease>,
     mtu: u32,
     reconciler: Option<Reconciler>,
@@ -351,19 +370,24 @@ async fn run_async<S: Store>(
     store: S,
     store_expires_leases: bool,
 ) -> Result<(), DaemonError> {
-    // VtepMAC: the existing device's, else our previous lease's, else random.
-    let snapshot = store.list_leases().await?;
-    let prev_mac = snapshot
-        .leases
-        .iter()
-        .filter(|l| l.attrs.public_ip == Some(s.ext.public_ip))
-        .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, s.vxlan.vni));
-    let (mac, source) = {
-        let mut rng = rand::rng();
-        vxlan::choose_vtep_mac(s.existing_device.as_ref(), prev_mac, &mut rng)
+    let (attrs, mac) = match &s.backend {
+        Backend::Vxlan(vx) => {
+            // VtepMAC: the existing device's, else our previous lease's, else random.
+            let snapshot = store.list_leases().await?;
+            let prev_mac = snapshot
+                .leases
+                .iter()
+                .filter(|l| l.attrs.public_ip == Some(s.ext.public_ip))
+                .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, vx.vni));
+            let (mac, source) = {
+                let mut rng = rand::rng();
+                vxlan::choose_vtep_mac(s.existing_device.as_ref(), prev_mac, &mut rng)
+            };
+            tracing::info!(vtep_mac = %mac, source = ?source, "VtepMAC");
+            (vxlan::lease_attrs(s.ext.public_ip, vx.vni, mac), Some(mac))
+        }
+        Backend::HostGw => (hostgw::lease_attrs(s.ext.public_ip), None),
     };
-    tracing::info!(vtep_mac = %mac, source = ?source, "VtepMAC");
-    let attrs = vxlan::lease_attrs(s.ext.public_ip, s.vxlan.vni, mac);
     let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
     let own_subnet = own.key.ipv4.ok_or_else(|| {
         DaemonError::Device(format!("acquired lease {:?} has no IPv4 subnet", own.key))
@@ -379,12 +403,13 @@ async fn run_async<S: Store>(
         store,
         attrs,
         own,
+        mac,
         leases,
         mtu,
         reconciler: None,
         store_expires_leases,
     };
-    let settings = st.settings(mac);
+    let settings = st.settings();
     let rec = Reconciler::start(settings, st.lease_vec())?;
     let report = rec.pass_now().await?;
     if let Some(e) = report.device_error {
@@ -428,24 +453,33 @@ async fn first_snapshot(
 }
 
 impl<S: Store> State<S> {
-    fn settings(&self, mac: flannel_core::mac::MacAddr) -> Settings {
+    fn settings(&self) -> Settings {
         let own_subnet = self.own.key.ipv4.expect("checked at acquisition");
-        Settings {
-            spec: DeviceSpec {
-                device: vxlan::device(&self.s.vxlan, &self.s.ext, self.mtu, mac),
-                address: vxlan::device_address(own_subnet),
+        let backend = match &self.s.backend {
+            Backend::Vxlan(vx) => BackendSettings::Vxlan {
+                spec: DeviceSpec {
+                    device: vxlan::device(
+                        vx,
+                        &self.s.ext,
+                        self.mtu,
+                        self.mac.expect("vxlan always has a VtepMAC"),
+                    ),
+                    address: vxlan::device_address(own_subnet),
+                },
+                direct_routing: vx.direct_routing,
             },
+            Backend::HostGw => BackendSettings::HostGw,
+        };
+        Settings {
+            backend,
             network: self.s.network,
             own: self.own.key,
-            direct_routing: self.s.vxlan.direct_routing.then(|| DirectRoutingSettings {
-                external_ifindex: self.s.ext.index,
+            external: ExternalSettings {
+                ifindex: self.s.ext.index,
+                name: self.s.ext.name.clone(),
                 connected: self.s.ext.connected.clone(),
-            }),
+            },
         }
-    }
-
-    fn mac(&self) -> flannel_core::mac::MacAddr {
-        vxlan::lease_vtep_mac(&self.attrs, self.s.vxlan.vni).expect("our own attrs carry the MAC")
     }
 
     /// The leases as the datapath sees them; with a store that expires
@@ -598,7 +632,7 @@ impl<S: Store> State<S> {
         self.leases.insert(lease.key, lease);
         if changed {
             if let Some(r) = &self.reconciler {
-                r.send(Request::Settings(Box::new(self.settings(self.mac()))))?;
+                r.send(Request::Settings(Box::new(self.settings())))?;
             }
             self.write_subnet_env()?;
         }
@@ -712,23 +746,22 @@ mod tests {
 
     #[test]
     fn unsupported_configs_are_refused_with_the_field() {
-        let e = check_supported(
+        let (b, _) = check_supported(
             &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap(),
         )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("Backend.Type")
-                && e.contains("host-gw")
-                && e.contains("not implemented yet"),
-            "{e}"
-        );
+        .unwrap();
+        assert_eq!(b, Backend::HostGw);
         let e = check_supported(
             &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).unwrap(),
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("\"udp\""), "{e}");
+        assert!(
+            e.contains("Backend.Type")
+                && e.contains("\"udp\"")
+                && e.contains("not implemented yet"),
+            "{e}"
+        );
         let e = check_supported(
             &config::parse(
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
@@ -738,9 +771,13 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("EnableIPv6"), "{e}");
-        let (vx, net) =
+        let (b, net) =
             check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
-        assert_eq!(vx.vni, 1, "no Backend means vxlan");
+        assert_eq!(
+            b,
+            Backend::Vxlan(VxlanConfig::default()),
+            "no Backend means vxlan"
+        );
         assert_eq!(net, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
     }
 

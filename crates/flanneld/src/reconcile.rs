@@ -1,12 +1,16 @@
 //! The level-triggered reconciler: one OS thread owns the `Netlink` handle
 //! and makes the kernel match the leases.
 //!
-//! Every pass starts from scratch: ensure the device (recreating it when it
-//! was deleted or has wrong attributes, always with the same VtepMAC), compute
+//! Every pass starts from scratch: ensure the vxlan device (recreating it
+//! when it was deleted or has wrong attributes, always with the same
+//! VtepMAC), or with host-gw remove any vxlan device left over from an
+//! earlier run with vxlan; compute
 //! the desired neighbours, FDB entries and routes from the current lease set,
 //! read what the kernel actually holds, and apply the difference. Nothing is
 //! remembered between passes except the lease set, so whatever changed the
 //! kernel (an operator, a crash, a restart) is repaired by the next pass.
+//! Routes of the other backend inside the cluster network are in scope too,
+//! so switching backend on restart leaves nothing of the old one.
 //!
 //! Passes are triggered by lease changes, by netlink notifications about our
 //! device or routes inside the cluster network (debounced: a burst of
@@ -20,12 +24,13 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use flannel_core::datapath::{self, DesiredState, DirectRouting, Op, Route, Scope};
+use flannel_core::datapath::{self, DesiredState, DirectRouting, HostGwPeer, Op, Route, Scope};
 use flannel_core::lease::{IpFamily, Lease, LeaseKey};
 use flannel_netlink::{Monitor, Netlink, Notification};
 use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::oneshot;
 
+use crate::backend::hostgw;
 use crate::backend::vxlan::{self, DeviceSpec};
 
 /// How long a burst of netlink notifications is collected before one pass.
@@ -49,65 +54,133 @@ pub enum ReconcileError {
 /// What the reconciler needs to know about this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
-    pub spec: DeviceSpec,
+    pub backend: BackendSettings,
     /// The cluster network (`Network`).
     pub network: Ipv4Net,
     /// Our lease.
     pub own: LeaseKey,
-    /// Set with the vxlan `DirectRouting` option: peers on a directly
-    /// connected subnet of the external interface are routed to without
-    /// encapsulation.
-    pub direct_routing: Option<DirectRoutingSettings>,
+    /// The external interface.
+    pub external: ExternalSettings,
 }
 
-/// The external interface as DirectRouting needs it.
+/// The backend in use and its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirectRoutingSettings {
-    pub external_ifindex: u32,
+pub enum BackendSettings {
+    /// `flannel.<VNI>`; with `direct_routing` (the vxlan `DirectRouting`
+    /// option) peers on a directly connected subnet of the external
+    /// interface are routed to without encapsulation.
+    Vxlan {
+        spec: DeviceSpec,
+        direct_routing: bool,
+    },
+    /// A route per peer via its PublicIP on the external interface.
+    HostGw,
+}
+
+/// The external interface as the datapath needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalSettings {
+    pub ifindex: u32,
+    pub name: String,
     /// Its addresses with prefixes (the connected subnets).
     pub connected: Vec<IpNet>,
 }
 
+/// The state one pass wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Number of peers programmed.
+    pub peers: usize,
+    pub state: DesiredState,
+    /// host-gw peers left without a route: not on a connected subnet.
+    pub unreachable: Vec<HostGwPeer>,
+}
+
 impl Settings {
     /// What this daemon owns in the kernel (flannel-core's [`Scope`]).
-    pub fn scope(&self, device_ifindex: u32) -> Scope {
+    ///
+    /// Routes inside the network via a gateway on the external interface
+    /// are ours with either backend: they are host-gw (or DirectRouting)
+    /// routes, and a vxlan node that finds them after a switch from host-gw
+    /// (or without DirectRouting any more) must delete them.
+    pub fn scope(&self, device_ifindex: Option<u32>) -> Scope {
         Scope {
             network: IpNet::V4(self.network),
             own_subnet: self.own.ipv4.map(IpNet::V4),
-            device_ifindex: Some(device_ifindex),
-            external_ifindex: self.direct_routing.as_ref().map(|d| d.external_ifindex),
+            device_ifindex,
+            external_ifindex: Some(self.external.ifindex),
         }
     }
 
-    /// The state the kernel should hold for `leases` with our device at `ifindex`.
+    /// The state the kernel should hold for `leases`, with our vxlan device
+    /// at `device_ifindex` (None with host-gw).
     pub fn desired(
         &self,
-        ifindex: u32,
+        device_ifindex: Option<u32>,
         leases: &[Lease],
         now: SystemTime,
-    ) -> (usize, DesiredState) {
-        let peers = datapath::vxlan_peers(
-            leases,
-            Some(&self.own),
-            self.spec.device.vni,
-            IpFamily::V4,
-            now,
-        );
-        let direct = self.direct_routing.as_ref().map(|d| DirectRouting {
-            external_ifindex: d.external_ifindex,
-            connected: &d.connected,
-        });
-        (
-            peers.len(),
-            datapath::desired_vxlan_with(ifindex, &peers, direct.as_ref()),
-        )
+    ) -> Desired {
+        match &self.backend {
+            BackendSettings::Vxlan {
+                spec,
+                direct_routing,
+            } => {
+                let Some(ifindex) = device_ifindex else {
+                    return Desired::default();
+                };
+                let peers = datapath::vxlan_peers(
+                    leases,
+                    Some(&self.own),
+                    spec.device.vni,
+                    IpFamily::V4,
+                    now,
+                );
+                let direct = direct_routing.then(|| DirectRouting {
+                    external_ifindex: self.external.ifindex,
+                    connected: &self.external.connected,
+                });
+                Desired {
+                    peers: peers.len(),
+                    state: datapath::desired_vxlan_with(ifindex, &peers, direct.as_ref()),
+                    unreachable: Vec::new(),
+                }
+            }
+            BackendSettings::HostGw => {
+                let peers = datapath::host_gw_peers(leases, Some(&self.own), IpFamily::V4, now);
+                match datapath::desired_host_gw(
+                    self.external.ifindex,
+                    &peers,
+                    &self.external.connected,
+                ) {
+                    Ok(state) => Desired {
+                        peers: peers.len(),
+                        state,
+                        unreachable: Vec::new(),
+                    },
+                    Err(e) => Desired {
+                        peers: peers.len() - e.not_connected.len(),
+                        state: e.partial,
+                        unreachable: e.not_connected,
+                    },
+                }
+            }
+        }
+    }
+
+    /// The vxlan device's name, if the backend has one.
+    fn device_name(&self) -> Option<&str> {
+        match &self.backend {
+            BackendSettings::Vxlan { spec, .. } => Some(&spec.device.name),
+            BackendSettings::HostGw => None,
+        }
     }
 }
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
-    /// Index of the device after the pass (None if it could not be set up).
+    /// Index of the vxlan device after the pass (None with host-gw, or if
+    /// it could not be set up).
     pub ifindex: Option<u32>,
     /// Number of peers programmed.
     pub peers: usize,
@@ -159,6 +232,7 @@ impl Reconciler {
                         settings,
                         leases,
                         ifindex: None,
+                        unreachable: Vec::new(),
                     }
                     .run(rx);
                 }
@@ -249,6 +323,8 @@ struct Worker {
     leases: Vec<Lease>,
     /// The device's index as of the last pass.
     ifindex: Option<u32>,
+    /// host-gw peers without a route as of the last pass (logged on change).
+    unreachable: Vec<HostGwPeer>,
 }
 
 impl Worker {
@@ -305,31 +381,51 @@ impl Worker {
     fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut report = PassReport::default();
-        let name = self.settings.spec.device.name.clone();
-        let link = match vxlan::ensure_device(&mut self.nl, &self.settings.spec) {
-            Ok((link, changes)) => {
-                for c in &changes {
-                    tracing::info!("{c}");
+        let device = match &self.settings.backend {
+            BackendSettings::Vxlan { spec, .. } => match vxlan::ensure_device(&mut self.nl, spec) {
+                Ok((link, changes)) => {
+                    for c in &changes {
+                        tracing::info!("{c}");
+                    }
+                    report.changes += changes.len();
+                    Some(link.index)
                 }
-                report.changes += changes.len();
-                link
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up the vxlan device; retrying on the next pass");
-                report.device_error = Some(e.to_string());
-                report.errors.push(e.to_string());
-                self.ifindex = None;
-                return report;
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the vxlan device; retrying on the next pass");
+                    report.device_error = Some(e.to_string());
+                    report.errors.push(e.to_string());
+                    self.ifindex = None;
+                    return report;
+                }
+            },
+            BackendSettings::HostGw => {
+                match hostgw::remove_vxlan_leftovers(&mut self.nl) {
+                    Ok(changes) => {
+                        for c in &changes {
+                            tracing::info!("{c}");
+                        }
+                        report.changes += changes.len();
+                    }
+                    // The routes are still right: `replace` takes over a
+                    // leftover vxlan route to the same subnet.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retrying on the next pass");
+                        report.errors.push(e.to_string());
+                    }
+                }
+                None
             }
         };
-        let ifindex = link.index;
-        self.ifindex = Some(ifindex);
-        report.ifindex = Some(ifindex);
+        self.ifindex = device;
+        report.ifindex = device;
 
-        let (npeers, want) = self
+        let want = self
             .settings
-            .desired(ifindex, &self.leases, SystemTime::now());
-        let actual = match self.read_actual(ifindex) {
+            .desired(device, &self.leases, SystemTime::now());
+        self.note_unreachable(&want.unreachable, &mut report);
+        let npeers = want.peers;
+        let want = want.state;
+        let actual = match self.read_actual(device) {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the datapath back; retrying on the next pass");
@@ -338,10 +434,12 @@ impl Worker {
             }
         };
         let plan = datapath::plan_reconcile(&want, &actual);
+        let name = self.settings.device_name().unwrap_or("-").to_string();
+        let show = |r: &Route| show_route(r, &self.settings, device);
         for op in plan.ops() {
             let (what, r) = match &op {
                 Op::DelRoute(r) => (
-                    format!("deleted stale route {}", show_route(r, &name, ifindex)),
+                    format!("deleted stale route {}", show(r)),
                     self.nl.del_route(r),
                 ),
                 Op::AddFdb(f) => (
@@ -352,10 +450,7 @@ impl Worker {
                     format!("added neighbour {} lladdr {} dev {name}", n.ip, n.mac),
                     self.nl.replace_neighbour(n),
                 ),
-                Op::AddRoute(r) => (
-                    format!("added route {}", show_route(r, &name, ifindex)),
-                    self.nl.replace_route(r),
-                ),
+                Op::AddRoute(r) => (format!("added route {}", show(r)), self.nl.replace_route(r)),
                 Op::DelNeighbour(n) => (
                     format!(
                         "deleted stale neighbour {} lladdr {} dev {name}",
@@ -389,35 +484,59 @@ impl Worker {
         report
     }
 
+    /// Logs the host-gw peers left without a route when that set changes
+    /// (not on every pass); they are always in the report.
+    fn note_unreachable(&mut self, now: &[HostGwPeer], report: &mut PassReport) {
+        if !now.is_empty() {
+            let msg = hostgw::unreachable_message(
+                now,
+                &self.settings.external.name,
+                &self.settings.external.connected,
+            );
+            if now != self.unreachable.as_slice() {
+                tracing::error!("{msg}");
+            }
+            report.errors.push(msg);
+        } else if !self.unreachable.is_empty() {
+            tracing::info!("host-gw: every peer is on a directly connected subnet again");
+        }
+        self.unreachable = now.to_vec();
+    }
+
     /// What the kernel holds of ours ([`Settings::scope`]).
-    fn read_actual(&mut self, ifindex: u32) -> flannel_netlink::Result<DesiredState> {
-        let all = DesiredState {
+    fn read_actual(&mut self, device: Option<u32>) -> flannel_netlink::Result<DesiredState> {
+        let mut all = DesiredState {
             routes: self.nl.list_routes()?,
-            neighbours: self.nl.list_neighbours(ifindex)?,
-            fdb: self.nl.list_fdb(ifindex)?,
+            ..DesiredState::default()
         };
-        Ok(self.settings.scope(ifindex).filter(all))
+        if let Some(ifindex) = device {
+            all.neighbours = self.nl.list_neighbours(ifindex)?;
+            all.fdb = self.nl.list_fdb(ifindex)?;
+        }
+        Ok(self.settings.scope(device).filter(all))
     }
 }
 
-fn show_route(r: &Route, dev: &str, dev_index: u32) -> String {
-    let mut s = r.dst.to_string();
+/// A route as `ip route` prints it, with our devices named.
+fn show_route(r: &Route, s: &Settings, device: Option<u32>) -> String {
+    let mut out = r.dst.to_string();
     if let Some(gw) = r.gateway {
-        s.push_str(&format!(" via {gw}"));
+        out.push_str(&format!(" via {gw}"));
     }
-    if r.oif == dev_index {
-        s.push_str(&format!(" dev {dev}"));
-    } else {
-        s.push_str(&format!(" dev index {}", r.oif));
+    match (device, s.device_name()) {
+        (Some(i), Some(dev)) if i == r.oif => out.push_str(&format!(" dev {dev}")),
+        _ if r.oif == s.external.ifindex => out.push_str(&format!(" dev {}", s.external.name)),
+        _ => out.push_str(&format!(" dev index {}", r.oif)),
     }
     if r.onlink {
-        s.push_str(" onlink");
+        out.push_str(" onlink");
     }
-    s
+    out
 }
 
 /// Whether a kernel notification may concern our datapath: our device (by
-/// index or name), the underlay interface, addresses on our device, routes
+/// index or name; with host-gw, any `flannel.<VNI>` leftover), the underlay
+/// interface, addresses on our device, routes
 /// inside the cluster network, neighbour/FDB entries on our device, and
 /// anything unknown (e.g. lost notifications).
 pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool {
@@ -425,7 +544,13 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool
     #[allow(unreachable_patterns)]
     match n {
         Notification::Link { index, name, .. } => {
-            ours(index) || *name == s.spec.device.name || *index == s.spec.device.underlay_index
+            ours(index)
+                || *index == s.external.ifindex
+                || match &s.backend {
+                    BackendSettings::Vxlan { spec, .. } => *name == spec.device.name,
+                    // A vxlan leftover to remove.
+                    BackendSettings::HostGw => hostgw::may_be_leftover_name(name),
+                }
         }
         Notification::Route { dst, .. } => match dst {
             IpNet::V4(d) => s.network.contains(d),
@@ -449,25 +574,36 @@ mod tests {
     use flannel_netlink::VxlanDevice;
     use std::net::IpAddr;
 
+    fn external() -> ExternalSettings {
+        ExternalSettings {
+            ifindex: 2,
+            name: "eth0".into(),
+            connected: vec!["172.16.1.14/24".parse().unwrap()],
+        }
+    }
+
     fn settings() -> Settings {
         Settings {
-            spec: DeviceSpec {
-                device: VxlanDevice {
-                    name: "flannel.1".into(),
-                    vni: 1,
-                    local: "172.16.1.14".parse().unwrap(),
-                    underlay_index: 2,
-                    port: 0,
-                    learning: false,
-                    gbp: false,
-                    mtu: 1450,
-                    mac: None,
+            backend: BackendSettings::Vxlan {
+                spec: DeviceSpec {
+                    device: VxlanDevice {
+                        name: "flannel.1".into(),
+                        vni: 1,
+                        local: "172.16.1.14".parse().unwrap(),
+                        underlay_index: 2,
+                        port: 0,
+                        learning: false,
+                        gbp: false,
+                        mtu: 1450,
+                        mac: None,
+                    },
+                    address: "10.244.1.0/32".parse().unwrap(),
                 },
-                address: "10.244.1.0/32".parse().unwrap(),
+                direct_routing: false,
             },
             network: "10.244.0.0/16".parse().unwrap(),
             own: "10.244.1.0-24".parse().unwrap(),
-            direct_routing: None,
+            external: external(),
         }
     }
 
@@ -490,7 +626,12 @@ mod tests {
 
     #[test]
     fn desired_is_the_packet_walk_triple_for_each_peer_of_our_vni() {
-        let (n, d) = settings().desired(4, &leases(), SystemTime::now());
+        let Desired {
+            peers: n,
+            state: d,
+            unreachable,
+        } = settings().desired(Some(4), &leases(), SystemTime::now());
+        assert!(unreachable.is_empty());
         assert_eq!(n, 2, "own lease and other VNI skipped");
         assert_eq!(
             d.routes[0],
@@ -517,11 +658,10 @@ mod tests {
     #[test]
     fn direct_routing_skips_encapsulation_for_connected_peers_only() {
         let mut s = settings();
-        s.direct_routing = Some(DirectRoutingSettings {
-            external_ifindex: 2,
-            connected: vec!["172.16.1.14/24".parse().unwrap()],
-        });
-        let (_, d) = s.desired(4, &leases(), SystemTime::now());
+        if let BackendSettings::Vxlan { direct_routing, .. } = &mut s.backend {
+            *direct_routing = true;
+        }
+        let d = s.desired(Some(4), &leases(), SystemTime::now()).state;
         let direct = Route {
             dst: "10.244.2.0/24".parse().unwrap(),
             gateway: Some("172.16.1.13".parse().unwrap()),
@@ -532,13 +672,114 @@ mod tests {
         // 192.168.7.3 is not connected: the vxlan triple.
         assert_eq!(d.neighbours.len(), 1);
         assert_eq!(d.neighbours[0].ip, "10.244.3.0".parse::<IpAddr>().unwrap());
-        // The scope then owns gateway routes on the external interface.
-        assert!(s.scope(4).owns_route(&direct));
-        assert!(!settings().scope(4).owns_route(&direct));
+        // Gateway routes on the external interface are owned with and
+        // without DirectRouting: without, they are stale and get deleted.
+        assert!(s.scope(Some(4)).owns_route(&direct));
+        assert!(settings().scope(Some(4)).owns_route(&direct));
+        // A host-gw leftover to a subnet without vxlan peer is deleted; one
+        // to a vxlan peer's subnet is replaced by the vxlan route.
+        let gone = Route {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            gateway: Some("172.16.1.9".parse().unwrap()),
+            oif: 2,
+            onlink: false,
+        };
+        let plan = datapath::plan_reconcile(
+            &settings()
+                .desired(Some(4), &leases(), SystemTime::now())
+                .state,
+            &settings().scope(Some(4)).filter(DesiredState {
+                routes: vec![direct.clone(), gone.clone()],
+                ..DesiredState::default()
+            }),
+        );
+        assert_eq!(plan.routes.del, vec![gone]);
+        assert!(plan
+            .routes
+            .add
+            .iter()
+            .any(|r| r.dst == direct.dst && r.oif == 4));
+    }
+
+    fn host_gw_settings() -> Settings {
+        Settings {
+            backend: BackendSettings::HostGw,
+            ..settings()
+        }
+    }
+
+    fn host_gw_lease(key: &str, ip: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: hostgw::lease_attrs(ip.parse().unwrap()),
+            expiration: None,
+        }
+    }
+
+    #[test]
+    fn host_gw_routes_each_connected_peer_via_its_public_ip() {
+        let s = host_gw_settings();
+        let mut ls = vec![
+            host_gw_lease("10.244.1.0-24", "172.16.1.14"),
+            host_gw_lease("10.244.2.0-24", "172.16.1.13"),
+            host_gw_lease("10.244.3.0-24", "192.168.7.3"),
+            host_gw_lease("10.244.5.0-24", "172.16.1.5"),
+        ];
+        // A vxlan lease is not a host-gw peer.
+        ls.push(lease("10.244.4.0-24", "172.16.1.4", "02:00:00:00:00:04", 1));
+        let d = s.desired(None, &ls, SystemTime::now());
+        let via = |dst: &str, gw: &str| Route {
+            dst: dst.parse().unwrap(),
+            gateway: Some(gw.parse().unwrap()),
+            oif: 2,
+            onlink: false,
+        };
+        assert_eq!(
+            d.state.routes,
+            vec![
+                via("10.244.2.0/24", "172.16.1.13"),
+                via("10.244.5.0/24", "172.16.1.5")
+            ]
+        );
+        assert!(d.state.neighbours.is_empty() && d.state.fdb.is_empty());
+        assert_eq!(d.peers, 2);
+        assert_eq!(d.unreachable.len(), 1);
+        assert_eq!(
+            d.unreachable[0].public_ip,
+            "192.168.7.3".parse::<IpAddr>().unwrap()
+        );
+        // Scope with host-gw: external gateway routes in the network, never
+        // our own subnet, never routes outside the network or without gateway.
+        let sc = s.scope(None);
+        assert!(sc.owns_route(&via("10.244.9.0/24", "172.16.1.9")));
+        assert!(!sc.owns_route(&via("10.244.1.0/24", "172.16.1.9")));
+        assert!(!sc.owns_route(&via("192.168.0.0/24", "172.16.1.9")));
+        let mut connected = via("10.244.9.0/24", "172.16.1.9");
+        connected.gateway = None;
+        assert!(!sc.owns_route(&connected));
     }
 
     #[test]
     fn relevant_notifications() {
+        let hg = host_gw_settings();
+        assert!(is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "flannel.1".into(),
+                deleted: false
+            },
+            &hg,
+            None
+        ));
+        assert!(!is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "veth1".into(),
+                deleted: false
+            },
+            &hg,
+            None
+        ));
         let s = settings();
         let yes = |n: Notification| assert!(is_relevant(&n, &s, Some(4)), "{n:?}");
         let no = |n: Notification| assert!(!is_relevant(&n, &s, Some(4)), "{n:?}");

@@ -737,11 +737,6 @@ fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
             "VNI",
         ),
         (
-            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#,
-            c.args(0, &[]),
-            "not implemented yet",
-        ),
-        (
             r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#,
             c.args(0, &[]),
             "udp",

@@ -1,3 +1,5 @@
-//! Backends: how packets between nodes are carried. Only vxlan exists so far.
+//! Backends: how packets between nodes are carried (`Backend.Type`): vxlan
+//! and host-gw.
 
+pub mod hostgw;
 pub mod vxlan;

@@ -1,0 +1,579 @@
+//! Root integration tests of the host-gw backend: real `flanneld` processes
+//! in network namespaces.
+//!
+//! Topology: a "switch" namespace with a bridge, one namespace per node
+//! joined to it by a veth pair (node side `eth0`, 172.16.1.1N/24), leases in
+//! a temporary local-store directory. Each node gets its subnet's first
+//! address on `lo` as a ping target standing in for a pod. Namespaces,
+//! processes (killed by PID) and directories go on drop, also on panic.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use flannel_core::datapath::Route;
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, BACKEND_HOST_GW};
+use flannel_core::subnet_env::SubnetEnv;
+use flannel_netlink::netns::ScopedNetNs;
+use flannel_netlink::Netlink;
+use flannel_store::{LocalStore, Store};
+use ipnet::{IpNet, Ipv4Net};
+
+const NETWORK: &str = "10.244.0.0/16";
+const HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
+const VXLAN: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+
+fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("needs root: these tests create network namespaces and run flanneld in them (run as root)");
+    }
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_log(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A flanneld process, killed by PID and reaped on drop.
+struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self, log: &Path) {
+        let mut c = self.0.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "flanneld exited with {st}; log:\n{}",
+                    read_log(log)
+                );
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Node {
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    ns: ScopedNetNs,
+}
+
+impl Node {
+    fn log(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+    fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
+        self.ns
+            .run(|| f(&mut Netlink::open().expect("open netlink")))
+            .expect("run in namespace")
+    }
+    fn subnet_env(&self) -> Option<SubnetEnv> {
+        SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?).ok()
+    }
+    fn eth0(&self) -> u32 {
+        self.nl(|nl| nl.link_by_name("eth0").unwrap().unwrap().index)
+    }
+    fn has_vxlan_device(&self) -> bool {
+        self.nl(|nl| nl.link_by_name("flannel.1").unwrap().is_some())
+    }
+    /// Routes inside the cluster network with a gateway on eth0, sorted.
+    fn gateway_routes(&self) -> Vec<Route> {
+        let eth0 = self.eth0();
+        let net: IpNet = NETWORK.parse().unwrap();
+        let mut r: Vec<Route> = self
+            .nl(|nl| nl.list_routes().unwrap())
+            .into_iter()
+            .filter(|r| net.contains(&r.dst) && r.oif == eth0 && r.gateway.is_some())
+            .collect();
+        r.sort();
+        r
+    }
+    /// Routes inside the cluster network through flannel.1, and whether
+    /// they are exactly the vxlan route to `peer`.
+    fn vxlan_routes_are(&self, peer: Ipv4Net) -> (bool, Vec<Route>) {
+        let Some(dev) = self.nl(|nl| nl.link_by_name("flannel.1").unwrap()) else {
+            return (false, Vec::new());
+        };
+        let net: IpNet = NETWORK.parse().unwrap();
+        let got: Vec<Route> = self
+            .nl(|nl| nl.list_routes().unwrap())
+            .into_iter()
+            .filter(|r| r.oif == dev.index && net.contains(&r.dst))
+            .collect();
+        let want = Route {
+            dst: IpNet::V4(peer),
+            gateway: Some(IpAddr::V4(peer.network())),
+            oif: dev.index,
+            onlink: true,
+        };
+        (got == vec![want], got)
+    }
+    /// Puts the subnet's first address on lo (idempotent).
+    fn add_target(&self, subnet: Ipv4Net) {
+        let a = IpNet::V4(Ipv4Net::new(first(subnet), 32).unwrap());
+        self.nl(|nl| {
+            let lo = nl.link_by_name("lo").unwrap().unwrap();
+            if !nl.list_addresses(lo.index).unwrap().contains(&a) {
+                nl.add_address(lo.index, a).unwrap();
+            }
+            nl.set_link_up(lo.index).unwrap();
+        });
+    }
+}
+
+fn first(s: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(s.network()) + 1)
+}
+
+fn via(dst: Ipv4Net, gw: Ipv4Addr, oif: u32) -> Route {
+    Route {
+        dst: IpNet::V4(dst),
+        gateway: Some(IpAddr::V4(gw)),
+        oif,
+        onlink: false,
+    }
+}
+
+/// Pod-to-pod: from node's subnet address to `dst`.
+fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+        ])
+        .arg(src.to_string())
+        .arg(dst.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Switch + nodes + store. Field order is drop order.
+struct Cluster {
+    nodes: Vec<Node>,
+    _switch: ScopedNetNs,
+    store: PathBuf,
+    config: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+impl Cluster {
+    fn new(tag: &str, n: usize, config: &str) -> Cluster {
+        require_root();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let tmp = std::env::temp_dir().join(format!(
+            "flanneld-hostgw-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).unwrap();
+        let switch = ScopedNetNs::unique("fdhg-sw").unwrap();
+        switch
+            .run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let br = nl.add_bridge("br0", None).unwrap();
+                nl.set_link_up(br.index).unwrap();
+            })
+            .unwrap();
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let ns = ScopedNetNs::unique(&format!("fdhg-n{i}")).unwrap();
+            let ip = Ipv4Addr::new(172, 16, 1, 10 + i as u8);
+            switch
+                .run(|| {
+                    let mut nl = Netlink::open().unwrap();
+                    let br = nl.link_by_name("br0").unwrap().unwrap();
+                    let host = nl
+                        .add_veth(&format!("n{i}"), "eth0", ns.fd(), Some(1500))
+                        .unwrap();
+                    nl.set_link_master(host.index, br.index).unwrap();
+                    nl.set_link_up(host.index).unwrap();
+                })
+                .unwrap();
+            ns.run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+                nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
+                    .unwrap();
+                nl.set_link_up(eth0.index).unwrap();
+            })
+            .unwrap();
+            let dir = tmp.join(format!("node{i}"));
+            fs::create_dir_all(&dir).unwrap();
+            nodes.push(Node { ip, dir, ns });
+        }
+        let c = Cluster {
+            nodes,
+            _switch: switch,
+            store: tmp.join("store"),
+            config: tmp.join("net-conf.json"),
+            tmp,
+        };
+        c.set_config(config);
+        c
+    }
+
+    fn set_config(&self, config: &str) {
+        fs::write(&self.config, config).unwrap();
+    }
+
+    fn start(&self, i: usize) -> Daemon {
+        let node = &self.nodes[i];
+        let subnet_file = node.subnet_file();
+        let args = [
+            "--iface",
+            "eth0",
+            "--local-store",
+            self.store.to_str().unwrap(),
+            "--net-config-path",
+            self.config.to_str().unwrap(),
+            "--subnet-file",
+            subnet_file.to_str().unwrap(),
+            "--resync-interval",
+            "30",
+            "--log-level",
+            "debug",
+        ];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())
+            .unwrap();
+        let fd = node.ns.fd().as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FLANNELD_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: only async-signal-safe syscalls between fork and exec:
+        // setns(2) into the node's namespace and prctl(2) so the daemon
+        // dies with the test.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(
+                    BorrowedFd::borrow_raw(fd),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                Ok(())
+            });
+        }
+        Daemon(Some(cmd.spawn().expect("spawn flanneld")))
+    }
+
+    fn stop(&self, i: usize, d: Daemon) {
+        d.stop(&self.nodes[i].log());
+    }
+
+    /// Waits for node `i`'s subnet.env; returns its subnet.
+    fn wait_subnet(&self, i: usize, d: &mut Daemon) -> Ipv4Net {
+        let node = &self.nodes[i];
+        wait_for("subnet.env", Duration::from_secs(15), || {
+            if let Ok(Some(st)) = d.0.as_mut().unwrap().try_wait() {
+                panic!("flanneld exited with {st}; log:\n{}", read_log(&node.log()));
+            }
+            node.subnet_env()?.lease_key()?.ipv4
+        })
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        block_on(async {
+            let store = LocalStore::open(&self.store).unwrap();
+            store.list_leases().await.unwrap().leases
+        })
+    }
+
+    /// Waits until node `i` holds exactly `want` as host-gw routes.
+    fn wait_routes(&self, i: usize, want: &[Route]) {
+        let node = &self.nodes[i];
+        let mut want = want.to_vec();
+        want.sort();
+        let start = Instant::now();
+        loop {
+            let got = node.gateway_routes();
+            if got == want {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "node{} routes {got:?}, want {want:?}; log:\n{}",
+                    i + 1,
+                    read_log(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Node `i`'s expected host-gw routes toward every other node.
+    fn expected(&self, i: usize, subnets: &[Ipv4Net]) -> Vec<Route> {
+        let eth0 = self.nodes[i].eth0();
+        (0..subnets.len())
+            .filter(|j| *j != i)
+            .map(|j| via(subnets[j], self.nodes[j].ip, eth0))
+            .collect()
+    }
+
+    /// subnet.env is rewritten after the first pass of a restarted daemon.
+    fn wait_mtu(&self, i: usize, mtu: u32) {
+        wait_for(
+            &format!("FLANNEL_MTU={mtu}"),
+            Duration::from_secs(10),
+            || (self.nodes[i].subnet_env()?.mtu == mtu).then_some(()),
+        );
+    }
+
+    /// Waits until node `i` routes exactly `peer` through flannel.1.
+    fn wait_vxlan_route(&self, i: usize, peer: Ipv4Net) {
+        let start = Instant::now();
+        loop {
+            let (ok, got) = self.nodes[i].vxlan_routes_are(peer);
+            if ok {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "node{} vxlan routes {got:?}, want only {peer}; log:\n{}",
+                    i + 1,
+                    read_log(&self.nodes[i].log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_ping(&self, i: usize, src: Ipv4Net, dst: Ipv4Net) {
+        wait_for(
+            &format!("ping from node{} {} to {}", i + 1, first(src), first(dst)),
+            Duration::from_secs(10),
+            || ping(&self.nodes[i], first(src), first(dst)).then_some(()),
+        );
+    }
+}
+
+const UNREACHABLE_LOG: &str = "no route installed for peer subnet";
+
+#[test]
+fn three_nodes_route_via_public_ips_ping_repair_drift_and_refuse_far_peers() {
+    let c = Cluster::new("three", 3, HOST_GW);
+    let mut d: Vec<Daemon> = (0..3).map(|i| c.start(i)).collect();
+    let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+
+    // Leases as upstream's host-gw: BackendType host-gw, no BackendData.
+    for l in c.leases() {
+        assert_eq!(l.attrs.backend_type, BACKEND_HOST_GW, "{l:?}");
+        assert!(l.attrs.vxlan_data().is_none(), "{l:?}");
+        let json = serde_json::to_value(&l.attrs).unwrap();
+        assert!(json.get("BackendData").is_none(), "{json}");
+    }
+    for i in 0..3 {
+        let env = c.nodes[i].subnet_env().unwrap();
+        assert_eq!(env.mtu, 1500, "host-gw: pod MTU = eth0's MTU");
+        c.wait_routes(i, &c.expected(i, &subnets));
+        assert!(!c.nodes[i].has_vxlan_device());
+        c.nodes[i].add_target(subnets[i]);
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                c.wait_ping(i, subnets[i], subnets[j]);
+            }
+        }
+    }
+
+    // Drift: a deleted route comes back (netlink notification).
+    let gone = c.expected(0, &subnets)[0].clone();
+    c.nodes[0].nl(|nl| nl.del_route(&gone).unwrap());
+    c.wait_routes(0, &c.expected(0, &subnets));
+    c.wait_ping(0, subnets[0], subnets[1]);
+    // A stale route of ours (a node that vanished) is deleted.
+    let eth0 = c.nodes[0].eth0();
+    let stale = via("10.244.250.0/24".parse().unwrap(), c.nodes[2].ip, eth0);
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
+    c.wait_routes(0, &c.expected(0, &subnets));
+
+    // A peer on another subnet: no route, one error naming it.
+    let far_key: LeaseKey = "10.244.200.0-24".parse().unwrap();
+    let far = Lease {
+        key: far_key,
+        attrs: LeaseAttrs::new(BACKEND_HOST_GW, Some(Ipv4Addr::new(192, 168, 77, 5)), None),
+        expiration: None,
+    };
+    block_on(async {
+        let store = LocalStore::open(&c.store).unwrap();
+        store.create_lease(&far, None).await.unwrap().unwrap();
+    });
+    let log = c.nodes[0].log();
+    wait_for("the far peer's error", Duration::from_secs(10), || {
+        read_log(&log).contains(UNREACHABLE_LOG).then_some(())
+    });
+    let line = read_log(&log)
+        .lines()
+        .find(|l| l.contains(UNREACHABLE_LOG))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("10.244.200.0/24")
+            && line.contains("192.168.77.5")
+            && line.contains("172.16.1.0/24")
+            && line.contains("eth0"),
+        "{line}"
+    );
+    // More passes (drift) with the same far peer: logged once, still no route.
+    for _ in 0..2 {
+        c.nodes[0].nl(|nl| nl.del_route(&gone).unwrap());
+        c.wait_routes(0, &c.expected(0, &subnets));
+    }
+    assert_eq!(
+        read_log(&log).matches(UNREACHABLE_LOG).count(),
+        1,
+        "logged once per change:\n{}",
+        read_log(&log)
+    );
+    for i in 0..3 {
+        c.wait_routes(i, &c.expected(i, &subnets));
+    }
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}
+
+#[test]
+fn switching_backend_on_restart_leaves_nothing_of_the_old_one() {
+    let c = Cluster::new("switch", 2, VXLAN);
+    // vxlan.
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+    for i in 0..2 {
+        c.nodes[i].add_target(subnets[i]);
+        c.wait_vxlan_route(i, subnets[1 - i]);
+        c.wait_mtu(i, 1450);
+    }
+    c.wait_ping(0, subnets[0], subnets[1]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+    assert!(c.nodes[0].has_vxlan_device(), "SIGTERM leaves the device");
+
+    // Restart with host-gw: flannel.1 (and its routes) gone, host-gw routes in.
+    c.set_config(HOST_GW);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    for (i, daemon) in d.iter_mut().enumerate() {
+        c.wait_subnet(i, daemon);
+    }
+    for i in 0..2 {
+        c.wait_routes(i, &c.expected(i, &subnets));
+        wait_for("flannel.1 removed", Duration::from_secs(10), || {
+            (!c.nodes[i].has_vxlan_device()).then_some(())
+        });
+        c.wait_mtu(i, 1500);
+        let env = c.nodes[i].subnet_env().unwrap();
+        assert_eq!(
+            env.lease_key().unwrap().ipv4,
+            Some(subnets[i]),
+            "same subnet kept"
+        );
+    }
+    assert!(c
+        .leases()
+        .iter()
+        .all(|l| l.attrs.backend_type == BACKEND_HOST_GW));
+    c.wait_ping(0, subnets[0], subnets[1]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+    // A host-gw route of a node that vanished while we were down.
+    let eth0 = c.nodes[0].eth0();
+    let stale = via("10.244.250.0/24".parse().unwrap(), c.nodes[1].ip, eth0);
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
+
+    // Back to vxlan: no host-gw route left, the vxlan datapath back.
+    c.set_config(VXLAN);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    for (i, daemon) in d.iter_mut().enumerate() {
+        c.wait_subnet(i, daemon);
+    }
+    for i in 0..2 {
+        c.wait_routes(i, &[]);
+        c.wait_vxlan_route(i, subnets[1 - i]);
+        c.wait_mtu(i, 1450);
+    }
+    c.wait_ping(0, subnets[0], subnets[1]);
+    c.wait_ping(1, subnets[1], subnets[0]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}
