@@ -143,10 +143,28 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("flannelctl: {e:#}");
+            eprintln!("flannelctl: {}", render_error(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text
+/// the message already holds: the library errors embed their source in
+/// their own message, so anyhow's `{:#}` would print it twice.
+fn render_error(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
@@ -283,5 +301,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("lab {} is down", name.name);
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::render_error;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading leases from etcd at http://h:2379: {0}")]
+    struct Embeds(#[source] std::io::Error);
+
+    #[test]
+    fn a_cause_embedded_in_the_message_is_printed_once() {
+        let io = std::io::Error::other("connection refused");
+        let e = anyhow::Error::new(Embeds(io)).context("flannelctl leases");
+        assert_eq!(
+            render_error(&e),
+            "flannelctl leases: reading leases from etcd at http://h:2379: connection refused"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(render_error(&plain), "outer: inner");
     }
 }
