@@ -163,21 +163,7 @@ pub fn store_kind(flags: &Flags) -> Result<StoreKind, DaemonError> {
     if let Some(dir) = &flags.local_store {
         return Ok(StoreKind::Local(dir.clone()));
     }
-    Ok(StoreKind::Etcd(EtcdOptions {
-        endpoints: flags
-            .etcd_endpoints
-            .split(',')
-            .map(|e| e.trim().to_string())
-            .filter(|e| !e.is_empty())
-            .collect(),
-        prefix: flags.etcd_prefix.clone(),
-        ca_file: flags.etcd_cafile.clone(),
-        cert_file: flags.etcd_certfile.clone(),
-        key_file: flags.etcd_keyfile.clone(),
-        username: flags.etcd_username.clone(),
-        password: flags.etcd_password.clone(),
-        ..EtcdOptions::default()
-    }))
+    Ok(StoreKind::Etcd(flags.etcd_options()))
 }
 
 /// Connects to etcd, waiting (with backoff) while it is unreachable, as a

@@ -194,16 +194,6 @@ impl EtcdFlags {
     }
 }
 
-/// `flags.etcd_endpoints` etc. stay reachable as before the etcd flags moved
-/// into [`EtcdFlags`] (field access auto-derefs), so code reading them from
-/// `Flags` needs no change. New code should use [`Flags::etcd_options`].
-impl std::ops::Deref for Flags {
-    type Target = EtcdFlags;
-    fn deref(&self) -> &EtcdFlags {
-        &self.etcd
-    }
-}
-
 impl Flags {
     /// The etcd store options `--etcd-*` select (see [`EtcdFlags::options`]).
     pub fn etcd_options(&self) -> EtcdOptions {
@@ -251,9 +241,9 @@ mod tests {
         );
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
         assert_eq!(f.subnet_lease_renew_margin, 60);
-        assert_eq!(f.etcd_prefix, "/coreos.com/network");
+        assert_eq!(f.etcd.etcd_prefix, "/coreos.com/network");
         assert_eq!(
-            f.etcd_endpoints,
+            f.etcd.etcd_endpoints,
             "http://127.0.0.1:4001,http://127.0.0.1:2379"
         );
         assert!(!f.ip_masq);
@@ -360,7 +350,7 @@ mod tests {
         assert_eq!(f.subnet_file, PathBuf::from("/tmp/x/subnet.env"));
         assert_eq!(f.public_ip, Some(Ipv4Addr::new(192, 0, 2, 7)));
         assert_eq!(f.local_store, Some(PathBuf::from("/tmp/store")));
-        assert_eq!(f.etcd_prefix, "/p");
+        assert_eq!(f.etcd.etcd_prefix, "/p");
         assert_eq!(f.lease_ttl, 30);
         // A flag on the command line beats the environment.
         let explicit = explicit.unwrap();
