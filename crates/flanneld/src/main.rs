@@ -26,7 +26,7 @@ fn main() -> std::process::ExitCode {
     match flanneld::daemon::run(flags) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
+            // One line, on stderr like the log, whatever --log-level says.
             eprintln!("flanneld: error: {e}");
             std::process::ExitCode::FAILURE
         }
