@@ -187,6 +187,19 @@ impl IpamStore {
         &self.dir
     }
 
+    /// The addresses that have a file (`ls <dir>`), without reading them.
+    pub fn reserved_ips(&self) -> Result<HashSet<IpAddr>, IpamError> {
+        let rd = fs::read_dir(&self.dir).map_err(io_err(&self.dir, "list"))?;
+        let mut out = HashSet::new();
+        for ent in rd {
+            let ent = ent.map_err(io_err(&self.dir, "list"))?;
+            if let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every address file and its owner (`ls <dir>`, then each file's content).
     pub fn reservations(&self) -> Result<Vec<Reservation>, IpamError> {
         let mut out = Vec::new();
@@ -233,14 +246,29 @@ impl IpamStore {
     /// One address per range set for `container_id`/`ifname`. Idempotent: an
     /// attachment that already holds an address in a set keeps it. On error
     /// nothing new stays reserved.
+    ///
+    /// `may_hold`: whether this attachment may already hold addresses (an
+    /// ADD retried after a crash or repeated by the runtime). Only then are
+    /// the owners read from every address file; otherwise the file names
+    /// alone tell which addresses are taken, so an ADD reads no file per
+    /// running pod.
     pub fn allocate(
         &self,
         conf: &IpamConf,
         container_id: &str,
         ifname: &str,
+        may_hold: bool,
     ) -> Result<Vec<Allocation>, IpamError> {
-        let existing = self.reservations()?;
-        let taken: HashSet<IpAddr> = existing.iter().map(|r| r.ip).collect();
+        let existing = if may_hold {
+            self.reservations()?
+        } else {
+            Vec::new()
+        };
+        let taken: HashSet<IpAddr> = if may_hold {
+            existing.iter().map(|r| r.ip).collect()
+        } else {
+            self.reserved_ips()?
+        };
         let mut out = Vec::new();
         let mut created: Vec<PathBuf> = Vec::new();
         let result = (|| {
@@ -420,11 +448,31 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_attachment_skips_taken_addresses_by_file_name() {
+        let tmp = std::env::temp_dir().join(format!("flannel-cni-fresh-{}", std::process::id()));
+        let c = conf(&tmp, "10.0.0.0/29");
+        let s = IpamStore::open_locked(&c.network_dir).unwrap();
+        // Files of other owners, one not even readable as host-local's format.
+        fs::write(c.network_dir.join("10.0.0.2"), "other\r\neth0").unwrap();
+        fs::write(c.network_dir.join("10.0.0.3"), "").unwrap();
+        assert_eq!(
+            s.allocate(&c, "new", "eth0", false).unwrap()[0].ip,
+            ip("10.0.0.4")
+        );
+        // A repeated ADD (may_hold) finds its own address instead of a new one.
+        assert_eq!(
+            s.allocate(&c, "new", "eth0", true).unwrap()[0].ip,
+            ip("10.0.0.4")
+        );
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn store_files_match_host_local() {
         let tmp = std::env::temp_dir().join(format!("flannel-cni-ipam-{}", std::process::id()));
         let c = conf(&tmp, "10.0.0.0/29");
         let s = IpamStore::open_locked(&c.network_dir).unwrap();
-        let a = s.allocate(&c, "ctr1", "eth0").unwrap();
+        let a = s.allocate(&c, "ctr1", "eth0", true).unwrap();
         assert_eq!(a[0].ip, ip("10.0.0.2"));
         assert_eq!(
             fs::read(c.network_dir.join("10.0.0.2")).unwrap(),
@@ -437,33 +485,33 @@ mod tests {
         assert!(c.network_dir.join("lock").exists());
         // Same attachment again: same address.
         assert_eq!(
-            s.allocate(&c, "ctr1", "eth0").unwrap()[0].ip,
+            s.allocate(&c, "ctr1", "eth0", true).unwrap()[0].ip,
             ip("10.0.0.2")
         );
         assert_eq!(
-            s.allocate(&c, "ctr1", "eth1").unwrap()[0].ip,
+            s.allocate(&c, "ctr1", "eth1", true).unwrap()[0].ip,
             ip("10.0.0.3")
         );
         assert_eq!(
-            s.allocate(&c, "ctr2", "eth0").unwrap()[0].ip,
+            s.allocate(&c, "ctr2", "eth0", true).unwrap()[0].ip,
             ip("10.0.0.4")
         );
         assert_eq!(
-            s.allocate(&c, "ctr3", "eth0").unwrap()[0].ip,
+            s.allocate(&c, "ctr3", "eth0", true).unwrap()[0].ip,
             ip("10.0.0.5")
         );
         assert_eq!(
-            s.allocate(&c, "ctr4", "eth0").unwrap()[0].ip,
+            s.allocate(&c, "ctr4", "eth0", true).unwrap()[0].ip,
             ip("10.0.0.6")
         );
-        let e = s.allocate(&c, "ctr5", "eth0").unwrap_err();
+        let e = s.allocate(&c, "ctr5", "eth0", true).unwrap_err();
         assert!(e.to_string().contains("no IP addresses available"), "{e}");
         assert_eq!(CniError::from(e).code, 100);
         assert_eq!(s.release("ctr1", "eth0").unwrap(), vec![ip("10.0.0.2")]);
         assert_eq!(s.release("ctr1", "eth0").unwrap(), Vec::<IpAddr>::new());
         // Round robin continues after .6 and wraps to the freed .2.
         assert_eq!(
-            s.allocate(&c, "ctr5", "eth0").unwrap()[0].ip,
+            s.allocate(&c, "ctr5", "eth0", true).unwrap()[0].ip,
             ip("10.0.0.2")
         );
         // A legacy file with only the container ID is released by ID.

@@ -119,7 +119,14 @@ fn io_error(path: &Path, op: &str, e: std::io::Error) -> CniError {
 
 /// Saves the rendered config as `dataDir/<containerID>` (dir 0700, file 0600),
 /// written to a temporary file and renamed so DEL never reads half a file.
-fn save_config(data_dir: &Path, container_id: &str, rendered: &Value) -> Result<PathBuf, CniError> {
+/// Writes the rendered config to `dataDir/<containerID>` (temp file +
+/// rename). Returns its path and whether one was there already (an ADD
+/// repeated for the same container).
+fn save_config(
+    data_dir: &Path,
+    container_id: &str,
+    rendered: &Value,
+) -> Result<(PathBuf, bool), CniError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -136,8 +143,9 @@ fn save_config(data_dir: &Path, container_id: &str, rendered: &Value) -> Result<
         .open(&tmp)
         .map_err(|e| io_error(&tmp, "create", e))?;
     f.write_all(&body).map_err(|e| io_error(&tmp, "write", e))?;
+    let existed = path.exists();
     fs::rename(&tmp, &path).map_err(|e| io_error(&path, "rename into place", e))?;
-    Ok(path)
+    Ok((path, existed))
 }
 
 /// Reads back a saved config; `Ok(None)` when there is none.
@@ -248,13 +256,12 @@ fn add_steps(
     undo: &mut Vec<Undo>,
 ) -> Result<Value, CniError> {
     // Saved first so that a DEL after a crash half-way finds what to undo.
-    undo.push(Undo::RemoveFile(save_config(
-        &conf.data_dir,
-        &env.container_id,
-        rendered,
-    )?));
+    let (saved, repeated) = save_config(&conf.data_dir, &env.container_id, rendered)?;
+    undo.push(Undo::RemoveFile(saved));
     undo.push(Undo::ReleaseAddresses);
-    let allocs = store.allocate(&bconf.ipam, &env.container_id, &env.ifname)?;
+    // The config is saved before any address is taken, so without an earlier
+    // saved config this attachment holds no address yet.
+    let allocs = store.allocate(&bconf.ipam, &env.container_id, &env.ifname, repeated)?;
     let addrs: Vec<PodAddress> = allocs
         .iter()
         .map(|a| PodAddress {
