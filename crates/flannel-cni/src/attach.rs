@@ -213,6 +213,32 @@ pub fn open_in(pod: &NetNs) -> Result<Netlink, AttachError> {
     Netlink::open_in(pod).ctx(|| format!("open netlink in {}", pod.name))
 }
 
+/// [`open_in`] with the thread start hidden: the pod-namespace socket is
+/// opened on its own thread while `meanwhile` (IPAM lock, node socket) runs
+/// on this one.
+pub fn open_in_while<T>(
+    pod: &NetNs,
+    meanwhile: impl FnOnce() -> T,
+) -> (Result<Netlink, AttachError>, T) {
+    std::thread::scope(|s| {
+        let opening = pod.spawn_in(s, Netlink::open);
+        let t = meanwhile();
+        let entered = opening.join().unwrap_or_else(|_| {
+            Err(flannel_netlink::netns::NetNsError::Panicked {
+                name: pod.name.clone(),
+            })
+        });
+        let nl = entered
+            .map_err(|e| flannel_netlink::Error::Kernel {
+                op: format!("enter {}", pod.name),
+                source: std::io::Error::other(e),
+            })
+            .and_then(|r| r)
+            .ctx(|| format!("open netlink in {}", pod.name));
+        (nl, t)
+    })
+}
+
 /// Whether `ifname` exists in the pod namespace (`pod_nl` opened there).
 pub fn pod_has_link(pod_nl: &mut Netlink, pod: &NetNs, ifname: &str) -> Result<bool, AttachError> {
     Ok(pod_nl

@@ -190,8 +190,15 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         eprintln!("flannel: ipMasq is requested but not implemented by this plugin; run flanneld with --ip-masq");
     }
     let pod = open_netns(&env.netns)?;
-    let store = IpamStore::open_locked(&bconf.ipam.network_dir)?;
-    let mut pod_nl = attach::open_in(&pod)?;
+    let (pod_nl, (store, nl)) = attach::open_in_while(&pod, || {
+        (
+            IpamStore::open_locked(&bconf.ipam.network_dir),
+            Netlink::open().ctx(|| "open netlink".into()),
+        )
+    });
+    let store = store?;
+    let mut pod_nl = pod_nl?;
+    let mut nl = nl.map_err(CniError::from)?;
     if attach::pod_has_link(&mut pod_nl, &pod, &env.ifname)? {
         return Err(attach::AttachError::InterfaceExists {
             ifname: env.ifname.clone(),
@@ -199,9 +206,6 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
         .into());
     }
-    let mut nl = Netlink::open()
-        .ctx(|| "open netlink".into())
-        .map_err(CniError::from)?;
     let mut undo: Vec<Undo> = Vec::new();
     let result = add_steps(
         env,

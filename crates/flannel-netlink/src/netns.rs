@@ -277,17 +277,30 @@ impl NetNs {
         R: Send,
     {
         std::thread::scope(|s| {
-            s.spawn(|| -> Result<R, NetNsError> {
-                setns(&self.fd, CloneFlags::CLONE_NEWNET)
-                    .map_err(sys(&self.name, "setns(CLONE_NEWNET)"))?;
-                Ok(f())
-            })
-            .join()
-            .unwrap_or_else(|_| {
+            self.spawn_in(s, f).join().unwrap_or_else(|_| {
                 Err(NetNsError::Panicked {
                     name: self.name.clone(),
                 })
             })
+        })
+    }
+
+    /// Like [`NetNs::run`] but returns at once: `f` runs on a new thread of
+    /// `scope` that entered this namespace, so the caller can do other work
+    /// before joining the handle for the result.
+    pub fn spawn_in<'scope, 'env, F, R>(
+        &'env self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        f: F,
+    ) -> std::thread::ScopedJoinHandle<'scope, Result<R, NetNsError>>
+    where
+        F: FnOnce() -> R + Send + 'scope,
+        R: Send + 'scope,
+    {
+        scope.spawn(move || -> Result<R, NetNsError> {
+            setns(&self.fd, CloneFlags::CLONE_NEWNET)
+                .map_err(sys(&self.name, "setns(CLONE_NEWNET)"))?;
+            Ok(f())
         })
     }
 
