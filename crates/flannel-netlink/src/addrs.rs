@@ -70,11 +70,25 @@ impl Netlink {
     /// `ip addr show dev INDEX` (global scope and all families).
     pub fn list_addresses(&mut self, index: u32) -> Result<Vec<IpNet>> {
         let op = format!("ip addr show dev {index}");
-        let replies = self.t.request(
-            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
-            DUMP,
-            &op,
-        )?;
+        // With NETLINK_GET_STRICT_CHK the kernel dumps only this device's
+        // addresses (it ignores ifa_index otherwise): on a node with hundreds
+        // of pod veths, each with its link-local address, that is the
+        // difference between one message and hundreds. Strict checking is on
+        // only around this dump, since it also makes the kernel reject dump
+        // headers it would otherwise ignore; the filter below stays for
+        // kernels without it.
+        let strict = self.t.sock().set_netlink_get_strict_chk(true).is_ok();
+        let mut msg = AddressMessage::default();
+        if strict {
+            msg.header.index = index;
+        }
+        let replies = self
+            .t
+            .request(RouteNetlinkMessage::GetAddress(msg), DUMP, &op);
+        if strict {
+            let _ = self.t.sock().set_netlink_get_strict_chk(false);
+        }
+        let replies = replies?;
         let mut out = Vec::new();
         for r in replies {
             let RouteNetlinkMessage::NewAddress(m) = r else {
