@@ -935,34 +935,8 @@ impl SwitchEtcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let fd = c.switch.fd().as_raw_fd();
-        let mut cmd = Command::new("etcd");
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
-        // SAFETY: only setns(2) and prctl(2) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let fd = BorrowedFd::borrow_raw(fd);
-                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .expect("spawn etcd (Debian package etcd-server)");
         SwitchEtcd {
-            _child: Daemon {
-                child: Some(child),
-                log,
-            },
+            _child: spawn_etcd(&c.switch, &args, log),
             endpoint,
             ns_name: c.switch.name.clone(),
         }
@@ -975,26 +949,189 @@ impl SwitchEtcd {
         Fut: std::future::Future<Output = R>,
         R: Send,
     {
-        let opts = flannel_store::etcd::EtcdOptions {
-            endpoints: vec![self.endpoint.clone()],
-            connect_timeout: Duration::from_secs(1),
-            request_timeout: Duration::from_secs(2),
-            ..Default::default()
-        };
-        let ns = flannel_netlink::netns::NetNs::open(&self.ns_name).map_err(|e| e.to_string())?;
-        ns.run(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
+        etcd_with_store(&self.ns_name, vec![self.endpoint.clone()], f)
+    }
+}
+
+/// Runs `etcd` with `args` inside `ns` (stdout and stderr to `log`); killed
+/// by PID on drop of the returned guard.
+fn spawn_etcd(ns: &ScopedNetNs, args: &[String], log: PathBuf) -> Daemon {
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .unwrap();
+    let fd = ns.fd().as_raw_fd();
+    let mut cmd = Command::new("etcd");
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+    // SAFETY: only setns(2) and prctl(2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = BorrowedFd::borrow_raw(fd);
+            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .expect("spawn etcd (Debian package etcd-server)");
+    Daemon {
+        child: Some(child),
+        log,
+    }
+}
+
+/// Runs `f` with a store client on `endpoints`, from a thread inside the
+/// namespace `ns_name`.
+fn etcd_with_store<F, Fut, R>(ns_name: &str, endpoints: Vec<String>, f: F) -> Result<R, String>
+where
+    F: FnOnce(flannel_store::etcd::EtcdStore) -> Fut + Send,
+    Fut: std::future::Future<Output = R>,
+    R: Send,
+{
+    let opts = flannel_store::etcd::EtcdOptions {
+        endpoints,
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let ns = flannel_netlink::netns::NetNs::open(ns_name).map_err(|e| e.to_string())?;
+    ns.run(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = flannel_store::etcd::EtcdStore::connect(opts)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(f(store).await)
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// A 3-member etcd cluster, each member in its own namespace joined to the
+/// switch's bridge (member i at 172.16.1.2i). Field order is drop order:
+/// the members are killed by PID before their namespaces go.
+struct EtcdCluster {
+    members: Vec<Daemon>,
+    _ns: Vec<ScopedNetNs>,
+    ips: Vec<Ipv4Addr>,
+    switch_name: String,
+}
+
+impl EtcdCluster {
+    fn start(c: &Cluster) -> EtcdCluster {
+        let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(172, 16, 1, 20 + i)).collect();
+        let initial = (0..3)
+            .map(|i| format!("m{}=http://{}:2380", i + 1, ips[i]))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nss = Vec::new();
+        let mut members = Vec::new();
+        for (i, ip) in ips.iter().enumerate() {
+            let ns = ScopedNetNs::unique(&format!("fdit-e{}", i + 1)).unwrap();
+            c.switch
+                .run(|| {
+                    let mut nl = Netlink::open().unwrap();
+                    let br = nl.link_by_name("br0").unwrap().unwrap();
+                    let host = nl
+                        .add_veth(&format!("e{}", i + 1), "eth0", ns.fd(), Some(1500))
+                        .unwrap();
+                    nl.set_link_master(host.index, br.index).unwrap();
+                    nl.set_link_up(host.index).unwrap();
+                })
                 .unwrap();
-            rt.block_on(async {
-                let store = flannel_store::etcd::EtcdStore::connect(opts)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(f(store).await)
+            ns.run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+                nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(*ip, 24).unwrap()))
+                    .unwrap();
+                nl.set_link_up(eth0.index).unwrap();
+            })
+            .unwrap();
+            let peer = format!("http://{ip}:2380");
+            let client = format!("http://{ip}:2379");
+            let args: Vec<String> = [
+                "--name",
+                &format!("m{}", i + 1),
+                "--data-dir",
+                c._tmp.0.join(format!("etcd-m{}", i + 1)).to_str().unwrap(),
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let log = c._tmp.0.join(format!("etcd-m{}.log", i + 1));
+            members.push(spawn_etcd(&ns, &args, log));
+            nss.push(ns);
+        }
+        let e = EtcdCluster {
+            members,
+            _ns: nss,
+            ips,
+            switch_name: c.switch.name.clone(),
+        };
+        wait_for(
+            "the etcd cluster to answer",
+            Duration::from_secs(20),
+            || e.with_store(|_| async {}).ok(),
+        );
+        e
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.ips
+            .iter()
+            .map(|ip| format!("http://{ip}:2379"))
+            .collect()
+    }
+
+    /// Runs `f` with a client on all members, from the switch namespace.
+    fn with_store<F, Fut, R>(&self, f: F) -> Result<R, String>
+    where
+        F: FnOnce(flannel_store::etcd::EtcdStore) -> Fut + Send,
+        Fut: std::future::Future<Output = R>,
+        R: Send,
+    {
+        etcd_with_store(&self.switch_name, self.endpoints(), f)
+    }
+
+    /// Index of the member that is the raft leader.
+    fn leader(&self) -> usize {
+        wait_for("an etcd leader", Duration::from_secs(10), || {
+            self.endpoints().into_iter().position(|ep| {
+                etcd_with_store(&self.switch_name, vec![ep], |s| async move {
+                    let st = s.client().status().await.ok()?;
+                    Some(st.leader() != 0 && st.header()?.member_id() == st.leader())
+                })
+                .ok()
+                .flatten()
+                .unwrap_or(false)
             })
         })
-        .map_err(|e| e.to_string())?
+    }
+
+    /// SIGKILLs member `i` by PID (reaped when the guard drops).
+    fn kill(&self, i: usize) {
+        let pid = self.members[i].pid();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
     }
 }
 
@@ -1081,6 +1218,100 @@ fn etcd_store_shared_by_two_nodes() {
         ping(&c.nodes[0], &dst).then_some(())
     });
     for dm in d.drain(..) {
+        assert!(dm.stop().success());
+    }
+}
+
+/// Issue 3: a 3-member etcd cluster (three etcd processes in three
+/// namespaces) losing one member, its leader, has no effect on flanneld:
+/// daemons stay up, kernel state is unchanged, the overlay still carries
+/// traffic, and a node joining afterwards is still programmed by the others.
+#[test]
+fn etcd_cluster_losing_a_member_does_not_affect_flanneld() {
+    let c = Cluster::new("etcd3", 3);
+    let etcd = EtcdCluster::start(&c);
+    etcd.with_store(|s| async move {
+        s.client()
+            .put("/coreos.com/network/config", CONFIG, None)
+            .await
+            .unwrap();
+    })
+    .unwrap();
+    let endpoints = etcd.endpoints().join(",");
+    let start = |i: usize| -> Daemon {
+        let mut a = c.args(i, &["--etcd-endpoints", &endpoints]);
+        let pos = a.iter().position(|x| x == "--local-store").unwrap();
+        a.drain(pos..pos + 2);
+        Daemon {
+            child: Some(spawn_in(&c.nodes[i].ns, &a, &c.nodes[i].log())),
+            log: c.nodes[i].log(),
+        }
+    };
+    let peers = |subnets: &[Ipv4Net]| -> Vec<(Ipv4Net, Ipv4Addr, MacAddr)> {
+        let leases = etcd
+            .with_store(|s| async move { s.list_leases().await.unwrap().leases })
+            .unwrap();
+        subnets
+            .iter()
+            .map(|sub| {
+                let l = leases.iter().find(|l| l.key.ipv4 == Some(*sub)).unwrap();
+                (
+                    *sub,
+                    l.attrs.public_ip.unwrap(),
+                    l.attrs.vxlan_data().unwrap().vtep_mac,
+                )
+            })
+            .collect()
+    };
+    let mut d: Vec<Daemon> = (0..2).map(start).collect();
+    let s0 = c.nodes[0].wait_subnet(&mut d[0]);
+    let s1 = c.nodes[1].wait_subnet(&mut d[1]);
+    assert_ne!(s0, s1);
+    c.wait_programmed(0, &peers(&[s1]), Duration::from_secs(10));
+    c.wait_programmed(1, &peers(&[s0]), Duration::from_secs(10));
+    let dst = s1.network().to_string();
+    wait_for("ping through the overlay", Duration::from_secs(10), || {
+        ping(&c.nodes[0], &dst).then_some(())
+    });
+    let before: Vec<NodeState> = (0..2).map(|i| c.nodes[i].state().unwrap()).collect();
+
+    let leader = etcd.leader();
+    etcd.kill(leader);
+    // Give the cluster time to elect a new leader and the daemons time to
+    // notice anything they were going to notice.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, dm) in d.iter_mut().enumerate() {
+        assert!(
+            dm.alive(),
+            "flanneld on {} exited after losing etcd member m{}; log:\n{}",
+            c.nodes[i].name,
+            leader + 1,
+            read_log(&c.nodes[i].log())
+        );
+        assert_eq!(
+            c.nodes[i].state().unwrap(),
+            before[i],
+            "{}",
+            c.nodes[i].name
+        );
+    }
+    assert!(
+        ping(&c.nodes[0], &dst),
+        "overlay ping after losing a member"
+    );
+
+    // A change still propagates through the two remaining members.
+    let mut d2 = start(2);
+    let s2 = c.nodes[2].wait_subnet(&mut d2);
+    let all = peers(&[s0, s1, s2]);
+    c.wait_programmed(0, &[all[1], all[2]], Duration::from_secs(15));
+    c.wait_programmed(1, &[all[0], all[2]], Duration::from_secs(15));
+    c.wait_programmed(2, &[all[0], all[1]], Duration::from_secs(15));
+    let dst2 = s2.network().to_string();
+    wait_for("ping to the new node", Duration::from_secs(10), || {
+        ping(&c.nodes[0], &dst2).then_some(())
+    });
+    for dm in d.drain(..).chain([d2]) {
         assert!(dm.stop().success());
     }
 }
