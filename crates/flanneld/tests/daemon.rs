@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
@@ -24,48 +24,11 @@ use flannel_netlink::{Link, Netlink, Notification};
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
+mod common;
+use common::{read_log, require_root, wait_for, TempDir};
+
 const NETWORK: &str = "10.244.0.0/16";
 const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
-
-fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("needs root: these tests create network namespaces and run flanneld in them (run as root)");
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "flanneld-it-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A flanneld process, killed (by PID) and reaped on drop.
 struct Daemon {
@@ -109,10 +72,6 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
-}
-
-fn read_log(p: &Path) -> String {
-    fs::read_to_string(p).unwrap_or_default()
 }
 
 /// Runs flanneld in `ns` with `args`, stderr appended to `log`; returns the child.
@@ -281,43 +240,10 @@ impl Cluster {
     fn new(tag: &str, n: usize) -> Cluster {
         require_root();
         let tmp = TempDir::new(tag);
-        let switch = ScopedNetNs::unique("fdit-sw").unwrap();
-        switch
-            .run(|| {
-                let mut nl = Netlink::open().unwrap();
-                let br = nl.add_bridge("br0", None).unwrap();
-                // The switch's own address: where the etcd test serves etcd.
-                nl.add_address(br.index, "172.16.1.1/24".parse().unwrap())
-                    .unwrap();
-                nl.set_link_up(br.index).unwrap();
-            })
-            .unwrap();
+        let (switch, underlay) = common::underlay("fdit", n, Some("172.16.1.1/24"));
         let mut nodes = Vec::new();
-        for i in 1..=n {
-            let ns = ScopedNetNs::unique(&format!("fdit-n{i}")).unwrap();
-            let ip = Ipv4Addr::new(172, 16, 1, 10 + i as u8);
-            switch
-                .run(|| {
-                    let mut nl = Netlink::open().unwrap();
-                    let br = nl.link_by_name("br0").unwrap().unwrap();
-                    let host = nl
-                        .add_veth(&format!("n{i}"), "eth0", ns.fd(), Some(1500))
-                        .unwrap();
-                    nl.set_link_master(host.index, br.index).unwrap();
-                    nl.set_link_up(host.index).unwrap();
-                })
-                .unwrap();
-            ns.run(|| {
-                let mut nl = Netlink::open().unwrap();
-                let eth0 = nl
-                    .link_by_name("eth0")
-                    .unwrap()
-                    .expect("eth0 in node namespace");
-                nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
-                    .unwrap();
-                nl.set_link_up(eth0.index).unwrap();
-            })
-            .unwrap();
+        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
+            let i = idx + 1;
             let dir = tmp.0.join(format!("node{i}"));
             fs::create_dir_all(&dir).unwrap();
             nodes.push(Node {

@@ -13,7 +13,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
@@ -24,32 +23,12 @@ use flannel_netlink::Netlink;
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
+mod common;
+use common::{read_log, require_root, wait_for, TempDir};
+
 const NETWORK: &str = "10.244.0.0/16";
 const HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
 const VXLAN: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
-
-fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        panic!("needs root: these tests create network namespaces and run flanneld in them (run as root)");
-    }
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn read_log(p: &Path) -> String {
-    fs::read_to_string(p).unwrap_or_default()
-}
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -214,67 +193,27 @@ struct Cluster {
     _switch: ScopedNetNs,
     store: PathBuf,
     config: PathBuf,
-    tmp: PathBuf,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.tmp);
-    }
+    _tmp: TempDir,
 }
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {
         require_root();
-        static N: AtomicU32 = AtomicU32::new(0);
-        let tmp = std::env::temp_dir().join(format!(
-            "flanneld-hostgw-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp).unwrap();
-        let switch = ScopedNetNs::unique("fdhg-sw").unwrap();
-        switch
-            .run(|| {
-                let mut nl = Netlink::open().unwrap();
-                let br = nl.add_bridge("br0", None).unwrap();
-                nl.set_link_up(br.index).unwrap();
-            })
-            .unwrap();
+        let tmp = TempDir::new(&format!("hostgw-{tag}"));
+        let (switch, underlay) = common::underlay("fdhg", n, None);
         let mut nodes = Vec::new();
-        for i in 1..=n {
-            let ns = ScopedNetNs::unique(&format!("fdhg-n{i}")).unwrap();
-            let ip = Ipv4Addr::new(172, 16, 1, 10 + i as u8);
-            switch
-                .run(|| {
-                    let mut nl = Netlink::open().unwrap();
-                    let br = nl.link_by_name("br0").unwrap().unwrap();
-                    let host = nl
-                        .add_veth(&format!("n{i}"), "eth0", ns.fd(), Some(1500))
-                        .unwrap();
-                    nl.set_link_master(host.index, br.index).unwrap();
-                    nl.set_link_up(host.index).unwrap();
-                })
-                .unwrap();
-            ns.run(|| {
-                let mut nl = Netlink::open().unwrap();
-                let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
-                nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
-                    .unwrap();
-                nl.set_link_up(eth0.index).unwrap();
-            })
-            .unwrap();
-            let dir = tmp.join(format!("node{i}"));
+        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
+            let i = idx + 1;
+            let dir = tmp.0.join(format!("node{i}"));
             fs::create_dir_all(&dir).unwrap();
             nodes.push(Node { ip, dir, ns });
         }
         let c = Cluster {
             nodes,
             _switch: switch,
-            store: tmp.join("store"),
-            config: tmp.join("net-conf.json"),
-            tmp,
+            store: tmp.0.join("store"),
+            config: tmp.0.join("net-conf.json"),
+            _tmp: tmp,
         };
         c.set_config(config);
         c

@@ -1,0 +1,114 @@
+//! Harness shared by the flanneld root integration tests: the "needs root"
+//! check, polling, temporary directories, and the underlay every test
+//! cluster sits on (a switch namespace with bridge `br0`, one namespace per
+//! node joined to it by a veth pair whose node side is `eth0`,
+//! 172.16.1.1N/24). Everything is removed on drop, also on panic.
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use flannel_netlink::netns::ScopedNetNs;
+use flannel_netlink::Netlink;
+use ipnet::{IpNet, Ipv4Net};
+
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        panic!("needs root: these tests create network namespaces and run flanneld in them (run as root)");
+    }
+}
+
+/// Polls `f` every 100 ms until it gives a value; panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn read_log(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "flanneld-it-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Builds the underlay: namespaces `<prefix>-sw` (bridge `br0`, with
+/// `switch_addr` when given) and `<prefix>-n<i>` for i in 1..=n, node i on
+/// 172.16.1.(10+i)/24 via its `eth0`. Returns the switch and the nodes with
+/// their addresses.
+pub fn underlay(
+    prefix: &str,
+    n: usize,
+    switch_addr: Option<&str>,
+) -> (ScopedNetNs, Vec<(ScopedNetNs, Ipv4Addr)>) {
+    let switch = ScopedNetNs::unique(&format!("{prefix}-sw")).unwrap();
+    switch
+        .run(|| {
+            let mut nl = Netlink::open().unwrap();
+            let br = nl.add_bridge("br0", None).unwrap();
+            if let Some(a) = switch_addr {
+                nl.add_address(br.index, a.parse().unwrap()).unwrap();
+            }
+            nl.set_link_up(br.index).unwrap();
+        })
+        .unwrap();
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let ns = ScopedNetNs::unique(&format!("{prefix}-n{i}")).unwrap();
+        let ip = Ipv4Addr::new(172, 16, 1, 10 + i as u8);
+        switch
+            .run(|| {
+                let mut nl = Netlink::open().unwrap();
+                let br = nl.link_by_name("br0").unwrap().unwrap();
+                let host = nl
+                    .add_veth(&format!("n{i}"), "eth0", ns.fd(), Some(1500))
+                    .unwrap();
+                nl.set_link_master(host.index, br.index).unwrap();
+                nl.set_link_up(host.index).unwrap();
+            })
+            .unwrap();
+        ns.run(|| {
+            let mut nl = Netlink::open().unwrap();
+            let eth0 = nl
+                .link_by_name("eth0")
+                .unwrap()
+                .expect("eth0 in node namespace");
+            nl.add_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
+                .unwrap();
+            nl.set_link_up(eth0.index).unwrap();
+        })
+        .unwrap();
+        nodes.push((ns, ip));
+    }
+    (switch, nodes)
+}
