@@ -10,7 +10,6 @@
 use std::fs::OpenOptions;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,13 +116,7 @@ pub(crate) fn spawn(ns: &NetNs, lab: &str, dir: &Path, ip: Ipv4Addr) -> Result<u
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    super::procs::detach(&mut cmd);
     let child = ns
         .run(move || -> Result<std::process::Child> {
             // A fresh namespace has lo down: 127.0.0.1 would not answer.

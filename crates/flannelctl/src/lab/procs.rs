@@ -115,13 +115,7 @@ pub(crate) fn spawn_flanneld(
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
+    detach(&mut cmd);
     let child = ns
         .run(move || cmd.spawn())
         .map_err(ns_err(format!("entering {} to start flanneld", ns.name)))?
@@ -136,6 +130,18 @@ pub(crate) fn spawn_flanneld(
 }
 
 /// The pid in a pid file.
+/// Makes a lab process outlive `flannelctl`: it starts a session of its own
+/// (`setsid`), so no terminal hang-up or Ctrl-C of the caller reaches it.
+pub(crate) fn detach(cmd: &mut Command) {
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
 pub(crate) fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
