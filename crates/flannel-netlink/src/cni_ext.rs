@@ -6,18 +6,15 @@
 //! the only step that has to happen inside the pod's namespace: one thread
 //! start per call, instead of one per step.
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use crate::netns::NetNs;
-use crate::{check_ifname, Error, Link, Netlink, Result};
+use crate::{Error, Link, Netlink, Result};
 
 impl Netlink {
     /// Opens a NETLINK_ROUTE socket inside `ns`, like `ip -n NS ...` does.
@@ -47,44 +44,7 @@ impl Netlink {
         mtu: Option<u32>,
         master: u32,
     ) -> Result<Link> {
-        let fd = peer_netns.as_raw_fd();
-        let mtu_s = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
-        let op = format!(
-            "ip link add {host}{mtu_s} master {master} up type veth peer name {peer}{mtu_s} netns {fd}"
-        );
-        check_ifname(&op, "veth host name", host)?;
-        check_ifname(&op, "veth peer name", peer)?;
-        let up = |m: &mut LinkMessage| {
-            m.header.flags = LinkFlags::Up;
-            m.header.change_mask = LinkFlags::Up;
-        };
-        // The peer cannot come up here: the kernel configures it before the
-        // two ends are linked to each other, and opening a veth without its
-        // peer fails with ENOTCONN. The caller brings it up in its namespace.
-        let mut p = LinkMessage::default();
-        p.attributes.push(LinkAttribute::IfName(peer.to_string()));
-        p.attributes.push(LinkAttribute::NetNsFd(fd));
-        let mut m = LinkMessage::default();
-        up(&mut m);
-        m.attributes.push(LinkAttribute::IfName(host.to_string()));
-        if let Some(v) = mtu {
-            p.attributes.push(LinkAttribute::Mtu(v));
-            m.attributes.push(LinkAttribute::Mtu(v));
-        }
-        m.attributes.push(LinkAttribute::Controller(master));
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Veth),
-            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
-        ]));
-        self.t.request(
-            RouteNetlinkMessage::NewLink(m),
-            NLM_F_CREATE | NLM_F_EXCL,
-            &op,
-        )?;
-        self.link_by_name(host)?.ok_or(Error::LinkNotFound {
-            op,
-            name: host.into(),
-        })
+        self.create_veth(host, peer, peer_netns, mtu, Some(master))
     }
 
     /// `ip addr replace ADDR dev INDEX nodad` for IPv6 (plain

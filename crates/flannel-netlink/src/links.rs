@@ -330,9 +330,30 @@ impl Netlink {
         peer_netns: BorrowedFd<'_>,
         mtu: Option<u32>,
     ) -> Result<Link> {
+        self.create_veth(host, peer, peer_netns, mtu, None)
+    }
+
+    /// One RTM_NEWLINK for the pair; with `master`, the host end is created
+    /// already enslaved and up (the kernel applies `IFLA_MASTER` and
+    /// `ifi_flags` at creation). The peer cannot come up here: the kernel
+    /// configures it before the two ends are linked, and opening a veth
+    /// without its peer fails with ENOTCONN.
+    pub(crate) fn create_veth(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_netns: BorrowedFd<'_>,
+        mtu: Option<u32>,
+        master: Option<u32>,
+    ) -> Result<Link> {
         let fd = peer_netns.as_raw_fd();
         let mtu_s = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
-        let op = format!("ip link add {host}{mtu_s} type veth peer name {peer}{mtu_s} netns {fd}");
+        let master_s = master
+            .map(|m| format!(" master {m} up"))
+            .unwrap_or_default();
+        let op = format!(
+            "ip link add {host}{mtu_s}{master_s} type veth peer name {peer}{mtu_s} netns {fd}"
+        );
         check_ifname(&op, "veth host name", host)?;
         check_ifname(&op, "veth peer name", peer)?;
         let mut p = link_msg(0);
@@ -343,6 +364,11 @@ impl Netlink {
         if let Some(v) = mtu {
             p.attributes.push(LinkAttribute::Mtu(v));
             m.attributes.push(LinkAttribute::Mtu(v));
+        }
+        if let Some(master) = master {
+            m.header.flags = LinkFlags::Up;
+            m.header.change_mask = LinkFlags::Up;
+            m.attributes.push(LinkAttribute::Controller(master));
         }
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
