@@ -86,6 +86,38 @@ enum LabCommand {
         /// renewed (their subnets stay deterministic through a seeded subnet.env).
         #[arg(long)]
         no_reservations: bool,
+        /// The flannel backend: `vxlan`, `host-gw` or `udp`.
+        #[arg(long, default_value_t = lab::Backend::Vxlan)]
+        backend: lab::Backend,
+        /// vxlan `DirectRouting`: plain routes to peers on the node's own segment.
+        #[arg(long)]
+        direct_routing: bool,
+        /// IPv6 only: `EnableIPv4: false`, IPv6 pods and underlay (fd00:10:244::/56).
+        #[arg(long, conflicts_with = "dual_stack")]
+        ipv6: bool,
+        /// Dual stack: IPv4 and IPv6 pods and underlay.
+        #[arg(long)]
+        dual_stack: bool,
+        /// Run flanneld with --ip-masq, and add the `outside` host (203.0.113.1)
+        /// behind the gateway to check masquerading.
+        #[arg(long)]
+        ip_masq: bool,
+        /// `flat` (one switch) or `two-segment` (two switches joined by a router).
+        #[arg(long, default_value_t = lab::Topology::Flat)]
+        topology: lab::Topology,
+    },
+    /// Restart every flanneld of the running lab with another backend.
+    SwitchBackend {
+        #[command(flatten)]
+        name: NameArg,
+        /// The new backend: `vxlan`, `host-gw` or `udp`.
+        backend: lab::Backend,
+        /// vxlan `DirectRouting`.
+        #[arg(long)]
+        direct_routing: bool,
+        /// How long to wait for the daemons (seconds).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
     },
     /// Stop or start the lab's etcd (`--store etcd`): an outage and its end.
     /// `stop` keeps the data; `start` resumes on the same data and addresses.
@@ -170,10 +202,18 @@ fn render_error(e: &anyhow::Error) -> String {
 fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
     let m = lab.check()?;
     print!("{}", m.render());
-    Ok(if m.all_ok() {
+    let mut ok = m.all_ok();
+    if !ok {
+        eprintln!("flannelctl: {}", m.ensure_all_ok().unwrap_err());
+    }
+    if lab.state.ip_masq {
+        let r = lab.check_masq()?;
+        print!("{}", r.render());
+        ok &= r.all_ok();
+    }
+    Ok(if ok {
         ExitCode::SUCCESS
     } else {
-        eprintln!("flannelctl: {}", m.ensure_all_ok().unwrap_err());
         ExitCode::FAILURE
     })
 }
@@ -246,6 +286,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             store,
             lease_ttl,
             no_reservations,
+            backend,
+            direct_routing,
+            ipv6,
+            dual_stack,
+            ip_masq,
+            topology,
         }) => {
             let opts = LabOptions {
                 name: name.name,
@@ -257,6 +303,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 store,
                 lease_ttl,
                 reservations: !no_reservations,
+                backend,
+                direct_routing,
+                family: if ipv6 {
+                    lab::Family::V6
+                } else if dual_stack {
+                    lab::Family::Dual
+                } else {
+                    lab::Family::V4
+                },
+                ip_masq,
+                topology,
                 ..LabOptions::default()
             };
             let lab = Lab::up(&opts).context("lab up")?;
@@ -276,10 +333,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Some(ip) = p.ip {
                     println!("pod {} on {}: {}", p.name, p.node, ip);
                 }
+                if let Some(ip) = p.ipv6 {
+                    println!("pod {} on {}: {}", p.name, p.node, ip);
+                }
             }
             if no_check {
                 return Ok(ExitCode::SUCCESS);
             }
+            print_check(&lab)
+        }
+        Command::Lab(LabCommand::SwitchBackend {
+            name,
+            backend,
+            direct_routing,
+            timeout,
+        }) => {
+            let mut lab = Lab::open(&name.name)?;
+            lab.switch_backend(
+                backend,
+                direct_routing,
+                std::time::Duration::from_secs(timeout),
+            )?;
+            println!("lab {} now runs {backend}", lab.name());
             print_check(&lab)
         }
         Command::Lab(LabCommand::Check { name }) => print_check(&Lab::open(&name.name)?),

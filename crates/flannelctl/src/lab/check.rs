@@ -1,12 +1,17 @@
 //! The connectivity matrix: every pod pings every other pod and every node
-//! (its overlay address and its underlay address), and the reply TTLs are
-//! compared with the hop counts the packet walk predicts.
+//! (its overlay address and its underlay address), in each address family
+//! of the lab, and the reply TTLs (IPv6: hop limits) are compared with the
+//! hop counts the packet walk predicts. Pairs the topology rules out (host-gw
+//! across two segments) are expected failures, reported with the reason.
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::{overlay_address, Lab, LabError, NodeState, Pinger, PodState, Result};
+use super::ping6::Pinger6;
+use super::{
+    overlay_address, Backend, Lab, LabError, NodeState, Pinger, PodState, Result, Topology,
+};
 
 /// What a target is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +26,10 @@ pub enum TargetKind {
 /// A column of the matrix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    /// `ubuntu-2`, `k8s-node1/cni0`, `master/flannel.1`, `k8s-node1/ens3`.
+    /// `ubuntu-2`, `k8s-node1/cni0`, `master/flannel.1`, `k8s-node1/ens3`;
+    /// IPv6 targets end in `@v6` (`ubuntu-2@v6`, `k8s-node1/ens3@v6`).
     pub label: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub kind: TargetKind,
     /// The node the target lives on.
     pub node: String,
@@ -40,19 +46,26 @@ pub enum Outcome {
     WrongTtl { ttl: u8, expected: u8 },
     /// No answer before the deadline.
     NoReply,
+    /// No answer, as the topology implies (host-gw across segments); why.
+    ExpectedFailure { reason: String },
+    /// An answer where the topology implies none.
+    UnexpectedReply { ttl: u8, reason: String },
 }
 
 impl Outcome {
     pub fn is_ok(&self) -> bool {
-        matches!(self, Outcome::Itself | Outcome::Ok { .. })
+        matches!(
+            self,
+            Outcome::Itself | Outcome::Ok { .. } | Outcome::ExpectedFailure { .. }
+        )
     }
 }
 
 /// Rows are the pods, columns the targets.
 #[derive(Debug, Clone)]
 pub struct Matrix {
-    /// Pod names with their addresses.
-    pub sources: Vec<(String, Ipv4Addr)>,
+    /// Pod names with their first address (IPv4 in dual stack).
+    pub sources: Vec<(String, IpAddr)>,
     pub targets: Vec<Target>,
     pub cells: Vec<Vec<Outcome>>,
 }
@@ -74,6 +87,19 @@ impl Matrix {
 
     pub fn all_ok(&self) -> bool {
         self.failed() == 0
+    }
+
+    /// Pairs that failed as expected, with the reason: `(from, to, reason)`.
+    pub fn expected_failures(&self) -> Vec<(&str, &str, &str)> {
+        let mut v = Vec::new();
+        for ((from, _), row) in self.sources.iter().zip(&self.cells) {
+            for (t, o) in self.targets.iter().zip(row) {
+                if let Outcome::ExpectedFailure { reason } = o {
+                    v.push((from.as_str(), t.label.as_str(), reason.as_str()));
+                }
+            }
+        }
+        v
     }
 
     /// The outcome of `from` (pod name) pinging the target labelled `to`.
@@ -111,6 +137,8 @@ impl Matrix {
             Outcome::Ok { ttl, .. } => format!("ttl {ttl}"),
             Outcome::WrongTtl { ttl, expected } => format!("ttl {ttl}!={expected}"),
             Outcome::NoReply => "FAIL".to_string(),
+            Outcome::ExpectedFailure { .. } => "refused".to_string(),
+            Outcome::UnexpectedReply { ttl, .. } => format!("ttl {ttl} UNEXPECTED"),
         };
         let widths: Vec<usize> = self
             .targets
@@ -144,12 +172,32 @@ impl Matrix {
             out.push('\n');
         }
         let mut out: String = out.lines().map(|l| format!("{}\n", l.trim_end())).collect();
+        let expected = self.expected_failures();
         let _ = writeln!(
             out,
-            "{} of {} pairs OK (pod to pod across nodes: ttl 62, as in the seed)",
+            "{} of {} pairs OK (pod to pod across nodes: ttl 62, as in the seed){}",
             self.total() - self.failed().min(self.total()),
-            self.total()
+            self.total(),
+            if expected.is_empty() {
+                String::new()
+            } else {
+                format!(", {} of them expected failures", expected.len())
+            }
         );
+        for (from, to, reason) in expected {
+            let _ = writeln!(out, "  refused (expected) {from} -> {to}: {reason}");
+        }
+        for ((from, _), row) in self.sources.iter().zip(&self.cells) {
+            for (t, o) in self.targets.iter().zip(row) {
+                if let Outcome::UnexpectedReply { reason, .. } = o {
+                    let _ = writeln!(
+                        out,
+                        "  UNEXPECTED reply {from} -> {}: expected none: {reason}",
+                        t.label
+                    );
+                }
+            }
+        }
         out
     }
 }
@@ -168,42 +216,149 @@ fn expected_ttl(src_node: &str, target: &Target) -> u8 {
     }
 }
 
-/// The targets of a lab: pods, then per node its overlay and underlay address.
+/// The targets of a lab: pods, then per node its overlay and underlay
+/// address; IPv4 first, then IPv6 (labels ending in `@v6`).
 pub(crate) fn targets(lab: &Lab) -> Vec<Target> {
     let mut t = Vec::new();
-    for p in &lab.state.pods {
-        if let Some(ip) = p.ip {
+    let st = &lab.state;
+    for v6 in [false, true] {
+        if (!v6 && !st.family.has_v4()) || (v6 && !st.family.has_v6()) {
+            continue;
+        }
+        let sfx = if v6 { "@v6" } else { "" };
+        for p in &st.pods {
+            let ip = if v6 {
+                p.ipv6.map(|n| IpAddr::V6(n.addr()))
+            } else {
+                p.ip.map(|n| IpAddr::V4(n.addr()))
+            };
+            if let Some(ip) = ip {
+                t.push(Target {
+                    label: format!("{}{sfx}", p.name),
+                    ip,
+                    kind: TargetKind::Pod,
+                    node: p.node.clone(),
+                });
+            }
+        }
+        for n in &st.nodes {
+            let has_pods = st.pods.iter().any(|p| p.node == n.name);
+            let dev = if has_pods {
+                "cni0".to_string()
+            } else {
+                // A node without pods holds its overlay address on the
+                // backend's device; host-gw has none (and no address).
+                // IPv6 has no such address on flannel-v6.1 or flannel0.
+                match st.backend.overlay_device() {
+                    Some(d) if !v6 => d,
+                    _ => continue,
+                }
+            };
+            let ip = if v6 {
+                match n.subnet_v6 {
+                    Some(s) => IpAddr::V6(first_host_v6(s)),
+                    None => continue,
+                }
+            } else {
+                IpAddr::V4(overlay_address(st, n))
+            };
             t.push(Target {
-                label: p.name.clone(),
-                ip: ip.addr(),
-                kind: TargetKind::Pod,
-                node: p.node.clone(),
+                label: format!("{}/{dev}{sfx}", n.name),
+                ip,
+                kind: TargetKind::NodeOverlay,
+                node: n.name.clone(),
             });
         }
-    }
-    for n in &lab.state.nodes {
-        let has_pods = lab.state.pods.iter().any(|p| p.node == n.name);
-        let dev = if has_pods { "cni0" } else { "flannel.1" };
-        t.push(Target {
-            label: format!("{}/{dev}", n.name),
-            ip: overlay_address(&lab.state, n),
-            kind: TargetKind::NodeOverlay,
-            node: n.name.clone(),
-        });
-    }
-    for n in &lab.state.nodes {
-        t.push(underlay_target(n));
+        for n in &st.nodes {
+            let ip = if v6 {
+                match n.underlay_ipv6 {
+                    Some(a) => IpAddr::V6(a),
+                    None => continue,
+                }
+            } else {
+                IpAddr::V4(n.underlay_ip)
+            };
+            t.push(underlay_target(n, ip, sfx));
+        }
     }
     t
 }
 
-fn underlay_target(n: &NodeState) -> Target {
+fn first_host_v6(net: ipnet::Ipv6Net) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(u128::from(net.network()) + 1)
+}
+
+fn underlay_target(n: &NodeState, ip: IpAddr, sfx: &str) -> Target {
     Target {
-        label: format!("{}/ens3", n.name),
-        ip: n.underlay_ip,
+        label: format!("{}/ens3{sfx}", n.name),
+        ip,
         kind: TargetKind::NodeUnderlay,
         node: n.name.clone(),
     }
+}
+
+/// Why a pair cannot work in this lab, if it cannot: with host-gw across
+/// two segments flanneld installs no route to a peer on the other segment
+/// (its PublicIP is not directly connected), so neither the peer's pods and
+/// cni0 nor, for the replies, its underlay address answer a pod.
+pub(crate) fn expected_failure(lab: &Lab, src: &NodeState, target: &Target) -> Option<String> {
+    let st = &lab.state;
+    if st.backend != Backend::HostGw || st.topology != Topology::TwoSegment {
+        return None;
+    }
+    let dst = st.node(&target.node)?;
+    if dst.segment == src.segment {
+        return None;
+    }
+    let (subnet, public) = match target.ip {
+        IpAddr::V4(_) => (dst.subnet.to_string(), dst.underlay_ip.to_string()),
+        IpAddr::V6(_) => (
+            dst.subnet_v6.map(|s| s.to_string()).unwrap_or_default(),
+            dst.underlay_ipv6.map(|a| a.to_string()).unwrap_or_default(),
+        ),
+    };
+    let (src_subnet, src_public) = match target.ip {
+        IpAddr::V4(_) => (src.subnet.to_string(), src.underlay_ip.to_string()),
+        IpAddr::V6(_) => (
+            src.subnet_v6.map(|s| s.to_string()).unwrap_or_default(),
+            src.underlay_ipv6.map(|a| a.to_string()).unwrap_or_default(),
+        ),
+    };
+    // To a pod or cni0 the request has no route; to the underlay address
+    // the request goes through the router but the reply has no route back:
+    // the refusal that matters is then the target node's.
+    let (refuser, refused, refused_ip) = if target.kind == TargetKind::NodeUnderlay {
+        (dst, src_subnet, src_public)
+    } else {
+        (src, subnet, public.clone())
+    };
+    let logged = std::fs::read_to_string(lab.log_path(&refuser.name))
+        .map(|log| {
+            log.lines()
+                .any(|l| l.contains("host-gw") && l.contains(&refused) && l.contains(&refused_ip))
+        })
+        .unwrap_or(false);
+    let what = if target.kind == TargetKind::NodeUnderlay {
+        format!(
+            "the reply from {} has no route back: host-gw across segments",
+            target.node
+        )
+    } else {
+        "host-gw across segments".to_string()
+    };
+    Some(format!(
+        "{what}: {} ({public}) is on segment {}, {} on segment {}; flanneld on {} refuses the route to {refused} ({})",
+        dst.name,
+        dst.segment,
+        src.name,
+        src.segment,
+        refuser.name,
+        if logged {
+            "it says so in its log"
+        } else {
+            "NOT found in its log"
+        }
+    ))
 }
 
 /// Pings every target from every pod, one thread per pod. A pair is retried
@@ -211,10 +366,15 @@ fn underlay_target(n: &NodeState) -> Target {
 /// daemons' last writes).
 pub(crate) fn run(lab: &Lab, per_pair: Duration) -> Result<Matrix> {
     let targets = targets(lab);
-    let pods: Vec<_> = lab.state.pods.iter().filter(|p| p.ip.is_some()).collect();
+    let pods: Vec<_> = lab
+        .state
+        .pods
+        .iter()
+        .filter(|p| !p.addresses().is_empty())
+        .collect();
     let sources = pods
         .iter()
-        .map(|p| (p.name.clone(), p.ip.expect("filtered").addr()))
+        .map(|p| (p.name.clone(), p.addresses()[0]))
         .collect();
     let rows: Vec<Result<Vec<Outcome>>> = std::thread::scope(|scope| {
         let handles: Vec<_> = pods
@@ -233,30 +393,81 @@ pub(crate) fn run(lab: &Lab, per_pair: Duration) -> Result<Matrix> {
     })
 }
 
+/// A pod's two pingers (opened when the lab has the family).
+struct Pingers {
+    v4: Option<Pinger>,
+    v6: Option<Pinger6>,
+}
+
+impl Pingers {
+    /// One echo; `(ttl or hop limit, rtt)` of the reply.
+    fn echo(&mut self, ip: IpAddr, timeout: Duration) -> std::io::Result<Option<(u8, Duration)>> {
+        match ip {
+            IpAddr::V4(a) => match &mut self.v4 {
+                Some(p) => Ok(p.echo(a, timeout)?.map(|r| (r.ttl, r.rtt))),
+                None => Ok(None),
+            },
+            IpAddr::V6(a) => match &mut self.v6 {
+                Some(p) => Ok(p.echo(a, timeout)?.map(|r| (r.hop_limit, r.rtt))),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
 fn row(lab: &Lab, pod: &PodState, targets: &[Target], per_pair: Duration) -> Result<Vec<Outcome>> {
-    let mut pinger = Pinger::open_in(&lab.netns(&pod.name)?)?;
+    let ns = lab.netns(&pod.name)?;
+    let mut pingers = Pingers {
+        v4: if pod.ip.is_some() {
+            Some(Pinger::open_in(&ns)?)
+        } else {
+            None
+        },
+        v6: if pod.ipv6.is_some() {
+            Some(Pinger6::open_in(&ns)?)
+        } else {
+            None
+        },
+    };
+    let src = lab.node(&pod.node)?;
     let mut row = Vec::new();
     for t in targets {
-        if t.kind == TargetKind::Pod && t.label == pod.name {
+        if t.kind == TargetKind::Pod && t.node == pod.node && pod.addresses().contains(&t.ip) {
             row.push(Outcome::Itself);
             continue;
         }
-        let expected = expected_ttl(&pod.node, t);
-        let deadline = Instant::now() + per_pair;
+        let mut expected = expected_ttl(&pod.node, t);
+        // With --ip-masq a pod's packet to an address outside the cluster
+        // network is masqueraded, so the reply from a node on the other
+        // segment returns to the node's underlay address through the router
+        // (one more hop) instead of over the overlay.
+        let other_segment = lab
+            .state
+            .node(&t.node)
+            .is_some_and(|d| d.segment != src.segment);
+        if lab.state.ip_masq && t.kind == TargetKind::NodeUnderlay && other_segment {
+            expected -= 1;
+        }
+        let refusal = expected_failure(lab, src, t);
+        // A pair that must fail gets one second: long enough for a reply
+        // over a working path, short enough to keep the check quick.
+        let budget = if refusal.is_some() {
+            Duration::from_secs(1)
+        } else {
+            per_pair
+        };
+        let deadline = Instant::now() + budget;
         let mut outcome = Outcome::NoReply;
         while Instant::now() < deadline {
-            match pinger.echo(t.ip, Duration::from_millis(500)) {
-                Ok(Some(r)) if r.ttl == expected => {
-                    outcome = Outcome::Ok {
-                        ttl: r.ttl,
-                        rtt: r.rtt,
-                    };
-                    break;
-                }
-                Ok(Some(r)) => {
-                    outcome = Outcome::WrongTtl {
-                        ttl: r.ttl,
-                        expected,
+            match pingers.echo(t.ip, Duration::from_millis(500)) {
+                Ok(Some((ttl, rtt))) => {
+                    outcome = match &refusal {
+                        Some(reason) => Outcome::UnexpectedReply {
+                            ttl,
+                            reason: reason.clone(),
+                        },
+                        None if ttl == expected => Outcome::Ok { ttl, rtt },
+                        None => Outcome::WrongTtl { ttl, expected },
                     };
                     break;
                 }
@@ -268,6 +479,9 @@ fn row(lab: &Lab, pod: &PodState, targets: &[Target], per_pair: Duration) -> Res
                     })
                 }
             }
+        }
+        if let (Outcome::NoReply, Some(reason)) = (&outcome, refusal) {
+            outcome = Outcome::ExpectedFailure { reason };
         }
         row.push(outcome);
     }
@@ -281,11 +495,13 @@ mod tests {
     fn t(kind: TargetKind, node: &str) -> Target {
         Target {
             label: "x".into(),
-            ip: Ipv4Addr::LOCALHOST,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             kind,
             node: node.into(),
         }
     }
+
+    use std::net::Ipv4Addr;
 
     #[test]
     fn ttls_follow_the_packet_walk() {
@@ -315,19 +531,19 @@ mod tests {
     fn matrix_counts_and_renders_failures() {
         let m = Matrix {
             sources: vec![
-                ("ubuntu-1".into(), Ipv4Addr::new(10, 244, 1, 2)),
-                ("ubuntu-2".into(), Ipv4Addr::new(10, 244, 2, 2)),
+                ("ubuntu-1".into(), IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2))),
+                ("ubuntu-2".into(), IpAddr::V4(Ipv4Addr::new(10, 244, 2, 2))),
             ],
             targets: vec![
                 Target {
                     label: "ubuntu-1".into(),
-                    ip: Ipv4Addr::new(10, 244, 1, 2),
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)),
                     kind: TargetKind::Pod,
                     node: "k8s-node1".into(),
                 },
                 Target {
                     label: "ubuntu-2".into(),
-                    ip: Ipv4Addr::new(10, 244, 2, 2),
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, 2, 2)),
                     kind: TargetKind::Pod,
                     node: "k8s-node2".into(),
                 },

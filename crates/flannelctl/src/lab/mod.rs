@@ -24,21 +24,24 @@
 
 mod check;
 mod etcd;
+mod kinds;
+mod masq;
 mod ping;
+mod ping6;
 mod pods;
 mod procs;
 mod status;
 mod topology;
 
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
 use flannel_core::mac::MacAddr;
 use flannel_netlink::netns::{NetNs, NetNsError};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub use check::{Matrix, Outcome, Target, TargetKind};
@@ -46,7 +49,14 @@ pub use etcd::{
     client_url as etcd_client_url, etcd_binary, ETCD_BINARY, ETCD_BINARY_ENV, ETCD_CLIENT_PORT,
     ETCD_PEER_PORT,
 };
+pub use kinds::{
+    gateway_of, gateway_v6_of, net_conf, node_subnet_v6, segment_net, segment_net_v6, segment_of,
+    underlay_ip_on, underlay_ipv6_on, Backend, Family, Topology, CLUSTER_NETWORK_V6,
+    OUTSIDE_GATEWAY, OUTSIDE_GATEWAY_V6, OUTSIDE_IP, OUTSIDE_IPV6,
+};
+pub use masq::{MasqObservation, MasqReport};
 pub use ping::{EchoReply, Pinger};
+pub use ping6::{Echo6Reply, Pinger6};
 pub use procs::{lab_processes, resolve_bin_dir, BIN_DIR_ENV, CNI_BINARY, FLANNELD_BINARY};
 pub use status::{DaemonStatus, LabStatus};
 
@@ -237,6 +247,16 @@ pub struct LabOptions {
     /// stay deterministic while the leases are ordinary ones that expire
     /// when their node stops renewing them.
     pub reservations: bool,
+    /// The backend of every daemon.
+    pub backend: Backend,
+    /// vxlan `DirectRouting` (vxlan only).
+    pub direct_routing: bool,
+    /// Address families of the cluster and the underlay.
+    pub family: Family,
+    /// `flanneld --ip-masq`; also builds the `outside` namespace.
+    pub ip_masq: bool,
+    /// One switch, or two segments joined by a router.
+    pub topology: Topology,
 }
 
 impl Default for LabOptions {
@@ -252,8 +272,17 @@ impl Default for LabOptions {
             store: StoreKind::Local,
             lease_ttl: None,
             reservations: true,
+            backend: Backend::Vxlan,
+            direct_routing: false,
+            family: Family::V4,
+            ip_masq: false,
+            topology: Topology::Flat,
         }
     }
+}
+
+fn segment_one() -> u8 {
+    1
 }
 
 /// A node of the lab, as recorded in `lab.json`.
@@ -265,10 +294,27 @@ pub struct NodeState {
     pub index: u32,
     /// Network namespace (`<lab>-<node>`).
     pub netns: String,
-    /// Address of `ens3`.
+    /// IPv4 address of `ens3`.
     pub underlay_ip: Ipv4Addr,
-    /// The reserved pod subnet (10.244.<index>.0/24).
+    /// The planned IPv4 pod subnet (10.244.<index>.0/24); not leased in an
+    /// IPv6-only lab.
     pub subnet: Ipv4Net,
+    /// The underlay segment (1, or 2 in the two-segment topology).
+    #[serde(default = "segment_one")]
+    pub segment: u8,
+    /// IPv6 address of `ens3` (IPv6 and dual-stack labs).
+    #[serde(default)]
+    pub underlay_ipv6: Option<Ipv6Addr>,
+    /// The planned IPv6 pod subnet (fd00:10:244:<index>::/64), IPv6 and dual-stack labs.
+    #[serde(default)]
+    pub subnet_v6: Option<Ipv6Net>,
+}
+
+impl NodeState {
+    /// The segment's IPv4 gateway (the router, or the switch in the flat topology).
+    pub fn gateway(&self) -> Ipv4Addr {
+        gateway_of(self.segment)
+    }
 }
 
 /// A pod of the lab, as recorded in `lab.json`.
@@ -286,6 +332,18 @@ pub struct PodState {
     pub ip: Option<Ipv4Net>,
     /// The gateway from the CNI result (the node's cni0 address).
     pub gateway: Option<Ipv4Addr>,
+    /// `eth0`'s IPv6 address (IPv6 and dual-stack labs).
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Net>,
+}
+
+impl PodState {
+    /// The pod's addresses, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.ip.iter().map(|n| IpAddr::V4(n.addr())).collect();
+        v.extend(self.ipv6.iter().map(|n| IpAddr::V6(n.addr())));
+        v
+    }
 }
 
 /// Everything `up` built, saved as `<labdir>/lab.json`.
@@ -306,6 +364,17 @@ pub struct LabState {
     /// Whether nodes get reservations (see [`LabOptions::reservations`]).
     #[serde(default = "yes")]
     pub reservations: bool,
+    /// The backend (absent in labs of older versions: vxlan).
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default)]
+    pub direct_routing: bool,
+    #[serde(default)]
+    pub family: Family,
+    #[serde(default)]
+    pub ip_masq: bool,
+    #[serde(default)]
+    pub topology: Topology,
 }
 
 /// Checks a lab name: it prefixes namespace names, so it is kept to
@@ -365,37 +434,57 @@ pub fn cluster_network() -> Ipv4Net {
     CLUSTER_NETWORK.parse().expect("constant is a valid CIDR")
 }
 
-/// The net-conf.json every daemon of the lab reads.
+/// The seed's net-conf.json (vxlan, IPv4); a lab's own is [`LabState::net_conf_json`].
 pub fn net_conf_json() -> String {
-    serde_json::json!({
-        "Network": CLUSTER_NETWORK,
-        "Backend": { "Type": "vxlan", "VNI": VNI },
-    })
-    .to_string()
+    net_conf(Backend::Vxlan, false, Family::V4).to_string()
+}
+
+/// The plan of one node: name, namespace, segment, addresses, subnets.
+pub fn plan_node(lab: &str, index: u32, topology: Topology, family: Family) -> NodeState {
+    let segment = segment_of(index, topology);
+    NodeState {
+        name: node_name(index),
+        index,
+        netns: format!("{lab}-{}", node_name(index)),
+        underlay_ip: underlay_ip_on(index, segment),
+        subnet: node_subnet(index),
+        segment,
+        underlay_ipv6: family.has_v6().then(|| underlay_ipv6_on(index, segment)),
+        subnet_v6: family.has_v6().then(|| node_subnet_v6(index)),
+    }
+}
+
+fn plan_pod(lab: &str, index: u32) -> PodState {
+    PodState {
+        name: format!("ubuntu-{index}"),
+        node: node_name(index),
+        netns: format!("{lab}-ubuntu-{index}"),
+        container_id: format!("flannel-lab-{lab}-ubuntu-{index}"),
+        ip: None,
+        gateway: None,
+        ipv6: None,
+    }
 }
 
 impl LabState {
     /// The plan for a lab: nodes, addresses, subnets and pods (nothing built yet).
     pub fn plan(name: &str, workers: u32, mtu: u32, bin_dir: PathBuf) -> LabState {
+        Self::plan_with(name, workers, mtu, bin_dir, Topology::Flat, Family::V4)
+    }
+
+    /// The plan for a lab of a topology and address families.
+    pub fn plan_with(
+        name: &str,
+        workers: u32,
+        mtu: u32,
+        bin_dir: PathBuf,
+        topology: Topology,
+        family: Family,
+    ) -> LabState {
         let nodes: Vec<NodeState> = (0..=workers)
-            .map(|i| NodeState {
-                name: node_name(i),
-                index: i,
-                netns: format!("{name}-{}", node_name(i)),
-                underlay_ip: underlay_ip(i),
-                subnet: node_subnet(i),
-            })
+            .map(|i| plan_node(name, i, topology, family))
             .collect();
-        let pods = (1..=workers)
-            .map(|i| PodState {
-                name: format!("ubuntu-{i}"),
-                node: node_name(i),
-                netns: format!("{name}-ubuntu-{i}"),
-                container_id: format!("flannel-lab-{name}-ubuntu-{i}"),
-                ip: None,
-                gateway: None,
-            })
-            .collect();
+        let pods = (1..=workers).map(|i| plan_pod(name, i)).collect();
         LabState {
             name: name.to_string(),
             mtu,
@@ -406,6 +495,60 @@ impl LabState {
             store: StoreKind::Local,
             lease_ttl: None,
             reservations: true,
+            backend: Backend::Vxlan,
+            direct_routing: false,
+            family,
+            ip_masq: false,
+            topology,
+        }
+    }
+
+    /// The net-conf.json every daemon of this lab reads.
+    pub fn net_conf_json(&self) -> String {
+        net_conf(self.backend, self.direct_routing, self.family).to_string()
+    }
+
+    /// The pod MTU flanneld writes: the underlay MTU minus the backend's
+    /// overhead (vxlan 50, or 70 over the IPv6 underlay of an IPv6-only lab).
+    pub fn pod_mtu(&self) -> u32 {
+        let cfg =
+            flannel_core::config::parse(&self.net_conf_json()).expect("the lab's net-conf parses");
+        cfg.pod_mtu(self.mtu, self.family == Family::V6)
+    }
+
+    /// The lease key a node holds: its subnet of each family of the lab.
+    pub fn lease_key(&self, n: &NodeState) -> LeaseKey {
+        LeaseKey {
+            ipv4: self.family.has_v4().then_some(n.subnet),
+            ipv6: if self.family.has_v6() {
+                n.subnet_v6
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Namespace of the second switch (two-segment topology).
+    pub fn underlay2_netns(&self) -> String {
+        format!("{}-underlay2", self.name)
+    }
+
+    /// Namespace of the router between the segments (two-segment topology).
+    pub fn router_netns(&self) -> String {
+        format!("{}-router", self.name)
+    }
+
+    /// Namespace of the outside host (`--ip-masq`).
+    pub fn outside_netns(&self) -> String {
+        format!("{}-outside", self.name)
+    }
+
+    /// The namespace that routes the nodes' traffic beyond their segment:
+    /// the router in two segments, the switch in the flat topology.
+    pub fn gateway_netns(&self) -> String {
+        match self.topology {
+            Topology::Flat => self.underlay_netns.clone(),
+            Topology::TwoSegment => self.router_netns(),
         }
     }
 
@@ -454,6 +597,15 @@ impl LabState {
         if target == "underlay" {
             return Ok(self.underlay_netns.clone());
         }
+        if self.topology == Topology::TwoSegment && target == "underlay2" {
+            return Ok(self.underlay2_netns());
+        }
+        if self.topology == Topology::TwoSegment && target == "router" {
+            return Ok(self.router_netns());
+        }
+        if self.ip_masq && target == "outside" {
+            return Ok(self.outside_netns());
+        }
         if let Some(n) = self.node(target) {
             return Ok(n.netns.clone());
         }
@@ -461,6 +613,12 @@ impl LabState {
             return Ok(p.netns.clone());
         }
         let mut known: Vec<&str> = vec!["underlay"];
+        if self.topology == Topology::TwoSegment {
+            known.extend(["underlay2", "router"]);
+        }
+        if self.ip_masq {
+            known.push("outside");
+        }
         known.extend(self.nodes.iter().map(|n| n.name.as_str()));
         known.extend(self.pods.iter().map(|p| p.name.as_str()));
         Err(LabError::UnknownTarget {
@@ -504,7 +662,11 @@ pub fn lab_namespaces(name: &str) -> Vec<String> {
                 rest.strip_prefix(p)
                     .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
             };
-            rest == "underlay" || rest == "master" || numbered("k8s-node") || numbered("ubuntu-")
+            matches!(
+                rest,
+                "underlay" | "underlay2" | "router" | "outside" | "master"
+            ) || numbered("k8s-node")
+                || numbered("ubuntu-")
         })
         .collect();
     out.sort();
@@ -539,6 +701,15 @@ impl Lab {
                 ),
             });
         }
+        if opts.direct_routing && opts.backend != Backend::Vxlan {
+            return Err(LabError::InvalidOption {
+                option: "--direct-routing",
+                reason: format!(
+                    "DirectRouting is an option of the vxlan backend, not of {}: drop it or use --backend vxlan",
+                    opts.backend
+                ),
+            });
+        }
         let bin_dir = resolve_bin_dir(opts.bin_dir.as_deref())?;
         if opts.store == StoreKind::Etcd {
             etcd::etcd_binary()?;
@@ -569,7 +740,17 @@ impl Lab {
                     .to_string(),
             });
         }
-        let mut state = LabState::plan(&opts.name, opts.nodes, opts.mtu, bin_dir);
+        let mut state = LabState::plan_with(
+            &opts.name,
+            opts.nodes,
+            opts.mtu,
+            bin_dir,
+            opts.topology,
+            opts.family,
+        );
+        state.backend = opts.backend;
+        state.direct_routing = opts.direct_routing;
+        state.ip_masq = opts.ip_masq;
         state.store = opts.store;
         state.lease_ttl = opts.lease_ttl;
         state.reservations = opts.reservations;
@@ -668,26 +849,30 @@ impl Lab {
             }
         };
         self.state.save()?;
-        let underlay =
-            NetNs::add(&self.state.underlay_netns).map_err(ns_err("creating the underlay"))?;
-        topology::build_underlay(&underlay, self.state.mtu)?;
-        say(format!(
-            "switch {}: br0 {UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX}, mtu {}",
-            self.state.underlay_netns, self.state.mtu
-        ));
+        for line in topology::build_network(&self.state)? {
+            say(line);
+        }
         for node in &self.state.nodes {
             let ns = NetNs::add(&node.netns)
                 .map_err(ns_err(format!("creating the namespace of {}", node.name)))?;
-            topology::wire_node(&underlay, &ns, node, self.state.mtu)?;
+            let switch = NetNs::open(&self.switch_netns(node))
+                .map_err(ns_err(format!("opening the switch of {}", node.name)))?;
+            topology::wire_node(&switch, &ns, node, self.state.mtu)?;
             std::fs::create_dir_all(self.node_dir(&node.name))
                 .map_err(io_err(format!("creating the directory of {}", node.name)))?;
             say(format!(
-                "node {} ({}): ens3 {}/{UNDERLAY_PREFIX}, default via {UNDERLAY_GATEWAY}, ip_forward=1",
-                node.name, node.netns, node.underlay_ip
+                "node {} ({}): ens3 {}/{UNDERLAY_PREFIX}{}, default via {}, ip_forward=1",
+                node.name,
+                node.netns,
+                node.underlay_ip,
+                node.underlay_ipv6
+                    .map(|a| format!(" {a}/64"))
+                    .unwrap_or_default(),
+                node.gateway()
             ));
         }
 
-        write_atomic(&self.net_conf_path(), net_conf_json().as_bytes())?;
+        write_atomic(&self.net_conf_path(), self.state.net_conf_json().as_bytes())?;
         match self.state.store {
             StoreKind::Local => {
                 std::fs::create_dir_all(self.store_dir())
@@ -742,32 +927,53 @@ impl Lab {
             self.wait_subnet_env(&node.name, deadline)?;
         }
         self.wait_leases_published(deadline)?;
-        say("every node wrote subnet.env and published its VtepMAC".to_string());
+        say(format!(
+            "every node wrote subnet.env and published its {} lease",
+            self.state.backend
+        ));
 
         for i in 0..self.state.pods.len() {
-            let (ip, gw) = self.attach_pod(i)?;
-            self.state.pods[i].ip = Some(ip);
-            self.state.pods[i].gateway = gw;
+            let a = self.attach_pod(i)?;
+            self.state.pods[i].ip = a.ipv4;
+            self.state.pods[i].gateway = a.gateway;
+            self.state.pods[i].ipv6 = a.ipv6;
             self.state.save()?;
             let pod = &self.state.pods[i];
             say(format!(
-                "pod {} ({}) on {}: eth0 {ip} (CNI ADD via the flannel plugin)",
-                pod.name, pod.netns, pod.node
+                "pod {} ({}) on {}: eth0 {} (CNI ADD via the flannel plugin)",
+                pod.name,
+                pod.netns,
+                pod.node,
+                pod.addresses()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
             ));
         }
         Ok(())
     }
 
-    fn reservation(n: &NodeState) -> Lease {
+    /// The switch namespace a node is plugged into.
+    pub fn switch_netns(&self, n: &NodeState) -> String {
+        if n.segment == 2 {
+            self.state.underlay2_netns()
+        } else {
+            self.state.underlay_netns.clone()
+        }
+    }
+
+    fn reservation(&self, n: &NodeState) -> Lease {
         Lease {
-            key: LeaseKey {
-                ipv4: Some(n.subnet),
-                ipv6: None,
-            },
+            key: self.state.lease_key(n),
             attrs: LeaseAttrs {
-                public_ip: Some(n.underlay_ip),
-                public_ipv6: None,
-                backend_type: "vxlan".to_string(),
+                public_ip: self.state.family.has_v4().then_some(n.underlay_ip),
+                public_ipv6: if self.state.family.has_v6() {
+                    n.underlay_ipv6
+                } else {
+                    None
+                },
+                backend_type: self.state.backend.type_name().to_string(),
                 backend_data: None,
                 backend_v6_data: None,
             },
@@ -778,7 +984,7 @@ impl Lab {
     /// Writes the reservation of a node (a lease without expiry naming its
     /// underlay address), unless its key is already taken.
     fn write_reservation(&self, n: &NodeState) -> Result<()> {
-        let lease = Self::reservation(n);
+        let lease = self.reservation(n);
         self.store_block_on(|store| async move {
             store.create_lease(&lease, None).await?;
             Ok(())
@@ -789,12 +995,15 @@ impl Lab {
     /// with the node's planned subnet: flanneld's acquisition asks for that
     /// subnet first (after a lease naming its own address).
     fn seed_subnet_env(&self, n: &NodeState) -> Result<()> {
-        let cfg = flannel_core::config::parse(&net_conf_json()).expect("the lab's net-conf parses");
-        let key = LeaseKey {
-            ipv4: Some(n.subnet),
-            ipv6: None,
-        };
-        let env = flannel_core::subnet_env::SubnetEnv::new(&cfg, &key, self.state.mtu - 50, false);
+        let cfg = flannel_core::config::parse(&self.state.net_conf_json())
+            .expect("the lab's net-conf parses");
+        let key = self.state.lease_key(n);
+        let env = flannel_core::subnet_env::SubnetEnv::new(
+            &cfg,
+            &key,
+            self.state.pod_mtu(),
+            self.state.ip_masq,
+        );
         std::fs::create_dir_all(self.node_dir(&n.name))
             .map_err(io_err(format!("creating the directory of {}", n.name)))?;
         write_atomic(&self.subnet_file(&n.name), env.render().as_bytes())
@@ -948,7 +1157,7 @@ impl Lab {
     /// '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":1}}'`), where
     /// flanneld in etcd mode reads it.
     fn put_etcd_config(&self) -> Result<()> {
-        let value = net_conf_json();
+        let value = self.state.net_conf_json();
         let endpoint = self.etcd_endpoint()?;
         self.with_etcd(move |store| async move {
             let key = store.config_key();
@@ -1025,11 +1234,7 @@ impl Lab {
 
     /// The etcd key of a node's lease: `/coreos.com/network/subnets/10.244.1.0-24`.
     pub fn etcd_lease_key(&self, node: &str) -> Result<String> {
-        let n = self.node(node)?;
-        let key = LeaseKey {
-            ipv4: Some(n.subnet),
-            ipv6: None,
-        };
+        let key = self.state.lease_key(self.node(node)?);
         Ok(format!(
             "{}/{}/{key}",
             flannel_core::wire::DEFAULT_ETCD_PREFIX,
@@ -1054,7 +1259,7 @@ impl Lab {
         Ok(self
             .leases()?
             .into_iter()
-            .find(|l| l.key.ipv4 == Some(n.subnet))
+            .find(|l| l.key == self.state.lease_key(n))
             .and_then(|l| vxlan_data(&l.attrs))
             .map(|d| d.vtep_mac))
     }
@@ -1077,7 +1282,7 @@ impl Lab {
             &ns,
             &self.state.bin_dir,
             &self.node_dir(node),
-            &self.daemon_store_args()?,
+            &self.daemon_args(n)?,
             &self.subnet_file(node),
         )
     }
@@ -1097,6 +1302,20 @@ impl Lab {
         if let Some(ttl) = self.state.lease_ttl {
             args.push("--lease-ttl".into());
             args.push(ttl.to_string().into());
+        }
+        if self.state.ip_masq {
+            args.push("--ip-masq".into());
+        }
+        Ok(args)
+    }
+
+    /// The flags of one node's daemon: [`Self::daemon_store_args`], and in
+    /// labs with IPv6 `--public-ipv6` naming the node's IPv6 underlay address.
+    fn daemon_args(&self, n: &NodeState) -> Result<Vec<OsString>> {
+        let mut args = self.daemon_store_args()?;
+        if let Some(v6) = n.underlay_ipv6.filter(|_| self.state.family.has_v6()) {
+            args.push("--public-ipv6".into());
+            args.push(v6.to_string().into());
         }
         Ok(args)
     }
@@ -1138,11 +1357,11 @@ impl Lab {
     pub fn wait_subnet_env(&self, node: &str, deadline: Instant) -> Result<()> {
         let n = self.node(node)?.clone();
         let path = self.subnet_file(node);
-        let want = n.subnet;
+        let want = self.state.lease_key(&n);
         poll_until(deadline, &format!("{} of {node}", path.display()), || {
             if let Ok(text) = std::fs::read_to_string(&path) {
                 if let Ok(env) = flannel_core::subnet_env::SubnetEnv::parse(&text) {
-                    let got = env.subnet.map(|s| s.trunc());
+                    let got = env.lease_key();
                     if got == Some(want) {
                         return Ok(true);
                     }
@@ -1161,25 +1380,33 @@ impl Lab {
 
     /// Waits until every node's lease carries its VtepMAC.
     pub fn wait_leases_published(&self, deadline: Instant) -> Result<()> {
-        poll_until(deadline, "every node's lease to carry its VtepMAC", || {
+        poll_until(deadline, "every node's lease to be published", || {
             let leases = self.leases()?;
             let missing: Vec<&NodeState> = self
                 .state
                 .nodes
                 .iter()
-                .filter(|n| {
-                    !leases.iter().any(|l| {
-                        l.key.ipv4 == Some(n.subnet)
-                            && l.attrs.public_ip == Some(n.underlay_ip)
-                            && vxlan_data(&l.attrs).is_some()
-                    })
-                })
+                .filter(|n| !leases.iter().any(|l| self.is_published(n, l)))
                 .collect();
             for n in &missing {
                 self.ensure_daemon_alive(&n.name)?;
             }
             Ok(missing.is_empty())
         })
+    }
+
+    /// Whether `l` is `n`'s lease as its daemon publishes it: the node's
+    /// subnet(s), its public address(es), the lab's backend and, for vxlan,
+    /// the VtepMAC of each family.
+    pub fn is_published(&self, n: &NodeState, l: &Lease) -> bool {
+        let fam = self.state.family;
+        l.key == self.state.lease_key(n)
+            && (!fam.has_v4() || l.attrs.public_ip == Some(n.underlay_ip))
+            && (!fam.has_v6() || l.attrs.public_ipv6 == n.underlay_ipv6)
+            && l.attrs.backend_type == self.state.backend.type_name()
+            && (self.state.backend != Backend::Vxlan
+                || ((!fam.has_v4() || vxlan_data(&l.attrs).is_some())
+                    && (!fam.has_v6() || l.attrs.vxlan_v6_data().is_some())))
     }
 
     /// The node's `flanneld.log` (the daemon's stderr, appended across restarts).
@@ -1200,7 +1427,7 @@ impl Lab {
         })
     }
 
-    fn attach_pod(&self, i: usize) -> Result<(Ipv4Net, Option<Ipv4Addr>)> {
+    fn attach_pod(&self, i: usize) -> Result<pods::Attached> {
         let pod = &self.state.pods[i];
         let node = self.node(&pod.node)?;
         NetNs::add(&pod.netns)
@@ -1249,26 +1476,18 @@ impl Lab {
             });
         }
         let name = node_name(index);
-        let node = NodeState {
-            name: name.clone(),
+        let node = plan_node(
+            &self.state.name,
             index,
-            netns: format!("{}-{name}", self.state.name),
-            underlay_ip: underlay_ip(index),
-            subnet: node_subnet(index),
-        };
+            self.state.topology,
+            self.state.family,
+        );
         // Recorded first, so that `down` knows it whatever fails below.
         self.state.nodes.push(node.clone());
-        self.state.pods.push(PodState {
-            name: format!("ubuntu-{index}"),
-            node: name.clone(),
-            netns: format!("{}-ubuntu-{index}", self.state.name),
-            container_id: format!("flannel-lab-{}-ubuntu-{index}", self.state.name),
-            ip: None,
-            gateway: None,
-        });
+        self.state.pods.push(plan_pod(&self.state.name, index));
         self.state.save()?;
-        let underlay = NetNs::open(&self.state.underlay_netns)
-            .map_err(ns_err(format!("opening {}", self.state.underlay_netns)))?;
+        let switch = self.switch_netns(&node);
+        let underlay = NetNs::open(&switch).map_err(ns_err(format!("opening {switch}")))?;
         let ns =
             NetNs::add(&node.netns).map_err(ns_err(format!("creating the namespace of {name}")))?;
         topology::wire_node(&underlay, &ns, &node, self.state.mtu)?;
@@ -1305,11 +1524,7 @@ impl Lab {
             || {
                 match self.leases() {
                     Ok(leases) => {
-                        if leases.iter().any(|l| {
-                            l.key.ipv4 == Some(n.subnet)
-                                && l.attrs.public_ip == Some(n.underlay_ip)
-                                && vxlan_data(&l.attrs).is_some()
-                        }) {
+                        if leases.iter().any(|l| self.is_published(&n, l)) {
                             return Ok(true);
                         }
                     }
@@ -1328,10 +1543,11 @@ impl Lab {
         })?;
         self.wait_subnet_env(node, deadline)?;
         for i in 0..self.state.pods.len() {
-            if self.state.pods[i].node == node && self.state.pods[i].ip.is_none() {
-                let (ip, gw) = self.attach_pod(i)?;
-                self.state.pods[i].ip = Some(ip);
-                self.state.pods[i].gateway = gw;
+            if self.state.pods[i].node == node && self.state.pods[i].addresses().is_empty() {
+                let a = self.attach_pod(i)?;
+                self.state.pods[i].ip = a.ipv4;
+                self.state.pods[i].gateway = a.gateway;
+                self.state.pods[i].ipv6 = a.ipv6;
                 self.state.save()?;
             }
         }
@@ -1347,6 +1563,52 @@ impl Lab {
     /// Pings every target from every pod and returns the matrix.
     pub fn check(&self) -> Result<Matrix> {
         check::run(self, Duration::from_secs(5))
+    }
+
+    /// The masquerade check of an `--ip-masq` lab: every pod's packet to
+    /// the outside host arrives from its node's address, every pod's packet
+    /// to a pod on another node from the pod's own.
+    pub fn check_masq(&self) -> Result<MasqReport> {
+        masq::run(self)
+    }
+
+    /// Switches the running lab to another backend the way an operator
+    /// does: every flanneld is stopped, net-conf.json (or etcd's config) is
+    /// rewritten, every flanneld is started again and the leases are waited
+    /// for. The pods stay as they are.
+    pub fn switch_backend(
+        &mut self,
+        backend: Backend,
+        direct_routing: bool,
+        timeout: Duration,
+    ) -> Result<()> {
+        if direct_routing && backend != Backend::Vxlan {
+            return Err(LabError::InvalidOption {
+                option: "--direct-routing",
+                reason: format!("DirectRouting is a vxlan option, not one of {backend}"),
+            });
+        }
+        let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in &nodes {
+            self.stop_daemon(n, Duration::from_secs(5))?;
+        }
+        self.state.backend = backend;
+        self.state.direct_routing = direct_routing;
+        self.state.save()?;
+        match self.state.store {
+            StoreKind::Local => {
+                write_atomic(&self.net_conf_path(), self.state.net_conf_json().as_bytes())?
+            }
+            StoreKind::Etcd => self.put_etcd_config()?,
+        }
+        for n in &nodes {
+            self.start_daemon(n)?;
+        }
+        let deadline = Instant::now() + timeout;
+        for n in &nodes {
+            self.wait_subnet_env(n, deadline)?;
+        }
+        self.wait_leases_published(deadline)
     }
 
     /// Status of the lab for `flannelctl lab status`.
@@ -1526,7 +1788,11 @@ pub fn down(name: &str) -> Result<()> {
     namespaces.sort_by_key(|n| {
         if n.contains("-ubuntu-") {
             0
-        } else if n.ends_with("-underlay") {
+        } else if n.ends_with("-underlay")
+            || n.ends_with("-underlay2")
+            || n.ends_with("-router")
+            || n.ends_with("-outside")
+        {
             2
         } else {
             1

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use flannel_netlink::netns::NetNs;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::{ns_err, LabError, PodState, Result, CNI_BINARY, CNI_NETWORK_NAME};
 
@@ -101,28 +101,49 @@ pub(crate) fn invoke(
     Ok(stdout)
 }
 
-/// The pod's IPv4 address and gateway from a CNI 0.3.x/0.4.0/1.x result
-/// (`ips[].address`, `ips[].gateway`) or a 0.2.0 result (`ip4.ip`, `ip4.gateway`).
-pub(crate) fn parse_add_result(
-    stdout: &str,
-) -> std::result::Result<(Ipv4Net, Option<Ipv4Addr>), String> {
+/// What a CNI ADD gave a pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Attached {
+    pub ipv4: Option<Ipv4Net>,
+    /// The IPv4 gateway (the node's cni0 address).
+    pub gateway: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Net>,
+}
+
+/// The pod's addresses (and IPv4 gateway) from a CNI 0.3.x/0.4.0/1.x result
+/// (`ips[].address`, `ips[].gateway`) or a 0.2.0 result (`ip4`, `ip6`).
+pub(crate) fn parse_add_result(stdout: &str) -> std::result::Result<Attached, String> {
     let v: serde_json::Value = serde_json::from_str(stdout)
         .map_err(|e| format!("result is not JSON ({e}): {stdout:?}"))?;
-    let pick = |addr: &serde_json::Value, gw: &serde_json::Value| {
-        let a = addr.as_str()?.parse::<Ipv4Net>().ok()?;
-        Some((a, gw.as_str().and_then(|g| g.parse().ok())))
+    let mut a = Attached {
+        ipv4: None,
+        gateway: None,
+        ipv6: None,
+    };
+    let mut take = |addr: &serde_json::Value, gw: &serde_json::Value| {
+        let Some(s) = addr.as_str() else { return };
+        if let Ok(n) = s.parse::<Ipv4Net>() {
+            if a.ipv4.is_none() {
+                a.ipv4 = Some(n);
+                a.gateway = gw.as_str().and_then(|g| g.parse().ok());
+            }
+        } else if let Ok(n) = s.parse::<Ipv6Net>() {
+            if a.ipv6.is_none() {
+                a.ipv6 = Some(n);
+            }
+        }
     };
     if let Some(ips) = v["ips"].as_array() {
         for ip in ips {
-            if let Some(r) = pick(&ip["address"], &ip["gateway"]) {
-                return Ok(r);
-            }
+            take(&ip["address"], &ip["gateway"]);
         }
     }
-    if let Some(r) = pick(&v["ip4"]["ip"], &v["ip4"]["gateway"]) {
-        return Ok(r);
+    take(&v["ip4"]["ip"], &v["ip4"]["gateway"]);
+    take(&v["ip6"]["ip"], &v["ip6"]["gateway"]);
+    if a.ipv4.is_none() && a.ipv6.is_none() {
+        return Err(format!("result holds no address: {stdout}"));
     }
-    Err(format!("result holds no IPv4 address: {stdout}"))
+    Ok(a)
 }
 
 #[cfg(test)]
@@ -149,12 +170,17 @@ mod tests {
     #[test]
     fn results_of_each_shape_parse() {
         let r031 = r#"{"cniVersion":"0.3.1","interfaces":[{"name":"eth0"}],"ips":[{"version":"4","address":"10.244.1.96/24","gateway":"10.244.1.1","interface":0}],"dns":{}}"#;
-        let (ip, gw) = parse_add_result(r031).unwrap();
-        assert_eq!(ip.to_string(), "10.244.1.96/24");
-        assert_eq!(gw, Some(Ipv4Addr::new(10, 244, 1, 1)));
+        let a = parse_add_result(r031).unwrap();
+        assert_eq!(a.ipv4.unwrap().to_string(), "10.244.1.96/24");
+        assert_eq!(a.gateway, Some(Ipv4Addr::new(10, 244, 1, 1)));
+        assert_eq!(a.ipv6, None);
+        let dual = r#"{"cniVersion":"1.0.0","ips":[{"address":"fd00:10:244:1::2/64","gateway":"fd00:10:244:1::1"},{"address":"10.244.1.2/24","gateway":"10.244.1.1"}]}"#;
+        let a = parse_add_result(dual).unwrap();
+        assert_eq!(a.ipv4.unwrap().to_string(), "10.244.1.2/24");
+        assert_eq!(a.ipv6.unwrap().to_string(), "fd00:10:244:1::2/64");
         let r020 = r#"{"cniVersion":"0.2.0","ip4":{"ip":"10.244.2.66/24","gateway":"10.244.2.1"}}"#;
         assert_eq!(
-            parse_add_result(r020).unwrap().0.to_string(),
+            parse_add_result(r020).unwrap().ipv4.unwrap().to_string(),
             "10.244.2.66/24"
         );
         assert!(parse_add_result(r#"{"ips":[]}"#).is_err());

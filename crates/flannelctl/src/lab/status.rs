@@ -19,6 +19,8 @@ pub struct DaemonStatus {
     pub netns_present: bool,
     pub underlay_ip: Ipv4Addr,
     pub subnet: Ipv4Net,
+    /// The underlay segment (1 or 2).
+    pub segment: u8,
     pub pid: Option<u32>,
     /// The pid is alive and is this lab's flanneld.
     pub alive: bool,
@@ -35,6 +37,14 @@ impl DaemonStatus {
 #[derive(Debug, Clone)]
 pub struct LabStatus {
     pub name: String,
+    /// `vxlan`, `vxlan (DirectRouting)`, `host-gw`, `udp`.
+    pub backend: String,
+    /// `flat` or `two-segment`.
+    pub topology: String,
+    /// `ipv4`, `ipv6` or `dual-stack`.
+    pub family: String,
+    /// flanneld runs with `--ip-masq`.
+    pub ip_masq: bool,
     /// `local /run/flannel-lab/NAME/store` or `etcd http://172.16.1.8:2379`.
     pub store: String,
     /// For `--store etcd`: the etcd process (pid, running).
@@ -45,7 +55,7 @@ pub struct LabStatus {
     /// The leases of the lab's store, or why they could not be read.
     pub leases: Result<Vec<LeaseRow>, String>,
     /// `(pod, node, netns present, address)`.
-    pub pods: Vec<(String, String, bool, Option<Ipv4Net>)>,
+    pub pods: Vec<(String, String, bool, Vec<std::net::IpAddr>)>,
 }
 
 impl LabStatus {
@@ -58,6 +68,14 @@ impl LabStatus {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "lab {}", self.name);
+        let _ = writeln!(
+            out,
+            "backend: {}  topology: {}  family: {}  ip-masq: {}",
+            self.backend,
+            self.topology,
+            self.family,
+            if self.ip_masq { "on" } else { "off" }
+        );
         let _ = writeln!(out, "\nstore: {}", self.store);
         if let Some((pid, alive)) = self.etcd {
             let _ = writeln!(
@@ -78,14 +96,15 @@ impl LabStatus {
         let _ = writeln!(out, "\nnodes:");
         let _ = writeln!(
             out,
-            "  {:<12} {:<15} {:<15} {:<8} {:<10} {:<10} HEALTH",
-            "NODE", "UNDERLAY", "SUBNET", "PID", "DAEMON", "SUBNET.ENV"
+            "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} HEALTH",
+            "NODE", "SEG", "UNDERLAY", "SUBNET", "PID", "DAEMON", "SUBNET.ENV"
         );
         for n in &self.nodes {
             let _ = writeln!(
                 out,
-                "  {:<12} {:<15} {:<15} {:<8} {:<10} {:<10} {}",
+                "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} {}",
                 n.node,
+                n.segment,
                 n.underlay_ip.to_string(),
                 n.subnet.to_string(),
                 n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -122,8 +141,14 @@ impl LabStatus {
                 "  {:<12} on {:<12} {}{}",
                 pod,
                 node,
-                ip.map(|i| i.to_string())
-                    .unwrap_or_else(|| "(no address)".into()),
+                if ip.is_empty() {
+                    "(no address)".to_string()
+                } else {
+                    ip.iter()
+                        .map(|i| i.to_string())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                },
                 if *present { "" } else { "  (netns missing)" }
             );
         }
@@ -145,6 +170,7 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
                 netns_present: netns_present(&n.netns),
                 underlay_ip: n.underlay_ip,
                 subnet: n.subnet,
+                segment: n.segment,
                 pid,
                 alive: pid.is_some_and(|p| procs::is_lab_flanneld(p, &lab.dir())),
                 subnet_env_present: lab.subnet_file(&n.name).is_file(),
@@ -170,12 +196,21 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
                 p.name.clone(),
                 p.node.clone(),
                 netns_present(&p.netns),
-                p.ip,
+                p.addresses(),
             )
         })
         .collect();
+    let st = &lab.state;
     LabStatus {
-        name: lab.state.name.clone(),
+        name: st.name.clone(),
+        backend: if st.direct_routing {
+            format!("{} (DirectRouting)", st.backend)
+        } else {
+            st.backend.to_string()
+        },
+        topology: st.topology.to_string(),
+        family: st.family.to_string(),
+        ip_masq: st.ip_masq,
         store: lab.store_description(),
         etcd,
         store_health,
