@@ -310,6 +310,11 @@ pub(crate) fn expected_failure(lab: &Lab, src: &NodeState, target: &Target) -> O
     if dst.segment == src.segment {
         return None;
     }
+    // With --ip-masq the request to an underlay address leaves masqueraded
+    // as the node's own address, so the reply comes back through the router.
+    if st.ip_masq && target.kind == TargetKind::NodeUnderlay {
+        return None;
+    }
     let (subnet, public) = match target.ip {
         IpAddr::V4(_) => (dst.subnet.to_string(), dst.underlay_ip.to_string()),
         IpAddr::V6(_) => (

@@ -1,0 +1,440 @@
+//! End-to-end tests of every backend in the lab: vxlan (with and without
+//! DirectRouting), host-gw and udp; IPv4, IPv6 and dual stack; the flat and
+//! the two-segment topology; masquerading (`--ip-masq`) to an outside host;
+//! switching the backend of a running lab.
+//!
+//! Each test builds one lab (namespaces `t<pid>n<counter>-...`, removed by a
+//! guard even when the test panics) and checks it from the pods' side (the
+//! ping matrix, the masquerade probes) and the kernel's (routes, devices).
+//! Needs root, and `cargo build --workspace --bins` first.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use common::*;
+use flannel_core::datapath::Route;
+use flannelctl::lab::{self, Backend, Family, Lab, LabOptions, Outcome, Topology};
+use ipnet::IpNet;
+
+fn opts(backend: Backend, workers: u32) -> LabOptions {
+    LabOptions {
+        nodes: workers,
+        backend,
+        ..LabOptions::default()
+    }
+}
+
+fn ifindex(lab: &Lab, node: &str, dev: &str) -> Option<u32> {
+    in_node(lab, node, |nl| {
+        nl.link_by_name(dev).unwrap().map(|l| l.index)
+    })
+}
+
+fn mtu(lab: &Lab, target: &str, dev: &str) -> u32 {
+    in_node(lab, target, |nl| {
+        nl.link_by_name(dev)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{target} has no {dev}"))
+            .mtu
+    })
+}
+
+/// The routes of a node into the cluster networks (both families) other
+/// than its own subnet's (cni0's kernel route).
+fn cluster_routes(lab: &Lab, node: &str) -> BTreeSet<Route> {
+    let n = lab.node(node).unwrap().clone();
+    let v4: IpNet = lab::CLUSTER_NETWORK.parse().unwrap();
+    let v6: IpNet = lab::CLUSTER_NETWORK_V6.parse().unwrap();
+    in_node(lab, node, |nl| {
+        nl.list_routes()
+            .unwrap()
+            .into_iter()
+            .filter(|r| {
+                (v4.contains(&r.dst) || v6.contains(&r.dst))
+                    && r.dst != IpNet::V4(n.subnet)
+                    && n.subnet_v6.map(IpNet::V6) != Some(r.dst)
+            })
+            .collect()
+    })
+}
+
+/// host-gw's route to a peer: `<subnet> via <PublicIP> dev ens3`.
+fn direct_route(lab: &Lab, node: &str, peer: &str, v6: bool) -> Route {
+    let p = lab.node(peer).unwrap();
+    let (dst, gw) = if v6 {
+        (
+            IpNet::V6(p.subnet_v6.unwrap()),
+            IpAddr::V6(p.underlay_ipv6.unwrap()),
+        )
+    } else {
+        (IpNet::V4(p.subnet), IpAddr::V4(p.underlay_ip))
+    };
+    Route {
+        dst,
+        gateway: Some(gw),
+        oif: ifindex(lab, node, "ens3").unwrap(),
+        onlink: false,
+    }
+}
+
+/// vxlan's route to a peer: `<subnet> via <subnet address> dev flannel.1 onlink`.
+fn vxlan_route(lab: &Lab, node: &str, peer: &str) -> Route {
+    let p = lab.node(peer).unwrap();
+    Route {
+        dst: IpNet::V4(p.subnet),
+        gateway: Some(IpAddr::V4(p.subnet.network())),
+        oif: ifindex(lab, node, "flannel.1").expect("flannel.1"),
+        onlink: true,
+    }
+}
+
+fn peers_of<'a>(lab: &'a Lab, node: &'a str) -> impl Iterator<Item = String> + 'a {
+    lab.state
+        .nodes
+        .iter()
+        .filter(move |n| n.name != node)
+        .map(|n| n.name.clone())
+}
+
+/// Polls until `f` holds, or panics with the last difference it reported.
+fn wait_until(within: Duration, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + within;
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => panic!("after {within:?}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn assert_matrix_ok(lab: &Lab) -> lab::Matrix {
+    let m = lab.check().unwrap();
+    println!("{}", m.render());
+    assert!(m.all_ok(), "matrix has failures:\n{}", m.render());
+    m
+}
+
+fn assert_pod_pairs_ttl_62(lab: &Lab, m: &lab::Matrix, suffix: &str) {
+    for a in &lab.state.pods {
+        for b in &lab.state.pods {
+            if a.node != b.node {
+                let to = format!("{}{suffix}", b.name);
+                assert!(
+                    matches!(m.get(&a.name, &to), Some(Outcome::Ok { ttl: 62, .. })),
+                    "{} -> {to}: {:?}",
+                    a.name,
+                    m.get(&a.name, &to)
+                );
+            }
+        }
+    }
+}
+
+/// Every namespace of the lab is gone after `down`.
+fn down_leaves_nothing(lab: &Lab) {
+    lab::down(lab.name()).unwrap();
+    assert_eq!(lab::lab_namespaces(lab.name()), Vec::<String>::new());
+    assert!(!lab.dir().exists());
+}
+
+#[test]
+fn host_gw_pings_across_nodes_and_switching_backends_leaves_nothing_behind() {
+    let mut lab = up_with(opts(Backend::HostGw, 2));
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+    // No device and no overhead: pods get the underlay MTU.
+    assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1500);
+    let hostgw_routes = |lab: &Lab, node: &str| -> BTreeSet<Route> {
+        peers_of(lab, node)
+            .map(|p| direct_route(lab, node, &p, false))
+            .collect()
+    };
+    for n in &lab.state.nodes {
+        assert_eq!(ifindex(&lab, &n.name, "flannel.1"), None, "{}", n.name);
+        assert_eq!(cluster_routes(&lab, &n.name), hostgw_routes(&lab, &n.name));
+    }
+    for l in lab.leases().unwrap() {
+        assert_eq!(l.attrs.backend_type, "host-gw");
+        assert_eq!(l.attrs.backend_data, None);
+    }
+
+    // host-gw -> vxlan: exactly the vxlan triples, no host-gw route left.
+    lab.switch_backend(Backend::Vxlan, false, Duration::from_secs(30))
+        .unwrap();
+    let macs = vtep_macs(&lab);
+    for n in &lab.state.nodes {
+        wait_tables(&lab, &n.name, &macs, Duration::from_secs(10));
+        wait_until(Duration::from_secs(10), || {
+            let want: BTreeSet<Route> = peers_of(&lab, &n.name)
+                .map(|p| vxlan_route(&lab, &n.name, &p))
+                .collect();
+            let got = cluster_routes(&lab, &n.name);
+            (got == want)
+                .then_some(())
+                .ok_or(format!("{}: routes {got:?}, want {want:?}", n.name))
+        });
+    }
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+
+    // vxlan -> host-gw: flannel.1 and its triples are gone.
+    lab.switch_backend(Backend::HostGw, false, Duration::from_secs(30))
+        .unwrap();
+    for n in &lab.state.nodes {
+        wait_until(Duration::from_secs(10), || {
+            let dev = ifindex(&lab, &n.name, "flannel.1");
+            let got = cluster_routes(&lab, &n.name);
+            let want = hostgw_routes(&lab, &n.name);
+            (dev.is_none() && got == want).then_some(()).ok_or(format!(
+                "{}: flannel.1 {dev:?}, routes {got:?}, want {want:?}",
+                n.name
+            ))
+        });
+    }
+    assert_matrix_ok(&lab);
+    let status = lab.status();
+    assert!(
+        status.render().contains("backend: host-gw"),
+        "{}",
+        status.render()
+    );
+    down_leaves_nothing(&lab);
+}
+
+#[test]
+fn two_segments_host_gw_refuses_cross_segment_peers_and_the_check_says_why() {
+    let lab = up_with(LabOptions {
+        topology: Topology::TwoSegment,
+        ..opts(Backend::HostGw, 3)
+    });
+    // master, node1 and node3 on 172.16.1.0/24; node2 alone on 172.16.2.0/24.
+    assert_eq!(
+        lab.node("k8s-node2").unwrap().underlay_ip,
+        Ipv4Addr::new(172, 16, 2, 13)
+    );
+    assert_eq!(lab.node("k8s-node3").unwrap().segment, 1);
+    let m = lab.check().unwrap();
+    println!("{}", m.render());
+    assert!(m.all_ok(), "{}", m.render());
+    // Within segment 1: pods answer with the seed's TTL.
+    assert!(matches!(
+        m.get("ubuntu-1", "ubuntu-3"),
+        Some(Outcome::Ok { ttl: 62, .. })
+    ));
+    // Across: expected failures, each naming the refused subnet and found
+    // in the refusing daemon's log.
+    let refused = m.expected_failures();
+    for (from, to) in [
+        ("ubuntu-1", "ubuntu-2"),
+        ("ubuntu-2", "ubuntu-1"),
+        ("ubuntu-2", "ubuntu-3"),
+        ("ubuntu-3", "ubuntu-2"),
+        ("ubuntu-1", "k8s-node2/cni0"),
+        ("ubuntu-2", "master/ens3"),
+    ] {
+        let (_, _, reason) = refused
+            .iter()
+            .find(|(f, t, _)| *f == from && *t == to)
+            .unwrap_or_else(|| {
+                panic!("{from} -> {to} is not an expected failure:\n{}", m.render())
+            });
+        assert!(
+            reason.contains("it says so in its log"),
+            "{from} -> {to}: {reason}"
+        );
+    }
+    assert!(m
+        .render()
+        .contains("refused (expected) ubuntu-1 -> ubuntu-2: host-gw across segments"));
+    // 3 pods; each of ubuntu-1/3 has 3 cross-segment targets (ubuntu-2,
+    // node2's cni0 and ens3), ubuntu-2 has 7 (2 pods, 2 cni0, 3 ens3).
+    assert_eq!(refused.len(), 3 + 3 + 7, "{}", m.render());
+
+    // The kernel: node1 routes to master and node3 only; node2 to nobody.
+    let want: BTreeSet<Route> = ["master", "k8s-node3"]
+        .into_iter()
+        .map(|p| direct_route(&lab, "k8s-node1", p, false))
+        .collect();
+    assert_eq!(cluster_routes(&lab, "k8s-node1"), want);
+    assert_eq!(cluster_routes(&lab, "k8s-node2"), BTreeSet::new());
+    // flanneld on node2 names the peers it refuses.
+    let log = std::fs::read_to_string(lab.log_path("k8s-node2")).unwrap();
+    for subnet in ["10.244.0.0/24", "10.244.1.0/24", "10.244.3.0/24"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("host-gw") && l.contains(subnet)),
+            "k8s-node2's log does not name {subnet}:\n{log}"
+        );
+    }
+    // Every daemon is alive: a refusal is not a crash.
+    assert!(lab.status().healthy(), "{}", lab.status().render());
+}
+
+#[test]
+fn two_segments_vxlan_direct_routing_routes_within_a_segment_and_encapsulates_across() {
+    let lab = up_with(LabOptions {
+        topology: Topology::TwoSegment,
+        direct_routing: true,
+        ..opts(Backend::Vxlan, 3)
+    });
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+    assert_eq!(m.expected_failures().len(), 0);
+    // node1: master and node3 directly via ens3, node2 over flannel.1.
+    let want: BTreeSet<Route> = [
+        direct_route(&lab, "k8s-node1", "master", false),
+        direct_route(&lab, "k8s-node1", "k8s-node3", false),
+        vxlan_route(&lab, "k8s-node1", "k8s-node2"),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(cluster_routes(&lab, "k8s-node1"), want);
+    // node2 is alone on its segment: everything over flannel.1.
+    let want: BTreeSet<Route> = peers_of(&lab, "k8s-node2")
+        .map(|p| vxlan_route(&lab, "k8s-node2", &p))
+        .collect();
+    assert_eq!(cluster_routes(&lab, "k8s-node2"), want);
+    // Only encapsulated peers get a neighbour and an FDB entry.
+    let t = read_tables(&lab, "k8s-node1").unwrap();
+    let node2 = lab.node("k8s-node2").unwrap();
+    assert_eq!(t.neighbours.len(), 1, "{:?}", t.neighbours);
+    assert_eq!(
+        t.fdb.iter().map(|f| f.dst).collect::<Vec<_>>(),
+        [IpAddr::V4(node2.underlay_ip)]
+    );
+    let status = lab.status().render();
+    assert!(
+        status.contains("vxlan (DirectRouting)") && status.contains("two-segment"),
+        "{status}"
+    );
+    // The router and both switches exist, and go with `down`.
+    let ns = lab::lab_namespaces(lab.name());
+    for part in ["router", "underlay", "underlay2"] {
+        assert!(
+            ns.contains(&format!("{}-{part}", lab.name())),
+            "{part} missing: {ns:?}"
+        );
+    }
+    down_leaves_nothing(&lab);
+}
+
+#[test]
+fn ip_masq_masquerades_pods_to_the_outside_but_not_between_pods() {
+    let lab = up_with(LabOptions {
+        ip_masq: true,
+        ..opts(Backend::Vxlan, 2)
+    });
+    assert_matrix_ok(&lab);
+    let r = lab.check_masq().unwrap();
+    println!("{}", r.render());
+    // Pod to pod keeps the pod's address in any case.
+    let o = r.get("ubuntu-1", "ubuntu-2", false).unwrap();
+    assert_eq!(o.seen_source, Some(IpAddr::V4(pod_ip(&lab, "ubuntu-1"))));
+    assert!(o.is_ok(), "{o:?}");
+    // To the outside host: the node's underlay address, and the answer returns.
+    for (pod, node) in [("ubuntu-1", "k8s-node1"), ("ubuntu-2", "k8s-node2")] {
+        let o = r.get(pod, "outside", false).unwrap();
+        assert_eq!(
+            o.seen_source,
+            Some(IpAddr::V4(lab.node(node).unwrap().underlay_ip)),
+            "{pod}'s packet to the outside host was not masqueraded:\n{}",
+            r.render()
+        );
+        assert!(o.answered, "{pod}: the answer did not come back");
+    }
+    assert!(r.all_ok(), "{}", r.render());
+    let env = std::fs::read_to_string(lab.subnet_file("k8s-node1")).unwrap();
+    assert!(env.contains("FLANNEL_IPMASQ=true"), "{env}");
+    assert!(lab::lab_namespaces(lab.name()).contains(&format!("{}-outside", lab.name())));
+    down_leaves_nothing(&lab);
+}
+
+#[test]
+fn udp_pings_across_nodes_through_flannel0_and_switches_back_to_vxlan() {
+    let mut lab = up_with(opts(Backend::Udp, 2));
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+    // 28 bytes of encapsulation.
+    assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1472);
+    for n in &lab.state.nodes {
+        let tun =
+            ifindex(&lab, &n.name, "flannel0").unwrap_or_else(|| panic!("{}: no flannel0", n.name));
+        // One route for the whole cluster network into the TUN device.
+        let routes = cluster_routes(&lab, &n.name);
+        assert!(
+            routes
+                .iter()
+                .any(|r| r.dst == lab::CLUSTER_NETWORK.parse::<IpNet>().unwrap() && r.oif == tun),
+            "{}: no 10.244.0.0/16 dev flannel0 in {routes:?}",
+            n.name
+        );
+    }
+    lab.switch_backend(Backend::Vxlan, false, Duration::from_secs(30))
+        .unwrap();
+    let macs = vtep_macs(&lab);
+    for n in &lab.state.nodes {
+        wait_tables(&lab, &n.name, &macs, Duration::from_secs(10));
+        wait_until(Duration::from_secs(10), || {
+            match ifindex(&lab, &n.name, "flannel0") {
+                None => Ok(()),
+                Some(_) => Err(format!("{}: flannel0 left behind", n.name)),
+            }
+        });
+    }
+    assert_matrix_ok(&lab);
+}
+
+#[test]
+fn ipv6_only_vxlan_pings_across_nodes_with_hop_limit_62() {
+    let lab = up_with(LabOptions {
+        family: Family::V6,
+        ..opts(Backend::Vxlan, 2)
+    });
+    let m = assert_matrix_ok(&lab);
+    assert!(m.targets.iter().all(|t| t.ip.is_ipv6()));
+    assert_pod_pairs_ttl_62(&lab, &m, "@v6");
+    for p in &lab.state.pods {
+        assert!(p.ip.is_none() && p.ipv6.is_some(), "{p:?}");
+    }
+    // vxlan over an IPv6 underlay costs 70 bytes.
+    assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1430);
+    for l in lab.leases().unwrap() {
+        assert!(l.key.ipv4.is_none() && l.key.ipv6.is_some(), "{l:?}");
+        assert!(l.attrs.public_ipv6.is_some(), "{l:?}");
+    }
+}
+
+#[test]
+fn dual_stack_pings_in_both_families_with_vxlan_then_host_gw() {
+    let mut lab = up_with(LabOptions {
+        family: Family::Dual,
+        ..opts(Backend::Vxlan, 2)
+    });
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+    assert_pod_pairs_ttl_62(&lab, &m, "@v6");
+    lab.switch_backend(Backend::HostGw, false, Duration::from_secs(30))
+        .unwrap();
+    for n in &lab.state.nodes {
+        wait_until(Duration::from_secs(10), || {
+            let want: BTreeSet<Route> = peers_of(&lab, &n.name)
+                .flat_map(|p| {
+                    [
+                        direct_route(&lab, &n.name, &p, false),
+                        direct_route(&lab, &n.name, &p, true),
+                    ]
+                })
+                .collect();
+            let got = cluster_routes(&lab, &n.name);
+            (got == want)
+                .then_some(())
+                .ok_or(format!("{}: routes {got:?}, want {want:?}", n.name))
+        });
+    }
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "@v6");
+}
