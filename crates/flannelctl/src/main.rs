@@ -23,6 +23,19 @@ enum Command {
     /// A whole flannel cluster in network namespaces of this machine.
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Throughput and latency of the underlay and of pod-to-pod traffic over
+    /// vxlan, host-gw and udp, in a two-worker lab, as ratios to the underlay.
+    Bench {
+        /// Name of the lab the bench builds (and removes).
+        #[arg(long, default_value = "bench")]
+        name: String,
+        /// Directory holding flanneld and flannel (default: next to flannelctl).
+        #[arg(long, env = lab::BIN_DIR_ENV, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Seconds per throughput measurement.
+        #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
+        seconds: u64,
+    },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
     /// Reads the store flanneld would use with the same flags (and the same
@@ -220,6 +233,15 @@ fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Bench {
+            name,
+            bin_dir,
+            seconds,
+        } => {
+            let report = lab::bench::run(&name, bin_dir.as_deref(), seconds, true)?;
+            print!("{}", report.render());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Leases {
             local_store,
             etcd,

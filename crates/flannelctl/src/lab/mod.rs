@@ -22,6 +22,7 @@
 //! `flanneld.pid` and the CNI state, and `lab.json` (what `up` built, read by
 //! `status`, `exec` and `down`). The root namespace is never touched.
 
+pub mod bench;
 mod check;
 mod etcd;
 mod kinds;
@@ -509,11 +510,12 @@ impl LabState {
     }
 
     /// The pod MTU flanneld writes: the underlay MTU minus the backend's
-    /// overhead (vxlan 50, or 70 over the IPv6 underlay of an IPv6-only lab).
+    /// overhead (vxlan 50, or 70 when IPv6 is on: the pods' one MTU must
+    /// also fit the vxlan device over the IPv6 underlay).
     pub fn pod_mtu(&self) -> u32 {
         let cfg =
             flannel_core::config::parse(&self.net_conf_json()).expect("the lab's net-conf parses");
-        cfg.pod_mtu(self.mtu, self.family == Family::V6)
+        cfg.pod_mtu(self.mtu, self.family.has_v6())
     }
 
     /// The lease key a node holds: its subnet of each family of the lab.
@@ -1591,6 +1593,19 @@ impl Lab {
         let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
         for n in &nodes {
             self.stop_daemon(n, Duration::from_secs(5))?;
+            // The new daemon writes its own (another MTU); waiting for the
+            // file must not be fooled by the old one. Its lease, which names
+            // the node's address, still tells the daemon its subnet.
+            match std::fs::remove_file(self.subnet_file(n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(io_err(format!(
+                        "removing {}",
+                        self.subnet_file(n).display()
+                    ))(e))
+                }
+            }
         }
         self.state.backend = backend;
         self.state.direct_routing = direct_routing;

@@ -21,12 +21,17 @@ pub fn require_root() {
     }
 }
 
-/// The directory of the test's flannelctl, where cargo also puts flanneld and flannel.
+/// The directory of the test's flannelctl, where cargo also puts flanneld
+/// and flannel; `FLANNEL_LAB_BIN_DIR` points the tests at daemons built
+/// elsewhere (e.g. another branch's, before it is merged).
 pub fn bin_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_flannelctl"))
-        .parent()
-        .expect("binary has a directory")
-        .to_path_buf();
+    let dir = match std::env::var_os(lab::BIN_DIR_ENV) {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => Path::new(env!("CARGO_BIN_EXE_flannelctl"))
+            .parent()
+            .expect("binary has a directory")
+            .to_path_buf(),
+    };
     for b in [lab::FLANNELD_BINARY, lab::CNI_BINARY] {
         assert!(
             dir.join(b).is_file(),
