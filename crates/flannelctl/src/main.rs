@@ -351,6 +351,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 lab.dir().display()
             );
             println!("store: {}", lab.store_description());
+            let st = &lab.state;
+            println!(
+                "backend: {}{}, topology: {}, family: {}, ip-masq: {}",
+                st.backend,
+                if st.direct_routing {
+                    " (DirectRouting)"
+                } else {
+                    ""
+                },
+                st.topology,
+                st.family,
+                if st.ip_masq { "on" } else { "off" }
+            );
             for p in &lab.state.pods {
                 if let Some(ip) = p.ip {
                     println!("pod {} on {}: {}", p.name, p.node, ip);

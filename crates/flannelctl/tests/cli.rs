@@ -143,3 +143,95 @@ fn operator_session() {
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("does not exist"));
 }
+
+#[test]
+fn backend_and_topology_options_through_the_binary() {
+    require_root_and_binaries();
+    let out = flannelctl(&["lab", "up", "--backend", "ipip"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`vxlan`, `host-gw` or `udp`"), "{err}");
+
+    let name = unique_name();
+    let _down = Down(name.clone());
+    let out = flannelctl(&[
+        "lab",
+        "up",
+        "--name",
+        &name,
+        "--backend",
+        "host-gw",
+        "--direct-routing",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--direct-routing") && err.contains("vxlan backend"),
+        "{err}"
+    );
+    assert!(flannelctl::lab::lab_namespaces(&name).is_empty());
+
+    // host-gw over two segments: `up` succeeds, the cross-segment pairs are
+    // expected failures with their reason.
+    let out = flannelctl(&[
+        "lab",
+        "up",
+        "--name",
+        &name,
+        "--backend",
+        "host-gw",
+        "--topology",
+        "two-segment",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("refused (expected) ubuntu-1 -> ubuntu-2: host-gw across segments"),
+        "{stdout}"
+    );
+    let out = flannelctl(&["lab", "status", "--name", &name]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("backend: host-gw  topology: two-segment"),
+        "{stdout}"
+    );
+    let out = flannelctl(&[
+        "lab", "exec", "--name", &name, "router", "--", "ip", "-4", "addr", "show", "seg2",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("172.16.2.1/24"));
+
+    // Switched to vxlan with DirectRouting: every pair answers.
+    let out = flannelctl(&[
+        "lab",
+        "switch-backend",
+        "--name",
+        &name,
+        "vxlan",
+        "--direct-routing",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("now runs vxlan") && !stdout.contains("refused"),
+        "{stdout}"
+    );
+    let out = flannelctl(&[
+        "lab",
+        "exec",
+        "--name",
+        &name,
+        "k8s-node1",
+        "--",
+        "ip",
+        "route",
+    ]);
+    let routes = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink"),
+        "{routes}"
+    );
+    let out = flannelctl(&["lab", "down", "--name", &name]);
+    assert!(out.status.success());
+    assert!(flannelctl::lab::lab_namespaces(&name).is_empty());
+}
