@@ -533,17 +533,14 @@ fn vxlan_ipv6_only_over_an_ipv6_underlay() {
         assert!(c.nodes[i].link(V4_DEV).is_none(), "no IPv4 device");
     }
     let mut states = Vec::new();
-    for i in 0..3 {
+    for (i, subnet) in subnets.iter().enumerate() {
         let peers = vxlan_peers(&c, i, true);
         assert_eq!(peers.len(), 2);
         let st = c.wait_vxlan(i, V6_DEV, NETWORK6, &peers);
         // The device's address: its subnet's network address as a /128.
-        assert_eq!(
-            st.addrs,
-            vec![IpNet::new(subnets[i].network(), 128).unwrap()]
-        );
+        assert_eq!(st.addrs, vec![IpNet::new(subnet.network(), 128).unwrap()]);
         states.push(st);
-        c.nodes[i].add_targets(&[subnets[i]]);
+        c.nodes[i].add_targets(&[*subnet]);
     }
     for i in 0..3 {
         for j in 0..3 {
