@@ -34,6 +34,7 @@ const NETWORK6: &str = "fd00:10:244::/56";
 const V6_VXLAN: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
 const DUAL_VXLAN: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
 const DUAL_HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "host-gw"}}"#;
+const DUAL_VXLAN_DIRECT: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
 const V6_DEV: &str = "flannel-v6.1";
 const V4_DEV: &str = "flannel.1";
 
@@ -315,6 +316,10 @@ impl Cluster {
     }
 
     fn start(&self, i: usize) -> Daemon {
+        self.start_with(i, &[])
+    }
+
+    fn start_with(&self, i: usize, extra: &[&str]) -> Daemon {
         let node = &self.nodes[i];
         let subnet_file = node.subnet_file();
         let args = [
@@ -344,6 +349,7 @@ impl Cluster {
             }
         }
         cmd.args(args)
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -763,5 +769,89 @@ fn host_gw_dual_stack_routes_each_family_via_its_public_ip() {
     c.wait_ping(0, s6[0], s6[1]);
     for (i, daemon) in d.into_iter().enumerate() {
         c.stop(i, daemon);
+    }
+}
+
+#[test]
+fn vxlan_dual_stack_direct_routing_per_family() {
+    let c = Cluster::new("direct", 2, DUAL_VXLAN_DIRECT, true);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    let keys: Vec<_> = (0..2)
+        .map(|i| c.wait_env(i, &mut d[i], true, true).lease_key().unwrap())
+        .collect();
+    let s4: Vec<IpNet> = keys.iter().map(|k| IpNet::V4(k.ipv4.unwrap())).collect();
+    let s6: Vec<IpNet> = keys.iter().map(|k| IpNet::V6(k.ipv6.unwrap())).collect();
+    for (i, j) in [(0, 1), (1, 0)] {
+        // The peer is on eth0's subnet in both families: a plain route via
+        // its PublicIP / PublicIPv6, and nothing on the vxlan devices.
+        let eth0 = c.nodes[i].eth0();
+        let via = |dst: IpNet, gw: IpAddr| Route {
+            dst,
+            gateway: Some(gw),
+            oif: eth0,
+            onlink: false,
+        };
+        let want4 = vec![via(s4[j], IpAddr::V4(c.nodes[j].ip4.unwrap()))];
+        let want6 = vec![via(s6[j], IpAddr::V6(c.nodes[j].ip6))];
+        c.wait_until(i, "direct routes", || {
+            let got = (
+                c.nodes[i].gateway_routes(NETWORK.parse().unwrap()),
+                c.nodes[i].gateway_routes(NETWORK6.parse().unwrap()),
+            );
+            (got == (want4.clone(), want6.clone()), got)
+        });
+        c.wait_vxlan(i, V4_DEV, NETWORK, &[]);
+        c.wait_vxlan(i, V6_DEV, NETWORK6, &[]);
+        c.nodes[i].add_targets(&[s4[i], s6[i]]);
+    }
+    for (i, j) in [(0, 1), (1, 0)] {
+        c.wait_ping(i, s4[i], s4[j]);
+        c.wait_ping(i, s6[i], s6[j]);
+    }
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}
+
+#[test]
+fn bad_ipv6_input_is_refused_before_touching_the_kernel() {
+    // An IPv4-only underlay.
+    let c = Cluster::new("refuse", 1, DUAL_VXLAN, false);
+    let node = &c.nodes[0];
+    // Put back the IPv4 address and drop the IPv6 one: eth0 is IPv4 only.
+    node.nl(|nl| {
+        let eth0 = nl.link_by_name("eth0").unwrap().unwrap().index;
+        nl.add_address(eth0, "172.16.1.11/24".parse().unwrap())
+            .unwrap();
+        nl.del_address(eth0, "fd00:16::11/64".parse().unwrap())
+            .unwrap();
+    });
+    let cases: [(&str, &[&str], &str); 4] = [
+        // Dual stack needs an IPv6 address on the external interface.
+        (DUAL_VXLAN, &[], "no global IPv6 address"),
+        (V6_VXLAN, &[], "no global IPv6 address"),
+        (
+            r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetLen": 127}"#,
+            &[],
+            "IPv6SubnetLen",
+        ),
+        (DUAL_VXLAN, &["--public-ipv6", "fd00::zz"], "--public-ipv6"),
+    ];
+    for (cfg, extra, needle) in cases {
+        fs::write(&c.config, cfg).unwrap();
+        let _ = fs::remove_file(node.log());
+        let mut d = c.start_with(0, extra);
+        let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
+            d.0.as_mut().unwrap().try_wait().unwrap()
+        });
+        let log = read_log(&node.log());
+        assert!(!st.success(), "{cfg} {extra:?} must fail; log:\n{log}");
+        assert!(
+            log.contains(needle),
+            "error for {cfg} {extra:?} must name {needle:?}:\n{log}"
+        );
+        assert!(node.link(V4_DEV).is_none() && node.link(V6_DEV).is_none());
+        assert!(!node.subnet_file().exists(), "no subnet.env for {cfg}");
+        assert!(c.leases().is_empty(), "no lease for {cfg}");
     }
 }
