@@ -493,4 +493,105 @@ mod tests {
             Some(2)
         );
     }
+
+    fn req6(ifaces: &[&str], v4: bool) -> Request {
+        Request {
+            ipv4: v4,
+            ipv6: true,
+            ..req(ifaces, &[])
+        }
+    }
+
+    #[test]
+    fn ipv6_only_uses_the_ipv6_default_route() {
+        let routes = [
+            Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gateway: None,
+                oif: 3,
+                onlink: false,
+            },
+            Route {
+                dst: "::/0".parse().unwrap(),
+                gateway: None,
+                oif: 4,
+                onlink: false,
+            },
+        ];
+        let def = default_route_oifs(&routes);
+        assert_eq!(
+            def,
+            DefaultRoutes {
+                v4: Some(3),
+                v6: Some(4)
+            }
+        );
+        let e = select(&host(), def, &req6(&[], false)).unwrap();
+        assert_eq!(e.name, "v6only");
+        assert_eq!(e.iface_addr, None);
+        assert_eq!(e.public_ip, None);
+        assert_eq!(e.iface_addr_v6, Some("fd00:1::1".parse().unwrap()));
+        assert_eq!(e.public_ipv6, e.iface_addr_v6);
+        assert_eq!(
+            e.iface_addr_of(IpFamily::V6),
+            Some("fd00:1::1".parse().unwrap())
+        );
+        assert_eq!(e.connected, vec!["fd00:1::1/64".parse::<IpNet>().unwrap()]);
+        // No IPv6 default route: the error names the family and the flag.
+        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], false)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("IPv6 default route") && msg.contains("--iface"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dual_stack_needs_both_families_on_the_interface() {
+        // The IPv4 default route's interface, with both addresses.
+        let e = select(&host(), DefaultRoutes::v4(2), &req6(&[], true)).unwrap();
+        assert_eq!(e.name, "ens3");
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
+        assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
+        assert_eq!(
+            e.connected.len(),
+            3,
+            "both families' subnets: {:?}",
+            e.connected
+        );
+        // eth1 has no IPv6 address: skipped, with the reason in the error.
+        let err = select(&host(), DefaultRoutes::v4(2), &req6(&["eth1"], true)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("eth1 has no global IPv6 address"), "{msg}");
+        assert!(msg.contains("IPv4 and IPv6"), "{msg}");
+        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], true)).unwrap_err();
+        assert!(
+            matches!(err, IfaceError::DefaultRouteUnusable { index: 3, .. }),
+            "{err}"
+        );
+        // --iface by IPv6 address.
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req6(&["fd00::14"], true),
+        )
+        .unwrap();
+        assert_eq!(e.name, "ens3");
+    }
+
+    #[test]
+    fn public_ipv6_overrides_the_published_ipv6_address_only() {
+        let mut r = req6(&["ens3"], true);
+        r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
+        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
+        assert_eq!(e.public_ipv6, Some("2001:db8::9".parse().unwrap()));
+        assert_eq!(e.public_ip, e.iface_addr, "IPv4 unaffected");
+        // Without IPv6 enabled --public-ipv6 is not published.
+        let mut r = req(&["ens3"], &[]);
+        r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
+        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        assert_eq!(e.public_ipv6, None);
+        assert!(e.connected.iter().all(|a| a.addr().is_ipv4()));
+    }
 }

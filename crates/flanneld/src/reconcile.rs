@@ -985,4 +985,242 @@ mod tests {
         });
         yes(Notification::Overrun);
     }
+
+    fn dual_settings(direct_routing: bool) -> Settings {
+        let mut s = settings();
+        let v4 = s.backend.device_spec(IpFamily::V4).cloned();
+        let mut v6dev = v4.as_ref().unwrap().device.clone();
+        v6dev.name = "flannel-v6.1".into();
+        v6dev.local = "fd00:1::14".parse().unwrap();
+        v6dev.mtu = 1430;
+        s.backend = BackendSettings::Vxlan {
+            v4,
+            v6: Some(DeviceSpec {
+                device: v6dev,
+                address: "fd00:10:244:1::/128".parse().unwrap(),
+            }),
+            direct_routing,
+        };
+        s.ipv6_network = Some("fd00:10:244::/56".parse().unwrap());
+        s.own = "10.244.1.0-24&fd00:10:244:1::-64".parse().unwrap();
+        s.external.connected.push("fd00:1::14/64".parse().unwrap());
+        s
+    }
+
+    fn dual_lease(key: &str, ip: &str, ip6: &str, mac: &str, mac6: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: vxlan::lease_attrs_dual(
+                Some((ip.parse().unwrap(), mac.parse().unwrap())),
+                Some((ip6.parse().unwrap(), mac6.parse().unwrap())),
+                1,
+            ),
+            expiration: None,
+        }
+    }
+
+    fn dual_leases() -> Vec<Lease> {
+        vec![
+            dual_lease(
+                "10.244.1.0-24&fd00:10:244:1::-64",
+                "172.16.1.14",
+                "fd00:1::14",
+                "26:62:24:f0:61:01",
+                "26:62:24:f0:61:06",
+            ),
+            dual_lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+                "52:17:43:ba:2e:56",
+                "52:17:43:ba:2e:66",
+            ),
+            // A far peer: not on eth0's subnets in either family.
+            dual_lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "192.168.7.3",
+                "fd00:7::3",
+                "02:00:00:00:00:03",
+                "02:00:00:00:06:03",
+            ),
+        ]
+    }
+
+    #[test]
+    fn dual_stack_desires_one_triple_per_peer_and_family_on_its_device() {
+        let s = dual_settings(false);
+        assert_eq!(
+            s.families().collect::<Vec<_>>(),
+            vec![IpFamily::V4, IpFamily::V6]
+        );
+        let now = SystemTime::now();
+        let v4 = s.desired(IpFamily::V4, Some(4), &dual_leases(), now);
+        let v6 = s.desired(IpFamily::V6, Some(5), &dual_leases(), now);
+        assert_eq!((v4.peers, v6.peers), (2, 2));
+        assert!(v4
+            .state
+            .routes
+            .iter()
+            .all(|r| r.oif == 4 && r.dst.addr().is_ipv4()));
+        assert!(v6.state.routes.iter().all(|r| r.oif == 5 && r.onlink));
+        assert!(v6.state.neighbours.contains(&Neighbour {
+            ifindex: 5,
+            ip: "fd00:10:244:2::".parse().unwrap(),
+            mac: "52:17:43:ba:2e:66".parse().unwrap(),
+        }));
+        assert!(v6.state.fdb.contains(&FdbEntry {
+            ifindex: 5,
+            mac: "52:17:43:ba:2e:66".parse().unwrap(),
+            dst: "fd00:1::13".parse().unwrap(),
+        }));
+        // The IPv6 scope owns IPv6 routes in IPv6Network on flannel-v6 only,
+        // never our own subnet nor the kernel's route for our /128.
+        let sc = s.scope(IpFamily::V6, Some(5)).unwrap();
+        assert!(sc.owns_route(&v6.state.routes[0]));
+        assert!(!sc.owns_route(&v4.state.routes[0]));
+        let own128 = Route {
+            dst: "fd00:10:244:1::/128".parse().unwrap(),
+            gateway: None,
+            oif: 5,
+            onlink: false,
+        };
+        assert!(!sc.owns_route(&own128));
+        // A disabled family has no scope and no desired state.
+        let mut v4only = settings();
+        v4only.own = s.own;
+        assert!(v4only.scope(IpFamily::V6, Some(5)).is_none());
+        assert!(v4only
+            .desired(IpFamily::V6, Some(5), &dual_leases(), now)
+            .state
+            .is_empty());
+        // ... and its leftover device is named for removal.
+        assert_eq!(
+            v4only.disabled_device_name(IpFamily::V6).as_deref(),
+            Some("flannel-v6.1")
+        );
+        assert_eq!(s.disabled_device_name(IpFamily::V6), None);
+    }
+
+    #[test]
+    fn dual_stack_direct_routing_is_decided_per_family() {
+        let s = dual_settings(true);
+        let now = SystemTime::now();
+        let v6 = s.desired(IpFamily::V6, Some(5), &dual_leases(), now).state;
+        // The connected peer: direct via its PublicIPv6 on eth0.
+        assert!(v6.routes.contains(&Route {
+            dst: "fd00:10:244:2::/64".parse().unwrap(),
+            gateway: Some("fd00:1::13".parse().unwrap()),
+            oif: 2,
+            onlink: false,
+        }));
+        // The far one: encapsulated.
+        assert_eq!(v6.neighbours.len(), 1);
+        assert_eq!(v6.fdb[0].dst, "fd00:7::3".parse::<IpAddr>().unwrap());
+        // IPv4 connectivity does not decide for IPv6: a peer connected only
+        // over IPv4 stays encapsulated in IPv6.
+        let mut ls = dual_leases();
+        ls[1] = dual_lease(
+            "10.244.2.0-24&fd00:10:244:2::-64",
+            "172.16.1.13",
+            "fd00:9::13",
+            "52:17:43:ba:2e:56",
+            "52:17:43:ba:2e:66",
+        );
+        let v4 = s.desired(IpFamily::V4, Some(4), &ls, now).state;
+        let v6 = s.desired(IpFamily::V6, Some(5), &ls, now).state;
+        assert!(v4.routes.iter().any(|r| r.oif == 2));
+        assert!(v6.routes.iter().all(|r| r.oif == 5));
+    }
+
+    #[test]
+    fn host_gw_dual_stack_routes_via_each_familys_public_ip() {
+        let mut s = dual_settings(false);
+        s.backend = BackendSettings::HostGw;
+        let lease = |key: &str, ip: &str, ip6: &str| Lease {
+            key: key.parse().unwrap(),
+            attrs: hostgw::lease_attrs_dual(Some(ip.parse().unwrap()), Some(ip6.parse().unwrap())),
+            expiration: None,
+        };
+        let ls = vec![
+            lease(
+                "10.244.1.0-24&fd00:10:244:1::-64",
+                "172.16.1.14",
+                "fd00:1::14",
+            ),
+            lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+            ),
+            lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "172.16.1.3",
+                "fd00:7::3",
+            ),
+        ];
+        let d = s.desired(IpFamily::V6, None, &ls, SystemTime::now());
+        assert_eq!(
+            d.state.routes,
+            vec![Route {
+                dst: "fd00:10:244:2::/64".parse().unwrap(),
+                gateway: Some("fd00:1::13".parse().unwrap()),
+                oif: 2,
+                onlink: false,
+            }]
+        );
+        assert_eq!(d.unreachable.len(), 1, "fd00:7::3 is not connected");
+        let d4 = s.desired(IpFamily::V4, None, &ls, SystemTime::now());
+        assert_eq!(d4.state.routes.len(), 2);
+        assert!(d4.unreachable.is_empty());
+    }
+
+    #[test]
+    fn relevant_notifications_in_dual_stack() {
+        let s = dual_settings(false);
+        let devs = PerFamily {
+            v4: Some(4),
+            v6: Some(5),
+        };
+        let route = |dst: &str| Notification::Route {
+            dst: dst.parse().unwrap(),
+            deleted: true,
+        };
+        assert!(is_relevant(&route("fd00:10:244:2::/64"), &s, devs));
+        assert!(is_relevant(&route("10.244.2.0/24"), &s, devs));
+        assert!(!is_relevant(&route("fd00:99::/64"), &s, devs));
+        assert!(is_relevant(
+            &Notification::Neighbour {
+                ifindex: 5,
+                ip: "fd00:10:244:2::".parse().unwrap(),
+                deleted: true
+            },
+            &s,
+            devs
+        ));
+        assert!(is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "flannel-v6.1".into(),
+                deleted: false
+            },
+            &s,
+            devs
+        ));
+        // IPv4 only: IPv6 routes are not ours, a flannel-v6 leftover is.
+        let v4 = settings();
+        let one = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        assert!(!is_relevant(&route("fd00:10:244:2::/64"), &v4, one));
+        assert!(is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "flannel-v6.1".into(),
+                deleted: false
+            },
+            &v4,
+            one
+        ));
+    }
 }
