@@ -13,8 +13,10 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
+use crate::links::VethRequest;
 use crate::netns::NetNs;
-use crate::{Error, Link, Netlink, Result};
+use crate::{Error, Netlink, Result, VethPair};
+use flannel_core::mac::MacAddr;
 
 impl Netlink {
     /// Opens a NETLINK_ROUTE socket inside `ns`, like `ip -n NS ...` does.
@@ -30,12 +32,13 @@ impl Netlink {
     }
 
     /// `ip link add HOST mtu M master MASTER up type veth peer name PEER mtu M
-    /// netns FD`: one request creates the pair with the peer directly in
-    /// `peer_netns`, enslaves the host end to `master` and brings it up (the
-    /// kernel applies `IFLA_MASTER` and `ifi_flags` at creation), instead of
-    /// three requests that each take the RTNL lock. The peer stays down.
-    /// Returns the host end. A taken name is EEXIST, as for
-    /// [`Netlink::add_veth`].
+    /// address MAC netns FD`: one request creates the pair with the peer
+    /// directly in `peer_netns`, enslaves the host end to `master` and brings
+    /// it up (the kernel applies `IFLA_MASTER` and `ifi_flags` at creation),
+    /// instead of three requests that each take the RTNL lock. The peer stays
+    /// down. Returns the host end and the peer's index; with the peer's MAC
+    /// chosen here, the caller knows the pod end without asking the pod's
+    /// namespace. A taken name is EEXIST, as for [`Netlink::add_veth`].
     pub fn add_veth_attached(
         &mut self,
         host: &str,
@@ -43,8 +46,16 @@ impl Netlink {
         peer_netns: BorrowedFd<'_>,
         mtu: Option<u32>,
         master: u32,
-    ) -> Result<Link> {
-        self.create_veth(host, peer, peer_netns, mtu, Some(master))
+        peer_mac: MacAddr,
+    ) -> Result<VethPair> {
+        self.create_veth(&VethRequest {
+            host,
+            peer,
+            peer_netns,
+            mtu,
+            master: Some(master),
+            peer_mac: Some(peer_mac),
+        })
     }
 
     /// `ip addr replace ADDR dev INDEX nodad` for IPv6 (plain
