@@ -255,7 +255,12 @@ fn add_steps(
     // The config is saved before any address is taken, so without an earlier
     // saved config this attachment holds no address yet.
     let allocs = store.allocate(&bconf.ipam, &env.container_id, &env.ifname, repeated)?;
-    undo.extend(allocs.iter().filter(|a| a.new).map(|a| Undo::RemoveAddress(a.ip)));
+    undo.extend(
+        allocs
+            .iter()
+            .filter(|a| a.new)
+            .map(|a| Undo::RemoveAddress(a.ip)),
+    );
     let addrs: Vec<PodAddress> = allocs
         .iter()
         .map(|a| PodAddress {

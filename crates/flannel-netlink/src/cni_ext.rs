@@ -140,19 +140,29 @@ mod tests {
 
         // A veth pair born attached: host end on the bridge and up, peer in the other namespace.
         let other = ScopedNetNs::unique("fnl-openin").unwrap();
-        let host = nl
-            .add_veth_attached("fnl-vh", "fnl-vp", other.fd(), Some(1400), br.index)
+        let mac = MacAddr([0x02, 0x42, 0xac, 0x11, 0x00, 0x07]);
+        let pair = nl
+            .add_veth_attached("fnl-vh", "fnl-vp", other.fd(), Some(1400), br.index, mac)
             .unwrap();
+        let VethPair { host, peer_index } = pair;
+        assert_eq!(host.name, "fnl-vh");
+        assert_eq!(host.kind.as_deref(), Some("veth"));
         assert_eq!(host.master, Some(br.index));
         assert!(host.up);
         assert_eq!(host.mtu, 1400);
+        // What the echo said is what a fresh look-up says.
+        let looked_up = nl.link_by_name("fnl-vh").unwrap().unwrap();
+        assert_eq!(looked_up.index, host.index);
+        assert_eq!(looked_up.mac, host.mac);
         let peer = other
             .run(|| Netlink::open().unwrap().link_by_name("fnl-vp").unwrap())
             .unwrap()
             .expect("peer in the other namespace");
         assert_eq!(peer.mtu, 1400);
+        assert_eq!(peer.mac, Some(mac));
+        assert_eq!(peer_index, Some(peer.index));
         let e = nl
-            .add_veth_attached("fnl-vh", "fnl-vq", other.fd(), None, br.index)
+            .add_veth_attached("fnl-vh", "fnl-vq", other.fd(), None, br.index, mac)
             .unwrap_err();
         assert!(e.is_exists(), "{e}");
     }
