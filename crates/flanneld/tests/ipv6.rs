@@ -461,6 +461,62 @@ impl Cluster {
         );
     }
 
+    /// Stops node `i`'s daemon and starts it again: the devices `devs`
+    /// (name, network) keep index, MAC, addresses and tables, subnet.env is
+    /// unchanged, the VtepMACs come from the existing devices, and the
+    /// restarted daemon's first pass makes no kernel write. Returns the new
+    /// daemon.
+    fn restart_writes_nothing(&self, i: usize, d: Daemon, devs: &[(&str, &str)]) -> Daemon {
+        let node = &self.nodes[i];
+        let state = || -> Vec<DeviceState> {
+            devs.iter()
+                .map(|(name, net)| node.device_state(name, net.parse().unwrap()).unwrap())
+                .collect()
+        };
+        let before = state();
+        let env_before = fs::read_to_string(node.subnet_file()).unwrap();
+        let runs = read_log(&node.log())
+            .matches("using external interface")
+            .count();
+        self.stop(i, d);
+        let mut d = self.start(i);
+        let log = node.log();
+        wait_for(
+            "restarted daemon programmed",
+            Duration::from_secs(15),
+            || {
+                d.check_alive(&log);
+                let l = read_log(&log);
+                let this_run = l.split("using external interface").nth(runs + 1)?;
+                this_run.contains("datapath programmed").then_some(())
+            },
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(state(), before, "same devices, MACs, addresses and tables");
+        assert_eq!(fs::read_to_string(node.subnet_file()).unwrap(), env_before);
+        let l = read_log(&log);
+        let this_run = l.split("using external interface").nth(runs + 1).unwrap();
+        let programmed = this_run
+            .lines()
+            .find(|l| l.contains("datapath programmed"))
+            .unwrap();
+        assert!(
+            programmed.contains("changes=0"),
+            "restart pass made no kernel writes: {programmed}\n{l}"
+        );
+        let writes: Vec<&str> = this_run
+            .lines()
+            .filter(|l| l.contains(" INFO ") && l.contains("flanneld::reconcile:"))
+            .collect();
+        assert!(writes.is_empty(), "restart changed the kernel: {writes:#?}");
+        assert_eq!(
+            this_run.matches("source=ExistingDevice").count(),
+            devs.len(),
+            "every VtepMAC kept:\n{this_run}"
+        );
+        d
+    }
+
     /// Waits for the `n`th (1-based) "datapath programmed" line of node `i`.
     fn wait_programmed(&self, i: usize, d: &mut Daemon, n: usize) {
         let log = self.nodes[i].log();
@@ -569,38 +625,10 @@ fn vxlan_ipv6_only_over_an_ipv6_underlay() {
     c.wait_ping(0, subnets[0], subnets[2]);
 
     // Restart: same subnet, same VtepMAC, no kernel write.
+    let d0 = c.restart_writes_nothing(0, d.remove(0), &[(V6_DEV, NETWORK6)]);
     let before = c.nodes[0]
         .device_state(V6_DEV, NETWORK6.parse().unwrap())
         .unwrap();
-    let env_before = fs::read_to_string(c.nodes[0].subnet_file()).unwrap();
-    let d0 = d.remove(0);
-    c.stop(0, d0);
-    let mut d0 = c.start(0);
-    c.wait_programmed(0, &mut d0, 2);
-    std::thread::sleep(Duration::from_millis(500));
-    let after = c.nodes[0]
-        .device_state(V6_DEV, NETWORK6.parse().unwrap())
-        .unwrap();
-    assert_eq!(after, before, "same device, MAC, address and tables");
-    assert_eq!(
-        fs::read_to_string(c.nodes[0].subnet_file()).unwrap(),
-        env_before
-    );
-    let log = read_log(&c.nodes[0].log());
-    let second_run = log.split("using external interface").nth(2).unwrap_or("");
-    assert!(
-        second_run.contains("datapath programmed") && second_run.contains("changes=0"),
-        "restart pass made no kernel writes:\n{log}"
-    );
-    let writes: Vec<&str> = second_run
-        .lines()
-        .filter(|l| l.contains(" INFO ") && l.contains("flanneld::reconcile:"))
-        .collect();
-    assert!(writes.is_empty(), "restart changed the kernel: {writes:#?}");
-    assert!(
-        second_run.contains("source=ExistingDevice"),
-        "VtepMAC kept:\n{second_run}"
-    );
 
     // Stale IPv6 entries of a node that vanished while the daemon was down
     // are removed at start.
@@ -673,6 +701,10 @@ fn vxlan_dual_stack_two_devices_and_a_v6_only_update_is_applied() {
         c.wait_ping(i, s4[i], s4[j]);
         c.wait_ping(i, s6[i], s6[j]);
     }
+
+    // Restart: both devices, subnets and VtepMACs kept, no kernel write.
+    let d0 = c.restart_writes_nothing(0, d.remove(0), &[(V4_DEV, NETWORK), (V6_DEV, NETWORK6)]);
+    d.insert(0, d0);
 
     // An update of node2's lease that changes only its IPv6 side (another
     // BackendV6Data VtepMAC) is applied on node1; the IPv4 side stays.
