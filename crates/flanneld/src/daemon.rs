@@ -147,6 +147,14 @@ pub fn families(cfg: &NetConfig) -> impl Iterator<Item = IpFamily> + '_ {
     })
 }
 
+/// "IPv4" / "IPv6".
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
 /// The MTU of pods: the external interface's MTU minus the backend's
 /// overhead, or the backend's `MTU` option. With IPv6 enabled the vxlan
 /// underlay of `flannel-v6.<VNI>` is IPv6 (70 bytes, not upstream's 50), and
@@ -415,8 +423,10 @@ async fn run_async<S: Store>(
     for f in families(&s.cfg) {
         if own.key.subnet(f).is_none() {
             return Err(DaemonError::Device(format!(
-                "acquired lease {} has no {f:?} subnet although the config enables it",
-                own.key
+                "acquired lease {} has no {} subnet although the config enables {}",
+                own.key,
+                family_name(f),
+                family_name(f)
             )));
         }
     }
