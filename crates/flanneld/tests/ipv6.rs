@@ -320,11 +320,17 @@ impl Cluster {
     }
 
     fn start_with(&self, i: usize, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--iface", "eth0"];
+        args.extend_from_slice(extra);
+        self.spawn(i, &args)
+    }
+
+    /// Starts flanneld on node `i` with the test's store, config and
+    /// subnet.env plus `extra` (no `--iface`).
+    fn spawn(&self, i: usize, extra: &[&str]) -> Daemon {
         let node = &self.nodes[i];
         let subnet_file = node.subnet_file();
         let args = [
-            "--iface",
-            "eth0",
             "--local-store",
             self.store.to_str().unwrap(),
             "--net-config-path",
@@ -886,4 +892,55 @@ fn bad_ipv6_input_is_refused_before_touching_the_kernel() {
         assert!(!node.subnet_file().exists(), "no subnet.env for {cfg}");
         assert!(c.leases().is_empty(), "no lease for {cfg}");
     }
+}
+
+#[test]
+fn ipv6_only_picks_the_interface_of_the_ipv6_default_route() {
+    let c = Cluster::new("v6default", 1, V6_VXLAN, false);
+    let node = &c.nodes[0];
+    let eth0 = node.eth0();
+    node.nl(|nl| {
+        nl.replace_route(&Route {
+            dst: "::/0".parse().unwrap(),
+            gateway: Some("fd00:16::1".parse().unwrap()),
+            oif: eth0,
+            onlink: false,
+        })
+        .unwrap()
+    });
+    // No --iface: the IPv6 default route's interface, its IPv6 address.
+    let mut d = c.spawn(0, &[]);
+    let env = c.wait_env(0, &mut d, false, true);
+    let log = read_log(&node.log());
+    let line = log
+        .lines()
+        .find(|l| l.contains("using external interface"))
+        .unwrap();
+    assert!(
+        line.contains("iface=eth0") && line.contains("public_ipv6=Some(fd00:16::11)"),
+        "{line}"
+    );
+    let l = c.lease_of_v6(env.ipv6_subnet.unwrap().trunc());
+    assert_eq!(l.attrs.public_ipv6, Some(node.ip6));
+    let dev = node.link(V6_DEV).unwrap();
+    assert_eq!(dev.vxlan.unwrap().local, Some(IpAddr::V6(node.ip6)));
+    c.stop(0, d);
+    // --public-ipv6 is published (another address is another node to the
+    // store, so this is a new lease); the device still sends from eth0's
+    // own address.
+    let mut d = c.spawn(0, &["--public-ipv6", "2001:db8::11"]);
+    let published: Ipv6Addr = "2001:db8::11".parse().unwrap();
+    c.wait_until(0, "a lease with --public-ipv6", || {
+        d.check_alive(&node.log());
+        let leases = c.leases();
+        let ok = leases
+            .iter()
+            .any(|l| l.attrs.public_ipv6 == Some(published) && l.attrs.vxlan_v6_data().is_some());
+        (ok, leases)
+    });
+    assert_eq!(
+        node.link(V6_DEV).unwrap().vxlan.unwrap().local,
+        Some(IpAddr::V6(node.ip6))
+    );
+    c.stop(0, d);
 }
