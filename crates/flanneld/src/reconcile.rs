@@ -1,19 +1,22 @@
 //! The level-triggered reconciler: one OS thread owns the `Netlink` handle
 //! and makes the kernel match the leases.
 //!
-//! Every pass starts from scratch: ensure the vxlan device (recreating it
-//! when it was deleted or has wrong attributes, always with the same
-//! VtepMAC), or with host-gw remove any vxlan device left over from an
-//! earlier run with vxlan; compute
-//! the desired neighbours, FDB entries and routes from the current lease set,
-//! read what the kernel actually holds, and apply the difference. Nothing is
+//! Every pass starts from scratch: ensure the vxlan device of each enabled
+//! address family (`flannel.<VNI>`, `flannel-v6.<VNI>`; recreating it when
+//! it was deleted or has wrong attributes, always with the same VtepMAC, and
+//! removing the one of a disabled family), or with host-gw remove any vxlan
+//! device left over from an earlier run with vxlan; then, per family,
+//! compute the desired neighbours (ARP or NDP), FDB entries and routes from
+//! the current lease set, read what the kernel actually holds, and apply the
+//! difference. The families are independent: an update touching only one
+//! family's part of a lease changes only that family's entries. Nothing is
 //! remembered between passes except the lease set, so whatever changed the
 //! kernel (an operator, a crash, a restart) is repaired by the next pass.
 //! Routes of the other backend inside the cluster network are in scope too,
 //! so switching backend on restart leaves nothing of the old one.
 //!
 //! Passes are triggered by lease changes, by netlink notifications about our
-//! device or routes inside the cluster network (debounced: a burst of
+//! devices or routes inside the cluster networks (debounced: a burst of
 //! notifications gives one pass), and by a timer.
 //!
 //! Apply order keeps every packet deliverable: FDB entry and neighbour are
