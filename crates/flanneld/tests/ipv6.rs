@@ -630,6 +630,16 @@ fn vxlan_ipv6_only_over_an_ipv6_underlay() {
     c.wait_ping(0, subnets[0], subnets[1]);
     c.wait_ping(0, subnets[0], subnets[2]);
 
+    // The whole flannel-v6.1 deleted: recreated with the same VtepMAC and
+    // programmed again (upstream leaves it empty).
+    let idx = states[0].link.index;
+    c.nodes[0].nl(|nl| nl.del_link(idx).unwrap());
+    let st = c.wait_vxlan(0, V6_DEV, NETWORK6, &peers0);
+    assert_ne!(st.link.index, idx, "a new device");
+    assert_eq!(st.link.mac, states[0].link.mac, "same VtepMAC");
+    assert_eq!(st.addrs, states[0].addrs);
+    c.wait_ping(0, subnets[0], subnets[1]);
+
     // Restart: same subnet, same VtepMAC, no kernel write.
     let d0 = c.restart_writes_nothing(0, d.remove(0), &[(V6_DEV, NETWORK6)]);
     let before = c.nodes[0]
