@@ -313,9 +313,6 @@ async fn run_with_store<S: Store>(
     if flags.public_ip.is_some() && !cfg.enable_ipv4 {
         tracing::warn!("--public-ip is ignored: the network config disables IPv4");
     }
-    if flags.ip_masq {
-        tracing::warn!("--ip-masq: FLANNEL_IPMASQ=true is written to subnet.env (the CNI plugin then leaves masquerading to flanneld), but flanneld's own masquerade rules are not implemented yet");
-    }
     if flags.ip_blackhole_route {
         tracing::warn!("--ip-blackhole-route is accepted but not implemented yet");
     }
@@ -373,6 +370,8 @@ struct State<S: Store> {
     leases: BTreeMap<LeaseKey, Lease>,
     mtu: u32,
     reconciler: Option<Reconciler>,
+    /// Masquerade/forward rules (crate::rules), started once the lease is held.
+    rules: Option<crate::rules::RulesManager>,
     /// The store itself deletes expired leases and says so through the
     /// watch (etcd: the DELETE of a key whose etcd lease ran out). Then
     /// the datapath must not also expire leases on this node's clock: while
@@ -445,6 +444,7 @@ async fn run_async<S: Store>(
         leases,
         mtu,
         reconciler: None,
+        rules: None,
         store_expires_leases,
     };
     let settings = st.settings();
@@ -464,9 +464,16 @@ async fn run_async<S: Store>(
     );
     st.reconciler = Some(rec);
     st.write_subnet_env()?;
+    st.rules = Some(crate::rules::RulesManager::start(
+        crate::rules::input_from(&st.flags, &st.s.cfg, &st.own.key),
+        Duration::from_secs(st.flags.iptables_resync),
+    ));
 
     let result = st.main_loop(watch).await;
     if let Some(r) = st.reconciler.take() {
+        r.shutdown();
+    }
+    if let Some(r) = st.rules.take() {
         r.shutdown();
     }
     result
@@ -691,6 +698,13 @@ impl<S: Store> State<S> {
                 r.send(Request::Settings(Box::new(self.settings())))?;
             }
             self.write_subnet_env()?;
+            if let Some(r) = &self.rules {
+                r.update(crate::rules::input_from(
+                    &self.flags,
+                    &self.s.cfg,
+                    &self.own.key,
+                ));
+            }
         }
         self.push_leases();
         Ok(())
