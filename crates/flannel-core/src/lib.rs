@@ -11,6 +11,7 @@
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
+//! - [`rules`]: masquerade and forward rules (iptables and nftables), desired and parsed.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers
 //! pass `now: SystemTime` and an `rng`, so every decision is reproducible in
@@ -29,5 +30,6 @@ pub mod datapath;
 pub mod ip;
 pub mod lease;
 pub mod mac;
+pub mod rules;
 pub mod subnet_env;
 pub mod wire;
