@@ -35,6 +35,9 @@ enum Command {
         /// Seconds per throughput measurement.
         #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
         seconds: u64,
+        /// Runs per throughput measurement (the median is printed).
+        #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
+        repeat: u32,
     },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
@@ -237,8 +240,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             name,
             bin_dir,
             seconds,
+            repeat,
         } => {
-            let report = lab::bench::run(&name, bin_dir.as_deref(), seconds, true)?;
+            let report = lab::bench::run(&name, bin_dir.as_deref(), seconds, repeat, true)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

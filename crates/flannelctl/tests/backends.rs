@@ -438,3 +438,42 @@ fn dual_stack_pings_in_both_families_with_vxlan_then_host_gw() {
     let m = assert_matrix_ok(&lab);
     assert_pod_pairs_ttl_62(&lab, &m, "@v6");
 }
+
+#[test]
+fn dual_stack_two_segments_ip_masq_masquerades_both_families_to_the_outside() {
+    let lab = up_with(LabOptions {
+        family: Family::Dual,
+        topology: Topology::TwoSegment,
+        ip_masq: true,
+        ..opts(Backend::Vxlan, 2)
+    });
+    // Masqueraded pod -> other-segment node traffic returns through the
+    // router: the check expects ttl 62 there, 63 within a segment.
+    let m = assert_matrix_ok(&lab);
+    assert!(matches!(
+        m.get("ubuntu-1", "k8s-node2/ens3"),
+        Some(Outcome::Ok { ttl: 62, .. })
+    ));
+    assert!(matches!(
+        m.get("ubuntu-1", "master/ens3"),
+        Some(Outcome::Ok { ttl: 63, .. })
+    ));
+    let r = lab.check_masq().unwrap();
+    println!("{}", r.render());
+    for v6 in [false, true] {
+        for (pod, node) in [("ubuntu-1", "k8s-node1"), ("ubuntu-2", "k8s-node2")] {
+            let n = lab.node(node).unwrap();
+            let want = if v6 {
+                IpAddr::V6(n.underlay_ipv6.unwrap())
+            } else {
+                IpAddr::V4(n.underlay_ip)
+            };
+            let o = r.get(pod, "outside", v6).unwrap();
+            assert_eq!(o.seen_source, Some(want), "{}", r.render());
+        }
+        let o = r.get("ubuntu-2", "ubuntu-1", v6).unwrap();
+        assert!(o.is_ok(), "{}", r.render());
+    }
+    assert!(r.all_ok(), "{}", r.render());
+    down_leaves_nothing(&lab);
+}

@@ -22,7 +22,10 @@ use flannel_netlink::netns::NetNs;
 use super::{io_err, ns_err, Backend, Lab, LabError, LabOptions, Result};
 
 /// How long each throughput measurement runs.
-pub const DEFAULT_SECONDS: u64 = 5;
+pub const DEFAULT_SECONDS: u64 = 3;
+/// How many times each throughput measurement is repeated (the median is
+/// reported: the machine is shared, single runs are noisy).
+pub const DEFAULT_REPEAT: u32 = 3;
 
 /// What one path gave.
 #[derive(Debug, Clone)]
@@ -50,6 +53,7 @@ pub struct BenchReport {
     /// `iperf3 3.12` or `built-in TCP streams`.
     pub tool: String,
     pub seconds: u64,
+    pub repeat: u32,
     pub paths: Vec<PathResult>,
 }
 
@@ -74,8 +78,8 @@ impl BenchReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "TCP throughput ({}, {} s each) and UDP request/response latency",
-            self.tool, self.seconds
+            "TCP throughput ({}, median of {} runs of {} s) and UDP request/response latency",
+            self.tool, self.repeat, self.seconds
         );
         let _ = writeln!(
             out,
@@ -154,8 +158,15 @@ pub fn run(
     name: &str,
     bin_dir: Option<&Path>,
     seconds: u64,
+    repeat: u32,
     progress: bool,
 ) -> Result<BenchReport> {
+    if seconds == 0 || repeat == 0 {
+        return Err(LabError::InvalidOption {
+            option: "--seconds/--repeat",
+            reason: "both must be at least 1".into(),
+        });
+    }
     let say = |m: &str| {
         if progress {
             eprintln!("bench: {m}");
@@ -170,23 +181,32 @@ pub fn run(
     };
     say("lab up (vxlan, 2 workers)");
     let mut lab = Lab::up(&opts)?;
-    let result = measure_all(&mut lab, tool.as_deref(), seconds, &say);
+    let how = How {
+        iperf3: tool.is_some(),
+        seconds,
+        repeat,
+    };
+    let result = measure_all(&mut lab, how, &say);
     let down = super::down(name);
     let paths = result?;
     down?;
     Ok(BenchReport {
         tool: tool.unwrap_or_else(|| "built-in TCP streams (iperf3 not installed)".into()),
         seconds,
+        repeat,
         paths,
     })
 }
 
-fn measure_all(
-    lab: &mut Lab,
-    iperf3: Option<&str>,
+/// How to measure.
+#[derive(Debug, Clone, Copy)]
+struct How {
+    iperf3: bool,
     seconds: u64,
-    say: &dyn Fn(&str),
-) -> Result<Vec<PathResult>> {
+    repeat: u32,
+}
+
+fn measure_all(lab: &mut Lab, how: How, say: &dyn Fn(&str)) -> Result<Vec<PathResult>> {
     let n1 = lab.node("k8s-node1")?.clone();
     let n2 = lab.node("k8s-node2")?.clone();
     let mut paths = Vec::new();
@@ -198,8 +218,7 @@ fn measure_all(
             &lab.netns("k8s-node1")?,
             &lab.netns("k8s-node2")?,
             IpAddr::V4(n2.underlay_ip),
-            iperf3.is_some(),
-            seconds,
+            how,
         )?),
     });
     let _ = n1;
@@ -235,8 +254,7 @@ fn measure_all(
                     &lab.netns("ubuntu-1")?,
                     &lab.netns("ubuntu-2")?,
                     IpAddr::V4(dst),
-                    iperf3.is_some(),
-                    seconds,
+                    how,
                 )?)
             }
             Err(why) => Err(why),
@@ -265,25 +283,23 @@ fn available_reason(lab: &Lab, e: LabError) -> String {
     }
 }
 
-fn measure(
-    src: &NetNs,
-    dst_ns: &NetNs,
-    dst: IpAddr,
-    use_iperf3: bool,
-    seconds: u64,
-) -> Result<Measured> {
-    let secs = Duration::from_secs(seconds);
-    let (bps_1, bps_4) = if use_iperf3 {
-        (
-            iperf3(src, dst_ns, dst, 1, seconds)?,
-            iperf3(src, dst_ns, dst, 4, seconds)?,
-        )
-    } else {
-        (
-            tcp_streams(src, dst_ns, dst, 1, secs)?,
-            tcp_streams(src, dst_ns, dst, 4, secs)?,
-        )
+fn measure(src: &NetNs, dst_ns: &NetNs, dst: IpAddr, how: How) -> Result<Measured> {
+    let once = |streams: u32| -> Result<f64> {
+        if how.iperf3 {
+            iperf3(src, dst_ns, dst, streams, how.seconds)
+        } else {
+            tcp_streams(src, dst_ns, dst, streams, Duration::from_secs(how.seconds))
+        }
     };
+    let median = |streams: u32| -> Result<f64> {
+        let mut v = (0..how.repeat)
+            .map(|_| once(streams))
+            .collect::<Result<Vec<f64>>>()?;
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    };
+    let bps_1 = median(1)?;
+    let bps_4 = median(4)?;
     let (rr_p50, rr_p99) = udp_rr(src, dst_ns, dst, Duration::from_secs(2))?;
     Ok(Measured {
         bps_1,
@@ -293,8 +309,9 @@ fn measure(
     })
 }
 
-/// `iperf3 -s -1 -B DST` in `dst_ns`, `iperf3 -c DST -t SECS -P STREAMS -J`
-/// in `src`; the receiver's bits per second. The client is retried while
+/// `iperf3 -s -1 -B DST` in `dst_ns`, `iperf3 -c DST -t SECS -O 1 -P STREAMS -J`
+/// in `src` (the first second, TCP's slow start, omitted); the receiver's
+/// bits per second. The client is retried while
 /// the server is not listening yet; the server is killed by its pid if it
 /// is still there afterwards.
 fn iperf3(src: &NetNs, dst_ns: &NetNs, dst: IpAddr, streams: u32, seconds: u64) -> Result<f64> {
@@ -319,6 +336,8 @@ fn iperf3(src: &NetNs, dst_ns: &NetNs, dst: IpAddr, streams: u32, seconds: u64) 
                             &dst.to_string(),
                             "-t",
                             &seconds.to_string(),
+                            "-O",
+                            "1",
                             "-P",
                             &streams.to_string(),
                             "-J",
