@@ -430,9 +430,17 @@ fn dual_stack_pings_in_both_families_with_vxlan_then_host_gw() {
                 })
                 .collect();
             let got = cluster_routes(&lab, &n.name);
-            (got == want)
+            // Both vxlan devices are gone with the switch.
+            let devs: Vec<&str> = ["flannel.1", "flannel-v6.1"]
+                .into_iter()
+                .filter(|d| ifindex(&lab, &n.name, d).is_some())
+                .collect();
+            (got == want && devs.is_empty())
                 .then_some(())
-                .ok_or(format!("{}: routes {got:?}, want {want:?}", n.name))
+                .ok_or(format!(
+                    "{}: routes {got:?}, want {want:?}; left behind: {devs:?}",
+                    n.name
+                ))
         });
     }
     let m = assert_matrix_ok(&lab);
