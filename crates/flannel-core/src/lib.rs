@@ -11,6 +11,7 @@
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
+//! - [`udp`]: the udp backend's packet checks, peer table and counters.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers
 //! pass `now: SystemTime` and an `rng`, so every decision is reproducible in
@@ -30,4 +31,5 @@ pub mod ip;
 pub mod lease;
 pub mod mac;
 pub mod subnet_env;
+pub mod udp;
 pub mod wire;
