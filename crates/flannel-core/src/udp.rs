@@ -234,7 +234,7 @@ impl PeerTable {
             g.entries.sort();
             g.entries.dedup_by_key(|e| e.0);
         }
-        groups.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len));
+        groups.sort_by_key(|g| std::cmp::Reverse(g.prefix_len));
         let mut sources: Vec<(u32, Ipv4Net)> = peers
             .iter()
             .map(|p| (u32::from(p.public_ip), p.subnet))

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, VxlanConfig};
+use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::wire;
@@ -27,6 +27,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 
 use crate::backend::hostgw;
+use crate::backend::udp::{self, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
 use crate::iface::{self, ExternalInterface, IfaceError};
@@ -52,7 +53,7 @@ pub enum DaemonError {
         #[source]
         source: Box<ConfigError>,
     },
-    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\" or \"host-gw\"")]
+    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\", \"host-gw\" or \"udp\"")]
     BackendNotImplemented { backend: &'static str },
     #[error("network config: EnableIPv6 is not implemented yet in flannel-rs; set \"EnableIPv6\": false")]
     Ipv6NotImplemented,
@@ -87,6 +88,7 @@ pub enum DaemonError {
 pub enum Backend {
     Vxlan(VxlanConfig),
     HostGw,
+    Udp(UdpConfig),
 }
 
 /// What startup learns before the runtime starts.
@@ -130,11 +132,7 @@ pub fn check_supported(cfg: &NetConfig) -> Result<(Backend, Ipv4Net), DaemonErro
     let backend = match &cfg.backend {
         BackendConfig::Vxlan(v) => Backend::Vxlan(v.clone()),
         BackendConfig::HostGw => Backend::HostGw,
-        other => {
-            return Err(DaemonError::BackendNotImplemented {
-                backend: other.type_name(),
-            })
-        }
+        BackendConfig::Udp(u) => Backend::Udp(u.clone()),
     };
     if cfg.enable_ipv6 {
         return Err(DaemonError::Ipv6NotImplemented);
@@ -303,7 +301,7 @@ async fn run_with_store<S: Store>(
     // worker): the interface and an existing device's MAC.
     let dev_name = match &backend {
         Backend::Vxlan(vx) => Some(wire::vxlan_device_name(vx.vni)),
-        Backend::HostGw => None,
+        Backend::HostGw | Backend::Udp(_) => None,
     };
     let (ext, existing_device) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
@@ -373,6 +371,7 @@ async fn run_async<S: Store>(
             (vxlan::lease_attrs(s.ext.public_ip, vx.vni, mac), Some(mac))
         }
         Backend::HostGw => (hostgw::lease_attrs(s.ext.public_ip), None),
+        Backend::Udp(_) => (udp::lease_attrs(s.ext.public_ip), None),
     };
     let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
     let own_subnet = own.key.ipv4.ok_or_else(|| {
@@ -455,6 +454,14 @@ impl<S: Store> State<S> {
                 direct_routing: vx.direct_routing,
             },
             Backend::HostGw => BackendSettings::HostGw,
+            Backend::Udp(u) => BackendSettings::Udp(UdpSpec::new(
+                own_subnet,
+                self.s.network,
+                self.mtu,
+                u.port,
+                self.s.ext.iface_addr,
+                Some(self.flags.udp_stats_file.clone()),
+            )),
         };
         Settings {
             backend,
@@ -737,16 +744,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b, Backend::HostGw);
-        let e = check_supported(
-            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).unwrap(),
+        let (b, _) = check_supported(
+            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Port":9000}}"#)
+                .unwrap(),
         )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("Backend.Type")
-                && e.contains("\"udp\"")
-                && e.contains("not implemented yet"),
-            "{e}"
+        .unwrap();
+        assert_eq!(
+            b,
+            Backend::Udp(UdpConfig {
+                port: 9000,
+                mtu: None
+            })
         );
         let e = check_supported(
             &config::parse(

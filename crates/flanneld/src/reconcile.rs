@@ -31,6 +31,7 @@ use ipnet::{IpNet, Ipv4Net};
 use tokio::sync::oneshot;
 
 use crate::backend::hostgw;
+use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 
 /// How long a burst of netlink notifications is collected before one pass.
@@ -75,6 +76,8 @@ pub enum BackendSettings {
     },
     /// A route per peer via its PublicIP on the external interface.
     HostGw,
+    /// The TUN device `flannel0` and the userspace datapath (backend/udp.rs).
+    Udp(UdpSpec),
 }
 
 /// The external interface as the datapath needs it.
@@ -164,6 +167,13 @@ impl Settings {
                     },
                 }
             }
+            // Peers live in the datapath's table, not in the kernel: no
+            // per-peer route, so any route of ours inside the network
+            // (host-gw or vxlan leftovers) is stale.
+            BackendSettings::Udp(_) => Desired {
+                peers: flannel_core::udp::udp_peers(leases, Some(&self.own), now).len(),
+                ..Desired::default()
+            },
         }
     }
 
@@ -172,6 +182,7 @@ impl Settings {
         match &self.backend {
             BackendSettings::Vxlan { spec, .. } => Some(&spec.device.name),
             BackendSettings::HostGw => None,
+            BackendSettings::Udp(spec) => Some(&spec.device),
         }
     }
 }
@@ -233,6 +244,7 @@ impl Reconciler {
                         leases,
                         ifindex: None,
                         unreachable: Vec::new(),
+                        udp: None,
                     }
                     .run(rx);
                 }
@@ -325,6 +337,8 @@ struct Worker {
     ifindex: Option<u32>,
     /// host-gw peers without a route as of the last pass (logged on change).
     unreachable: Vec<HostGwPeer>,
+    /// The udp backend's running datapath (threads stop when it drops).
+    udp: Option<UdpDatapath>,
 }
 
 impl Worker {
@@ -381,6 +395,21 @@ impl Worker {
     fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut report = PassReport::default();
+        if !matches!(self.settings.backend, BackendSettings::Udp(_)) {
+            self.udp = None;
+            match udp::remove_udp_leftovers(&mut self.nl) {
+                Ok(changes) => {
+                    for c in &changes {
+                        tracing::info!("{c}");
+                    }
+                    report.changes += changes.len();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrying on the next pass");
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
         let device = match &self.settings.backend {
             BackendSettings::Vxlan { spec, .. } => match vxlan::ensure_device(&mut self.nl, spec) {
                 Ok((link, changes)) => {
@@ -414,6 +443,51 @@ impl Worker {
                     }
                 }
                 None
+            }
+            BackendSettings::Udp(spec) => {
+                match hostgw::remove_vxlan_leftovers(&mut self.nl) {
+                    Ok(changes) => {
+                        for c in &changes {
+                            tracing::info!("{c}");
+                        }
+                        report.changes += changes.len();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retrying on the next pass");
+                        report.errors.push(e.to_string());
+                    }
+                }
+                match UdpDatapath::ensure(&mut self.udp, &mut self.nl, spec) {
+                    Ok((ifindex, changes)) => {
+                        for c in &changes {
+                            tracing::info!("{c}");
+                        }
+                        report.changes += changes.len();
+                        let dp = self.udp.as_ref().expect("ensured");
+                        let table = udp::peer_table(
+                            spec.network,
+                            &self.leases,
+                            &self.settings.own,
+                            SystemTime::now(),
+                        );
+                        if dp.set_peers(table) {
+                            let peers: Vec<String> = dp
+                                .peers()
+                                .iter()
+                                .map(|p| format!("{} via {}", p.subnet, p.public_ip))
+                                .collect();
+                            tracing::info!(peers = ?peers, "udp peer table updated");
+                        }
+                        Some(ifindex)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot set up the udp datapath; retrying on the next pass");
+                        report.device_error = Some(e.to_string());
+                        report.errors.push(e.to_string());
+                        self.ifindex = None;
+                        return report;
+                    }
+                }
             }
         };
         self.ifindex = device;
@@ -550,7 +624,12 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool
                     BackendSettings::Vxlan { spec, .. } => *name == spec.device.name,
                     // A vxlan leftover to remove.
                     BackendSettings::HostGw => hostgw::may_be_leftover_name(name),
+                    BackendSettings::Udp(spec) => {
+                        *name == spec.device || hostgw::may_be_leftover_name(name)
+                    }
                 }
+                // A udp leftover to remove.
+                || (!matches!(s.backend, BackendSettings::Udp(_)) && name == flannel_core::wire::UDP_TUN_DEVICE)
         }
         Notification::Route { dst, .. } => match dst {
             IpNet::V4(d) => s.network.contains(d),
