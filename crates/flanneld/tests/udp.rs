@@ -376,8 +376,8 @@ impl Cluster {
         loop {
             std::thread::sleep(Duration::from_millis(1300));
             let now = self.nodes[i].counters();
-            if now.is_some() && now == last {
-                return now.unwrap();
+            if let Some(c) = now.filter(|_| now == last) {
+                return c;
             }
             last = now;
         }
