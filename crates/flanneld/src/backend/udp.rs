@@ -74,8 +74,9 @@ const TX_SLOTS: usize = 256;
 /// A read is attempted only while this many slots are free: a 64 KiB
 /// super-packet with a small MSS splits into up to this many packets.
 const TX_READ_ROOM: usize = 128;
-/// Largest UDP payload a GSO send may carry in total.
-const GSO_MAX_BYTES: usize = 65_000;
+/// Largest UDP payload a GSO send may carry in total (64 KiB less the
+/// outer IPv4 and UDP headers).
+const GSO_MAX_BYTES: usize = 65_507;
 /// Datagram buffers per `recvmmsg`.
 const RX_SLOTS: usize = 32;
 /// Bytes per receive buffer: the largest UDP GRO aggregate (64 KiB).
@@ -379,7 +380,7 @@ impl UdpDatapath {
         for (q, ((dev, rx), tx)) in devs.into_iter().zip(rx).zip(tx).enumerate() {
             let dev = Arc::new(dev);
             let (d, s, sh) = (dev.clone(), tx, shared.clone());
-            let slot = (spec.mtu as usize).max(1500);
+            let slot = (spec.mtu as usize).max(68);
             dp.spawn(format!("udp-tx{q}"), move || egress_loop(&d, &s, &sh, slot))?;
             let (d, s, sh) = (dev, rx, shared.clone());
             dp.spawn(format!("udp-rx{q}"), move || ingress_loop(&d, &s, &sh))?;
@@ -563,7 +564,11 @@ impl RateLimited {
 }
 
 /// TUN -> UDP for one queue.
-/// `slot`: bytes per packet buffer (the device MTU or more).
+///
+/// Packets land in one buffer at a fixed stride (`slot`, the device MTU):
+/// TCP segments split from a super-packet are exactly MTU-sized, so the
+/// segments of one read that go to the same peer already lie back to back
+/// and leave in one GSO `sendmsg` without another copy.
 fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
     let state = match UdpSocketState::new(UdpSockRef::from(sock)) {
         Ok(s) => s,
@@ -573,23 +578,30 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             return;
         }
     };
-    let max_segments = state.max_gso_segments().max(1);
+    let max_segments = state
+        .max_gso_segments()
+        .clamp(1, GSO_MAX_BYTES / slot.max(1))
+        .max(1);
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-    let mut bufs: Vec<Vec<u8>> = (0..TX_SLOTS).map(|_| vec![0u8; slot]).collect();
+    let mut packets = vec![0u8; TX_SLOTS * slot];
     let mut sizes = vec![0usize; TX_SLOTS];
-    let mut send_buf: Vec<u8> = Vec::with_capacity(GSO_MAX_BYTES + 65_535);
     let mut warn = RateLimited(None);
     let offload = dev.tcp_gso();
     while !sh.stop.load(Ordering::Relaxed) {
         let mut n = 0;
         while n + TX_READ_ROOM <= TX_SLOTS {
-            let r = if offload {
-                dev.recv_multiple(&mut raw, &mut bufs[n..], &mut sizes[n..], 0)
-            } else {
-                dev.recv(&mut bufs[n]).map(|len| {
-                    sizes[n] = len;
-                    1
-                })
+            let r = {
+                let mut it = packets[n * slot..].chunks_exact_mut(slot);
+                let mut bufs: [&mut [u8]; TX_READ_ROOM] =
+                    std::array::from_fn(|_| it.next().expect("room checked"));
+                if offload {
+                    dev.recv_multiple(&mut raw, &mut bufs, &mut sizes[n..n + TX_READ_ROOM], 0)
+                } else {
+                    dev.recv(bufs[0]).map(|len| {
+                        sizes[n] = len;
+                        1
+                    })
+                }
             };
             match r {
                 Ok(k) => n += k,
@@ -601,7 +613,8 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
                     return;
                 }
                 Err(e) => {
-                    // A packet tun-rs could not split (odd GSO metadata): dropped.
+                    // A packet tun-rs could not split (odd GSO metadata) or
+                    // larger than the MTU: dropped.
                     let mut c = Counters::default();
                     c.dropped_tun_invalid += 1;
                     sh.counters.add(&c);
@@ -617,81 +630,98 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
         }
         let table = sh.peers.load();
         let mut c = Counters::default();
-        // The open GSO group: destination, segment size, segments.
-        let mut group: Option<(Ipv4Addr, usize, usize)> = None;
-        send_buf.clear();
+        // The open group: destination, first index, segments, bytes, and
+        // whether its last segment was full (so another may follow).
+        let mut group: Option<Group> = None;
         for i in 0..n {
-            let pkt = &bufs[i][..sizes[i]];
-            let v = table.egress(pkt);
+            let at = i * slot;
+            let v = table.egress(&packets[at..at + sizes[i]]);
             c.count_egress(&v);
             let Egress::Forward { peer, len } = v else {
                 continue;
             };
-            let joins = match group {
-                Some((p, seg, count)) => {
-                    p == peer
-                        && len <= seg
-                        && count < max_segments
-                        && send_buf.len() + len <= GSO_MAX_BYTES
-                        // A shorter segment can only be the last one.
-                        && send_buf.len() == seg * count
-                }
-                None => false,
-            };
-            if !joins {
+            let joins = group.as_ref().is_some_and(|g| {
+                g.peer == peer
+                    && g.open
+                    && g.first + g.count == i
+                    && g.count < max_segments
+                    && g.bytes + len <= GSO_MAX_BYTES
+            });
+            if joins {
+                let g = group.as_mut().expect("checked");
+                g.count += 1;
+                g.bytes += len;
+                g.open = len == slot;
+            } else {
                 if let Some(g) = group.take() {
-                    flush(sock, &state, sh, g, &send_buf, &mut c, &mut warn);
+                    g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
                 }
-                send_buf.clear();
-                group = Some((peer, len, 0));
-            }
-            send_buf.extend_from_slice(&pkt[..len]);
-            if let Some(g) = group.as_mut() {
-                g.2 += 1;
+                group = Some(Group {
+                    peer,
+                    first: i,
+                    count: 1,
+                    bytes: len,
+                    open: len == slot,
+                });
             }
         }
         if let Some(g) = group.take() {
-            flush(sock, &state, sh, g, &send_buf, &mut c, &mut warn);
+            g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
         }
         sh.counters.add(&c);
     }
 }
 
-/// Sends one GSO group (`count` segments of `seg` bytes, the last maybe shorter).
-fn flush(
-    sock: &UdpSocket,
-    state: &UdpSocketState,
-    sh: &Shared,
-    (peer, seg, count): (Ipv4Addr, usize, usize),
-    contents: &[u8],
-    c: &mut Counters,
-    warn: &mut RateLimited,
-) {
-    let t = Transmit {
-        destination: SocketAddr::V4(SocketAddrV4::new(peer, sh.port)),
-        ecn: None,
-        contents,
-        segment_size: (count > 1).then_some(seg),
-        src_ip: None,
-    };
-    loop {
-        match state.try_send(UdpSockRef::from(sock), &t) {
-            Ok(()) => return,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if sh.stop.load(Ordering::Relaxed) {
+/// Consecutive packets to one peer, all but the last exactly `slot` bytes:
+/// one GSO send of `slot`-sized segments.
+struct Group {
+    peer: Ipv4Addr,
+    first: usize,
+    count: usize,
+    bytes: usize,
+    open: bool,
+}
+
+impl Group {
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        sock: &UdpSocket,
+        state: &UdpSocketState,
+        sh: &Shared,
+        packets: &[u8],
+        slot: usize,
+        c: &mut Counters,
+        warn: &mut RateLimited,
+    ) {
+        let at = self.first * slot;
+        let t = Transmit {
+            destination: SocketAddr::V4(SocketAddrV4::new(self.peer, sh.port)),
+            ecn: None,
+            contents: &packets[at..at + self.bytes],
+            segment_size: (self.count > 1).then_some(slot),
+            src_ip: None,
+        };
+        loop {
+            match state.try_send(UdpSockRef::from(sock), &t) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if sh.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    wait_ready(sock, nix::poll::PollFlags::POLLOUT);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let n = self.count as u64;
+                    c.send_errors += n;
+                    c.tx_packets = c.tx_packets.saturating_sub(n);
+                    c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
+                    if warn.ready() {
+                        tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
+                    }
                     return;
                 }
-                wait_ready(sock, nix::poll::PollFlags::POLLOUT);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                c.send_errors += count as u64;
-                c.tx_packets = c.tx_packets.saturating_sub(count as u64);
-                c.tx_bytes = c.tx_bytes.saturating_sub(contents.len() as u64);
-                if warn.ready() {
-                    tracing::warn!(peer = %peer, error = %e, packets = count, "udp egress: send failed");
-                }
-                return;
             }
         }
     }
