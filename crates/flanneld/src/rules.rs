@@ -245,17 +245,59 @@ fn other(mode: Mode) -> Mode {
     }
 }
 
-fn log_pass(what: &str, report: &SyncReport, errors: &[RulesIoError], quiet_errors: bool) {
+/// Logs what a pass changed, and its errors: at error level when they
+/// differ from the previous pass's, at debug level when they repeat (a
+/// missing `iptables` binary is reported once, not every few seconds).
+#[derive(Default)]
+struct PassLog {
+    last_errors: Vec<String>,
+}
+
+impl PassLog {
+    fn log(&mut self, what: &str, report: &SyncReport, errors: &[RulesIoError]) {
+        for c in &report.changed {
+            tracing::info!("{what}: {c}");
+        }
+        let texts: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let repeated = texts == self.last_errors;
+        for e in &texts {
+            if repeated {
+                tracing::debug!(error = %e, "{what} (still failing)");
+            } else {
+                tracing::error!(error = %e, "{what}");
+            }
+        }
+        self.last_errors = texts;
+    }
+}
+
+/// Leftovers of what is not in use; the tools may well be missing then
+/// (no nft on an iptables node, no ip6tables in an IPv4 cluster).
+fn log_cleanup(what: &str, report: &SyncReport, errors: &[RulesIoError]) {
     for c in &report.changed {
         tracing::info!("{what}: {c}");
     }
     for e in errors {
-        if quiet_errors {
-            tracing::debug!(error = %e, "{what}");
-        } else {
-            tracing::error!(error = %e, "{what}");
-        }
+        tracing::debug!(error = %e, "{what}");
     }
+}
+
+/// The families in use (errors reported), then the others (leftovers only,
+/// errors at debug level).
+fn full_pass(input: &RulesInput, log: &mut PassLog) {
+    let in_use = families_in_use(input);
+    let (r, e) = sync(input, &in_use);
+    if input.wants_nothing() {
+        log_cleanup("removing rules no longer wanted", &r, &e);
+    } else {
+        log.log("rules", &r, &e);
+    }
+    let unused: Vec<IpFamily> = FAMILIES
+        .into_iter()
+        .filter(|f| !in_use.contains(f))
+        .collect();
+    let (r, e) = sync(input, &unused);
+    log_cleanup("removing rules of a family not in use", &r, &e);
 }
 
 enum Msg {
@@ -314,34 +356,24 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
     tracing::info!(mode = mode_name(input.mode), masquerade = input.options.masquerade,
         fully_random = input.options.fully_random, forward = input.options.forward,
         v4 = ?input.v4, v6 = ?input.v6, resync = ?resync, "starting masquerade/forward rules");
-    // The other mode's tools may be missing altogether: then it has nothing to clean.
     let (r, e) = remove_mode(other(input.mode));
-    log_pass(
+    log_cleanup(
         &format!(
             "removing {} rules of the mode not in use",
             mode_name(other(input.mode))
         ),
         &r,
         &e,
-        true,
     );
-    // First pass: the families in use, then leftovers of a family not in use
-    // (whose tools, ip6tables say, may well be missing: quiet then).
-    let in_use = families_in_use(&input);
-    let (r, e) = sync(&input, &in_use);
-    log_pass("rules", &r, &e, false);
-    let unused: Vec<IpFamily> = FAMILIES
-        .into_iter()
-        .filter(|f| !in_use.contains(f))
-        .collect();
-    let (r, e) = sync(&input, &unused);
-    log_pass("removing rules of a family not in use", &r, &e, true);
+    let mut log = PassLog::default();
+    full_pass(&input, &mut log);
     if input.wants_nothing() {
-        // Nothing to keep in line; stay only to hear shutdown.
+        // Nothing to keep in line; wait for new input or shutdown.
         loop {
             match rx.recv() {
                 Ok(Msg::Update(i)) if !i.wants_nothing() => {
                     input = i;
+                    full_pass(&input, &mut log);
                     break;
                 }
                 Ok(Msg::Update(_)) => continue,
@@ -356,16 +388,15 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
                     tracing::info!(v4 = ?i.v4, v6 = ?i.v6, "network or subnet changed: replacing the rules");
                 }
                 input = i;
-                let (r, e) = sync(&input, &FAMILIES);
-                log_pass("rules", &r, &e, false);
+                full_pass(&input, &mut log);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let (r, e) = sync(&input, &families_in_use(&input));
-                log_pass("rules were not as desired", &r, &e, false);
+                log.log("rules were not as desired", &r, &e);
             }
             Ok(Msg::Stop) => {
                 let (r, e) = remove_mode(input.mode);
-                log_pass("shutdown: removing flannel's rules", &r, &e, false);
+                log.log("shutdown: removing flannel's rules", &r, &e);
                 return;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
