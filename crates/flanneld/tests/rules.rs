@@ -815,3 +815,99 @@ fn ipv6_rules_in_both_modes() {
     assert_eq!(r.changed, ["nft table ip6 flannel-ipv6 removed"]);
     assert!(!sh_in(&name, "nft", &["list", "tables"]).contains("flannel"));
 }
+
+/// Dual stack through flanneld: IPv4 and IPv6 rules from one lease, in
+/// iptables mode (iptables + ip6tables) and then nftables mode (both tables),
+/// the other mode removed in both families on the switch.
+#[test]
+fn dual_stack_flanneld_writes_both_families_in_both_modes() {
+    const DUAL: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "host-gw"}}"#;
+    const DUAL_NFT: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "EnableNFTables": true, "Backend": {"Type": "host-gw"}}"#;
+    let c = Cluster::new("dual", 1, DUAL);
+    let node = &c.nodes[0];
+    node.ns
+        .run(|| {
+            let mut nl = Netlink::open().unwrap();
+            let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
+            nl.add_address_nodad(eth0.index, "fd00:16::11/64".parse().unwrap())
+                .unwrap();
+        })
+        .unwrap();
+    let env6 = |node: &Node| -> Option<(Ipv4Net, ipnet::Ipv6Net)> {
+        let env = SubnetEnv::parse(&fs::read_to_string(node.subnet_file()).ok()?).ok()?;
+        let k = env.lease_key()?;
+        Some((k.ipv4?, k.ipv6?))
+    };
+    let mut d = c.start(0, &["--ip-masq"]);
+    c.wait_subnet(0, &mut d);
+    let (s4, s6) = wait_for("a dual-stack subnet.env", Duration::from_secs(15), || {
+        env6(node)
+    });
+    let net6: ipnet::Ipv6Net = "fd00:10:244::/56".parse().unwrap();
+    let input = RulesInput {
+        mode: Mode::Iptables,
+        v4: Some(FamilyNets::v4("10.244.0.0/16".parse().unwrap(), s4).unwrap()),
+        v6: Some(FamilyNets::v6(net6, s6).unwrap()),
+        options: RuleOptions {
+            masquerade: true,
+            fully_random: true,
+            forward: true,
+        },
+    };
+    let want = |f: IpFamily, table: &str| -> Vec<String> {
+        core_rules::iptables_desired(f, input.nets(f), input.options)
+            .iter()
+            .filter(|d| d.id.table == table)
+            .flat_map(core_rules::iptables_save_lines)
+            .collect()
+    };
+    assert_eq!(want(IpFamily::V6, "nat").len(), 7);
+    wait_true(
+        node,
+        "iptables and ip6tables chains of both families",
+        10,
+        || {
+            flannel_lines(node, "iptables-save", "nat") == want(IpFamily::V4, "nat")
+                && flannel_lines(node, "iptables-save", "filter") == want(IpFamily::V4, "filter")
+                && flannel_lines(node, "ip6tables-save", "nat") == want(IpFamily::V6, "nat")
+                && flannel_lines(node, "ip6tables-save", "filter") == want(IpFamily::V6, "filter")
+        },
+    );
+    assert!(node
+        .sh("ip6tables-save", &["-t", "nat"])
+        .contains(&format!("-s {s6} -d {net6}")));
+    // A deleted IPv6 rule comes back.
+    node.sh("ip6tables", &["-t", "nat", "-D", "FLANNEL-POSTRTG", "2"]);
+    wait_true(node, "the IPv6 rule restored", 5, || {
+        flannel_lines(node, "ip6tables-save", "nat") == want(IpFamily::V6, "nat")
+    });
+    d.crash();
+
+    c.set_config(DUAL_NFT);
+    let mut d = c.start(0, &["--ip-masq"]);
+    c.wait_subnet(0, &mut d);
+    let t4 = core_rules::nft_desired(IpFamily::V4, input.v4, input.options).unwrap();
+    let t6 = core_rules::nft_desired(IpFamily::V6, input.v6, input.options).unwrap();
+    wait_true(
+        node,
+        "both nft tables and no FLANNEL chains in either family",
+        10,
+        || {
+            node.try_sh("nft", &["list", "table", "ip", "flannel-ipv4"])
+                .ok()
+                == Some(t4.listing())
+                && node
+                    .try_sh("nft", &["list", "table", "ip6", "flannel-ipv6"])
+                    .ok()
+                    == Some(t6.listing())
+                && flannel_chains(node, "iptables-save").is_empty()
+                && flannel_chains(node, "ip6tables-save").is_empty()
+        },
+    );
+    d.stop(&node.log());
+    assert!(
+        !nft_tables(node).contains("flannel-ipv"),
+        "{}",
+        nft_tables(node)
+    );
+}
