@@ -213,7 +213,7 @@ pub fn setup(network: &str, container_id: &str, addrs: &[IpNet]) -> Result<(), I
         if !lines.is_empty() {
             run(
                 restore,
-                &["--noflush"],
+                &["--noflush", "--wait=5"],
                 iptables_restore_input("nat", &lines).as_bytes(),
             )?;
         }
@@ -247,7 +247,7 @@ pub fn teardown(network: &str, container_id: &str) -> Result<(), IpMasqError> {
         if !lines.is_empty() {
             if let Err(e) = run(
                 restore,
-                &["--noflush"],
+                &["--noflush", "--wait=5"],
                 iptables_restore_input("nat", &lines).as_bytes(),
             ) {
                 failures.push(e.to_string());

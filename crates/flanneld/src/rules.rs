@@ -134,7 +134,9 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RulesIoE
 
 /// Brings one family's iptables chains in line with `desired` (chains with
 /// `rules: None` are removed). `ip6tables` for IPv6. Like
-/// `iptables-save | <compare> | iptables-restore --noflush`.
+/// `iptables-save | <compare> | iptables-restore --noflush --wait=5`
+/// (`--wait`: legacy iptables serialises writers with the xtables lock,
+/// which kube-proxy holds at times).
 pub fn sync_iptables_family(
     family: IpFamily,
     desired: &[rules::IptDesired],
@@ -157,7 +159,7 @@ pub fn sync_iptables_family(
         }
     }
     if !input.is_empty() {
-        run(restore, &["--noflush"], Some(&input))?;
+        run(restore, &["--noflush", "--wait=5"], Some(&input))?;
     }
     Ok(report)
 }
