@@ -405,3 +405,79 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use flannel_core::config;
+
+    /// Every rules flag given explicitly: FLANNELD_* in the environment
+    /// (which other tests of this binary set) cannot change them.
+    fn flags(masq: bool, no_random: bool, forward: bool) -> Flags {
+        Flags::try_parse_from([
+            "flanneld".to_string(),
+            format!("--ip-masq={masq}"),
+            format!("--ip-masq-fully-random-disable={no_random}"),
+            format!("--iptables-forward-rules={forward}"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn input_from_flags_config_and_lease() {
+        let key = LeaseKey {
+            ipv4: Some("10.244.3.0/24".parse().unwrap()),
+            ipv6: Some("fd00:10:244:3::/64".parse().unwrap()),
+        };
+        let v4_only = config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let i = input_from(&flags(true, false, true), &v4_only, &key);
+        assert_eq!(i.mode, Mode::Iptables);
+        assert_eq!(
+            i.v4,
+            Some(
+                FamilyNets::v4(
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.244.3.0/24".parse().unwrap()
+                )
+                .unwrap()
+            )
+        );
+        assert_eq!(i.v6, None, "IPv6 not enabled in the config");
+        assert_eq!(
+            i.options,
+            RuleOptions {
+                masquerade: true,
+                fully_random: true,
+                forward: true
+            }
+        );
+
+        let dual_nft = config::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":true}"#,
+        )
+        .unwrap();
+        let i = input_from(&flags(false, true, false), &dual_nft, &key);
+        assert_eq!(i.mode, Mode::Nftables);
+        assert!(i.v4.is_some() && i.v6.is_some());
+        assert_eq!(
+            i.options,
+            RuleOptions {
+                masquerade: false,
+                fully_random: false,
+                forward: false
+            }
+        );
+        assert!(i.wants_nothing());
+
+        // A lease outside the network (cannot happen after acquisition) gives no rules for that family.
+        let other = LeaseKey {
+            ipv4: Some("10.9.0.0/24".parse().unwrap()),
+            ipv6: None,
+        };
+        assert_eq!(
+            input_from(&flags(true, false, true), &v4_only, &other).v4,
+            None
+        );
+    }
+}
