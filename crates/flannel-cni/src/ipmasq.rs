@@ -89,24 +89,18 @@ fn check_name(what: &'static str, value: &str) -> Result<(), IpMasqError> {
 }
 
 /// `CNI-` and the first 24 hex digits of SHA-512(network + container ID),
-/// the reference plugins' chain name. The digest comes from coreutils'
-/// `sha512sum`: this is the only hash the plugin needs, on a path that
-/// already runs iptables.
-pub fn chain_name(network: &str, container_id: &str) -> Result<String, IpMasqError> {
-    let out = run(
-        "sha512sum",
-        &[],
-        format!("{network}{container_id}").as_bytes(),
-    )?;
-    let text = String::from_utf8_lossy(&out);
-    let hex = text.split_whitespace().next().unwrap_or("");
-    if hex.len() != 128 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(IpMasqError::Failed {
-            cmd: "sha512sum".into(),
-            stderr: format!("unexpected output {text:?}"),
-        });
+/// the reference plugins' chain name.
+pub fn chain_name(network: &str, container_id: &str) -> String {
+    use sha2::{Digest, Sha512};
+    let digest = Sha512::new()
+        .chain_update(network.as_bytes())
+        .chain_update(container_id.as_bytes())
+        .finalize();
+    let mut name = String::from("CNI-");
+    for b in &digest[..12] {
+        name.push_str(&format!("{b:02x}"));
     }
-    Ok(format!("CNI-{}", &hex[..24]))
+    name
 }
 
 /// The rule comment, `name: "<network>" id: "<container ID>"`, quoted as
@@ -197,7 +191,7 @@ fn read_nat(save: &str) -> Result<Option<IptTable>, IpMasqError> {
 pub fn setup(network: &str, container_id: &str, addrs: &[IpNet]) -> Result<(), IpMasqError> {
     check_name("network name", network)?;
     check_name("container ID", container_id)?;
-    let chain = chain_name(network, container_id)?;
+    let chain = chain_name(network, container_id);
     let comment = comment_arg(network, container_id);
     for v6 in [false, true] {
         let fam: Vec<IpNet> = addrs
@@ -226,7 +220,7 @@ pub fn setup(network: &str, container_id: &str, addrs: &[IpNet]) -> Result<(), I
 pub fn teardown(network: &str, container_id: &str) -> Result<(), IpMasqError> {
     check_name("network name", network)?;
     check_name("container ID", container_id)?;
-    let chain = chain_name(network, container_id)?;
+    let chain = chain_name(network, container_id);
     let comment = comment_arg(network, container_id);
     let mut failures = Vec::new();
     for v6 in [false, true] {
@@ -269,6 +263,12 @@ mod tests {
     use super::*;
 
     const CHAIN: &str = "CNI-0123456789abcdef01234567";
+
+    #[test]
+    fn chain_name_is_the_reference_plugins() {
+        // `printf cbr0abc123 | sha512sum | cut -c1-24`
+        assert_eq!(chain_name("cbr0", "abc123"), "CNI-3e9a3d0f9583cdc0e7133af3");
+    }
 
     #[test]
     fn rules_as_iptables_save_prints_them() {
