@@ -20,7 +20,8 @@
 //! - `ipMasq: true` (flanneld run without `--ip-masq`) writes the reference
 //!   plugin's iptables masquerade chain ([`ipmasq`]); its nftables backend is
 //!   not offered. DEL removes the chain whichever plugin wrote it.
-//! - `CNI_PATH` is not required: nothing is executed.
+//! - `CNI_PATH` is not required: no other plugin is executed (only
+//!   iptables-restore/iptables-save, for `ipMasq`).
 //! - The IPAM lock is held for the whole ADD/DEL, so bridge setup is
 //!   serialised along with allocation.
 
