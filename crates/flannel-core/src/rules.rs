@@ -434,10 +434,10 @@ pub fn nft_desired(
     let n = nets?;
     let (_, name) = nft_table(family);
     let nf = nft_family(family);
-    let base_chain = |chain: &str, kind: NfChainType, hook: NfHook, prio: i32| Chain {
+    let base_chain = |chain: &'static str, kind: NfChainType, hook: NfHook, prio: i32| Chain {
         family: nf,
         table: name.into(),
-        name: chain.to_string().into(),
+        name: chain.into(),
         newname: None,
         handle: None,
         _type: Some(kind),
@@ -446,10 +446,10 @@ pub fn nft_desired(
         dev: None,
         policy: Some(NfChainPolicy::Accept),
     };
-    let rule = |chain: &str, expr: Vec<Statement<'static>>| Rule {
+    let rule = |chain: &'static str, expr: Vec<Statement<'static>>| Rule {
         family: nf,
         table: name.into(),
-        chain: chain.to_string().into(),
+        chain: chain.into(),
         expr: expr.into(),
         handle: None,
         index: None,
@@ -576,7 +576,7 @@ fn keyword<T: serde::Serialize>(v: &T) -> String {
 }
 
 impl NftTable {
-    /// The family of the table's objects.
+    /// The table's family as nft spells it (`ip`, `ip6`).
     fn family_keyword(&self) -> String {
         keyword(&self.table.family)
     }
