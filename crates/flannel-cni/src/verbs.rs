@@ -1,7 +1,7 @@
 //! The CNI verbs (ADD, DEL, CHECK, GC, STATUS, VERSION): the environment
 //! and the network configuration in, a result or a spec error out.
 
-use crate::{attach, config, ipam, spec};
+use crate::{attach, config, ipam, ipmasq, spec};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
@@ -181,16 +181,13 @@ enum Undo {
     RemoveFile(PathBuf),
     RemoveAddress(IpAddr),
     DeleteHostLink(String),
+    RemoveIpMasq,
 }
 
 fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let senv = load_subnet_env(&conf.subnet_file)?;
     let rendered = conf.render_delegate(&senv)?;
     let bconf = BridgeConf::from_rendered(&rendered)?;
-    if bconf.ip_masq {
-        // Masquerading is flanneld's job (--ip-masq); this plugin writes no firewall rules.
-        eprintln!("flannel: ipMasq is requested but not implemented by this plugin; run flanneld with --ip-masq");
-    }
     let pod = open_netns(&env.netns)?;
     std::thread::scope(|scope| {
         // The pod's socket opens on its own thread while this one does the
@@ -219,6 +216,9 @@ fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
                 Undo::RemoveAddress(ip) => store.remove(ip).map_err(CniError::from),
                 Undo::DeleteHostLink(name) => {
                     attach::del_host_link(&mut nl, &name).map_err(CniError::from)
+                }
+                Undo::RemoveIpMasq => {
+                    ipmasq::teardown(&bconf.name, &env.container_id).map_err(CniError::from)
                 }
             };
             if let Err(u) = r {
@@ -275,6 +275,11 @@ fn add_steps(
     attach::set_hairpin(nl, bconf, &veth.host)?;
     let routes = attach::pod_routes(bconf, &addrs);
     attach::configure_pod(pod_nl, &veth, &env.ifname, &addrs, &routes)?;
+    if bconf.ip_masq {
+        undo.push(Undo::RemoveIpMasq);
+        let nets: Vec<IpNet> = addrs.iter().map(|a| a.address).collect();
+        ipmasq::setup(&bconf.name, &env.container_id, &nets)?;
+    }
     let host = veth.host;
     let pod_mac = Some(veth.pod_mac);
     let bridge_mac = bridge.mac;
@@ -365,6 +370,13 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         if let Err(e) = store.release(&env.container_id, &env.ifname) {
             failures.push(e.to_string());
+        }
+    }
+    if let Some(Ok(b)) = saved.as_ref().map(BridgeConf::from_rendered) {
+        if b.ip_masq {
+            if let Err(e) = ipmasq::teardown(&b.name, &env.container_id) {
+                failures.push(e.to_string());
+            }
         }
     }
     if !failures.is_empty() {

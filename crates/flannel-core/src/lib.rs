@@ -12,6 +12,7 @@
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
 //! - [`rules`]: masquerade and forward rules (iptables and nftables), desired and parsed.
+//! - [`udp`]: the udp backend's packet checks, peer table and counters.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers
 //! pass `now: SystemTime` and an `rng`, so every decision is reproducible in
@@ -32,4 +33,5 @@ pub mod lease;
 pub mod mac;
 pub mod rules;
 pub mod subnet_env;
+pub mod udp;
 pub mod wire;

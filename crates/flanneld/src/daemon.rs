@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, VxlanConfig};
+use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
 use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::mac::MacAddr;
 use flannel_core::subnet_env::SubnetEnv;
@@ -27,6 +27,7 @@ use flannel_store::{
 use tokio::sync::mpsc;
 
 use crate::backend::hostgw;
+use crate::backend::udp::{self, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
 use crate::iface::{self, ExternalInterface, IfaceError};
@@ -53,8 +54,10 @@ pub enum DaemonError {
         #[source]
         source: Box<ConfigError>,
     },
-    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\" or \"host-gw\"")]
+    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\", \"host-gw\" or \"udp\"")]
     BackendNotImplemented { backend: &'static str },
+    #[error("network config: Backend.Type \"udp\" carries IPv4 only (as upstream's); set \"EnableIPv4\": true and \"EnableIPv6\": false, or use \"vxlan\" or \"host-gw\" for IPv6")]
+    UdpIpv4Only,
     #[error("{0}")]
     EtcdOption(String),
     #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
@@ -84,6 +87,7 @@ pub enum DaemonError {
 pub enum Backend {
     Vxlan(VxlanConfig),
     HostGw,
+    Udp(UdpConfig),
 }
 
 /// What startup learns before the runtime starts.
@@ -130,10 +134,12 @@ pub fn check_supported(cfg: &NetConfig) -> Result<Backend, DaemonError> {
     let backend = match &cfg.backend {
         BackendConfig::Vxlan(v) => Backend::Vxlan(v.clone()),
         BackendConfig::HostGw => Backend::HostGw,
-        other => {
-            return Err(DaemonError::BackendNotImplemented {
-                backend: other.type_name(),
-            })
+        BackendConfig::Udp(u) => {
+            // As upstream: the udp backend carries IPv4 only.
+            if cfg.enable_ipv6 || !cfg.enable_ipv4 {
+                return Err(DaemonError::UdpIpv4Only);
+            }
+            Backend::Udp(u.clone())
         }
     };
     Ok(backend)
@@ -417,6 +423,9 @@ async fn run_async<S: Store>(
             )
         }
         Backend::HostGw => hostgw::lease_attrs_dual(s.ext.public_ip, s.ext.public_ipv6),
+        Backend::Udp(_) => udp::lease_attrs(s.ext.public_ip.ok_or_else(|| {
+            DaemonError::Device("the udp backend needs an IPv4 public address".into())
+        })?),
     };
     let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
     for f in families(&s.cfg) {
@@ -531,6 +540,19 @@ impl<S: Store> State<S> {
                 }
             }
             Backend::HostGw => BackendSettings::HostGw,
+            Backend::Udp(u) => {
+                // IPv4 only: check_supported refuses udp without IPv4 or
+                // with IPv6, and IPv4 gives a network, a subnet and an address.
+                let v4 = "udp runs with IPv4 only (check_supported)";
+                BackendSettings::Udp(UdpSpec::new(
+                    self.own.key.ipv4.expect(v4),
+                    self.s.cfg.network.expect(v4),
+                    self.mtu,
+                    u.port,
+                    self.s.ext.iface_addr.expect(v4),
+                    Some(self.flags.udp_stats_file.clone()),
+                ))
+            }
         };
         Settings {
             backend,
@@ -821,18 +843,27 @@ mod tests {
         )
         .unwrap();
         assert_eq!(b, Backend::HostGw);
-        let e = check_supported(
-            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#).unwrap(),
+        let b = check_supported(
+            &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Port":9000}}"#)
+                .unwrap(),
         )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.contains("Backend.Type")
-                && e.contains("\"udp\"")
-                && e.contains("not implemented yet"),
-            "{e}"
+        .unwrap();
+        assert_eq!(
+            b,
+            Backend::Udp(UdpConfig {
+                port: 9000,
+                mtu: None
+            })
         );
-        // IPv6 alone and dual stack are supported, with both backends.
+        // udp is IPv4 only, as upstream's.
+        for cfg in [
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
+        ] {
+            let e = check_supported(&config::parse(cfg).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("udp") && e.contains("EnableIPv6"), "{e}");
+        }
+        // IPv6 alone and dual stack are supported, with vxlan and host-gw.
         for cfg in [
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
             r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,

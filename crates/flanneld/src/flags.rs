@@ -139,6 +139,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_RESYNC_INTERVAL", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub resync_interval: u64,
+
+    /// flannel-rs: where the udp backend writes its counters as JSON
+    /// (forwarded, dropped spoofed/malformed/no route), refreshed every second.
+    #[arg(long, env = "FLANNELD_UDP_STATS_FILE", default_value = crate::backend::udp::DEFAULT_STATS_FILE)]
+    pub udp_stats_file: PathBuf,
 }
 
 /// flanneld's etcd flags, one definition for every binary that talks to

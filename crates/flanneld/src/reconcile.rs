@@ -34,6 +34,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::oneshot;
 
 use crate::backend::hostgw;
+use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 
 /// How long a burst of netlink notifications is collected before one pass.
@@ -111,6 +112,8 @@ pub enum BackendSettings {
     /// A route per peer and family via its PublicIP / PublicIPv6 on the
     /// external interface.
     HostGw,
+    /// The TUN device `flannel0` and the userspace datapath (backend/udp.rs).
+    Udp(UdpSpec),
 }
 
 impl BackendSettings {
@@ -121,7 +124,7 @@ impl BackendSettings {
                 IpFamily::V4 => v4.as_ref(),
                 IpFamily::V6 => v6.as_ref(),
             },
-            BackendSettings::HostGw => None,
+            BackendSettings::HostGw | BackendSettings::Udp(_) => None,
         }
     }
 }
@@ -227,14 +230,26 @@ impl Settings {
                     },
                 }
             }
+            // Peers live in the datapath's table, not in the kernel: no
+            // per-peer route, so any route of ours inside the network
+            // (host-gw or vxlan leftovers) is stale.
+            BackendSettings::Udp(_) => Desired {
+                peers: flannel_core::udp::udp_peers(leases, Some(&self.own), now).len(),
+                ..Desired::default()
+            },
         }
     }
 
-    /// The vxlan device name of `family`, if the backend has one.
+    /// The device of `family`, if the backend has one: the vxlan device,
+    /// or udp's TUN device (IPv4 only).
     fn device_name(&self, family: IpFamily) -> Option<&str> {
-        self.backend
-            .device_spec(family)
-            .map(|s| s.device.name.as_str())
+        match &self.backend {
+            BackendSettings::Udp(spec) => (family == IpFamily::V4).then_some(spec.device.as_str()),
+            _ => self
+                .backend
+                .device_spec(family)
+                .map(|s| s.device.name.as_str()),
+        }
     }
 
     /// The vxlan device of a family the config does not enable (with our
@@ -310,6 +325,7 @@ impl Reconciler {
                         leases,
                         ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
+                        udp: None,
                     }
                     .run(rx);
                 }
@@ -402,6 +418,8 @@ struct Worker {
     ifindex: PerFamily<Option<u32>>,
     /// host-gw peers without a route as of the last pass (logged on change).
     unreachable: Vec<HostGwPeer>,
+    /// The udp backend's running datapath (threads stop when it drops).
+    udp: Option<UdpDatapath>,
 }
 
 impl Worker {
@@ -459,6 +477,21 @@ impl Worker {
     fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut report = PassReport::default();
+        if !matches!(self.settings.backend, BackendSettings::Udp(_)) {
+            self.udp = None;
+            match udp::remove_udp_leftovers(&mut self.nl) {
+                Ok(changes) => {
+                    for c in &changes {
+                        tracing::info!("{c}");
+                    }
+                    report.changes += changes.len();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrying on the next pass");
+                    report.errors.push(e.to_string());
+                }
+            }
+        }
         let mut devices: PerFamily<Option<u32>> = PerFamily::default();
         match &self.settings.backend {
             BackendSettings::Vxlan { .. } => {
@@ -510,6 +543,51 @@ impl Worker {
                     Err(e) => {
                         tracing::warn!(error = %e, "retrying on the next pass");
                         report.errors.push(e.to_string());
+                    }
+                }
+            }
+            BackendSettings::Udp(spec) => {
+                match hostgw::remove_vxlan_leftovers(&mut self.nl) {
+                    Ok(changes) => {
+                        for c in &changes {
+                            tracing::info!("{c}");
+                        }
+                        report.changes += changes.len();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "retrying on the next pass");
+                        report.errors.push(e.to_string());
+                    }
+                }
+                match UdpDatapath::ensure(&mut self.udp, &mut self.nl, spec) {
+                    Ok((ifindex, changes)) => {
+                        for c in &changes {
+                            tracing::info!("{c}");
+                        }
+                        report.changes += changes.len();
+                        let dp = self.udp.as_ref().expect("ensured");
+                        let table = udp::peer_table(
+                            spec.network,
+                            &self.leases,
+                            &self.settings.own,
+                            SystemTime::now(),
+                        );
+                        if dp.set_peers(table) {
+                            let peers: Vec<String> = dp
+                                .peers()
+                                .iter()
+                                .map(|p| format!("{} via {}", p.subnet, p.public_ip))
+                                .collect();
+                            tracing::info!(peers = ?peers, "udp peer table updated");
+                        }
+                        *devices.get_mut(IpFamily::V4) = Some(ifindex);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot set up the udp datapath; retrying on the next pass");
+                        report.device_error = Some(e.to_string());
+                        report.errors.push(e.to_string());
+                        self.ifindex = PerFamily::default();
+                        return report;
                     }
                 }
             }
@@ -688,7 +766,12 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: PerFamily<Option<u32
                     }),
                     // A vxlan leftover to remove.
                     BackendSettings::HostGw => hostgw::may_be_leftover_name(name),
+                    BackendSettings::Udp(spec) => {
+                        *name == spec.device || hostgw::may_be_leftover_name(name)
+                    }
                 }
+                // A udp leftover to remove.
+                || (!matches!(s.backend, BackendSettings::Udp(_)) && name == flannel_core::wire::UDP_TUN_DEVICE)
         }
         Notification::Route { dst, .. } => FAMILIES
             .into_iter()

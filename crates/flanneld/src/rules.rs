@@ -15,8 +15,11 @@
 //! iptables has no kernel API worth driving directly (its rule blobs are
 //! private to the iptables binaries, and iptables-nft encodes rules as nft
 //! expressions); `iptables-restore --noflush` gives one atomic transaction
-//! per table. nftables is driven with `nft -f -` (one transaction) and read
-//! with `nft -j`. All of it runs in the daemon's own network namespace.
+//! per table. nftables is read with `nft -j list table` and written with
+//! `nft -j -f -` (one transaction) through the `nftables` crate's typed
+//! schema and helpers; only a table's skeleton with its comments goes
+//! through `nft -f -` in nft's syntax (see [`rules::NftTable::skeleton_script`]).
+//! All of it runs in the daemon's own network namespace.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -27,6 +30,8 @@ use std::time::Duration;
 use flannel_core::config::NetConfig;
 use flannel_core::lease::{IpFamily, LeaseKey};
 use flannel_core::rules::{self, FamilyNets, Mode, RuleOptions, RulesError, RulesInput, FAMILIES};
+use nftables::helper as nft_helper;
+use nftables::schema::{NfListObject, NfObject, Nftables};
 
 use crate::flags::Flags;
 
@@ -45,8 +50,30 @@ pub enum RulesIoError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    /// nft ran but failed; the crate's error keeps nft's output in fields,
+    /// shown here.
+    #[error("`{cmd}` failed: {}", nft_detail(.source))]
+    Nft {
+        cmd: String,
+        #[source]
+        source: nft_helper::NftablesError,
+    },
     #[error(transparent)]
     Parse(#[from] RulesError),
+}
+
+fn nft_detail(e: &nft_helper::NftablesError) -> String {
+    match e {
+        nft_helper::NftablesError::NftFailed { stdout, stderr, .. } => {
+            let out = format!("{} {}", stderr.trim(), stdout.trim());
+            if out.trim().is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}: {}", out.trim())
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The desired rules of this node from the flags, the config and our lease.
@@ -134,7 +161,9 @@ fn run(cmd: &str, args: &[&str], stdin: Option<&str>) -> Result<String, RulesIoE
 
 /// Brings one family's iptables chains in line with `desired` (chains with
 /// `rules: None` are removed). `ip6tables` for IPv6. Like
-/// `iptables-save | <compare> | iptables-restore --noflush`.
+/// `iptables-save | <compare> | iptables-restore --noflush --wait=5`
+/// (`--wait`: legacy iptables serialises writers with the xtables lock,
+/// which kube-proxy holds at times).
 pub fn sync_iptables_family(
     family: IpFamily,
     desired: &[rules::IptDesired],
@@ -157,23 +186,51 @@ pub fn sync_iptables_family(
         }
     }
     if !input.is_empty() {
-        run(restore, &["--noflush"], Some(&input))?;
+        run(restore, &["--noflush", "--wait=5"], Some(&input))?;
     }
     Ok(report)
 }
 
-/// Reads flannel's nftables table of one family (`nft -j list table ip
-/// flannel-ipv4`); `None` when it does not exist.
-pub fn read_nft_table(family: IpFamily) -> Result<Option<rules::NftTable>, RulesIoError> {
+/// Reads flannel's nftables table of one family, like `nft -j list table ip
+/// flannel-ipv4`, typed and normalised. A table whose listing cannot be
+/// typed (a foreign rule the `nftables` crate does not know) is
+/// [`rules::NftActual::Unreadable`], to be replaced, not an error.
+pub fn read_nft_table(family: IpFamily) -> Result<rules::NftActual, RulesIoError> {
     let (fam, name) = rules::nft_table(family);
     // Listing the tables first tells "absent" from a failure without parsing nft's error text.
-    let tables = run("nft", &["list", "tables", fam], None)?;
-    let wanted = format!("table {fam} {name}");
-    if !tables.lines().any(|l| l.trim() == wanted) {
-        return Ok(None);
+    let tables =
+        nft_helper::get_current_ruleset_with_args(nft_helper::DEFAULT_NFT, ["list", "tables", fam])
+            .map_err(|e| nft_error(format!("nft -j list tables {fam}"), e))?;
+    let exists = tables
+        .objects
+        .iter()
+        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.name == name));
+    if !exists {
+        return Ok(rules::NftActual::Absent);
     }
-    let json = run("nft", &["-j", "list", "table", fam, name], None)?;
-    Ok(Some(rules::parse_nft_json(&json, family)?))
+    // The raw text, not get_current_ruleset_with_args: parse_nft_json first
+    // fixes up nft's single NAT flag, which the crate cannot read as it is.
+    let json =
+        nft_helper::get_current_ruleset_raw(nft_helper::DEFAULT_NFT, ["list", "table", fam, name])
+            .map_err(|e| nft_error(format!("nft -j list table {fam} {name}"), e))?;
+    Ok(match rules::parse_nft_json(&json) {
+        Ok(t) => rules::NftActual::Listed(t),
+        Err(e) => rules::NftActual::Unreadable(e),
+    })
+}
+
+fn nft_error(cmd: String, e: nft_helper::NftablesError) -> RulesIoError {
+    match e {
+        nft_helper::NftablesError::NftExecution { inner, .. } => {
+            RulesIoError::Spawn { cmd, source: inner }
+        }
+        other => RulesIoError::Nft { cmd, source: other },
+    }
+}
+
+/// `nft -j -f -` of one transaction, through the `nftables` crate.
+fn apply_nft(what: &str, batch: &Nftables<'_>) -> Result<(), RulesIoError> {
+    nft_helper::apply_ruleset(batch).map_err(|e| nft_error(format!("nft -j -f - ({what})"), e))
 }
 
 /// Brings one family's nftables table in line (`None`: delete it).
@@ -184,20 +241,30 @@ pub fn sync_nft_family(
     let actual = read_nft_table(family)?;
     let (fam, name) = rules::nft_table(family);
     let mut report = SyncReport::default();
-    match (desired, actual) {
-        (Some(want), actual) if actual.as_ref() != Some(want) => {
-            run("nft", &["-f", "-"], Some(&want.replace_script()))?;
+    if let rules::NftActual::Unreadable(e) = &actual {
+        tracing::info!(error = %e, "nft table {fam} {name} not understood; replacing it");
+    }
+    match rules::nft_plan(family, desired, &actual) {
+        rules::NftPlan::InLine => {}
+        rules::NftPlan::Rules(batch) => {
+            apply_nft("flannel's rules", &batch)?;
+            report
+                .changed
+                .push(format!("nft table {fam} {name}: rules rewritten"));
+        }
+        rules::NftPlan::Rebuild { skeleton, rules } => {
+            run("nft", &["-f", "-"], Some(&skeleton))?;
+            apply_nft("flannel's rules", &rules)?;
             report
                 .changed
                 .push(format!("nft table {fam} {name} rewritten"));
         }
-        (None, Some(_)) => {
-            run("nft", &["-f", "-"], Some(&rules::nft_delete_script(family)))?;
+        rules::NftPlan::Delete(batch) => {
+            apply_nft("deleting flannel's table", &batch)?;
             report
                 .changed
                 .push(format!("nft table {fam} {name} removed"));
         }
-        _ => {}
     }
     Ok(report)
 }
@@ -245,17 +312,59 @@ fn other(mode: Mode) -> Mode {
     }
 }
 
-fn log_pass(what: &str, report: &SyncReport, errors: &[RulesIoError], quiet_errors: bool) {
+/// Logs what a pass changed, and its errors: at error level when they
+/// differ from the previous pass's, at debug level when they repeat (a
+/// missing `iptables` binary is reported once, not every few seconds).
+#[derive(Default)]
+struct PassLog {
+    last_errors: Vec<String>,
+}
+
+impl PassLog {
+    fn log(&mut self, what: &str, report: &SyncReport, errors: &[RulesIoError]) {
+        for c in &report.changed {
+            tracing::info!("{what}: {c}");
+        }
+        let texts: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let repeated = texts == self.last_errors;
+        for e in &texts {
+            if repeated {
+                tracing::debug!(error = %e, "{what} (still failing)");
+            } else {
+                tracing::error!(error = %e, "{what}");
+            }
+        }
+        self.last_errors = texts;
+    }
+}
+
+/// Leftovers of what is not in use; the tools may well be missing then
+/// (no nft on an iptables node, no ip6tables in an IPv4 cluster).
+fn log_cleanup(what: &str, report: &SyncReport, errors: &[RulesIoError]) {
     for c in &report.changed {
         tracing::info!("{what}: {c}");
     }
     for e in errors {
-        if quiet_errors {
-            tracing::debug!(error = %e, "{what}");
-        } else {
-            tracing::error!(error = %e, "{what}");
-        }
+        tracing::debug!(error = %e, "{what}");
     }
+}
+
+/// The families in use (errors reported), then the others (leftovers only,
+/// errors at debug level).
+fn full_pass(input: &RulesInput, log: &mut PassLog) {
+    let in_use = families_in_use(input);
+    let (r, e) = sync(input, &in_use);
+    if input.wants_nothing() {
+        log_cleanup("removing rules no longer wanted", &r, &e);
+    } else {
+        log.log("rules", &r, &e);
+    }
+    let unused: Vec<IpFamily> = FAMILIES
+        .into_iter()
+        .filter(|f| !in_use.contains(f))
+        .collect();
+    let (r, e) = sync(input, &unused);
+    log_cleanup("removing rules of a family not in use", &r, &e);
 }
 
 enum Msg {
@@ -314,34 +423,24 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
     tracing::info!(mode = mode_name(input.mode), masquerade = input.options.masquerade,
         fully_random = input.options.fully_random, forward = input.options.forward,
         v4 = ?input.v4, v6 = ?input.v6, resync = ?resync, "starting masquerade/forward rules");
-    // The other mode's tools may be missing altogether: then it has nothing to clean.
     let (r, e) = remove_mode(other(input.mode));
-    log_pass(
+    log_cleanup(
         &format!(
             "removing {} rules of the mode not in use",
             mode_name(other(input.mode))
         ),
         &r,
         &e,
-        true,
     );
-    // First pass: the families in use, then leftovers of a family not in use
-    // (whose tools, ip6tables say, may well be missing: quiet then).
-    let in_use = families_in_use(&input);
-    let (r, e) = sync(&input, &in_use);
-    log_pass("rules", &r, &e, false);
-    let unused: Vec<IpFamily> = FAMILIES
-        .into_iter()
-        .filter(|f| !in_use.contains(f))
-        .collect();
-    let (r, e) = sync(&input, &unused);
-    log_pass("removing rules of a family not in use", &r, &e, true);
+    let mut log = PassLog::default();
+    full_pass(&input, &mut log);
     if input.wants_nothing() {
-        // Nothing to keep in line; stay only to hear shutdown.
+        // Nothing to keep in line; wait for new input or shutdown.
         loop {
             match rx.recv() {
                 Ok(Msg::Update(i)) if !i.wants_nothing() => {
                     input = i;
+                    full_pass(&input, &mut log);
                     break;
                 }
                 Ok(Msg::Update(_)) => continue,
@@ -356,19 +455,94 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
                     tracing::info!(v4 = ?i.v4, v6 = ?i.v6, "network or subnet changed: replacing the rules");
                 }
                 input = i;
-                let (r, e) = sync(&input, &FAMILIES);
-                log_pass("rules", &r, &e, false);
+                full_pass(&input, &mut log);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let (r, e) = sync(&input, &families_in_use(&input));
-                log_pass("rules were not as desired", &r, &e, false);
+                log.log("rules were not as desired", &r, &e);
             }
             Ok(Msg::Stop) => {
                 let (r, e) = remove_mode(input.mode);
-                log_pass("shutdown: removing flannel's rules", &r, &e, false);
+                log.log("shutdown: removing flannel's rules", &r, &e);
                 return;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use flannel_core::config;
+
+    /// Every rules flag given explicitly: FLANNELD_* in the environment
+    /// (which other tests of this binary set) cannot change them.
+    fn flags(masq: bool, no_random: bool, forward: bool) -> Flags {
+        Flags::try_parse_from([
+            "flanneld".to_string(),
+            format!("--ip-masq={masq}"),
+            format!("--ip-masq-fully-random-disable={no_random}"),
+            format!("--iptables-forward-rules={forward}"),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn input_from_flags_config_and_lease() {
+        let key = LeaseKey {
+            ipv4: Some("10.244.3.0/24".parse().unwrap()),
+            ipv6: Some("fd00:10:244:3::/64".parse().unwrap()),
+        };
+        let v4_only = config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let i = input_from(&flags(true, false, true), &v4_only, &key);
+        assert_eq!(i.mode, Mode::Iptables);
+        assert_eq!(
+            i.v4,
+            Some(
+                FamilyNets::v4(
+                    "10.244.0.0/16".parse().unwrap(),
+                    "10.244.3.0/24".parse().unwrap()
+                )
+                .unwrap()
+            )
+        );
+        assert_eq!(i.v6, None, "IPv6 not enabled in the config");
+        assert_eq!(
+            i.options,
+            RuleOptions {
+                masquerade: true,
+                fully_random: true,
+                forward: true
+            }
+        );
+
+        let dual_nft = config::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":true}"#,
+        )
+        .unwrap();
+        let i = input_from(&flags(false, true, false), &dual_nft, &key);
+        assert_eq!(i.mode, Mode::Nftables);
+        assert!(i.v4.is_some() && i.v6.is_some());
+        assert_eq!(
+            i.options,
+            RuleOptions {
+                masquerade: false,
+                fully_random: false,
+                forward: false
+            }
+        );
+        assert!(i.wants_nothing());
+
+        // A lease outside the network (cannot happen after acquisition) gives no rules for that family.
+        let other = LeaseKey {
+            ipv4: Some("10.9.0.0/24".parse().unwrap()),
+            ipv6: None,
+        };
+        assert_eq!(
+            input_from(&flags(true, false, true), &v4_only, &other).v4,
+            None
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Backends: how packets between nodes are carried (`Backend.Type`): vxlan
-//! and host-gw.
+//! Backends: how packets between nodes are carried (`Backend.Type`): vxlan,
+//! host-gw and udp.
 
 pub mod hostgw;
+pub mod udp;
 pub mod vxlan;

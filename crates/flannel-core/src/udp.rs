@@ -1,0 +1,709 @@
+//! The udp backend's datapath decisions, without I/O: IPv4 header sanity,
+//! the peer table (inner destination -> peer PublicIP, datagram source ->
+//! allowed inner sources) and the counters operators read.
+//!
+//! The wire format is upstream's: a UDP datagram to the peer's PublicIP on
+//! the backend port (8285) whose payload is the inner IPv4 packet, nothing
+//! before or after it. Neither side adds a header, so a flannel-rs node and
+//! an upstream node exchange packets as they are.
+//!
+//! Receiving is stricter than upstream (which forwards whatever arrives):
+//! - the datagram must come from the PublicIP of a current udp lease
+//!   (any source port: upstream sends from its bound port, NAT may change it);
+//! - an inner source inside the cluster network must lie in that peer's own
+//!   subnet, so a node cannot impersonate another node's pods. An inner source
+//!   outside the cluster network is allowed: the peer forwards traffic of its
+//!   host or of the outside world (a NodePort client, say) as a router does,
+//!   and upstream delivers that too;
+//! - the packet must be a sane IPv4 packet (version 4, header length >= 20,
+//!   header checksum right, total length between the header length and the
+//!   datagram length; trailing bytes past the total length are cut off, as
+//!   the kernel does).
+//!
+//! Everything here works on borrowed bytes and allocates nothing per packet.
+
+use std::net::Ipv4Addr;
+use std::time::SystemTime;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::lease::{IpFamily, Lease, LeaseKey, BACKEND_UDP};
+
+/// Bytes of an IPv4 header without options.
+pub const IPV4_MIN_HEADER_LEN: usize = 20;
+
+/// Why a packet is not a sane IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("{len} bytes is shorter than an IPv4 header (20)")]
+    TooShort { len: usize },
+    #[error("IP version {version}, want 4")]
+    NotIpv4 { version: u8 },
+    #[error("IPv4 header length {header_len} is below 20 or beyond the {len} bytes received")]
+    BadHeaderLength { header_len: usize, len: usize },
+    #[error("IPv4 total length {total_len} is below the header length {header_len} or beyond the {len} bytes received")]
+    BadTotalLength {
+        total_len: usize,
+        header_len: usize,
+        len: usize,
+    },
+    #[error("IPv4 header checksum is wrong")]
+    BadChecksum,
+}
+
+/// The IPv4 header fields the datapath uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Header {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// The packet's length from its header (<= the bytes received).
+    pub total_len: usize,
+}
+
+fn header_fields(pkt: &[u8]) -> Result<(usize, Ipv4Header), Malformed> {
+    let len = pkt.len();
+    if len < IPV4_MIN_HEADER_LEN {
+        return Err(Malformed::TooShort { len });
+    }
+    let version = pkt[0] >> 4;
+    if version != 4 {
+        return Err(Malformed::NotIpv4 { version });
+    }
+    let header_len = usize::from(pkt[0] & 0x0f) * 4;
+    if header_len < IPV4_MIN_HEADER_LEN || header_len > len {
+        return Err(Malformed::BadHeaderLength { header_len, len });
+    }
+    let total_len = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
+    if total_len < header_len || total_len > len {
+        return Err(Malformed::BadTotalLength {
+            total_len,
+            header_len,
+            len,
+        });
+    }
+    let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+    let dst = Ipv4Addr::new(pkt[16], pkt[17], pkt[18], pkt[19]);
+    Ok((
+        header_len,
+        Ipv4Header {
+            src,
+            dst,
+            total_len,
+        },
+    ))
+}
+
+/// Checks a packet that arrived in a datagram: version, header length,
+/// total length against the datagram's length and the header checksum.
+pub fn parse_ipv4(pkt: &[u8]) -> Result<Ipv4Header, Malformed> {
+    let (header_len, h) = header_fields(pkt)?;
+    if ones_complement_sum(&pkt[..header_len]) != 0xffff {
+        return Err(Malformed::BadChecksum);
+    }
+    Ok(h)
+}
+
+/// [`parse_ipv4`] without the checksum: for packets the local kernel
+/// handed to the TUN device (it always fills the IPv4 header checksum in).
+pub fn parse_ipv4_local(pkt: &[u8]) -> Result<Ipv4Header, Malformed> {
+    header_fields(pkt).map(|(_, h)| h)
+}
+
+/// The folded 16-bit one's complement sum (RFC 1071) of `b` (even length).
+fn ones_complement_sum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks_exact(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Fills in the IPv4 header checksum of `pkt` (tests and packet crafting).
+pub fn fill_ipv4_checksum(pkt: &mut [u8]) {
+    let header_len = usize::from(pkt[0] & 0x0f) * 4;
+    pkt[10] = 0;
+    pkt[11] = 0;
+    let c = !ones_complement_sum(&pkt[..header_len]);
+    pkt[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A remote udp node: its subnet and where its flanneld listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UdpPeer {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+}
+
+/// The udp peers among `leases`: every live lease except our own (`own`)
+/// whose `BackendType` is udp and that has an IPv4 subnet and PublicIP (the
+/// udp backend is IPv4 only, as upstream's). A lease overlapping ours is
+/// never a peer. Sorted by subnet.
+pub fn udp_peers(leases: &[Lease], own: Option<&LeaseKey>, now: SystemTime) -> Vec<UdpPeer> {
+    let own_v4 = own.and_then(|o| o.ipv4);
+    let mut out: Vec<UdpPeer> = leases
+        .iter()
+        .filter(|l| l.attrs.backend_type == BACKEND_UDP && l.is_live(now))
+        .filter(|l| own.is_none_or(|o| l.key != *o))
+        .filter_map(|l| {
+            let subnet = l.key.ipv4?;
+            if own_v4.is_some_and(|o| o.contains(&subnet) || subnet.contains(&o)) {
+                return None;
+            }
+            let public_ip = match l.attrs.public_ip_of(IpFamily::V4)? {
+                std::net::IpAddr::V4(a) => a,
+                std::net::IpAddr::V6(_) => return None,
+            };
+            Some(UdpPeer { subnet, public_ip })
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Subnets of one prefix length: (network address, peer PublicIP), sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct PrefixGroup {
+    prefix_len: u8,
+    mask: u32,
+    entries: Vec<(u32, Ipv4Addr)>,
+}
+
+/// What the datapath consults for every packet; rebuilt (not edited) on
+/// every lease change and swapped in whole, so readers never lock.
+///
+/// Lookups are longest-prefix: one binary search per distinct subnet
+/// length (a cluster usually has one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerTable {
+    network: Option<Ipv4Net>,
+    /// Longest prefix first.
+    groups: Vec<PrefixGroup>,
+    /// (PublicIP, subnet) sorted: a node may hold several leases.
+    sources: Vec<(u32, Ipv4Net)>,
+    peers: Vec<UdpPeer>,
+}
+
+/// What happens to a packet read from the TUN device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// Send `len` bytes to this peer.
+    Forward { peer: Ipv4Addr, len: usize },
+    /// No peer holds the destination.
+    NoRoute { dst: Ipv4Addr },
+    /// Not an IPv4 packet we can route.
+    Invalid(Malformed),
+}
+
+/// What happens to a datagram received on the backend's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// Write the first `len` bytes to the TUN device.
+    Deliver { len: usize },
+    /// Not a sane IPv4 packet.
+    Malformed(Malformed),
+    /// The datagram's source is not the PublicIP of a current udp lease.
+    UnknownSource { from: Ipv4Addr },
+    /// The inner source lies in the cluster network outside the sender's subnet(s).
+    SpoofedInner { from: Ipv4Addr, inner_src: Ipv4Addr },
+}
+
+impl PeerTable {
+    /// The table for `peers` in the cluster network `network`.
+    pub fn new(network: Ipv4Net, peers: &[UdpPeer]) -> PeerTable {
+        let mut groups: Vec<PrefixGroup> = Vec::new();
+        for p in peers {
+            let len = p.subnet.prefix_len();
+            let g = match groups.iter_mut().find(|g| g.prefix_len == len) {
+                Some(g) => g,
+                None => {
+                    groups.push(PrefixGroup {
+                        prefix_len: len,
+                        mask: u32::from(p.subnet.netmask()),
+                        entries: Vec::new(),
+                    });
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            g.entries.push((u32::from(p.subnet.network()), p.public_ip));
+        }
+        for g in &mut groups {
+            g.entries.sort();
+            g.entries.dedup_by_key(|e| e.0);
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.prefix_len));
+        let mut sources: Vec<(u32, Ipv4Net)> = peers
+            .iter()
+            .map(|p| (u32::from(p.public_ip), p.subnet))
+            .collect();
+        sources.sort();
+        sources.dedup();
+        let mut peers = peers.to_vec();
+        peers.sort();
+        PeerTable {
+            network: Some(network),
+            groups,
+            sources,
+            peers,
+        }
+    }
+
+    /// The table for the udp leases among `leases` (see [`udp_peers`]).
+    pub fn from_leases(
+        network: Ipv4Net,
+        leases: &[Lease],
+        own: Option<&LeaseKey>,
+        now: SystemTime,
+    ) -> PeerTable {
+        PeerTable::new(network, &udp_peers(leases, own, now))
+    }
+
+    /// The peers, sorted by subnet.
+    pub fn peers(&self) -> &[UdpPeer] {
+        &self.peers
+    }
+
+    /// The PublicIP of the peer whose subnet holds `dst` (longest prefix).
+    #[inline]
+    pub fn route(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        let d = u32::from(dst);
+        self.groups.iter().find_map(|g| {
+            let key = d & g.mask;
+            g.entries
+                .binary_search_by_key(&key, |e| e.0)
+                .ok()
+                .map(|i| g.entries[i].1)
+        })
+    }
+
+    /// Whether `from` is a peer's PublicIP.
+    #[inline]
+    pub fn is_peer(&self, from: Ipv4Addr) -> bool {
+        self.subnets_of(from).next().is_some()
+    }
+
+    fn subnets_of(&self, from: Ipv4Addr) -> impl Iterator<Item = &Ipv4Net> {
+        let f = u32::from(from);
+        let start = self.sources.partition_point(|s| s.0 < f);
+        self.sources[start..]
+            .iter()
+            .take_while(move |s| s.0 == f)
+            .map(|s| &s.1)
+    }
+
+    /// The decision for a packet the kernel routed into the TUN device.
+    #[inline]
+    pub fn egress(&self, pkt: &[u8]) -> Egress {
+        match parse_ipv4_local(pkt) {
+            Err(e) => Egress::Invalid(e),
+            Ok(h) => match self.route(h.dst) {
+                Some(peer) => Egress::Forward {
+                    peer,
+                    len: h.total_len,
+                },
+                None => Egress::NoRoute { dst: h.dst },
+            },
+        }
+    }
+
+    /// The decision for a datagram from `from` carrying `pkt`.
+    #[inline]
+    pub fn ingress(&self, from: Ipv4Addr, pkt: &[u8]) -> Ingress {
+        let mut subnets = self.subnets_of(from).peekable();
+        if subnets.peek().is_none() {
+            return Ingress::UnknownSource { from };
+        }
+        let h = match parse_ipv4(pkt) {
+            Ok(h) => h,
+            Err(e) => return Ingress::Malformed(e),
+        };
+        let in_cluster = self.network.is_some_and(|n| n.contains(&h.src));
+        if in_cluster && !subnets.any(|s| s.contains(&h.src)) {
+            return Ingress::SpoofedInner {
+                from,
+                inner_src: h.src,
+            };
+        }
+        Ingress::Deliver { len: h.total_len }
+    }
+}
+
+/// The udp backend's counters, as operators and tests read them (the
+/// stats file is this struct as JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Packets read from the TUN device and sent to a peer.
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Packets received from a peer and written to the TUN device.
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    /// Datagrams from an address that is no current lease's PublicIP, or
+    /// whose inner source lies in another node's subnet.
+    pub dropped_spoofed: u64,
+    /// Datagrams that are not a sane IPv4 packet.
+    pub dropped_malformed: u64,
+    /// TUN packets to an address no peer holds.
+    pub dropped_no_route: u64,
+    /// TUN packets that are not IPv4 (e.g. IPv6 the kernel sent the device).
+    pub dropped_tun_invalid: u64,
+    /// Failed sends to peers (packets).
+    pub send_errors: u64,
+    /// Failed writes to the TUN device (packets).
+    pub tun_write_errors: u64,
+}
+
+impl Counters {
+    /// Counts one ingress decision for a datagram of `bytes` payload bytes.
+    #[inline]
+    pub fn count_ingress(&mut self, v: &Ingress) {
+        match v {
+            Ingress::Deliver { len } => {
+                self.rx_packets += 1;
+                self.rx_bytes += *len as u64;
+            }
+            Ingress::Malformed(_) => self.dropped_malformed += 1,
+            Ingress::UnknownSource { .. } | Ingress::SpoofedInner { .. } => {
+                self.dropped_spoofed += 1
+            }
+        }
+    }
+
+    /// Counts one egress decision.
+    #[inline]
+    pub fn count_egress(&mut self, v: &Egress) {
+        match v {
+            Egress::Forward { len, .. } => {
+                self.tx_packets += 1;
+                self.tx_bytes += *len as u64;
+            }
+            Egress::NoRoute { .. } => self.dropped_no_route += 1,
+            Egress::Invalid(_) => self.dropped_tun_invalid += 1,
+        }
+    }
+
+    /// Field-wise sum.
+    pub fn add(&mut self, o: &Counters) {
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.dropped_spoofed += o.dropped_spoofed;
+        self.dropped_malformed += o.dropped_malformed;
+        self.dropped_no_route += o.dropped_no_route;
+        self.dropped_tun_invalid += o.dropped_tun_invalid;
+        self.send_errors += o.send_errors;
+        self.tun_write_errors += o.tun_write_errors;
+    }
+
+    /// The counters as an array, in field order (for atomic mirrors).
+    pub fn to_array(&self) -> [u64; COUNTERS] {
+        [
+            self.tx_packets,
+            self.tx_bytes,
+            self.rx_packets,
+            self.rx_bytes,
+            self.dropped_spoofed,
+            self.dropped_malformed,
+            self.dropped_no_route,
+            self.dropped_tun_invalid,
+            self.send_errors,
+            self.tun_write_errors,
+        ]
+    }
+
+    /// Inverse of [`Counters::to_array`].
+    pub fn from_array(a: [u64; COUNTERS]) -> Counters {
+        Counters {
+            tx_packets: a[0],
+            tx_bytes: a[1],
+            rx_packets: a[2],
+            rx_bytes: a[3],
+            dropped_spoofed: a[4],
+            dropped_malformed: a[5],
+            dropped_no_route: a[6],
+            dropped_tun_invalid: a[7],
+            send_errors: a[8],
+            tun_write_errors: a[9],
+        }
+    }
+}
+
+/// Number of fields of [`Counters`].
+pub const COUNTERS: usize = 10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeaseAttrs;
+
+    /// A minimal IPv4/ICMP packet from `src` to `dst` with `payload` bytes after the header.
+    pub fn packet(src: [u8; 4], dst: [u8; 4], payload: usize) -> Vec<u8> {
+        let total = 20 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 1;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        fill_ipv4_checksum(&mut p);
+        p
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn table() -> PeerTable {
+        PeerTable::new(
+            net("10.244.0.0/16"),
+            &[
+                UdpPeer {
+                    subnet: net("10.244.2.0/24"),
+                    public_ip: ip("172.16.1.12"),
+                },
+                UdpPeer {
+                    subnet: net("10.244.3.0/24"),
+                    public_ip: ip("172.16.1.13"),
+                },
+                // A longer prefix inside a shorter one wins.
+                UdpPeer {
+                    subnet: net("10.244.8.0/21"),
+                    public_ip: ip("172.16.1.18"),
+                },
+                UdpPeer {
+                    subnet: net("10.244.9.0/24"),
+                    public_ip: ip("172.16.1.19"),
+                },
+            ],
+        )
+    }
+
+    #[test]
+    fn header_sanity() {
+        let p = packet([10, 244, 1, 5], [10, 244, 2, 6], 8);
+        assert_eq!(
+            parse_ipv4(&p).unwrap(),
+            Ipv4Header {
+                src: ip("10.244.1.5"),
+                dst: ip("10.244.2.6"),
+                total_len: 28
+            }
+        );
+        assert_eq!(parse_ipv4(&p[..19]), Err(Malformed::TooShort { len: 19 }));
+        let mut v6 = p.clone();
+        v6[0] = 0x65;
+        assert_eq!(parse_ipv4(&v6), Err(Malformed::NotIpv4 { version: 6 }));
+        let mut ihl = p.clone();
+        ihl[0] = 0x44;
+        assert!(matches!(
+            parse_ipv4(&ihl),
+            Err(Malformed::BadHeaderLength { header_len: 16, .. })
+        ));
+        ihl[0] = 0x4f; // 60 bytes of header in a 28-byte packet
+        assert!(matches!(
+            parse_ipv4(&ihl),
+            Err(Malformed::BadHeaderLength { header_len: 60, .. })
+        ));
+        // Total length beyond the datagram: truncated in transit.
+        assert!(matches!(
+            parse_ipv4(&p[..27]),
+            Err(Malformed::BadTotalLength {
+                total_len: 28,
+                len: 27,
+                ..
+            })
+        ));
+        let mut short_total = p.clone();
+        short_total[2..4].copy_from_slice(&10u16.to_be_bytes());
+        fill_ipv4_checksum(&mut short_total);
+        assert!(matches!(
+            parse_ipv4(&short_total),
+            Err(Malformed::BadTotalLength { total_len: 10, .. })
+        ));
+        let mut bad_sum = p.clone();
+        bad_sum[8] = 63;
+        assert_eq!(parse_ipv4(&bad_sum), Err(Malformed::BadChecksum));
+        assert!(
+            parse_ipv4_local(&bad_sum).is_ok(),
+            "local packets skip the checksum"
+        );
+        // Trailing padding is cut off.
+        let mut padded = p.clone();
+        padded.extend_from_slice(&[0, 0, 0]);
+        assert_eq!(parse_ipv4(&padded).unwrap().total_len, 28);
+    }
+
+    #[test]
+    fn longest_prefix_route() {
+        let t = table();
+        assert_eq!(t.route(ip("10.244.2.77")), Some(ip("172.16.1.12")));
+        assert_eq!(t.route(ip("10.244.3.0")), Some(ip("172.16.1.13")));
+        assert_eq!(t.route(ip("10.244.9.1")), Some(ip("172.16.1.19")));
+        assert_eq!(t.route(ip("10.244.10.1")), Some(ip("172.16.1.18")));
+        assert_eq!(t.route(ip("10.244.4.1")), None);
+        assert_eq!(t.route(ip("8.8.8.8")), None);
+        assert_eq!(PeerTable::default().route(ip("10.244.2.1")), None);
+    }
+
+    #[test]
+    fn egress_decisions() {
+        let t = table();
+        let p = packet([10, 244, 1, 5], [10, 244, 3, 6], 30);
+        assert_eq!(
+            t.egress(&p),
+            Egress::Forward {
+                peer: ip("172.16.1.13"),
+                len: 50
+            }
+        );
+        let p = packet([10, 244, 1, 5], [10, 244, 4, 6], 30);
+        assert_eq!(
+            t.egress(&p),
+            Egress::NoRoute {
+                dst: ip("10.244.4.6")
+            }
+        );
+        let mut v6 = p.clone();
+        v6[0] = 0x60;
+        assert!(matches!(t.egress(&v6), Egress::Invalid(_)));
+    }
+
+    #[test]
+    fn ingress_checks_source_then_packet_then_inner_source() {
+        let t = table();
+        let ok = packet([10, 244, 2, 5], [10, 244, 1, 6], 8);
+        assert_eq!(
+            t.ingress(ip("172.16.1.12"), &ok),
+            Ingress::Deliver { len: 28 }
+        );
+        // Not a lease's PublicIP.
+        assert_eq!(
+            t.ingress(ip("172.16.1.99"), &ok),
+            Ingress::UnknownSource {
+                from: ip("172.16.1.99")
+            }
+        );
+        // Another node's pod address from this node.
+        assert_eq!(
+            t.ingress(ip("172.16.1.13"), &ok),
+            Ingress::SpoofedInner {
+                from: ip("172.16.1.13"),
+                inner_src: ip("10.244.2.5")
+            }
+        );
+        // The peer's host or the outside world via the peer: allowed.
+        let host = packet([172, 16, 1, 12], [10, 244, 1, 6], 8);
+        assert_eq!(
+            t.ingress(ip("172.16.1.12"), &host),
+            Ingress::Deliver { len: 28 }
+        );
+        // A node holding two subnets may send from both.
+        let t2 = PeerTable::new(
+            net("10.244.0.0/16"),
+            &[
+                UdpPeer {
+                    subnet: net("10.244.2.0/24"),
+                    public_ip: ip("172.16.1.12"),
+                },
+                UdpPeer {
+                    subnet: net("10.244.5.0/24"),
+                    public_ip: ip("172.16.1.12"),
+                },
+            ],
+        );
+        let second = packet([10, 244, 5, 1], [10, 244, 1, 6], 8);
+        assert_eq!(
+            t2.ingress(ip("172.16.1.12"), &second),
+            Ingress::Deliver { len: 28 }
+        );
+        // Malformed from a known peer.
+        assert!(matches!(
+            t.ingress(ip("172.16.1.12"), &ok[..10]),
+            Ingress::Malformed(Malformed::TooShort { len: 10 })
+        ));
+    }
+
+    #[test]
+    fn peers_from_leases() {
+        let now = SystemTime::now();
+        let udp = |k: &str, ip: &str| Lease {
+            key: k.parse().unwrap(),
+            attrs: LeaseAttrs::new(BACKEND_UDP, Some(ip.parse().unwrap()), None),
+            expiration: None,
+        };
+        let mut expired = udp("10.244.7.0-24", "172.16.1.17");
+        expired.expiration = Some(now - std::time::Duration::from_secs(1));
+        let leases = vec![
+            udp("10.244.1.0-24", "172.16.1.11"),
+            udp("10.244.2.0-24", "172.16.1.12"),
+            Lease {
+                key: "10.244.3.0-24".parse().unwrap(),
+                attrs: LeaseAttrs::new(
+                    crate::lease::BACKEND_HOST_GW,
+                    Some(ip("172.16.1.13")),
+                    None,
+                ),
+                expiration: None,
+            },
+            expired,
+            // Overlaps ours: never routed away.
+            udp("10.244.0.0-23", "172.16.1.20"),
+        ];
+        let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
+        let peers = udp_peers(&leases, Some(&own), now);
+        assert_eq!(
+            peers,
+            vec![UdpPeer {
+                subnet: net("10.244.2.0/24"),
+                public_ip: ip("172.16.1.12")
+            }]
+        );
+        let t = PeerTable::from_leases(net("10.244.0.0/16"), &leases, Some(&own), now);
+        assert_eq!(t.peers(), peers.as_slice());
+        assert!(t.is_peer(ip("172.16.1.12")));
+        assert!(!t.is_peer(ip("172.16.1.13")), "host-gw lease");
+        assert!(!t.is_peer(ip("172.16.1.17")), "expired lease");
+    }
+
+    #[test]
+    fn counters() {
+        let mut c = Counters::default();
+        c.count_ingress(&Ingress::Deliver { len: 100 });
+        c.count_ingress(&Ingress::Malformed(Malformed::BadChecksum));
+        c.count_ingress(&Ingress::UnknownSource {
+            from: ip("1.2.3.4"),
+        });
+        c.count_egress(&Egress::Forward {
+            peer: ip("1.2.3.4"),
+            len: 60,
+        });
+        c.count_egress(&Egress::NoRoute {
+            dst: ip("10.244.9.9"),
+        });
+        assert_eq!(
+            (
+                c.rx_packets,
+                c.rx_bytes,
+                c.dropped_malformed,
+                c.dropped_spoofed
+            ),
+            (1, 100, 1, 1)
+        );
+        assert_eq!((c.tx_packets, c.tx_bytes, c.dropped_no_route), (1, 60, 1));
+        assert_eq!(Counters::from_array(c.to_array()), c);
+        let mut d = c;
+        d.add(&c);
+        assert_eq!(d.rx_bytes, 200);
+        let j = serde_json::to_string(&c).unwrap();
+        assert!(j.contains("\"dropped_spoofed\":1"), "{j}");
+    }
+}

@@ -1,0 +1,965 @@
+//! The udp backend: TUN device `flannel0`, userspace encapsulation in UDP.
+//!
+//! The device, as upstream sets it up:
+//! `ip tuntap add flannel0 mode tun`, `ip link set flannel0 mtu EXT_MTU-28 up`,
+//! `ip addr add <own subnet network address>/32 dev flannel0`,
+//! `ip route replace <cluster network> dev flannel0`.
+//! The kernel routes every packet for another node's pods into `flannel0`;
+//! flanneld reads it, looks the destination up in the peer table and sends
+//! the bare IP packet as the payload of a UDP datagram to the peer's PublicIP
+//! on the backend port (8285): upstream's wire format, so flannel-rs and
+//! upstream nodes interoperate. Received datagrams are checked
+//! ([`flannel_core::udp`]) and written to `flannel0`.
+//!
+//! Built for throughput:
+//! - `flannel0` is multi-queue with offloads (`IFF_MULTI_QUEUE|IFF_VNET_HDR`,
+//!   TSO/USO): one read returns a 64 KiB TCP super-packet, split into
+//!   MTU-sized packets in userspace, and writes coalesce a batch of TCP
+//!   segments back into one super-packet (tun-rs does both);
+//! - the packets of one read that go to the same peer leave in one
+//!   `sendmsg` with UDP GSO, and receiving uses `recvmmsg` with UDP GRO
+//!   (quinn-udp);
+//! - one egress and one ingress thread per queue (queues = cores, at most
+//!   4). The kernel spreads flows over the TUN queues; each egress thread
+//!   sends from its own source port, so the peer's `SO_REUSEPORT` group of
+//!   receive sockets (one per ingress thread) spreads them again. A flow
+//!   stays on one thread both ways, so it is never reordered;
+//! - buffers are allocated once per thread; the peer table is an immutable
+//!   snapshot swapped in whole on lease changes (arc-swap), so the packet
+//!   path takes no lock and allocates nothing.
+//!
+//! Deliberate differences from upstream:
+//! - the datagram source must be a current udp lease's PublicIP, and an
+//!   inner source inside the cluster network must be in that peer's subnet
+//!   (upstream forwards whatever arrives); drops are counted;
+//! - datagrams are sent from per-thread ephemeral ports (upstream sends from
+//!   8285); receivers of both kinds accept any source port;
+//! - TTL is left to the kernel (it decrements it when routing into and out
+//!   of `flannel0`); upstream decrements it once more in its proxy;
+//! - `flannel0` is persistent: SIGTERM leaves it (and its route) in place as
+//!   the other backends leave theirs, and a restart attaches to it again.
+//!
+//! The counters are written as JSON to `--udp-stats-file` every second
+//! when they change and logged periodically.
+
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use flannel_core::datapath::Route;
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
+use flannel_core::udp::{Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS};
+use flannel_core::wire;
+use flannel_netlink::{Link, Netlink};
+use ipnet::{IpNet, Ipv4Net};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+/// The backend's `Type` and the lease's `BackendType`.
+pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
+
+/// Default `--udp-stats-file`.
+pub const DEFAULT_STATS_FILE: &str = "/run/flannel/udp-stats.json";
+
+/// Most queues (and thread pairs) used.
+const MAX_QUEUES: usize = 4;
+/// Packets one egress batch holds (tun-rs's ideal batch is 128).
+const TX_SLOTS: usize = 256;
+/// A read is attempted only while this many slots are free: a 64 KiB
+/// super-packet with a small MSS splits into up to this many packets.
+const TX_READ_ROOM: usize = 128;
+/// Largest UDP payload a GSO send may carry in total (64 KiB less the
+/// outer IPv4 and UDP headers).
+const GSO_MAX_BYTES: usize = 65_507;
+/// Datagram buffers per `recvmmsg`.
+const RX_SLOTS: usize = 32;
+/// Bytes per receive buffer: the largest UDP GRO aggregate (64 KiB).
+const RX_SLOT_BYTES: usize = 65_536;
+/// Packets written to the TUN device per batch.
+const TUN_WRITE_SLOTS: usize = 128;
+/// How long an idle thread sleeps in poll(2) before checking for shutdown.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How often the stats file is refreshed.
+const STATS_EVERY: Duration = Duration::from_secs(1);
+/// How often the counters are logged (when they changed).
+const STATS_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Errors of the udp backend, each naming what failed and what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error("creating the TUN device {device} (ip tuntap add {device} mode tun multi_queue): {source}; is /dev/net/tun available (modprobe tun)?")]
+    Tun {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("binding the udp backend socket to {addr} (Backend.Port): {source}; is another process using the port?")]
+    Bind {
+        addr: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting up the udp backend socket: {0}")]
+    Socket(#[source] io::Error),
+    #[error("spawning the {what} thread: {source}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("udp device {device}: {source}")]
+    Kernel {
+        device: String,
+        #[source]
+        source: flannel_netlink::Error,
+    },
+}
+
+/// Everything the udp datapath needs; part of the reconciler's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpSpec {
+    /// `flannel0`.
+    pub device: String,
+    /// `<own subnet network address>/32`.
+    pub address: Ipv4Net,
+    /// The cluster network, routed into the device.
+    pub network: Ipv4Net,
+    /// Device MTU: the pod MTU (external MTU - 28, or `Backend.MTU`).
+    pub mtu: u32,
+    /// `Backend.Port` (8285).
+    pub port: u16,
+    /// The external interface's address: the sockets bind to it.
+    pub bind: Ipv4Addr,
+    /// Where the counters are written as JSON (`--udp-stats-file`).
+    pub stats_file: Option<PathBuf>,
+}
+
+impl UdpSpec {
+    /// The spec for our subnet.
+    pub fn new(
+        own_subnet: Ipv4Net,
+        network: Ipv4Net,
+        mtu: u32,
+        port: u16,
+        bind: Ipv4Addr,
+        stats_file: Option<PathBuf>,
+    ) -> UdpSpec {
+        UdpSpec {
+            device: wire::UDP_TUN_DEVICE.to_string(),
+            address: Ipv4Net::new(own_subnet.network(), 32).expect("/32 is a valid prefix"),
+            network,
+            mtu,
+            port,
+            bind,
+            stats_file,
+        }
+    }
+
+    /// `<network> dev <ifindex>`: the route that sends the cluster network into the device.
+    pub fn cluster_route(&self, ifindex: u32) -> Route {
+        Route {
+            dst: IpNet::V4(self.network),
+            gateway: None,
+            oif: ifindex,
+            onlink: false,
+        }
+    }
+}
+
+/// The attributes we publish with our lease: a PublicIP and no backend
+/// data, as upstream's udp backend.
+pub fn lease_attrs(public_ip: Ipv4Addr) -> LeaseAttrs {
+    LeaseAttrs::new(BACKEND_TYPE, Some(public_ip), None)
+}
+
+/// Whether `link` is the udp backend's TUN device left over from an
+/// earlier run (`flannel0` of kind tun).
+pub fn is_udp_leftover(link: &Link) -> bool {
+    link.name == wire::UDP_TUN_DEVICE && link.kind.as_deref() == Some("tun")
+}
+
+/// Deletes `flannel0` left by the udp backend (`ip link del flannel0`) when
+/// this node now runs another backend; its route goes with it. Returns a
+/// line per device removed.
+pub fn remove_udp_leftovers(nl: &mut Netlink) -> Result<Vec<String>, UdpError> {
+    let k = |source| UdpError::Kernel {
+        device: wire::UDP_TUN_DEVICE.to_string(),
+        source,
+    };
+    let Some(link) = nl.link_by_name(wire::UDP_TUN_DEVICE).map_err(k)? else {
+        return Ok(Vec::new());
+    };
+    if !is_udp_leftover(&link) {
+        return Ok(Vec::new());
+    }
+    nl.del_link(link.index).map_err(k)?;
+    Ok(vec![format!(
+        "removed {} (ifindex {}), left over from the udp backend, with its route",
+        link.name, link.index
+    )])
+}
+
+/// The counters shared by the threads: relaxed atomics, added once per batch.
+#[derive(Debug, Default)]
+struct SharedCounters([AtomicU64; COUNTERS]);
+
+impl SharedCounters {
+    fn add(&self, c: &Counters) {
+        for (slot, v) in self.0.iter().zip(c.to_array()) {
+            if v != 0 {
+                slot.fetch_add(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Counters {
+        let mut a = [0u64; COUNTERS];
+        for (v, slot) in a.iter_mut().zip(self.0.iter()) {
+            *v = slot.load(Ordering::Relaxed);
+        }
+        Counters::from_array(a)
+    }
+}
+
+/// State shared between the datapath handle and its threads.
+struct Shared {
+    peers: ArcSwap<PeerTable>,
+    counters: SharedCounters,
+    stop: AtomicBool,
+    /// Set by a thread that stopped on a fatal error (the device is gone).
+    failed: AtomicBool,
+    port: u16,
+}
+
+/// The running datapath: the TUN queues, the sockets and the threads.
+/// Dropping it stops and joins the threads; `flannel0` (persistent) stays.
+pub struct UdpDatapath {
+    spec: UdpSpec,
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    /// Counters of earlier generations of threads (restarts after the
+    /// device was deleted), so the totals never go backwards.
+    base: Counters,
+    queues: usize,
+}
+
+impl std::fmt::Debug for UdpDatapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UdpDatapath")
+            .field("device", &self.spec.device)
+            .field("queues", &self.queues)
+            .finish()
+    }
+}
+
+/// Opens `flannel0` with `queues` queues, multi-queue with offloads, and
+/// makes it persistent. An existing `flannel0` that cannot be attached to
+/// (a TUN of other flags, left by another program) is deleted and created
+/// anew.
+fn open_tun(nl: &mut Netlink, name: &str, queues: usize) -> Result<Vec<SyncDevice>, UdpError> {
+    let tun_err = |source| UdpError::Tun {
+        device: name.to_string(),
+        source,
+    };
+    let build = || {
+        DeviceBuilder::new()
+            .name(name)
+            .with(|b| {
+                b.multi_queue(true);
+                b.offload(true);
+            })
+            .build_sync()
+    };
+    let first = match build() {
+        Ok(d) => d,
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) =>
+        {
+            // Another kind of device, or a TUN of other flags: ours to replace.
+            let k = |source| UdpError::Kernel {
+                device: name.to_string(),
+                source,
+            };
+            if let Some(l) = nl.link_by_name(name).map_err(k)? {
+                tracing::warn!(device = name, kind = ?l.kind, error = %e, "cannot attach to the existing device; recreating it");
+                nl.del_link(l.index).map_err(k)?;
+            }
+            build().map_err(tun_err)?
+        }
+        Err(e) => return Err(tun_err(e)),
+    };
+    first.persist().map_err(tun_err)?;
+    let mut devs = Vec::with_capacity(queues);
+    for _ in 1..queues {
+        devs.push(first.try_clone().map_err(tun_err)?);
+    }
+    devs.insert(0, first);
+    for d in &devs {
+        d.set_nonblocking(true).map_err(tun_err)?;
+    }
+    Ok(devs)
+}
+
+fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpError> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd: OwnedFd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| UdpError::Socket(e.into()))?;
+    if reuse_port {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)
+            .map_err(|e| UdpError::Socket(e.into()))?;
+    }
+    // Deep buffers absorb bursts while a thread is descheduled.
+    let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
+    let _ = socket::setsockopt(&fd, sockopt::SndBuf, &(4 << 20));
+    socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(|e| UdpError::Bind {
+        addr,
+        source: e.into(),
+    })?;
+    Ok(UdpSocket::from(fd))
+}
+
+/// How many queues: one per core, at most [`MAX_QUEUES`].
+fn queue_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, MAX_QUEUES)
+}
+
+impl UdpDatapath {
+    /// Opens `flannel0`, binds the sockets and starts the threads. The
+    /// device's address, MTU, up state and route are [`UdpDatapath::ensure`]'s.
+    pub fn start(nl: &mut Netlink, spec: &UdpSpec) -> Result<UdpDatapath, UdpError> {
+        UdpDatapath::start_with(nl, spec, Counters::default(), PeerTable::default())
+    }
+
+    fn start_with(
+        nl: &mut Netlink,
+        spec: &UdpSpec,
+        base: Counters,
+        peers: PeerTable,
+    ) -> Result<UdpDatapath, UdpError> {
+        let queues = queue_count();
+        // Sockets first: a port in use fails before the device is touched.
+        let listen = SocketAddrV4::new(spec.bind, spec.port);
+        let mut rx = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            rx.push(udp_socket(listen, true)?);
+        }
+        let mut tx = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            tx.push(udp_socket(SocketAddrV4::new(spec.bind, 0), false)?);
+        }
+        let devs = open_tun(nl, &spec.device, queues)?;
+        let shared = Arc::new(Shared {
+            peers: ArcSwap::from_pointee(peers),
+            counters: SharedCounters::default(),
+            stop: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            port: spec.port,
+        });
+        let mut dp = UdpDatapath {
+            spec: spec.clone(),
+            shared: shared.clone(),
+            threads: Vec::new(),
+            base,
+            queues,
+        };
+        let offload = devs[0].tcp_gso();
+        for (q, ((dev, rx), tx)) in devs.into_iter().zip(rx).zip(tx).enumerate() {
+            let dev = Arc::new(dev);
+            let (d, s, sh) = (dev.clone(), tx, shared.clone());
+            let slot = (spec.mtu as usize).max(68);
+            dp.spawn(format!("udp-tx{q}"), move || egress_loop(&d, &s, &sh, slot))?;
+            let (d, s, sh) = (dev, rx, shared.clone());
+            dp.spawn(format!("udp-rx{q}"), move || ingress_loop(&d, &s, &sh))?;
+        }
+        if let Some(path) = spec.stats_file.clone() {
+            let sh = shared.clone();
+            let base = dp.base;
+            dp.spawn("udp-stats".into(), move || stats_loop(&sh, base, &path))?;
+        }
+        tracing::info!(device = %spec.device, queues, offload, listen = %listen, "udp datapath started");
+        Ok(dp)
+    }
+
+    fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<(), UdpError> {
+        let h = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(f)
+            .map_err(|source| UdpError::Spawn { what: name, source })?;
+        self.threads.push(h);
+        Ok(())
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> Counters {
+        let mut c = self.base;
+        c.add(&self.shared.counters.snapshot());
+        c
+    }
+
+    /// Swaps in the peer table; returns whether the peers changed.
+    pub fn set_peers(&self, table: PeerTable) -> bool {
+        let changed = self.shared.peers.load().peers() != table.peers();
+        if changed {
+            self.shared.peers.store(Arc::new(table));
+        }
+        changed
+    }
+
+    /// The peers in use.
+    pub fn peers(&self) -> Vec<UdpPeer> {
+        self.shared.peers.load().peers().to_vec()
+    }
+
+    /// Makes the kernel hold our device as `spec` wants it: restarts the
+    /// datapath when the device vanished, a thread failed or the spec
+    /// changed (another subnet, port or MTU), then fixes MTU, address, up
+    /// state and the cluster route in place. Returns the device's index and
+    /// a line per change.
+    pub fn ensure(
+        this: &mut Option<UdpDatapath>,
+        nl: &mut Netlink,
+        spec: &UdpSpec,
+    ) -> Result<(u32, Vec<String>), UdpError> {
+        let k = |source| UdpError::Kernel {
+            device: spec.device.clone(),
+            source,
+        };
+        let mut changes = Vec::new();
+        let link = nl.link_by_name(&spec.device).map_err(k)?;
+        let restart_why = match (&*this, &link) {
+            (None, _) => Some("starting"),
+            (Some(_), None) => Some("the device was deleted"),
+            (Some(dp), Some(_)) if dp.shared.failed.load(Ordering::Relaxed) => {
+                Some("a datapath thread stopped")
+            }
+            (Some(dp), Some(_)) if dp.spec.port != spec.port || dp.spec.bind != spec.bind => {
+                Some("the port or address changed")
+            }
+            _ => None,
+        };
+        if let Some(why) = restart_why {
+            let (base, peers) = match this.take() {
+                Some(old) => {
+                    let c = old.counters();
+                    let p = (*old.shared.peers.load_full()).clone();
+                    drop(old);
+                    (c, p)
+                }
+                None => (Counters::default(), PeerTable::default()),
+            };
+            let dp = UdpDatapath::start_with(nl, spec, base, peers)?;
+            if why != "starting" {
+                changes.push(format!(
+                    "restarted the udp datapath on {} ({why})",
+                    spec.device
+                ));
+            }
+            *this = Some(dp);
+        }
+        let dp = this.as_mut().expect("started above");
+        dp.spec = spec.clone();
+        let link = nl.link_by_name(&spec.device).map_err(k)?.ok_or_else(|| {
+            k(flannel_netlink::Error::LinkNotFound {
+                op: "ip link show".into(),
+                name: spec.device.clone(),
+            })
+        })?;
+        if link.mtu != spec.mtu {
+            nl.set_link_mtu(link.index, spec.mtu).map_err(k)?;
+            changes.push(format!(
+                "set {} mtu {} (was {})",
+                spec.device, spec.mtu, link.mtu
+            ));
+        }
+        let want_addr = IpNet::V4(spec.address);
+        let addrs = nl.list_addresses(link.index).map_err(k)?;
+        if !addrs.contains(&want_addr) {
+            nl.add_address(link.index, want_addr).map_err(k)?;
+            changes.push(format!("added address {want_addr} to {}", spec.device));
+        }
+        for a in addrs
+            .iter()
+            .filter(|a| a.addr().is_ipv4() && **a != want_addr)
+        {
+            nl.del_address(link.index, *a).map_err(k)?;
+            changes.push(format!("removed stale address {a} from {}", spec.device));
+        }
+        if !link.up {
+            nl.set_link_up(link.index).map_err(k)?;
+            changes.push(format!("set {} up", spec.device));
+        }
+        let route = spec.cluster_route(link.index);
+        let routes = nl.list_routes().map_err(k)?;
+        if !routes.contains(&route) {
+            nl.replace_route(&route).map_err(k)?;
+            changes.push(format!("added route {} dev {}", spec.network, spec.device));
+        }
+        Ok((link.index, changes))
+    }
+}
+
+impl Drop for UdpDatapath {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The peer table for `leases`.
+pub fn peer_table(
+    network: Ipv4Net,
+    leases: &[Lease],
+    own: &LeaseKey,
+    now: SystemTime,
+) -> PeerTable {
+    PeerTable::from_leases(network, leases, Some(own), now)
+}
+
+/// Waits until `fd` is ready for `events` or [`IDLE_POLL`] passes.
+fn wait_ready(fd: impl AsFd, events: nix::poll::PollFlags) {
+    use nix::poll::{poll, PollFd, PollTimeout};
+    let mut fds = [PollFd::new(fd.as_fd(), events)];
+    let ms = IDLE_POLL.as_millis() as u16;
+    let _ = poll(&mut fds, PollTimeout::from(ms));
+}
+
+/// Whether a TUN error means the device is gone (deleted under us).
+fn device_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADFD) | Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO)
+    )
+}
+
+/// Logs a recurring error at most once per ten seconds per thread.
+struct RateLimited(Option<Instant>);
+
+impl RateLimited {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        match self.0 {
+            Some(t) if now.duration_since(t) < Duration::from_secs(10) => false,
+            _ => {
+                self.0 = Some(now);
+                true
+            }
+        }
+    }
+}
+
+/// TUN -> UDP for one queue.
+///
+/// Packets land in one buffer at a fixed stride (`slot`, the device MTU):
+/// TCP segments split from a super-packet are exactly MTU-sized, so the
+/// segments of one read that go to the same peer already lie back to back
+/// and leave in one GSO `sendmsg` without another copy.
+fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
+    let state = match UdpSocketState::new(UdpSockRef::from(sock)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "udp egress: socket setup failed");
+            sh.failed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    let max_segments = state
+        .max_gso_segments()
+        .clamp(1, GSO_MAX_BYTES / slot.max(1))
+        .max(1);
+    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
+    let mut packets = vec![0u8; TX_SLOTS * slot];
+    let mut sizes = vec![0usize; TX_SLOTS];
+    let mut warn = RateLimited(None);
+    let offload = dev.tcp_gso();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let mut n = 0;
+        while n + TX_READ_ROOM <= TX_SLOTS {
+            let r = {
+                let mut it = packets[n * slot..].chunks_exact_mut(slot);
+                let mut bufs: [&mut [u8]; TX_READ_ROOM] =
+                    std::array::from_fn(|_| it.next().expect("room checked"));
+                if offload {
+                    dev.recv_multiple(&mut raw, &mut bufs, &mut sizes[n..n + TX_READ_ROOM], 0)
+                } else {
+                    dev.recv(bufs[0]).map(|len| {
+                        sizes[n] = len;
+                        1
+                    })
+                }
+            };
+            match r {
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if device_gone(&e) => {
+                    tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
+                    sh.failed.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    // A packet tun-rs could not split (odd GSO metadata) or
+                    // larger than the MTU: dropped.
+                    let mut c = Counters::default();
+                    c.dropped_tun_invalid += 1;
+                    sh.counters.add(&c);
+                    if warn.ready() {
+                        tracing::warn!(error = %e, "udp egress: dropped a packet read from the TUN device");
+                    }
+                }
+            }
+        }
+        if n == 0 {
+            wait_ready(dev, nix::poll::PollFlags::POLLIN);
+            continue;
+        }
+        let table = sh.peers.load();
+        let mut c = Counters::default();
+        // The open group: destination, first index, segments, bytes, and
+        // whether its last segment was full (so another may follow).
+        let mut group: Option<Group> = None;
+        for i in 0..n {
+            let at = i * slot;
+            let v = table.egress(&packets[at..at + sizes[i]]);
+            c.count_egress(&v);
+            let Egress::Forward { peer, len } = v else {
+                continue;
+            };
+            let joins = group.as_ref().is_some_and(|g| {
+                g.peer == peer
+                    && g.open
+                    && g.first + g.count == i
+                    && g.count < max_segments
+                    && g.bytes + len <= GSO_MAX_BYTES
+            });
+            if joins {
+                let g = group.as_mut().expect("checked");
+                g.count += 1;
+                g.bytes += len;
+                g.open = len == slot;
+            } else {
+                if let Some(g) = group.take() {
+                    g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
+                }
+                group = Some(Group {
+                    peer,
+                    first: i,
+                    count: 1,
+                    bytes: len,
+                    open: len == slot,
+                });
+            }
+        }
+        if let Some(g) = group.take() {
+            g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
+        }
+        sh.counters.add(&c);
+    }
+}
+
+/// Consecutive packets to one peer, all but the last exactly `slot` bytes:
+/// one GSO send of `slot`-sized segments.
+struct Group {
+    peer: Ipv4Addr,
+    first: usize,
+    count: usize,
+    bytes: usize,
+    open: bool,
+}
+
+impl Group {
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        sock: &UdpSocket,
+        state: &UdpSocketState,
+        sh: &Shared,
+        packets: &[u8],
+        slot: usize,
+        c: &mut Counters,
+        warn: &mut RateLimited,
+    ) {
+        let at = self.first * slot;
+        let t = Transmit {
+            destination: SocketAddr::V4(SocketAddrV4::new(self.peer, sh.port)),
+            ecn: None,
+            contents: &packets[at..at + self.bytes],
+            segment_size: (self.count > 1).then_some(slot),
+            src_ip: None,
+        };
+        loop {
+            match state.try_send(UdpSockRef::from(sock), &t) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if sh.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    wait_ready(sock, nix::poll::PollFlags::POLLOUT);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let n = self.count as u64;
+                    c.send_errors += n;
+                    c.tx_packets = c.tx_packets.saturating_sub(n);
+                    c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
+                    if warn.ready() {
+                        tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// UDP -> TUN for one queue.
+fn ingress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared) {
+    let state = match UdpSocketState::new(UdpSockRef::from(sock)) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "udp ingress: socket setup failed");
+            sh.failed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    let mut rx: Vec<Vec<u8>> = (0..RX_SLOTS).map(|_| vec![0u8; RX_SLOT_BYTES]).collect();
+    let mut meta = vec![RecvMeta::default(); RX_SLOTS];
+    // Each write buffer can grow to a coalesced 64 KiB super-packet.
+    let mut wbufs: Vec<Vec<u8>> = (0..TUN_WRITE_SLOTS)
+        .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
+        .collect();
+    let mut gro = GROTable::default();
+    let mut warn = RateLimited(None);
+    while !sh.stop.load(Ordering::Relaxed) {
+        let got = {
+            let mut it = rx.iter_mut();
+            let mut iovs: [IoSliceMut<'_>; RX_SLOTS] =
+                std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RX_SLOTS buffers")));
+            state.recv(UdpSockRef::from(sock), &mut iovs, &mut meta)
+        };
+        let msgs = match got {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                wait_ready(sock, nix::poll::PollFlags::POLLIN);
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // ICMP errors reported on the socket and the like: keep going.
+                if warn.ready() {
+                    tracing::warn!(error = %e, "udp ingress: receive failed");
+                }
+                continue;
+            }
+        };
+        let table = sh.peers.load();
+        let mut c = Counters::default();
+        let mut w = 0;
+        for (m, buf) in meta.iter().zip(rx.iter()).take(msgs) {
+            let from = match m.addr.ip() {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                    Some(v4) => v4,
+                    None => {
+                        c.dropped_spoofed += 1;
+                        continue;
+                    }
+                },
+            };
+            let stride = m.stride.max(1);
+            for d in buf[..m.len].chunks(stride) {
+                let v = table.ingress(from, d);
+                c.count_ingress(&v);
+                let Ingress::Deliver { len } = v else {
+                    continue;
+                };
+                let b = &mut wbufs[w];
+                b.clear();
+                b.resize(VIRTIO_NET_HDR_LEN, 0);
+                b.extend_from_slice(&d[..len]);
+                w += 1;
+                if w == TUN_WRITE_SLOTS {
+                    if !write_tun(dev, &mut gro, &mut wbufs[..w], sh, &mut c, &mut warn) {
+                        return;
+                    }
+                    w = 0;
+                }
+            }
+        }
+        if w > 0 && !write_tun(dev, &mut gro, &mut wbufs[..w], sh, &mut c, &mut warn) {
+            return;
+        }
+        sh.counters.add(&c);
+    }
+}
+
+/// Writes a batch to the TUN device (TCP segments coalesced when offloads
+/// are on); false when the device is gone.
+fn write_tun(
+    dev: &SyncDevice,
+    gro: &mut GROTable,
+    bufs: &mut [Vec<u8>],
+    sh: &Shared,
+    c: &mut Counters,
+    warn: &mut RateLimited,
+) -> bool {
+    match dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+        Ok(_) => true,
+        Err(e) if device_gone(&e) => {
+            sh.counters.add(c);
+            *c = Counters::default();
+            tracing::warn!(error = %e, "udp ingress: the TUN device is gone; the next pass recreates it");
+            sh.failed.store(true, Ordering::Relaxed);
+            false
+        }
+        Err(e) => {
+            c.tun_write_errors += 1;
+            if warn.ready() {
+                tracing::warn!(error = %e, "udp ingress: writing to the TUN device failed");
+            }
+            true
+        }
+    }
+}
+
+/// Writes the counters to `path` (atomically) every second when they
+/// changed, and logs them every minute when they changed.
+fn stats_loop(sh: &Shared, base: Counters, path: &std::path::Path) {
+    let mut last_written: Option<Counters> = None;
+    let mut last_logged = Counters::default();
+    let mut logged_at = Instant::now();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let mut c = base;
+        c.add(&sh.counters.snapshot());
+        if last_written != Some(c) {
+            if let Err(e) = write_stats(path, &c) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the udp stats file");
+            }
+            last_written = Some(c);
+        }
+        if logged_at.elapsed() >= STATS_LOG_EVERY && c != last_logged {
+            log_counters(&c);
+            last_logged = c;
+            logged_at = Instant::now();
+        }
+        // Sleep in short steps so shutdown is prompt.
+        let until = Instant::now() + STATS_EVERY;
+        while Instant::now() < until && !sh.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let mut c = base;
+    c.add(&sh.counters.snapshot());
+    let _ = write_stats(path, &c);
+}
+
+/// Logs the counters (one line).
+pub fn log_counters(c: &Counters) {
+    tracing::info!(
+        tx_packets = c.tx_packets,
+        tx_bytes = c.tx_bytes,
+        rx_packets = c.rx_packets,
+        rx_bytes = c.rx_bytes,
+        dropped_spoofed = c.dropped_spoofed,
+        dropped_malformed = c.dropped_malformed,
+        dropped_no_route = c.dropped_no_route,
+        dropped_tun_invalid = c.dropped_tun_invalid,
+        send_errors = c.send_errors,
+        tun_write_errors = c.tun_write_errors,
+        "udp datapath counters"
+    );
+}
+
+fn write_stats(path: &std::path::Path, c: &Counters) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(c).map_err(io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_has_no_backend_data() {
+        assert_eq!(
+            serde_json::to_string(&lease_attrs(Ipv4Addr::new(172, 16, 1, 14))).unwrap(),
+            r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"udp"}"#
+        );
+    }
+
+    #[test]
+    fn spec_address_and_route() {
+        let s = UdpSpec::new(
+            "10.244.1.0/24".parse().unwrap(),
+            "10.244.0.0/16".parse().unwrap(),
+            1472,
+            8285,
+            Ipv4Addr::new(172, 16, 1, 14),
+            None,
+        );
+        assert_eq!(s.device, "flannel0");
+        assert_eq!(s.address, "10.244.1.0/32".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            s.cluster_route(7),
+            Route {
+                dst: "10.244.0.0/16".parse().unwrap(),
+                gateway: None,
+                oif: 7,
+                onlink: false
+            }
+        );
+    }
+
+    #[test]
+    fn leftover_is_flannel0_of_kind_tun_only() {
+        let mut l = Link {
+            index: 5,
+            name: "flannel0".into(),
+            mtu: 1472,
+            mac: None,
+            kind: Some("tun".into()),
+            up: true,
+            master: None,
+            vxlan: None,
+        };
+        assert!(is_udp_leftover(&l));
+        l.kind = Some("bridge".into());
+        assert!(!is_udp_leftover(&l));
+        l.kind = Some("tun".into());
+        l.name = "tun0".into();
+        assert!(!is_udp_leftover(&l));
+    }
+
+    #[test]
+    fn shared_counters_sum() {
+        let s = SharedCounters::default();
+        let c = Counters {
+            rx_packets: 2,
+            dropped_spoofed: 1,
+            ..Counters::default()
+        };
+        s.add(&c);
+        s.add(&c);
+        assert_eq!(s.snapshot().rx_packets, 4);
+        assert_eq!(s.snapshot().dropped_spoofed, 2);
+    }
+}

@@ -1,0 +1,838 @@
+//! Root integration tests of the udp backend: real `flanneld` processes in
+//! network namespaces.
+//!
+//! Topology: a "switch" namespace with a bridge (172.16.1.1/24, the address
+//! spoofed datagrams come from), one namespace per node joined to it by a
+//! veth pair (node side `eth0`, 172.16.1.1N/24), leases in a temporary
+//! local-store directory. Each node gets its subnet's first address on `lo`
+//! as a ping target standing in for a pod. Namespaces, processes (killed by
+//! PID) and directories go on drop, also on panic.
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flannel_core::datapath::Route;
+use flannel_core::lease::{Lease, BACKEND_UDP, BACKEND_VXLAN};
+use flannel_core::subnet_env::SubnetEnv;
+use flannel_core::udp::{fill_ipv4_checksum, Counters};
+use flannel_netlink::netns::ScopedNetNs;
+use flannel_netlink::{Link, Netlink};
+use flannel_store::{LocalStore, Store};
+use ipnet::{IpNet, Ipv4Net};
+
+mod common;
+use common::{read_log, require_root, wait_for, TempDir};
+
+const NETWORK: &str = "10.244.0.0/16";
+const UDP: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#;
+const VXLAN: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const PORT: u16 = 8285;
+const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A flanneld process, killed by PID and reaped on drop.
+struct Daemon(Option<Child>);
+
+impl Daemon {
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self, log: &Path) {
+        let mut c = self.0.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "flanneld exited with {st}; log:\n{}",
+                    read_log(log)
+                );
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Node {
+    ip: Ipv4Addr,
+    dir: PathBuf,
+    ns: ScopedNetNs,
+}
+
+impl Node {
+    fn log(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+    fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+    fn stats_file(&self) -> PathBuf {
+        self.dir.join("udp-stats.json")
+    }
+    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
+        self.ns
+            .run(|| f(&mut Netlink::open().expect("open netlink")))
+            .expect("run in namespace")
+    }
+    fn subnet_env(&self) -> Option<SubnetEnv> {
+        SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?).ok()
+    }
+    fn link(&self, name: &str) -> Option<Link> {
+        let name = name.to_string();
+        self.nl(move |nl| nl.link_by_name(&name).unwrap())
+    }
+    fn counters(&self) -> Option<Counters> {
+        serde_json::from_str(&fs::read_to_string(self.stats_file()).ok()?).ok()
+    }
+    /// Routes inside the cluster network (any device), sorted.
+    fn cluster_routes(&self) -> Vec<Route> {
+        let net: IpNet = NETWORK.parse().unwrap();
+        let mut r: Vec<Route> = self
+            .nl(|nl| nl.list_routes().unwrap())
+            .into_iter()
+            .filter(|r| net.contains(&r.dst))
+            .collect();
+        r.sort();
+        r
+    }
+    /// Puts the subnet's first address on lo (idempotent).
+    fn add_target(&self, subnet: Ipv4Net) {
+        let a = IpNet::V4(Ipv4Net::new(first(subnet), 32).unwrap());
+        self.nl(|nl| {
+            let lo = nl.link_by_name("lo").unwrap().unwrap();
+            if !nl.list_addresses(lo.index).unwrap().contains(&a) {
+                nl.add_address(lo.index, a).unwrap();
+            }
+            nl.set_link_up(lo.index).unwrap();
+        });
+    }
+    /// Sends `payload` in a UDP datagram from `src` (an address of this
+    /// node's namespace, ephemeral port) to `dst`.
+    fn send_datagram(&self, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) {
+        self.ns
+            .run(|| {
+                let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
+                s.send_to(payload, dst).unwrap();
+            })
+            .unwrap();
+    }
+}
+
+fn first(s: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(s.network()) + 1)
+}
+
+/// An IPv4/UDP packet (UDP checksum 0: none) from `src` to `dst`, as a pod sends it.
+fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.ip().octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    p[20..22].copy_from_slice(&src.port().to_be_bytes());
+    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    fill_ipv4_checksum(&mut p);
+    p
+}
+
+fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+        ])
+        .arg(src.to_string())
+        .arg(dst.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Switch + nodes + store. Field order is drop order.
+struct Cluster {
+    nodes: Vec<Node>,
+    _switch: ScopedNetNs,
+    store: PathBuf,
+    config: PathBuf,
+    _tmp: TempDir,
+}
+
+impl Cluster {
+    fn new(tag: &str, n: usize, config: &str) -> Cluster {
+        require_root();
+        let tmp = TempDir::new(&format!("udp-{tag}"));
+        let (switch, underlay) = common::underlay("fdudp", n, Some("172.16.1.1/24"));
+        let mut nodes = Vec::new();
+        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
+            let dir = tmp.0.join(format!("node{}", idx + 1));
+            fs::create_dir_all(&dir).unwrap();
+            nodes.push(Node { ip, dir, ns });
+        }
+        let c = Cluster {
+            nodes,
+            _switch: switch,
+            store: tmp.0.join("store"),
+            config: tmp.0.join("net-conf.json"),
+            _tmp: tmp,
+        };
+        c.set_config(config);
+        c
+    }
+
+    fn set_config(&self, config: &str) {
+        fs::write(&self.config, config).unwrap();
+    }
+
+    fn start(&self, i: usize) -> Daemon {
+        let node = &self.nodes[i];
+        let subnet_file = node.subnet_file();
+        let stats_file = node.stats_file();
+        let args = [
+            "--iface",
+            "eth0",
+            "--local-store",
+            self.store.to_str().unwrap(),
+            "--net-config-path",
+            self.config.to_str().unwrap(),
+            "--subnet-file",
+            subnet_file.to_str().unwrap(),
+            "--udp-stats-file",
+            stats_file.to_str().unwrap(),
+            "--resync-interval",
+            "30",
+            "--log-level",
+            "debug",
+        ];
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log())
+            .unwrap();
+        let fd = node.ns.fd().as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("FLANNELD_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: only async-signal-safe syscalls between fork and exec:
+        // setns(2) into the node's namespace and prctl(2) so the daemon
+        // dies with the test.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sched::setns(
+                    BorrowedFd::borrow_raw(fd),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )?;
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                Ok(())
+            });
+        }
+        Daemon(Some(cmd.spawn().expect("spawn flanneld")))
+    }
+
+    fn stop(&self, i: usize, d: Daemon) {
+        d.stop(&self.nodes[i].log());
+    }
+
+    /// Waits for node `i`'s subnet.env; returns its subnet.
+    fn wait_subnet(&self, i: usize, d: &mut Daemon) -> Ipv4Net {
+        let node = &self.nodes[i];
+        wait_for("subnet.env", Duration::from_secs(15), || {
+            if let Ok(Some(st)) = d.0.as_mut().unwrap().try_wait() {
+                panic!("flanneld exited with {st}; log:\n{}", read_log(&node.log()));
+            }
+            node.subnet_env()?.lease_key()?.ipv4
+        })
+    }
+
+    fn leases(&self) -> Vec<Lease> {
+        block_on(async {
+            let store = LocalStore::open(&self.store).unwrap();
+            store.list_leases().await.unwrap().leases
+        })
+    }
+
+    fn wait_mtu(&self, i: usize, mtu: u32) {
+        wait_for(
+            &format!("FLANNEL_MTU={mtu}"),
+            Duration::from_secs(10),
+            || (self.nodes[i].subnet_env()?.mtu == mtu).then_some(()),
+        );
+    }
+
+    fn wait_ping(&self, i: usize, src: Ipv4Net, dst: Ipv4Net) {
+        let node = &self.nodes[i];
+        let start = Instant::now();
+        while !ping(node, first(src), first(dst)) {
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "no ping from node{} {} to {}; log:\n{}",
+                    i + 1,
+                    first(src),
+                    first(dst),
+                    read_log(&node.log())
+                );
+            }
+        }
+    }
+
+    /// Waits until node `i`'s flannel0 is as the udp backend sets it up:
+    /// kind tun, MTU, `<subnet network>/32`, up, and the only route inside
+    /// the cluster network is `<network> dev flannel0`.
+    fn wait_flannel0(&self, i: usize, subnet: Ipv4Net, mtu: u32) {
+        let node = &self.nodes[i];
+        let start = Instant::now();
+        loop {
+            let state = node.link("flannel0").map(|l| {
+                let idx = l.index;
+                let addrs = node.nl(move |nl| nl.list_addresses(idx).unwrap());
+                (l, addrs)
+            });
+            let routes = node.cluster_routes();
+            let ok = match &state {
+                Some((l, addrs)) => {
+                    let want_route = Route {
+                        dst: NETWORK.parse().unwrap(),
+                        gateway: None,
+                        oif: l.index,
+                        onlink: false,
+                    };
+                    l.kind.as_deref() == Some("tun")
+                        && l.mtu == mtu
+                        && l.up
+                        && addrs == &vec![IpNet::V4(Ipv4Net::new(subnet.network(), 32).unwrap())]
+                        && routes == vec![want_route]
+                }
+                None => false,
+            };
+            if ok {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "node{} flannel0 {state:?}, cluster routes {routes:?}; log:\n{}",
+                    i + 1,
+                    read_log(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Node `i`'s counters once the stats file (rewritten every second
+    /// when they change) has caught up with the traffic so far.
+    fn settled_counters(&self, i: usize) -> Counters {
+        let mut last = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(1300));
+            let now = self.nodes[i].counters();
+            if let Some(c) = now.filter(|_| now == last) {
+                return c;
+            }
+            last = now;
+        }
+    }
+
+    /// Waits until node `i`'s counters satisfy `f`; returns them.
+    fn wait_counters(&self, i: usize, what: &str, f: impl Fn(&Counters) -> bool) -> Counters {
+        let node = &self.nodes[i];
+        let start = Instant::now();
+        loop {
+            let c = node.counters();
+            if let Some(c) = c.filter(|c| f(c)) {
+                return c;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "node{} counters {:?}: want {what}; log:\n{}",
+                    i + 1,
+                    node.counters(),
+                    read_log(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
+    let c = Cluster::new("three", 3, UDP);
+    let mut d: Vec<Daemon> = (0..3).map(|i| c.start(i)).collect();
+    let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+
+    // Leases as upstream's udp backend: BackendType udp, no BackendData.
+    for l in c.leases() {
+        assert_eq!(l.attrs.backend_type, BACKEND_UDP, "{l:?}");
+        let json = serde_json::to_value(&l.attrs).unwrap();
+        assert!(json.get("BackendData").is_none(), "{json}");
+    }
+    for (i, subnet) in subnets.iter().enumerate() {
+        let env = c.nodes[i].subnet_env().unwrap();
+        assert_eq!(env.mtu, 1472, "udp: pod MTU = eth0's MTU - 28");
+        c.wait_flannel0(i, *subnet, 1472);
+        assert!(c.nodes[i].link("flannel.1").is_none());
+        c.nodes[i].add_target(*subnet);
+    }
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                c.wait_ping(i, subnets[i], subnets[j]);
+            }
+        }
+    }
+    let base = c.wait_counters(0, "forwarded packets both ways", |k| {
+        k.tx_packets >= 2 && k.rx_packets >= 2
+    });
+    assert_eq!(
+        (base.dropped_spoofed, base.dropped_malformed),
+        (0, 0),
+        "{base:?}"
+    );
+
+    // Drift: the deleted cluster route comes back (netlink notification).
+    let ifindex = c.nodes[0].link("flannel0").unwrap().index;
+    let route = Route {
+        dst: NETWORK.parse().unwrap(),
+        gateway: None,
+        oif: ifindex,
+        onlink: false,
+    };
+    c.nodes[0].nl(|nl| nl.del_route(&route).unwrap());
+    c.wait_flannel0(0, subnets[0], 1472);
+    c.wait_ping(0, subnets[0], subnets[1]);
+    // So do the address and the up state.
+    c.nodes[0].nl(|nl| {
+        nl.del_address(
+            ifindex,
+            IpNet::V4(Ipv4Net::new(subnets[0].network(), 32).unwrap()),
+        )
+        .unwrap();
+        nl.set_link_down(ifindex).unwrap();
+    });
+    c.wait_flannel0(0, subnets[0], 1472);
+    c.wait_ping(0, subnets[0], subnets[2]);
+
+    // Interop: a datagram crafted as upstream sends it (the bare inner IPv4
+    // packet as the UDP payload, to port 8285) is delivered to the pod.
+    let node1 = SocketAddrV4::new(c.nodes[0].ip, PORT);
+    let pod1 = SocketAddrV4::new(first(subnets[0]), 5555);
+    let pod2 = SocketAddrV4::new(first(subnets[1]), 6666);
+    let got = c.nodes[0]
+        .ns
+        .run(|| {
+            let rx = UdpSocket::bind(pod1).unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = [0u8; 64];
+            for _ in 0..5 {
+                c.nodes[1].send_datagram(
+                    c.nodes[1].ip,
+                    node1,
+                    &inner_udp(pod2, pod1, b"from upstream"),
+                );
+                if let Ok((n, from)) = rx.recv_from(&mut buf) {
+                    return Some((buf[..n].to_vec(), from));
+                }
+            }
+            None
+        })
+        .unwrap();
+    let (payload, from) = got.expect("the upstream-format datagram was not delivered");
+    assert_eq!(payload, b"from upstream");
+    assert_eq!(from, std::net::SocketAddr::V4(pod2));
+
+    // Spoofed: from an address that is no lease's PublicIP (the switch),
+    // and from a peer carrying another node's pod address.
+    let before = c.settled_counters(0);
+    let pod3 = SocketAddrV4::new(first(subnets[2]), 7777);
+    let spoof_ns_ok = c._switch.run(|| {
+        let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
+        s.send_to(&inner_udp(pod2, pod1, b"spoofed"), node1)
+            .unwrap();
+    });
+    spoof_ns_ok.unwrap();
+    c.nodes[1].send_datagram(c.nodes[1].ip, node1, &inner_udp(pod3, pod1, b"spoofed"));
+    let after = c.wait_counters(0, "2 more spoofed drops", |k| {
+        k.dropped_spoofed >= before.dropped_spoofed + 2
+    });
+    assert_eq!(after.dropped_spoofed, before.dropped_spoofed + 2);
+    assert_eq!(
+        after.rx_packets, before.rx_packets,
+        "nothing spoofed delivered"
+    );
+
+    // Malformed, from a real peer: short, bad version, total length beyond the datagram.
+    let good = inner_udp(pod2, pod1, b"x");
+    let mut bad_version = good.clone();
+    bad_version[0] = 0x65;
+    let mut bad_length = good.clone();
+    bad_length[2..4].copy_from_slice(&200u16.to_be_bytes());
+    fill_ipv4_checksum(&mut bad_length);
+    for p in [&good[..12], &bad_version[..], &bad_length[..]] {
+        c.nodes[1].send_datagram(c.nodes[1].ip, node1, p);
+    }
+    let after2 = c.wait_counters(0, "3 more malformed drops", |k| {
+        k.dropped_malformed >= after.dropped_malformed + 3
+    });
+    assert_eq!(after2.dropped_malformed, after.dropped_malformed + 3);
+    assert_eq!(
+        after2.rx_packets, after.rx_packets,
+        "nothing malformed delivered"
+    );
+    c.wait_ping(0, subnets[0], subnets[1]);
+
+    // A peer's lease vanishes: no more forwarding to it, and its datagrams
+    // count as spoofed.
+    let d3 = d.pop().unwrap();
+    c.stop(2, d3);
+    let key3 = c
+        .leases()
+        .into_iter()
+        .find(|l| l.key.ipv4 == Some(subnets[2]))
+        .unwrap()
+        .key;
+    block_on(async {
+        LocalStore::open(&c.store)
+            .unwrap()
+            .delete_lease(&key3)
+            .await
+            .unwrap()
+    });
+    let log = c.nodes[0].log();
+    wait_for(
+        "node1's peer table without node3",
+        Duration::from_secs(10),
+        || {
+            let text = read_log(&log);
+            let last = text
+                .lines()
+                .rfind(|l| l.contains("udp peer table updated"))?
+                .to_string();
+            (!last.contains(&subnets[2].to_string()) && last.contains(&subnets[1].to_string()))
+                .then_some(())
+        },
+    );
+    let before = c.settled_counters(0);
+    assert!(!ping(&c.nodes[0], first(subnets[0]), first(subnets[2])));
+    let after = c.wait_counters(0, "a no-route drop", |k| {
+        k.dropped_no_route > before.dropped_no_route
+    });
+    assert_eq!(after.tx_packets, before.tx_packets, "nothing sent to node3");
+    c.nodes[2].send_datagram(c.nodes[2].ip, node1, &inner_udp(pod3, pod1, b"gone"));
+    c.wait_counters(0, "node3's datagram dropped as spoofed", |k| {
+        k.dropped_spoofed > after.dropped_spoofed
+    });
+    // The remaining peers still talk.
+    c.wait_ping(0, subnets[0], subnets[1]);
+    c.wait_ping(1, subnets[1], subnets[0]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+    // SIGTERM leaves flannel0 (persistent) and its route, as the other backends do.
+    assert!(c.nodes[0].link("flannel0").is_some());
+}
+
+#[test]
+fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
+    let c = Cluster::new("switch", 2, VXLAN);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+    for (i, subnet) in subnets.iter().enumerate() {
+        c.nodes[i].add_target(*subnet);
+        c.wait_mtu(i, 1450);
+    }
+    c.wait_ping(0, subnets[0], subnets[1]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+    assert!(
+        c.nodes[0].link("flannel.1").is_some(),
+        "SIGTERM leaves the device"
+    );
+
+    // udp: flannel.1 and its routes gone, flannel0 in.
+    c.set_config(UDP);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    for (i, daemon) in d.iter_mut().enumerate() {
+        assert_eq!(c.wait_subnet(i, daemon), subnets[i], "same subnet kept");
+    }
+    for (i, subnet) in subnets.iter().enumerate() {
+        c.wait_mtu(i, 1472);
+        c.wait_flannel0(i, *subnet, 1472);
+        assert!(c.nodes[i].link("flannel.1").is_none());
+    }
+    assert!(c
+        .leases()
+        .iter()
+        .all(|l| l.attrs.backend_type == BACKEND_UDP));
+    c.wait_ping(0, subnets[0], subnets[1]);
+    c.wait_ping(1, subnets[1], subnets[0]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+    // A host-gw route of a node that vanished while we were down.
+    let eth0 = c.nodes[0].link("eth0").unwrap().index;
+    let stale = Route {
+        dst: "10.244.250.0/24".parse().unwrap(),
+        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
+        oif: eth0,
+        onlink: false,
+    };
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
+
+    // Back to vxlan: flannel0 (and its route) removed, the stale route too.
+    c.set_config(VXLAN);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    for (i, daemon) in d.iter_mut().enumerate() {
+        c.wait_subnet(i, daemon);
+    }
+    for i in 0..2 {
+        c.wait_mtu(i, 1450);
+        wait_for("flannel0 removed", Duration::from_secs(10), || {
+            c.nodes[i].link("flannel0").is_none().then_some(())
+        });
+        let dev = wait_for("flannel.1", Duration::from_secs(10), || {
+            c.nodes[i].link("flannel.1")
+        });
+        wait_for(
+            "only the vxlan route in the cluster network",
+            Duration::from_secs(10),
+            || {
+                let r = c.nodes[i].cluster_routes();
+                (r.len() == 1 && r[0].oif == dev.index).then_some(())
+            },
+        );
+    }
+    assert!(c
+        .leases()
+        .iter()
+        .all(|l| l.attrs.backend_type == BACKEND_VXLAN));
+    c.wait_ping(0, subnets[0], subnets[1]);
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}
+
+/// Runs iperf3 (TCP, `secs` seconds) from node `from`'s pod address to node
+/// `to`'s; returns the received bits per second.
+fn iperf3(c: &Cluster, from: usize, to: usize, subnets: &[Ipv4Net], secs: u32) -> f64 {
+    let server_ip = first(subnets[to]).to_string();
+    let server = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[to].ns.name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+        ])
+        .arg(&server_ip)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 installed (apt-get install iperf3)");
+    let server = Daemon(Some(server));
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[from].ns.name,
+            "iperf3",
+            "-J",
+            "-c",
+        ])
+        .arg(&server_ip)
+        .arg("-B")
+        .arg(first(subnets[from]).to_string())
+        .args(["-t", &secs.to_string()])
+        .output()
+        .unwrap();
+    drop(server);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "iperf3 output ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no throughput in {v}"))
+}
+
+/// CPU seconds (user + system) per thread name of a running daemon.
+fn thread_cpu(d: &Daemon) -> Vec<(String, f64)> {
+    let pid = d.0.as_ref().unwrap().id();
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    let mut out: Vec<(String, f64)> = Vec::new();
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let Ok(stat) = fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += ticks / tick,
+            None => out.push((name, ticks / tick)),
+        }
+    }
+    out
+}
+
+/// Throughput of the udp backend against vxlan between two simulated pods
+/// (TCP, iperf3). A measurement, not a pass/fail check of the machine's
+/// speed: run it on a quiet machine with
+/// `cargo test --release -p flanneld --test udp -- --ignored --nocapture`.
+/// It asserts only that udp reaches half of vxlan (the target).
+#[test]
+#[ignore = "a throughput measurement; run explicitly with --release --ignored"]
+fn throughput_udp_vs_vxlan_iperf3() {
+    let secs = 5;
+    let c = Cluster::new("perf", 2, VXLAN);
+    let mut results = Vec::new();
+    for (name, config) in [("vxlan", VXLAN), ("udp", UDP)] {
+        c.set_config(config);
+        let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+        let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+        for (i, s) in subnets.iter().enumerate() {
+            c.nodes[i].add_target(*s);
+        }
+        c.wait_mtu(0, if name == "udp" { 1472 } else { 1450 });
+        c.wait_ping(0, subnets[0], subnets[1]);
+        let cpu0: Vec<_> = d.iter().map(thread_cpu).collect();
+        // Tuning aid: UDP_PERF_RECORD=FILE profiles both daemons with perf(1).
+        let perf = std::env::var("UDP_PERF_RECORD")
+            .ok()
+            .filter(|_| name == "udp")
+            .map(|out| {
+                let pids: Vec<String> = d
+                    .iter()
+                    .map(|x| x.0.as_ref().unwrap().id().to_string())
+                    .collect();
+                Daemon(Some(
+                    Command::new("perf")
+                        .args([
+                            "record",
+                            "-g",
+                            "-o",
+                            &out,
+                            "-p",
+                            &pids.join(","),
+                            "--",
+                            "sleep",
+                        ])
+                        .arg((secs - 1).to_string())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("perf installed"),
+                ))
+            });
+        let bps = iperf3(&c, 0, 1, &subnets, secs);
+        if let Some(mut p) = perf {
+            let _ = p.0.take().unwrap().wait();
+        }
+        println!("{name}: {:.2} Gbit/s", bps / 1e9);
+        for (i, daemon) in d.iter().enumerate() {
+            let busy: Vec<String> = thread_cpu(daemon)
+                .into_iter()
+                .map(|(t, secs)| {
+                    let before = cpu0[i].iter().find(|(n, _)| *n == t).map_or(0.0, |x| x.1);
+                    (t, secs - before)
+                })
+                .filter(|(_, s)| *s > 0.05)
+                .map(|(t, s)| format!("{t} {s:.2}s"))
+                .collect();
+            println!(
+                "  node{} flanneld CPU by thread: {}",
+                i + 1,
+                busy.join(", ")
+            );
+        }
+        results.push(bps);
+        for (i, daemon) in d.into_iter().enumerate() {
+            c.stop(i, daemon);
+        }
+    }
+    for n in &c.nodes {
+        for l in read_log(&n.log())
+            .lines()
+            .filter(|l| {
+                l.contains("udp datapath started")
+                    || l.contains("udp egress")
+                    || l.contains("udp ingress")
+            })
+            .take(5)
+        {
+            println!("  {l}");
+        }
+    }
+    if let Some(k) = c.nodes[0].counters() {
+        println!("udp counters on node1: {k:?}");
+    }
+    let ratio = results[1] / results[0];
+    println!("udp / vxlan = {ratio:.2}");
+    assert!(ratio >= 0.5, "udp reached only {ratio:.2} of vxlan");
+}
