@@ -114,10 +114,14 @@ enum LabCommand {
         /// Dual stack: IPv4 and IPv6 pods and underlay.
         #[arg(long)]
         dual_stack: bool,
-        /// Run flanneld with --ip-masq, and add the `outside` host (203.0.113.1)
-        /// behind the gateway to check masquerading.
-        #[arg(long)]
+        /// Run flanneld with --ip-masq (the default, as kube-flannel.yml does)
+        /// and add the `outside` host (203.0.113.1) behind the gateway, which
+        /// `lab check` probes for masquerading.
+        #[arg(long, overrides_with = "no_ip_masq")]
         ip_masq: bool,
+        /// Run flanneld without --ip-masq (no outside host, no masquerade probes).
+        #[arg(long)]
+        no_ip_masq: bool,
         /// `flat` (one switch) or `two-segment` (two switches joined by a router).
         #[arg(long, default_value_t = lab::Topology::Flat)]
         topology: lab::Topology,
@@ -317,8 +321,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ipv6,
             dual_stack,
             ip_masq,
+            no_ip_masq,
             topology,
         }) => {
+            let ip_masq = ip_masq || !no_ip_masq;
             let opts = LabOptions {
                 name: name.name,
                 nodes,

@@ -349,7 +349,8 @@ fn down_twice_leaves_no_namespace_and_no_process() {
         .map(|n| guard.daemon_pid(&n.name).unwrap())
         .collect();
     assert_eq!(lab::lab_processes(&name).len(), 2);
-    assert_eq!(lab::lab_namespaces(&name).len(), 4);
+    // underlay, outside (--ip-masq, the default), master, k8s-node1, ubuntu-1.
+    assert_eq!(lab::lab_namespaces(&name).len(), 5);
     // A second `up` with the same name is refused and tells how to fix it.
     let again = Lab::up(&LabOptions {
         name: name.clone(),
@@ -432,7 +433,8 @@ fn failed_up_removes_what_it_built() {
     let log_kept = lab::lab_dir(&kept).join("master/flanneld.log").is_file();
     let first = lab::down(&kept);
     let second = lab::down(&kept);
-    assert_eq!(left.len(), 3, "kept {left:?}");
+    // underlay, outside, master, k8s-node1.
+    assert_eq!(left.len(), 4, "kept {left:?}");
     assert!(
         log_kept,
         "the failed node's log should be kept for inspection"

@@ -254,7 +254,12 @@ pub struct LabOptions {
     pub direct_routing: bool,
     /// Address families of the cluster and the underlay.
     pub family: Family,
-    /// `flanneld --ip-masq`; also builds the `outside` namespace.
+    /// `flanneld --ip-masq` (on by default, as kube-flannel.yml runs
+    /// flanneld: flanneld masquerades traffic leaving the cluster and writes
+    /// FLANNEL_IPMASQ=true, so the pods' bridge config has "ipMasq":false, as
+    /// in the packet walk's saved config; with ipMasq the bridge would
+    /// masquerade pod-to-pod traffic too). Also builds the `outside` host
+    /// the masquerade probes talk to.
     pub ip_masq: bool,
     /// One switch, or two segments joined by a router.
     pub topology: Topology,
@@ -276,7 +281,7 @@ impl Default for LabOptions {
             backend: Backend::Vxlan,
             direct_routing: false,
             family: Family::V4,
-            ip_masq: false,
+            ip_masq: true,
             topology: Topology::Flat,
         }
     }
@@ -372,6 +377,7 @@ pub struct LabState {
     pub direct_routing: bool,
     #[serde(default)]
     pub family: Family,
+    /// Labs of older versions ran flanneld with --ip-masq, without an outside host.
     #[serde(default)]
     pub ip_masq: bool,
     #[serde(default)]
@@ -1990,6 +1996,9 @@ mod tests {
                 "/run/flannel-lab/t1/net-conf.json"
             ]
         );
+        lab.state.ip_masq = true;
+        assert_eq!(args(&lab).last().map(String::as_str), Some("--ip-masq"));
+        lab.state.ip_masq = false;
         lab.state.store = StoreKind::Etcd;
         lab.state.lease_ttl = Some(7);
         assert_eq!(
