@@ -259,6 +259,9 @@ impl Cluster {
                 cmd.env_remove(key);
             }
         }
+        if let Ok(q) = std::env::var("UDP_TEST_QUEUES") {
+            cmd.env("FLANNELD_UDP_QUEUES", q);
+        }
         cmd.args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

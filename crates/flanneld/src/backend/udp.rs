@@ -329,11 +329,17 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpErro
     Ok(UdpSocket::from(fd))
 }
 
-/// How many queues: one per core, at most [`MAX_QUEUES`].
+/// How many queues: `FLANNELD_UDP_QUEUES` (a tuning knob), else one per
+/// core, at most [`MAX_QUEUES`].
 fn queue_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::env::var("FLANNELD_UDP_QUEUES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .clamp(1, MAX_QUEUES)
 }
 
