@@ -465,6 +465,11 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     });
     c.wait_flannel0(0, subnets[0], 1472);
     c.wait_ping(0, subnets[0], subnets[2]);
+    // A deleted flannel0 is recreated (the datapath reattaches) and works.
+    c.nodes[0].nl(|nl| nl.del_link(ifindex).unwrap());
+    c.wait_flannel0(0, subnets[0], 1472);
+    c.wait_ping(0, subnets[0], subnets[1]);
+    c.wait_ping(1, subnets[1], subnets[0]);
 
     // Interop: a datagram crafted as upstream sends it (the bare inner IPv4
     // packet as the UDP payload, to port 8285) is delivered to the pod.
