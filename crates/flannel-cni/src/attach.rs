@@ -36,8 +36,6 @@ pub enum AttachError {
     },
     #[error("the host veth name {name} is taken by another link (a hash collision with another attachment); retry with another container ID")]
     HostNameTaken { name: String },
-    #[error("interface {ifname:?} vanished from {netns} while it was being set up")]
-    Vanished { ifname: String, netns: String },
 }
 
 impl From<AttachError> for CniError {
@@ -213,64 +211,134 @@ pub fn open_in(pod: &NetNs) -> Result<Netlink, AttachError> {
     Netlink::open_in(pod).ctx(|| format!("open netlink in {}", pod.name))
 }
 
-/// [`open_in`] with the thread start hidden: the pod-namespace socket is
-/// opened on its own thread while `meanwhile` (IPAM lock, node socket) runs
-/// on this one.
-pub fn open_in_while<T>(
-    pod: &NetNs,
-    meanwhile: impl FnOnce() -> T,
-) -> (Result<Netlink, AttachError>, T) {
-    std::thread::scope(|s| {
-        let opening = pod.spawn_in(s, Netlink::open);
-        let t = meanwhile();
-        let entered = opening.join().unwrap_or_else(|_| {
-            Err(flannel_netlink::netns::NetNsError::Panicked {
-                name: pod.name.clone(),
-            })
-        });
-        let nl = entered
-            .map_err(|e| flannel_netlink::Error::Kernel {
-                op: format!("enter {}", pod.name),
-                source: std::io::Error::other(e),
-            })
-            .and_then(|r| r)
-            .ctx(|| format!("open netlink in {}", pod.name));
-        (nl, t)
-    })
+/// The pod namespace's netlink socket, opened on a thread of its own that
+/// entered the namespace ([`NetNs::spawn_in`]) while the caller goes on with
+/// the node's side; [`PodSocket::get`] waits for it the first time.
+pub struct PodSocket<'scope, 'env> {
+    pod: &'env NetNs,
+    opening: Option<OpeningSocket<'scope>>,
+    nl: Option<Netlink>,
 }
 
-/// Whether `ifname` exists in the pod namespace (`pod_nl` opened there).
-pub fn pod_has_link(pod_nl: &mut Netlink, pod: &NetNs, ifname: &str) -> Result<bool, AttachError> {
-    Ok(pod_nl
-        .link_by_name(ifname)
-        .ctx(|| format!("look up {ifname} in {}", pod.name))?
-        .is_some())
+type OpeningSocket<'scope> =
+    std::thread::ScopedJoinHandle<'scope, Result<flannel_netlink::Result<Netlink>, NetNsError>>;
+
+impl<'scope, 'env> PodSocket<'scope, 'env> {
+    /// Starts opening the socket on a new thread of `scope`.
+    pub fn open(pod: &'env NetNs, scope: &'scope std::thread::Scope<'scope, 'env>) -> Self {
+        PodSocket {
+            pod,
+            opening: Some(pod.spawn_in(scope, Netlink::open)),
+            nl: None,
+        }
+    }
+
+    /// The namespace the socket is bound to.
+    pub fn netns(&self) -> &'env NetNs {
+        self.pod
+    }
+
+    /// The socket, once it is open.
+    pub fn get(&mut self) -> Result<&mut Netlink, AttachError> {
+        let pod = self.pod;
+        if let Some(h) = self.opening.take() {
+            let entered = h.join().unwrap_or_else(|_| {
+                Err(NetNsError::Panicked {
+                    name: pod.name.clone(),
+                })
+            });
+            let nl = entered
+                .map_err(|e| flannel_netlink::Error::Kernel {
+                    op: format!("enter {}", pod.name),
+                    source: std::io::Error::other(e),
+                })
+                .and_then(|r| r)
+                .ctx(|| format!("open netlink in {}", pod.name))?;
+            self.nl = Some(nl);
+        }
+        self.nl.as_mut().ok_or_else(|| AttachError::Kernel {
+            op: format!("open netlink in {}", pod.name),
+            source: flannel_netlink::Error::Kernel {
+                op: "an earlier attempt failed".into(),
+                source: std::io::Error::from(std::io::ErrorKind::NotConnected),
+            },
+        })
+    }
+}
+
+/// A veth pair as ADD made it: the host end (enslaved and up) and the pod
+/// end's index and MAC in the pod's namespace.
+#[derive(Debug, Clone)]
+pub struct AttachedVeth {
+    pub host: Link,
+    pub pod_index: u32,
+    pub pod_mac: MacAddr,
 }
 
 /// `ip link add HOST type veth peer name IFNAME netns POD mtu M` with the
 /// host end enslaved to the bridge and up in the same request
 /// ([`Netlink::add_veth_attached`]): the pod end is born in the pod
-/// namespace, so it never appears on the node. Returns the host end.
+/// namespace, so it never appears on the node. The pod end's MAC is chosen
+/// here (as the kernel would: random, locally administered) and its index
+/// comes back with the host end, so the pod's namespace is not asked.
+///
+/// What a taken name means is worked out only on failure, to keep the
+/// common path at one request: the interface exists in the pod already, or
+/// the host name is taken.
 pub fn add_veth(
     nl: &mut Netlink,
     conf: &BridgeConf,
     bridge: &Link,
     host: &str,
     ifname: &str,
-    pod: &NetNs,
-) -> Result<Link, AttachError> {
-    match nl.add_veth_attached(host, ifname, pod.fd(), conf.mtu, bridge.index) {
-        Ok(l) => Ok(l),
-        // Checked only on failure, to keep the common path at one request.
-        Err(e) => match nl.link_by_name(host) {
-            Ok(Some(_)) => Err(AttachError::HostNameTaken { name: host.into() }),
-            _ => Err(e).ctx(|| {
-                format!(
-                    "add veth {host} on {} with peer {ifname} in {}",
-                    conf.bridge, pod.name
-                )
-            }),
+    pod_nl: &mut PodSocket<'_, '_>,
+) -> Result<AttachedVeth, AttachError> {
+    let pod = pod_nl.netns();
+    let pod_mac = random_mac().map_err(|source| AttachError::Kernel {
+        op: "getrandom for the pod MAC".into(),
+        source: flannel_netlink::Error::Kernel {
+            op: "getrandom".into(),
+            source,
         },
+    })?;
+    let op = || {
+        format!(
+            "add veth {host} on {} with peer {ifname} in {}",
+            conf.bridge, pod.name
+        )
+    };
+    match nl.add_veth_attached(host, ifname, pod.fd(), conf.mtu, bridge.index, pod_mac) {
+        Ok(v) => {
+            let pod_index = v.peer_index.ok_or_else(|| AttachError::Kernel {
+                op: op(),
+                source: flannel_netlink::Error::Protocol {
+                    op: format!("ip link show {host}"),
+                    detail: "the kernel did not report the veth peer's index (IFLA_LINK)".into(),
+                },
+            })?;
+            Ok(AttachedVeth {
+                host: v.host,
+                pod_index,
+                pod_mac,
+            })
+        }
+        Err(e) if e.is_exists() => {
+            let in_pod = pod_nl
+                .get()?
+                .link_by_name(ifname)
+                .ctx(|| format!("look up {ifname} in {}", pod.name))?;
+            if in_pod.is_some() {
+                return Err(AttachError::InterfaceExists {
+                    ifname: ifname.into(),
+                    netns: pod.name.clone(),
+                });
+            }
+            match nl.link_by_name(host) {
+                Ok(Some(_)) => Err(AttachError::HostNameTaken { name: host.into() }),
+                _ => Err(e).ctx(op),
+            }
+        }
+        Err(e) => Err(e).ctx(op),
     }
 }
 
@@ -286,37 +354,32 @@ pub fn set_hairpin(nl: &mut Netlink, conf: &BridgeConf, host: &Link) -> Result<(
 }
 
 /// Inside the pod: `ip addr add ADDR dev IFNAME`, `ip link set IFNAME up` and
-/// `ip route replace DST via GW dev IFNAME` for each route. Returns the pod MAC.
+/// `ip route replace DST via GW dev IFNAME` for each route.
 pub fn configure_pod(
-    pod_nl: &mut Netlink,
-    pod: &NetNs,
+    pod_nl: &mut PodSocket<'_, '_>,
+    veth: &AttachedVeth,
     ifname: &str,
     addrs: &[PodAddress],
     routes: &[RouteSpec],
-) -> Result<Option<MacAddr>, AttachError> {
-    let nl = pod_nl;
-    let link = nl
-        .link_by_name(ifname)
-        .ctx(|| format!("look up {ifname} in {}", pod.name))?
-        .ok_or_else(|| AttachError::Vanished {
-            ifname: ifname.into(),
-            netns: pod.name.clone(),
-        })?;
+) -> Result<(), AttachError> {
+    let netns = &pod_nl.netns().name;
+    let nl = pod_nl.get()?;
+    let index = veth.pod_index;
     for a in addrs {
         // IPv6 without DAD: IPAM made the address unique, and a tentative
         // address could not be bound by the pod's first process.
-        nl.add_address_nodad(link.index, a.address)
-            .ctx(|| format!("add {} to {ifname} in {}", a.address, pod.name))?;
+        nl.add_address_nodad(index, a.address)
+            .ctx(|| format!("add {} to {ifname} in {netns}", a.address))?;
     }
     // Routes via the gateway need the link up (and its connected route) first.
-    nl.set_link_up(link.index)
-        .ctx(|| format!("set {ifname} up in {}", pod.name))?;
+    nl.set_link_up(index)
+        .ctx(|| format!("set {ifname} up in {netns}"))?;
     for r in routes {
-        let kr = kernel_route(r, addrs, link.index);
+        let kr = kernel_route(r, addrs, index);
         nl.replace_route(&kr)
-            .ctx(|| format!("add route {} via {:?} in {}", r.dst, kr.gateway, pod.name))?;
+            .ctx(|| format!("add route {} via {:?} in {netns}", r.dst, kr.gateway))?;
     }
-    Ok(link.mac)
+    Ok(())
 }
 
 /// Deletes `ifname` in the pod namespace (its veth peer goes with it);

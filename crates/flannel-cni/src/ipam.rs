@@ -148,6 +148,8 @@ pub struct Reservation {
 pub struct Allocation {
     pub ip: IpAddr,
     pub range: Range,
+    /// Reserved by this call (false: the attachment held it already).
+    pub new: bool,
 }
 
 /// The IPAM directory of one network, locked for as long as this value lives.
@@ -284,7 +286,11 @@ impl IpamStore {
                         .find(|rg| in_range(rg, r.ip))
                         .cloned()
                         .expect("checked above");
-                    out.push(Allocation { ip: r.ip, range });
+                    out.push(Allocation {
+                        ip: r.ip,
+                        range,
+                        new: false,
+                    });
                     continue;
                 }
                 let ip = next_free(set, self.last_reserved(i), |ip| taken.contains(&ip))
@@ -312,7 +318,11 @@ impl IpamStore {
                     .find(|rg| in_range(rg, ip))
                     .cloned()
                     .expect("from this set");
-                out.push(Allocation { ip, range });
+                out.push(Allocation {
+                    ip,
+                    range,
+                    new: true,
+                });
             }
             Ok(())
         })();

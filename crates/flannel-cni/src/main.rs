@@ -17,15 +17,18 @@
 //!   veth, using the input config (upstream does nothing then).
 //! - cni0 gets a fixed random MAC when created, so the pods' gateway MAC does
 //!   not follow the lowest port MAC as pods come and go.
-//! - `ipMasq: true` (flanneld run without `--ip-masq`) writes no firewall
-//!   rules; a warning goes to stderr. Masquerading belongs to flanneld.
-//! - `CNI_PATH` is not required: nothing is executed.
+//! - `ipMasq: true` (flanneld run without `--ip-masq`) writes the reference
+//!   plugin's iptables masquerade chain ([`ipmasq`]); its nftables backend is
+//!   not offered. DEL removes the chain whichever plugin wrote it.
+//! - `CNI_PATH` is not required: no other plugin is executed (only
+//!   iptables-restore/iptables-save, for `ipMasq`).
 //! - The IPAM lock is held for the whole ADD/DEL, so bridge setup is
 //!   serialised along with allocation.
 
 mod attach;
 mod config;
 mod ipam;
+mod ipmasq;
 mod spec;
 mod verbs;
 

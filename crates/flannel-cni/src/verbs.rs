@@ -1,7 +1,7 @@
 //! The CNI verbs (ADD, DEL, CHECK, GC, STATUS, VERSION): the environment
 //! and the network configuration in, a result or a spec error out.
 
-use crate::{attach, config, ipam, spec};
+use crate::{attach, config, ipam, ipmasq, spec};
 use std::fs;
 use std::io::{ErrorKind, Write};
 use std::net::IpAddr;
@@ -174,78 +174,66 @@ fn remove_file(path: &Path) -> Result<(), CniError> {
     }
 }
 
-/// What a failed ADD has to take back, newest first.
+/// What a failed ADD has to take back, newest first. Only what this call
+/// made: a repeated ADD that fails (the interface exists already) leaves the
+/// earlier attachment's saved config and addresses alone.
 enum Undo {
     RemoveFile(PathBuf),
-    ReleaseAddresses,
+    RemoveAddress(IpAddr),
     DeleteHostLink(String),
+    RemoveIpMasq,
 }
 
 fn cmd_add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let senv = load_subnet_env(&conf.subnet_file)?;
     let rendered = conf.render_delegate(&senv)?;
     let bconf = BridgeConf::from_rendered(&rendered)?;
-    if bconf.ip_masq {
-        // Masquerading is flanneld's job (--ip-masq); this plugin writes no firewall rules.
-        eprintln!("flannel: ipMasq is requested but not implemented by this plugin; run flanneld with --ip-masq");
-    }
     let pod = open_netns(&env.netns)?;
-    let (pod_nl, (store, nl)) = attach::open_in_while(&pod, || {
-        (
-            IpamStore::open_locked(&bconf.ipam.network_dir),
-            Netlink::open().ctx(|| "open netlink".into()),
-        )
-    });
-    let store = store?;
-    let mut pod_nl = pod_nl?;
-    let mut nl = nl.map_err(CniError::from)?;
-    if attach::pod_has_link(&mut pod_nl, &pod, &env.ifname)? {
-        return Err(attach::AttachError::InterfaceExists {
-            ifname: env.ifname.clone(),
-            netns: env.netns.clone(),
-        }
-        .into());
-    }
-    let mut undo: Vec<Undo> = Vec::new();
-    let result = add_steps(
-        env,
-        conf,
-        &rendered,
-        &bconf,
-        (&pod, &mut pod_nl),
-        &store,
-        &mut nl,
-        &mut undo,
-    );
-    match result {
-        Ok(v) => Ok(v),
-        Err(e) => {
-            let mut failures = Vec::new();
-            for step in undo.into_iter().rev() {
-                let r = match step {
-                    Undo::RemoveFile(p) => remove_file(&p),
-                    Undo::ReleaseAddresses => store
-                        .release(&env.container_id, &env.ifname)
-                        .map(|_| ())
-                        .map_err(CniError::from),
-                    Undo::DeleteHostLink(name) => {
-                        attach::del_host_link(&mut nl, &name).map_err(CniError::from)
-                    }
-                };
-                if let Err(u) = r {
-                    failures.push(u.msg);
+    std::thread::scope(|scope| {
+        // The pod's socket opens on its own thread while this one does the
+        // node's side; it is first needed to configure the pod end.
+        let mut pod_nl = attach::PodSocket::open(&pod, scope);
+        let store = IpamStore::open_locked(&bconf.ipam.network_dir)?;
+        let mut nl = Netlink::open().ctx(|| "open netlink".into())?;
+        let mut undo: Vec<Undo> = Vec::new();
+        let result = add_steps(
+            env,
+            conf,
+            &rendered,
+            &bconf,
+            &mut pod_nl,
+            &store,
+            &mut nl,
+            &mut undo,
+        );
+        let Err(e) = result else {
+            return result;
+        };
+        let mut failures = Vec::new();
+        for step in undo.into_iter().rev() {
+            let r = match step {
+                Undo::RemoveFile(p) => remove_file(&p),
+                Undo::RemoveAddress(ip) => store.remove(ip).map_err(CniError::from),
+                Undo::DeleteHostLink(name) => {
+                    attach::del_host_link(&mut nl, &name).map_err(CniError::from)
                 }
-            }
-            if failures.is_empty() {
-                Err(e)
-            } else {
-                Err(e.with_details(format!(
-                    "cleaning up after the failure also failed: {}",
-                    failures.join("; ")
-                )))
+                Undo::RemoveIpMasq => {
+                    ipmasq::teardown(&bconf.name, &env.container_id).map_err(CniError::from)
+                }
+            };
+            if let Err(u) = r {
+                failures.push(u.msg);
             }
         }
-    }
+        if failures.is_empty() {
+            Err(e)
+        } else {
+            Err(e.with_details(format!(
+                "cleaning up after the failure also failed: {}",
+                failures.join("; ")
+            )))
+        }
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -254,18 +242,25 @@ fn add_steps(
     conf: &NetConf,
     rendered: &Value,
     bconf: &BridgeConf,
-    (pod, pod_nl): (&NetNs, &mut Netlink),
+    pod_nl: &mut attach::PodSocket<'_, '_>,
     store: &IpamStore,
     nl: &mut Netlink,
     undo: &mut Vec<Undo>,
 ) -> Result<Value, CniError> {
     // Saved first so that a DEL after a crash half-way finds what to undo.
     let (saved, repeated) = save_config(&conf.data_dir, &env.container_id, rendered)?;
-    undo.push(Undo::RemoveFile(saved));
-    undo.push(Undo::ReleaseAddresses);
+    if !repeated {
+        undo.push(Undo::RemoveFile(saved));
+    }
     // The config is saved before any address is taken, so without an earlier
     // saved config this attachment holds no address yet.
     let allocs = store.allocate(&bconf.ipam, &env.container_id, &env.ifname, repeated)?;
+    undo.extend(
+        allocs
+            .iter()
+            .filter(|a| a.new)
+            .map(|a| Undo::RemoveAddress(a.ip)),
+    );
     let addrs: Vec<PodAddress> = allocs
         .iter()
         .map(|a| PodAddress {
@@ -275,11 +270,18 @@ fn add_steps(
         .collect();
     let bridge = attach::ensure_bridge(nl, bconf, &addrs)?;
     let host_name = attach::host_veth_name(&env.container_id, &env.ifname);
-    let host = attach::add_veth(nl, bconf, &bridge, &host_name, &env.ifname, pod)?;
+    let veth = attach::add_veth(nl, bconf, &bridge, &host_name, &env.ifname, pod_nl)?;
     undo.push(Undo::DeleteHostLink(host_name.clone()));
-    attach::set_hairpin(nl, bconf, &host)?;
+    attach::set_hairpin(nl, bconf, &veth.host)?;
     let routes = attach::pod_routes(bconf, &addrs);
-    let pod_mac = attach::configure_pod(pod_nl, pod, &env.ifname, &addrs, &routes)?;
+    attach::configure_pod(pod_nl, &veth, &env.ifname, &addrs, &routes)?;
+    if bconf.ip_masq {
+        undo.push(Undo::RemoveIpMasq);
+        let nets: Vec<IpNet> = addrs.iter().map(|a| a.address).collect();
+        ipmasq::setup(&bconf.name, &env.container_id, &nets)?;
+    }
+    let host = veth.host;
+    let pod_mac = Some(veth.pod_mac);
     let bridge_mac = bridge.mac;
     let mac = |m: Option<flannel_core::mac::MacAddr>| m.map(|m| m.to_string()).unwrap_or_default();
     let result = AddResult {
@@ -368,6 +370,13 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
         if let Err(e) = store.release(&env.container_id, &env.ifname) {
             failures.push(e.to_string());
+        }
+    }
+    if let Some(Ok(b)) = saved.as_ref().map(BridgeConf::from_rendered) {
+        if b.ip_masq {
+            if let Err(e) = ipmasq::teardown(&b.name, &env.container_id) {
+                failures.push(e.to_string());
+            }
         }
     }
     if !failures.is_empty() {

@@ -510,6 +510,14 @@ fn error_codes_and_failed_add_leaves_nothing() {
     assert_eq!(veths(&node.ns).len(), 1);
     assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
     assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
+    // The same ADD repeated (same container and interface) fails the same
+    // way, and the failure takes back nothing of the working attachment.
+    let out = node.cni(bin(), "ADD", "ctr-a", &path, "eth0", &conf);
+    assert_eq!(out.code(), 101, "{}", out.stdout);
+    assert_eq!(ip_files(&node), vec!["10.244.1.2".to_string()]);
+    assert_eq!(saved_configs(&node), vec!["ctr-a".to_string()]);
+    assert_eq!(veths(&node.ns).len(), 1);
+    assert!(addrs(&pod, "eth0").contains(&net("10.244.1.2/24")));
 
     // The derived host veth name is taken by another container's veth (a
     // hash collision, simulated with a veth of that name): the ADD fails

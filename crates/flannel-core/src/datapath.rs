@@ -672,6 +672,44 @@ mod tests {
     }
 
     #[test]
+    fn an_update_changing_only_one_family_is_planned_for_that_family_only() {
+        // Upstream drops such updates in dual stack; here each family's
+        // desired state is computed from the lease as it is now.
+        let own: LeaseKey = "10.244.1.0-24&fd00:10:244:1::-64".parse().unwrap();
+        let dual = |mac6: &str, ip6: &str| {
+            let mut l = vx_lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                1,
+                "02:00:00:00:00:02",
+            );
+            l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
+            l.attrs.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac6}));
+            l
+        };
+        let state = |l: &Lease, f| {
+            desired_vxlan(
+                9,
+                &vxlan_peers(std::slice::from_ref(l), Some(&own), 1, f, t0()),
+            )
+        };
+        let before = dual("02:00:00:00:06:02", "fd00::13");
+        for after in [
+            dual("02:00:00:00:06:99", "fd00::13"),
+            dual("02:00:00:00:06:02", "fd00::99"),
+        ] {
+            assert!(
+                plan_reconcile(&state(&after, IpFamily::V4), &state(&before, IpFamily::V4))
+                    .is_empty()
+            );
+            let p6 = plan_reconcile(&state(&after, IpFamily::V6), &state(&before, IpFamily::V6));
+            assert!(!p6.is_empty(), "{after:?}");
+            assert!(p6.routes.is_empty(), "the route stays: {p6:?}");
+            assert_eq!(p6.fdb.add, state(&after, IpFamily::V6).fdb);
+        }
+    }
+
+    #[test]
     fn direct_routing() {
         let own: LeaseKey = "10.244.1.0-24".parse().unwrap();
         let mut leases = walk_leases();

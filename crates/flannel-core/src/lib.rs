@@ -11,6 +11,7 @@
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
+//! - [`rules`]: masquerade and forward rules (iptables and nftables), desired and parsed.
 //! - [`udp`]: the udp backend's packet checks, peer table and counters.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers
@@ -30,6 +31,7 @@ pub mod datapath;
 pub mod ip;
 pub mod lease;
 pub mod mac;
+pub mod rules;
 pub mod subnet_env;
 pub mod udp;
 pub mod wire;

@@ -76,3 +76,22 @@ pub const BACKEND_TYPE_UDP: &str = "udp";
 pub const BACKEND_TYPE_WIREGUARD: &str = "wireguard";
 /// `Backend.Type` of upstream's ipip backend (not supported yet).
 pub const BACKEND_TYPE_IPIP: &str = "ipip";
+
+/// iptables (nat table): the masquerade chain, jumped to from POSTROUTING.
+pub const IPT_MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
+/// iptables (filter table): the forward-accept chain, jumped to from FORWARD.
+pub const IPT_FORWARD_CHAIN: &str = "FLANNEL-FWD";
+/// `-m comment --comment` of every masquerade rule and of the POSTROUTING jump.
+pub const IPT_MASQ_COMMENT: &str = "flanneld masq";
+/// `-m comment --comment` of every forward rule and of the FORWARD jump.
+pub const IPT_FORWARD_COMMENT: &str = "flanneld forward";
+/// nftables mode: the IPv4 table (`ip flannel-ipv4`).
+pub const NFT_TABLE_V4: &str = "flannel-ipv4";
+/// nftables mode: the IPv6 table (`ip6 flannel-ipv6`).
+pub const NFT_TABLE_V6: &str = "flannel-ipv6";
+/// nftables mode: the nat chain on the postrouting hook.
+pub const NFT_MASQ_CHAIN: &str = "postrtg";
+/// nftables mode: the filter chain on the forward hook.
+pub const NFT_FORWARD_CHAIN: &str = "forward";
+/// The packet mark kube-proxy sets on traffic it masquerades itself; flannel leaves it alone.
+pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;

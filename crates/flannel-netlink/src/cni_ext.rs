@@ -13,8 +13,10 @@ use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
+use crate::links::VethRequest;
 use crate::netns::NetNs;
-use crate::{Error, Link, Netlink, Result};
+use crate::{Error, Netlink, Result, VethPair};
+use flannel_core::mac::MacAddr;
 
 impl Netlink {
     /// Opens a NETLINK_ROUTE socket inside `ns`, like `ip -n NS ...` does.
@@ -30,12 +32,13 @@ impl Netlink {
     }
 
     /// `ip link add HOST mtu M master MASTER up type veth peer name PEER mtu M
-    /// netns FD`: one request creates the pair with the peer directly in
-    /// `peer_netns`, enslaves the host end to `master` and brings it up (the
-    /// kernel applies `IFLA_MASTER` and `ifi_flags` at creation), instead of
-    /// three requests that each take the RTNL lock. The peer stays down.
-    /// Returns the host end. A taken name is EEXIST, as for
-    /// [`Netlink::add_veth`].
+    /// address MAC netns FD`: one request creates the pair with the peer
+    /// directly in `peer_netns`, enslaves the host end to `master` and brings
+    /// it up (the kernel applies `IFLA_MASTER` and `ifi_flags` at creation),
+    /// instead of three requests that each take the RTNL lock. The peer stays
+    /// down. Returns the host end and the peer's index; with the peer's MAC
+    /// chosen here, the caller knows the pod end without asking the pod's
+    /// namespace. A taken name is EEXIST, as for [`Netlink::add_veth`].
     pub fn add_veth_attached(
         &mut self,
         host: &str,
@@ -43,8 +46,16 @@ impl Netlink {
         peer_netns: BorrowedFd<'_>,
         mtu: Option<u32>,
         master: u32,
-    ) -> Result<Link> {
-        self.create_veth(host, peer, peer_netns, mtu, Some(master))
+        peer_mac: MacAddr,
+    ) -> Result<VethPair> {
+        self.create_veth(&VethRequest {
+            host,
+            peer,
+            peer_netns,
+            mtu,
+            master: Some(master),
+            peer_mac: Some(peer_mac),
+        })
     }
 
     /// `ip addr replace ADDR dev INDEX nodad` for IPv6 (plain
@@ -129,19 +140,29 @@ mod tests {
 
         // A veth pair born attached: host end on the bridge and up, peer in the other namespace.
         let other = ScopedNetNs::unique("fnl-openin").unwrap();
-        let host = nl
-            .add_veth_attached("fnl-vh", "fnl-vp", other.fd(), Some(1400), br.index)
+        let mac = MacAddr([0x02, 0x42, 0xac, 0x11, 0x00, 0x07]);
+        let pair = nl
+            .add_veth_attached("fnl-vh", "fnl-vp", other.fd(), Some(1400), br.index, mac)
             .unwrap();
+        let VethPair { host, peer_index } = pair;
+        assert_eq!(host.name, "fnl-vh");
+        assert_eq!(host.kind.as_deref(), Some("veth"));
         assert_eq!(host.master, Some(br.index));
         assert!(host.up);
         assert_eq!(host.mtu, 1400);
+        // What the echo said is what a fresh look-up says.
+        let looked_up = nl.link_by_name("fnl-vh").unwrap().unwrap();
+        assert_eq!(looked_up.index, host.index);
+        assert_eq!(looked_up.mac, host.mac);
         let peer = other
             .run(|| Netlink::open().unwrap().link_by_name("fnl-vp").unwrap())
             .unwrap()
             .expect("peer in the other namespace");
         assert_eq!(peer.mtu, 1400);
+        assert_eq!(peer.mac, Some(mac));
+        assert_eq!(peer_index, Some(peer.index));
         let e = nl
-            .add_veth_attached("fnl-vh", "fnl-vq", other.fd(), None, br.index)
+            .add_veth_attached("fnl-vh", "fnl-vq", other.fd(), None, br.index, mac)
             .unwrap_err();
         assert!(e.is_exists(), "{e}");
     }

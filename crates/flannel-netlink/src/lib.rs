@@ -25,6 +25,7 @@ use std::net::IpAddr;
 use flannel_core::mac::MacAddr;
 use ipnet::IpNet;
 
+pub use links::VethPair;
 pub use monitor::Monitor;
 
 /// Errors of the kernel layer, each with the operation that failed.

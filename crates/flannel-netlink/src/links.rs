@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use flannel_core::mac::MacAddr;
 use flannel_core::wire::VXLAN_DEFAULT_PORT;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_ECHO, NLM_F_EXCL};
 use netlink_packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoPortKind, InfoVeth, InfoVxlan,
     LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
@@ -14,6 +14,27 @@ use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::transport::DUMP;
 use crate::{check_ifname, Error, Link, Netlink, Result, VxlanDevice, VxlanInfo};
+
+/// What [`Netlink::create_veth`] creates (`ip link add HOST ... type veth peer name PEER ...`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VethRequest<'a> {
+    pub host: &'a str,
+    pub peer: &'a str,
+    pub peer_netns: BorrowedFd<'a>,
+    pub mtu: Option<u32>,
+    /// Enslave the host end to this bridge and bring it up.
+    pub master: Option<u32>,
+    /// The peer's MAC (`address`); the kernel picks a random one without it.
+    pub peer_mac: Option<MacAddr>,
+}
+
+/// A veth pair just created: the host end, and the peer's index in its
+/// namespace (the host end's `IFLA_LINK`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethPair {
+    pub host: Link,
+    pub peer_index: Option<u32>,
+}
 
 /// Largest VNI: the vxlan header has 24 bits for it.
 const MAX_VNI: u32 = (1 << 24) - 1;
@@ -102,14 +123,25 @@ fn link_msg(index: u32) -> LinkMessage {
 
 impl Netlink {
     fn get_link(&mut self, msg: LinkMessage, op: &str) -> Result<Option<Link>> {
+        self.get_msg(msg, op).map(|m| m.map(link_from_msg))
+    }
+
+    fn get_msg(&mut self, msg: LinkMessage, op: &str) -> Result<Option<LinkMessage>> {
         match self.t.request(RouteNetlinkMessage::GetLink(msg), 0, op) {
             Ok(replies) => Ok(replies.into_iter().find_map(|r| match r {
-                RouteNetlinkMessage::NewLink(m) => Some(link_from_msg(m)),
+                RouteNetlinkMessage::NewLink(m) => Some(m),
                 _ => None,
             })),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// The raw RTM_NEWLINK of `name` (attributes [`Link`] does not keep).
+    fn get_link_msg(&mut self, name: &str, op: &str) -> Result<Option<LinkMessage>> {
+        let mut m = link_msg(0);
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        self.get_msg(m, op)
     }
 
     fn link_write(&mut self, msg: RouteNetlinkMessage, flags: u16, op: &str) -> Result<()> {
@@ -330,7 +362,15 @@ impl Netlink {
         peer_netns: BorrowedFd<'_>,
         mtu: Option<u32>,
     ) -> Result<Link> {
-        self.create_veth(host, peer, peer_netns, mtu, None)
+        self.create_veth(&VethRequest {
+            host,
+            peer,
+            peer_netns,
+            mtu,
+            master: None,
+            peer_mac: None,
+        })
+        .map(|v| v.host)
     }
 
     /// One RTM_NEWLINK for the pair; with `master`, the host end is created
@@ -338,27 +378,39 @@ impl Netlink {
     /// `ifi_flags` at creation). The peer cannot come up here: the kernel
     /// configures it before the two ends are linked, and opening a veth
     /// without its peer fails with ENOTCONN.
-    pub(crate) fn create_veth(
-        &mut self,
-        host: &str,
-        peer: &str,
-        peer_netns: BorrowedFd<'_>,
-        mtu: Option<u32>,
-        master: Option<u32>,
-    ) -> Result<Link> {
+    ///
+    /// Sent with `NLM_F_ECHO`: since Linux 6.1 the kernel answers a create
+    /// with the new link's RTM_NEWLINK (before the ACK), which saves the
+    /// look-up that older kernels still need. The host end's `IFLA_LINK` is
+    /// the peer's index in its own namespace.
+    pub(crate) fn create_veth(&mut self, v: &VethRequest<'_>) -> Result<VethPair> {
+        let VethRequest {
+            host,
+            peer,
+            peer_netns,
+            mtu,
+            master,
+            peer_mac,
+        } = *v;
         let fd = peer_netns.as_raw_fd();
         let mtu_s = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default();
         let master_s = master
             .map(|m| format!(" master {m} up"))
             .unwrap_or_default();
+        let mac_s = peer_mac
+            .map(|m| format!(" address {m}"))
+            .unwrap_or_default();
         let op = format!(
-            "ip link add {host}{mtu_s}{master_s} type veth peer name {peer}{mtu_s} netns {fd}"
+            "ip link add {host}{mtu_s}{master_s} type veth peer name {peer}{mtu_s}{mac_s} netns {fd}"
         );
         check_ifname(&op, "veth host name", host)?;
         check_ifname(&op, "veth peer name", peer)?;
         let mut p = link_msg(0);
         p.attributes.push(LinkAttribute::IfName(peer.to_string()));
         p.attributes.push(LinkAttribute::NetNsFd(fd));
+        if let Some(mac) = peer_mac {
+            p.attributes.push(LinkAttribute::Address(mac.0.to_vec()));
+        }
         let mut m = link_msg(0);
         m.attributes.push(LinkAttribute::IfName(host.to_string()));
         if let Some(v) = mtu {
@@ -374,14 +426,34 @@ impl Netlink {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))),
         ]));
-        self.link_write(
+        let replies = self.t.request(
             RouteNetlinkMessage::NewLink(m),
-            NLM_F_CREATE | NLM_F_EXCL,
+            NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO,
             &op,
         )?;
-        self.link_by_name(host)?.ok_or(Error::LinkNotFound {
-            op,
-            name: host.into(),
+        let echoed = replies.into_iter().find_map(|r| match r {
+            RouteNetlinkMessage::NewLink(m) => Some(m),
+            _ => None,
+        });
+        let msg = match echoed {
+            Some(m) => m,
+            None => self.get_link_msg(host, &op)?.ok_or(Error::LinkNotFound {
+                op: op.clone(),
+                name: host.into(),
+            })?,
+        };
+        let peer_index = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) if *i != 0 => Some(*i),
+            _ => None,
+        });
+        let mut host_link = link_from_msg(msg);
+        // The echo is sent before the kernel enslaves the new link.
+        if host_link.master.is_none() {
+            host_link.master = master;
+        }
+        Ok(VethPair {
+            host: host_link,
+            peer_index,
         })
     }
 

@@ -14,9 +14,8 @@ use netlink_sys::Socket;
 
 use crate::{Error, Result};
 
-/// Start size of the receive buffer. A datagram is peeked first, so a larger
-/// one (a link with many VFs, say) only grows the buffer, it is never cut.
-const RECV_BUF: usize = 64 * 1024;
+/// Capacity of the receive buffer (see [`Transport::recv_datagram`]).
+const RECV_BUF: usize = 1 << 20;
 /// `NLM_F_CAPPED` on an NLMSG_ERROR: only the request's header is echoed.
 const NLM_F_CAPPED: u16 = 0x100;
 /// `NLM_F_ACK_TLVS` on an NLMSG_ERROR: extended-ack attributes follow.
@@ -53,7 +52,7 @@ impl Transport {
         Ok(Transport {
             sock,
             seq: 0,
-            buf: vec![0; RECV_BUF],
+            buf: Vec::with_capacity(RECV_BUF),
         })
     }
 
@@ -85,30 +84,20 @@ impl Transport {
     }
 
     /// Receives one datagram into the internal buffer and returns its length.
+    ///
+    /// One `recv` per datagram: the buffer's capacity is far above what the
+    /// kernel sends in one datagram (dumps are packed into at most 32 KiB), and
+    /// it is left uninitialised, so its size costs no page until the kernel
+    /// writes into it. `MSG_TRUNC` makes a datagram that did not fit an error
+    /// rather than a silently cut message.
     pub(crate) fn recv_datagram(&mut self) -> io::Result<usize> {
         let fd = self.sock.as_raw_fd();
+        let cap = self.buf.capacity();
         loop {
-            // MSG_PEEK|MSG_TRUNC returns the real datagram size without
-            // consuming it.
-            let want = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    libc::MSG_PEEK | libc::MSG_TRUNC,
-                )
-            };
-            if want < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if want as usize > self.buf.len() {
-                self.buf.resize(want as usize, 0);
-            }
-            let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) };
+            self.buf.clear();
+            // SAFETY: the kernel writes at most `cap` bytes into the buffer's
+            // spare capacity, which is valid for writes of that length.
+            let n = unsafe { libc::recv(fd, self.buf.as_mut_ptr().cast(), cap, libc::MSG_TRUNC) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -116,7 +105,15 @@ impl Transport {
                 }
                 return Err(e);
             }
-            return Ok(n as usize);
+            let n = n as usize;
+            if n > cap {
+                return Err(io::Error::other(format!(
+                    "a netlink datagram of {n} bytes did not fit the {cap}-byte receive buffer"
+                )));
+            }
+            // SAFETY: the kernel initialised the first `n` bytes.
+            unsafe { self.buf.set_len(n) };
+            return Ok(n);
         }
     }
 

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
-use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::mac::MacAddr;
 use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
@@ -23,7 +24,6 @@ use flannel_store::etcd::{missing_config_message, EtcdOptions, EtcdStore};
 use flannel_store::{
     acquire_lease, renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
 };
-use ipnet::Ipv4Net;
 use tokio::sync::mpsc;
 
 use crate::backend::hostgw;
@@ -32,7 +32,8 @@ use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
 use crate::iface::{self, ExternalInterface, IfaceError};
 use crate::reconcile::{
-    BackendSettings, ExternalSettings, ReconcileError, Reconciler, Request, Settings,
+    BackendSettings, ExternalSettings, PerFamily, ReconcileError, Reconciler, Request, Settings,
+    FAMILIES,
 };
 use crate::subnet_file::{self, SubnetFileError};
 
@@ -55,10 +56,8 @@ pub enum DaemonError {
     },
     #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\", \"host-gw\" or \"udp\"")]
     BackendNotImplemented { backend: &'static str },
-    #[error("network config: EnableIPv6 is not implemented yet in flannel-rs; set \"EnableIPv6\": false")]
-    Ipv6NotImplemented,
-    #[error("network config: EnableIPv4 is false, but flannel-rs needs IPv4 for now; set \"EnableIPv4\": true and \"Network\"")]
-    Ipv4Required,
+    #[error("network config: Backend.Type \"udp\" carries IPv4 only (as upstream's); set \"EnableIPv4\": true and \"EnableIPv6\": false, or use \"vxlan\" or \"host-gw\" for IPv6")]
+    UdpIpv4Only,
     #[error("{0}")]
     EtcdOption(String),
     #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
@@ -95,11 +94,11 @@ pub enum Backend {
 #[derive(Debug, Clone)]
 pub struct Startup {
     pub cfg: NetConfig,
-    pub network: Ipv4Net,
     pub backend: Backend,
     pub ext: ExternalInterface,
-    /// With vxlan, the `flannel.<VNI>` device if it already exists.
-    pub existing_device: Option<Link>,
+    /// With vxlan, the `flannel.<VNI>` (v4) and `flannel-v6.<VNI>` (v6)
+    /// devices of the enabled families that already exist.
+    pub existing_devices: PerFamily<Option<Link>>,
     /// The subnet of the previous subnet.env, for acquisition step 2.
     pub previous: Option<LeaseKey>,
 }
@@ -127,21 +126,53 @@ pub fn load_config(flags: &Flags, store_config: Option<String>) -> Result<NetCon
     })
 }
 
-/// Checks what this version supports; returns the backend and network.
-pub fn check_supported(cfg: &NetConfig) -> Result<(Backend, Ipv4Net), DaemonError> {
+/// Checks what this version supports; returns the backend. Both address
+/// families, alone or together, are supported (config parsing already
+/// refuses a config enabling neither, or one without the network of an
+/// enabled family).
+pub fn check_supported(cfg: &NetConfig) -> Result<Backend, DaemonError> {
     let backend = match &cfg.backend {
         BackendConfig::Vxlan(v) => Backend::Vxlan(v.clone()),
         BackendConfig::HostGw => Backend::HostGw,
-        BackendConfig::Udp(u) => Backend::Udp(u.clone()),
+        BackendConfig::Udp(u) => {
+            // As upstream: the udp backend carries IPv4 only.
+            if cfg.enable_ipv6 || !cfg.enable_ipv4 {
+                return Err(DaemonError::UdpIpv4Only);
+            }
+            Backend::Udp(u.clone())
+        }
     };
-    if cfg.enable_ipv6 {
-        return Err(DaemonError::Ipv6NotImplemented);
+    Ok(backend)
+}
+
+/// The enabled address families of `cfg`.
+pub fn families(cfg: &NetConfig) -> impl Iterator<Item = IpFamily> + '_ {
+    FAMILIES.into_iter().filter(|f| match f {
+        IpFamily::V4 => cfg.enable_ipv4,
+        IpFamily::V6 => cfg.enable_ipv6,
+    })
+}
+
+/// "IPv4" / "IPv6".
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
     }
-    let net = match (cfg.enable_ipv4, cfg.network) {
-        (true, Some(n)) => n,
-        _ => return Err(DaemonError::Ipv4Required),
-    };
-    Ok((backend, net))
+}
+
+/// The MTU of pods: the external interface's MTU minus the backend's
+/// overhead, or the backend's `MTU` option. With IPv6 enabled the vxlan
+/// underlay of `flannel-v6.<VNI>` is IPv6 (70 bytes, not upstream's 50), and
+/// a pod's single MTU must fit that device too.
+pub fn pod_mtu(cfg: &NetConfig, external_mtu: u32) -> u32 {
+    cfg.pod_mtu(external_mtu, cfg.enable_ipv6)
+}
+
+/// The MTU of the vxlan device of `family`: the external MTU minus the
+/// overhead of that family's underlay, or the backend's `MTU` option.
+pub fn device_mtu(cfg: &NetConfig, external_mtu: u32, family: IpFamily) -> u32 {
+    cfg.pod_mtu(external_mtu, family == IpFamily::V6)
 }
 
 /// Which lease store the flags select.
@@ -275,18 +306,18 @@ async fn run_with_store<S: Store>(
     store_expires_leases: bool,
 ) -> Result<(), DaemonError> {
     // Everything that can be refused is checked before anything is written.
-    let (backend, network) = check_supported(&cfg)?;
+    let backend = check_supported(&cfg)?;
     if flags.healthz_port != 0 {
         tracing::warn!(
             port = flags.healthz_port,
             "--healthz-port is accepted but the health endpoint is not implemented yet"
         );
     }
-    if flags.public_ipv6.is_some() {
-        tracing::warn!("--public-ipv6 is ignored: IPv6 is not implemented yet");
+    if flags.public_ipv6.is_some() && !cfg.enable_ipv6 {
+        tracing::warn!("--public-ipv6 is ignored: the network config does not enable IPv6");
     }
-    if flags.ip_masq {
-        tracing::warn!("--ip-masq: FLANNEL_IPMASQ=true is written to subnet.env (the CNI plugin then leaves masquerading to flanneld), but flanneld's own masquerade rules are not implemented yet");
+    if flags.public_ip.is_some() && !cfg.enable_ipv4 {
+        tracing::warn!("--public-ip is ignored: the network config disables IPv4");
     }
     if flags.ip_blackhole_route {
         tracing::warn!("--ip-blackhole-route is accepted but not implemented yet");
@@ -295,34 +326,41 @@ async fn run_with_store<S: Store>(
         ifaces: flags.iface.clone(),
         regexes: flags.iface_regex.clone(),
         public_ip: flags.public_ip,
+        public_ipv6: flags.public_ipv6,
         can_reach: flags.iface_can_reach,
+        ipv4: cfg.enable_ipv4,
+        ipv6: cfg.enable_ipv6,
     };
     // Read-only kernel access, on a blocking-pool thread (never on an async
     // worker): the interface and an existing device's MAC.
-    let dev_name = match &backend {
-        Backend::Vxlan(vx) => Some(wire::vxlan_device_name(vx.vni)),
-        Backend::HostGw | Backend::Udp(_) => None,
-    };
-    let (ext, existing_device) = tokio::task::spawn_blocking(move || {
+    let mut dev_names: PerFamily<Option<String>> = PerFamily::default();
+    if let Backend::Vxlan(vx) = &backend {
+        for f in families(&cfg) {
+            *dev_names.get_mut(f) = Some(vxlan::device_name(vx.vni, f));
+        }
+    }
+    let (ext, existing_devices) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
         let ext = iface::lookup(&mut nl, &req)?;
-        let dev = match dev_name {
-            Some(n) => nl.link_by_name(&n)?,
-            None => None,
-        };
-        Ok::<_, DaemonError>((ext, dev))
+        let mut devs: PerFamily<Option<Link>> = PerFamily::default();
+        for f in FAMILIES {
+            if let Some(n) = dev_names.get(f) {
+                *devs.get_mut(f) = nl.link_by_name(n)?;
+            }
+        }
+        Ok::<_, DaemonError>((ext, devs))
     })
     .await
     .map_err(|e| DaemonError::Device(format!("startup kernel reads failed: {e}")))??;
-    tracing::info!(iface = %ext.name, index = ext.index, addr = %ext.iface_addr, public_ip = %ext.public_ip, mtu = ext.mtu,
+    tracing::info!(iface = %ext.name, index = ext.index, addr = ?ext.iface_addr, addr_v6 = ?ext.iface_addr_v6,
+        public_ip = ?ext.public_ip, public_ipv6 = ?ext.public_ipv6, mtu = ext.mtu,
         "using external interface");
     let startup = Startup {
         previous: previous_subnet(&flags),
         cfg,
-        network,
         backend,
         ext,
-        existing_device,
+        existing_devices,
     };
     run_async(flags, startup, store, store_expires_leases).await
 }
@@ -333,11 +371,13 @@ struct State<S: Store> {
     store: S,
     attrs: LeaseAttrs,
     own: Lease,
-    /// The VtepMAC (vxlan only).
-    mac: Option<flannel_core::mac::MacAddr>,
+    /// The VtepMAC of each enabled family (vxlan only).
+    mac: PerFamily<Option<MacAddr>>,
     leases: BTreeMap<LeaseKey, Lease>,
     mtu: u32,
     reconciler: Option<Reconciler>,
+    /// Masquerade/forward rules (crate::rules), started once the lease is held.
+    rules: Option<crate::rules::RulesManager>,
     /// The store itself deletes expired leases and says so through the
     /// watch (etcd: the DELETE of a key whose etcd lease ran out). Then
     /// the datapath must not also expire leases on this node's clock: while
@@ -354,34 +394,55 @@ async fn run_async<S: Store>(
     store: S,
     store_expires_leases: bool,
 ) -> Result<(), DaemonError> {
-    let (attrs, mac) = match &s.backend {
+    let mut mac: PerFamily<Option<MacAddr>> = PerFamily::default();
+    let attrs = match &s.backend {
         Backend::Vxlan(vx) => {
-            // VtepMAC: the existing device's, else our previous lease's, else random.
+            // Each VtepMAC: the existing device's, else our previous lease's,
+            // else random. Our previous lease names our public address(es).
             let snapshot = store.list_leases().await?;
-            let prev_mac = snapshot
-                .leases
-                .iter()
-                .filter(|l| l.attrs.public_ip == Some(s.ext.public_ip))
-                .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, vx.vni));
-            let (mac, source) = {
-                let mut rng = rand::rng();
-                vxlan::choose_vtep_mac(s.existing_device.as_ref(), prev_mac, &mut rng)
+            let ours = |l: &&Lease| {
+                families(&s.cfg).all(|f| l.attrs.public_ip_of(f) == s.ext.public_ip_of(f))
             };
-            tracing::info!(vtep_mac = %mac, source = ?source, "VtepMAC");
-            (vxlan::lease_attrs(s.ext.public_ip, vx.vni, mac), Some(mac))
+            for f in families(&s.cfg) {
+                let prev_mac = snapshot
+                    .leases
+                    .iter()
+                    .filter(ours)
+                    .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, vx.vni, f));
+                let (m, source) = {
+                    let mut rng = rand::rng();
+                    vxlan::choose_vtep_mac(s.existing_devices.get(f).as_ref(), prev_mac, &mut rng)
+                };
+                tracing::info!(device = %vxlan::device_name(vx.vni, f), vtep_mac = %m, source = ?source, "VtepMAC");
+                *mac.get_mut(f) = Some(m);
+            }
+            vxlan::lease_attrs_dual(
+                s.ext.public_ip.zip(mac.v4),
+                s.ext.public_ipv6.zip(mac.v6),
+                vx.vni,
+            )
         }
-        Backend::HostGw => (hostgw::lease_attrs(s.ext.public_ip), None),
-        Backend::Udp(_) => (udp::lease_attrs(s.ext.public_ip), None),
+        Backend::HostGw => hostgw::lease_attrs_dual(s.ext.public_ip, s.ext.public_ipv6),
+        Backend::Udp(_) => udp::lease_attrs(s.ext.public_ip.ok_or_else(|| {
+            DaemonError::Device("the udp backend needs an IPv4 public address".into())
+        })?),
     };
     let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
-    let own_subnet = own.key.ipv4.ok_or_else(|| {
-        DaemonError::Device(format!("acquired lease {:?} has no IPv4 subnet", own.key))
-    })?;
-    tracing::info!(subnet = %own_subnet, expires = ?own.expiration, "holding lease");
+    for f in families(&s.cfg) {
+        if own.key.subnet(f).is_none() {
+            return Err(DaemonError::Device(format!(
+                "acquired lease {} has no {} subnet although the config enables {}",
+                own.key,
+                family_name(f),
+                family_name(f)
+            )));
+        }
+    }
+    tracing::info!(subnet = %own.key, expires = ?own.expiration, "holding lease");
 
     let mut watch = store.watch_leases().await?;
     let leases = first_snapshot(&mut watch).await?;
-    let mtu = s.cfg.pod_mtu(s.ext.mtu, false);
+    let mtu = pod_mtu(&s.cfg, s.ext.mtu);
     let mut st = State {
         flags,
         s,
@@ -392,6 +453,7 @@ async fn run_async<S: Store>(
         leases,
         mtu,
         reconciler: None,
+        rules: None,
         store_expires_leases,
     };
     let settings = st.settings();
@@ -403,6 +465,7 @@ async fn run_async<S: Store>(
     }
     tracing::info!(
         ifindex = report.ifindex,
+        ifindex_v6 = report.ifindex_v6,
         changes = report.changes,
         errors = report.errors.len(),
         peers = report.peers,
@@ -410,12 +473,25 @@ async fn run_async<S: Store>(
     );
     st.reconciler = Some(rec);
     st.write_subnet_env()?;
+    st.rules = Some(crate::rules::RulesManager::start(
+        crate::rules::input_from(&st.flags, &st.s.cfg, &st.own.key),
+        Duration::from_secs(st.flags.iptables_resync),
+    ));
 
     let result = st.main_loop(watch).await;
     if let Some(r) = st.reconciler.take() {
         r.shutdown();
     }
+    if let Some(r) = st.rules.take() {
+        r.shutdown();
+    }
     result
+}
+
+/// Whether two lease attributes name the same node: the same public
+/// address in each family.
+fn same_holder(a: &LeaseAttrs, b: &LeaseAttrs) -> bool {
+    a.public_ip == b.public_ip && a.public_ipv6 == b.public_ipv6
 }
 
 /// Waits for the watch's first message, which must be a snapshot.
@@ -439,33 +515,49 @@ async fn first_snapshot(
 
 impl<S: Store> State<S> {
     fn settings(&self) -> Settings {
-        let own_subnet = self.own.key.ipv4.expect("checked at acquisition");
         let backend = match &self.s.backend {
-            Backend::Vxlan(vx) => BackendSettings::Vxlan {
-                spec: DeviceSpec {
-                    device: vxlan::device(
-                        vx,
-                        &self.s.ext,
-                        self.mtu,
-                        self.mac.expect("vxlan always has a VtepMAC"),
-                    ),
-                    address: vxlan::device_address(own_subnet),
-                },
-                direct_routing: vx.direct_routing,
-            },
+            Backend::Vxlan(vx) => {
+                // A device for each family with a subnet, a local address
+                // and a VtepMAC: all three are there for every enabled
+                // family (checked by interface selection and acquisition).
+                let spec = |f: IpFamily| {
+                    Some(DeviceSpec {
+                        device: vxlan::device(
+                            vx,
+                            f,
+                            self.s.ext.iface_addr_of(f)?,
+                            self.s.ext.index,
+                            device_mtu(&self.s.cfg, self.s.ext.mtu, f),
+                            (*self.mac.get(f))?,
+                        ),
+                        address: vxlan::device_address(self.own.key.subnet(f)?),
+                    })
+                };
+                BackendSettings::Vxlan {
+                    v4: spec(IpFamily::V4),
+                    v6: spec(IpFamily::V6),
+                    direct_routing: vx.direct_routing,
+                }
+            }
             Backend::HostGw => BackendSettings::HostGw,
-            Backend::Udp(u) => BackendSettings::Udp(UdpSpec::new(
-                own_subnet,
-                self.s.network,
-                self.mtu,
-                u.port,
-                self.s.ext.iface_addr,
-                Some(self.flags.udp_stats_file.clone()),
-            )),
+            Backend::Udp(u) => {
+                // IPv4 only: check_supported refuses udp without IPv4 or
+                // with IPv6, and IPv4 gives a network, a subnet and an address.
+                let v4 = "udp runs with IPv4 only (check_supported)";
+                BackendSettings::Udp(UdpSpec::new(
+                    self.own.key.ipv4.expect(v4),
+                    self.s.cfg.network.expect(v4),
+                    self.mtu,
+                    u.port,
+                    self.s.ext.iface_addr.expect(v4),
+                    Some(self.flags.udp_stats_file.clone()),
+                ))
+            }
         };
         Settings {
             backend,
-            network: self.s.network,
+            network: self.s.cfg.network.filter(|_| self.s.cfg.enable_ipv4),
+            ipv6_network: self.s.cfg.ipv6_network.filter(|_| self.s.cfg.enable_ipv6),
             own: self.own.key,
             external: ExternalSettings {
                 ifindex: self.s.ext.index,
@@ -628,6 +720,13 @@ impl<S: Store> State<S> {
                 r.send(Request::Settings(Box::new(self.settings())))?;
             }
             self.write_subnet_env()?;
+            if let Some(r) = &self.rules {
+                r.update(crate::rules::input_from(
+                    &self.flags,
+                    &self.s.cfg,
+                    &self.own.key,
+                ));
+            }
         }
         self.push_leases();
         Ok(())
@@ -650,7 +749,7 @@ impl<S: Store> State<S> {
                 self.leases = new;
                 match self.leases.get(&self.own.key) {
                     None => own_lost = true,
-                    Some(l) if l.attrs.public_ip != self.attrs.public_ip => own_lost = true,
+                    Some(l) if !same_holder(&l.attrs, &self.attrs) => own_lost = true,
                     Some(l) => {
                         own_changed = l.expiration != self.own.expiration;
                         self.own = l.clone();
@@ -662,8 +761,8 @@ impl<S: Store> State<S> {
                     match e {
                         LeaseEvent::Upsert(l) => {
                             if l.key == self.own.key {
-                                if l.attrs.public_ip != self.attrs.public_ip {
-                                    tracing::warn!(subnet = %l.key, holder = ?l.attrs.public_ip, "our subnet now belongs to another node");
+                                if !same_holder(&l.attrs, &self.attrs) {
+                                    tracing::warn!(subnet = %l.key, holder = ?l.attrs.public_ip, holder_v6 = ?l.attrs.public_ipv6, "our subnet now belongs to another node");
                                     own_lost = true;
                                 } else {
                                     own_changed |= l.expiration != self.own.expiration;
@@ -739,12 +838,12 @@ mod tests {
 
     #[test]
     fn unsupported_configs_are_refused_with_the_field() {
-        let (b, _) = check_supported(
+        let b = check_supported(
             &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap(),
         )
         .unwrap();
         assert_eq!(b, Backend::HostGw);
-        let (b, _) = check_supported(
+        let b = check_supported(
             &config::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp","Port":9000}}"#)
                 .unwrap(),
         )
@@ -756,23 +855,60 @@ mod tests {
                 mtu: None
             })
         );
-        let e = check_supported(
-            &config::parse(
-                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
-            )
-            .unwrap(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("EnableIPv6"), "{e}");
-        let (b, net) =
-            check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
+        // udp is IPv4 only, as upstream's.
+        for cfg in [
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
+        ] {
+            let e = check_supported(&config::parse(cfg).unwrap()).unwrap_err().to_string();
+            assert!(e.contains("udp") && e.contains("EnableIPv6"), "{e}");
+        }
+        // IPv6 alone and dual stack are supported, with vxlan and host-gw.
+        for cfg in [
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56"}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#,
+        ] {
+            check_supported(&config::parse(cfg).unwrap()).unwrap();
+        }
+        let b = check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
         assert_eq!(
             b,
             Backend::Vxlan(VxlanConfig::default()),
             "no Backend means vxlan"
         );
-        assert_eq!(net, "10.244.0.0/16".parse::<Ipv4Net>().unwrap());
+    }
+
+    #[test]
+    fn mtu_per_backend_and_underlay_family() {
+        let mtu = |cfg: &str| {
+            let c = config::parse(cfg).unwrap();
+            let dev = |f| device_mtu(&c, 1500, f);
+            (pod_mtu(&c, 1500), dev(IpFamily::V4), dev(IpFamily::V6))
+        };
+        // vxlan: 50 bytes over IPv4, 70 over IPv6 (an IPv6-only node's
+        // underlay is IPv6; dual-stack pods must fit flannel-v6 too).
+        assert_eq!(mtu(r#"{"Network":"10.244.0.0/16"}"#).0, 1450);
+        assert_eq!(
+            mtu(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56"}"#).0,
+            1430
+        );
+        assert_eq!(
+            mtu(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56"}"#),
+            (1430, 1450, 1430)
+        );
+        // The backend's MTU option wins everywhere.
+        assert_eq!(
+            mtu(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1300}}"#
+            ),
+            (1300, 1300, 1300)
+        );
+        // host-gw: no overhead in either family.
+        assert_eq!(
+            mtu(r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"host-gw"}}"#).0,
+            1500
+        );
     }
 
     #[test]

@@ -52,26 +52,24 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
     pub public_ipv6: Option<Ipv6Addr>,
 
-    /// Set up IP masquerade for traffic leaving the overlay (written to subnet.env as FLANNEL_IPMASQ).
+    /// Masquerade traffic leaving the overlay (chain FLANNEL-POSTRTG, or the
+    /// nftables postrtg chain; FLANNEL_IPMASQ=true in subnet.env).
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub ip_masq: bool,
 
-    /// Disable --random-fully on masquerade rules (accepted for compatibility;
-    /// masquerade rules are not implemented yet).
+    /// Masquerade without --random-fully (iptables) / fully-random (nftables).
     #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub ip_masq_fully_random_disable: bool,
 
-    /// Seconds between checks of the iptables rules (accepted for
-    /// compatibility; rules are not implemented yet).
+    /// Seconds between checks of the masquerade and forward rules (iptables or nftables).
     #[arg(long, env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5)]
     pub iptables_resync: u64,
 
-    /// Add FORWARD accept rules for the network (accepted for compatibility;
-    /// rules are not implemented yet).
+    /// Accept forwarded traffic from and to the network (chain FLANNEL-FWD, or the nftables forward chain).
     #[arg(long, env = "FLANNELD_IPTABLES_FORWARD_RULES", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "true", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]

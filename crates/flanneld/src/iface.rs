@@ -1,17 +1,24 @@
 //! Choosing the external interface: the one carrying inter-host (underlay)
-//! traffic, whose address becomes the vxlan `local` and, unless
-//! `--public-ip` says otherwise, the PublicIP of our lease.
+//! traffic, whose addresses become the vxlan `local` (one per address
+//! family) and, unless `--public-ip` / `--public-ipv6` say otherwise, the
+//! PublicIP / PublicIPv6 of our lease.
 //!
 //! Order, as upstream: every `--iface` (a name or an address) in the order
 //! given, then every `--iface-regex` (matched against the interfaces'
 //! addresses first, then their names), and only when neither flag was given,
-//! the interface of the default route (`ip route show default`).
+//! the interface of the default route (`ip route show default`; with IPv4
+//! disabled, `ip -6 route show default`).
+//!
+//! The interface must have a global address in every family the config
+//! enables: dual stack needs both an IPv4 and an IPv6 address on it (the
+//! `flannel-v6.<VNI>` device sends from the IPv6 one, as upstream).
 //!
 //! [`select`] is the pure decision over a snapshot of links, addresses and
 //! routes; [`lookup`] takes that snapshot from the kernel.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use flannel_core::lease::IpFamily;
 use flannel_netlink::Netlink;
 use ipnet::IpNet;
 use regex::Regex;
@@ -27,17 +34,18 @@ pub enum IfaceError {
     },
     #[error(
         "no usable interface matches --iface {ifaces:?} / --iface-regex {regexes:?} ({detail}); \
-         pass the name or IPv4 address of an interface that is up and has a global IPv4 address"
+         pass the name or address of an interface that is up and has a global {families} address"
     )]
     NoMatch {
         ifaces: Vec<String>,
         regexes: Vec<String>,
         detail: String,
+        families: &'static str,
     },
     #[error(
-        "no default route to pick the external interface from; pass --iface NAME or --iface-regex"
+        "no {family} default route to pick the external interface from; pass --iface NAME or --iface-regex"
     )]
-    NoDefaultRoute,
+    NoDefaultRoute { family: &'static str },
     #[error("the default route's interface (index {index}) {problem}; pass --iface NAME")]
     DefaultRouteUnusable { index: u32, problem: String },
     #[error("--iface-can-reach is not implemented yet; use --iface or --iface-regex")]
@@ -64,15 +72,55 @@ impl Candidate {
             IpAddr::V6(_) => None,
         })
     }
+
+    /// The first global IPv6 address.
+    pub fn first_ipv6(&self) -> Option<Ipv6Addr> {
+        self.addrs.iter().find_map(|a| match a.addr() {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        })
+    }
 }
 
-/// What the flags ask for.
-#[derive(Debug, Clone, Default)]
+/// What the flags and the config ask for.
+#[derive(Debug, Clone)]
 pub struct Request {
     pub ifaces: Vec<String>,
     pub regexes: Vec<String>,
+    /// `--public-ip`.
     pub public_ip: Option<Ipv4Addr>,
+    /// `--public-ipv6`.
+    pub public_ipv6: Option<Ipv6Addr>,
     pub can_reach: Option<IpAddr>,
+    /// `EnableIPv4`: the interface needs a global IPv4 address.
+    pub ipv4: bool,
+    /// `EnableIPv6`: the interface needs a global IPv6 address.
+    pub ipv6: bool,
+}
+
+impl Default for Request {
+    /// No flags, IPv4 only (the default config).
+    fn default() -> Self {
+        Request {
+            ifaces: Vec::new(),
+            regexes: Vec::new(),
+            public_ip: None,
+            public_ipv6: None,
+            can_reach: None,
+            ipv4: true,
+            ipv6: false,
+        }
+    }
+}
+
+impl Request {
+    fn families(&self) -> &'static str {
+        match (self.ipv4, self.ipv6) {
+            (true, true) => "IPv4 and IPv6",
+            (false, true) => "IPv6",
+            _ => "IPv4",
+        }
+    }
 }
 
 /// The chosen external interface.
@@ -81,39 +129,74 @@ pub struct ExternalInterface {
     pub index: u32,
     pub name: String,
     pub mtu: u32,
-    /// The interface's own (first global) IPv4 address: the vxlan `local`.
-    pub iface_addr: Ipv4Addr,
-    /// The address published in our lease: `--public-ip` or `iface_addr`.
-    pub public_ip: Ipv4Addr,
-    /// Its global IPv4 addresses with prefixes: the directly connected
-    /// subnets (for the vxlan DirectRouting option).
+    /// The interface's own (first global) IPv4 address: the `flannel.<VNI>`
+    /// `local`. Set when IPv4 is enabled.
+    pub iface_addr: Option<Ipv4Addr>,
+    /// The interface's own (first global) IPv6 address: the
+    /// `flannel-v6.<VNI>` `local`. Set when IPv6 is enabled.
+    pub iface_addr_v6: Option<Ipv6Addr>,
+    /// The IPv4 address published in our lease: `--public-ip` or `iface_addr`.
+    pub public_ip: Option<Ipv4Addr>,
+    /// The IPv6 address published in our lease: `--public-ipv6` or `iface_addr_v6`.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Its global addresses with prefixes, both families: the directly
+    /// connected subnets (host-gw and the vxlan DirectRouting option).
     pub connected: Vec<IpNet>,
 }
 
+impl ExternalInterface {
+    /// The interface's own address of `family` (the vxlan `local`).
+    pub fn iface_addr_of(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.iface_addr.map(IpAddr::V4),
+            IpFamily::V6 => self.iface_addr_v6.map(IpAddr::V6),
+        }
+    }
+
+    /// The published address of `family`.
+    pub fn public_ip_of(&self, family: IpFamily) -> Option<IpAddr> {
+        match family {
+            IpFamily::V4 => self.public_ip.map(IpAddr::V4),
+            IpFamily::V6 => self.public_ipv6.map(IpAddr::V6),
+        }
+    }
+}
+
 fn finish(c: &Candidate, req: &Request) -> Result<ExternalInterface, String> {
-    let addr = c
-        .first_ipv4()
-        .ok_or_else(|| format!("interface {} has no global IPv4 address", c.name))?;
+    let v4 = if req.ipv4 {
+        Some(
+            c.first_ipv4()
+                .ok_or_else(|| format!("interface {} has no global IPv4 address", c.name))?,
+        )
+    } else {
+        None
+    };
+    let v6 = if req.ipv6 {
+        Some(
+            c.first_ipv6()
+                .ok_or_else(|| format!("interface {} has no global IPv6 address", c.name))?,
+        )
+    } else {
+        None
+    };
+    let wanted = |a: &IpNet| (a.addr().is_ipv4() && req.ipv4) || (a.addr().is_ipv6() && req.ipv6);
     Ok(ExternalInterface {
         index: c.index,
         name: c.name.clone(),
         mtu: c.mtu,
-        iface_addr: addr,
-        public_ip: req.public_ip.unwrap_or(addr),
-        connected: c
-            .addrs
-            .iter()
-            .filter(|a| a.addr().is_ipv4())
-            .cloned()
-            .collect(),
+        iface_addr: v4,
+        iface_addr_v6: v6,
+        public_ip: v4.map(|a| req.public_ip.unwrap_or(a)),
+        public_ipv6: v6.map(|a| req.public_ipv6.unwrap_or(a)),
+        connected: c.addrs.iter().filter(|a| wanted(a)).cloned().collect(),
     })
 }
 
 /// Decides the external interface from a snapshot of the host's interfaces
-/// and the output interface of its default route.
+/// and the output interfaces of its IPv4 and IPv6 default routes.
 pub fn select(
     cands: &[Candidate],
-    default_oif: Option<u32>,
+    default_oif: DefaultRoutes,
     req: &Request,
 ) -> Result<ExternalInterface, IfaceError> {
     if req.can_reach.is_some() {
@@ -147,11 +230,12 @@ pub fn select(
         }
     }
     for re in &regexes {
-        // Addresses first, then names, as upstream.
+        // Addresses first (of the families in use), then names, as upstream.
         let by_addr = cands.iter().find(|c| {
-            c.addrs
-                .iter()
-                .any(|a| a.addr().is_ipv4() && re.is_match(&a.addr().to_string()))
+            c.addrs.iter().any(|a| {
+                ((a.addr().is_ipv4() && req.ipv4) || (a.addr().is_ipv6() && req.ipv6))
+                    && re.is_match(&a.addr().to_string())
+            })
         });
         let by_name = || cands.iter().find(|c| re.is_match(&c.name));
         match by_addr.or_else(by_name) {
@@ -167,9 +251,17 @@ pub fn select(
             ifaces: req.ifaces.clone(),
             regexes: req.regexes.clone(),
             detail: problems.join("; "),
+            families: req.families(),
         });
     }
-    let index = default_oif.ok_or(IfaceError::NoDefaultRoute)?;
+    // As upstream: the IPv4 default route's interface, or with IPv4
+    // disabled, the IPv6 default route's.
+    let (index, family) = if req.ipv4 {
+        (default_oif.v4, "IPv4")
+    } else {
+        (default_oif.v6, "IPv6")
+    };
+    let index = index.ok_or(IfaceError::NoDefaultRoute { family })?;
     let c = cands.iter().find(|c| c.index == index).ok_or_else(|| {
         IfaceError::DefaultRouteUnusable {
             index,
@@ -179,8 +271,9 @@ pub fn select(
     finish(c, req).map_err(|problem| IfaceError::DefaultRouteUnusable { index, problem })
 }
 
-/// Reads links, their addresses and the default route (`ip -d link`,
-/// `ip addr`, `ip route show default`) and runs [`select`]. Read-only.
+/// Reads links, their addresses and the default routes (`ip -d link`,
+/// `ip addr`, `ip route show default`, `ip -6 route show default`) and runs
+/// [`select`]. Read-only.
 pub fn lookup(nl: &mut Netlink, req: &Request) -> Result<ExternalInterface, IfaceError> {
     let mut cands = Vec::new();
     for link in nl.list_links()? {
@@ -192,16 +285,44 @@ pub fn lookup(nl: &mut Netlink, req: &Request) -> Result<ExternalInterface, Ifac
             addrs,
         });
     }
-    let default_oif = default_route_oif(&nl.list_routes()?);
+    let default_oif = default_route_oifs(&nl.list_routes()?);
     select(&cands, default_oif, req)
+}
+
+/// The output interfaces of the default routes, per family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DefaultRoutes {
+    /// `ip route show default`.
+    pub v4: Option<u32>,
+    /// `ip -6 route show default`.
+    pub v6: Option<u32>,
+}
+
+impl DefaultRoutes {
+    /// Only an IPv4 default route through `oif`.
+    pub fn v4(oif: u32) -> Self {
+        DefaultRoutes {
+            v4: Some(oif),
+            v6: None,
+        }
+    }
 }
 
 /// The output interface of the IPv4 default route, if any.
 pub fn default_route_oif(routes: &[flannel_core::datapath::Route]) -> Option<u32> {
+    default_route_oifs(routes).v4
+}
+
+/// The output interfaces of the IPv4 and IPv6 default routes.
+pub fn default_route_oifs(routes: &[flannel_core::datapath::Route]) -> DefaultRoutes {
     // Several default routes (different metrics) are possible; the kernel
     // dumps them in preference order, so the first one is the one in use.
-    let default: IpNet = "0.0.0.0/0".parse().expect("literal");
-    routes.iter().find(|r| r.dst == default).map(|r| r.oif)
+    let v4: IpNet = "0.0.0.0/0".parse().expect("literal");
+    let v6: IpNet = "::/0".parse().expect("literal");
+    DefaultRoutes {
+        v4: routes.iter().find(|r| r.dst == v4).map(|r| r.oif),
+        v6: routes.iter().find(|r| r.dst == v6).map(|r| r.oif),
+    }
 }
 
 #[cfg(test)]
@@ -242,11 +363,11 @@ mod tests {
 
     #[test]
     fn default_route_interface_when_no_flags() {
-        let e = select(&host(), Some(2), &req(&[], &[])).unwrap();
+        let e = select(&host(), DefaultRoutes::v4(2), &req(&[], &[])).unwrap();
         assert_eq!(e.name, "ens3");
         assert_eq!(e.mtu, 1500);
         // First global IPv4, skipping the IPv6 address listed before it.
-        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
         assert_eq!(e.public_ip, e.iface_addr);
         assert_eq!(
             e.connected,
@@ -259,63 +380,93 @@ mod tests {
 
     #[test]
     fn no_default_route_is_an_error_naming_the_flag() {
-        let err = select(&host(), None, &req(&[], &[])).unwrap_err();
+        let err = select(&host(), DefaultRoutes::default(), &req(&[], &[])).unwrap_err();
         assert!(err.to_string().contains("--iface"), "{err}");
     }
 
     #[test]
     fn iface_by_name_and_by_address_in_order() {
-        let e = select(&host(), Some(2), &req(&["eth1"], &[])).unwrap();
+        let e = select(&host(), DefaultRoutes::v4(2), &req(&["eth1"], &[])).unwrap();
         assert_eq!((e.index, e.mtu), (3, 9000));
-        let e = select(&host(), Some(2), &req(&["172.16.1.99"], &[])).unwrap();
+        let e = select(&host(), DefaultRoutes::v4(2), &req(&["172.16.1.99"], &[])).unwrap();
         assert_eq!(e.name, "ens3");
         // The matched interface's first address is used, as upstream.
-        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
         // Missing ones are skipped, the first existing one wins.
-        let e = select(&host(), Some(2), &req(&["nope", "eth1", "ens3"], &[])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::v4(2),
+            &req(&["nope", "eth1", "ens3"], &[]),
+        )
+        .unwrap();
         assert_eq!(e.name, "eth1");
     }
 
     #[test]
     fn iface_without_ipv4_is_skipped_then_error() {
-        let e = select(&host(), Some(2), &req(&["v6only", "ens3"], &[])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::v4(2),
+            &req(&["v6only", "ens3"], &[]),
+        )
+        .unwrap();
         assert_eq!(e.name, "ens3");
-        let err = select(&host(), Some(2), &req(&["v6only"], &[])).unwrap_err();
+        let err = select(&host(), DefaultRoutes::v4(2), &req(&["v6only"], &[])).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("v6only has no global IPv4"), "{msg}");
     }
 
     #[test]
     fn given_flags_never_fall_back_to_default_route() {
-        let err = select(&host(), Some(2), &req(&["nope"], &[])).unwrap_err();
+        let err = select(&host(), DefaultRoutes::v4(2), &req(&["nope"], &[])).unwrap_err();
         assert!(matches!(err, IfaceError::NoMatch { .. }), "{err}");
     }
 
     #[test]
     fn regex_matches_addresses_before_names() {
-        let e = select(&host(), None, &req(&[], &["^10\\.9\\."])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req(&[], &["^10\\.9\\."]),
+        )
+        .unwrap();
         assert_eq!(e.name, "eth1");
-        let e = select(&host(), None, &req(&[], &["^eth"])).unwrap();
+        let e = select(&host(), DefaultRoutes::default(), &req(&[], &["^eth"])).unwrap();
         assert_eq!(e.name, "eth1");
         // An address match on a later interface beats a name match on an earlier one.
-        let e = select(&host(), None, &req(&[], &["^10|ens"])).unwrap();
+        let e = select(&host(), DefaultRoutes::default(), &req(&[], &["^10|ens"])).unwrap();
         assert_eq!(e.name, "eth1");
         // Each regex is tried in turn: the first that matches anything wins.
-        let e = select(&host(), None, &req(&[], &["^nothing$", "ens"])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req(&[], &["^nothing$", "ens"]),
+        )
+        .unwrap();
         assert_eq!(e.name, "ens3");
     }
 
     #[test]
     fn iface_is_tried_before_regex() {
-        let e = select(&host(), None, &req(&["nope"], &["^ens"])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req(&["nope"], &["^ens"]),
+        )
+        .unwrap();
         assert_eq!(e.name, "ens3");
-        let e = select(&host(), None, &req(&["eth1"], &["^ens"])).unwrap();
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req(&["eth1"], &["^ens"]),
+        )
+        .unwrap();
         assert_eq!(e.name, "eth1");
     }
 
     #[test]
     fn bad_regex_names_the_flag() {
-        let err = select(&host(), None, &req(&[], &["(unclosed"])).unwrap_err();
+        let err = select(&host(), DefaultRoutes::default(), &req(&[], &["(unclosed"])).unwrap_err();
         assert!(err.to_string().contains("--iface-regex"), "{err}");
     }
 
@@ -323,9 +474,9 @@ mod tests {
     fn public_ip_overrides_the_published_address_only() {
         let mut r = req(&["ens3"], &[]);
         r.public_ip = Some(Ipv4Addr::new(203, 0, 113, 9));
-        let e = select(&host(), None, &r).unwrap();
-        assert_eq!(e.iface_addr, Ipv4Addr::new(172, 16, 1, 14));
-        assert_eq!(e.public_ip, Ipv4Addr::new(203, 0, 113, 9));
+        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
+        assert_eq!(e.public_ip, Some(Ipv4Addr::new(203, 0, 113, 9)));
     }
 
     #[test]
@@ -341,5 +492,106 @@ mod tests {
             default_route_oif(&[r("10.0.0.0/8", 3), r("0.0.0.0/0", 2), r("0.0.0.0/0", 5)]),
             Some(2)
         );
+    }
+
+    fn req6(ifaces: &[&str], v4: bool) -> Request {
+        Request {
+            ipv4: v4,
+            ipv6: true,
+            ..req(ifaces, &[])
+        }
+    }
+
+    #[test]
+    fn ipv6_only_uses_the_ipv6_default_route() {
+        let routes = [
+            Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gateway: None,
+                oif: 3,
+                onlink: false,
+            },
+            Route {
+                dst: "::/0".parse().unwrap(),
+                gateway: None,
+                oif: 4,
+                onlink: false,
+            },
+        ];
+        let def = default_route_oifs(&routes);
+        assert_eq!(
+            def,
+            DefaultRoutes {
+                v4: Some(3),
+                v6: Some(4)
+            }
+        );
+        let e = select(&host(), def, &req6(&[], false)).unwrap();
+        assert_eq!(e.name, "v6only");
+        assert_eq!(e.iface_addr, None);
+        assert_eq!(e.public_ip, None);
+        assert_eq!(e.iface_addr_v6, Some("fd00:1::1".parse().unwrap()));
+        assert_eq!(e.public_ipv6, e.iface_addr_v6);
+        assert_eq!(
+            e.iface_addr_of(IpFamily::V6),
+            Some("fd00:1::1".parse().unwrap())
+        );
+        assert_eq!(e.connected, vec!["fd00:1::1/64".parse::<IpNet>().unwrap()]);
+        // No IPv6 default route: the error names the family and the flag.
+        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], false)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("IPv6 default route") && msg.contains("--iface"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dual_stack_needs_both_families_on_the_interface() {
+        // The IPv4 default route's interface, with both addresses.
+        let e = select(&host(), DefaultRoutes::v4(2), &req6(&[], true)).unwrap();
+        assert_eq!(e.name, "ens3");
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
+        assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
+        assert_eq!(
+            e.connected.len(),
+            3,
+            "both families' subnets: {:?}",
+            e.connected
+        );
+        // eth1 has no IPv6 address: skipped, with the reason in the error.
+        let err = select(&host(), DefaultRoutes::v4(2), &req6(&["eth1"], true)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("eth1 has no global IPv6 address"), "{msg}");
+        assert!(msg.contains("IPv4 and IPv6"), "{msg}");
+        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], true)).unwrap_err();
+        assert!(
+            matches!(err, IfaceError::DefaultRouteUnusable { index: 3, .. }),
+            "{err}"
+        );
+        // --iface by IPv6 address.
+        let e = select(
+            &host(),
+            DefaultRoutes::default(),
+            &req6(&["fd00::14"], true),
+        )
+        .unwrap();
+        assert_eq!(e.name, "ens3");
+    }
+
+    #[test]
+    fn public_ipv6_overrides_the_published_ipv6_address_only() {
+        let mut r = req6(&["ens3"], true);
+        r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
+        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
+        assert_eq!(e.public_ipv6, Some("2001:db8::9".parse().unwrap()));
+        assert_eq!(e.public_ip, e.iface_addr, "IPv4 unaffected");
+        // Without IPv6 enabled --public-ipv6 is not published.
+        let mut r = req(&["ens3"], &[]);
+        r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
+        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        assert_eq!(e.public_ipv6, None);
+        assert!(e.connected.iter().all(|a| a.addr().is_ipv4()));
     }
 }

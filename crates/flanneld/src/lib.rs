@@ -2,8 +2,9 @@
 //!
 //! - [`flags`]: the command line (upstream's flag names, `FLANNELD_*` environment).
 //! - [`iface`]: choosing the external interface.
-//! - [`backend`]: the vxlan device and VtepMAC.
+//! - [`backend`]: the vxlan devices (`flannel.<VNI>`, `flannel-v6.<VNI>`) and VtepMACs; host-gw.
 //! - [`reconcile`]: the kernel thread that makes the datapath match the leases.
+//! - [`rules`]: masquerade and forward rules (iptables or nftables), kept in line on a thread.
 //! - [`daemon`]: startup, the lease watch, renewal and signals.
 //! - [`subnet_file`]: atomic subnet.env writes.
 
@@ -12,4 +13,5 @@ pub mod daemon;
 pub mod flags;
 pub mod iface;
 pub mod reconcile;
+pub mod rules;
 pub mod subnet_file;

@@ -1,19 +1,22 @@
 //! The level-triggered reconciler: one OS thread owns the `Netlink` handle
 //! and makes the kernel match the leases.
 //!
-//! Every pass starts from scratch: ensure the vxlan device (recreating it
-//! when it was deleted or has wrong attributes, always with the same
-//! VtepMAC), or with host-gw remove any vxlan device left over from an
-//! earlier run with vxlan; compute
-//! the desired neighbours, FDB entries and routes from the current lease set,
-//! read what the kernel actually holds, and apply the difference. Nothing is
+//! Every pass starts from scratch: ensure the vxlan device of each enabled
+//! address family (`flannel.<VNI>`, `flannel-v6.<VNI>`; recreating it when
+//! it was deleted or has wrong attributes, always with the same VtepMAC, and
+//! removing the one of a disabled family), or with host-gw remove any vxlan
+//! device left over from an earlier run with vxlan; then, per family,
+//! compute the desired neighbours (ARP or NDP), FDB entries and routes from
+//! the current lease set, read what the kernel actually holds, and apply the
+//! difference. The families are independent: an update touching only one
+//! family's part of a lease changes only that family's entries. Nothing is
 //! remembered between passes except the lease set, so whatever changed the
 //! kernel (an operator, a crash, a restart) is repaired by the next pass.
 //! Routes of the other backend inside the cluster network are in scope too,
 //! so switching backend on restart leaves nothing of the old one.
 //!
 //! Passes are triggered by lease changes, by netlink notifications about our
-//! device or routes inside the cluster network (debounced: a burst of
+//! devices or routes inside the cluster networks (debounced: a burst of
 //! notifications gives one pass), and by a timer.
 //!
 //! Apply order keeps every packet deliverable: FDB entry and neighbour are
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 use flannel_core::datapath::{self, DesiredState, DirectRouting, HostGwPeer, Op, Route, Scope};
 use flannel_core::lease::{IpFamily, Lease, LeaseKey};
 use flannel_netlink::{Monitor, Netlink, Notification};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::oneshot;
 
 use crate::backend::hostgw;
@@ -36,6 +39,9 @@ use crate::backend::vxlan::{self, DeviceSpec};
 
 /// How long a burst of netlink notifications is collected before one pass.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
+
+/// Both address families, in the order passes handle them.
+pub const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
 
 /// Errors starting the reconciler.
 #[derive(Debug, thiserror::Error)]
@@ -52,12 +58,38 @@ pub enum ReconcileError {
     Stopped,
 }
 
+/// One value per address family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerFamily<T> {
+    pub v4: T,
+    pub v6: T,
+}
+
+impl<T> PerFamily<T> {
+    /// The value of `family`.
+    pub fn get(&self, family: IpFamily) -> &T {
+        match family {
+            IpFamily::V4 => &self.v4,
+            IpFamily::V6 => &self.v6,
+        }
+    }
+    /// The value of `family`, mutable.
+    pub fn get_mut(&mut self, family: IpFamily) -> &mut T {
+        match family {
+            IpFamily::V4 => &mut self.v4,
+            IpFamily::V6 => &mut self.v6,
+        }
+    }
+}
+
 /// What the reconciler needs to know about this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub backend: BackendSettings,
-    /// The cluster network (`Network`).
-    pub network: Ipv4Net,
+    /// The IPv4 cluster network (`Network`); `None` when IPv4 is disabled.
+    pub network: Option<Ipv4Net>,
+    /// The IPv6 cluster network (`IPv6Network`); `None` when IPv6 is disabled.
+    pub ipv6_network: Option<Ipv6Net>,
     /// Our lease.
     pub own: LeaseKey,
     /// The external interface.
@@ -67,17 +99,34 @@ pub struct Settings {
 /// The backend in use and its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSettings {
-    /// `flannel.<VNI>`; with `direct_routing` (the vxlan `DirectRouting`
-    /// option) peers on a directly connected subnet of the external
-    /// interface are routed to without encapsulation.
+    /// `flannel.<VNI>` (`v4`) and/or `flannel-v6.<VNI>` (`v6`), one per
+    /// enabled family; with `direct_routing` (the vxlan `DirectRouting`
+    /// option) peers whose public IP of a family is on a directly connected
+    /// subnet of the external interface are routed to without
+    /// encapsulation, per family.
     Vxlan {
-        spec: DeviceSpec,
+        v4: Option<DeviceSpec>,
+        v6: Option<DeviceSpec>,
         direct_routing: bool,
     },
-    /// A route per peer via its PublicIP on the external interface.
+    /// A route per peer and family via its PublicIP / PublicIPv6 on the
+    /// external interface.
     HostGw,
     /// The TUN device `flannel0` and the userspace datapath (backend/udp.rs).
     Udp(UdpSpec),
+}
+
+impl BackendSettings {
+    /// The vxlan device of `family`, if the backend has one.
+    pub fn device_spec(&self, family: IpFamily) -> Option<&DeviceSpec> {
+        match self {
+            BackendSettings::Vxlan { v4, v6, .. } => match family {
+                IpFamily::V4 => v4.as_ref(),
+                IpFamily::V6 => v6.as_ref(),
+            },
+            BackendSettings::HostGw | BackendSettings::Udp(_) => None,
+        }
+    }
 }
 
 /// The external interface as the datapath needs it.
@@ -85,7 +134,7 @@ pub enum BackendSettings {
 pub struct ExternalSettings {
     pub ifindex: u32,
     pub name: String,
-    /// Its addresses with prefixes (the connected subnets).
+    /// Its addresses with prefixes, both families (the connected subnets).
     pub connected: Vec<IpNet>,
 }
 
@@ -100,44 +149,58 @@ pub struct Desired {
 }
 
 impl Settings {
-    /// What this daemon owns in the kernel (flannel-core's [`Scope`]).
+    /// The cluster network of `family`, when that family is enabled.
+    pub fn network_of(&self, family: IpFamily) -> Option<IpNet> {
+        match family {
+            IpFamily::V4 => self.network.map(IpNet::V4),
+            IpFamily::V6 => self.ipv6_network.map(IpNet::V6),
+        }
+    }
+
+    /// The enabled families.
+    pub fn families(&self) -> impl Iterator<Item = IpFamily> + '_ {
+        FAMILIES
+            .into_iter()
+            .filter(|f| self.network_of(*f).is_some())
+    }
+
+    /// What this daemon owns in the kernel in `family` (flannel-core's
+    /// [`Scope`]); `None` when the family is disabled.
     ///
     /// Routes inside the network via a gateway on the external interface
     /// are ours with either backend: they are host-gw (or DirectRouting)
     /// routes, and a vxlan node that finds them after a switch from host-gw
     /// (or without DirectRouting any more) must delete them.
-    pub fn scope(&self, device_ifindex: Option<u32>) -> Scope {
-        Scope {
-            network: IpNet::V4(self.network),
-            own_subnet: self.own.ipv4.map(IpNet::V4),
+    pub fn scope(&self, family: IpFamily, device_ifindex: Option<u32>) -> Option<Scope> {
+        Some(Scope {
+            network: self.network_of(family)?,
+            own_subnet: self.own.subnet(family),
             device_ifindex,
             external_ifindex: Some(self.external.ifindex),
-        }
+        })
     }
 
-    /// The state the kernel should hold for `leases`, with our vxlan device
-    /// at `device_ifindex` (None with host-gw).
+    /// The state the kernel should hold in `family` for `leases`, with our
+    /// vxlan device of that family at `device_ifindex` (None with host-gw).
     pub fn desired(
         &self,
+        family: IpFamily,
         device_ifindex: Option<u32>,
         leases: &[Lease],
         now: SystemTime,
     ) -> Desired {
+        if self.network_of(family).is_none() {
+            return Desired::default();
+        }
         match &self.backend {
-            BackendSettings::Vxlan {
-                spec,
-                direct_routing,
-            } => {
-                let Some(ifindex) = device_ifindex else {
+            BackendSettings::Vxlan { direct_routing, .. } => {
+                let (Some(ifindex), Some(spec)) =
+                    (device_ifindex, self.backend.device_spec(family))
+                else {
                     return Desired::default();
                 };
-                let peers = datapath::vxlan_peers(
-                    leases,
-                    Some(&self.own),
-                    spec.device.vni,
-                    IpFamily::V4,
-                    now,
-                );
+                let peers =
+                    datapath::vxlan_peers(leases, Some(&self.own), spec.device.vni, family, now);
                 let direct = direct_routing.then(|| DirectRouting {
                     external_ifindex: self.external.ifindex,
                     connected: &self.external.connected,
@@ -149,7 +212,7 @@ impl Settings {
                 }
             }
             BackendSettings::HostGw => {
-                let peers = datapath::host_gw_peers(leases, Some(&self.own), IpFamily::V4, now);
+                let peers = datapath::host_gw_peers(leases, Some(&self.own), family, now);
                 match datapath::desired_host_gw(
                     self.external.ifindex,
                     &peers,
@@ -177,22 +240,40 @@ impl Settings {
         }
     }
 
-    /// The vxlan device's name, if the backend has one.
-    fn device_name(&self) -> Option<&str> {
+    /// The device of `family`, if the backend has one: the vxlan device,
+    /// or udp's TUN device (IPv4 only).
+    fn device_name(&self, family: IpFamily) -> Option<&str> {
         match &self.backend {
-            BackendSettings::Vxlan { spec, .. } => Some(&spec.device.name),
-            BackendSettings::HostGw => None,
-            BackendSettings::Udp(spec) => Some(&spec.device),
+            BackendSettings::Udp(spec) => (family == IpFamily::V4).then_some(spec.device.as_str()),
+            _ => self
+                .backend
+                .device_spec(family)
+                .map(|s| s.device.name.as_str()),
         }
+    }
+
+    /// The vxlan device of a family the config does not enable (with our
+    /// VNI): a leftover of an earlier run to remove.
+    fn disabled_device_name(&self, family: IpFamily) -> Option<String> {
+        let BackendSettings::Vxlan { v4, v6, .. } = &self.backend else {
+            return None;
+        };
+        if self.backend.device_spec(family).is_some() {
+            return None;
+        }
+        let vni = v4.as_ref().or(v6.as_ref())?.device.vni;
+        Some(vxlan::device_name(vni, family))
     }
 }
 
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
-    /// Index of the vxlan device after the pass (None with host-gw, or if
-    /// it could not be set up).
+    /// Index of the IPv4 vxlan device after the pass (None with host-gw,
+    /// without IPv4, or if it could not be set up).
     pub ifindex: Option<u32>,
+    /// Index of the IPv6 vxlan device (`flannel-v6.<VNI>`) after the pass.
+    pub ifindex_v6: Option<u32>,
     /// Number of peers programmed.
     pub peers: usize,
     /// Number of kernel writes made.
@@ -242,7 +323,7 @@ impl Reconciler {
                         nl,
                         settings,
                         leases,
-                        ifindex: None,
+                        ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
                         udp: None,
                     }
@@ -333,8 +414,8 @@ struct Worker {
     nl: Netlink,
     settings: Settings,
     leases: Vec<Lease>,
-    /// The device's index as of the last pass.
-    ifindex: Option<u32>,
+    /// The devices' indexes as of the last pass.
+    ifindex: PerFamily<Option<u32>>,
     /// host-gw peers without a route as of the last pass (logged on change).
     unreachable: Vec<HostGwPeer>,
     /// The udp backend's running datapath (threads stop when it drops).
@@ -391,7 +472,8 @@ impl Worker {
         is_relevant(n, &self.settings, self.ifindex)
     }
 
-    /// One full reconciliation pass.
+    /// One full reconciliation pass: the devices, then per enabled family
+    /// the desired state, the kernel's, and the writes between them.
     fn pass(&mut self) -> PassReport {
         let started = Instant::now();
         let mut report = PassReport::default();
@@ -410,23 +492,44 @@ impl Worker {
                 }
             }
         }
-        let device = match &self.settings.backend {
-            BackendSettings::Vxlan { spec, .. } => match vxlan::ensure_device(&mut self.nl, spec) {
-                Ok((link, changes)) => {
-                    for c in &changes {
-                        tracing::info!("{c}");
+        let mut devices: PerFamily<Option<u32>> = PerFamily::default();
+        match &self.settings.backend {
+            BackendSettings::Vxlan { .. } => {
+                for family in FAMILIES {
+                    if let Some(name) = self.settings.disabled_device_name(family) {
+                        match vxlan::remove_device(&mut self.nl, &name) {
+                            Ok(Some(c)) => {
+                                tracing::info!("{c}");
+                                report.changes += 1;
+                            }
+                            Ok(None) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "retrying on the next pass");
+                                report.errors.push(e.to_string());
+                            }
+                        }
                     }
-                    report.changes += changes.len();
-                    Some(link.index)
+                    let Some(spec) = self.settings.backend.device_spec(family) else {
+                        continue;
+                    };
+                    match vxlan::ensure_device(&mut self.nl, spec) {
+                        Ok((link, changes)) => {
+                            for c in &changes {
+                                tracing::info!("{c}");
+                            }
+                            report.changes += changes.len();
+                            *devices.get_mut(family) = Some(link.index);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot set up the vxlan device; retrying on the next pass");
+                            report.device_error = Some(e.to_string());
+                            report.errors.push(e.to_string());
+                            self.ifindex = PerFamily::default();
+                            return report;
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot set up the vxlan device; retrying on the next pass");
-                    report.device_error = Some(e.to_string());
-                    report.errors.push(e.to_string());
-                    self.ifindex = None;
-                    return report;
-                }
-            },
+            }
             BackendSettings::HostGw => {
                 match hostgw::remove_vxlan_leftovers(&mut self.nl) {
                     Ok(changes) => {
@@ -442,7 +545,6 @@ impl Worker {
                         report.errors.push(e.to_string());
                     }
                 }
-                None
             }
             BackendSettings::Udp(spec) => {
                 match hostgw::remove_vxlan_leftovers(&mut self.nl) {
@@ -478,39 +580,74 @@ impl Worker {
                                 .collect();
                             tracing::info!(peers = ?peers, "udp peer table updated");
                         }
-                        Some(ifindex)
+                        *devices.get_mut(IpFamily::V4) = Some(ifindex);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot set up the udp datapath; retrying on the next pass");
                         report.device_error = Some(e.to_string());
                         report.errors.push(e.to_string());
-                        self.ifindex = None;
+                        self.ifindex = PerFamily::default();
                         return report;
                     }
                 }
             }
-        };
-        self.ifindex = device;
-        report.ifindex = device;
+        }
+        self.ifindex = devices;
+        report.ifindex = devices.v4;
+        report.ifindex_v6 = devices.v6;
 
-        let want = self
-            .settings
-            .desired(device, &self.leases, SystemTime::now());
-        self.note_unreachable(&want.unreachable, &mut report);
-        let npeers = want.peers;
-        let want = want.state;
-        let actual = match self.read_actual(device) {
-            Ok(a) => a,
+        // One route dump serves both families.
+        let routes = match self.nl.list_routes() {
+            Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the datapath back; retrying on the next pass");
+                tracing::warn!(error = %e, "cannot read the routes back; retrying on the next pass");
                 report.errors.push(e.to_string());
                 return report;
             }
         };
-        let plan = datapath::plan_reconcile(&want, &actual);
-        let name = self.settings.device_name().unwrap_or("-").to_string();
-        let show = |r: &Route| show_route(r, &self.settings, device);
+        let now = SystemTime::now();
+        let mut unreachable = Vec::new();
+        let mut npeers = 0;
+        let families: Vec<IpFamily> = self.settings.families().collect();
+        for family in families {
+            let device = *devices.get(family);
+            let want = self.settings.desired(family, device, &self.leases, now);
+            unreachable.extend(want.unreachable);
+            npeers += want.peers;
+            let actual = match self.read_actual(family, device, &routes) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the datapath back; retrying on the next pass");
+                    report.errors.push(e.to_string());
+                    continue;
+                }
+            };
+            let plan = datapath::plan_reconcile(&want.state, &actual);
+            self.apply(family, device, &plan, &mut report);
+        }
+        report.peers = npeers;
+        self.note_unreachable(&unreachable, &mut report);
+        tracing::debug!(
+            peers = npeers,
+            changes = report.changes,
+            errors = report.errors.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "reconciliation pass done"
+        );
+        report
+    }
+
+    /// Carries out one family's plan in order, going on after a failure.
+    fn apply(
+        &mut self,
+        family: IpFamily,
+        device: Option<u32>,
+        plan: &datapath::ReconcilePlan,
+        report: &mut PassReport,
+    ) {
+        let name = self.settings.device_name(family).unwrap_or("-").to_string();
         for op in plan.ops() {
+            let show = |r: &Route| show_route(r, &self.settings, family, device);
             let (what, r) = match &op {
                 Op::DelRoute(r) => (
                     format!("deleted stale route {}", show(r)),
@@ -548,14 +685,6 @@ impl Worker {
                 }
             }
         }
-        tracing::debug!(
-            peers = npeers,
-            changes = report.changes,
-            errors = report.errors.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "reconciliation pass done"
-        );
-        report
     }
 
     /// Logs the host-gw peers left without a route when that set changes
@@ -577,27 +706,36 @@ impl Worker {
         self.unreachable = now.to_vec();
     }
 
-    /// What the kernel holds of ours ([`Settings::scope`]).
-    fn read_actual(&mut self, device: Option<u32>) -> flannel_netlink::Result<DesiredState> {
+    /// What the kernel holds of ours in `family` ([`Settings::scope`]),
+    /// from the pass's route dump and the device's neighbours and FDB.
+    fn read_actual(
+        &mut self,
+        family: IpFamily,
+        device: Option<u32>,
+        routes: &[Route],
+    ) -> flannel_netlink::Result<DesiredState> {
+        let Some(scope) = self.settings.scope(family, device) else {
+            return Ok(DesiredState::default());
+        };
         let mut all = DesiredState {
-            routes: self.nl.list_routes()?,
+            routes: routes.to_vec(),
             ..DesiredState::default()
         };
         if let Some(ifindex) = device {
             all.neighbours = self.nl.list_neighbours(ifindex)?;
             all.fdb = self.nl.list_fdb(ifindex)?;
         }
-        Ok(self.settings.scope(device).filter(all))
+        Ok(scope.filter(all))
     }
 }
 
 /// A route as `ip route` prints it, with our devices named.
-fn show_route(r: &Route, s: &Settings, device: Option<u32>) -> String {
+fn show_route(r: &Route, s: &Settings, family: IpFamily, device: Option<u32>) -> String {
     let mut out = r.dst.to_string();
     if let Some(gw) = r.gateway {
         out.push_str(&format!(" via {gw}"));
     }
-    match (device, s.device_name()) {
+    match (device, s.device_name(family)) {
         (Some(i), Some(dev)) if i == r.oif => out.push_str(&format!(" dev {dev}")),
         _ if r.oif == s.external.ifindex => out.push_str(&format!(" dev {}", s.external.name)),
         _ => out.push_str(&format!(" dev index {}", r.oif)),
@@ -608,20 +746,24 @@ fn show_route(r: &Route, s: &Settings, device: Option<u32>) -> String {
     out
 }
 
-/// Whether a kernel notification may concern our datapath: our device (by
-/// index or name; with host-gw, any `flannel.<VNI>` leftover), the underlay
-/// interface, addresses on our device, routes
-/// inside the cluster network, neighbour/FDB entries on our device, and
-/// anything unknown (e.g. lost notifications).
-pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool {
-    let ours = |i: &u32| Some(*i) == ifindex;
+/// Whether a kernel notification may concern our datapath: our devices
+/// (by index or name; with host-gw, or for a disabled family, any
+/// `flannel.<VNI>` / `flannel-v6.<VNI>` leftover), the underlay interface,
+/// addresses on our devices, routes inside the cluster networks,
+/// neighbour/FDB entries on our devices, and anything unknown (e.g. lost
+/// notifications).
+pub fn is_relevant(n: &Notification, s: &Settings, ifindex: PerFamily<Option<u32>>) -> bool {
+    let ours = |i: &u32| Some(*i) == ifindex.v4 || Some(*i) == ifindex.v6;
     #[allow(unreachable_patterns)]
     match n {
         Notification::Link { index, name, .. } => {
             ours(index)
                 || *index == s.external.ifindex
                 || match &s.backend {
-                    BackendSettings::Vxlan { spec, .. } => *name == spec.device.name,
+                    BackendSettings::Vxlan { .. } => FAMILIES.into_iter().any(|f| {
+                        s.device_name(f) == Some(name.as_str())
+                            || s.disabled_device_name(f).as_deref() == Some(name.as_str())
+                    }),
                     // A vxlan leftover to remove.
                     BackendSettings::HostGw => hostgw::may_be_leftover_name(name),
                     BackendSettings::Udp(spec) => {
@@ -631,10 +773,9 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: Option<u32>) -> bool
                 // A udp leftover to remove.
                 || (!matches!(s.backend, BackendSettings::Udp(_)) && name == flannel_core::wire::UDP_TUN_DEVICE)
         }
-        Notification::Route { dst, .. } => match dst {
-            IpNet::V4(d) => s.network.contains(d),
-            IpNet::V6(_) => false,
-        },
+        Notification::Route { dst, .. } => FAMILIES
+            .into_iter()
+            .any(|f| s.network_of(f).is_some_and(|net| net.contains(dst))),
         Notification::Neighbour { ifindex, .. } | Notification::Fdb { ifindex, .. } => {
             ours(ifindex)
         }
@@ -664,7 +805,7 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             backend: BackendSettings::Vxlan {
-                spec: DeviceSpec {
+                v4: Some(DeviceSpec {
                     device: VxlanDevice {
                         name: "flannel.1".into(),
                         vni: 1,
@@ -677,10 +818,12 @@ mod tests {
                         mac: None,
                     },
                     address: "10.244.1.0/32".parse().unwrap(),
-                },
+                }),
+                v6: None,
                 direct_routing: false,
             },
-            network: "10.244.0.0/16".parse().unwrap(),
+            network: Some("10.244.0.0/16".parse().unwrap()),
+            ipv6_network: None,
             own: "10.244.1.0-24".parse().unwrap(),
             external: external(),
         }
@@ -709,7 +852,7 @@ mod tests {
             peers: n,
             state: d,
             unreachable,
-        } = settings().desired(Some(4), &leases(), SystemTime::now());
+        } = settings().desired(IpFamily::V4, Some(4), &leases(), SystemTime::now());
         assert!(unreachable.is_empty());
         assert_eq!(n, 2, "own lease and other VNI skipped");
         assert_eq!(
@@ -740,7 +883,9 @@ mod tests {
         if let BackendSettings::Vxlan { direct_routing, .. } = &mut s.backend {
             *direct_routing = true;
         }
-        let d = s.desired(Some(4), &leases(), SystemTime::now()).state;
+        let d = s
+            .desired(IpFamily::V4, Some(4), &leases(), SystemTime::now())
+            .state;
         let direct = Route {
             dst: "10.244.2.0/24".parse().unwrap(),
             gateway: Some("172.16.1.13".parse().unwrap()),
@@ -753,8 +898,11 @@ mod tests {
         assert_eq!(d.neighbours[0].ip, "10.244.3.0".parse::<IpAddr>().unwrap());
         // Gateway routes on the external interface are owned with and
         // without DirectRouting: without, they are stale and get deleted.
-        assert!(s.scope(Some(4)).owns_route(&direct));
-        assert!(settings().scope(Some(4)).owns_route(&direct));
+        assert!(s.scope(IpFamily::V4, Some(4)).unwrap().owns_route(&direct));
+        assert!(settings()
+            .scope(IpFamily::V4, Some(4))
+            .unwrap()
+            .owns_route(&direct));
         // A host-gw leftover to a subnet without vxlan peer is deleted; one
         // to a vxlan peer's subnet is replaced by the vxlan route.
         let gone = Route {
@@ -765,12 +913,15 @@ mod tests {
         };
         let plan = datapath::plan_reconcile(
             &settings()
-                .desired(Some(4), &leases(), SystemTime::now())
+                .desired(IpFamily::V4, Some(4), &leases(), SystemTime::now())
                 .state,
-            &settings().scope(Some(4)).filter(DesiredState {
-                routes: vec![direct.clone(), gone.clone()],
-                ..DesiredState::default()
-            }),
+            &settings()
+                .scope(IpFamily::V4, Some(4))
+                .unwrap()
+                .filter(DesiredState {
+                    routes: vec![direct.clone(), gone.clone()],
+                    ..DesiredState::default()
+                }),
         );
         assert_eq!(plan.routes.del, vec![gone]);
         assert!(plan
@@ -806,7 +957,7 @@ mod tests {
         ];
         // A vxlan lease is not a host-gw peer.
         ls.push(lease("10.244.4.0-24", "172.16.1.4", "02:00:00:00:00:04", 1));
-        let d = s.desired(None, &ls, SystemTime::now());
+        let d = s.desired(IpFamily::V4, None, &ls, SystemTime::now());
         let via = |dst: &str, gw: &str| Route {
             dst: dst.parse().unwrap(),
             gateway: Some(gw.parse().unwrap()),
@@ -829,7 +980,7 @@ mod tests {
         );
         // Scope with host-gw: external gateway routes in the network, never
         // our own subnet, never routes outside the network or without gateway.
-        let sc = s.scope(None);
+        let sc = s.scope(IpFamily::V4, None).unwrap();
         assert!(sc.owns_route(&via("10.244.9.0/24", "172.16.1.9")));
         assert!(!sc.owns_route(&via("10.244.1.0/24", "172.16.1.9")));
         assert!(!sc.owns_route(&via("192.168.0.0/24", "172.16.1.9")));
@@ -848,7 +999,7 @@ mod tests {
                 deleted: false
             },
             &hg,
-            None
+            PerFamily::default()
         ));
         assert!(!is_relevant(
             &Notification::Link {
@@ -857,11 +1008,15 @@ mod tests {
                 deleted: false
             },
             &hg,
-            None
+            PerFamily::default()
         ));
         let s = settings();
-        let yes = |n: Notification| assert!(is_relevant(&n, &s, Some(4)), "{n:?}");
-        let no = |n: Notification| assert!(!is_relevant(&n, &s, Some(4)), "{n:?}");
+        let v4dev = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        let yes = |n: Notification| assert!(is_relevant(&n, &s, v4dev), "{n:?}");
+        let no = |n: Notification| assert!(!is_relevant(&n, &s, v4dev), "{n:?}");
         yes(Notification::Link {
             index: 4,
             name: "flannel.1".into(),
@@ -915,5 +1070,243 @@ mod tests {
             deleted: true,
         });
         yes(Notification::Overrun);
+    }
+
+    fn dual_settings(direct_routing: bool) -> Settings {
+        let mut s = settings();
+        let v4 = s.backend.device_spec(IpFamily::V4).cloned();
+        let mut v6dev = v4.as_ref().unwrap().device.clone();
+        v6dev.name = "flannel-v6.1".into();
+        v6dev.local = "fd00:1::14".parse().unwrap();
+        v6dev.mtu = 1430;
+        s.backend = BackendSettings::Vxlan {
+            v4,
+            v6: Some(DeviceSpec {
+                device: v6dev,
+                address: "fd00:10:244:1::/128".parse().unwrap(),
+            }),
+            direct_routing,
+        };
+        s.ipv6_network = Some("fd00:10:244::/56".parse().unwrap());
+        s.own = "10.244.1.0-24&fd00:10:244:1::-64".parse().unwrap();
+        s.external.connected.push("fd00:1::14/64".parse().unwrap());
+        s
+    }
+
+    fn dual_lease(key: &str, ip: &str, ip6: &str, mac: &str, mac6: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: vxlan::lease_attrs_dual(
+                Some((ip.parse().unwrap(), mac.parse().unwrap())),
+                Some((ip6.parse().unwrap(), mac6.parse().unwrap())),
+                1,
+            ),
+            expiration: None,
+        }
+    }
+
+    fn dual_leases() -> Vec<Lease> {
+        vec![
+            dual_lease(
+                "10.244.1.0-24&fd00:10:244:1::-64",
+                "172.16.1.14",
+                "fd00:1::14",
+                "26:62:24:f0:61:01",
+                "26:62:24:f0:61:06",
+            ),
+            dual_lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+                "52:17:43:ba:2e:56",
+                "52:17:43:ba:2e:66",
+            ),
+            // A far peer: not on eth0's subnets in either family.
+            dual_lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "192.168.7.3",
+                "fd00:7::3",
+                "02:00:00:00:00:03",
+                "02:00:00:00:06:03",
+            ),
+        ]
+    }
+
+    #[test]
+    fn dual_stack_desires_one_triple_per_peer_and_family_on_its_device() {
+        let s = dual_settings(false);
+        assert_eq!(
+            s.families().collect::<Vec<_>>(),
+            vec![IpFamily::V4, IpFamily::V6]
+        );
+        let now = SystemTime::now();
+        let v4 = s.desired(IpFamily::V4, Some(4), &dual_leases(), now);
+        let v6 = s.desired(IpFamily::V6, Some(5), &dual_leases(), now);
+        assert_eq!((v4.peers, v6.peers), (2, 2));
+        assert!(v4
+            .state
+            .routes
+            .iter()
+            .all(|r| r.oif == 4 && r.dst.addr().is_ipv4()));
+        assert!(v6.state.routes.iter().all(|r| r.oif == 5 && r.onlink));
+        assert!(v6.state.neighbours.contains(&Neighbour {
+            ifindex: 5,
+            ip: "fd00:10:244:2::".parse().unwrap(),
+            mac: "52:17:43:ba:2e:66".parse().unwrap(),
+        }));
+        assert!(v6.state.fdb.contains(&FdbEntry {
+            ifindex: 5,
+            mac: "52:17:43:ba:2e:66".parse().unwrap(),
+            dst: "fd00:1::13".parse().unwrap(),
+        }));
+        // The IPv6 scope owns IPv6 routes in IPv6Network on flannel-v6 only,
+        // never our own subnet nor the kernel's route for our /128.
+        let sc = s.scope(IpFamily::V6, Some(5)).unwrap();
+        assert!(sc.owns_route(&v6.state.routes[0]));
+        assert!(!sc.owns_route(&v4.state.routes[0]));
+        let own128 = Route {
+            dst: "fd00:10:244:1::/128".parse().unwrap(),
+            gateway: None,
+            oif: 5,
+            onlink: false,
+        };
+        assert!(!sc.owns_route(&own128));
+        // A disabled family has no scope and no desired state.
+        let mut v4only = settings();
+        v4only.own = s.own;
+        assert!(v4only.scope(IpFamily::V6, Some(5)).is_none());
+        assert!(v4only
+            .desired(IpFamily::V6, Some(5), &dual_leases(), now)
+            .state
+            .is_empty());
+        // ... and its leftover device is named for removal.
+        assert_eq!(
+            v4only.disabled_device_name(IpFamily::V6).as_deref(),
+            Some("flannel-v6.1")
+        );
+        assert_eq!(s.disabled_device_name(IpFamily::V6), None);
+    }
+
+    #[test]
+    fn dual_stack_direct_routing_is_decided_per_family() {
+        let s = dual_settings(true);
+        let now = SystemTime::now();
+        let v6 = s.desired(IpFamily::V6, Some(5), &dual_leases(), now).state;
+        // The connected peer: direct via its PublicIPv6 on eth0.
+        assert!(v6.routes.contains(&Route {
+            dst: "fd00:10:244:2::/64".parse().unwrap(),
+            gateway: Some("fd00:1::13".parse().unwrap()),
+            oif: 2,
+            onlink: false,
+        }));
+        // The far one: encapsulated.
+        assert_eq!(v6.neighbours.len(), 1);
+        assert_eq!(v6.fdb[0].dst, "fd00:7::3".parse::<IpAddr>().unwrap());
+        // IPv4 connectivity does not decide for IPv6: a peer connected only
+        // over IPv4 stays encapsulated in IPv6.
+        let mut ls = dual_leases();
+        ls[1] = dual_lease(
+            "10.244.2.0-24&fd00:10:244:2::-64",
+            "172.16.1.13",
+            "fd00:9::13",
+            "52:17:43:ba:2e:56",
+            "52:17:43:ba:2e:66",
+        );
+        let v4 = s.desired(IpFamily::V4, Some(4), &ls, now).state;
+        let v6 = s.desired(IpFamily::V6, Some(5), &ls, now).state;
+        assert!(v4.routes.iter().any(|r| r.oif == 2));
+        assert!(v6.routes.iter().all(|r| r.oif == 5));
+    }
+
+    #[test]
+    fn host_gw_dual_stack_routes_via_each_familys_public_ip() {
+        let mut s = dual_settings(false);
+        s.backend = BackendSettings::HostGw;
+        let lease = |key: &str, ip: &str, ip6: &str| Lease {
+            key: key.parse().unwrap(),
+            attrs: hostgw::lease_attrs_dual(Some(ip.parse().unwrap()), Some(ip6.parse().unwrap())),
+            expiration: None,
+        };
+        let ls = vec![
+            lease(
+                "10.244.1.0-24&fd00:10:244:1::-64",
+                "172.16.1.14",
+                "fd00:1::14",
+            ),
+            lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+            ),
+            lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "172.16.1.3",
+                "fd00:7::3",
+            ),
+        ];
+        let d = s.desired(IpFamily::V6, None, &ls, SystemTime::now());
+        assert_eq!(
+            d.state.routes,
+            vec![Route {
+                dst: "fd00:10:244:2::/64".parse().unwrap(),
+                gateway: Some("fd00:1::13".parse().unwrap()),
+                oif: 2,
+                onlink: false,
+            }]
+        );
+        assert_eq!(d.unreachable.len(), 1, "fd00:7::3 is not connected");
+        let d4 = s.desired(IpFamily::V4, None, &ls, SystemTime::now());
+        assert_eq!(d4.state.routes.len(), 2);
+        assert!(d4.unreachable.is_empty());
+    }
+
+    #[test]
+    fn relevant_notifications_in_dual_stack() {
+        let s = dual_settings(false);
+        let devs = PerFamily {
+            v4: Some(4),
+            v6: Some(5),
+        };
+        let route = |dst: &str| Notification::Route {
+            dst: dst.parse().unwrap(),
+            deleted: true,
+        };
+        assert!(is_relevant(&route("fd00:10:244:2::/64"), &s, devs));
+        assert!(is_relevant(&route("10.244.2.0/24"), &s, devs));
+        assert!(!is_relevant(&route("fd00:99::/64"), &s, devs));
+        assert!(is_relevant(
+            &Notification::Neighbour {
+                ifindex: 5,
+                ip: "fd00:10:244:2::".parse().unwrap(),
+                deleted: true
+            },
+            &s,
+            devs
+        ));
+        assert!(is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "flannel-v6.1".into(),
+                deleted: false
+            },
+            &s,
+            devs
+        ));
+        // IPv4 only: IPv6 routes are not ours, a flannel-v6 leftover is.
+        let v4 = settings();
+        let one = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        assert!(!is_relevant(&route("fd00:10:244:2::/64"), &v4, one));
+        assert!(is_relevant(
+            &Notification::Link {
+                index: 9,
+                name: "flannel-v6.1".into(),
+                deleted: false
+            },
+            &v4,
+            one
+        ));
     }
 }

@@ -663,9 +663,9 @@ fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
             "VNI",
         ),
         (
-            r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#,
+            r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00::/56", "Backend": {"Type": "udp"}}"#,
             c.args(0, &[]),
-            "udp",
+            "IPv4 only",
         ),
         (r#"{"Network": "10.244.0.0/16""#, c.args(0, &[]), "JSON"),
         (

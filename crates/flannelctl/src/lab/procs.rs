@@ -109,7 +109,12 @@ pub(crate) fn spawn_flanneld(
     }
     // The log is a file: no terminal colours (honoured by tracing-subscriber).
     cmd.env("NO_COLOR", "1");
+    // --ip-masq as kube-flannel.yml runs flanneld: flanneld masquerades
+    // traffic leaving the cluster and writes FLANNEL_IPMASQ=true, so the pods'
+    // bridge config has "ipMasq":false, as in the packet walk's saved config
+    // (with ipMasq the bridge would masquerade pod-to-pod traffic too).
     cmd.args(store_args)
+        .arg("--ip-masq")
         .arg("--subnet-file")
         .arg(subnet_file)
         .stdin(Stdio::null())

@@ -7,10 +7,14 @@
 //! frames to an address nobody answers ARP for. Such peers get no route and
 //! an error naming them.
 //!
+//! With IPv6 the same holds per family: `ip -6 route replace <peer IPv6
+//! subnet> via <peer PublicIPv6> dev <external iface>`, the PublicIPv6 on a
+//! directly connected IPv6 subnet.
+//!
 //! Upstream host-gw leases carry no `BackendData`:
 //! `{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"host-gw"}`.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use flannel_core::datapath::HostGwPeer;
 use flannel_core::lease::LeaseAttrs;
@@ -36,7 +40,13 @@ pub enum HostGwError {
 
 /// The attributes we publish with our lease: a PublicIP and no backend data.
 pub fn lease_attrs(public_ip: Ipv4Addr) -> LeaseAttrs {
-    LeaseAttrs::new(BACKEND_TYPE, Some(public_ip), None)
+    lease_attrs_dual(Some(public_ip), None)
+}
+
+/// The attributes we publish with our lease: the PublicIP and/or PublicIPv6
+/// of the enabled families, no backend data.
+pub fn lease_attrs_dual(public_ip: Option<Ipv4Addr>, public_ipv6: Option<Ipv6Addr>) -> LeaseAttrs {
+    LeaseAttrs::new(BACKEND_TYPE, public_ip, public_ipv6)
 }
 
 /// Whether `link` is a device the vxlan backend creates (`flannel.<VNI>` or

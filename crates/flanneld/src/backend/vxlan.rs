@@ -1,24 +1,28 @@
-//! The vxlan backend: the `flannel.<VNI>` device and the VtepMAC.
+//! The vxlan backend: the `flannel.<VNI>` (IPv4) and `flannel-v6.<VNI>`
+//! (IPv6) devices and their VtepMACs.
 //!
-//! The device, as upstream creates it:
+//! The devices, as upstream creates them, one per enabled address family:
 //! `ip link add flannel.VNI type vxlan id VNI local IFACE_ADDR dev EXT dstport PORT nolearning [gbp]`,
 //! `ip link set flannel.VNI mtu EXT_MTU-50 address VTEP_MAC up`,
-//! `ip addr add <own subnet network address>/32 dev flannel.VNI`.
+//! `ip addr add <own subnet network address>/32 dev flannel.VNI`;
+//! for IPv6 `flannel-v6.VNI` with the interface's IPv6 address as `local`
+//! (an IPv6 underlay: 70 bytes of overhead), its own VtepMAC (published as
+//! `BackendV6Data`) and `<own IPv6 subnet network address>/128 nodad`.
+//! Both devices share VNI and port: the kernel keeps IPv4 and IPv6 vxlan
+//! sockets apart.
 //!
 //! The `local` address is the external interface's own address, as upstream
 //! does: `--public-ip` may name a NAT address that is not configured on this
 //! host, and the kernel must send from an address it owns.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_core::config::VxlanConfig;
-use flannel_core::lease::{LeaseAttrs, VxlanBackendData};
+use flannel_core::lease::{IpFamily, LeaseAttrs, VxlanBackendData};
 use flannel_core::mac::MacAddr;
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink, VxlanDevice};
-use ipnet::{IpNet, Ipv4Net};
-
-use crate::iface::ExternalInterface;
+use ipnet::IpNet;
 
 /// Errors of device setup, each naming the device and the operation.
 #[derive(Debug, thiserror::Error)]
@@ -38,19 +42,46 @@ pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_VXLAN;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceSpec {
     pub device: VxlanDevice,
-    /// `<own subnet network address>/32`.
-    pub address: Ipv4Net,
+    /// `<own subnet network address>/32` (IPv6: `/128`).
+    pub address: IpNet,
 }
 
-/// The vxlan device for `cfg` on the external interface `ext`, with the
-/// given MTU and VtepMAC. The MTU is the pod MTU (external MTU minus 50, or
-/// the backend's `MTU` option), so pods and the device agree.
-pub fn device(cfg: &VxlanConfig, ext: &ExternalInterface, mtu: u32, mac: MacAddr) -> VxlanDevice {
+impl DeviceSpec {
+    /// The address family the device carries (that of its address).
+    pub fn family(&self) -> IpFamily {
+        match self.address {
+            IpNet::V4(_) => IpFamily::V4,
+            IpNet::V6(_) => IpFamily::V6,
+        }
+    }
+}
+
+/// The device name for `family`: `flannel.<VNI>` or `flannel-v6.<VNI>`.
+pub fn device_name(vni: u32, family: IpFamily) -> String {
+    match family {
+        IpFamily::V4 => wire::vxlan_device_name(vni),
+        IpFamily::V6 => wire::vxlan_v6_device_name(vni),
+    }
+}
+
+/// The vxlan device of `family` for `cfg`, sending from `local` (the
+/// external interface's own address of the underlay family) on the
+/// interface `underlay_index`, with the given MTU and VtepMAC. The MTU is
+/// the external MTU minus the encapsulation overhead of `local`'s family
+/// (50 bytes over IPv4, 70 over IPv6), or the backend's `MTU` option.
+pub fn device(
+    cfg: &VxlanConfig,
+    family: IpFamily,
+    local: IpAddr,
+    underlay_index: u32,
+    mtu: u32,
+    mac: MacAddr,
+) -> VxlanDevice {
     VxlanDevice {
-        name: wire::vxlan_device_name(cfg.vni),
+        name: device_name(cfg.vni, family),
         vni: cfg.vni,
-        local: IpAddr::V4(ext.iface_addr),
-        underlay_index: ext.index,
+        local,
+        underlay_index,
         port: cfg.port,
         learning: cfg.learning,
         gbp: cfg.gbp,
@@ -59,12 +90,14 @@ pub fn device(cfg: &VxlanConfig, ext: &ExternalInterface, mtu: u32, mac: MacAddr
     }
 }
 
-/// The device's address for our subnet: the network address as a /32
-/// (10.244.1.0/24 -> 10.244.1.0/32). Peers use it as the route gateway and
-/// neighbour IP; /32 keeps the kernel from adding a connected route that
-/// would swallow the whole subnet onto the vxlan device.
-pub fn device_address(own_subnet: Ipv4Net) -> Ipv4Net {
-    Ipv4Net::new(own_subnet.network(), 32).expect("/32 is a valid prefix")
+/// The device's address for our subnet: the network address as a host
+/// route (10.244.1.0/24 -> 10.244.1.0/32, fd00:10:244:1::/64 ->
+/// fd00:10:244:1::/128). Peers use it as the route gateway and neighbour
+/// IP; the full-length prefix keeps the kernel from adding a connected route
+/// that would swallow the whole subnet onto the vxlan device.
+pub fn device_address(own_subnet: IpNet) -> IpNet {
+    let len = own_subnet.max_prefix_len();
+    IpNet::new(own_subnet.network(), len).expect("the full length is a valid prefix")
 }
 
 /// The port the kernel actually uses for a configured port (0 = 8472).
@@ -154,18 +187,38 @@ pub fn choose_vtep_mac(
     (MacAddr::random(rng), MacSource::Random)
 }
 
-/// The attributes we publish with our lease.
+/// The attributes we publish with our lease (IPv4 only).
 pub fn lease_attrs(public_ip: Ipv4Addr, vni: u32, mac: MacAddr) -> LeaseAttrs {
-    let data = VxlanBackendData { vni, vtep_mac: mac };
-    LeaseAttrs::new_vxlan(Some(public_ip), Some(data), None, None)
+    lease_attrs_dual(Some((public_ip, mac)), None, vni)
 }
 
-/// The VtepMAC published in a lease of ours, if it is a vxlan lease with the same VNI.
-pub fn lease_vtep_mac(attrs: &LeaseAttrs, vni: u32) -> Option<MacAddr> {
+/// The attributes we publish with our lease: per enabled family the public
+/// IP and that device's VtepMAC (`BackendData` for `flannel.<VNI>`,
+/// `BackendV6Data` for `flannel-v6.<VNI>`).
+pub fn lease_attrs_dual(
+    v4: Option<(Ipv4Addr, MacAddr)>,
+    v6: Option<(Ipv6Addr, MacAddr)>,
+    vni: u32,
+) -> LeaseAttrs {
+    let data = |vtep_mac| VxlanBackendData { vni, vtep_mac };
+    LeaseAttrs::new_vxlan(
+        v4.map(|(ip, _)| ip),
+        v4.map(|(_, m)| data(m)),
+        v6.map(|(ip, _)| ip),
+        v6.map(|(_, m)| data(m)),
+    )
+}
+
+/// The VtepMAC of `family` published in a lease of ours, if it is a vxlan
+/// lease with the same VNI.
+pub fn lease_vtep_mac(attrs: &LeaseAttrs, vni: u32, family: IpFamily) -> Option<MacAddr> {
     if attrs.backend_type != BACKEND_TYPE {
         return None;
     }
-    let data = attrs.vxlan_data()?;
+    let data = match family {
+        IpFamily::V4 => attrs.vxlan_data(),
+        IpFamily::V6 => attrs.vxlan_v6_data(),
+    }?;
     (data.vni == vni).then_some(data.vtep_mac)
 }
 
@@ -228,16 +281,19 @@ pub fn ensure_device(
             link.mac = Some(mac);
         }
     }
-    let want_addr = IpNet::V4(spec.address);
+    let want_addr = spec.address;
     let addrs = nl.list_addresses(link.index).map_err(k)?;
     if !addrs.contains(&want_addr) {
-        nl.add_address(link.index, want_addr).map_err(k)?;
+        // nodad: the IPv6 address must be usable at once as the source of
+        // node-to-pod traffic (DAD would keep it tentative for a second).
+        nl.add_address_nodad(link.index, want_addr).map_err(k)?;
         changes.push(format!("added address {want_addr} to {}", want.name));
     }
-    // Another IPv4 address on our device is a leftover of a previous subnet.
+    // Another global address of the device's family is a leftover of a
+    // previous subnet (list_addresses omits the IPv6 link-local one).
     for a in addrs
         .iter()
-        .filter(|a| a.addr().is_ipv4() && **a != want_addr)
+        .filter(|a| a.addr().is_ipv4() == want_addr.addr().is_ipv4() && **a != want_addr)
     {
         nl.del_address(link.index, *a).map_err(k)?;
         changes.push(format!("removed stale address {a} from {}", want.name));
@@ -250,20 +306,40 @@ pub fn ensure_device(
     Ok((link, changes))
 }
 
+/// Deletes our vxlan device `name` (`ip link del NAME`) when it exists and
+/// is a flannel vxlan device: the device of an address family the config no
+/// longer enables. Returns a line when one was removed.
+pub fn remove_device(nl: &mut Netlink, name: &str) -> Result<Option<String>, VxlanError> {
+    let k = |source| VxlanError::Kernel {
+        device: name.to_string(),
+        source,
+    };
+    match nl.link_by_name(name).map_err(k)? {
+        Some(l) if crate::backend::hostgw::is_vxlan_leftover(&l) => {
+            nl.del_link(l.index).map_err(k)?;
+            Ok(Some(format!(
+                "removed {name} (ifindex {}): its address family is not enabled any more",
+                l.index
+            )))
+        }
+        _ => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use flannel_netlink::VxlanInfo;
 
-    fn ext() -> ExternalInterface {
-        ExternalInterface {
-            index: 2,
-            name: "ens3".into(),
-            mtu: 1500,
-            iface_addr: Ipv4Addr::new(172, 16, 1, 14),
-            public_ip: Ipv4Addr::new(172, 16, 1, 14),
-            connected: vec!["172.16.1.14/24".parse().unwrap()],
-        }
+    fn dev4(mtu: u32) -> VxlanDevice {
+        device(
+            &VxlanConfig::default(),
+            IpFamily::V4,
+            IpAddr::V4(Ipv4Addr::new(172, 16, 1, 14)),
+            2,
+            mtu,
+            mac(),
+        )
     }
 
     fn mac() -> MacAddr {
@@ -292,7 +368,7 @@ mod tests {
 
     #[test]
     fn device_as_upstream() {
-        let d = device(&VxlanConfig::default(), &ext(), 1450, mac());
+        let d = dev4(1450);
         assert_eq!(d.name, "flannel.1");
         assert_eq!(d.vni, 1);
         assert_eq!(d.local, IpAddr::V4(Ipv4Addr::new(172, 16, 1, 14)));
@@ -301,13 +377,40 @@ mod tests {
         assert_eq!(d.mtu, 1450);
         assert_eq!(
             device_address("10.244.1.0/24".parse().unwrap()),
-            "10.244.1.0/32".parse::<Ipv4Net>().unwrap()
+            "10.244.1.0/32".parse::<IpNet>().unwrap()
         );
     }
 
     #[test]
+    fn v6_device_as_upstream() {
+        let local: IpAddr = "fd00:1::14".parse().unwrap();
+        let d = device(
+            &VxlanConfig {
+                vni: 7,
+                ..VxlanConfig::default()
+            },
+            IpFamily::V6,
+            local,
+            2,
+            1430,
+            mac(),
+        );
+        assert_eq!(d.name, "flannel-v6.7");
+        assert_eq!((d.vni, d.local, d.mtu), (7, local, 1430));
+        let spec = DeviceSpec {
+            device: d,
+            address: device_address("fd00:10:244:1::/64".parse().unwrap()),
+        };
+        assert_eq!(
+            spec.address,
+            "fd00:10:244:1::/128".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(spec.family(), IpFamily::V6);
+    }
+
+    #[test]
     fn mismatch_detects_fixed_attributes_only() {
-        let d = device(&VxlanConfig::default(), &ext(), 1450, mac());
+        let d = dev4(1450);
         let l = link_for(&d);
         assert_eq!(mismatch(&l, &d), None, "port 0 means 8472");
         let mut other = l.clone();
@@ -335,7 +438,7 @@ mod tests {
 
     #[test]
     fn vtep_mac_survives_restarts() {
-        let d = device(&VxlanConfig::default(), &ext(), 1450, mac());
+        let d = dev4(1450);
         let l = link_for(&d);
         let other: MacAddr = "02:00:00:00:00:09".parse().unwrap();
         let mut rng = rand::rng();
@@ -359,7 +462,34 @@ mod tests {
             serde_json::to_string(&a).unwrap(),
             r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}}"#
         );
-        assert_eq!(lease_vtep_mac(&a, 1), Some(mac()));
-        assert_eq!(lease_vtep_mac(&a, 2), None, "another VNI's MAC is not ours");
+        assert_eq!(lease_vtep_mac(&a, 1, IpFamily::V4), Some(mac()));
+        assert_eq!(lease_vtep_mac(&a, 1, IpFamily::V6), None);
+        assert_eq!(
+            lease_vtep_mac(&a, 2, IpFamily::V4),
+            None,
+            "another VNI's MAC is not ours"
+        );
+    }
+
+    #[test]
+    fn dual_stack_lease_attrs_carry_one_vtep_mac_per_family() {
+        let m6: MacAddr = "02:00:00:00:06:01".parse().unwrap();
+        let a = lease_attrs_dual(
+            Some((Ipv4Addr::new(172, 16, 1, 14), mac())),
+            Some(("fd00:1::14".parse().unwrap(), m6)),
+            1,
+        );
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"PublicIP":"172.16.1.14","PublicIPv6":"fd00:1::14","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:06:01"}}"#
+        );
+        assert_eq!(lease_vtep_mac(&a, 1, IpFamily::V6), Some(m6));
+        // IPv6 only: PublicIP "0.0.0.0" and no BackendData, as upstream.
+        let a = lease_attrs_dual(None, Some(("fd00:1::14".parse().unwrap(), m6)), 1);
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:1::14","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:06:01"}}"#
+        );
+        assert_eq!(lease_vtep_mac(&a, 1, IpFamily::V4), None);
     }
 }
