@@ -64,8 +64,9 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 /// The backend's `Type` and the lease's `BackendType`.
 pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 
-/// Default `--udp-stats-file`.
-pub const DEFAULT_STATS_FILE: &str = "/run/flannel/udp-stats.json";
+/// The stats file's name; by default it lives beside subnet.env
+/// (`/run/flannel/udp-stats.json`).
+pub const STATS_FILE_NAME: &str = "udp-stats.json";
 
 /// Most queues (and thread pairs) used.
 const MAX_QUEUES: usize = 4;
