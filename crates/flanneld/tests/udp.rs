@@ -571,7 +571,26 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
         },
     );
     let before = c.settled_counters(0);
-    assert!(!ping(&c.nodes[0], first(subnets[0]), first(subnets[2])));
+    // As upstream, the sender learns at once: ICMP net unreachable.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0].ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+        ])
+        .arg(first(subnets[0]).to_string())
+        .arg(first(subnets[2]).to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("Destination Net Unreachable"), "{text}");
     let after = c.wait_counters(0, "a no-route drop", |k| {
         k.dropped_no_route > before.dropped_no_route
     });

@@ -54,7 +54,10 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
-use flannel_core::udp::{Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS};
+use flannel_core::udp::{
+    net_unreachable, Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS,
+    NET_UNREACHABLE_MAX_LEN,
+};
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
 use ipnet::{IpNet, Ipv4Net};
@@ -594,6 +597,11 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
     let mut sizes = vec![0usize; TX_SLOTS];
     let mut warn = RateLimited(None);
     let offload = dev.tcp_gso();
+    // ICMP errors go back into the device behind a zeroed virtio header
+    // (no GSO, checksum complete) when offloads are on.
+    let icmp_at = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
+    let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN];
+    let mut icmp_budget = IcmpBudget::default();
     while !sh.stop.load(Ordering::Relaxed) {
         let mut n = 0;
         while n + TX_READ_ROOM <= TX_SLOTS {
@@ -644,6 +652,15 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             let at = i * slot;
             let v = table.egress(&packets[at..at + sizes[i]]);
             c.count_egress(&v);
+            if let Egress::NoRoute { .. } = v {
+                if icmp_budget.take() {
+                    if let Some(len) =
+                        net_unreachable(&packets[at..at + sizes[i]], &mut icmp[icmp_at..])
+                    {
+                        let _ = dev.send(&icmp[..icmp_at + len]);
+                    }
+                }
+            }
             let Egress::Forward { peer, len } = v else {
                 continue;
             };
@@ -676,6 +693,36 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
         }
         sh.counters.add(&c);
+    }
+}
+
+/// At most [`ICMP_PER_SECOND`] ICMP errors per second and thread: a flood
+/// toward a vanished node must not become a flood of errors.
+#[derive(Default)]
+struct IcmpBudget {
+    window: Option<Instant>,
+    sent: u32,
+}
+
+/// See [`IcmpBudget`].
+const ICMP_PER_SECOND: u32 = 100;
+
+impl IcmpBudget {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        match self.window {
+            Some(w) if now.duration_since(w) < Duration::from_secs(1) => {}
+            _ => {
+                self.window = Some(now);
+                self.sent = 0;
+            }
+        }
+        if self.sent < ICMP_PER_SECOND {
+            self.sent += 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
