@@ -456,8 +456,13 @@ impl UdpDatapath {
             (Some(dp), Some(_)) if dp.shared.failed.load(Ordering::Relaxed) => {
                 Some("a datapath thread stopped")
             }
-            (Some(dp), Some(_)) if dp.spec.port != spec.port || dp.spec.bind != spec.bind => {
-                Some("the port or address changed")
+            (Some(dp), Some(_))
+                if dp.spec.port != spec.port
+                    || dp.spec.bind != spec.bind
+                    || dp.spec.mtu != spec.mtu =>
+            {
+                // The threads' buffers are sized by the MTU.
+                Some("the port, address or MTU changed")
             }
             _ => None,
         };
