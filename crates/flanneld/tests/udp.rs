@@ -626,8 +626,18 @@ fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
         c.nodes[0].link("flannel.1").is_some(),
         "SIGTERM leaves the device"
     );
+    // A host-gw route of a node that vanished (an earlier host-gw run).
+    let eth0 = c.nodes[0].link("eth0").unwrap().index;
+    let stale = Route {
+        dst: "10.244.250.0/24".parse().unwrap(),
+        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
+        oif: eth0,
+        onlink: false,
+    };
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
 
-    // udp: flannel.1 and its routes gone, flannel0 in.
+    // udp: flannel.1 and its routes gone, the stale route too, flannel0 in
+    // (wait_flannel0 wants the cluster route as the only route inside the network).
     c.set_config(UDP);
     let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
     for (i, daemon) in d.iter_mut().enumerate() {
@@ -647,14 +657,7 @@ fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
     for (i, daemon) in d.into_iter().enumerate() {
         c.stop(i, daemon);
     }
-    // A host-gw route of a node that vanished while we were down.
-    let eth0 = c.nodes[0].link("eth0").unwrap().index;
-    let stale = Route {
-        dst: "10.244.250.0/24".parse().unwrap(),
-        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
-        oif: eth0,
-        onlink: false,
-    };
+    // Again a host-gw route of a node that vanished while we were down.
     c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
 
     // Back to vxlan: flannel0 (and its route) removed, the stale route too.
