@@ -323,9 +323,16 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpErro
         socket::setsockopt(&fd, sockopt::ReusePort, &true)
             .map_err(|e| UdpError::Socket(e.into()))?;
     }
-    // Deep buffers absorb bursts while a thread is descheduled.
-    let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
-    let _ = socket::setsockopt(&fd, sockopt::SndBuf, &(4 << 20));
+    // Deep buffers absorb bursts while a thread is descheduled; the
+    // *FORCE options (CAP_NET_ADMIN) pass net.core.[rw]mem_max, whose
+    // default (208 KiB) drops datagrams at a few Gbit/s.
+    const BUF: usize = 4 << 20;
+    if socket::setsockopt(&fd, sockopt::RcvBufForce, &BUF).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &BUF);
+    }
+    if socket::setsockopt(&fd, sockopt::SndBufForce, &BUF).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::SndBuf, &BUF);
+    }
     socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(|e| UdpError::Bind {
         addr,
         source: e.into(),
