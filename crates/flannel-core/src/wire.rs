@@ -93,5 +93,11 @@ pub const NFT_TABLE_V6: &str = "flannel-ipv6";
 pub const NFT_MASQ_CHAIN: &str = "postrtg";
 /// nftables mode: the filter chain on the forward hook.
 pub const NFT_FORWARD_CHAIN: &str = "forward";
+/// nftables mode: the comment of the nat chain.
+pub const NFT_MASQ_CHAIN_COMMENT: &str = "chain to manage traffic masquerading by flannel";
+/// nftables mode: the comment of the forward chain.
+pub const NFT_FORWARD_CHAIN_COMMENT: &str = "chain to accept flannel traffic";
+/// nftables mode: the table's comment is this followed by the table's name.
+pub const NFT_TABLE_COMMENT_PREFIX: &str = "rules for ";
 /// The packet mark kube-proxy sets on traffic it masquerades itself; flannel leaves it alone.
 pub const KUBE_PROXY_MASQ_MARK: u32 = 0x4000;

@@ -15,8 +15,11 @@
 //! iptables has no kernel API worth driving directly (its rule blobs are
 //! private to the iptables binaries, and iptables-nft encodes rules as nft
 //! expressions); `iptables-restore --noflush` gives one atomic transaction
-//! per table. nftables is driven with `nft -f -` (one transaction) and read
-//! with `nft -j`. All of it runs in the daemon's own network namespace.
+//! per table. nftables is read with `nft -j list table` and written with
+//! `nft -j -f -` (one transaction) through the `nftables` crate's typed
+//! schema and helpers; only a table's skeleton with its comments goes
+//! through `nft -f -` in nft's syntax (see [`rules::NftTable::skeleton_script`]).
+//! All of it runs in the daemon's own network namespace.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -27,6 +30,8 @@ use std::time::Duration;
 use flannel_core::config::NetConfig;
 use flannel_core::lease::{IpFamily, LeaseKey};
 use flannel_core::rules::{self, FamilyNets, Mode, RuleOptions, RulesError, RulesInput, FAMILIES};
+use nftables::helper as nft_helper;
+use nftables::schema::{NfListObject, NfObject, Nftables};
 
 use crate::flags::Flags;
 
@@ -45,8 +50,30 @@ pub enum RulesIoError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    /// nft ran but failed; the crate's error keeps nft's output in fields,
+    /// shown here.
+    #[error("`{cmd}` failed: {}", nft_detail(.source))]
+    Nft {
+        cmd: String,
+        #[source]
+        source: nft_helper::NftablesError,
+    },
     #[error(transparent)]
     Parse(#[from] RulesError),
+}
+
+fn nft_detail(e: &nft_helper::NftablesError) -> String {
+    match e {
+        nft_helper::NftablesError::NftFailed { stdout, stderr, .. } => {
+            let out = format!("{} {}", stderr.trim(), stdout.trim());
+            if out.trim().is_empty() {
+                e.to_string()
+            } else {
+                format!("{e}: {}", out.trim())
+            }
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The desired rules of this node from the flags, the config and our lease.
@@ -164,18 +191,46 @@ pub fn sync_iptables_family(
     Ok(report)
 }
 
-/// Reads flannel's nftables table of one family (`nft -j list table ip
-/// flannel-ipv4`); `None` when it does not exist.
-pub fn read_nft_table(family: IpFamily) -> Result<Option<rules::NftTable>, RulesIoError> {
+/// Reads flannel's nftables table of one family, like `nft -j list table ip
+/// flannel-ipv4`, typed and normalised. A table whose listing cannot be
+/// typed (a foreign rule the `nftables` crate does not know) is
+/// [`rules::NftActual::Unreadable`], to be replaced, not an error.
+pub fn read_nft_table(family: IpFamily) -> Result<rules::NftActual, RulesIoError> {
     let (fam, name) = rules::nft_table(family);
     // Listing the tables first tells "absent" from a failure without parsing nft's error text.
-    let tables = run("nft", &["list", "tables", fam], None)?;
-    let wanted = format!("table {fam} {name}");
-    if !tables.lines().any(|l| l.trim() == wanted) {
-        return Ok(None);
+    let tables =
+        nft_helper::get_current_ruleset_with_args(nft_helper::DEFAULT_NFT, ["list", "tables", fam])
+            .map_err(|e| nft_error(format!("nft -j list tables {fam}"), e))?;
+    let exists = tables
+        .objects
+        .iter()
+        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.name == name));
+    if !exists {
+        return Ok(rules::NftActual::Absent);
     }
-    let json = run("nft", &["-j", "list", "table", fam, name], None)?;
-    Ok(Some(rules::parse_nft_json(&json, family)?))
+    // The raw text, not get_current_ruleset_with_args: parse_nft_json first
+    // fixes up nft's single NAT flag, which the crate cannot read as it is.
+    let json =
+        nft_helper::get_current_ruleset_raw(nft_helper::DEFAULT_NFT, ["list", "table", fam, name])
+            .map_err(|e| nft_error(format!("nft -j list table {fam} {name}"), e))?;
+    Ok(match rules::parse_nft_json(&json) {
+        Ok(t) => rules::NftActual::Listed(t),
+        Err(e) => rules::NftActual::Unreadable(e),
+    })
+}
+
+fn nft_error(cmd: String, e: nft_helper::NftablesError) -> RulesIoError {
+    match e {
+        nft_helper::NftablesError::NftExecution { inner, .. } => {
+            RulesIoError::Spawn { cmd, source: inner }
+        }
+        other => RulesIoError::Nft { cmd, source: other },
+    }
+}
+
+/// `nft -j -f -` of one transaction, through the `nftables` crate.
+fn apply_nft(what: &str, batch: &Nftables<'_>) -> Result<(), RulesIoError> {
+    nft_helper::apply_ruleset(batch).map_err(|e| nft_error(format!("nft -j -f - ({what})"), e))
 }
 
 /// Brings one family's nftables table in line (`None`: delete it).
@@ -186,20 +241,30 @@ pub fn sync_nft_family(
     let actual = read_nft_table(family)?;
     let (fam, name) = rules::nft_table(family);
     let mut report = SyncReport::default();
-    match (desired, actual) {
-        (Some(want), actual) if actual.as_ref() != Some(want) => {
-            run("nft", &["-f", "-"], Some(&want.replace_script()))?;
+    if let rules::NftActual::Unreadable(e) = &actual {
+        tracing::info!(error = %e, "nft table {fam} {name} not understood; replacing it");
+    }
+    match rules::nft_plan(family, desired, &actual) {
+        rules::NftPlan::InLine => {}
+        rules::NftPlan::Rules(batch) => {
+            apply_nft("flannel's rules", &batch)?;
+            report
+                .changed
+                .push(format!("nft table {fam} {name}: rules rewritten"));
+        }
+        rules::NftPlan::Rebuild { skeleton, rules } => {
+            run("nft", &["-f", "-"], Some(&skeleton))?;
+            apply_nft("flannel's rules", &rules)?;
             report
                 .changed
                 .push(format!("nft table {fam} {name} rewritten"));
         }
-        (None, Some(_)) => {
-            run("nft", &["-f", "-"], Some(&rules::nft_delete_script(family)))?;
+        rules::NftPlan::Delete(batch) => {
+            apply_nft("deleting flannel's table", &batch)?;
             report
                 .changed
                 .push(format!("nft table {fam} {name} removed"));
         }
-        _ => {}
     }
     Ok(report)
 }

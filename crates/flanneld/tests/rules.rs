@@ -270,6 +270,34 @@ fn expected_fwd(net: &str) -> Vec<String> {
     ]
 }
 
+/// `nft list table FAM NAME` of flannel's table with every rule (fully-random,
+/// forward chain), as operators see it.
+fn nft_listing(fam: &str, name: &str, net: &str, pod: &str, multicast: &str) -> String {
+    format!(
+        "table {fam} {name} {{
+\tcomment \"rules for {name}\"
+\tchain postrtg {{
+\t\tcomment \"chain to manage traffic masquerading by flannel\"
+\t\ttype nat hook postrouting priority srcnat; policy accept;
+\t\tmeta mark & 0x00004000 == 0x00004000 return
+\t\t{fam} saddr {pod} {fam} daddr {net} return
+\t\t{fam} saddr {net} {fam} daddr {pod} return
+\t\t{fam} saddr != {net} {fam} daddr {pod} return
+\t\t{fam} saddr {net} {fam} daddr != {multicast} masquerade fully-random
+\t\t{fam} saddr != {net} {fam} daddr {net} masquerade fully-random
+\t}}
+
+\tchain forward {{
+\t\tcomment \"chain to accept flannel traffic\"
+\t\ttype filter hook forward priority filter; policy accept;
+\t\t{fam} saddr {net} accept
+\t\t{fam} daddr {net} accept
+\t}}
+}}
+"
+    )
+}
+
 /// Waits (up to `secs`) until `f` is true; panics with the node's log.
 fn wait_true(node: &Node, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -385,9 +413,8 @@ fn nftables_mode_table_is_exact_and_restored_within_resync() {
             forward: true,
         },
     )
-    .unwrap()
-    .listing();
-    // The golden text, spelled out (the library's rendering must be what nft prints).
+    .unwrap();
+    // The golden text, spelled out: what nft prints of the table flanneld writes.
     let golden = format!(
         "table ip flannel-ipv4 {{
 \tcomment \"rules for flannel-ipv4\"
@@ -411,7 +438,16 @@ fn nftables_mode_table_is_exact_and_restored_within_resync() {
 }}
 "
     );
-    assert_eq!(want, golden);
+    assert_eq!(
+        golden,
+        nft_listing(
+            "ip",
+            "flannel-ipv4",
+            "10.244.0.0/16",
+            &pod.to_string(),
+            "224.0.0.0/4"
+        )
+    );
     let list = || {
         node.try_sh("nft", &["list", "table", "ip", "flannel-ipv4"])
             .unwrap_or_default()
@@ -419,6 +455,14 @@ fn nftables_mode_table_is_exact_and_restored_within_resync() {
     wait_true(node, "table ip flannel-ipv4 as desired", 10, || {
         list() == golden
     });
+    // Read back through the nftables crate, it compares equal to the desired typed table.
+    let read = || {
+        node.ns
+            .run(|| flanneld::rules::read_nft_table(IpFamily::V4))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(read(), core_rules::NftActual::Listed(want.clone()));
 
     // Delete rule 3 of postrtg by its handle: restored within the resync period.
     let handles = node.sh(
@@ -466,6 +510,44 @@ fn nftables_mode_table_is_exact_and_restored_within_resync() {
     );
     assert!(list().contains("10.9.9.9"));
     wait_true(node, "the foreign nft rule gone", 5, || list() == golden);
+    // Only the rules were rewritten (one JSON transaction); the table and its chains stayed.
+    let log = read_log(&node.log());
+    assert!(
+        log.contains("nft table ip flannel-ipv4: rules rewritten"),
+        "{log}"
+    );
+
+    // A foreign rule with an expression the nftables crate has no type for
+    // (`meta day`): the listing cannot be typed, and the table is replaced.
+    node.sh(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "ip",
+            "flannel-ipv4",
+            "forward",
+            "ip",
+            "saddr",
+            "10.9.9.8",
+            "meta",
+            "day",
+            "Monday",
+            "accept",
+        ],
+    );
+    assert!(list().contains("10.9.9.8"));
+    assert!(matches!(read(), core_rules::NftActual::Unreadable(_)));
+    wait_true(node, "the untyped foreign nft rule gone", 5, || {
+        list() == golden
+    });
+
+    // A chain removed: the table is rebuilt with its comments.
+    node.sh("nft", &["delete", "chain", "ip", "flannel-ipv4", "forward"]);
+    assert!(!list().contains("chain forward"));
+    wait_true(node, "the deleted nft chain restored", 5, || {
+        list() == golden
+    });
 
     // Nothing in iptables mode.
     assert_eq!(flannel_chains(node, "iptables-save"), Vec::<String>::new());
@@ -838,10 +920,15 @@ fn ipv6_rules_in_both_modes() {
     assert!(e.is_empty(), "{e:?}");
     assert_eq!(r.changed, ["nft table ip6 flannel-ipv6 rewritten"]);
     assert!(save("nat").is_empty() && save("filter").is_empty());
-    let want = core_rules::nft_desired(IpFamily::V6, Some(nets), input.options).unwrap();
     assert_eq!(
         sh_in(&name, "nft", &["list", "table", "ip6", "flannel-ipv6"]),
-        want.listing()
+        nft_listing(
+            "ip6",
+            "flannel-ipv6",
+            "fd00:10:244::/56",
+            "fd00:10:244:1::/64",
+            "ff00::/8"
+        )
     );
     let (r, _) = ns
         .run(|| flanneld::rules::sync(&input, &[IpFamily::V6]))
@@ -925,8 +1012,20 @@ fn dual_stack_flanneld_writes_both_families_in_both_modes() {
     c.set_config(DUAL_NFT);
     let mut d = c.start(0, &["--ip-masq"]);
     c.wait_subnet(0, &mut d);
-    let t4 = core_rules::nft_desired(IpFamily::V4, input.v4, input.options).unwrap();
-    let t6 = core_rules::nft_desired(IpFamily::V6, input.v6, input.options).unwrap();
+    let t4 = nft_listing(
+        "ip",
+        "flannel-ipv4",
+        "10.244.0.0/16",
+        &s4.to_string(),
+        "224.0.0.0/4",
+    );
+    let t6 = nft_listing(
+        "ip6",
+        "flannel-ipv6",
+        &net6.to_string(),
+        &s6.to_string(),
+        "ff00::/8",
+    );
     wait_true(
         node,
         "both nft tables and no FLANNEL chains in either family",
@@ -934,11 +1033,11 @@ fn dual_stack_flanneld_writes_both_families_in_both_modes() {
         || {
             node.try_sh("nft", &["list", "table", "ip", "flannel-ipv4"])
                 .ok()
-                == Some(t4.listing())
+                == Some(t4.clone())
                 && node
                     .try_sh("nft", &["list", "table", "ip6", "flannel-ipv6"])
                     .ok()
-                    == Some(t6.listing())
+                    == Some(t6.clone())
                 && flannel_chains(node, "iptables-save").is_empty()
                 && flannel_chains(node, "ip6tables-save").is_empty()
         },
