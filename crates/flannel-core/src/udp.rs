@@ -110,12 +110,15 @@ pub fn parse_ipv4_local(pkt: &[u8]) -> Result<Ipv4Header, Malformed> {
     header_fields(pkt).map(|(_, h)| h)
 }
 
-/// The folded 16-bit one's complement sum (RFC 1071) of `b` (even length).
+/// The folded 16-bit one's complement sum (RFC 1071) of `b`; an odd last
+/// byte counts as the high byte of a word.
 fn ones_complement_sum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks_exact(2)
+    let words = b.chunks_exact(2);
+    let tail = words.remainder().first().map_or(0, |&x| u32::from(x) << 8);
+    let mut sum: u32 = words
         .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
+        .sum::<u32>()
+        + tail;
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -129,6 +132,54 @@ pub fn fill_ipv4_checksum(pkt: &mut [u8]) {
     pkt[11] = 0;
     let c = !ones_complement_sum(&pkt[..header_len]);
     pkt[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Bytes of the ICMP error [`net_unreachable`] builds, at most (IPv4 20 +
+/// ICMP 8 + the quoted header, up to 60, and 8 bytes of its payload).
+pub const NET_UNREACHABLE_MAX_LEN: usize = 20 + 8 + 60 + 8;
+
+/// The ICMP "destination network unreachable" (type 3, code 0) answering
+/// `orig`, a packet routed into the device for which no peer holds the
+/// destination, as upstream's udp backend answers it (so the sender learns
+/// at once instead of timing out). It is sent from `orig`'s destination:
+/// a local address as source would be dropped by the kernel as martian.
+/// Written to `out`; returns its length, or `None` when no error may be
+/// sent (RFC 1122: not for an ICMP error, a non-first fragment, or a
+/// source that is not a unicast host).
+pub fn net_unreachable(orig: &[u8], out: &mut [u8]) -> Option<usize> {
+    let (header_len, h) = header_fields(orig).ok()?;
+    let src = h.src;
+    if src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src.is_loopback() {
+        return None;
+    }
+    let fragment_offset = u16::from_be_bytes([orig[6], orig[7]]) & 0x1fff;
+    if fragment_offset != 0 {
+        return None;
+    }
+    if orig[9] == 1 {
+        // ICMP: never answer an error with an error.
+        let icmp_type = *orig.get(header_len)?;
+        if matches!(icmp_type, 3 | 4 | 5 | 11 | 12) {
+            return None;
+        }
+    }
+    let quote = &orig[..h.total_len.min(header_len + 8)];
+    let total = 28 + quote.len();
+    let out = out.get_mut(..total)?;
+    out.fill(0);
+    out[0] = 0x45;
+    out[1] = 0xc0; // precedence "internetwork control", as the kernel's ICMP errors
+    out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    out[8] = 64;
+    out[9] = 1;
+    out[12..16].copy_from_slice(&h.dst.octets());
+    out[16..20].copy_from_slice(&src.octets());
+    fill_ipv4_checksum(out);
+    out[20] = 3;
+    out[28..].copy_from_slice(quote);
+    let c = !ones_complement_sum(&out[20..]);
+    out[22..24].copy_from_slice(&c.to_be_bytes());
+    Some(total)
 }
 
 /// A remote udp node: its subnet and where its flanneld listens.
@@ -540,6 +591,41 @@ mod tests {
         let mut padded = p.clone();
         padded.extend_from_slice(&[0, 0, 0]);
         assert_eq!(parse_ipv4(&padded).unwrap().total_len, 28);
+    }
+
+    #[test]
+    fn net_unreachable_answers_hosts_only() {
+        let orig = packet([10, 244, 1, 5], [10, 244, 9, 6], 30);
+        let mut out = [0u8; NET_UNREACHABLE_MAX_LEN];
+        let n = net_unreachable(&orig, &mut out).unwrap();
+        assert_eq!(n, 20 + 8 + 20 + 8);
+        let icmp = &out[..n];
+        let h = parse_ipv4(icmp).unwrap();
+        assert_eq!(
+            (h.src, h.dst, h.total_len),
+            (ip("10.244.9.6"), ip("10.244.1.5"), n)
+        );
+        assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 0));
+        assert_eq!(ones_complement_sum(&icmp[20..]), 0xffff, "ICMP checksum");
+        assert_eq!(&icmp[28..], &orig[..28], "quotes header + 8 bytes");
+        // Never for an ICMP error, a later fragment or a broadcast source.
+        let mut err = orig.clone();
+        err[20] = 3;
+        assert_eq!(net_unreachable(&err, &mut out), None);
+        let mut echo = orig.clone();
+        echo[20] = 8;
+        assert!(net_unreachable(&echo, &mut out).is_some());
+        let mut frag = orig.clone();
+        frag[7] = 1;
+        fill_ipv4_checksum(&mut frag);
+        assert_eq!(net_unreachable(&frag, &mut out), None);
+        let bcast = packet([255, 255, 255, 255], [10, 244, 9, 6], 30);
+        assert_eq!(net_unreachable(&bcast, &mut out), None);
+        // Odd lengths checksum right too.
+        let odd = packet([10, 244, 1, 5], [10, 244, 9, 6], 3);
+        let n = net_unreachable(&odd, &mut out).unwrap();
+        assert_eq!(n, 28 + 23);
+        assert_eq!(ones_complement_sum(&out[20..n]), 0xffff);
     }
 
     #[test]

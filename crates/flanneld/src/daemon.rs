@@ -550,7 +550,7 @@ impl<S: Store> State<S> {
                     self.mtu,
                     u.port,
                     self.s.ext.iface_addr.expect(v4),
-                    Some(self.flags.udp_stats_file.clone()),
+                    Some(self.flags.udp_stats_file()),
                 ))
             }
         };
@@ -860,7 +860,9 @@ mod tests {
             r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
             r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"udp"}}"#,
         ] {
-            let e = check_supported(&config::parse(cfg).unwrap()).unwrap_err().to_string();
+            let e = check_supported(&config::parse(cfg).unwrap())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("udp") && e.contains("EnableIPv6"), "{e}");
         }
         // IPv6 alone and dual stack are supported, with vxlan and host-gw.

@@ -142,8 +142,9 @@ pub struct Flags {
 
     /// flannel-rs: where the udp backend writes its counters as JSON
     /// (forwarded, dropped spoofed/malformed/no route), refreshed every second.
-    #[arg(long, env = "FLANNELD_UDP_STATS_FILE", default_value = crate::backend::udp::DEFAULT_STATS_FILE)]
-    pub udp_stats_file: PathBuf,
+    /// Default: udp-stats.json beside --subnet-file (/run/flannel/udp-stats.json).
+    #[arg(long, env = "FLANNELD_UDP_STATS_FILE")]
+    pub udp_stats_file: Option<PathBuf>,
 }
 
 /// flanneld's etcd flags, one definition for every binary that talks to
@@ -210,6 +211,16 @@ impl Flags {
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.lease_ttl)
     }
+    /// `--udp-stats-file`, else `udp-stats.json` beside `--subnet-file`, so
+    /// daemons of one machine with their own subnet files (the lab) keep
+    /// their counters apart.
+    pub fn udp_stats_file(&self) -> PathBuf {
+        self.udp_stats_file.clone().unwrap_or_else(|| {
+            self.subnet_file
+                .with_file_name(crate::backend::udp::STATS_FILE_NAME)
+        })
+    }
+
     /// `--resync-interval` as a duration.
     pub fn resync_interval(&self) -> Duration {
         Duration::from_secs(self.resync_interval)
@@ -243,6 +254,14 @@ mod tests {
             PathBuf::from("/etc/kube-flannel/net-conf.json")
         );
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(
+            f.udp_stats_file(),
+            PathBuf::from("/run/flannel/udp-stats.json")
+        );
+        let g = parse(&["--subnet-file", "/tmp/n1/subnet.env"]).unwrap();
+        assert_eq!(g.udp_stats_file(), PathBuf::from("/tmp/n1/udp-stats.json"));
+        let h = parse(&["--udp-stats-file", "/x/s.json"]).unwrap();
+        assert_eq!(h.udp_stats_file(), PathBuf::from("/x/s.json"));
         assert_eq!(f.subnet_lease_renew_margin, 60);
         assert_eq!(f.etcd.etcd_prefix, "/coreos.com/network");
         assert_eq!(

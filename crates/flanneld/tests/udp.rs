@@ -259,6 +259,9 @@ impl Cluster {
                 cmd.env_remove(key);
             }
         }
+        if let Ok(q) = std::env::var("UDP_TEST_QUEUES") {
+            cmd.env("FLANNELD_UDP_QUEUES", q);
+        }
         cmd.args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -462,6 +465,11 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     });
     c.wait_flannel0(0, subnets[0], 1472);
     c.wait_ping(0, subnets[0], subnets[2]);
+    // A deleted flannel0 is recreated (the datapath reattaches) and works.
+    c.nodes[0].nl(|nl| nl.del_link(ifindex).unwrap());
+    c.wait_flannel0(0, subnets[0], 1472);
+    c.wait_ping(0, subnets[0], subnets[1]);
+    c.wait_ping(1, subnets[1], subnets[0]);
 
     // Interop: a datagram crafted as upstream sends it (the bare inner IPv4
     // packet as the UDP payload, to port 8285) is delivered to the pod.
@@ -563,7 +571,26 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
         },
     );
     let before = c.settled_counters(0);
-    assert!(!ping(&c.nodes[0], first(subnets[0]), first(subnets[2])));
+    // As upstream, the sender learns at once: ICMP net unreachable.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.nodes[0].ns.name,
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            "1",
+            "-I",
+        ])
+        .arg(first(subnets[0]).to_string())
+        .arg(first(subnets[2]).to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("Destination Net Unreachable"), "{text}");
     let after = c.wait_counters(0, "a no-route drop", |k| {
         k.dropped_no_route > before.dropped_no_route
     });
@@ -599,8 +626,18 @@ fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
         c.nodes[0].link("flannel.1").is_some(),
         "SIGTERM leaves the device"
     );
+    // A host-gw route of a node that vanished (an earlier host-gw run).
+    let eth0 = c.nodes[0].link("eth0").unwrap().index;
+    let stale = Route {
+        dst: "10.244.250.0/24".parse().unwrap(),
+        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
+        oif: eth0,
+        onlink: false,
+    };
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
 
-    // udp: flannel.1 and its routes gone, flannel0 in.
+    // udp: flannel.1 and its routes gone, the stale route too, flannel0 in
+    // (wait_flannel0 wants the cluster route as the only route inside the network).
     c.set_config(UDP);
     let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
     for (i, daemon) in d.iter_mut().enumerate() {
@@ -620,14 +657,7 @@ fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
     for (i, daemon) in d.into_iter().enumerate() {
         c.stop(i, daemon);
     }
-    // A host-gw route of a node that vanished while we were down.
-    let eth0 = c.nodes[0].link("eth0").unwrap().index;
-    let stale = Route {
-        dst: "10.244.250.0/24".parse().unwrap(),
-        gateway: Some(IpAddr::V4(c.nodes[1].ip)),
-        oif: eth0,
-        onlink: false,
-    };
+    // Again a host-gw route of a node that vanished while we were down.
     c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
 
     // Back to vxlan: flannel0 (and its route) removed, the stale route too.

@@ -54,7 +54,10 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
-use flannel_core::udp::{Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS};
+use flannel_core::udp::{
+    net_unreachable, Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS,
+    NET_UNREACHABLE_MAX_LEN,
+};
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
 use ipnet::{IpNet, Ipv4Net};
@@ -64,8 +67,9 @@ use tun_rs::{DeviceBuilder, GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 /// The backend's `Type` and the lease's `BackendType`.
 pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 
-/// Default `--udp-stats-file`.
-pub const DEFAULT_STATS_FILE: &str = "/run/flannel/udp-stats.json";
+/// The stats file's name; by default it lives beside subnet.env
+/// (`/run/flannel/udp-stats.json`).
+pub const STATS_FILE_NAME: &str = "udp-stats.json";
 
 /// Most queues (and thread pairs) used.
 const MAX_QUEUES: usize = 4;
@@ -319,9 +323,16 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpErro
         socket::setsockopt(&fd, sockopt::ReusePort, &true)
             .map_err(|e| UdpError::Socket(e.into()))?;
     }
-    // Deep buffers absorb bursts while a thread is descheduled.
-    let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &(4 << 20));
-    let _ = socket::setsockopt(&fd, sockopt::SndBuf, &(4 << 20));
+    // Deep buffers absorb bursts while a thread is descheduled; the
+    // *FORCE options (CAP_NET_ADMIN) pass net.core.[rw]mem_max, whose
+    // default (208 KiB) drops datagrams at a few Gbit/s.
+    const BUF: usize = 4 << 20;
+    if socket::setsockopt(&fd, sockopt::RcvBufForce, &BUF).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &BUF);
+    }
+    if socket::setsockopt(&fd, sockopt::SndBufForce, &BUF).is_err() {
+        let _ = socket::setsockopt(&fd, sockopt::SndBuf, &BUF);
+    }
     socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(|e| UdpError::Bind {
         addr,
         source: e.into(),
@@ -329,11 +340,17 @@ fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpErro
     Ok(UdpSocket::from(fd))
 }
 
-/// How many queues: one per core, at most [`MAX_QUEUES`].
+/// How many queues: `FLANNELD_UDP_QUEUES` (a tuning knob), else one per
+/// core, at most [`MAX_QUEUES`].
 fn queue_count() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    std::env::var("FLANNELD_UDP_QUEUES")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .clamp(1, MAX_QUEUES)
 }
 
@@ -446,8 +463,13 @@ impl UdpDatapath {
             (Some(dp), Some(_)) if dp.shared.failed.load(Ordering::Relaxed) => {
                 Some("a datapath thread stopped")
             }
-            (Some(dp), Some(_)) if dp.spec.port != spec.port || dp.spec.bind != spec.bind => {
-                Some("the port or address changed")
+            (Some(dp), Some(_))
+                if dp.spec.port != spec.port
+                    || dp.spec.bind != spec.bind
+                    || dp.spec.mtu != spec.mtu =>
+            {
+                // The threads' buffers are sized by the MTU.
+                Some("the port, address or MTU changed")
             }
             _ => None,
         };
@@ -587,6 +609,11 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
     let mut sizes = vec![0usize; TX_SLOTS];
     let mut warn = RateLimited(None);
     let offload = dev.tcp_gso();
+    // ICMP errors go back into the device behind a zeroed virtio header
+    // (no GSO, checksum complete) when offloads are on.
+    let icmp_at = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
+    let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN];
+    let mut icmp_budget = IcmpBudget::default();
     while !sh.stop.load(Ordering::Relaxed) {
         let mut n = 0;
         while n + TX_READ_ROOM <= TX_SLOTS {
@@ -637,6 +664,15 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             let at = i * slot;
             let v = table.egress(&packets[at..at + sizes[i]]);
             c.count_egress(&v);
+            if let Egress::NoRoute { .. } = v {
+                if icmp_budget.take() {
+                    if let Some(len) =
+                        net_unreachable(&packets[at..at + sizes[i]], &mut icmp[icmp_at..])
+                    {
+                        let _ = dev.send(&icmp[..icmp_at + len]);
+                    }
+                }
+            }
             let Egress::Forward { peer, len } = v else {
                 continue;
             };
@@ -669,6 +705,36 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
         }
         sh.counters.add(&c);
+    }
+}
+
+/// At most [`ICMP_PER_SECOND`] ICMP errors per second and thread: a flood
+/// toward a vanished node must not become a flood of errors.
+#[derive(Default)]
+struct IcmpBudget {
+    window: Option<Instant>,
+    sent: u32,
+}
+
+/// See [`IcmpBudget`].
+const ICMP_PER_SECOND: u32 = 100;
+
+impl IcmpBudget {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        match self.window {
+            Some(w) if now.duration_since(w) < Duration::from_secs(1) => {}
+            _ => {
+                self.window = Some(now);
+                self.sent = 0;
+            }
+        }
+        if self.sent < ICMP_PER_SECOND {
+            self.sent += 1;
+            true
+        } else {
+            false
+        }
     }
 }
 
