@@ -161,6 +161,29 @@ fn probe(
     Ok((None, false))
 }
 
+/// [`probe`] again, from a fresh socket (a new port: connection tracking
+/// keeps a flow's first translation, or its lack, for its whole life),
+/// until the packet arrives from `expected` and is answered, or `within`
+/// passes: flanneld puts its rules in place on its own thread, shortly
+/// after it wrote subnet.env. Returns the last observation.
+fn probe_until(
+    from: &NetNs,
+    to: &NetNs,
+    dst: IpAddr,
+    expected: IpAddr,
+    within: Duration,
+) -> Result<(Option<IpAddr>, bool)> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let got = probe(from, to, dst, left.min(Duration::from_secs(1)))?;
+        if (got.0 == Some(expected) && got.1) || Instant::now() >= deadline {
+            return Ok(got);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The masquerade check: every pod to the outside host (in each family),
 /// and every pod to every pod on another node (the pairs the topology
 /// allows).
@@ -177,7 +200,7 @@ pub(crate) fn run(lab: &Lab) -> Result<MasqReport> {
     }
     let outside = NetNs::open(&st.outside_netns())
         .map_err(ns_err(format!("opening {}", st.outside_netns())))?;
-    let within = Duration::from_secs(3);
+    let within = Duration::from_secs(5);
     let mut report = MasqReport::default();
     for p in &st.pods {
         let node = lab.node(&p.node)?;
@@ -198,7 +221,7 @@ pub(crate) fn run(lab: &Lab) -> Result<MasqReport> {
             ));
         }
         for (own, outside_ip, node_ip) in families {
-            let (seen, answered) = probe(&pod_ns, &outside, outside_ip, within)?;
+            let (seen, answered) = probe_until(&pod_ns, &outside, outside_ip, node_ip, within)?;
             report.observations.push(MasqObservation {
                 from: p.name.clone(),
                 to: "outside".into(),
@@ -222,7 +245,8 @@ pub(crate) fn run(lab: &Lab) -> Result<MasqReport> {
                 if expected_failure(lab, node, &target).is_some() {
                     continue;
                 }
-                let (seen, answered) = probe(&pod_ns, &lab.netns(&q.name)?, dst, within)?;
+                let (seen, answered) =
+                    probe_until(&pod_ns, &lab.netns(&q.name)?, dst, own, within)?;
                 report.observations.push(MasqObservation {
                     from: p.name.clone(),
                     to: q.name.clone(),
