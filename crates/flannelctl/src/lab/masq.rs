@@ -260,3 +260,36 @@ pub(crate) fn run(lab: &Lab) -> Result<MasqReport> {
     }
     Ok(report)
 }
+
+/// Waits until every pod's packet to the outside host arrives
+/// masqueraded, or `deadline` passes (then the check reports what is
+/// wrong): flanneld installs its rules on its own thread, a moment after it
+/// wrote subnet.env and published its lease. Pings sent before would set
+/// up connection-tracking entries without translation.
+pub(crate) fn wait_ready(lab: &Lab, deadline: Instant) -> Result<()> {
+    let st = &lab.state;
+    if !st.ip_masq {
+        return Ok(());
+    }
+    let outside = NetNs::open(&st.outside_netns())
+        .map_err(ns_err(format!("opening {}", st.outside_netns())))?;
+    for p in &st.pods {
+        let node = lab.node(&p.node)?;
+        let pod_ns = lab.netns(&p.name)?;
+        let mut want = Vec::new();
+        if p.ip.is_some() {
+            want.push((IpAddr::V4(OUTSIDE_IP), IpAddr::V4(node.underlay_ip)));
+        }
+        if let (Some(_), Some(u6)) = (p.ipv6, node.underlay_ipv6) {
+            want.push((IpAddr::V6(OUTSIDE_IPV6), IpAddr::V6(u6)));
+        }
+        for (dst, expected) in want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            probe_until(&pod_ns, &outside, dst, expected, left)?;
+        }
+    }
+    Ok(())
+}

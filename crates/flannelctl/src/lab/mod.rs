@@ -959,6 +959,10 @@ impl Lab {
                     .join(" ")
             ));
         }
+        if self.state.ip_masq {
+            masq::wait_ready(self, Instant::now() + Duration::from_secs(10))?;
+            say("every pod's packet to the outside host leaves masqueraded".to_string());
+        }
         Ok(())
     }
 
@@ -1629,7 +1633,8 @@ impl Lab {
         for n in &nodes {
             self.wait_subnet_env(n, deadline)?;
         }
-        self.wait_leases_published(deadline)
+        self.wait_leases_published(deadline)?;
+        masq::wait_ready(self, Instant::now() + Duration::from_secs(10))
     }
 
     /// Status of the lab for `flannelctl lab status`.
