@@ -14,8 +14,9 @@
 //! Built for throughput:
 //! - `flannel0` is multi-queue with offloads (`IFF_MULTI_QUEUE|IFF_VNET_HDR`,
 //!   TSO/USO): one read returns a 64 KiB TCP super-packet, split into
-//!   MTU-sized packets in userspace, and writes coalesce a batch of TCP
-//!   segments back into one super-packet (tun-rs does both);
+//!   MTU-sized packets in userspace (tun-rs); received TCP segments of one
+//!   flow are coalesced back into one super-packet written with `writev`
+//!   from the receive buffers, without copying payloads ([`Coalescer`]);
 //! - the packets of one read that go to the same peer leave in one
 //!   `sendmsg` with UDP GSO, and receiving uses `recvmmsg` with UDP GRO
 //!   (quinn-udp);
@@ -1266,6 +1267,108 @@ mod tests {
         l.kind = Some("tun".into());
         l.name = "tun0".into();
         assert!(!is_udp_leftover(&l));
+    }
+
+    /// An IPv4 TCP segment 10.244.1.2:40000 -> 10.244.2.2:5201 with the
+    /// timestamp option, DF, `payload` bytes, complete checksums.
+    fn segment(seq: u32, flags: u8, payload: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 20 + 32 + payload];
+        let total = p.len() as u16;
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[6] = 0x40;
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        p[16..20].copy_from_slice(&[10, 244, 2, 2]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[28..32].copy_from_slice(&7u32.to_be_bytes());
+        p[32] = 8 << 4;
+        p[33] = flags;
+        p[34..36].copy_from_slice(&512u16.to_be_bytes());
+        p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
+        for (i, b) in p[52..].iter_mut().enumerate() {
+            *b = (i as u32).wrapping_mul(seq | 1) as u8;
+        }
+        let ip = !tun_rs::checksum(&p[..20], 0);
+        p[10..12].copy_from_slice(&ip.to_be_bytes());
+        let mut pseudo = [0u8; 12];
+        pseudo[..8].copy_from_slice(&p[12..20]);
+        pseudo[9] = 6;
+        pseudo[10..12].copy_from_slice(&(total - 20).to_be_bytes());
+        let sum = tun_rs::checksum_no_fold(&pseudo, 0);
+        let tcp = !tun_rs::checksum(&p[20..], sum);
+        p[36..38].copy_from_slice(&tcp.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn tcp_candidates_are_plain_data_segments() {
+        assert_eq!(tcp_candidate(&segment(1, TCP_ACK, 100)), Some((32, 100)));
+        assert_eq!(
+            tcp_candidate(&segment(1, TCP_ACK | TCP_PSH, 100)),
+            Some((32, 100))
+        );
+        assert_eq!(tcp_candidate(&segment(1, TCP_ACK, 0)), None, "pure ACK");
+        assert_eq!(tcp_candidate(&segment(1, TCP_ACK | 0x01, 10)), None, "FIN");
+        assert_eq!(tcp_candidate(&segment(1, 0x02, 10)), None, "SYN");
+        let mut frag = segment(1, TCP_ACK, 100);
+        frag[6] = 0x20; // MF, no DF
+        assert_eq!(tcp_candidate(&frag), None);
+        let mut udp = segment(1, TCP_ACK, 100);
+        udp[9] = 17;
+        assert_eq!(tcp_candidate(&udp), None);
+        let mut opts = segment(1, TCP_ACK, 100);
+        opts[0] = 0x46; // IP options
+        assert_eq!(tcp_candidate(&opts), None);
+    }
+
+    #[test]
+    fn tcp_checksum_is_checked() {
+        let mut p = segment(9, TCP_ACK, 300);
+        assert!(tcp_checksum_ok(&p));
+        p[100] ^= 1;
+        assert!(!tcp_checksum_ok(&p));
+    }
+
+    #[test]
+    fn only_the_next_in_order_segment_of_the_flow_continues() {
+        let a = segment(1000, TCP_ACK, 1400);
+        let mut co = Coalescer::new();
+        co.first = Some(&a);
+        co.count = 1;
+        co.total = a.len();
+        co.gso_size = 1400;
+        co.next_seq = 2400;
+        co.open = true;
+        let next = segment(2400, TCP_ACK, 1400);
+        assert!(co.continues(&next, 32, 1400));
+        let last = segment(2400, TCP_ACK | TCP_PSH, 600);
+        assert!(co.continues(&last, 32, 600), "a shorter, PSH last one");
+        assert!(
+            !co.continues(&segment(2401, TCP_ACK, 1400), 32, 1400),
+            "gap"
+        );
+        assert!(
+            !co.continues(&segment(2400, TCP_ACK, 1401), 32, 1401),
+            "larger"
+        );
+        let mut other = segment(2400, TCP_ACK, 1400);
+        other[23] ^= 1; // another destination port
+        assert!(!co.continues(&other, 32, 1400));
+        let mut ack = segment(2400, TCP_ACK, 1400);
+        ack[31] ^= 1; // another ACK number
+        assert!(!co.continues(&ack, 32, 1400));
+        let mut ts = segment(2400, TCP_ACK, 1400);
+        ts[47] ^= 1; // another timestamp
+        assert!(!co.continues(&ts, 32, 1400));
+        co.open = false; // after a short or PSH segment
+        assert!(!co.continues(&next, 32, 1400));
+        co.open = true;
+        co.total = IPV4_MAX - 1000;
+        assert!(!co.continues(&next, 32, 1400), "past 64 KiB");
     }
 
     #[test]
