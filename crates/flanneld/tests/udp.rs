@@ -866,3 +866,61 @@ fn throughput_udp_vs_vxlan_iperf3() {
     println!("udp / vxlan = {ratio:.2}");
     assert!(ratio >= 0.5, "udp reached only {ratio:.2} of vxlan");
 }
+
+/// A TCP stream through the udp backend arrives byte for byte: the
+/// receiving side coalesces the segments into super-packets for the TUN
+/// device (offloads), so an error in that (order, lengths, checksums)
+/// would corrupt or stall the stream.
+#[test]
+fn tcp_stream_through_udp_arrives_intact() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let c = Cluster::new("tcp", 2, UDP);
+    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+    for (i, s) in subnets.iter().enumerate() {
+        c.nodes[i].add_target(*s);
+    }
+    c.wait_mtu(0, 1472);
+    c.wait_ping(0, subnets[0], subnets[1]);
+    // 64 MiB of xorshift noise: no two segments alike.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..64 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    // Sockets stay in the namespace they were made in.
+    let server = SocketAddrV4::new(first(subnets[1]), 5201);
+    let listener = c.nodes[1]
+        .ns
+        .run(|| TcpListener::bind(server).unwrap())
+        .unwrap();
+    let mut client = c.nodes[0]
+        .ns
+        .run(|| TcpStream::connect_timeout(&server.into(), Duration::from_secs(5)).unwrap())
+        .unwrap();
+    client
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    client.write_all(&data).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), data.len(), "bytes received");
+    assert!(got == data, "the received stream differs from the sent one");
+    let k = c.settled_counters(1);
+    assert!(k.rx_packets > 40_000, "received through udp: {k:?}");
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}
