@@ -31,10 +31,12 @@ use common::{read_log, require_root, wait_for, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 const NETWORK6: &str = "fd00:10:244::/56";
-const V6_VXLAN: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
-const DUAL_VXLAN: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan"}}"#;
-const DUAL_HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "host-gw"}}"#;
-const DUAL_VXLAN_DIRECT: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
+// IPv6SubnetMax keeps random subnets below fd00:10:244:c8::/64: tests inject stale
+// subnets above it, which must never be a node's own.
+const V6_VXLAN: &str = r#"{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetMax": "fd00:10:244:c7::", "Backend": {"Type": "vxlan"}}"#;
+const DUAL_VXLAN: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetMax": "fd00:10:244:c7::", "Backend": {"Type": "vxlan"}}"#;
+const DUAL_HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetMax": "fd00:10:244:c7::", "Backend": {"Type": "host-gw"}}"#;
+const DUAL_VXLAN_DIRECT: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetMax": "fd00:10:244:c7::", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
 const V6_DEV: &str = "flannel-v6.1";
 const V4_DEV: &str = "flannel.1";
 
