@@ -30,7 +30,8 @@ use common::{read_log, require_root, wait_for, TempDir};
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
 // subnets from 10.244.200.0 up, which must never be a node's own.
-const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "vxlan"}}"#;
+const CONFIG: &str =
+    r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "vxlan"}}"#;
 
 /// A flanneld process, killed (by PID) and reaped on drop.
 struct Daemon {

@@ -31,8 +31,10 @@ use common::{read_log, require_root, wait_for, TempDir};
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
 // subnets from 10.244.200.0 up, which must never be a node's own.
-const UDP: &str = r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "udp"}}"#;
-const VXLAN: &str = r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "vxlan"}}"#;
+const UDP: &str =
+    r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "udp"}}"#;
+const VXLAN: &str =
+    r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "vxlan"}}"#;
 const PORT: u16 = 8285;
 const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
 
