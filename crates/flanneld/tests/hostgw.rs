@@ -11,8 +11,8 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
@@ -24,7 +24,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{read_log, require_root, wait_for, TempDir};
+use common::{block_on, read_log, require_root, wait_for, Daemon, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -33,55 +33,6 @@ const HOST_GW: &str =
     r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "host-gw"}}"#;
 const VXLAN: &str =
     r#"{"Network": "10.244.0.0/16", "SubnetMax": "10.244.199.0", "Backend": {"Type": "vxlan"}}"#;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// A flanneld process, killed by PID and reaped on drop.
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self, log: &Path) {
-        let mut c = self.0.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "flanneld exited with {st}; log:\n{}",
-                    read_log(log)
-                );
-                return;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Node {
     ip: Ipv4Addr,

@@ -13,8 +13,8 @@ use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
@@ -27,7 +27,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 mod common;
-use common::{read_log, require_root, wait_for, TempDir};
+use common::{block_on, read_log, require_root, wait_for, Daemon, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 const NETWORK6: &str = "fd00:10:244::/56";
@@ -39,61 +39,6 @@ const DUAL_HOST_GW: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "
 const DUAL_VXLAN_DIRECT: &str = r#"{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/56", "IPv6SubnetMax": "fd00:10:244:c7::", "Backend": {"Type": "vxlan", "DirectRouting": true}}"#;
 const V6_DEV: &str = "flannel-v6.1";
 const V4_DEV: &str = "flannel.1";
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// A flanneld process, killed by PID and reaped on drop.
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self, log: &Path) {
-        let mut c = self.0.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "flanneld exited with {st}; log:\n{}",
-                    read_log(log)
-                );
-                return;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn check_alive(&mut self, log: &Path) {
-        if let Ok(Some(st)) = self.0.as_mut().unwrap().try_wait() {
-            panic!("flanneld exited with {st}; log:\n{}", read_log(log));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 /// The kernel objects one node holds on one vxlan device.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use std::fs;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::lease::IpFamily;
@@ -24,60 +24,11 @@ use flannel_netlink::Netlink;
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{read_log, require_root, wait_for, TempDir};
+use common::{read_log, require_root, wait_for, Daemon, TempDir};
 
 const IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
 const NFT_CONFIG: &str =
     r#"{"Network": "10.244.0.0/16", "EnableNFTables": true, "Backend": {"Type": "host-gw"}}"#;
-
-/// A flanneld process, killed by PID and reaped on drop.
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    /// SIGTERM, then wait for a clean exit.
-    fn stop(mut self, log: &Path) {
-        let mut c = self.0.take().unwrap();
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let start = Instant::now();
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "flanneld exited with {st}; log:\n{}",
-                    read_log(log)
-                );
-                return;
-            }
-            if start.elapsed() > Duration::from_secs(15) {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL: no shutdown cleanup, as after a crash.
-    fn crash(mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Node {
     dir: PathBuf,

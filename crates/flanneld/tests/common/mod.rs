@@ -39,6 +39,71 @@ pub fn read_log(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
 
+/// Runs a future to completion on a current-thread runtime (store reads in tests).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A flanneld process, killed by PID and reaped on drop.
+pub struct Daemon(pub Option<std::process::Child>);
+
+impl Daemon {
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self, log: &Path) {
+        let mut c = self.0.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "flanneld exited with {st}; log:\n{}",
+                    read_log(log)
+                );
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("flanneld ignored SIGTERM; log:\n{}", read_log(log));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Panics with the log when flanneld has exited.
+    pub fn check_alive(&mut self, log: &Path) {
+        if let Ok(Some(st)) = self.0.as_mut().unwrap().try_wait() {
+            panic!("flanneld exited with {st}; log:\n{}", read_log(log));
+        }
+    }
+
+    /// SIGKILL: no shutdown cleanup, as after a crash.
+    pub fn crash(mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
