@@ -25,7 +25,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{read_log, require_root, wait_for, TempDir};
+use common::{flanneld_in, read_log, require_root, wait_for, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -79,35 +79,8 @@ impl Drop for Daemon {
 
 /// Runs flanneld in `ns` with `args`, stderr appended to `log`; returns the child.
 fn spawn_in(ns: &ScopedNetNs, args: &[String], log: &Path) -> Child {
-    let logf = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    let fd = ns.fd().as_raw_fd();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
-    // Exactly the flags given: no FLANNELD_* or RUST_LOG from the caller.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("FLANNELD_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(logf.try_clone().unwrap())
-        .stderr(logf);
-    // SAFETY: between fork and exec only async-signal-safe syscalls run:
-    // setns(2) into the node's namespace (the fd stays open in the child
-    // until exec), and prctl(2) so the daemon dies with the test thread.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = BorrowedFd::borrow_raw(fd);
-            nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-            Ok(())
-        });
-    }
+    let mut cmd = flanneld_in(ns, log);
+    cmd.args(args);
     cmd.spawn().expect("spawn flanneld")
 }
 

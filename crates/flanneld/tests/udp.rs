@@ -10,8 +10,6 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +24,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{block_on, read_log, require_root, wait_for, Daemon, TempDir};
+use common::{block_on, flanneld_in, read_log, require_root, wait_for, Daemon, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -202,39 +200,11 @@ impl Cluster {
             "--log-level",
             "debug",
         ];
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.log())
-            .unwrap();
-        let fd = node.ns.fd().as_raw_fd();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flanneld"));
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("FLANNELD_") {
-                cmd.env_remove(key);
-            }
-        }
+        let mut cmd = flanneld_in(&node.ns, &node.log());
         if let Ok(q) = std::env::var("UDP_TEST_QUEUES") {
             cmd.env("FLANNELD_UDP_QUEUES", q);
         }
-        cmd.args(args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        // SAFETY: only async-signal-safe syscalls between fork and exec:
-        // setns(2) into the node's namespace and prctl(2) so the daemon
-        // dies with the test.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sched::setns(
-                    BorrowedFd::borrow_raw(fd),
-                    nix::sched::CloneFlags::CLONE_NEWNET,
-                )?;
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                Ok(())
-            });
-        }
+        cmd.args(args);
         Daemon(Some(cmd.spawn().expect("spawn flanneld")))
     }
 

@@ -39,6 +39,44 @@ pub fn read_log(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
 
+/// `flanneld` to be run inside `ns` (setns(2) between fork and exec, and
+/// SIGKILL when the test dies), logging to `log`, with exactly the flags the
+/// caller adds: no `FLANNELD_*` or `RUST_LOG` from the test's environment.
+pub fn flanneld_in(ns: &ScopedNetNs, log: &Path) -> std::process::Command {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::os::unix::process::CommandExt;
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let fd = ns.fd().as_raw_fd();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flanneld"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("FLANNELD_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+    // SAFETY: between fork and exec only async-signal-safe syscalls run:
+    // setns(2) into the node's namespace (the fd stays open in the child
+    // until exec), and prctl(2) so the daemon dies with the test.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(
+                BorrowedFd::borrow_raw(fd),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )?;
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// Runs a future to completion on a current-thread runtime (store reads in tests).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
