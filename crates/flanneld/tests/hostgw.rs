@@ -22,7 +22,9 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{block_on, flanneld_in, read_log, require_root, wait_for, Daemon, TempDir};
+use common::{
+    block_on, flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir,
+};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -178,23 +180,13 @@ impl Cluster {
 
     fn start(&self, i: usize) -> Daemon {
         let node = &self.nodes[i];
-        let subnet_file = node.subnet_file();
-        let args = [
-            "--iface",
-            "eth0",
-            "--local-store",
-            self.store.to_str().unwrap(),
-            "--net-config-path",
-            self.config.to_str().unwrap(),
-            "--subnet-file",
-            subnet_file.to_str().unwrap(),
-            "--resync-interval",
-            "30",
-            "--log-level",
-            "debug",
-        ];
         let mut cmd = flanneld_in(&node.ns, &node.log());
-        cmd.args(args);
+        cmd.args(local_store_flags(
+            &self.store,
+            &self.config,
+            &node.subnet_file(),
+        ))
+        .args(["--iface", "eth0", "--resync-interval", "30"]);
         Daemon(Some(cmd.spawn().expect("spawn flanneld")))
     }
 

@@ -25,7 +25,9 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 mod common;
-use common::{block_on, flanneld_in, read_log, require_root, wait_for, Daemon, TempDir};
+use common::{
+    block_on, flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir,
+};
 
 const NETWORK: &str = "10.244.0.0/16";
 const NETWORK6: &str = "fd00:10:244::/56";
@@ -274,21 +276,14 @@ impl Cluster {
     /// subnet.env plus `extra` (no `--iface`).
     fn spawn(&self, i: usize, extra: &[&str]) -> Daemon {
         let node = &self.nodes[i];
-        let subnet_file = node.subnet_file();
-        let args = [
-            "--local-store",
-            self.store.to_str().unwrap(),
-            "--net-config-path",
-            self.config.to_str().unwrap(),
-            "--subnet-file",
-            subnet_file.to_str().unwrap(),
-            "--resync-interval",
-            "30",
-            "--log-level",
-            "debug",
-        ];
         let mut cmd = flanneld_in(&node.ns, &node.log());
-        cmd.args(args).args(extra);
+        cmd.args(local_store_flags(
+            &self.store,
+            &self.config,
+            &node.subnet_file(),
+        ))
+        .args(["--resync-interval", "30"])
+        .args(extra);
         Daemon(Some(cmd.spawn().expect("spawn flanneld")))
     }
 

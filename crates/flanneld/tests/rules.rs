@@ -22,7 +22,7 @@ use flannel_netlink::Netlink;
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{flanneld_in, read_log, require_root, wait_for, Daemon, TempDir};
+use common::{flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir};
 
 const IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
 const NFT_CONFIG: &str =
@@ -107,24 +107,14 @@ impl Cluster {
 
     fn start(&self, i: usize, extra: &[&str]) -> Daemon {
         let node = &self.nodes[i];
-        let subnet_file = node.subnet_file();
-        let mut args = vec![
-            "--iface",
-            "eth0",
-            "--local-store",
-            self.store.to_str().unwrap(),
-            "--net-config-path",
-            self.config.to_str().unwrap(),
-            "--subnet-file",
-            subnet_file.to_str().unwrap(),
-            "--iptables-resync",
-            "1",
-            "--log-level",
-            "debug",
-        ];
-        args.extend_from_slice(extra);
         let mut cmd = flanneld_in(&node.ns, &node.log());
-        cmd.args(&args);
+        cmd.args(local_store_flags(
+            &self.store,
+            &self.config,
+            &node.subnet_file(),
+        ))
+        .args(["--iface", "eth0", "--iptables-resync", "1"])
+        .args(extra);
         Daemon(Some(cmd.spawn().expect("spawn flanneld")))
     }
 

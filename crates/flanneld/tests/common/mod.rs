@@ -77,6 +77,22 @@ pub fn flanneld_in(ns: &ScopedNetNs, log: &Path) -> std::process::Command {
     cmd
 }
 
+/// The flags every test node's flanneld gets: the shared local store, the
+/// test's net-conf.json, the node's subnet.env, debug logging.
+pub fn local_store_flags(store: &Path, config: &Path, subnet_file: &Path) -> Vec<String> {
+    let path = |p: &Path| p.to_str().expect("UTF-8 test path").to_string();
+    vec![
+        "--local-store".into(),
+        path(store),
+        "--net-config-path".into(),
+        path(config),
+        "--subnet-file".into(),
+        path(subnet_file),
+        "--log-level".into(),
+        "debug".into(),
+    ]
+}
+
 /// Runs a future to completion on a current-thread runtime (store reads in tests).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
