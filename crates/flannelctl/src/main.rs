@@ -35,9 +35,14 @@ enum Command {
         /// Seconds per throughput measurement.
         #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
         seconds: u64,
-        /// Runs per throughput measurement (the median is printed).
+        /// Rounds of throughput measurements per lab (medians are printed;
+        /// ratios are the median of the per-round ratios to the underlay).
         #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
         repeat: u32,
+        /// Only these backends (repeatable): `vxlan`, `host-gw`, `udp`
+        /// (default: all three, which the targets need).
+        #[arg(long = "backend", value_name = "BACKEND")]
+        backends: Vec<lab::Backend>,
     },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
@@ -245,8 +250,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             bin_dir,
             seconds,
             repeat,
+            backends,
         } => {
-            let report = lab::bench::run(&name, bin_dir.as_deref(), seconds, repeat, true)?;
+            let backends = if backends.is_empty() {
+                lab::bench::ALL_BACKENDS.to_vec()
+            } else {
+                backends
+            };
+            let report =
+                lab::bench::run(&name, bin_dir.as_deref(), &backends, seconds, repeat, true)?;
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

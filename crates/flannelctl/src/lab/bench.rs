@@ -1,14 +1,23 @@
 //! `flannelctl bench`: throughput and latency of each datapath against the
 //! underlay, in one run, on a two-worker lab.
 //!
-//! Paths measured: the underlay (k8s-node1's ens3 to k8s-node2's ens3), then
-//! pod to pod (ubuntu-1 to ubuntu-2) over vxlan, host-gw and udp, in a fresh
-//! lab per backend (pods get the backend's MTU, as in a real cluster). For each path: TCP throughput
-//! with one stream and with four (Debian's `iperf3` when installed, else a
-//! TCP sender/receiver of our own), and UDP request/response latency (a
-//! ping-pong of small datagrams written here, p50 and p99). A backend that
-//! cannot run (flanneld refuses it) is reported as "not available" with the
-//! daemon's reason: no number is ever made up.
+//! One fresh lab per backend (pods get the backend's MTU, as in a real
+//! cluster). In each lab the bench measures, side by side:
+//! - `underlay`: k8s-node1's ens3 to k8s-node2's ens3, the lab's "wire";
+//! - `pod-pod`: ubuntu-1 to ubuntu-2, the path the targets are about;
+//! - `node-node` (vxlan, udp): k8s-node1 to k8s-node2's overlay address
+//!   (`flannel.1` / `flannel0`): the backend's encapsulation without the
+//!   pods' veth and cni0 bridge, which tells the two costs apart.
+//!
+//! Throughput is TCP with one stream and with four (Debian's `iperf3` when
+//! installed, else a TCP sender/receiver of our own); latency is a UDP
+//! request/response ping-pong written here (p50, p99). The machine is
+//! shared and a single run is noisy, so the throughput runs go in rounds:
+//! each round measures every path of the lab back to back, and a path's
+//! ratio is the median over rounds of its throughput divided by the same
+//! round's underlay. A backend that cannot run (flanneld refuses it) is
+//! reported as "not available" with the daemon's reason: no number is ever
+//! made up.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -23,28 +32,78 @@ use super::{io_err, ns_err, Backend, Lab, LabError, LabOptions, Result};
 
 /// How long each throughput measurement runs.
 pub const DEFAULT_SECONDS: u64 = 3;
-/// How many times each throughput measurement is repeated (the median is
+/// How many rounds of throughput measurements each lab gets (medians are
 /// reported: the machine is shared, single runs are noisy).
-pub const DEFAULT_REPEAT: u32 = 3;
+pub const DEFAULT_REPEAT: u32 = 5;
+/// The backends a bench measures by default, in this order.
+pub const ALL_BACKENDS: [Backend; 3] = [Backend::Vxlan, Backend::HostGw, Backend::Udp];
+
+/// The targets: pod-to-pod single-stream throughput of `.0` relative to `.1`
+/// (`underlay`: the same lab's underlay), at least `.2`.
+pub const TARGETS: [(Backend, Option<Backend>, f64); 3] = [
+    (Backend::HostGw, None, 0.95),
+    (Backend::Vxlan, None, 0.85),
+    (Backend::Udp, Some(Backend::Vxlan), 0.5),
+];
+
+/// One path's measurements: a throughput sample per round, and latency.
+#[derive(Debug, Clone, Default)]
+pub struct Samples {
+    /// Bits per second with one stream, one per round.
+    pub bps_1: Vec<f64>,
+    /// Bits per second with four streams, one per round.
+    pub bps_4: Vec<f64>,
+    pub rr_p50: Duration,
+    pub rr_p99: Duration,
+}
+
+/// The median of `v` (the upper one of an even count); NaN when empty.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The median over rounds of `a[i] / b[i]`: each sample against the one
+/// measured right next to it, so that the machine's drift between rounds
+/// (other work, CPU frequency, the hypervisor) cancels out.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
+    median(&r)
+}
 
 /// What one path gave.
 #[derive(Debug, Clone)]
 pub struct PathResult {
-    /// `underlay`, `vxlan`, `host-gw`, `udp`.
-    pub name: String,
-    /// `node1/ens3 -> node2/ens3`, `ubuntu-1 -> ubuntu-2`.
+    /// `underlay`, `pod-pod`, `node-node`.
+    pub name: &'static str,
+    /// `k8s-node1/ens3 -> k8s-node2/ens3`, `ubuntu-1 -> ubuntu-2`.
     pub between: String,
-    /// Bits per second with 1 and with 4 streams, and the UDP RR p50 and p99;
-    /// or why the path could not be measured.
-    pub outcome: std::result::Result<Measured, String>,
+    pub samples: Samples,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Measured {
-    pub bps_1: f64,
-    pub bps_4: f64,
-    pub rr_p50: Duration,
-    pub rr_p99: Duration,
+/// What one backend's lab gave: its paths (the underlay first), or why the
+/// backend could not be measured.
+#[derive(Debug, Clone)]
+pub struct LabResult {
+    pub backend: Backend,
+    pub outcome: std::result::Result<Vec<PathResult>, String>,
+}
+
+impl LabResult {
+    fn path(&self, name: &str) -> Option<&PathResult> {
+        self.outcome.as_ref().ok()?.iter().find(|p| p.name == name)
+    }
+
+    /// Single-stream throughput of `path` relative to this lab's underlay
+    /// (the median of the per-round ratios).
+    pub fn ratio(&self, path: &str) -> Option<f64> {
+        let base = self.path("underlay")?;
+        Some(paired_ratio(
+            &self.path(path)?.samples.bps_1,
+            &base.samples.bps_1,
+        ))
+    }
 }
 
 /// The report of a bench run.
@@ -54,7 +113,7 @@ pub struct BenchReport {
     pub tool: String,
     pub seconds: u64,
     pub repeat: u32,
-    pub paths: Vec<PathResult>,
+    pub labs: Vec<LabResult>,
 }
 
 fn gbit(bps: f64) -> String {
@@ -62,28 +121,34 @@ fn gbit(bps: f64) -> String {
 }
 
 impl BenchReport {
-    fn measured(&self, name: &str) -> Option<Measured> {
-        self.paths
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.outcome.as_ref().ok().copied())
+    fn lab(&self, backend: Backend) -> Option<&LabResult> {
+        self.labs.iter().find(|l| l.backend == backend)
     }
 
-    /// Throughput (single stream) of `name` relative to `base`.
-    pub fn ratio(&self, name: &str, base: &str) -> Option<f64> {
-        Some(self.measured(name)?.bps_1 / self.measured(base)?.bps_1)
+    /// Pod-to-pod single-stream throughput of `backend` relative to its own
+    /// lab's underlay, or (with `base`) to `base`'s pod-to-pod path: the
+    /// quotient of the two underlay-relative ratios, so that each backend is
+    /// held against the underlay measured next to it.
+    pub fn ratio(&self, backend: Backend, base: Option<Backend>) -> Option<f64> {
+        let r = self.lab(backend)?.ratio("pod-pod")?;
+        match base {
+            None => Some(r),
+            Some(b) => Some(r / self.lab(b)?.ratio("pod-pod")?),
+        }
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "TCP throughput ({}, median of {} runs of {} s) and UDP request/response latency",
+            "TCP throughput ({}; {} rounds of {} s per path, medians; ratio: median over rounds against the \
+             same round's underlay) and UDP request/response latency",
             self.tool, self.repeat, self.seconds
         );
         let _ = writeln!(
             out,
-            "{:<9} {:<32} {:>14} {:>6} {:>14} {:>6} {:>10} {:>10} {:>8}",
+            "{:<8} {:<10} {:<34} {:>14} {:>6} {:>14} {:>6} {:>10} {:>10} {:>6}",
+            "lab",
             "path",
             "between",
             "1 stream",
@@ -94,49 +159,55 @@ impl BenchReport {
             "rr p99",
             "p50 x"
         );
-        let base = self.measured("underlay");
-        for p in &self.paths {
-            match &p.outcome {
-                Ok(m) => {
-                    let r = |v: f64, b: Option<f64>| {
-                        b.map(|b| format!("{:.2}", v / b))
-                            .unwrap_or_else(|| "-".into())
-                    };
+        for lab in &self.labs {
+            let paths = match &lab.outcome {
+                Ok(paths) => paths,
+                Err(why) => {
                     let _ = writeln!(
                         out,
-                        "{:<9} {:<32} {:>14} {:>6} {:>14} {:>6} {:>8.0}us {:>8.0}us {:>8}",
-                        p.name,
-                        p.between,
-                        gbit(m.bps_1),
-                        r(m.bps_1, base.map(|b| b.bps_1)),
-                        gbit(m.bps_4),
-                        r(m.bps_4, base.map(|b| b.bps_4)),
-                        m.rr_p50.as_secs_f64() * 1e6,
-                        m.rr_p99.as_secs_f64() * 1e6,
-                        base.map(|b| format!(
-                            "{:.2}",
-                            m.rr_p50.as_secs_f64() / b.rr_p50.as_secs_f64()
-                        ))
-                        .unwrap_or_else(|| "-".into()),
+                        "{:<8} {:<10} not available: {why}",
+                        lab.backend.to_string(),
+                        "pod-pod"
                     );
+                    continue;
                 }
-                Err(why) => {
-                    let _ = writeln!(out, "{:<9} {:<32} not available: {why}", p.name, p.between);
-                }
+            };
+            let base = paths.iter().find(|p| p.name == "underlay");
+            for p in paths {
+                let s = &p.samples;
+                let r = |v: &[f64], b: Option<&[f64]>| {
+                    b.map(|b| format!("{:.2}", paired_ratio(v, b)))
+                        .unwrap_or_else(|| "-".into())
+                };
+                let _ = writeln!(
+                    out,
+                    "{:<8} {:<10} {:<34} {:>14} {:>6} {:>14} {:>6} {:>8.0}us {:>8.0}us {:>6}",
+                    lab.backend.to_string(),
+                    p.name,
+                    p.between,
+                    gbit(median(&s.bps_1)),
+                    r(&s.bps_1, base.map(|b| &b.samples.bps_1[..])),
+                    gbit(median(&s.bps_4)),
+                    r(&s.bps_4, base.map(|b| &b.samples.bps_4[..])),
+                    s.rr_p50.as_secs_f64() * 1e6,
+                    s.rr_p99.as_secs_f64() * 1e6,
+                    base.map(|b| format!(
+                        "{:.2}",
+                        s.rr_p50.as_secs_f64() / b.samples.rr_p50.as_secs_f64()
+                    ))
+                    .unwrap_or_else(|| "-".into()),
+                );
             }
         }
-        let _ = writeln!(out, "targets (single-stream throughput):");
-        for (name, base, target) in [
-            ("host-gw", "underlay", 0.95),
-            ("vxlan", "underlay", 0.85),
-            ("udp", "vxlan", 0.5),
-        ] {
-            let line = match self.ratio(name, base) {
+        let _ = writeln!(out, "targets (pod-to-pod, single stream):");
+        for (backend, base, target) in TARGETS {
+            let base_name = base.map_or("underlay".to_string(), |b| b.to_string());
+            let line = match self.ratio(backend, base) {
                 Some(r) => format!(
-                    "{name} / {base} = {r:.3} (target >= {target}): {}",
+                    "{backend} / {base_name} = {r:.3} (target >= {target}): {}",
                     if r >= target { "met" } else { "MISSED" }
                 ),
-                None => format!("{name} / {base}: not measured (target >= {target})"),
+                None => format!("{backend} / {base_name}: not measured (target >= {target})"),
             };
             let _ = writeln!(out, "  {line}");
         }
@@ -153,10 +224,12 @@ fn iperf3_version() -> Option<String> {
         .map(|l| l.trim().to_string())
 }
 
-/// Runs the bench: a two-worker lab named `name`, the four paths, `down`.
+/// Runs the bench: for each of `backends`, a two-worker lab named `name`,
+/// its paths, `down`.
 pub fn run(
     name: &str,
     bin_dir: Option<&Path>,
+    backends: &[Backend],
     seconds: u64,
     repeat: u32,
     progress: bool,
@@ -178,10 +251,8 @@ pub fn run(
         seconds,
         repeat,
     };
-    let mut paths = Vec::new();
-    // One fresh lab per backend, as a cluster would be built: the pods get
-    // the backend's own MTU (udp's 1472 is not vxlan's 1450).
-    for backend in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
+    let mut labs = Vec::new();
+    for &backend in backends {
         let opts = LabOptions {
             name: name.to_string(),
             nodes: 2,
@@ -194,9 +265,8 @@ pub fn run(
             Ok(lab) => lab,
             // `up` removed what it built.
             Err(e) => {
-                paths.push(PathResult {
-                    name: backend.to_string(),
-                    between: "ubuntu-1 -> ubuntu-2".into(),
+                labs.push(LabResult {
+                    backend,
                     outcome: Err(unavailable_reason(e)),
                 });
                 continue;
@@ -204,14 +274,17 @@ pub fn run(
         };
         let result = measure_lab(&lab, backend, how, &say);
         let down = super::down(name);
-        paths.extend(result?);
+        labs.push(LabResult {
+            backend,
+            outcome: result?,
+        });
         down?;
     }
     Ok(BenchReport {
         tool: tool.unwrap_or_else(|| "built-in TCP streams (iperf3 not installed)".into()),
         seconds,
         repeat,
-        paths,
+        labs,
     })
 }
 
@@ -223,51 +296,84 @@ struct How {
     repeat: u32,
 }
 
-/// The paths of one lab: the underlay first (in the vxlan lab), then pod to pod.
+/// One path of a lab: from `src` to `dst` in `dst_ns`.
+struct Route {
+    name: &'static str,
+    between: String,
+    src: NetNs,
+    dst_ns: NetNs,
+    dst: IpAddr,
+}
+
+/// The paths of one lab (the underlay first), measured in rounds; or why
+/// the pods do not reach each other.
 fn measure_lab(
     lab: &Lab,
     backend: Backend,
     how: How,
     say: &dyn Fn(&str),
-) -> Result<Vec<PathResult>> {
-    let mut paths = Vec::new();
-    if backend == Backend::Vxlan {
-        say("underlay: k8s-node1 -> k8s-node2");
-        let n2 = lab.node("k8s-node2")?.clone();
-        paths.push(PathResult {
-            name: "underlay".into(),
+) -> Result<std::result::Result<Vec<PathResult>, String>> {
+    let m = lab.check()?;
+    if !m.all_ok() {
+        return Ok(Err(format!(
+            "the connectivity check failed:\n{}",
+            m.render()
+        )));
+    }
+    let n2 = lab.node("k8s-node2")?.clone();
+    let pod2 = lab.pod("ubuntu-2")?.ip.expect("pod has an IPv4 address");
+    let mut routes = vec![
+        Route {
+            name: "underlay",
             between: "k8s-node1/ens3 -> k8s-node2/ens3".into(),
-            outcome: Ok(measure(
-                &lab.netns("k8s-node1")?,
-                &lab.netns("k8s-node2")?,
-                IpAddr::V4(n2.underlay_ip),
-                how,
-            )?),
+            src: lab.netns("k8s-node1")?,
+            dst_ns: lab.netns("k8s-node2")?,
+            dst: IpAddr::V4(n2.underlay_ip),
+        },
+        Route {
+            name: "pod-pod",
+            between: "ubuntu-1 -> ubuntu-2".into(),
+            src: lab.netns("ubuntu-1")?,
+            dst_ns: lab.netns("ubuntu-2")?,
+            dst: IpAddr::V4(pod2.addr()),
+        },
+    ];
+    // The overlay device of a node holds the subnet's network address.
+    if let Some(dev) = backend.overlay_device() {
+        routes.push(Route {
+            name: "node-node",
+            between: format!("k8s-node1 -> k8s-node2/{dev}"),
+            src: lab.netns("k8s-node1")?,
+            dst_ns: lab.netns("k8s-node2")?,
+            dst: IpAddr::V4(n2.subnet.network()),
         });
     }
-    say(&format!("{backend}: ubuntu-1 -> ubuntu-2"));
-    let m = lab.check()?;
-    let outcome = if m.all_ok() {
-        let dst = lab
-            .pod("ubuntu-2")?
-            .ip
-            .expect("pod has an IPv4 address")
-            .addr();
-        Ok(measure(
-            &lab.netns("ubuntu-1")?,
-            &lab.netns("ubuntu-2")?,
-            IpAddr::V4(dst),
-            how,
-        )?)
-    } else {
-        Err(format!("the connectivity check failed:\n{}", m.render()))
-    };
-    paths.push(PathResult {
-        name: backend.to_string(),
-        between: "ubuntu-1 -> ubuntu-2".into(),
-        outcome,
-    });
-    Ok(paths)
+    let mut samples = vec![Samples::default(); routes.len()];
+    for (r, s) in routes.iter().zip(samples.iter_mut()) {
+        say(&format!("{backend} lab: {} latency", r.name));
+        (s.rr_p50, s.rr_p99) = udp_rr(&r.src, &r.dst_ns, r.dst, Duration::from_secs(2))?;
+    }
+    for round in 1..=how.repeat {
+        say(&format!(
+            "{backend} lab: throughput round {round}/{}",
+            how.repeat
+        ));
+        for (r, s) in routes.iter().zip(samples.iter_mut()) {
+            s.bps_1.push(throughput(r, 1, how)?);
+        }
+        for (r, s) in routes.iter().zip(samples.iter_mut()) {
+            s.bps_4.push(throughput(r, 4, how)?);
+        }
+    }
+    Ok(Ok(routes
+        .into_iter()
+        .zip(samples)
+        .map(|(r, samples)| PathResult {
+            name: r.name,
+            between: r.between,
+            samples,
+        })
+        .collect()))
 }
 
 /// Why a backend is not available: the daemon's own last words when it
@@ -285,30 +391,19 @@ fn unavailable_reason(e: LabError) -> String {
     }
 }
 
-fn measure(src: &NetNs, dst_ns: &NetNs, dst: IpAddr, how: How) -> Result<Measured> {
-    let once = |streams: u32| -> Result<f64> {
-        if how.iperf3 {
-            iperf3(src, dst_ns, dst, streams, how.seconds)
-        } else {
-            tcp_streams(src, dst_ns, dst, streams, Duration::from_secs(how.seconds))
-        }
-    };
-    let median = |streams: u32| -> Result<f64> {
-        let mut v = (0..how.repeat)
-            .map(|_| once(streams))
-            .collect::<Result<Vec<f64>>>()?;
-        v.sort_by(f64::total_cmp);
-        Ok(v[v.len() / 2])
-    };
-    let bps_1 = median(1)?;
-    let bps_4 = median(4)?;
-    let (rr_p50, rr_p99) = udp_rr(src, dst_ns, dst, Duration::from_secs(2))?;
-    Ok(Measured {
-        bps_1,
-        bps_4,
-        rr_p50,
-        rr_p99,
-    })
+/// One TCP throughput measurement of `r` with `streams` streams.
+fn throughput(r: &Route, streams: u32, how: How) -> Result<f64> {
+    if how.iperf3 {
+        iperf3(&r.src, &r.dst_ns, r.dst, streams, how.seconds)
+    } else {
+        tcp_streams(
+            &r.src,
+            &r.dst_ns,
+            r.dst,
+            streams,
+            Duration::from_secs(how.seconds),
+        )
+    }
 }
 
 /// `iperf3 -s -1 -B DST` in `dst_ns`, `iperf3 -c DST -t SECS -O 1 -P STREAMS -J`
@@ -503,4 +598,99 @@ fn udp_rr(src: &NetNs, dst_ns: &NetNs, dst: IpAddr, dur: Duration) -> Result<(Du
     samples.sort();
     let pct = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
     Ok((pct(0.5), pct(0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(name: &'static str, bps_1: &[f64]) -> PathResult {
+        PathResult {
+            name,
+            between: "a -> b".into(),
+            samples: Samples {
+                bps_1: bps_1.to_vec(),
+                bps_4: bps_1.iter().map(|b| b * 2.0).collect(),
+                rr_p50: Duration::from_micros(40),
+                rr_p99: Duration::from_micros(90),
+            },
+        }
+    }
+
+    #[test]
+    fn paired_ratio_follows_the_drift_of_the_rounds() {
+        // The machine slowed down by half in round 2: the pod path kept 0.8
+        // of the underlay measured next to it in every round.
+        let underlay = [10.0, 5.0, 10.0];
+        let pod = [8.0, 4.0, 8.0];
+        assert!((paired_ratio(&pod, &underlay) - 0.8).abs() < 1e-9);
+        // Unpaired medians would say 1.0 here (8 / 8), paired says 0.5.
+        assert!((paired_ratio(&[8.0, 8.0, 8.0], &[16.0, 4.0, 16.0]) - 0.5).abs() < 1e-9);
+        assert!(paired_ratio(&[], &[]).is_nan());
+    }
+
+    #[test]
+    fn targets_hold_each_backend_against_its_own_underlay() {
+        let report = BenchReport {
+            tool: "iperf 3.12".into(),
+            seconds: 3,
+            repeat: 3,
+            labs: vec![
+                LabResult {
+                    backend: Backend::Vxlan,
+                    outcome: Ok(vec![
+                        path("underlay", &[10.0, 10.0, 10.0]),
+                        path("pod-pod", &[9.0, 8.0, 8.6]),
+                        path("node-node", &[9.5, 9.5, 9.5]),
+                    ]),
+                },
+                LabResult {
+                    backend: Backend::HostGw,
+                    outcome: Ok(vec![
+                        path("underlay", &[20.0, 20.0, 20.0]),
+                        path("pod-pod", &[19.0, 19.2, 18.0]),
+                    ]),
+                },
+                LabResult {
+                    backend: Backend::Udp,
+                    outcome: Err("refused: udp needs IPv4".into()),
+                },
+            ],
+        };
+        assert!((report.ratio(Backend::Vxlan, None).unwrap() - 0.86).abs() < 1e-9);
+        assert!((report.ratio(Backend::HostGw, None).unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(report.ratio(Backend::Udp, Some(Backend::Vxlan)), None);
+        let text = report.render();
+        assert!(text.contains("vxlan / underlay = 0.860 (target >= 0.85): met"), "{text}");
+        assert!(text.contains("host-gw / underlay = 0.950 (target >= 0.95): met"), "{text}");
+        assert!(text.contains("udp / vxlan: not measured (target >= 0.5)"), "{text}");
+        assert!(text.contains("not available: refused: udp needs IPv4"), "{text}");
+        let node_node = text
+            .lines()
+            .find(|l| l.contains("node-node"))
+            .expect("node-node row");
+        assert!(node_node.contains(" 0.95 "), "{node_node}");
+    }
+
+    #[test]
+    fn udp_is_held_against_vxlan_through_both_underlays() {
+        let lab = |backend, underlay: f64, pod: f64| LabResult {
+            backend,
+            outcome: Ok(vec![
+                path("underlay", &[underlay; 3]),
+                path("pod-pod", &[pod; 3]),
+            ]),
+        };
+        let report = BenchReport {
+            tool: "t".into(),
+            seconds: 1,
+            repeat: 3,
+            // udp's lab ran on a slower machine moment: 0.3 of its underlay
+            // against vxlan's 0.75 of its own is 0.4 of vxlan.
+            labs: vec![lab(Backend::Vxlan, 12.0, 9.0), lab(Backend::Udp, 10.0, 3.0)],
+        };
+        let r = report.ratio(Backend::Udp, Some(Backend::Vxlan)).unwrap();
+        assert!((r - 0.4).abs() < 1e-9, "{r}");
+        assert!(report.render().contains("udp / vxlan = 0.400 (target >= 0.5): MISSED"));
+    }
 }
