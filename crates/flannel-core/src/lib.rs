@@ -11,7 +11,8 @@
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
 //! - [`mac`]: Ethernet addresses.
-//! - [`rules`]: masquerade and forward rules (iptables and nftables), desired and parsed.
+//! - [`rules`]: masquerade and forward rules (iptables, and nftables with the
+//!   feature `nft`), desired and parsed.
 //! - [`udp`]: the udp backend's packet checks, peer table and counters.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers

@@ -5,12 +5,12 @@
 //! across two segments) are expected failures, reported with the reason.
 
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use super::ping6::Pinger6;
 use super::{
-    overlay_address, Backend, Lab, LabError, NodeState, Pinger, PodState, Result, Topology,
+    overlay_address, Backend, IcmpFamily, Lab, LabError, NodeState, Pinger, PodState, Result,
+    Topology,
 };
 
 /// What a target is.
@@ -401,21 +401,25 @@ pub(crate) fn run(lab: &Lab, per_pair: Duration) -> Result<Matrix> {
 /// A pod's two pingers (opened when the lab has the family).
 struct Pingers {
     v4: Option<Pinger>,
-    v6: Option<Pinger6>,
+    v6: Option<Pinger<Ipv6Addr>>,
 }
 
 impl Pingers {
     /// One echo; `(ttl or hop limit, rtt)` of the reply.
     fn echo(&mut self, ip: IpAddr, timeout: Duration) -> std::io::Result<Option<(u8, Duration)>> {
-        match ip {
-            IpAddr::V4(a) => match &mut self.v4 {
+        fn one<A: IcmpFamily>(
+            p: &mut Option<Pinger<A>>,
+            a: A,
+            timeout: Duration,
+        ) -> std::io::Result<Option<(u8, Duration)>> {
+            match p {
                 Some(p) => Ok(p.echo(a, timeout)?.map(|r| (r.ttl, r.rtt))),
                 None => Ok(None),
-            },
-            IpAddr::V6(a) => match &mut self.v6 {
-                Some(p) => Ok(p.echo(a, timeout)?.map(|r| (r.hop_limit, r.rtt))),
-                None => Ok(None),
-            },
+            }
+        }
+        match ip {
+            IpAddr::V4(a) => one(&mut self.v4, a, timeout),
+            IpAddr::V6(a) => one(&mut self.v6, a, timeout),
         }
     }
 }
@@ -423,16 +427,8 @@ impl Pingers {
 fn row(lab: &Lab, pod: &PodState, targets: &[Target], per_pair: Duration) -> Result<Vec<Outcome>> {
     let ns = lab.netns(&pod.name)?;
     let mut pingers = Pingers {
-        v4: if pod.ip.is_some() {
-            Some(Pinger::open_in(&ns)?)
-        } else {
-            None
-        },
-        v6: if pod.ipv6.is_some() {
-            Some(Pinger6::open_in(&ns)?)
-        } else {
-            None
-        },
+        v4: pod.ip.map(|_| Pinger::open_in(&ns)).transpose()?,
+        v6: pod.ipv6.map(|_| Pinger::open_in(&ns)).transpose()?,
     };
     let src = lab.node(&pod.node)?;
     let mut row = Vec::new();

@@ -28,7 +28,6 @@ mod etcd;
 mod kinds;
 mod masq;
 mod ping;
-mod ping6;
 mod pods;
 mod procs;
 mod status;
@@ -56,8 +55,7 @@ pub use kinds::{
     OUTSIDE_GATEWAY, OUTSIDE_GATEWAY_V6, OUTSIDE_IP, OUTSIDE_IPV6,
 };
 pub use masq::{MasqObservation, MasqReport};
-pub use ping::{EchoReply, Pinger};
-pub use ping6::{Echo6Reply, Pinger6};
+pub use ping::{EchoReply, IcmpFamily, Pinger};
 pub use procs::{lab_processes, resolve_bin_dir, BIN_DIR_ENV, CNI_BINARY, FLANNELD_BINARY};
 pub use status::{DaemonStatus, LabStatus};
 
