@@ -382,6 +382,51 @@ impl PeerTable {
     }
 }
 
+/// A hash of the flow an IPv4 packet belongs to that is the same in both
+/// directions: addresses and protocol, and for TCP, UDP and SCTP the ports
+/// (fragments other than none hash by addresses only, so that all the
+/// pieces of one datagram hash alike). The udp backend sends a flow from
+/// the socket this picks, so that the peer's `SO_REUSEPORT` group receives
+/// the flow on one socket and the flow's answers come back the same way:
+/// the flow then stays on one thread at each end. Any 32-bit value for a
+/// packet too short to parse (it is dropped later anyway).
+pub fn flow_hash(packet: &[u8]) -> u32 {
+    let Ok((header_len, h)) = header_fields(packet) else {
+        return 0;
+    };
+    let proto = packet[9];
+    let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
+    let (mut a, mut b) = (u32::from(h.src), u32::from(h.dst));
+    let mut ports = (0u16, 0u16);
+    if !fragment && matches!(proto, 6 | 17 | 132) && packet.len() >= header_len + 4 {
+        let p = &packet[header_len..];
+        ports = (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        );
+    }
+    if (a, ports.0) > (b, ports.1) {
+        std::mem::swap(&mut a, &mut b);
+        ports = (ports.1, ports.0);
+    }
+    // A multiplicative mix of the sorted tuple: the bucket is taken from
+    // the high bits, which every input bit reaches.
+    let mut x = u64::from(a);
+    for v in [
+        u64::from(b),
+        (u64::from(ports.0) << 16) | u64::from(ports.1),
+        u64::from(proto),
+    ] {
+        x = (x ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    (x >> 32) as u32
+}
+
+/// Which of `n` sockets carries the flow of `hash` (`n` >= 1).
+pub fn flow_bucket(hash: u32, n: usize) -> usize {
+    ((u64::from(hash) * n as u64) >> 32) as usize
+}
+
 /// The udp backend's counters, as operators and tests read them (the
 /// stats file is this struct as JSON).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -791,5 +836,71 @@ mod tests {
         assert_eq!(d.rx_bytes, 200);
         let j = serde_json::to_string(&c).unwrap();
         assert!(j.contains("\"dropped_spoofed\":1"), "{j}");
+    }
+
+    /// A TCP (or other `proto`) packet with ports, or a fragment.
+    fn flow_packet(
+        src: [u8; 4],
+        dst: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        frag: u16,
+    ) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&40u16.to_be_bytes());
+        p[6..8].copy_from_slice(&frag.to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn flow_hash_is_the_same_both_ways_and_tells_flows_apart() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        let there = flow_hash(&flow_packet(a, b, 6, 40000, 5201, 0));
+        let back = flow_hash(&flow_packet(b, a, 6, 5201, 40000, 0));
+        assert_eq!(there, back);
+        // Another port, another protocol, another peer: other flows.
+        assert_ne!(there, flow_hash(&flow_packet(a, b, 6, 40001, 5201, 0)));
+        assert_ne!(there, flow_hash(&flow_packet(a, b, 17, 40000, 5201, 0)));
+        assert_ne!(
+            there,
+            flow_hash(&flow_packet(a, [10, 244, 3, 2], 6, 40000, 5201, 0))
+        );
+        // Ports equal, addresses swapped: still symmetric.
+        assert_eq!(
+            flow_hash(&flow_packet(a, b, 17, 53, 53, 0)),
+            flow_hash(&flow_packet(b, a, 17, 53, 53, 0))
+        );
+    }
+
+    #[test]
+    fn fragments_hash_by_addresses_only() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        // First fragment (MF set) and a later one (offset 185) of one datagram:
+        // only the first carries the ports.
+        let first = flow_hash(&flow_packet(a, b, 17, 4000, 4001, 0x2000));
+        let later = flow_hash(&flow_packet(a, b, 17, 0xdead, 0xbeef, 185));
+        assert_eq!(first, later);
+        assert_eq!(flow_hash(&[0x45, 0]), 0);
+    }
+
+    #[test]
+    fn flow_buckets_cover_every_socket() {
+        let (a, b) = ([10, 244, 1, 2], [10, 244, 2, 2]);
+        let mut seen = [0usize; 4];
+        for port in 30000..30400u16 {
+            let h = flow_hash(&flow_packet(a, b, 6, port, 5201, 0));
+            seen[flow_bucket(h, 4)] += 1;
+            assert_eq!(flow_bucket(h, 1), 0);
+        }
+        // 400 flows over 4 sockets: each gets a fair share (100 expected).
+        assert!(seen.iter().all(|&n| (60..=140).contains(&n)), "{seen:?}");
     }
 }

@@ -20,11 +20,14 @@
 //! - the packets of one read that go to the same peer leave in one
 //!   `sendmsg` with UDP GSO, and receiving uses `recvmmsg` with UDP GRO
 //!   (quinn-udp);
-//! - one egress and one ingress thread per queue (queues = cores, at most
-//!   4). The kernel spreads flows over the TUN queues; each egress thread
-//!   sends from its own source port, so the peer's `SO_REUSEPORT` group of
-//!   receive sockets (one per ingress thread) spreads them again. A flow
-//!   stays on one thread both ways, so it is never reordered;
+//! - one thread per queue (queues = cores, at most 4) carrying both
+//!   directions, so that a TCP flow's ACKs are read by the thread that just
+//!   wrote its data, without a wake-up ([`queue_loop`]). Flows are spread
+//!   over the threads: a flow leaves from one of the sending sockets (one
+//!   ephemeral port per queue) picked by a hash of the flow that is the same
+//!   both ways, and the peer's `SO_REUSEPORT` group of receive sockets (one
+//!   per thread) hands each source port to one thread. A flow stays on one
+//!   thread at each end, so it is never reordered;
 //! - buffers are allocated once per thread; the peer table is an immutable
 //!   snapshot swapped in whole on lease changes (arc-swap), so the packet
 //!   path takes no lock and allocates nothing.
@@ -56,8 +59,8 @@ use arc_swap::ArcSwap;
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
 use flannel_core::udp::{
-    net_unreachable, Counters, Egress, Ingress, PeerTable, UdpPeer, COUNTERS,
-    NET_UNREACHABLE_MAX_LEN,
+    flow_bucket, flow_hash, net_unreachable, Counters, Egress, Ingress, PeerTable, UdpPeer,
+    COUNTERS, NET_UNREACHABLE_MAX_LEN,
 };
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
@@ -379,8 +382,11 @@ impl UdpDatapath {
         }
         let mut tx = Vec::with_capacity(queues);
         for _ in 0..queues {
-            tx.push(udp_socket(SocketAddrV4::new(spec.bind, 0), false)?);
+            let sock = udp_socket(SocketAddrV4::new(spec.bind, 0), false)?;
+            let state = UdpSocketState::new(UdpSockRef::from(&sock)).map_err(UdpError::Socket)?;
+            tx.push(TxSocket { sock, state });
         }
+        let tx: Arc<[TxSocket]> = tx.into();
         let devs = open_tun(nl, &spec.device, queues)?;
         let shared = Arc::new(Shared {
             peers: ArcSwap::from_pointee(peers),
@@ -397,13 +403,13 @@ impl UdpDatapath {
             queues,
         };
         let offload = devs[0].tcp_gso();
-        for (q, ((dev, rx), tx)) in devs.into_iter().zip(rx).zip(tx).enumerate() {
-            let dev = Arc::new(dev);
-            let (d, s, sh) = (dev.clone(), tx, shared.clone());
+        for (q, (dev, rx)) in devs.into_iter().zip(rx).enumerate() {
+            let sh = shared.clone();
+            let tx = tx.clone();
             let slot = (spec.mtu as usize).max(68);
-            dp.spawn(format!("udp-tx{q}"), move || egress_loop(&d, &s, &sh, slot))?;
-            let (d, s, sh) = (dev, rx, shared.clone());
-            dp.spawn(format!("udp-rx{q}"), move || ingress_loop(&d, &s, &sh))?;
+            dp.spawn(format!("udp-q{q}"), move || {
+                queue_loop(&dev, &tx, &rx, &sh, slot)
+            })?;
         }
         if let Some(path) = spec.stats_file.clone() {
             let sh = shared.clone();
@@ -588,47 +594,124 @@ impl RateLimited {
     }
 }
 
+/// A sending socket (its own ephemeral port) and its quinn-udp state.
+struct TxSocket {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+/// One queue's thread: both directions of `dev`'s queue.
+///
+/// One thread per queue carries both directions on purpose: the kernel's
+/// TUN picks the queue of a flow's outgoing packets from the queue its
+/// incoming packets were last written to, so a TCP flow's data and its ACKs
+/// meet on one queue. Writing a flow's data into the device runs the
+/// receiving pod's TCP stack in that same `writev`, and the ACK it sends
+/// back is waiting in the queue when the call returns: this thread reads it
+/// at once, where a separate egress thread would have to be woken for every
+/// ACK (and the sender's side likewise for every batch of data).
+///
+/// For that the flow's ACKs must arrive on this thread's socket: every
+/// thread sends a flow from the sending socket its [`flow_hash`] picks (the
+/// same for both directions), so the peer's `SO_REUSEPORT` group hands all
+/// of the flow's datagrams to one socket there, and its answers, sent from
+/// the peer's socket for the same hash, all to one socket here. Sending
+/// from this thread's own socket instead would move the flow to another
+/// thread at every turn: the peer would answer on the socket that source
+/// port hashes to, the kernel would then queue the flow's next data on that
+/// thread's queue, and so on.
+fn queue_loop(dev: &SyncDevice, tx: &[TxSocket], rx: &UdpSocket, sh: &Shared, slot: usize) {
+    let mut out = TunToUdp::new(dev, tx, slot);
+    let mut inn = match UdpToTun::new(dev, rx) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "udp datapath: socket setup failed");
+            sh.failed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    while !sh.stop.load(Ordering::Relaxed) {
+        let Ok(sent) = out.pump(dev, tx, sh) else {
+            return;
+        };
+        let Ok(received) = inn.pump(dev, rx, sh) else {
+            return;
+        };
+        if !sent && !received {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            let mut fds = [
+                PollFd::new(dev.as_fd(), PollFlags::POLLIN),
+                PollFd::new(rx.as_fd(), PollFlags::POLLIN),
+            ];
+            let _ = poll(&mut fds, PollTimeout::from(IDLE_POLL.as_millis() as u16));
+        }
+    }
+}
+
+/// The datapath's device is gone or a socket failed for good: the thread
+/// stops and the next reconcile pass restarts the datapath.
+struct Stopped;
+
 /// TUN -> UDP for one queue.
 ///
 /// Packets land in one buffer at a fixed stride (`slot`, the device MTU):
 /// TCP segments split from a super-packet are exactly MTU-sized, so the
 /// segments of one read that go to the same peer already lie back to back
 /// and leave in one GSO `sendmsg` without another copy.
-fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
-    let state = match UdpSocketState::new(UdpSockRef::from(sock)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "udp egress: socket setup failed");
-            sh.failed.store(true, Ordering::Relaxed);
-            return;
+struct TunToUdp {
+    slot: usize,
+    max_segments: usize,
+    raw: Vec<u8>,
+    packets: Vec<u8>,
+    sizes: Vec<usize>,
+    warn: RateLimited,
+    offload: bool,
+    icmp: [u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN],
+    icmp_budget: IcmpBudget,
+}
+
+impl TunToUdp {
+    fn new(dev: &SyncDevice, tx: &[TxSocket], slot: usize) -> TunToUdp {
+        let max_segments = tx
+            .iter()
+            .map(|t| t.state.max_gso_segments())
+            .min()
+            .unwrap_or(1)
+            .clamp(1, GSO_MAX_BYTES / slot.max(1))
+            .max(1);
+        TunToUdp {
+            slot,
+            max_segments,
+            raw: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
+            packets: vec![0u8; TX_SLOTS * slot],
+            sizes: vec![0usize; TX_SLOTS],
+            warn: RateLimited(None),
+            offload: dev.tcp_gso(),
+            icmp: [0u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN],
+            icmp_budget: IcmpBudget::default(),
         }
-    };
-    let max_segments = state
-        .max_gso_segments()
-        .clamp(1, GSO_MAX_BYTES / slot.max(1))
-        .max(1);
-    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65_535];
-    let mut packets = vec![0u8; TX_SLOTS * slot];
-    let mut sizes = vec![0usize; TX_SLOTS];
-    let mut warn = RateLimited(None);
-    let offload = dev.tcp_gso();
-    // ICMP errors go back into the device behind a zeroed virtio header
-    // (no GSO, checksum complete) when offloads are on.
-    let icmp_at = if offload { VIRTIO_NET_HDR_LEN } else { 0 };
-    let mut icmp = [0u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN];
-    let mut icmp_budget = IcmpBudget::default();
-    while !sh.stop.load(Ordering::Relaxed) {
+    }
+
+    /// Reads what the queue holds (up to a batch) and sends it; whether
+    /// anything was read.
+    fn pump(&mut self, dev: &SyncDevice, tx: &[TxSocket], sh: &Shared) -> Result<bool, Stopped> {
+        let slot = self.slot;
         let mut n = 0;
         while n + TX_READ_ROOM <= TX_SLOTS {
             let r = {
-                let mut it = packets[n * slot..].chunks_exact_mut(slot);
+                let mut it = self.packets[n * slot..].chunks_exact_mut(slot);
                 let mut bufs: [&mut [u8]; TX_READ_ROOM] =
                     std::array::from_fn(|_| it.next().expect("room checked"));
-                if offload {
-                    dev.recv_multiple(&mut raw, &mut bufs, &mut sizes[n..n + TX_READ_ROOM], 0)
+                if self.offload {
+                    dev.recv_multiple(
+                        &mut self.raw,
+                        &mut bufs,
+                        &mut self.sizes[n..n + TX_READ_ROOM],
+                        0,
+                    )
                 } else {
                     dev.recv(bufs[0]).map(|len| {
-                        sizes[n] = len;
+                        self.sizes[n] = len;
                         1
                     })
                 }
@@ -640,7 +723,7 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
                 Err(e) if device_gone(&e) => {
                     tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
                     sh.failed.store(true, Ordering::Relaxed);
-                    return;
+                    return Err(Stopped);
                 }
                 Err(e) => {
                     // A packet tun-rs could not split (odd GSO metadata) or
@@ -648,16 +731,18 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
                     let mut c = Counters::default();
                     c.dropped_tun_invalid += 1;
                     sh.counters.add(&c);
-                    if warn.ready() {
+                    if self.warn.ready() {
                         tracing::warn!(error = %e, "udp egress: dropped a packet read from the TUN device");
                     }
                 }
             }
         }
         if n == 0 {
-            wait_ready(dev, nix::poll::PollFlags::POLLIN);
-            continue;
+            return Ok(false);
         }
+        // ICMP errors go back into the device behind a zeroed virtio header
+        // (no GSO, checksum complete) when offloads are on.
+        let icmp_at = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let table = sh.peers.load();
         let mut c = Counters::default();
         // The open group: destination, first index, segments, bytes, and
@@ -665,25 +750,26 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
         let mut group: Option<Group> = None;
         for i in 0..n {
             let at = i * slot;
-            let v = table.egress(&packets[at..at + sizes[i]]);
+            let packet = &self.packets[at..at + self.sizes[i]];
+            let v = table.egress(packet);
             c.count_egress(&v);
             if let Egress::NoRoute { .. } = v {
-                if icmp_budget.take() {
-                    if let Some(len) =
-                        net_unreachable(&packets[at..at + sizes[i]], &mut icmp[icmp_at..])
-                    {
-                        let _ = dev.send(&icmp[..icmp_at + len]);
+                if self.icmp_budget.take() {
+                    if let Some(len) = net_unreachable(packet, &mut self.icmp[icmp_at..]) {
+                        let _ = dev.send(&self.icmp[..icmp_at + len]);
                     }
                 }
             }
             let Egress::Forward { peer, len } = v else {
                 continue;
             };
+            let sock = flow_bucket(flow_hash(packet), tx.len());
             let joins = group.as_ref().is_some_and(|g| {
                 g.peer == peer
+                    && g.sock == sock
                     && g.open
                     && g.first + g.count == i
-                    && g.count < max_segments
+                    && g.count < self.max_segments
                     && g.bytes + len <= GSO_MAX_BYTES
             });
             if joins {
@@ -693,10 +779,11 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
                 g.open = len == slot;
             } else {
                 if let Some(g) = group.take() {
-                    g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
+                    g.send(&tx[g.sock], sh, &self.packets, slot, &mut c, &mut self.warn);
                 }
                 group = Some(Group {
                     peer,
+                    sock,
                     first: i,
                     count: 1,
                     bytes: len,
@@ -705,9 +792,10 @@ fn egress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared, slot: usize) {
             }
         }
         if let Some(g) = group.take() {
-            g.send(sock, &state, sh, &packets, slot, &mut c, &mut warn);
+            g.send(&tx[g.sock], sh, &self.packets, slot, &mut c, &mut self.warn);
         }
         sh.counters.add(&c);
+        Ok(true)
     }
 }
 
@@ -741,10 +829,12 @@ impl IcmpBudget {
     }
 }
 
-/// Consecutive packets to one peer, all but the last exactly `slot` bytes:
+/// Consecutive packets to one peer from one sending socket, all but the last exactly `slot` bytes:
 /// one GSO send of `slot`-sized segments.
 struct Group {
     peer: Ipv4Addr,
+    /// The index of the sending socket (the flow's bucket).
+    sock: usize,
     first: usize,
     count: usize,
     bytes: usize,
@@ -752,11 +842,9 @@ struct Group {
 }
 
 impl Group {
-    #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
-        sock: &UdpSocket,
-        state: &UdpSocketState,
+        tx: &TxSocket,
         sh: &Shared,
         packets: &[u8],
         slot: usize,
@@ -772,13 +860,13 @@ impl Group {
             src_ip: None,
         };
         loop {
-            match state.try_send(UdpSockRef::from(sock), &t) {
+            match tx.state.try_send(UdpSockRef::from(&tx.sock), &t) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if sh.stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    wait_ready(sock, nix::poll::PollFlags::POLLOUT);
+                    wait_ready(&tx.sock, nix::poll::PollFlags::POLLOUT);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -797,53 +885,62 @@ impl Group {
 }
 
 /// UDP -> TUN for one queue.
-fn ingress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared) {
-    let state = match UdpSocketState::new(UdpSockRef::from(sock)) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "udp ingress: socket setup failed");
-            sh.failed.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    let mut rx: Vec<Vec<u8>> = (0..RX_SLOTS).map(|_| vec![0u8; RX_SLOT_BYTES]).collect();
-    let mut meta = vec![RecvMeta::default(); RX_SLOTS];
-    // Each write buffer can grow to a coalesced 64 KiB super-packet.
-    let mut wbufs: Vec<Vec<u8>> = (0..TUN_WRITE_SLOTS)
-        .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
-        .collect();
-    let mut gro = GROTable::default();
-    let mut warn = RateLimited(None);
-    // With offloads, TCP segments are coalesced by [`Coalescer`] and written
-    // without copying; without, packets go through tun-rs one by one.
-    let offload = dev.tcp_gso();
-    while !sh.stop.load(Ordering::Relaxed) {
+struct UdpToTun {
+    state: UdpSocketState,
+    rx: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    wbufs: Vec<Vec<u8>>,
+    gro: GROTable,
+    warn: RateLimited,
+    offload: bool,
+}
+
+impl UdpToTun {
+    fn new(dev: &SyncDevice, sock: &UdpSocket) -> io::Result<UdpToTun> {
+        Ok(UdpToTun {
+            state: UdpSocketState::new(UdpSockRef::from(sock))?,
+            rx: (0..RX_SLOTS).map(|_| vec![0u8; RX_SLOT_BYTES]).collect(),
+            meta: vec![RecvMeta::default(); RX_SLOTS],
+            // Each write buffer can grow to a coalesced 64 KiB super-packet.
+            wbufs: (0..TUN_WRITE_SLOTS)
+                .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
+                .collect(),
+            gro: GROTable::default(),
+            warn: RateLimited(None),
+            // With offloads, TCP segments are coalesced by [`Coalescer`] and
+            // written without copying; without, packets go through tun-rs
+            // one by one.
+            offload: dev.tcp_gso(),
+        })
+    }
+
+    /// Receives one batch of datagrams and writes their packets into the
+    /// device; whether anything was received.
+    fn pump(&mut self, dev: &SyncDevice, sock: &UdpSocket, sh: &Shared) -> Result<bool, Stopped> {
         let got = {
-            let mut it = rx.iter_mut();
+            let mut it = self.rx.iter_mut();
             let mut iovs: [IoSliceMut<'_>; RX_SLOTS] =
                 std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RX_SLOTS buffers")));
-            state.recv(UdpSockRef::from(sock), &mut iovs, &mut meta)
+            self.state
+                .recv(UdpSockRef::from(sock), &mut iovs, &mut self.meta)
         };
         let msgs = match got {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                wait_ready(sock, nix::poll::PollFlags::POLLIN);
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
             Err(e) => {
                 // ICMP errors reported on the socket and the like: keep going.
-                if warn.ready() {
+                if self.warn.ready() {
                     tracing::warn!(error = %e, "udp ingress: receive failed");
                 }
-                continue;
+                return Ok(true);
             }
         };
         let table = sh.peers.load();
         let mut c = Counters::default();
         let mut w = 0;
         let mut co = Coalescer::new();
-        for (m, buf) in meta.iter().zip(rx.iter()).take(msgs) {
+        for (m, buf) in self.meta.iter().zip(self.rx.iter()).take(msgs) {
             let from = match m.addr.ip() {
                 IpAddr::V4(a) => a,
                 IpAddr::V6(a) => match a.to_ipv4_mapped() {
@@ -861,21 +958,28 @@ fn ingress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared) {
                 let Ingress::Deliver { len } = v else {
                     continue;
                 };
-                if offload {
+                if self.offload {
                     if let Err(e) = co.push(dev, &d[..len], &mut c) {
                         gone(sh, &mut c, &e);
-                        return;
+                        return Err(Stopped);
                     }
                     continue;
                 }
-                let b = &mut wbufs[w];
+                let b = &mut self.wbufs[w];
                 b.clear();
                 b.resize(VIRTIO_NET_HDR_LEN, 0);
                 b.extend_from_slice(&d[..len]);
                 w += 1;
                 if w == TUN_WRITE_SLOTS {
-                    if !write_tun(dev, &mut gro, &mut wbufs[..w], sh, &mut c, &mut warn) {
-                        return;
+                    if !write_tun(
+                        dev,
+                        &mut self.gro,
+                        &mut self.wbufs[..w],
+                        sh,
+                        &mut c,
+                        &mut self.warn,
+                    ) {
+                        return Err(Stopped);
                     }
                     w = 0;
                 }
@@ -883,12 +987,22 @@ fn ingress_loop(dev: &SyncDevice, sock: &UdpSocket, sh: &Shared) {
         }
         if let Err(e) = co.flush(dev, &mut c) {
             gone(sh, &mut c, &e);
-            return;
+            return Err(Stopped);
         }
-        if w > 0 && !write_tun(dev, &mut gro, &mut wbufs[..w], sh, &mut c, &mut warn) {
-            return;
+        if w > 0
+            && !write_tun(
+                dev,
+                &mut self.gro,
+                &mut self.wbufs[..w],
+                sh,
+                &mut c,
+                &mut self.warn,
+            )
+        {
+            return Err(Stopped);
         }
         sh.counters.add(&c);
+        Ok(true)
     }
 }
 
