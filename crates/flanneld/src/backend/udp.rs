@@ -36,8 +36,9 @@
 //! - the datagram source must be a current udp lease's PublicIP, and an
 //!   inner source inside the cluster network must be in that peer's subnet
 //!   (upstream forwards whatever arrives); drops are counted;
-//! - datagrams are sent from per-thread ephemeral ports (upstream sends from
-//!   8285); receivers of both kinds accept any source port;
+//! - datagrams are sent from a few ephemeral ports, one per queue, picked
+//!   per flow (upstream sends from 8285); receivers of both kinds accept any
+//!   source port;
 //! - TTL is left to the kernel (it decrements it when routing into and out
 //!   of `flannel0`); upstream decrements it once more in its proxy;
 //! - `flannel0` is persistent: SIGTERM leaves it (and its route) in place as
