@@ -661,10 +661,22 @@ mod tests {
         assert!((report.ratio(Backend::HostGw, None).unwrap() - 0.95).abs() < 1e-9);
         assert_eq!(report.ratio(Backend::Udp, Some(Backend::Vxlan)), None);
         let text = report.render();
-        assert!(text.contains("vxlan / underlay = 0.860 (target >= 0.85): met"), "{text}");
-        assert!(text.contains("host-gw / underlay = 0.950 (target >= 0.95): met"), "{text}");
-        assert!(text.contains("udp / vxlan: not measured (target >= 0.5)"), "{text}");
-        assert!(text.contains("not available: refused: udp needs IPv4"), "{text}");
+        assert!(
+            text.contains("vxlan / underlay = 0.860 (target >= 0.85): met"),
+            "{text}"
+        );
+        assert!(
+            text.contains("host-gw / underlay = 0.950 (target >= 0.95): met"),
+            "{text}"
+        );
+        assert!(
+            text.contains("udp / vxlan: not measured (target >= 0.5)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("not available: refused: udp needs IPv4"),
+            "{text}"
+        );
         let node_node = text
             .lines()
             .find(|l| l.contains("node-node"))
@@ -691,6 +703,8 @@ mod tests {
         };
         let r = report.ratio(Backend::Udp, Some(Backend::Vxlan)).unwrap();
         assert!((r - 0.4).abs() < 1e-9, "{r}");
-        assert!(report.render().contains("udp / vxlan = 0.400 (target >= 0.5): MISSED"));
+        assert!(report
+            .render()
+            .contains("udp / vxlan = 0.400 (target >= 0.5): MISSED"));
     }
 }
