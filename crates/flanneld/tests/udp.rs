@@ -183,9 +183,14 @@ impl Cluster {
     }
 
     fn start(&self, i: usize) -> Daemon {
+        self.start_with_queues(i, std::env::var("UDP_TEST_QUEUES").ok())
+    }
+
+    /// [`Cluster::start`] with `FLANNELD_UDP_QUEUES` set to `queues`.
+    fn start_with_queues(&self, i: usize, queues: Option<String>) -> Daemon {
         let node = &self.nodes[i];
         let mut cmd = flanneld_in(&node.ns, &node.log());
-        if let Ok(q) = std::env::var("UDP_TEST_QUEUES") {
+        if let Some(q) = queues {
             cmd.env("FLANNELD_UDP_QUEUES", q);
         }
         cmd.args(local_store_flags(
@@ -793,11 +798,15 @@ fn throughput_udp_vs_vxlan_iperf3() {
 /// device (offloads), so an error in that (order, lengths, checksums)
 /// would corrupt or stall the stream.
 #[test]
-fn tcp_stream_through_udp_arrives_intact() {
+fn tcp_stream_through_udp_arrives_intact_on_one_thread_at_each_end() {
     use std::io::{Read, Write};
     use std::net::{Shutdown, TcpListener, TcpStream};
     let c = Cluster::new("tcp", 2, UDP);
-    let mut d: Vec<Daemon> = (0..2).map(|i| c.start(i)).collect();
+    // Two queues (threads) per node, whatever the machine's core count: the
+    // stream and its ACKs must stay on one of them at each end.
+    let mut d: Vec<Daemon> = (0..2)
+        .map(|i| c.start_with_queues(i, Some("2".into())))
+        .collect();
     let subnets: Vec<Ipv4Net> = (0..2).map(|i| c.wait_subnet(i, &mut d[i])).collect();
     for (i, s) in subnets.iter().enumerate() {
         c.nodes[i].add_target(*s);
@@ -841,6 +850,22 @@ fn tcp_stream_through_udp_arrives_intact() {
     assert!(got == data, "the received stream differs from the sent one");
     let k = c.settled_counters(1);
     assert!(k.rx_packets > 40_000, "received through udp: {k:?}");
+    // One flow, one thread per node: the other queue's thread only woke for
+    // its idle poll timeouts. (A thread per direction, or a flow moving
+    // between threads, shows up as CPU on both.)
+    for (i, daemon) in d.iter().enumerate() {
+        let mut q: Vec<f64> = thread_cpu(daemon)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("udp-q"))
+            .map(|(_, cpu)| cpu)
+            .collect();
+        q.sort_by(f64::total_cmp);
+        assert_eq!(q.len(), 2, "node{i}: two queue threads: {q:?}");
+        assert!(
+            q[1] >= 0.05 && q[0] <= 0.02 + q[1] * 0.1,
+            "node{i}: the stream was carried by more than one thread (CPU seconds {q:?})"
+        );
+    }
     for (i, daemon) in d.into_iter().enumerate() {
         c.stop(i, daemon);
     }
