@@ -617,10 +617,11 @@ struct TxSocket {
 /// same for both directions), so the peer's `SO_REUSEPORT` group hands all
 /// of the flow's datagrams to one socket there, and its answers, sent from
 /// the peer's socket for the same hash, all to one socket here. Sending
-/// from this thread's own socket instead would move the flow to another
-/// thread at every turn: the peer would answer on the socket that source
-/// port hashes to, the kernel would then queue the flow's next data on that
-/// thread's queue, and so on.
+/// from this thread's own socket instead lets a flow wander: the peer
+/// answers on whichever socket that source port hashes to, the kernel then
+/// queues the flow's next data on that thread's queue, which sends from
+/// another port; unless the hashes happen to line up, the flow moves
+/// between threads and two of them may send it at once (reordering it).
 fn queue_loop(dev: &SyncDevice, tx: &[TxSocket], rx: &UdpSocket, sh: &Shared, slot: usize) {
     let mut out = TunToUdp::new(dev, tx, slot);
     let mut inn = match UdpToTun::new(dev, rx) {
@@ -649,8 +650,8 @@ fn queue_loop(dev: &SyncDevice, tx: &[TxSocket], rx: &UdpSocket, sh: &Shared, sl
     }
 }
 
-/// The datapath's device is gone or a socket failed for good: the thread
-/// stops and the next reconcile pass restarts the datapath.
+/// The TUN device is gone: the thread stops (the datapath is marked
+/// failed) and the next reconcile pass restarts the datapath.
 struct Stopped;
 
 /// TUN -> UDP for one queue.
