@@ -360,7 +360,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 topology,
                 ..LabOptions::default()
             };
-            let lab = Lab::up(&opts).context("lab up")?;
+            // Ctrl-C while the lab is being built removes what was built;
+            // once it is up, Ctrl-C is Ctrl-C again.
+            let lab = {
+                let _interrupts = lab::InterruptGuard::install()?;
+                Lab::up(&opts).context("lab up")?
+            };
             println!(
                 "lab {} is up: {} in {}",
                 lab.name(),

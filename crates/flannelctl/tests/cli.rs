@@ -235,3 +235,50 @@ fn backend_and_topology_options_through_the_binary() {
     assert!(out.status.success());
     assert!(flannelctl::lab::lab_namespaces(&name).is_empty());
 }
+
+/// Ctrl-C while `lab up` builds: the command stops at its next step, removes
+/// every namespace, daemon and file it made, and says it was interrupted.
+#[test]
+fn interrupted_lab_up_removes_what_it_built() {
+    use flannelctl::lab::{lab_dir, lab_namespaces, lab_processes};
+    use std::time::{Duration, Instant};
+    require_root_and_binaries();
+    let name = unique_name();
+    let _down = Down(name.clone());
+    let child = Command::new(FLANNELCTL)
+        .args(["lab", "up", "--name", &name])
+        .env_remove("FLANNEL_LAB_BIN_DIR")
+        .env_remove("FLANNEL_LAB_NAME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once namespaces and daemons exist (the build then still
+    // waits for the daemons' leases, attaches pods and checks masquerading).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab_processes(&name).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "lab up started no flanneld in 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!lab_namespaces(&name).is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stderr}");
+    assert!(!out.status.success(), "lab up went on after SIGINT");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(lab_namespaces(&name), Vec::<String>::new());
+    assert_eq!(lab_processes(&name), Vec::<u32>::new());
+    assert!(
+        !lab_dir(&name).exists(),
+        "{} is left",
+        lab_dir(&name).display()
+    );
+}

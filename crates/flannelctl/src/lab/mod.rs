@@ -34,6 +34,9 @@ mod status;
 mod topology;
 
 use std::ffi::OsString;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -133,6 +136,8 @@ pub enum LabError {
     EtcdDied { pid: u32, log: String, tail: String },
     #[error("timed out after {secs:.1}s waiting for {what}")]
     Timeout { what: String, secs: f64 },
+    #[error("interrupted (Ctrl-C, SIGTERM or SIGHUP)")]
+    Interrupted,
     #[error("flanneld on {node} is not running (pid {pid}); last lines of {log}:\n{tail}")]
     DaemonDied {
         node: String,
@@ -769,6 +774,11 @@ impl Lab {
                         eprintln!("cleaning up after the failed `lab up`: {down_err}");
                     }
                 }
+                // A step can also fail because the interrupt killed the
+                // command it ran (the terminal signals the whole group).
+                if interrupted() {
+                    return Err(LabError::Interrupted);
+                }
                 Err(e)
             }
         }
@@ -849,14 +859,16 @@ impl Lab {
     }
 
     fn build(&mut self, ready_timeout: Duration, progress: bool) -> Result<()> {
+        // Every step ends here: an interrupt stops the build at the next one.
         let say = |msg: String| {
             if progress {
                 eprintln!("lab {}: {msg}", self.state.name);
             }
+            check_interrupted()
         };
         self.state.save()?;
         for line in topology::build_network(&self.state)? {
-            say(line);
+            say(line)?;
         }
         for node in &self.state.nodes {
             let ns = NetNs::add(&node.netns)
@@ -875,7 +887,7 @@ impl Lab {
                     .map(|a| format!(" {a}/64"))
                     .unwrap_or_default(),
                 node.gateway()
-            ));
+            ))?;
         }
 
         write_atomic(&self.net_conf_path(), self.state.net_conf_json().as_bytes())?;
@@ -893,7 +905,7 @@ impl Lab {
                     self.etcd_endpoint()?,
                     flannel_core::wire::DEFAULT_ETCD_PREFIX,
                     self.etcd_dir().join("data").display()
-                ));
+                ))?;
             }
         }
         let nodes: Vec<NodeState> = self.state.nodes.clone();
@@ -918,7 +930,7 @@ impl Lab {
                 .map(|n| format!("{} -> {}", n.subnet, n.underlay_ip))
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        ))?;
 
         for node in &self.state.nodes {
             let pid = self.start_daemon(&node.name)?;
@@ -926,7 +938,7 @@ impl Lab {
                 "flanneld on {}: pid {pid}, log {}",
                 node.name,
                 self.log_path(&node.name).display()
-            ));
+            ))?;
         }
         let deadline = Instant::now() + ready_timeout;
         for node in &self.state.nodes {
@@ -936,7 +948,7 @@ impl Lab {
         say(format!(
             "every node wrote subnet.env and published its {} lease",
             self.state.backend
-        ));
+        ))?;
 
         for i in 0..self.state.pods.len() {
             let a = self.attach_pod(i)?;
@@ -955,11 +967,11 @@ impl Lab {
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
                     .join(" ")
-            ));
+            ))?;
         }
         if self.state.ip_masq {
             masq::wait_ready(self, Instant::now() + Duration::from_secs(10))?;
-            say("every pod's packet to the outside host leaves masqueraded".to_string());
+            say("every pod's packet to the outside host leaves masqueraded".to_string())?;
         }
         Ok(())
     }
@@ -1648,7 +1660,8 @@ pub(crate) fn vxlan_data(attrs: &LeaseAttrs) -> Option<VxlanBackendData> {
         .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
-/// Polls `f` every 100 ms until it returns `Ok(true)`, an error, or the deadline passes.
+/// Polls `f` every 100 ms until it returns `Ok(true)`, an error, or the
+/// deadline passes; an interrupt ([`InterruptGuard`]) ends it too.
 pub(crate) fn poll_until(
     deadline: Instant,
     what: &str,
@@ -1659,6 +1672,7 @@ pub(crate) fn poll_until(
         if f()? {
             return Ok(());
         }
+        check_interrupted()?;
         if Instant::now() >= deadline {
             return Err(LabError::Timeout {
                 what: what.to_string(),
@@ -1666,6 +1680,69 @@ pub(crate) fn poll_until(
             });
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Set by the signal handler of [`InterruptGuard`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The signals a long lab command turns into [`LabError::Interrupted`].
+const INTERRUPTS: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+extern "C" fn note_interrupt(_: libc::c_int) {
+    // Only an atomic store: all a signal handler may safely do here.
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// While alive, Ctrl-C (SIGINT), SIGTERM and SIGHUP no longer kill the
+/// process: they end the running lab command at its next step with
+/// [`LabError::Interrupted`], so that `lab up` removes what it built instead
+/// of leaving namespaces and daemons behind. Dropping it restores the
+/// previous handlers.
+pub struct InterruptGuard {
+    previous: Vec<(Signal, SigAction)>,
+}
+
+impl InterruptGuard {
+    pub fn install() -> Result<InterruptGuard> {
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        let action = SigAction::new(
+            SigHandler::Handler(note_interrupt),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let mut guard = InterruptGuard {
+            previous: Vec::new(),
+        };
+        for sig in INTERRUPTS {
+            // SAFETY: the handler only stores to an atomic.
+            let old = unsafe { sigaction(sig, &action) }
+                .map_err(|e| io_err(format!("installing a {sig} handler"))(e.into()))?;
+            guard.previous.push((sig, old));
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for InterruptGuard {
+    fn drop(&mut self) {
+        for (sig, old) in self.previous.drain(..) {
+            // SAFETY: puts back the handler that was there before.
+            let _ = unsafe { sigaction(sig, &old) };
+        }
+    }
+}
+
+/// Whether an interrupt arrived while an [`InterruptGuard`] was alive.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        Err(LabError::Interrupted)
+    } else {
+        Ok(())
     }
 }
 
