@@ -324,19 +324,19 @@ impl EtcdStore {
         // wrong flag, not an outage, and retrying cannot fix it.
         let client = match Client::connect(&endpoints, Some(copts)).await {
             Ok(c) => c,
-            Err(e) if is_refusal(&e) => {
-                return Err(ConnectError::Option {
-                    flag: "etcd-password",
-                    detail: format!(
-                        "etcd at {shown} rejected {who}: {e}; check --etcd-username and --etcd-password"
-                    ),
-                })
-            }
+            Err(e) if is_refusal(&e) => return Err(ConnectError::Option {
+                flag: "etcd-password",
+                detail: format!(
+                    "etcd at {shown} rejected {who}: {}; check --etcd-username and --etcd-password",
+                    describe(&e)
+                ),
+            }),
             Err(e) => {
-                return Err(
-                    StoreError::Unavailable(format!("cannot connect to etcd at {shown}: {e}"))
-                        .into(),
-                )
+                return Err(StoreError::Unavailable(format!(
+                    "cannot connect to etcd at {shown}: {}",
+                    describe(&e)
+                ))
+                .into())
             }
         };
         let (tx, rx) = watch::channel(());
@@ -486,7 +486,11 @@ fn tls_options(
 
 impl Inner {
     fn unavailable(&self, what: &str, e: etcd_client::Error) -> StoreError {
-        StoreError::Unavailable(format!("etcd at {}: {what}: {e}", self.endpoints))
+        StoreError::Unavailable(format!(
+            "etcd at {}: {what}: {}",
+            self.endpoints,
+            describe(&e)
+        ))
     }
 
     /// Runs one request, again when no member could take it (a dead member
@@ -1255,6 +1259,27 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// An etcd client error as an operator wants to read it: the status message
+/// and the root cause ("tcp connect error: Connection refused (os error
+/// 111)"). tonic's own text of a status carries its whole source chain in
+/// Debug form (`tonic::transport::Error(Transport, ConnectError(...))`).
+fn describe(e: &etcd_client::Error) -> String {
+    use std::error::Error as _;
+    let (head, mut cause) = match e {
+        etcd_client::Error::GRpcStatus(s) => (s.message().to_string(), s.source()),
+        other => (other.to_string(), other.source()),
+    };
+    let mut root = None;
+    while let Some(c) = cause {
+        root = Some(c);
+        cause = c.source();
+    }
+    match root.map(|r| r.to_string()) {
+        Some(r) if !head.contains(&r) => format!("{head}: {r}"),
+        _ => head,
+    }
+}
+
 /// etcd refused a read at a revision it has compacted.
 fn is_compacted(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("compacted"))
@@ -1410,5 +1435,12 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("127.0.0.1:1"), "{e}");
+        // The cause in words, not tonic's Debug chain.
+        let text = e.to_string();
+        assert!(text.to_lowercase().contains("refused"), "{text}");
+        assert!(
+            !text.contains("tonic::") && !text.contains("Os {"),
+            "{text}"
+        );
     }
 }
