@@ -324,13 +324,15 @@ impl EtcdStore {
         // wrong flag, not an outage, and retrying cannot fix it.
         let client = match Client::connect(&endpoints, Some(copts)).await {
             Ok(c) => c,
-            Err(e) if is_refusal(&e) => return Err(ConnectError::Option {
-                flag: "etcd-password",
-                detail: format!(
+            Err(e) if is_refusal(&e) => {
+                return Err(ConnectError::Option {
+                    flag: "etcd-password",
+                    detail: format!(
                     "etcd at {shown} rejected {who}: {}; check --etcd-username and --etcd-password",
                     describe(&e)
                 ),
-            }),
+                })
+            }
             Err(e) => {
                 return Err(StoreError::Unavailable(format!(
                     "cannot connect to etcd at {shown}: {}",
