@@ -25,7 +25,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{flanneld_in, read_log, require_root, wait_for, TempDir};
+use common::{flanneld_in, ping_in, read_log, require_root, wait_for, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -345,23 +345,7 @@ impl Cluster {
 }
 
 fn ping(node: &Node, dst: &str) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.ns.name,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            dst,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    ping_in(&node.ns.name, None, dst.parse().expect("an IP address"))
 }
 
 #[test]

@@ -10,20 +10,18 @@
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, BACKEND_HOST_GW};
-use flannel_core::subnet_env::SubnetEnv;
 use flannel_netlink::netns::ScopedNetNs;
-use flannel_netlink::Netlink;
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
+    NodeNs, TempDir,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -36,25 +34,17 @@ const VXLAN: &str =
 
 struct Node {
     ip: Ipv4Addr,
-    dir: PathBuf,
-    ns: ScopedNetNs,
+    base: NodeNs,
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeNs;
+    fn deref(&self) -> &NodeNs {
+        &self.base
+    }
 }
 
 impl Node {
-    fn log(&self) -> PathBuf {
-        self.dir.join("flanneld.log")
-    }
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("subnet.env")
-    }
-    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
-        self.ns
-            .run(|| f(&mut Netlink::open().expect("open netlink")))
-            .expect("run in namespace")
-    }
-    fn subnet_env(&self) -> Option<SubnetEnv> {
-        SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?).ok()
-    }
     fn eth0(&self) -> u32 {
         self.nl(|nl| nl.link_by_name("eth0").unwrap().unwrap().index)
     }
@@ -121,25 +111,7 @@ fn via(dst: Ipv4Net, gw: Ipv4Addr, oif: u32) -> Route {
 
 /// Pod-to-pod: from node's subnet address to `dst`.
 fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.ns.name,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-I",
-        ])
-        .arg(src.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    ping_in(&node.ns.name, Some(src.into()), dst.into())
 }
 
 /// Switch + nodes + store. Field order is drop order.
@@ -161,7 +133,10 @@ impl Cluster {
             let i = idx + 1;
             let dir = tmp.0.join(format!("node{i}"));
             fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node { ip, dir, ns });
+            nodes.push(Node {
+                ip,
+                base: NodeNs { dir, ns },
+            });
         }
         let c = Cluster {
             nodes,

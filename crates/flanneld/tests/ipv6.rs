@@ -12,7 +12,6 @@
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
@@ -26,7 +25,8 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
+    NodeNs, TempDir,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -53,29 +53,17 @@ struct DeviceState {
 struct Node {
     ip4: Option<Ipv4Addr>,
     ip6: Ipv6Addr,
-    dir: PathBuf,
-    ns: ScopedNetNs,
+    base: NodeNs,
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeNs;
+    fn deref(&self) -> &NodeNs {
+        &self.base
+    }
 }
 
 impl Node {
-    fn log(&self) -> PathBuf {
-        self.dir.join("flanneld.log")
-    }
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("subnet.env")
-    }
-    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
-        self.ns
-            .run(|| f(&mut Netlink::open().expect("open netlink")))
-            .expect("run in namespace")
-    }
-    fn subnet_env(&self) -> Option<SubnetEnv> {
-        SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?).ok()
-    }
-    fn link(&self, name: &str) -> Option<Link> {
-        let name = name.to_string();
-        self.nl(move |nl| nl.link_by_name(&name).unwrap())
-    }
     fn eth0(&self) -> u32 {
         self.link("eth0").unwrap().index
     }
@@ -150,27 +138,7 @@ fn first(s: IpNet) -> IpAddr {
 
 /// Pod-to-pod ping from `src` (on lo) to `dst`, IPv4 or IPv6.
 fn ping(node: &Node, src: IpAddr, dst: IpAddr) -> bool {
-    let fam = if dst.is_ipv6() { "-6" } else { "-4" };
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.ns.name,
-            "ping",
-            fam,
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-I",
-        ])
-        .arg(src.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    ping_in(&node.ns.name, Some(src), dst)
 }
 
 /// What node `i` knows of a peer: its subnet, public IP and VtepMAC of one family.
@@ -247,8 +215,7 @@ impl Cluster {
             nodes.push(Node {
                 ip4: ipv4_underlay.then_some(ip),
                 ip6,
-                dir,
-                ns,
+                base: NodeNs { dir, ns },
             });
         }
         let c = Cluster {

@@ -22,24 +22,26 @@ use flannel_netlink::Netlink;
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir};
+use common::{
+    flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, NodeNs, TempDir,
+};
 
 const IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
 const NFT_CONFIG: &str =
     r#"{"Network": "10.244.0.0/16", "EnableNFTables": true, "Backend": {"Type": "host-gw"}}"#;
 
 struct Node {
-    dir: PathBuf,
-    ns: ScopedNetNs,
+    base: NodeNs,
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeNs;
+    fn deref(&self) -> &NodeNs {
+        &self.base
+    }
 }
 
 impl Node {
-    fn log(&self) -> PathBuf {
-        self.dir.join("flanneld.log")
-    }
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("subnet.env")
-    }
     /// Runs a command in the node's namespace; its stdout, or panics with stderr.
     fn sh(&self, cmd: &str, args: &[&str]) -> String {
         sh_in(&self.ns.name, cmd, args)
@@ -88,7 +90,9 @@ impl Cluster {
         for (idx, (ns, _ip)) in underlay.into_iter().enumerate() {
             let dir = tmp.0.join(format!("node{}", idx + 1));
             fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node { dir, ns });
+            nodes.push(Node {
+                base: NodeNs { dir, ns },
+            });
         }
         let c = Cluster {
             nodes,

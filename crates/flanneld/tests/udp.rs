@@ -16,16 +16,15 @@ use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, BACKEND_UDP, BACKEND_VXLAN};
-use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::udp::{fill_ipv4_checksum, Counters};
 use flannel_netlink::netns::ScopedNetNs;
-use flannel_netlink::{Link, Netlink};
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
+    NodeNs, TempDir,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -40,31 +39,19 @@ const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
 
 struct Node {
     ip: Ipv4Addr,
-    dir: PathBuf,
-    ns: ScopedNetNs,
+    base: NodeNs,
+}
+
+impl std::ops::Deref for Node {
+    type Target = NodeNs;
+    fn deref(&self) -> &NodeNs {
+        &self.base
+    }
 }
 
 impl Node {
-    fn log(&self) -> PathBuf {
-        self.dir.join("flanneld.log")
-    }
-    fn subnet_file(&self) -> PathBuf {
-        self.dir.join("subnet.env")
-    }
     fn stats_file(&self) -> PathBuf {
         self.dir.join("udp-stats.json")
-    }
-    fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
-        self.ns
-            .run(|| f(&mut Netlink::open().expect("open netlink")))
-            .expect("run in namespace")
-    }
-    fn subnet_env(&self) -> Option<SubnetEnv> {
-        SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?).ok()
-    }
-    fn link(&self, name: &str) -> Option<Link> {
-        let name = name.to_string();
-        self.nl(move |nl| nl.link_by_name(&name).unwrap())
     }
     fn counters(&self) -> Option<Counters> {
         serde_json::from_str(&fs::read_to_string(self.stats_file()).ok()?).ok()
@@ -126,25 +113,7 @@ fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
 }
 
 fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.ns.name,
-            "ping",
-            "-c",
-            "1",
-            "-W",
-            "1",
-            "-I",
-        ])
-        .arg(src.to_string())
-        .arg(dst.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+    ping_in(&node.ns.name, Some(src.into()), dst.into())
 }
 
 /// Switch + nodes + store. Field order is drop order.
@@ -165,7 +134,10 @@ impl Cluster {
         for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
             let dir = tmp.0.join(format!("node{}", idx + 1));
             fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node { ip, dir, ns });
+            nodes.push(Node {
+                ip,
+                base: NodeNs { dir, ns },
+            });
         }
         let c = Cluster {
             nodes,

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -230,4 +230,55 @@ pub fn underlay(
         nodes.push((ns, ip));
     }
     (switch, nodes)
+}
+
+/// What every simulated node of these tests has: its namespace and its
+/// directory (flanneld.log, subnet.env). A test's own `Node` wraps it
+/// (`Deref`) and adds what that test needs.
+pub struct NodeNs {
+    pub dir: PathBuf,
+    pub ns: ScopedNetNs,
+}
+
+impl NodeNs {
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("flanneld.log")
+    }
+
+    pub fn subnet_file(&self) -> PathBuf {
+        self.dir.join("subnet.env")
+    }
+
+    /// Runs `f` with a netlink socket opened inside the node's namespace.
+    pub fn nl<R: Send>(&self, f: impl FnOnce(&mut Netlink) -> R + Send) -> R {
+        self.ns
+            .run(|| f(&mut Netlink::open().expect("open netlink")))
+            .expect("run in namespace")
+    }
+
+    pub fn subnet_env(&self) -> Option<flannel_core::subnet_env::SubnetEnv> {
+        flannel_core::subnet_env::SubnetEnv::parse(&fs::read_to_string(self.subnet_file()).ok()?)
+            .ok()
+    }
+
+    /// `ip link show NAME` in the node's namespace.
+    pub fn link(&self, name: &str) -> Option<flannel_netlink::Link> {
+        let name = name.to_string();
+        self.nl(move |nl| nl.link_by_name(&name).unwrap())
+    }
+}
+
+/// `ip netns exec NS ping -c 1 -W 1 [-I SRC] DST`: whether it was answered.
+pub fn ping_in(ns: &str, src: Option<IpAddr>, dst: IpAddr) -> bool {
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1"]);
+    if let Some(src) = src {
+        cmd.arg("-I").arg(src.to_string());
+    }
+    cmd.arg(dst.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
