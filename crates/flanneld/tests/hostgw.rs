@@ -7,21 +7,17 @@
 //! address on `lo` as a ping target standing in for a pod. Namespaces,
 //! processes (killed by PID) and directories go on drop, also on panic.
 
-use std::fs;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, BACKEND_HOST_GW};
-use flannel_netlink::netns::ScopedNetNs;
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
-    NodeNs, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -114,43 +110,28 @@ fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
     ping_in(&node.ns.name, Some(src.into()), dst.into())
 }
 
-/// Switch + nodes + store. Field order is drop order.
+/// The nodes and the testbed (switch, store, config). Field order is drop
+/// order: the nodes go before their switch.
 struct Cluster {
     nodes: Vec<Node>,
-    _switch: ScopedNetNs,
-    store: PathBuf,
-    config: PathBuf,
-    _tmp: TempDir,
+    bed: Testbed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {
-        require_root();
-        let tmp = TempDir::new(&format!("hostgw-{tag}"));
-        let (switch, underlay) = common::underlay("fdhg", n, None);
-        let mut nodes = Vec::new();
-        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
-            let i = idx + 1;
-            let dir = tmp.0.join(format!("node{i}"));
-            fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node {
-                ip,
-                base: NodeNs { dir, ns },
-            });
-        }
-        let c = Cluster {
-            nodes,
-            _switch: switch,
-            store: tmp.0.join("store"),
-            config: tmp.0.join("net-conf.json"),
-            _tmp: tmp,
-        };
-        c.set_config(config);
-        c
-    }
-
-    fn set_config(&self, config: &str) {
-        fs::write(&self.config, config).unwrap();
+        let (bed, underlay) = Testbed::new(&format!("hostgw-{tag}"), "fdhg", n, None, config);
+        let nodes = underlay
+            .into_iter()
+            .map(|(base, ip)| Node { ip, base })
+            .collect();
+        Cluster { nodes, bed }
     }
 
     fn start(&self, i: usize) -> Daemon {
@@ -177,13 +158,6 @@ impl Cluster {
                 panic!("flanneld exited with {st}; log:\n{}", read_log(&node.log()));
             }
             node.subnet_env()?.lease_key()?.ipv4
-        })
-    }
-
-    fn leases(&self) -> Vec<Lease> {
-        block_on(async {
-            let store = LocalStore::open(&self.store).unwrap();
-            store.list_leases().await.unwrap().leases
         })
     }
 

@@ -11,22 +11,19 @@
 
 use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
 use flannel_core::lease::{Lease, VxlanBackendData, BACKEND_HOST_GW, BACKEND_VXLAN};
 use flannel_core::mac::MacAddr;
 use flannel_core::subnet_env::SubnetEnv;
-use flannel_netlink::netns::ScopedNetNs;
-use flannel_netlink::{Link, Netlink};
+use flannel_netlink::Link;
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
-    NodeNs, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -179,28 +176,29 @@ fn vxlan_tables(dev: u32, peers: &[Peer]) -> (Vec<Route>, Vec<Neighbour>, Vec<Fd
     (routes, neighbours, fdb)
 }
 
-/// Switch + nodes + store. Field order is drop order.
+/// The nodes and the testbed (switch, store, config). Field order is drop
+/// order: the nodes go before their switch.
 struct Cluster {
     nodes: Vec<Node>,
-    _switch: ScopedNetNs,
-    store: PathBuf,
-    config: PathBuf,
-    _tmp: TempDir,
+    bed: Testbed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     /// `n` nodes; `ipv4_underlay: false` removes the IPv4 addresses from
     /// the nodes' eth0 (an IPv6-only underlay).
     fn new(tag: &str, n: usize, config: &str, ipv4_underlay: bool) -> Cluster {
-        require_root();
-        let tmp = TempDir::new(&format!("ipv6-{tag}"));
-        let (switch, underlay) = common::underlay("fd6", n, None);
+        let (bed, underlay) = Testbed::new(&format!("ipv6-{tag}"), "fd6", n, None, config);
         let mut nodes = Vec::new();
-        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
-            let i = idx + 1;
-            let ip6: Ipv6Addr = format!("fd00:16::1{i}").parse().unwrap();
-            ns.run(|| {
-                let mut nl = Netlink::open().unwrap();
+        for (idx, (base, ip)) in underlay.into_iter().enumerate() {
+            let ip6: Ipv6Addr = format!("fd00:16::1{}", idx + 1).parse().unwrap();
+            base.nl(|nl| {
                 let eth0 = nl.link_by_name("eth0").unwrap().unwrap();
                 nl.add_address_nodad(eth0.index, IpNet::V6(Ipv6Net::new(ip6, 64).unwrap()))
                     .unwrap();
@@ -208,25 +206,14 @@ impl Cluster {
                     nl.del_address(eth0.index, IpNet::V4(Ipv4Net::new(ip, 24).unwrap()))
                         .unwrap();
                 }
-            })
-            .unwrap();
-            let dir = tmp.0.join(format!("node{i}"));
-            fs::create_dir_all(&dir).unwrap();
+            });
             nodes.push(Node {
                 ip4: ipv4_underlay.then_some(ip),
                 ip6,
-                base: NodeNs { dir, ns },
+                base,
             });
         }
-        let c = Cluster {
-            nodes,
-            _switch: switch,
-            store: tmp.0.join("store"),
-            config: tmp.0.join("net-conf.json"),
-            _tmp: tmp,
-        };
-        fs::write(&c.config, config).unwrap();
-        c
+        Cluster { nodes, bed }
     }
 
     fn start(&self, i: usize) -> Daemon {
@@ -265,13 +252,6 @@ impl Cluster {
             d.check_alive(&node.log());
             let env = node.subnet_env()?;
             (env.subnet.is_some() == v4 && env.ipv6_subnet.is_some() == v6).then_some(env)
-        })
-    }
-
-    fn leases(&self) -> Vec<Lease> {
-        block_on(async {
-            let store = LocalStore::open(&self.store).unwrap();
-            store.list_leases().await.unwrap().leases
         })
     }
 

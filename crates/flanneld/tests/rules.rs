@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,7 +22,7 @@ use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, NodeNs, TempDir,
+    flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, NodeNs, Testbed,
 };
 
 const IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
@@ -72,41 +71,34 @@ fn sh_in(ns: &str, cmd: &str, args: &[&str]) -> String {
     try_sh_in(ns, cmd, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Switch + nodes + store. Field order is drop order.
+/// The nodes and the testbed (switch, store, config). Field order is drop
+/// order: the nodes go before their switch.
 struct Cluster {
     nodes: Vec<Node>,
-    switch: ScopedNetNs,
-    store: PathBuf,
-    config: PathBuf,
-    _tmp: TempDir,
+    bed: Testbed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {
-        require_root();
-        let tmp = TempDir::new(&format!("rules-{tag}"));
-        let (switch, underlay) = common::underlay("fdru", n, Some("172.16.1.1/24"));
-        let mut nodes = Vec::new();
-        for (idx, (ns, _ip)) in underlay.into_iter().enumerate() {
-            let dir = tmp.0.join(format!("node{}", idx + 1));
-            fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node {
-                base: NodeNs { dir, ns },
-            });
-        }
-        let c = Cluster {
-            nodes,
-            switch,
-            store: tmp.0.join("store"),
-            config: tmp.0.join("net-conf.json"),
-            _tmp: tmp,
-        };
-        fs::write(&c.config, config).unwrap();
-        c
-    }
-
-    fn set_config(&self, config: &str) {
-        fs::write(&self.config, config).unwrap();
+        let (bed, underlay) = Testbed::new(
+            &format!("rules-{tag}"),
+            "fdru",
+            n,
+            Some("172.16.1.1/24"),
+            config,
+        );
+        let nodes = underlay
+            .into_iter()
+            .map(|(base, _ip)| Node { base })
+            .collect();
+        Cluster { nodes, bed }
     }
 
     fn start(&self, i: usize, extra: &[&str]) -> Daemon {

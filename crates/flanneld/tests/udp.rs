@@ -15,16 +15,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
-use flannel_core::lease::{Lease, BACKEND_UDP, BACKEND_VXLAN};
+use flannel_core::lease::{BACKEND_UDP, BACKEND_VXLAN};
 use flannel_core::udp::{fill_ipv4_checksum, Counters};
-use flannel_netlink::netns::ScopedNetNs;
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, ping_in, read_log, require_root, wait_for, Daemon,
-    NodeNs, TempDir,
+    block_on, flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -116,42 +114,34 @@ fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
     ping_in(&node.ns.name, Some(src.into()), dst.into())
 }
 
-/// Switch + nodes + store. Field order is drop order.
+/// The nodes and the testbed (switch, store, config). Field order is drop
+/// order: the nodes go before their switch.
 struct Cluster {
     nodes: Vec<Node>,
-    _switch: ScopedNetNs,
-    store: PathBuf,
-    config: PathBuf,
-    _tmp: TempDir,
+    bed: Testbed,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
 }
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {
-        require_root();
-        let tmp = TempDir::new(&format!("udp-{tag}"));
-        let (switch, underlay) = common::underlay("fdudp", n, Some("172.16.1.1/24"));
-        let mut nodes = Vec::new();
-        for (idx, (ns, ip)) in underlay.into_iter().enumerate() {
-            let dir = tmp.0.join(format!("node{}", idx + 1));
-            fs::create_dir_all(&dir).unwrap();
-            nodes.push(Node {
-                ip,
-                base: NodeNs { dir, ns },
-            });
-        }
-        let c = Cluster {
-            nodes,
-            _switch: switch,
-            store: tmp.0.join("store"),
-            config: tmp.0.join("net-conf.json"),
-            _tmp: tmp,
-        };
-        c.set_config(config);
-        c
-    }
-
-    fn set_config(&self, config: &str) {
-        fs::write(&self.config, config).unwrap();
+        let (bed, underlay) = Testbed::new(
+            &format!("udp-{tag}"),
+            "fdudp",
+            n,
+            Some("172.16.1.1/24"),
+            config,
+        );
+        let nodes = underlay
+            .into_iter()
+            .map(|(base, ip)| Node { ip, base })
+            .collect();
+        Cluster { nodes, bed }
     }
 
     fn start(&self, i: usize) -> Daemon {
@@ -193,13 +183,6 @@ impl Cluster {
                 panic!("flanneld exited with {st}; log:\n{}", read_log(&node.log()));
             }
             node.subnet_env()?.lease_key()?.ipv4
-        })
-    }
-
-    fn leases(&self) -> Vec<Lease> {
-        block_on(async {
-            let store = LocalStore::open(&self.store).unwrap();
-            store.list_leases().await.unwrap().leases
         })
     }
 
@@ -401,7 +384,7 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     // and from a peer carrying another node's pod address.
     let before = c.settled_counters(0);
     let pod3 = SocketAddrV4::new(first(subnets[2]), 7777);
-    let spoof_ns_ok = c._switch.run(|| {
+    let spoof_ns_ok = c.switch.run(|| {
         let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
         s.send_to(&inner_udp(pod2, pod1, b"spoofed"), node1)
             .unwrap();

@@ -282,3 +282,61 @@ pub fn ping_in(ns: &str, src: Option<IpAddr>, dst: IpAddr) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// What every simulated cluster of these tests has besides its nodes: the
+/// switch namespace, a local store and the net-conf.json, all in a temporary
+/// directory. A test's `Cluster` holds its nodes first (they go before the
+/// switch when dropped) and this (`Deref`).
+pub struct Testbed {
+    pub switch: ScopedNetNs,
+    pub store: PathBuf,
+    pub config: PathBuf,
+    pub tmp: TempDir,
+}
+
+impl Testbed {
+    /// `n` nodes on one switch (see [`underlay`]), each with a directory of
+    /// its own, and `config` as net-conf.json. `tag` names the temporary
+    /// directory, `prefix` the namespaces.
+    pub fn new(
+        tag: &str,
+        prefix: &str,
+        n: usize,
+        switch_addr: Option<&str>,
+        config: &str,
+    ) -> (Testbed, Vec<(NodeNs, Ipv4Addr)>) {
+        require_root();
+        let tmp = TempDir::new(tag);
+        let (switch, underlay) = underlay(prefix, n, switch_addr);
+        let nodes = underlay
+            .into_iter()
+            .enumerate()
+            .map(|(idx, (ns, ip))| {
+                let dir = tmp.0.join(format!("node{}", idx + 1));
+                fs::create_dir_all(&dir).unwrap();
+                (NodeNs { dir, ns }, ip)
+            })
+            .collect();
+        let bed = Testbed {
+            switch,
+            store: tmp.0.join("store"),
+            config: tmp.0.join("net-conf.json"),
+            tmp,
+        };
+        bed.set_config(config);
+        (bed, nodes)
+    }
+
+    pub fn set_config(&self, config: &str) {
+        fs::write(&self.config, config).unwrap();
+    }
+
+    /// Every lease in the store.
+    pub fn leases(&self) -> Vec<flannel_core::lease::Lease> {
+        use flannel_store::Store;
+        block_on(async {
+            let store = flannel_store::LocalStore::open(&self.store).unwrap();
+            store.list_leases().await.unwrap().leases
+        })
+    }
+}
