@@ -284,6 +284,30 @@ pub struct PassReport {
     pub device_error: Option<String>,
 }
 
+impl PassReport {
+    /// Logs and counts the kernel writes a step made.
+    fn applied(&mut self, changes: &[String]) {
+        for c in changes {
+            tracing::info!("{c}");
+        }
+        self.changes += changes.len();
+    }
+
+    /// Records a failed step; the pass goes on and the next one retries.
+    fn failed(&mut self, e: impl std::fmt::Display) {
+        tracing::warn!(error = %e, "retrying on the next pass");
+        self.errors.push(e.to_string());
+    }
+
+    /// [`PassReport::applied`] or [`PassReport::failed`].
+    fn record<E: std::fmt::Display>(&mut self, step: Result<Vec<String>, E>) {
+        match step {
+            Ok(changes) => self.applied(&changes),
+            Err(e) => self.failed(e),
+        }
+    }
+}
+
 /// Requests to the reconciler thread.
 #[derive(Debug)]
 pub enum Request {
@@ -479,45 +503,24 @@ impl Worker {
         let mut report = PassReport::default();
         if !matches!(self.settings.backend, BackendSettings::Udp(_)) {
             self.udp = None;
-            match udp::remove_udp_leftovers(&mut self.nl) {
-                Ok(changes) => {
-                    for c in &changes {
-                        tracing::info!("{c}");
-                    }
-                    report.changes += changes.len();
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "retrying on the next pass");
-                    report.errors.push(e.to_string());
-                }
-            }
+            report.record(udp::remove_udp_leftovers(&mut self.nl));
         }
         let mut devices: PerFamily<Option<u32>> = PerFamily::default();
         match &self.settings.backend {
             BackendSettings::Vxlan { .. } => {
                 for family in FAMILIES {
                     if let Some(name) = self.settings.disabled_device_name(family) {
-                        match vxlan::remove_device(&mut self.nl, &name) {
-                            Ok(Some(c)) => {
-                                tracing::info!("{c}");
-                                report.changes += 1;
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "retrying on the next pass");
-                                report.errors.push(e.to_string());
-                            }
-                        }
+                        report.record(
+                            vxlan::remove_device(&mut self.nl, &name)
+                                .map(|c| c.into_iter().collect()),
+                        );
                     }
                     let Some(spec) = self.settings.backend.device_spec(family) else {
                         continue;
                     };
                     match vxlan::ensure_device(&mut self.nl, spec) {
                         Ok((link, changes)) => {
-                            for c in &changes {
-                                tracing::info!("{c}");
-                            }
-                            report.changes += changes.len();
+                            report.applied(&changes);
                             *devices.get_mut(family) = Some(link.index);
                         }
                         Err(e) => {
@@ -531,40 +534,15 @@ impl Worker {
                 }
             }
             BackendSettings::HostGw => {
-                match hostgw::remove_vxlan_leftovers(&mut self.nl) {
-                    Ok(changes) => {
-                        for c in &changes {
-                            tracing::info!("{c}");
-                        }
-                        report.changes += changes.len();
-                    }
-                    // The routes are still right: `replace` takes over a
-                    // leftover vxlan route to the same subnet.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "retrying on the next pass");
-                        report.errors.push(e.to_string());
-                    }
-                }
+                // On failure the routes are still right: `replace` takes
+                // over a leftover vxlan route to the same subnet.
+                report.record(hostgw::remove_vxlan_leftovers(&mut self.nl));
             }
             BackendSettings::Udp(spec) => {
-                match hostgw::remove_vxlan_leftovers(&mut self.nl) {
-                    Ok(changes) => {
-                        for c in &changes {
-                            tracing::info!("{c}");
-                        }
-                        report.changes += changes.len();
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "retrying on the next pass");
-                        report.errors.push(e.to_string());
-                    }
-                }
+                report.record(hostgw::remove_vxlan_leftovers(&mut self.nl));
                 match UdpDatapath::ensure(&mut self.udp, &mut self.nl, spec) {
                     Ok((ifindex, changes)) => {
-                        for c in &changes {
-                            tracing::info!("{c}");
-                        }
-                        report.changes += changes.len();
+                        report.applied(&changes);
                         let dp = self.udp.as_ref().expect("ensured");
                         let table = udp::peer_table(
                             spec.network,
