@@ -222,6 +222,18 @@ pub(crate) fn route_dst(m: &RouteMessage) -> Option<IpNet> {
     IpNet::new(dst, m.header.destination_prefix_length).ok()
 }
 
+/// The kernel's answer to `ip route get DST`: the route a packet to DST
+/// would take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLookup {
+    /// Output interface index.
+    pub oif: u32,
+    /// The next hop, when not directly connected.
+    pub gateway: Option<IpAddr>,
+    /// The source address the kernel would pick (`src`).
+    pub prefsrc: Option<IpAddr>,
+}
+
 impl Netlink {
     /// `ip route replace DST [via GW] dev OIF [onlink]` in the main table
     /// (protocol boot, scope link without a gateway, universe with one).
@@ -246,6 +258,46 @@ impl Netlink {
             Err(e) if is_absent(&e) => Ok(()),
             r => r.map(drop),
         }
+    }
+
+    /// `ip route get DST`: the route the kernel would use for a packet to
+    /// `dst` from this host. An unreachable destination is the kernel's
+    /// error (ENETUNREACH, EHOSTUNREACH, EINVAL for a blackhole).
+    pub fn get_route(&mut self, dst: IpAddr) -> Result<RouteLookup> {
+        let op = format!("ip route get {dst}");
+        let mut m = RouteMessage::default();
+        m.header.address_family = family(&dst);
+        m.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        m.attributes.push(RouteAttribute::Destination(dst.into()));
+        let replies = self.t.request(RouteNetlinkMessage::GetRoute(m), 0, &op)?;
+        let Some(RouteNetlinkMessage::NewRoute(r)) = replies.first() else {
+            return Err(Error::Protocol {
+                op,
+                detail: "the kernel answered without a route".into(),
+            });
+        };
+        let mut out = RouteLookup {
+            oif: 0,
+            gateway: None,
+            prefsrc: None,
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => out.oif = *i,
+                RouteAttribute::Gateway(g) => out.gateway = route_addr(g),
+                RouteAttribute::Via(RouteVia::Inet(g)) => out.gateway = Some(IpAddr::V4(*g)),
+                RouteAttribute::Via(RouteVia::Inet6(g)) => out.gateway = Some(IpAddr::V6(*g)),
+                RouteAttribute::PrefSource(p) => out.prefsrc = route_addr(p),
+                _ => {}
+            }
+        }
+        if out.oif == 0 {
+            return Err(Error::Protocol {
+                op,
+                detail: "the kernel's route names no output interface".into(),
+            });
+        }
+        Ok(out)
     }
 
     /// `ip route replace blackhole DST metric METRIC` in the main table

@@ -476,6 +476,37 @@ fn blackhole_routes_round_trip_beside_the_bridge_route() {
 }
 
 #[test]
+fn route_get_names_the_interface_gateway_and_source() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-rget").unwrap();
+    ns.run(|| -> Result<(), Error> {
+        let mut nl = Netlink::open()?;
+        let br = nl.add_bridge("br-get", None)?;
+        nl.add_address(br.index, net("10.244.1.1/24"))?;
+        nl.set_link_up(br.index)?;
+        let direct = nl.get_route(ip("10.244.1.5"))?;
+        assert_eq!(direct.oif, br.index);
+        assert_eq!(direct.gateway, None);
+        assert_eq!(direct.prefsrc, Some(ip("10.244.1.1")));
+        nl.replace_route(&Route {
+            dst: net("10.9.0.0/16"),
+            gateway: Some(ip("10.244.1.254")),
+            oif: br.index,
+            onlink: false,
+        })?;
+        let via = nl.get_route(ip("10.9.8.7"))?;
+        assert_eq!(via.gateway, Some(ip("10.244.1.254")));
+        assert_eq!(via.oif, br.index);
+        let e = nl.get_route(ip("192.0.2.1")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENETUNREACH), "{e}");
+        assert!(e.to_string().contains("ip route get 192.0.2.1"), "{e}");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
 fn vxlan_device_attributes() {
     need_root();
     let a = ScopedNetNs::unique("fnl-vxa").unwrap();

@@ -486,3 +486,50 @@ fn ip_blackhole_route_yields_to_cni0_is_restored_and_goes_with_the_flag() {
     c.stop(0, d0);
     c.stop(1, d1);
 }
+
+#[test]
+fn iface_can_reach_picks_the_interface_of_the_route_to_the_target() {
+    let c = Cluster::new("canreach", 1, HOST_GW);
+    let node = &c.nodes[0];
+    // A second interface besides eth0: the route to 10.9.0.0/16 leaves by it.
+    let fd = node.ns.fd();
+    node.nl(|nl| {
+        let ext = nl.add_veth("ext1", "ext1p", fd, None).unwrap();
+        let peer = nl.link_by_name("ext1p").unwrap().unwrap();
+        nl.add_address(ext.index, "10.9.0.5/16".parse().unwrap())
+            .unwrap();
+        nl.set_link_up(peer.index).unwrap();
+        nl.set_link_up(ext.index).unwrap();
+    });
+    let launch = |target: &str| {
+        let mut cmd = flanneld_in(&node.ns, &node.log());
+        cmd.args(local_store_flags(&c.store, &c.config, &node.subnet_file()))
+            .args(["--iface-can-reach", target]);
+        Daemon(Some(cmd.spawn().expect("spawn flanneld")))
+    };
+
+    // No route to the target: a clear error, and nothing written.
+    let mut d = launch("192.0.2.1");
+    let status = wait_for("flanneld to refuse", Duration::from_secs(10), || {
+        d.0.as_mut().unwrap().try_wait().unwrap()
+    });
+    let log = read_log(&node.log());
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("--iface-can-reach 192.0.2.1: no route to it"),
+        "{log}"
+    );
+    assert!(node.subnet_env().is_none() && c.leases().is_empty());
+
+    // The route's interface and source address, not eth0.
+    let mut d = launch("10.9.8.7");
+    let subnet = c.wait_subnet(0, &mut d);
+    let leases = c.leases();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].key.ipv4, Some(subnet));
+    assert_eq!(
+        leases[0].attrs.public_ip,
+        Some("10.9.0.5".parse::<Ipv4Addr>().unwrap())
+    );
+    c.stop(0, d);
+}
