@@ -124,6 +124,49 @@ impl Netlink {
         Ok(out)
     }
 
+    /// The link-layer address `ip neigh show IP dev IFINDEX` gives, in any
+    /// state that has one (reachable, stale, permanent, ...); `None` when
+    /// the kernel has not resolved it (it would ARP / solicit first).
+    pub fn neighbour_of(&mut self, ifindex: u32, ip: IpAddr) -> Result<Option<MacAddr>> {
+        let op = format!("ip neigh show {ip} dev {ifindex}");
+        for m in self.dump_neighbours(family(&ip), &op)? {
+            if m.header.ifindex != ifindex
+                || m.header.flags.contains(NeighbourFlags::Proxy)
+                || matches!(
+                    m.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+                )
+                || dst_of(&m.attributes) != Some(ip)
+            {
+                continue;
+            }
+            if let Some(mac) = mac_of(&m.attributes) {
+                return Ok(Some(mac));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The port of bridge `bridge` that has learned (or holds) `mac`
+    /// (`bridge fdb show br BRIDGE | grep MAC`): the index of the port
+    /// link, or `None` while the bridge would flood.
+    pub fn bridge_port_of(&mut self, bridge: u32, mac: MacAddr) -> Result<Option<u32>> {
+        let op = format!("bridge fdb show br {bridge}");
+        for m in self.dump_neighbours(AddressFamily::Bridge, &op)? {
+            let master = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Controller(i) => Some(*i), // NDA_MASTER
+                _ => None,
+            });
+            if master == Some(bridge)
+                && m.header.ifindex != bridge
+                && mac_of(&m.attributes) == Some(mac)
+            {
+                return Ok(Some(m.header.ifindex));
+            }
+        }
+        Ok(None)
+    }
+
     fn fdb_msg(e: &FdbEntry) -> NeighbourMessage {
         let mut m = neigh_msg(AddressFamily::Bridge, e.ifindex);
         // NTF_SELF: the entry belongs to the vxlan device's own table, not

@@ -232,6 +232,9 @@ pub struct RouteLookup {
     pub gateway: Option<IpAddr>,
     /// The source address the kernel would pick (`src`).
     pub prefsrc: Option<IpAddr>,
+    /// The destination is an address of this host (`local` table): the
+    /// packet is delivered here, `oif` is the loopback device.
+    pub local: bool,
 }
 
 impl Netlink {
@@ -280,6 +283,7 @@ impl Netlink {
             oif: 0,
             gateway: None,
             prefsrc: None,
+            local: r.header.kind == RouteType::Local,
         };
         for a in &r.attributes {
             match a {

@@ -174,6 +174,19 @@ enum LabCommand {
         #[command(flatten)]
         name: NameArg,
     },
+    /// The path of one packet from FROM to TO, namespace by namespace, as the
+    /// kernels route it now: routes, neighbours, FDB entries, encapsulation,
+    /// bridge ports (packet-walk.txt, read off the lab). Exits 1 when the
+    /// packet would be dropped, saying where and why.
+    Explain {
+        #[command(flatten)]
+        name: NameArg,
+        /// Where the packet starts: a pod, a node, `router`, `outside`.
+        from: String,
+        /// Where it goes: an address, a pod (its first address, IPv4 first),
+        /// a node (its underlay address) or `outside`.
+        to: String,
+    },
     /// Nodes, daemons, leases and pods.
     Status {
         #[command(flatten)]
@@ -424,6 +437,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_check(&lab)
         }
         Command::Lab(LabCommand::Check { name }) => print_check(&Lab::open(&name.name)?),
+        Command::Lab(LabCommand::Explain { name, from, to }) => {
+            let lab = Lab::open(&name.name)?;
+            let dst = lab.explain_target(&to)?;
+            let walk = lab.explain(&from, dst)?;
+            let label = if to == dst.to_string() {
+                to
+            } else {
+                format!("{to} ({dst})")
+            };
+            print!("{}", walk.render(&label));
+            Ok(if walk.delivered() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Lab(LabCommand::Status { name }) => {
             let status = Lab::open(&name.name)?.status();
             print!("{}", status.render());

@@ -135,6 +135,27 @@ fn assert_pod_pairs_ttl_62(lab: &Lab, m: &lab::Matrix, suffix: &str) {
 }
 
 /// Every namespace of the lab is gone after `down`.
+/// `lab explain ubuntu-1 ubuntu-2`, read off the kernels: delivered through
+/// both nodes, with every line of `want` on the way.
+fn assert_explained(lab: &Lab, want: &[String]) {
+    let dst = lab.explain_target("ubuntu-2").unwrap();
+    let w = lab.explain("ubuntu-1", dst).unwrap();
+    let text = w.render("ubuntu-2");
+    println!("{text}");
+    assert!(w.delivered(), "{text}");
+    assert_eq!(
+        w.places(),
+        ["ubuntu-1", "k8s-node1", "k8s-node2", "ubuntu-2"],
+        "{text}"
+    );
+    for l in want {
+        assert!(
+            w.lines().any(|x| x.contains(l.as_str())),
+            "no {l:?} in\n{text}"
+        );
+    }
+}
+
 fn down_leaves_nothing(lab: &Lab) {
     lab::down(lab.name()).unwrap();
     assert_eq!(lab::lab_namespaces(lab.name()), Vec::<String>::new());
@@ -148,6 +169,14 @@ fn host_gw_pings_across_nodes_and_switching_backends_leaves_nothing_behind() {
     assert_pod_pairs_ttl_62(&lab, &m, "");
     // No device and no overhead: pods get the underlay MTU.
     assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1500);
+    let node2 = lab.node("k8s-node2").unwrap().underlay_ip;
+    assert_explained(
+        &lab,
+        &[
+            format!("out on ens3 to {node2} (k8s-node2 ens3)"),
+            "bridge cni0: port veth".into(),
+        ],
+    );
     let hostgw_routes = |lab: &Lab, node: &str| -> BTreeSet<Route> {
         peers_of(lab, node)
             .map(|p| direct_route(lab, node, &p, false))
@@ -179,6 +208,18 @@ fn host_gw_pings_across_nodes_and_switching_backends_leaves_nothing_behind() {
         });
     }
     let m = assert_matrix_ok(&lab);
+    let node2_subnet = lab.node("k8s-node2").unwrap().subnet.network();
+    assert_explained(
+        &lab,
+        &[
+            format!(
+                "route: {} via {node2_subnet} dev flannel.1",
+                lab.explain_target("ubuntu-2").unwrap()
+            ),
+            format!("dst {node2} dev flannel.1: encapsulated in UDP to {node2}:8472, VNI 1"),
+            "in on ens3: UDP 8472, decapsulated by flannel.1".into(),
+        ],
+    );
     assert_pod_pairs_ttl_62(&lab, &m, "");
 
     // vxlan -> host-gw: flannel.1 and its triples are gone.
@@ -225,6 +266,17 @@ fn two_segments_host_gw_refuses_cross_segment_peers_and_the_check_says_why() {
         m.get("ubuntu-1", "ubuntu-3"),
         Some(Outcome::Ok { ttl: 62, .. })
     ));
+    // `lab explain` shows where a packet across the router ends: k8s-node1
+    // holds no route for the refused subnet, so it leaves by the default
+    // route and is dropped before any pod.
+    let w = lab
+        .explain("ubuntu-1", lab.explain_target("ubuntu-2").unwrap())
+        .unwrap();
+    let text = w.render("ubuntu-2");
+    println!("{text}");
+    assert!(!w.delivered(), "{text}");
+    assert_eq!(w.places()[..2], ["ubuntu-1", "k8s-node1"], "{text}");
+    assert!(!w.places().contains(&"ubuntu-2"), "{text}");
     // Across: expected failures, each naming the refused subnet and found
     // in the refusing daemon's log.
     let refused = m.expected_failures();
@@ -367,6 +419,15 @@ fn udp_pings_across_nodes_through_flannel0_and_switches_back_to_vxlan() {
     assert_pod_pairs_ttl_62(&lab, &m, "");
     // 28 bytes of encapsulation.
     assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1472);
+    let node2 = lab.node("k8s-node2").unwrap().underlay_ip;
+    assert_explained(
+        &lab,
+        &[
+            "dev flannel0".into(),
+            format!("flanneld sends the packet as the payload of UDP to {node2}:8285"),
+            "in on ens3: UDP 8285, flanneld writes the packet to flannel0".into(),
+        ],
+    );
     for n in &lab.state.nodes {
         let tun =
             ifindex(&lab, &n.name, "flannel0").unwrap_or_else(|| panic!("{}: no flannel0", n.name));

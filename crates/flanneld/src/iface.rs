@@ -620,6 +620,7 @@ mod tests {
                 oif,
                 gateway: None,
                 prefsrc: Some(src.parse().unwrap()),
+                local: false,
             }),
             ..Routing::default()
         }

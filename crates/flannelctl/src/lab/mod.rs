@@ -25,6 +25,7 @@
 pub mod bench;
 mod check;
 mod etcd;
+pub mod explain;
 mod kinds;
 mod masq;
 mod ping;
