@@ -187,6 +187,11 @@ fn readyz_waits_for_rules_and_metrics_count_passes_and_peers() {
         sample(&m, "flanneld_reconcile_passes_total").unwrap() >= 1.0,
         "{m}"
     );
+    assert!(
+        sample(&m, "flanneld_reconcile_changes_total").unwrap() >= 6.0,
+        "a neighbour, an FDB entry and a route per peer: {m}"
+    );
+    assert_eq!(sample(&m, "flanneld_peers"), Some(2.0), "{m}");
     assert_eq!(
         get_in(node, "/healthz"),
         Some((200, "flanneld is running\n".into()))
@@ -223,9 +228,10 @@ fn readyz_waits_for_rules_and_metrics_count_passes_and_peers() {
         sample(&m, "flanneld_reconcile_passes_total").unwrap() > 0.0,
         "{m}"
     );
-    assert!(
-        sample(&m, "flanneld_reconcile_changes_total").unwrap() >= 6.0,
-        "neighbour, FDB entry and route per peer: {m}"
+    assert_eq!(
+        sample(&m, "flanneld_reconcile_changes_total"),
+        Some(0.0),
+        "a restart writes nothing: {m}"
     );
     assert!(
         sample(&m, "flanneld_rules_passes_total").unwrap() >= 1.0,
