@@ -8,14 +8,21 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ipnet::{IpNet, Ipv4Net};
+
 mod common;
-use common::{flanneld_in, local_store_flags, read_log, wait_for, Daemon, NodeNs, Testbed};
+use common::{
+    flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
+};
 
 const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const UDP_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#;
+/// The switch's address: on no lease, so datagrams from it are spoofed.
+const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
 /// Any port will do: each node namespace has a loopback of its own.
 const PORT: u16 = 10244;
 
@@ -67,19 +74,28 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// The nodes (with their underlay addresses) and the testbed. Field order
+/// is drop order: the nodes go before their switch.
 struct Cluster {
     nodes: Vec<NodeNs>,
+    ips: Vec<Ipv4Addr>,
     bed: Testbed,
 }
 
 impl Cluster {
     fn new(tag: &str, n: usize) -> Cluster {
-        let (bed, nodes) = Testbed::new(&format!("health-{tag}"), "fdhz", n, None, CONFIG);
-        let nodes: Vec<NodeNs> = nodes.into_iter().map(|(n, _)| n).collect();
+        Cluster::with_config(tag, n, CONFIG)
+    }
+
+    fn with_config(tag: &str, n: usize, config: &str) -> Cluster {
+        let switch = format!("{SWITCH_IP}/24");
+        let (bed, underlay) =
+            Testbed::new(&format!("health-{tag}"), "fdhz", n, Some(&switch), config);
+        let (nodes, ips): (Vec<NodeNs>, Vec<Ipv4Addr>) = underlay.into_iter().unzip();
         for n in &nodes {
             lo_up(n);
         }
-        Cluster { nodes, bed }
+        Cluster { nodes, ips, bed }
     }
 
     fn command(&self, i: usize, extra: &[&str]) -> std::process::Command {
@@ -101,12 +117,13 @@ impl Cluster {
         ))
     }
 
-    fn wait_subnet_env(&self, i: usize, d: &mut Daemon) {
+    /// Waits for node `i`'s subnet.env; returns its subnet.
+    fn wait_subnet_env(&self, i: usize, d: &mut Daemon) -> Ipv4Net {
         let node = &self.nodes[i];
         wait_for("subnet.env", Duration::from_secs(15), || {
             d.check_alive(&node.log());
-            node.subnet_env().map(|_| ())
-        });
+            node.subnet_env()?.lease_key()?.ipv4
+        })
     }
 
     /// Scrapes /metrics until `ok` holds; returns that scrape.
@@ -286,4 +303,76 @@ fn a_port_in_use_or_a_foreign_address_exits_before_anything_is_written() {
         assert!(!c.bed.store.exists(), "{ip}: the store was touched");
     }
     drop(taken);
+}
+
+/// The subnet's first address on lo: a ping target standing in for a pod.
+fn add_target(node: &NodeNs, subnet: Ipv4Net) -> Ipv4Addr {
+    let ip = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    node.nl(|nl| {
+        let lo = nl.link_by_name("lo").unwrap().unwrap();
+        nl.add_address(lo.index, IpNet::V4(Ipv4Net::new(ip, 32).unwrap()))
+            .unwrap();
+    });
+    ip
+}
+
+#[test]
+fn udp_backend_counters_are_served_as_metrics() {
+    let c = Cluster::with_config("udp", 2, UDP_CONFIG);
+    let port = PORT.to_string();
+    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
+    let mut daemons = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..2 {
+        let mut d = c.start(i, &healthz);
+        let subnet = c.wait_subnet_env(i, &mut d);
+        targets.push(add_target(&c.nodes[i], subnet));
+        daemons.push(d);
+    }
+    // Pod to pod across the udp datapath: node 1 sends, and receives the replies.
+    wait_for("ping over flannel0", Duration::from_secs(15), || {
+        ping_in(
+            &c.nodes[0].ns.name,
+            Some(targets[0].into()),
+            targets[1].into(),
+        )
+        .then_some(())
+    });
+    let (tx, rx) = (
+        r#"flanneld_udp_packets_total{direction="tx"}"#,
+        r#"flanneld_udp_packets_total{direction="rx"}"#,
+    );
+    let m = c.wait_metrics(0, &mut daemons[0], "udp packets both ways", |m| {
+        sample(m, tx).unwrap_or(0.0) >= 1.0 && sample(m, rx).unwrap_or(0.0) >= 1.0
+    });
+    for dir in ["tx", "rx"] {
+        let bytes = sample(
+            &m,
+            &format!(r#"flanneld_udp_bytes_total{{direction="{dir}"}}"#),
+        );
+        assert!(
+            bytes.unwrap_or(0.0) >= 84.0,
+            "an ICMP echo is 84 bytes: {m}"
+        );
+    }
+    let spoofed = r#"flanneld_udp_dropped_total{reason="spoofed"}"#;
+    assert_eq!(sample(&m, spoofed), Some(0.0), "{m}");
+    assert_eq!(sample(&m, "flanneld_peers"), Some(1.0), "{m}");
+
+    // A datagram from the switch, which holds no lease: dropped and counted
+    // by reason.
+    let to = SocketAddrV4::new(c.ips[0], flannel_core::wire::UDP_DEFAULT_PORT);
+    c.bed
+        .switch
+        .run(|| {
+            let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
+            s.send_to(&[0x45; 40], to).unwrap();
+        })
+        .unwrap();
+    c.wait_metrics(0, &mut daemons[0], "a spoofed datagram counted", |m| {
+        sample(m, spoofed) == Some(1.0)
+    });
+    for (i, d) in daemons.into_iter().enumerate() {
+        d.stop(&c.nodes[i].log());
+    }
 }
