@@ -511,6 +511,64 @@ impl ReconcilePlan {
     }
 }
 
+/// The metric of flannel's blackhole routes: the last resort for their
+/// prefix. A route to the same subnet with a lower metric keeps winning
+/// (the bridge's connected route: cni0, metric 0 in IPv4 and 256 in IPv6),
+/// so pods on the bridge stay reachable and the blackhole takes only what
+/// no other route to the subnet takes: addresses without a pod when the CNI
+/// routes each pod on its own (as Canal does), or everything while cni0 is
+/// missing. At metric 0, as upstream adds it, the kernel refuses the route
+/// with EEXIST whenever cni0's route is there.
+pub const BLACKHOLE_METRIC: u32 = u32::MAX;
+
+/// A blackhole route of the main table
+/// (`ip route replace blackhole DST metric METRIC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlackholeRoute {
+    pub dst: IpNet,
+    pub metric: u32,
+}
+
+/// The blackhole routes `--ip-blackhole-route` wants: one per subnet of
+/// this node (one per enabled family), at [`BLACKHOLE_METRIC`]; none when
+/// the flag is off, so that a restart without it removes them.
+pub fn desired_blackholes(
+    enabled: bool,
+    own_subnets: impl IntoIterator<Item = IpNet>,
+) -> Vec<BlackholeRoute> {
+    if !enabled {
+        return Vec::new();
+    }
+    let mut v: Vec<BlackholeRoute> = own_subnets
+        .into_iter()
+        .map(|dst| BlackholeRoute {
+            dst: dst.trunc(),
+            metric: BLACKHOLE_METRIC,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The blackhole routes among `actual` that are flannel's: at
+/// [`BLACKHOLE_METRIC`] and inside one of the cluster `networks` (a subnet
+/// of ours from an earlier lease is one of them; an operator's blackhole
+/// at another metric or outside the networks is not).
+pub fn owned_blackholes(actual: &[BlackholeRoute], networks: &[IpNet]) -> Vec<BlackholeRoute> {
+    let mut v: Vec<BlackholeRoute> = actual
+        .iter()
+        .filter(|b| {
+            b.metric == BLACKHOLE_METRIC
+                && networks
+                    .iter()
+                    .any(|n| n.contains(&b.dst) && b.dst.prefix_len() >= n.prefix_len())
+        })
+        .copied()
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1121,5 +1179,61 @@ mod tests {
                 assert!(passes <= 1, "two passes from {start:?} to {desired:?}");
             }
         }
+    }
+
+    #[test]
+    fn blackholes_are_wanted_for_each_own_subnet_only_with_the_flag() {
+        let own = [net("10.244.1.0/24"), net("fd00:10:244:1::/64")];
+        assert!(desired_blackholes(false, own).is_empty());
+        let want = desired_blackholes(true, own);
+        assert_eq!(
+            want,
+            vec![
+                BlackholeRoute {
+                    dst: net("10.244.1.0/24"),
+                    metric: BLACKHOLE_METRIC
+                },
+                BlackholeRoute {
+                    dst: net("fd00:10:244:1::/64"),
+                    metric: BLACKHOLE_METRIC
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn only_blackholes_at_our_metric_inside_the_networks_are_ours() {
+        let b = |d: &str, metric| BlackholeRoute {
+            dst: net(d),
+            metric,
+        };
+        let actual = [
+            b("10.244.1.0/24", BLACKHOLE_METRIC),      // ours
+            b("10.244.7.0/24", BLACKHOLE_METRIC),      // ours, from an earlier lease
+            b("10.244.2.0/24", 0),                     // an operator's
+            b("192.168.0.0/24", BLACKHOLE_METRIC),     // outside the network
+            b("10.0.0.0/8", BLACKHOLE_METRIC),         // contains the network
+            b("fd00:10:244:1::/64", BLACKHOLE_METRIC), // ours (IPv6)
+        ];
+        let networks = [net("10.244.0.0/16"), net("fd00:10:244::/56")];
+        let ours = owned_blackholes(&actual, &networks);
+        assert_eq!(
+            ours,
+            vec![
+                b("10.244.1.0/24", BLACKHOLE_METRIC),
+                b("10.244.7.0/24", BLACKHOLE_METRIC),
+                b("fd00:10:244:1::/64", BLACKHOLE_METRIC),
+            ]
+        );
+        // A new lease: the old subnet's blackhole goes, the new one comes.
+        let d = diff(&desired_blackholes(true, [net("10.244.7.0/24")]), &ours);
+        assert_eq!(d.add, vec![]);
+        assert_eq!(
+            d.del,
+            vec![
+                b("10.244.1.0/24", BLACKHOLE_METRIC),
+                b("fd00:10:244:1::/64", BLACKHOLE_METRIC)
+            ]
+        );
     }
 }

@@ -27,6 +27,7 @@ use ipnet::IpNet;
 
 pub use links::VethPair;
 pub use monitor::Monitor;
+pub use routes::RouteLookup;
 
 /// Errors of the kernel layer, each with the operation that failed.
 #[derive(Debug, thiserror::Error)]

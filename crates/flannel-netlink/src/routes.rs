@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use flannel_core::datapath::Route;
+use flannel_core::datapath::{BlackholeRoute, Route};
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::route::{
@@ -133,6 +133,70 @@ pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
     })
 }
 
+/// The main-table blackhole route a message describes; `None` for anything
+/// else. The kernel leaves RTA_PRIORITY out of IPv4 routes at metric 0.
+pub(crate) fn blackhole_from_msg(m: &RouteMessage) -> Option<BlackholeRoute> {
+    let unspecified = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    if m.header.kind != RouteType::BlackHole || m.header.flags.contains(RouteFlags::Cloned) {
+        return None;
+    }
+    let mut table = u32::from(m.header.table);
+    let mut dst = unspecified;
+    let mut metric = 0;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = route_addr(d)?,
+            RouteAttribute::Priority(p) => metric = *p,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    Some(BlackholeRoute {
+        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        metric,
+    })
+}
+
+fn blackhole_cmd(verb: &str, b: &BlackholeRoute) -> String {
+    format!("ip route {verb} blackhole {} metric {}", b.dst, b.metric)
+}
+
+fn blackhole_msg(b: &BlackholeRoute, op: &str, delete: bool) -> Result<RouteMessage> {
+    if b.dst != b.dst.trunc() {
+        return Err(Error::Invalid {
+            op: op.to_string(),
+            detail: format!(
+                "dst {} has host bits set: use the network address {}",
+                b.dst,
+                b.dst.trunc()
+            ),
+        });
+    }
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(&b.dst.addr());
+    m.header.destination_prefix_length = b.dst.prefix_len();
+    m.header.table = RouteHeader::RT_TABLE_MAIN;
+    m.header.kind = RouteType::BlackHole;
+    if delete {
+        m.header.protocol = RouteProtocol::Unspec;
+        m.header.scope = RouteScope::NoWhere;
+    } else {
+        m.header.protocol = RouteProtocol::Boot;
+        m.header.scope = RouteScope::Universe;
+    }
+    m.attributes
+        .push(RouteAttribute::Destination(b.dst.addr().into()));
+    m.attributes.push(RouteAttribute::Priority(b.metric));
+    Ok(m)
+}
+
 /// The destination of any route message (for notifications), main table only.
 pub(crate) fn route_dst(m: &RouteMessage) -> Option<IpNet> {
     let unspecified = match m.header.address_family {
@@ -156,6 +220,18 @@ pub(crate) fn route_dst(m: &RouteMessage) -> Option<IpNet> {
         return None;
     }
     IpNet::new(dst, m.header.destination_prefix_length).ok()
+}
+
+/// The kernel's answer to `ip route get DST`: the route a packet to DST
+/// would take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteLookup {
+    /// Output interface index.
+    pub oif: u32,
+    /// The next hop, when not directly connected.
+    pub gateway: Option<IpAddr>,
+    /// The source address the kernel would pick (`src`).
+    pub prefsrc: Option<IpAddr>,
 }
 
 impl Netlink {
@@ -182,6 +258,88 @@ impl Netlink {
             Err(e) if is_absent(&e) => Ok(()),
             r => r.map(drop),
         }
+    }
+
+    /// `ip route get DST`: the route the kernel would use for a packet to
+    /// `dst` from this host. An unreachable destination is the kernel's
+    /// error (ENETUNREACH, EHOSTUNREACH, EINVAL for a blackhole).
+    pub fn get_route(&mut self, dst: IpAddr) -> Result<RouteLookup> {
+        let op = format!("ip route get {dst}");
+        let mut m = RouteMessage::default();
+        m.header.address_family = family(&dst);
+        m.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        m.attributes.push(RouteAttribute::Destination(dst.into()));
+        let replies = self.t.request(RouteNetlinkMessage::GetRoute(m), 0, &op)?;
+        let Some(RouteNetlinkMessage::NewRoute(r)) = replies.first() else {
+            return Err(Error::Protocol {
+                op,
+                detail: "the kernel answered without a route".into(),
+            });
+        };
+        let mut out = RouteLookup {
+            oif: 0,
+            gateway: None,
+            prefsrc: None,
+        };
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Oif(i) => out.oif = *i,
+                RouteAttribute::Gateway(g) => out.gateway = route_addr(g),
+                RouteAttribute::Via(RouteVia::Inet(g)) => out.gateway = Some(IpAddr::V4(*g)),
+                RouteAttribute::Via(RouteVia::Inet6(g)) => out.gateway = Some(IpAddr::V6(*g)),
+                RouteAttribute::PrefSource(p) => out.prefsrc = route_addr(p),
+                _ => {}
+            }
+        }
+        if out.oif == 0 {
+            return Err(Error::Protocol {
+                op,
+                detail: "the kernel's route names no output interface".into(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `ip route replace blackhole DST metric METRIC` in the main table
+    /// (protocol boot). Replace matches on destination and metric, so this
+    /// never touches a route to the same subnet at another metric (cni0's).
+    pub fn replace_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
+        let op = blackhole_cmd("replace", b);
+        let m = blackhole_msg(b, &op, false)?;
+        self.t
+            .request(
+                RouteNetlinkMessage::NewRoute(m),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                &op,
+            )
+            .map(drop)
+    }
+
+    /// `ip route del blackhole DST metric METRIC`; absent is success.
+    pub fn del_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
+        let op = blackhole_cmd("del", b);
+        let m = blackhole_msg(b, &op, true)?;
+        match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, &op) {
+            Err(e) if is_absent(&e) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// `ip route show table main type blackhole`, IPv4 and IPv6, with each
+    /// route's metric.
+    pub fn list_blackhole_routes(&mut self) -> Result<Vec<BlackholeRoute>> {
+        let replies = self.t.request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            DUMP,
+            "ip route show table main type blackhole",
+        )?;
+        Ok(replies
+            .iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(m) => blackhole_from_msg(m),
+                _ => None,
+            })
+            .collect())
     }
 
     /// `ip route show table main` for unicast routes with an output device,

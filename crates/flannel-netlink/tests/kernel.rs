@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use flannel_core::datapath::{FdbEntry, Neighbour, Route};
+use flannel_core::datapath::{BlackholeRoute, FdbEntry, Neighbour, Route, BLACKHOLE_METRIC};
 use flannel_core::mac::MacAddr;
 use flannel_netlink::netns::{get_sysctl, set_sysctl, NetNs, ScopedNetNs};
 use flannel_netlink::{Error, Monitor, Netlink, Notification, VxlanDevice};
@@ -407,6 +407,99 @@ fn routes_round_trip() {
         );
         eprintln!("kernel refusal reads: {err}");
         assert!(err.raw_os_error().is_some(), "{err:?}");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn blackhole_routes_round_trip_beside_the_bridge_route() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-bh").unwrap();
+    ns.run(|| -> Result<(), Error> {
+        let mut nl = Netlink::open()?;
+        let br = nl.add_bridge("cni0", None)?;
+        nl.add_address(br.index, net("10.244.1.1/24"))?;
+        nl.set_link_up(br.index)?;
+        let v4 = BlackholeRoute {
+            dst: net("10.244.1.0/24"),
+            metric: BLACKHOLE_METRIC,
+        };
+        let v6 = BlackholeRoute {
+            dst: net("fd00:10:244:1::/64"),
+            metric: BLACKHOLE_METRIC,
+        };
+        let operators = BlackholeRoute {
+            dst: net("10.244.9.0/24"),
+            metric: 0,
+        };
+        // Beside cni0's connected route (metric 0), and idempotent.
+        for _ in 0..2 {
+            nl.replace_blackhole_route(&v4)?;
+            nl.replace_blackhole_route(&v6)?;
+        }
+        nl.replace_blackhole_route(&operators)?;
+        let mut listed = nl.list_blackhole_routes()?;
+        listed.sort();
+        assert_eq!(listed, vec![v4, operators, v6]);
+        // cni0's route is untouched and blackholes are not unicast routes.
+        let routes = nl.list_routes()?;
+        assert!(
+            routes
+                .iter()
+                .any(|r| r.dst == net("10.244.1.0/24") && r.oif == br.index),
+            "{routes:?}"
+        );
+        assert!(!routes.iter().any(|r| r.dst == net("fd00:10:244:1::/64")));
+        // Delete matches the metric: ours go, the operator's stays.
+        nl.del_blackhole_route(&v4)?;
+        nl.del_blackhole_route(&v6)?;
+        nl.del_blackhole_route(&v4)?; // absent is success
+        assert_eq!(nl.list_blackhole_routes()?, vec![operators]);
+        // Host bits are refused with the fix.
+        let e = nl
+            .replace_blackhole_route(&BlackholeRoute {
+                dst: net("10.244.1.5/24"),
+                metric: BLACKHOLE_METRIC,
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("use the network address 10.244.1.0/24"),
+            "{e}"
+        );
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn route_get_names_the_interface_gateway_and_source() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-rget").unwrap();
+    ns.run(|| -> Result<(), Error> {
+        let mut nl = Netlink::open()?;
+        let br = nl.add_bridge("br-get", None)?;
+        nl.add_address(br.index, net("10.244.1.1/24"))?;
+        nl.set_link_up(br.index)?;
+        let direct = nl.get_route(ip("10.244.1.5"))?;
+        assert_eq!(direct.oif, br.index);
+        assert_eq!(direct.gateway, None);
+        assert_eq!(direct.prefsrc, Some(ip("10.244.1.1")));
+        nl.replace_route(&Route {
+            dst: net("10.9.0.0/16"),
+            gateway: Some(ip("10.244.1.254")),
+            oif: br.index,
+            onlink: false,
+        })?;
+        let via = nl.get_route(ip("10.9.8.7"))?;
+        assert_eq!(via.gateway, Some(ip("10.244.1.254")));
+        assert_eq!(via.oif, br.index);
+        let e = nl.get_route(ip("192.0.2.1")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENETUNREACH), "{e}");
+        assert!(e.to_string().contains("ip route get 192.0.2.1"), "{e}");
         Ok(())
     })
     .unwrap()

@@ -257,8 +257,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 backends
             };
-            let report =
-                lab::bench::run(&name, bin_dir.as_deref(), &backends, seconds, repeat, true)?;
+            // Ctrl-C (or SIGTERM/SIGHUP) ends the bench at its next step and
+            // removes its lab.
+            let report = {
+                let _interrupts = lab::InterruptGuard::install()?;
+                lab::bench::run(&name, bin_dir.as_deref(), &backends, seconds, repeat, true)?
+            };
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }

@@ -282,3 +282,48 @@ fn interrupted_lab_up_removes_what_it_built() {
         lab_dir(&name).display()
     );
 }
+
+#[test]
+fn interrupted_bench_removes_its_lab() {
+    use flannelctl::lab::{lab_dir, lab_namespaces, lab_processes};
+    use std::io::BufRead;
+    require_root_and_binaries();
+    let name = unique_name();
+    let _down = Down(name.clone());
+    let mut child = Command::new(FLANNELCTL)
+        .args(["bench", "--name", &name, "--backend", "host-gw"])
+        .args(["--seconds", "2", "--repeat", "3"])
+        .env_remove("FLANNEL_LAB_BIN_DIR")
+        .env_remove("FLANNEL_LAB_NAME")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SIGTERM (as from a service manager or `kill`) once it measures.
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("throughput round 1/") {
+            assert!(!lab_namespaces(&name).is_empty());
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    let stderr = seen.join("\n");
+    eprintln!("{stderr}");
+    assert!(
+        stderr.contains("throughput round 1/"),
+        "the bench never measured"
+    );
+    assert!(!status.success(), "the bench went on after SIGTERM");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(!stderr.contains("throughput round 3/"), "{stderr}");
+    assert_eq!(lab_namespaces(&name), Vec::<String>::new());
+    assert_eq!(lab_processes(&name), Vec::<u32>::new());
+    assert!(!lab_dir(&name).exists());
+}

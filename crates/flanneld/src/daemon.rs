@@ -339,9 +339,6 @@ async fn run_with_store<S: Store>(
     if flags.public_ip.is_some() && !cfg.enable_ipv4 {
         tracing::warn!("--public-ip is ignored: the network config disables IPv4");
     }
-    if flags.ip_blackhole_route {
-        tracing::warn!("--ip-blackhole-route is accepted but not implemented yet");
-    }
     let req = iface::Request {
         ifaces: flags.iface.clone(),
         regexes: flags.iface_regex.clone(),
@@ -589,6 +586,7 @@ impl<S: Store> State<S> {
                 name: self.s.ext.name.clone(),
                 connected: self.s.ext.connected.clone(),
             },
+            blackhole: self.flags.ip_blackhole_route,
         }
     }
 

@@ -75,7 +75,8 @@ pub struct Flags {
           value_parser = BoolishValueParser::new())]
     pub iptables_forward_rules: bool,
 
-    /// Add a blackhole route for the node's subnet (accepted; not implemented yet).
+    /// Keep a blackhole route for the node's subnet(s), at the lowest priority (metric
+    /// 4294967295) so that cni0's route to the subnet still wins; removed when off.
     #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]

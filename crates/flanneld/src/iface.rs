@@ -19,7 +19,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use flannel_core::lease::IpFamily;
-use flannel_netlink::Netlink;
+use flannel_netlink::{Netlink, RouteLookup};
 use ipnet::IpNet;
 use regex::Regex;
 
@@ -48,8 +48,8 @@ pub enum IfaceError {
     NoDefaultRoute { family: &'static str },
     #[error("the default route's interface (index {index}) {problem}; pass --iface NAME")]
     DefaultRouteUnusable { index: u32, problem: String },
-    #[error("--iface-can-reach is not implemented yet; use --iface or --iface-regex")]
-    CanReachUnsupported,
+    #[error("--iface-can-reach {target}: {problem}; pass an address this node reaches over its external interface, or --iface NAME")]
+    CanReach { target: IpAddr, problem: String },
     #[error("reading interfaces from the kernel: {0}")]
     Kernel(#[from] flannel_netlink::Error),
 }
@@ -196,12 +196,9 @@ fn finish(c: &Candidate, req: &Request) -> Result<ExternalInterface, String> {
 /// and the output interfaces of its IPv4 and IPv6 default routes.
 pub fn select(
     cands: &[Candidate],
-    default_oif: DefaultRoutes,
+    default_oif: Routing,
     req: &Request,
 ) -> Result<ExternalInterface, IfaceError> {
-    if req.can_reach.is_some() {
-        return Err(IfaceError::CanReachUnsupported);
-    }
     let regexes = req
         .regexes
         .iter()
@@ -254,6 +251,9 @@ pub fn select(
             families: req.families(),
         });
     }
+    if let Some(target) = req.can_reach {
+        return select_can_reach(cands, target, default_oif.reach, req);
+    }
     // As upstream: the IPv4 default route's interface, or with IPv4
     // disabled, the IPv6 default route's.
     let (index, family) = if req.ipv4 {
@@ -271,6 +271,34 @@ pub fn select(
     finish(c, req).map_err(|problem| IfaceError::DefaultRouteUnusable { index, problem })
 }
 
+/// `--iface-can-reach`: the interface of the kernel's route to `target`.
+/// The route's source address is the interface address of its family (the
+/// one the peers see), as upstream; the other family's is the interface's
+/// first global one.
+fn select_can_reach(
+    cands: &[Candidate],
+    target: IpAddr,
+    reach: Option<RouteLookup>,
+    req: &Request,
+) -> Result<ExternalInterface, IfaceError> {
+    let fail = |problem: String| IfaceError::CanReach { target, problem };
+    let r = reach.ok_or_else(|| fail("the route to it was not read".into()))?;
+    let c = cands.iter().find(|c| c.index == r.oif).ok_or_else(|| {
+        fail(format!(
+            "its route's interface (index {}) does not exist",
+            r.oif
+        ))
+    })?;
+    let mut c = c.clone();
+    if let Some(src) = r.prefsrc {
+        if let Some(i) = c.addrs.iter().position(|a| a.addr() == src) {
+            let a = c.addrs.remove(i);
+            c.addrs.insert(0, a);
+        }
+    }
+    finish(&c, req).map_err(|p| fail(format!("its route leaves by {}, but {p}", c.name)))
+}
+
 /// Reads links, their addresses and the default routes (`ip -d link`,
 /// `ip addr`, `ip route show default`, `ip -6 route show default`) and runs
 /// [`select`]. Read-only.
@@ -285,25 +313,38 @@ pub fn lookup(nl: &mut Netlink, req: &Request) -> Result<ExternalInterface, Ifac
             addrs,
         });
     }
-    let default_oif = default_route_oifs(&nl.list_routes()?);
-    select(&cands, default_oif, req)
+    let mut routing = default_route_oifs(&nl.list_routes()?);
+    if let Some(target) = req.can_reach {
+        if req.ifaces.is_empty() && req.regexes.is_empty() {
+            routing.reach = Some(nl.get_route(target).map_err(|e| IfaceError::CanReach {
+                target,
+                problem: format!("no route to it ({e})"),
+            })?);
+        }
+    }
+    select(&cands, routing, req)
 }
 
-/// The output interfaces of the default routes, per family.
+/// What the kernel's routes tell interface selection: the output
+/// interfaces of the default routes, per family, and the route to the
+/// `--iface-can-reach` address.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DefaultRoutes {
+pub struct Routing {
     /// `ip route show default`.
     pub v4: Option<u32>,
     /// `ip -6 route show default`.
     pub v6: Option<u32>,
+    /// `ip route get <--iface-can-reach>`, read only when neither `--iface`
+    /// nor `--iface-regex` is given (they come first).
+    pub reach: Option<RouteLookup>,
 }
 
-impl DefaultRoutes {
+impl Routing {
     /// Only an IPv4 default route through `oif`.
     pub fn v4(oif: u32) -> Self {
-        DefaultRoutes {
+        Routing {
             v4: Some(oif),
-            v6: None,
+            ..Routing::default()
         }
     }
 }
@@ -314,14 +355,15 @@ pub fn default_route_oif(routes: &[flannel_core::datapath::Route]) -> Option<u32
 }
 
 /// The output interfaces of the IPv4 and IPv6 default routes.
-pub fn default_route_oifs(routes: &[flannel_core::datapath::Route]) -> DefaultRoutes {
+pub fn default_route_oifs(routes: &[flannel_core::datapath::Route]) -> Routing {
     // Several default routes (different metrics) are possible; the kernel
     // dumps them in preference order, so the first one is the one in use.
     let v4: IpNet = "0.0.0.0/0".parse().expect("literal");
     let v6: IpNet = "::/0".parse().expect("literal");
-    DefaultRoutes {
+    Routing {
         v4: routes.iter().find(|r| r.dst == v4).map(|r| r.oif),
         v6: routes.iter().find(|r| r.dst == v6).map(|r| r.oif),
+        reach: None,
     }
 }
 
@@ -363,7 +405,7 @@ mod tests {
 
     #[test]
     fn default_route_interface_when_no_flags() {
-        let e = select(&host(), DefaultRoutes::v4(2), &req(&[], &[])).unwrap();
+        let e = select(&host(), Routing::v4(2), &req(&[], &[])).unwrap();
         assert_eq!(e.name, "ens3");
         assert_eq!(e.mtu, 1500);
         // First global IPv4, skipping the IPv6 address listed before it.
@@ -380,22 +422,22 @@ mod tests {
 
     #[test]
     fn no_default_route_is_an_error_naming_the_flag() {
-        let err = select(&host(), DefaultRoutes::default(), &req(&[], &[])).unwrap_err();
+        let err = select(&host(), Routing::default(), &req(&[], &[])).unwrap_err();
         assert!(err.to_string().contains("--iface"), "{err}");
     }
 
     #[test]
     fn iface_by_name_and_by_address_in_order() {
-        let e = select(&host(), DefaultRoutes::v4(2), &req(&["eth1"], &[])).unwrap();
+        let e = select(&host(), Routing::v4(2), &req(&["eth1"], &[])).unwrap();
         assert_eq!((e.index, e.mtu), (3, 9000));
-        let e = select(&host(), DefaultRoutes::v4(2), &req(&["172.16.1.99"], &[])).unwrap();
+        let e = select(&host(), Routing::v4(2), &req(&["172.16.1.99"], &[])).unwrap();
         assert_eq!(e.name, "ens3");
         // The matched interface's first address is used, as upstream.
         assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
         // Missing ones are skipped, the first existing one wins.
         let e = select(
             &host(),
-            DefaultRoutes::v4(2),
+            Routing::v4(2),
             &req(&["nope", "eth1", "ens3"], &[]),
         )
         .unwrap();
@@ -404,42 +446,32 @@ mod tests {
 
     #[test]
     fn iface_without_ipv4_is_skipped_then_error() {
-        let e = select(
-            &host(),
-            DefaultRoutes::v4(2),
-            &req(&["v6only", "ens3"], &[]),
-        )
-        .unwrap();
+        let e = select(&host(), Routing::v4(2), &req(&["v6only", "ens3"], &[])).unwrap();
         assert_eq!(e.name, "ens3");
-        let err = select(&host(), DefaultRoutes::v4(2), &req(&["v6only"], &[])).unwrap_err();
+        let err = select(&host(), Routing::v4(2), &req(&["v6only"], &[])).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("v6only has no global IPv4"), "{msg}");
     }
 
     #[test]
     fn given_flags_never_fall_back_to_default_route() {
-        let err = select(&host(), DefaultRoutes::v4(2), &req(&["nope"], &[])).unwrap_err();
+        let err = select(&host(), Routing::v4(2), &req(&["nope"], &[])).unwrap_err();
         assert!(matches!(err, IfaceError::NoMatch { .. }), "{err}");
     }
 
     #[test]
     fn regex_matches_addresses_before_names() {
-        let e = select(
-            &host(),
-            DefaultRoutes::default(),
-            &req(&[], &["^10\\.9\\."]),
-        )
-        .unwrap();
+        let e = select(&host(), Routing::default(), &req(&[], &["^10\\.9\\."])).unwrap();
         assert_eq!(e.name, "eth1");
-        let e = select(&host(), DefaultRoutes::default(), &req(&[], &["^eth"])).unwrap();
+        let e = select(&host(), Routing::default(), &req(&[], &["^eth"])).unwrap();
         assert_eq!(e.name, "eth1");
         // An address match on a later interface beats a name match on an earlier one.
-        let e = select(&host(), DefaultRoutes::default(), &req(&[], &["^10|ens"])).unwrap();
+        let e = select(&host(), Routing::default(), &req(&[], &["^10|ens"])).unwrap();
         assert_eq!(e.name, "eth1");
         // Each regex is tried in turn: the first that matches anything wins.
         let e = select(
             &host(),
-            DefaultRoutes::default(),
+            Routing::default(),
             &req(&[], &["^nothing$", "ens"]),
         )
         .unwrap();
@@ -448,25 +480,15 @@ mod tests {
 
     #[test]
     fn iface_is_tried_before_regex() {
-        let e = select(
-            &host(),
-            DefaultRoutes::default(),
-            &req(&["nope"], &["^ens"]),
-        )
-        .unwrap();
+        let e = select(&host(), Routing::default(), &req(&["nope"], &["^ens"])).unwrap();
         assert_eq!(e.name, "ens3");
-        let e = select(
-            &host(),
-            DefaultRoutes::default(),
-            &req(&["eth1"], &["^ens"]),
-        )
-        .unwrap();
+        let e = select(&host(), Routing::default(), &req(&["eth1"], &["^ens"])).unwrap();
         assert_eq!(e.name, "eth1");
     }
 
     #[test]
     fn bad_regex_names_the_flag() {
-        let err = select(&host(), DefaultRoutes::default(), &req(&[], &["(unclosed"])).unwrap_err();
+        let err = select(&host(), Routing::default(), &req(&[], &["(unclosed"])).unwrap_err();
         assert!(err.to_string().contains("--iface-regex"), "{err}");
     }
 
@@ -474,7 +496,7 @@ mod tests {
     fn public_ip_overrides_the_published_address_only() {
         let mut r = req(&["ens3"], &[]);
         r.public_ip = Some(Ipv4Addr::new(203, 0, 113, 9));
-        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        let e = select(&host(), Routing::default(), &r).unwrap();
         assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
         assert_eq!(e.public_ip, Some(Ipv4Addr::new(203, 0, 113, 9)));
     }
@@ -521,9 +543,10 @@ mod tests {
         let def = default_route_oifs(&routes);
         assert_eq!(
             def,
-            DefaultRoutes {
+            Routing {
                 v4: Some(3),
-                v6: Some(4)
+                v6: Some(4),
+                reach: None,
             }
         );
         let e = select(&host(), def, &req6(&[], false)).unwrap();
@@ -538,7 +561,7 @@ mod tests {
         );
         assert_eq!(e.connected, vec!["fd00:1::1/64".parse::<IpNet>().unwrap()]);
         // No IPv6 default route: the error names the family and the flag.
-        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], false)).unwrap_err();
+        let err = select(&host(), Routing::v4(3), &req6(&[], false)).unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains("IPv6 default route") && msg.contains("--iface"),
@@ -549,7 +572,7 @@ mod tests {
     #[test]
     fn dual_stack_needs_both_families_on_the_interface() {
         // The IPv4 default route's interface, with both addresses.
-        let e = select(&host(), DefaultRoutes::v4(2), &req6(&[], true)).unwrap();
+        let e = select(&host(), Routing::v4(2), &req6(&[], true)).unwrap();
         assert_eq!(e.name, "ens3");
         assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 14)));
         assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
@@ -560,22 +583,17 @@ mod tests {
             e.connected
         );
         // eth1 has no IPv6 address: skipped, with the reason in the error.
-        let err = select(&host(), DefaultRoutes::v4(2), &req6(&["eth1"], true)).unwrap_err();
+        let err = select(&host(), Routing::v4(2), &req6(&["eth1"], true)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("eth1 has no global IPv6 address"), "{msg}");
         assert!(msg.contains("IPv4 and IPv6"), "{msg}");
-        let err = select(&host(), DefaultRoutes::v4(3), &req6(&[], true)).unwrap_err();
+        let err = select(&host(), Routing::v4(3), &req6(&[], true)).unwrap_err();
         assert!(
             matches!(err, IfaceError::DefaultRouteUnusable { index: 3, .. }),
             "{err}"
         );
         // --iface by IPv6 address.
-        let e = select(
-            &host(),
-            DefaultRoutes::default(),
-            &req6(&["fd00::14"], true),
-        )
-        .unwrap();
+        let e = select(&host(), Routing::default(), &req6(&["fd00::14"], true)).unwrap();
         assert_eq!(e.name, "ens3");
     }
 
@@ -583,15 +601,65 @@ mod tests {
     fn public_ipv6_overrides_the_published_ipv6_address_only() {
         let mut r = req6(&["ens3"], true);
         r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
-        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        let e = select(&host(), Routing::default(), &r).unwrap();
         assert_eq!(e.iface_addr_v6, Some("fd00::14".parse().unwrap()));
         assert_eq!(e.public_ipv6, Some("2001:db8::9".parse().unwrap()));
         assert_eq!(e.public_ip, e.iface_addr, "IPv4 unaffected");
         // Without IPv6 enabled --public-ipv6 is not published.
         let mut r = req(&["ens3"], &[]);
         r.public_ipv6 = Some("2001:db8::9".parse().unwrap());
-        let e = select(&host(), DefaultRoutes::default(), &r).unwrap();
+        let e = select(&host(), Routing::default(), &r).unwrap();
         assert_eq!(e.public_ipv6, None);
         assert!(e.connected.iter().all(|a| a.addr().is_ipv4()));
+    }
+
+    fn reach(oif: u32, src: &str) -> Routing {
+        Routing {
+            v4: Some(2),
+            reach: Some(RouteLookup {
+                oif,
+                gateway: None,
+                prefsrc: Some(src.parse().unwrap()),
+            }),
+            ..Routing::default()
+        }
+    }
+
+    #[test]
+    fn can_reach_takes_the_routes_interface_and_source_address() {
+        let r = Request {
+            can_reach: Some("10.9.8.7".parse().unwrap()),
+            ..Default::default()
+        };
+        // Not the default route's ens3: the route to the target leaves by eth1.
+        let e = select(&host(), reach(3, "10.9.0.5"), &r).unwrap();
+        assert_eq!(e.name, "eth1");
+        assert_eq!(e.public_ip, Some(Ipv4Addr::new(10, 9, 0, 5)));
+        // The route's source wins over the interface's first address.
+        let e = select(&host(), reach(2, "172.16.1.99"), &r).unwrap();
+        assert_eq!(e.name, "ens3");
+        assert_eq!(e.iface_addr, Some(Ipv4Addr::new(172, 16, 1, 99)));
+        assert_eq!(e.connected.len(), 2);
+        // --iface comes first.
+        let r2 = Request {
+            ifaces: vec!["eth1".into()],
+            ..r.clone()
+        };
+        assert_eq!(
+            select(&host(), reach(2, "172.16.1.99"), &r2).unwrap().name,
+            "eth1"
+        );
+        // A route through an interface without the family's address: named.
+        let err = select(&host(), reach(4, "fd00:1::1"), &r).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--iface-can-reach 10.9.8.7")
+                && msg.contains("leaves by v6only")
+                && msg.contains("no global IPv4 address"),
+            "{msg}"
+        );
+        // No route read (the kernel had none): an error, never the default route.
+        let err = select(&host(), Routing::v4(2), &r).unwrap_err();
+        assert!(matches!(err, IfaceError::CanReach { .. }), "{err}");
     }
 }

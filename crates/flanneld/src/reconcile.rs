@@ -95,6 +95,8 @@ pub struct Settings {
     pub own: LeaseKey,
     /// The external interface.
     pub external: ExternalSettings,
+    /// `--ip-blackhole-route`: a blackhole route for each of our subnets.
+    pub blackhole: bool,
 }
 
 /// The backend in use and its options.
@@ -620,6 +622,7 @@ impl Worker {
         }
         report.peers = npeers;
         self.note_unreachable(&unreachable, &mut report);
+        self.reconcile_blackholes(&mut report);
         tracing::debug!(
             peers = npeers,
             changes = report.changes,
@@ -676,6 +679,37 @@ impl Worker {
                     tracing::warn!(error = %e, "failed: {what}");
                     report.errors.push(format!("{what}: {e}"));
                 }
+            }
+        }
+    }
+
+    /// `--ip-blackhole-route`: our subnets' blackhole routes, and no other
+    /// of ours (an earlier lease's, or all of them once the flag is off).
+    fn reconcile_blackholes(&mut self, report: &mut PassReport) {
+        let s = &self.settings;
+        let want =
+            datapath::desired_blackholes(s.blackhole, s.families().filter_map(|f| s.own.subnet(f)));
+        let networks: Vec<IpNet> = s.families().filter_map(|f| s.network_of(f)).collect();
+        let have = match self.nl.list_blackhole_routes() {
+            Ok(all) => datapath::owned_blackholes(&all, &networks),
+            Err(e) => return report.failed(e),
+        };
+        let d = datapath::diff(&want, &have);
+        for b in &d.del {
+            let what = format!(
+                "deleted stale route blackhole {} metric {}",
+                b.dst, b.metric
+            );
+            match self.nl.del_blackhole_route(b) {
+                Ok(()) => report.applied(&[what]),
+                Err(e) => report.failed(format!("{what}: {e}")),
+            }
+        }
+        for b in &d.add {
+            let what = format!("added route blackhole {} metric {}", b.dst, b.metric);
+            match self.nl.replace_blackhole_route(b) {
+                Ok(()) => report.applied(&[what]),
+                Err(e) => report.failed(format!("{what}: {e}")),
             }
         }
     }
@@ -819,6 +853,7 @@ mod tests {
             ipv6_network: None,
             own: "10.244.1.0-24".parse().unwrap(),
             external: external(),
+            blackhole: false,
         }
     }
 

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use flannel_core::datapath::Route;
+use flannel_core::datapath::{BlackholeRoute, Route, BLACKHOLE_METRIC};
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, BACKEND_HOST_GW};
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
@@ -135,6 +135,10 @@ impl Cluster {
     }
 
     fn start(&self, i: usize) -> Daemon {
+        self.start_with(i, &[])
+    }
+
+    fn start_with(&self, i: usize, extra: &[&str]) -> Daemon {
         let node = &self.nodes[i];
         let mut cmd = flanneld_in(&node.ns, &node.log());
         cmd.args(local_store_flags(
@@ -142,7 +146,8 @@ impl Cluster {
             &self.config,
             &node.subnet_file(),
         ))
-        .args(["--iface", "eth0", "--resync-interval", "30"]);
+        .args(["--iface", "eth0", "--resync-interval", "30"])
+        .args(extra);
         Daemon(Some(cmd.spawn().expect("spawn flanneld")))
     }
 
@@ -381,4 +386,150 @@ fn switching_backend_on_restart_leaves_nothing_of_the_old_one() {
     for (i, daemon) in d.into_iter().enumerate() {
         c.stop(i, daemon);
     }
+}
+
+/// `ip route get DST` in the node's namespace: the route the kernel picks.
+/// For a destination that hits a blackhole route the kernel answers EINVAL
+/// ("Invalid argument"), where a missing route is "Network is unreachable".
+fn route_get(node: &Node, dst: Ipv4Addr) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &node.ns.name, "route", "get", &dst.to_string()])
+        .output()
+        .expect("run ip route get");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn blackholes(node: &Node) -> Vec<BlackholeRoute> {
+    let mut v = node.nl(|nl| nl.list_blackhole_routes().unwrap());
+    v.sort();
+    v
+}
+
+fn wait_blackholes(node: &Node, want: &[BlackholeRoute]) {
+    let start = Instant::now();
+    loop {
+        let got = blackholes(node);
+        if got == want {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            panic!(
+                "blackholes {got:?}, want {want:?}; log:\n{}",
+                read_log(&node.log())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ip_blackhole_route_yields_to_cni0_is_restored_and_goes_with_the_flag() {
+    let c = Cluster::new("blackhole", 2, HOST_GW);
+    let mut d0 = c.start_with(0, &["--ip-blackhole-route"]);
+    let mut d1 = c.start(1);
+    let s0 = c.wait_subnet(0, &mut d0);
+    c.wait_subnet(1, &mut d1);
+    let node = &c.nodes[0];
+    let ours = BlackholeRoute {
+        dst: IpNet::V4(s0),
+        metric: BLACKHOLE_METRIC,
+    };
+    wait_blackholes(node, &[ours]);
+    // A node without the flag has none.
+    assert_eq!(blackholes(&c.nodes[1]), vec![]);
+    let unassigned = Ipv4Addr::from(u32::from(s0.network()) + 77);
+    let got = route_get(node, unassigned);
+    assert!(
+        got.contains("Invalid argument"),
+        "ip route get {unassigned}: {got}"
+    );
+    let elsewhere = route_get(node, "10.99.0.1".parse().unwrap());
+    assert!(elsewhere.contains("unreachable"), "{elsewhere}");
+
+    // cni0's connected route to the subnet wins over the blackhole.
+    node.nl(|nl| {
+        let br = nl.add_bridge("cni0", None).unwrap();
+        nl.add_address(br.index, IpNet::V4(Ipv4Net::new(first(s0), 24).unwrap()))
+            .unwrap();
+        nl.set_link_up(br.index).unwrap();
+    });
+    let got = route_get(node, unassigned);
+    assert!(got.contains("dev cni0"), "{got}");
+    assert_eq!(blackholes(node), vec![ours]);
+
+    // Level-triggered: a deleted blackhole comes back; one of an earlier
+    // lease of ours goes; an operator's (another metric) stays.
+    let earlier = BlackholeRoute {
+        dst: "10.244.250.0/24".parse().unwrap(),
+        metric: BLACKHOLE_METRIC,
+    };
+    let operators = BlackholeRoute {
+        dst: "10.244.251.0/24".parse().unwrap(),
+        metric: 0,
+    };
+    node.nl(|nl| {
+        nl.del_blackhole_route(&ours).unwrap();
+        nl.replace_blackhole_route(&earlier).unwrap();
+        nl.replace_blackhole_route(&operators).unwrap();
+    });
+    wait_blackholes(node, &[ours, operators]);
+
+    // A restart without the flag removes ours.
+    c.stop(0, d0);
+    let mut d0 = c.start(0);
+    c.wait_subnet(0, &mut d0);
+    wait_blackholes(node, &[operators]);
+    c.stop(0, d0);
+    c.stop(1, d1);
+}
+
+#[test]
+fn iface_can_reach_picks_the_interface_of_the_route_to_the_target() {
+    let c = Cluster::new("canreach", 1, HOST_GW);
+    let node = &c.nodes[0];
+    // A second interface besides eth0: the route to 10.9.0.0/16 leaves by it.
+    let fd = node.ns.fd();
+    node.nl(|nl| {
+        let ext = nl.add_veth("ext1", "ext1p", fd, None).unwrap();
+        let peer = nl.link_by_name("ext1p").unwrap().unwrap();
+        nl.add_address(ext.index, "10.9.0.5/16".parse().unwrap())
+            .unwrap();
+        nl.set_link_up(peer.index).unwrap();
+        nl.set_link_up(ext.index).unwrap();
+    });
+    let launch = |target: &str| {
+        let mut cmd = flanneld_in(&node.ns, &node.log());
+        cmd.args(local_store_flags(&c.store, &c.config, &node.subnet_file()))
+            .args(["--iface-can-reach", target]);
+        Daemon(Some(cmd.spawn().expect("spawn flanneld")))
+    };
+
+    // No route to the target: a clear error, and nothing written.
+    let mut d = launch("192.0.2.1");
+    let status = wait_for("flanneld to refuse", Duration::from_secs(10), || {
+        d.0.as_mut().unwrap().try_wait().unwrap()
+    });
+    let log = read_log(&node.log());
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("--iface-can-reach 192.0.2.1: no route to it"),
+        "{log}"
+    );
+    assert!(node.subnet_env().is_none() && c.leases().is_empty());
+
+    // The route's interface and source address, not eth0.
+    let mut d = launch("10.9.8.7");
+    let subnet = c.wait_subnet(0, &mut d);
+    let leases = c.leases();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].key.ipv4, Some(subnet));
+    assert_eq!(
+        leases[0].attrs.public_ip,
+        Some("10.9.0.5".parse::<Ipv4Addr>().unwrap())
+    );
+    c.stop(0, d);
 }

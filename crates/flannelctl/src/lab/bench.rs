@@ -263,7 +263,8 @@ pub fn run(
         say(&format!("lab up ({backend}, 2 workers)"));
         let lab = match Lab::up(&opts) {
             Ok(lab) => lab,
-            // `up` removed what it built.
+            // `up` removed what it built; an interrupt ends the bench.
+            Err(LabError::Interrupted) => return Err(LabError::Interrupted),
             Err(e) => {
                 labs.push(LabResult {
                     backend,
@@ -350,6 +351,7 @@ fn measure_lab(
     }
     let mut samples = vec![Samples::default(); routes.len()];
     for (r, s) in routes.iter().zip(samples.iter_mut()) {
+        super::check_interrupted()?;
         say(&format!("{backend} lab: {} latency", r.name));
         (s.rr_p50, s.rr_p99) = udp_rr(&r.src, &r.dst_ns, r.dst, Duration::from_secs(2))?;
     }
@@ -359,9 +361,11 @@ fn measure_lab(
             how.repeat
         ));
         for (r, s) in routes.iter().zip(samples.iter_mut()) {
+            super::check_interrupted()?;
             s.bps_1.push(throughput(r, 1, how)?);
         }
         for (r, s) in routes.iter().zip(samples.iter_mut()) {
+            super::check_interrupted()?;
             s.bps_4.push(throughput(r, 4, how)?);
         }
     }
