@@ -1,7 +1,10 @@
 //! Root integration tests of flanneld's health endpoint (`--healthz-ip`,
-//! `--healthz-port`): real `flanneld` processes in node namespaces, queried
-//! over the node namespace's own loopback from a thread that entered that
-//! namespace. Nothing is sent anywhere else.
+//! `--healthz-port`): real `flanneld` processes in node namespaces (the
+//! underlay of tests/common: a switch namespace at 172.16.1.1, nodes at
+//! 172.16.1.1N), queried over the node namespace's own loopback from a
+//! thread that entered that namespace. The udp case also pings between two
+//! nodes' subnets and sends one datagram from the switch; nothing leaves
+//! these namespaces.
 //!
 //! Namespaces, processes (killed by PID) and directories go on drop, also on
 //! panic.
