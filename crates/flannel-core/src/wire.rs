@@ -13,6 +13,10 @@ pub const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:4001,http://127.0.0.1
 pub const ETCD_CONFIG_KEY: &str = "config";
 /// Directory (below the prefix) holding one key per lease in etcd.
 pub const ETCD_SUBNETS_DIR: &str = "subnets";
+/// flanneld's health endpoint (`--healthz-port`): 200 while the process runs.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// flanneld's readiness endpoint: 200 once rules and subnet.env are in place.
+pub const READYZ_PATH: &str = "/readyz";
 /// Default `--kube-annotation-prefix`.
 pub const DEFAULT_KUBE_ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com";
 

@@ -30,6 +30,7 @@ use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::flags::Flags;
+use crate::health::{Health, HealthError, HealthServer};
 use crate::iface::{self, ExternalInterface, IfaceError};
 use crate::reconcile::{
     BackendSettings, ExternalSettings, PerFamily, ReconcileError, Reconciler, Request, Settings,
@@ -80,6 +81,8 @@ pub enum DaemonError {
     Runtime(#[source] std::io::Error),
     #[error("the lease store's watch ended and could not be restarted: {0}")]
     WatchLost(String),
+    #[error("starting the health endpoint: {0}")]
+    Health(#[from] HealthError),
 }
 
 /// The backends this version runs, with their options.
@@ -276,43 +279,60 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     rt.block_on(async move {
-        match kind {
+        // The endpoint comes first: a port in use or a foreign address
+        // stops flanneld before the store directory, the kernel or
+        // subnet.env is touched, and /healthz answers while flanneld waits
+        // for etcd.
+        let health = Health::default();
+        let server = match flags.healthz_port {
+            0 => None,
+            port => Some(HealthServer::start(flags.healthz_ip, port, health.clone()).await?),
+        };
+        let result = match kind {
             StoreKind::Local(dir) => {
-                let store = LocalStore::open(&dir)?;
-                let cfg = load_config(&flags, store.get_network_config().await?)?;
-                run_with_store(flags, store, cfg, false).await
+                async {
+                    let store = LocalStore::open(&dir)?;
+                    let cfg = load_config(&flags, store.get_network_config().await?)?;
+                    run_with_store(flags, store, cfg, false, health).await
+                }
+                .await
             }
             StoreKind::Etcd(opts) => {
-                let prefix = opts.prefix.clone();
-                let store = connect_etcd(opts).await?;
-                // In etcd mode the config lives in etcd, as upstream.
-                let Some(cfg) = wait_for_etcd_config(&store, &prefix).await? else {
-                    return Ok(());
-                };
-                run_with_store(flags, store, cfg, true).await
+                async {
+                    let prefix = opts.prefix.clone();
+                    let store = connect_etcd(opts).await?;
+                    // In etcd mode the config lives in etcd, as upstream.
+                    let Some(cfg) = wait_for_etcd_config(&store, &prefix).await? else {
+                        return Ok(());
+                    };
+                    run_with_store(flags, store, cfg, true, health).await
+                }
+                .await
             }
+        };
+        if let Some(s) = server {
+            s.shutdown().await;
         }
+        result
     })
 }
 
 /// Everything after the store is open and the config read: validation,
 /// interface selection (read-only), acquisition, device, subnet.env, loop.
 ///
-/// `store_expires_leases`: see [`State::store_expires_leases`].
+/// `store_expires_leases`: see [`State::store_expires_leases`]. `health`
+/// learns when subnet.env is written and gets the reconciler's and the
+/// rules' passes.
 async fn run_with_store<S: Store>(
     flags: Flags,
     store: S,
     cfg: NetConfig,
     store_expires_leases: bool,
+    health: Health,
 ) -> Result<(), DaemonError> {
-    // Everything that can be refused is checked before anything is written.
+    // Everything that can be refused is checked before anything is written
+    // (the health endpoint's address was bound already).
     let backend = check_supported(&cfg)?;
-    if flags.healthz_port != 0 {
-        tracing::warn!(
-            port = flags.healthz_port,
-            "--healthz-port is accepted but the health endpoint is not implemented yet"
-        );
-    }
     if flags.public_ipv6.is_some() && !cfg.enable_ipv6 {
         tracing::warn!("--public-ipv6 is ignored: the network config does not enable IPv6");
     }
@@ -359,7 +379,7 @@ async fn run_with_store<S: Store>(
         ext,
         existing_devices,
     };
-    run_async(flags, startup, store, store_expires_leases).await
+    run_async(flags, startup, store, store_expires_leases, health).await
 }
 
 struct State<S: Store> {
@@ -383,6 +403,8 @@ struct State<S: Store> {
     /// tear down the routes to every live peer during an outage longer than
     /// a TTL. Upstream, too, acts only on the store's events.
     store_expires_leases: bool,
+    /// Readiness and metrics (crate::health).
+    health: Health,
 }
 
 async fn run_async<S: Store>(
@@ -390,6 +412,7 @@ async fn run_async<S: Store>(
     s: Startup,
     store: S,
     store_expires_leases: bool,
+    health: Health,
 ) -> Result<(), DaemonError> {
     let mut mac: PerFamily<Option<MacAddr>> = PerFamily::default();
     let attrs = match &s.backend {
@@ -452,9 +475,10 @@ async fn run_async<S: Store>(
         reconciler: None,
         rules: None,
         store_expires_leases,
+        health,
     };
     let settings = st.settings();
-    let rec = Reconciler::start(settings, st.lease_vec())?;
+    let rec = Reconciler::start_with(settings, st.lease_vec(), st.health.datapath.clone())?;
     let report = rec.pass_now().await?;
     if let Some(e) = report.device_error {
         rec.shutdown();
@@ -470,9 +494,10 @@ async fn run_async<S: Store>(
     );
     st.reconciler = Some(rec);
     st.write_subnet_env()?;
-    st.rules = Some(crate::rules::RulesManager::start(
+    st.rules = Some(crate::rules::RulesManager::start_with(
         crate::rules::input_from(&st.flags, &st.s.cfg, &st.own.key),
         Duration::from_secs(st.flags.iptables_resync),
+        st.health.rules.clone(),
     ));
 
     let result = st.main_loop(watch).await;
@@ -583,6 +608,7 @@ impl<S: Store> State<S> {
     fn write_subnet_env(&self) -> Result<(), DaemonError> {
         let env = SubnetEnv::new(&self.s.cfg, &self.own.key, self.mtu, self.flags.ip_masq);
         subnet_file::write_atomic(&self.flags.subnet_file, &env.render())?;
+        self.health.set_subnet_env_written();
         tracing::info!(path = %self.flags.subnet_file.display(), "wrote subnet.env");
         Ok(())
     }

@@ -113,10 +113,10 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_KUBECONFIG_FILE")]
     pub kubeconfig_file: Option<PathBuf>,
 
-    /// Address of the health endpoint (accepted; the endpoint is not implemented yet).
+    /// Address of the health endpoint (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
     pub healthz_ip: IpAddr,
-    /// Port of the health endpoint; 0 disables it (accepted; not implemented yet).
+    /// Port of the health endpoint; 0 disables it.
     #[arg(long, env = "FLANNELD_HEALTHZ_PORT", default_value_t = 0)]
     pub healthz_port: u16,
 

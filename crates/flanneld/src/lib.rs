@@ -6,11 +6,13 @@
 //! - [`reconcile`]: the kernel thread that makes the datapath match the leases.
 //! - [`rules`]: masquerade and forward rules (iptables or nftables), kept in line on a thread.
 //! - [`daemon`]: startup, the lease watch, renewal and signals.
+//! - [`health`]: the `--healthz-port` endpoint (`/healthz`, `/readyz`, `/metrics`).
 //! - [`subnet_file`]: atomic subnet.env writes.
 
 pub mod backend;
 pub mod daemon;
 pub mod flags;
+pub mod health;
 pub mod iface;
 pub mod reconcile;
 pub mod rules;

@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
+use crate::health::DatapathMetrics;
 
 /// How long a burst of netlink notifications is collected before one pass.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -338,6 +339,16 @@ impl Reconciler {
     /// process's namespace) and the monitor thread. No pass runs until a
     /// request arrives.
     pub fn start(settings: Settings, leases: Vec<Lease>) -> Result<Self, ReconcileError> {
+        Reconciler::start_with(settings, leases, DatapathMetrics::default())
+    }
+
+    /// [`Reconciler::start`], recording every pass in `metrics` (the
+    /// health endpoint's `/metrics`).
+    pub fn start_with(
+        settings: Settings,
+        leases: Vec<Lease>,
+        metrics: DatapathMetrics,
+    ) -> Result<Self, ReconcileError> {
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -352,6 +363,7 @@ impl Reconciler {
                         ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
                         udp: None,
+                        metrics,
                     }
                     .run(rx);
                 }
@@ -446,6 +458,7 @@ struct Worker {
     unreachable: Vec<HostGwPeer>,
     /// The udp backend's running datapath (threads stop when it drops).
     udp: Option<UdpDatapath>,
+    metrics: DatapathMetrics,
 }
 
 impl Worker {
@@ -485,6 +498,8 @@ impl Worker {
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let report = self.pass();
+                    let udp = self.udp.as_ref().map(UdpDatapath::counters_reader);
+                    self.metrics.record_pass(&report, udp);
                     for w in waiters.drain(..) {
                         let _ = w.send(report.clone());
                     }

@@ -34,6 +34,7 @@ use nftables::helper as nft_helper;
 use nftables::schema::{NfListObject, NfObject, Nftables};
 
 use crate::flags::Flags;
+use crate::health::RulesMetrics;
 
 /// A failure to read or write rules.
 #[derive(Debug, thiserror::Error)]
@@ -351,13 +352,17 @@ fn log_cleanup(what: &str, report: &SyncReport, errors: &[RulesIoError]) {
 
 /// The families in use (errors reported), then the others (leftovers only,
 /// errors at debug level).
-fn full_pass(input: &RulesInput, log: &mut PassLog) {
+fn full_pass(input: &RulesInput, log: &mut PassLog, metrics: &RulesMetrics) {
     let in_use = families_in_use(input);
     let (r, e) = sync(input, &in_use);
     if input.wants_nothing() {
         log_cleanup("removing rules no longer wanted", &r, &e);
+        // Nothing wanted: leftovers that cannot be removed (the tools may
+        // be missing) do not keep the node from being ready.
+        metrics.record_pass(r.changed.len(), 0);
     } else {
         log.log("rules", &r, &e);
+        metrics.record_pass(r.changed.len(), e.len());
     }
     let unused: Vec<IpFamily> = FAMILIES
         .into_iter()
@@ -383,10 +388,17 @@ impl RulesManager {
     /// Removes the other mode's rules, applies `input` and then checks it
     /// every `resync` on a thread of its own.
     pub fn start(input: RulesInput, resync: Duration) -> Self {
+        RulesManager::start_with(input, resync, RulesMetrics::default())
+    }
+
+    /// [`RulesManager::start`], recording every pass in `metrics` (the
+    /// health endpoint's readiness and `/metrics`).
+    pub fn start_with(input: RulesInput, resync: Duration, metrics: RulesMetrics) -> Self {
         let (tx, rx) = mpsc::channel();
+        let resync = resync.max(Duration::from_millis(100));
         let thread = std::thread::Builder::new()
             .name("rules".into())
-            .spawn(move || run_loop(input, resync.max(Duration::from_millis(100)), rx))
+            .spawn(move || run_loop(input, resync, rx, metrics))
             .expect("spawning the rules thread");
         Self {
             tx,
@@ -415,7 +427,12 @@ fn families_in_use(input: &RulesInput) -> Vec<IpFamily> {
         .collect()
 }
 
-fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
+fn run_loop(
+    mut input: RulesInput,
+    resync: Duration,
+    rx: mpsc::Receiver<Msg>,
+    metrics: RulesMetrics,
+) {
     let mode_name = |m: Mode| match m {
         Mode::Iptables => "iptables",
         Mode::Nftables => "nftables",
@@ -433,14 +450,14 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
         &e,
     );
     let mut log = PassLog::default();
-    full_pass(&input, &mut log);
+    full_pass(&input, &mut log, &metrics);
     if input.wants_nothing() {
         // Nothing to keep in line; wait for new input or shutdown.
         loop {
             match rx.recv() {
                 Ok(Msg::Update(i)) if !i.wants_nothing() => {
                     input = i;
-                    full_pass(&input, &mut log);
+                    full_pass(&input, &mut log, &metrics);
                     break;
                 }
                 Ok(Msg::Update(_)) => continue,
@@ -455,11 +472,12 @@ fn run_loop(mut input: RulesInput, resync: Duration, rx: mpsc::Receiver<Msg>) {
                     tracing::info!(v4 = ?i.v4, v6 = ?i.v6, "network or subnet changed: replacing the rules");
                 }
                 input = i;
-                full_pass(&input, &mut log);
+                full_pass(&input, &mut log, &metrics);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let (r, e) = sync(&input, &families_in_use(&input));
                 log.log("rules were not as desired", &r, &e);
+                metrics.record_pass(r.changed.len(), e.len());
             }
             Ok(Msg::Stop) => {
                 let (r, e) = remove_mode(input.mode);

@@ -248,6 +248,51 @@ struct Shared {
     port: u16,
 }
 
+/// Reads a running datapath's counters from any thread (the metrics
+/// endpoint) from the same relaxed atomics the stats file is written from:
+/// nothing is added to the packet path.
+#[derive(Clone)]
+pub struct CountersReader {
+    base: Counters,
+    shared: Arc<Shared>,
+}
+
+impl CountersReader {
+    /// The counters now.
+    pub fn read(&self) -> Counters {
+        let mut c = self.base;
+        c.add(&self.shared.counters.snapshot());
+        c
+    }
+
+    /// A reader of no datapath that starts at `base`.
+    #[cfg(test)]
+    pub(crate) fn fixed(base: Counters) -> CountersReader {
+        CountersReader {
+            base,
+            shared: Arc::new(Shared {
+                peers: ArcSwap::from_pointee(PeerTable::default()),
+                counters: SharedCounters::default(),
+                stop: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
+                port: 0,
+            }),
+        }
+    }
+
+    /// Counts as the datapath threads do.
+    #[cfg(test)]
+    pub(crate) fn add_for_test(&self, c: &Counters) {
+        self.shared.counters.add(c);
+    }
+}
+
+impl std::fmt::Debug for CountersReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CountersReader").field(&self.read()).finish()
+    }
+}
+
 /// The running datapath: the TUN queues, the sockets and the threads.
 /// Dropping it stops and joins the threads; `flannel0` (persistent) stays.
 pub struct UdpDatapath {
@@ -435,6 +480,15 @@ impl UdpDatapath {
         let mut c = self.base;
         c.add(&self.shared.counters.snapshot());
         c
+    }
+
+    /// A handle reading [`UdpDatapath::counters`] from another thread; it
+    /// follows this generation of threads only (a restart makes a new one).
+    pub fn counters_reader(&self) -> CountersReader {
+        CountersReader {
+            base: self.base,
+            shared: self.shared.clone(),
+        }
     }
 
     /// Swaps in the peer table; returns whether the peers changed.

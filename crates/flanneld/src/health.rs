@@ -1,0 +1,595 @@
+//! The health endpoint (`--healthz-ip`, `--healthz-port`): an HTTP/1.1
+//! server on the daemon's tokio runtime.
+//!
+//! - `GET /healthz`: 200 while the process runs (as upstream).
+//! - `GET /readyz`: 503 until subnet.env has been written and the first
+//!   pass of the masquerade/forward rules has applied without error (or no
+//!   rules are wanted), then 200 (as upstream: ready once rules and
+//!   subnet.env are in place). Readiness is latched: a later failing rules
+//!   pass shows in `/metrics`, not here.
+//! - `GET /metrics`: flannel-rs's own (upstream has none), Prometheus /
+//!   OpenMetrics text. Everything is read at scrape time from counters the
+//!   reconciler and rules threads already keep; the udp datapath's packet
+//!   counters are read from its atomics, so scraping adds nothing to the
+//!   packet path.
+//!
+//! The listener is bound before the daemon writes anything, so a port in use
+//! or an address not on the node stops flanneld with nothing changed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use flannel_core::udp::Counters;
+use flannel_core::wire;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::backend::udp::CountersReader;
+use crate::reconcile::PassReport;
+
+/// Path of the metrics (flannel-rs only; upstream has no metrics endpoint).
+pub const METRICS_PATH: &str = "/metrics";
+/// Prefix of every metric name.
+pub const METRIC_PREFIX: &str = "flanneld";
+/// Content type of `/metrics` (what prometheus-client's text encoder writes).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const BODY_RUNNING: &str = "flanneld is running\n";
+const BODY_READY: &str = "flanneld is ready\n";
+const BODY_NOT_READY: &str = "flanneld is not ready yet\n";
+const BODY_NOT_FOUND: &str = "404 page not found\n";
+
+/// How long shutdown waits for requests in flight before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Why the health endpoint could not start. Each message names the flag.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("--healthz-port {port}: {addr} is already in use by another process; stop it or choose another --healthz-port")]
+    PortInUse {
+        addr: SocketAddr,
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--healthz-ip {ip}: not an address of this node; use one of its addresses, 127.0.0.1 or 0.0.0.0 (all)")]
+    AddressNotOnNode {
+        ip: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("binding the health endpoint to {addr} (--healthz-ip/--healthz-port): {source}; fix those flags")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The reconciler's part of the metrics: cheap clones sharing the same
+/// atomics, updated by the reconciler thread once per pass.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathMetrics {
+    passes: Counter,
+    changes: Counter,
+    errors: Counter,
+    peers: Gauge,
+    /// Where the udp datapath's counters are read (None: not the udp backend).
+    udp: Arc<Mutex<Option<CountersReader>>>,
+}
+
+impl DatapathMetrics {
+    /// Records a finished reconciliation pass and, with the udp backend,
+    /// where its packet counters are read (a restarted datapath has a new
+    /// source).
+    pub fn record_pass(&self, report: &PassReport, udp: Option<CountersReader>) {
+        self.passes.inc();
+        self.changes.inc_by(report.changes as u64);
+        self.errors.inc_by(report.errors.len() as u64);
+        self.peers.set(report.peers as i64);
+        *self.udp.lock().unwrap_or_else(PoisonError::into_inner) = udp;
+    }
+
+    /// The udp datapath's counters now, when it runs.
+    pub fn udp_counters(&self) -> Option<Counters> {
+        self.udp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(CountersReader::read)
+    }
+}
+
+/// The rules thread's part: passes, rewrites, failures, and whether a pass
+/// has applied the rules yet (readiness).
+#[derive(Debug, Clone, Default)]
+pub struct RulesMetrics {
+    passes: Counter,
+    rewrites: Counter,
+    failures: Counter,
+    applied: Arc<AtomicBool>,
+}
+
+impl RulesMetrics {
+    /// Records a pass over the families in use that rewrote `rewrites`
+    /// chains or tables and failed `failures` times. The first pass without
+    /// failure makes the rules count as applied.
+    pub fn record_pass(&self, rewrites: usize, failures: usize) {
+        self.passes.inc();
+        self.rewrites.inc_by(rewrites as u64);
+        self.failures.inc_by(failures as u64);
+        if failures == 0 {
+            self.applied.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether a rules pass has succeeded (or nothing was wanted).
+    pub fn applied(&self) -> bool {
+        self.applied.load(Ordering::Acquire)
+    }
+}
+
+/// The daemon's health state; cloned into the reconciler, the rules
+/// thread and the server, all sharing the same atomics.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    subnet_env: Arc<AtomicBool>,
+    pub datapath: DatapathMetrics,
+    pub rules: RulesMetrics,
+}
+
+impl Health {
+    /// subnet.env is in place.
+    pub fn set_subnet_env_written(&self) {
+        self.subnet_env.store(true, Ordering::Release);
+    }
+
+    /// Ready: subnet.env written and the rules applied.
+    pub fn is_ready(&self) -> bool {
+        self.subnet_env.load(Ordering::Acquire) && self.rules.applied()
+    }
+
+    /// The registry `/metrics` encodes: the shared counters, and the udp
+    /// counters through a collector that reads them at scrape time.
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::with_prefix(METRIC_PREFIX);
+        let d = &self.datapath;
+        r.register(
+            "reconcile_passes",
+            "Reconciliation passes of the datapath",
+            d.passes.clone(),
+        );
+        r.register(
+            "reconcile_changes",
+            "Kernel writes made by reconciliation passes",
+            d.changes.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Failed steps of reconciliation passes (kernel writes, reads, unreachable peers); the next pass retries",
+            d.errors.clone(),
+        );
+        r.register(
+            "peers",
+            "Peers programmed by the last reconciliation pass (per address family)",
+            d.peers.clone(),
+        );
+        let rl = &self.rules;
+        r.register(
+            "rules_passes",
+            "Passes over the masquerade/forward rules",
+            rl.passes.clone(),
+        );
+        r.register(
+            "rules_rewrites",
+            "Chains or tables of masquerade/forward rules rewritten because they differed",
+            rl.rewrites.clone(),
+        );
+        r.register(
+            "rules_failures",
+            "Failed reads or writes of masquerade/forward rules",
+            rl.failures.clone(),
+        );
+        r.register_collector(Box::new(UdpCollector(d.udp.clone())));
+        r
+    }
+}
+
+/// The udp datapath's counters, read from its atomics at scrape time.
+#[derive(Debug)]
+struct UdpCollector(Arc<Mutex<Option<CountersReader>>>);
+
+/// One counter family with one label.
+fn encode_counters(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for UdpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(c) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(CountersReader::read)
+        else {
+            return Ok(());
+        };
+        let e = &mut encoder;
+        encode_counters(
+            e,
+            "udp_packets",
+            "Packets carried by the udp backend (tx: flannel0 to a peer, rx: a peer to flannel0)",
+            "direction",
+            &[("tx", c.tx_packets), ("rx", c.rx_packets)],
+        )?;
+        encode_counters(
+            e,
+            "udp_bytes",
+            "Bytes of inner packets carried by the udp backend",
+            "direction",
+            &[("tx", c.tx_bytes), ("rx", c.rx_bytes)],
+        )?;
+        encode_counters(
+            e,
+            "udp_dropped",
+            "Packets dropped by the udp backend, by reason",
+            "reason",
+            &[
+                ("spoofed", c.dropped_spoofed),
+                ("malformed", c.dropped_malformed),
+                ("no_route", c.dropped_no_route),
+                ("tun_invalid", c.dropped_tun_invalid),
+                ("send_error", c.send_errors),
+                ("tun_write_error", c.tun_write_errors),
+            ],
+        )
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    registry: Arc<Registry>,
+}
+
+async fn healthz() -> &'static str {
+    BODY_RUNNING
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.is_ready() {
+        (StatusCode::OK, BODY_READY)
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, BODY_NOT_READY)
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &s.registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], out).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding the metrics failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encoding the metrics failed\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, BODY_NOT_FOUND)
+}
+
+/// The routes, for the server and the tests.
+fn router(health: Health) -> Router {
+    let state = AppState {
+        registry: Arc::new(health.registry()),
+        health,
+    };
+    Router::new()
+        .route(wire::HEALTHZ_PATH, get(healthz))
+        .route(wire::READYZ_PATH, get(readyz))
+        .route(METRICS_PATH, get(metrics))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// The running endpoint. [`HealthServer::shutdown`] stops it; dropping it
+/// aborts the server task.
+pub struct HealthServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl HealthServer {
+    /// Binds `ip:port` (port 0: any free port, for tests) and serves on the
+    /// current tokio runtime. Like `ss -ltn sport = :PORT` coming up.
+    pub async fn start(ip: IpAddr, port: u16, health: Health) -> Result<HealthServer, HealthError> {
+        let addr = SocketAddr::new(ip, port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| match source.kind() {
+                std::io::ErrorKind::AddrInUse => HealthError::PortInUse { addr, port, source },
+                std::io::ErrorKind::AddrNotAvailable => {
+                    HealthError::AddressNotOnNode { ip, source }
+                }
+                _ => HealthError::Bind { addr, source },
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| HealthError::Bind { addr, source })?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = router(health);
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = served.await {
+                tracing::error!(error = %e, "health endpoint stopped");
+            }
+        });
+        tracing::info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
+        Ok(HealthServer {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (at most
+    /// [`SHUTDOWN_GRACE`]; an idle keep-alive connection does not hold it
+    /// up), and returns once the listener is closed.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+impl Drop for HealthServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, TcpStream};
+
+    /// A plain HTTP/1.1 GET: (status code, body).
+    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let (head, body) = resp.split_once("\r\n\r\n").expect("header end");
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        (status, body.to_string())
+    }
+
+    /// Runs `f` (blocking HTTP calls) on a thread of its own while the
+    /// server runs on the test's runtime.
+    async fn client<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        tokio::task::spawn_blocking(f).await.unwrap()
+    }
+
+    fn value(metrics: &str, name: &str) -> Option<String> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .map(str::to_string)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_readyz_metrics_and_404() {
+        let health = Health::default();
+        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        assert_ne!(addr.port(), 0);
+
+        let (code, body) = client(move || get(addr, "/healthz")).await;
+        assert_eq!((code, body.as_str()), (200, BODY_RUNNING));
+
+        // Not ready: neither subnet.env nor rules; then only subnet.env;
+        // then a failing rules pass; then a good one.
+        let ready = move || get(addr, "/readyz");
+        assert_eq!(client(ready).await, (503, BODY_NOT_READY.to_string()));
+        health.set_subnet_env_written();
+        assert_eq!(client(ready).await.0, 503, "rules not applied yet");
+        health.rules.record_pass(0, 1);
+        assert_eq!(client(ready).await.0, 503, "the rules pass failed");
+        health.rules.record_pass(2, 0);
+        assert_eq!(client(ready).await, (200, BODY_READY.to_string()));
+        // Latched: a later failure does not make the node unready.
+        health.rules.record_pass(0, 1);
+        assert_eq!(client(ready).await.0, 200);
+
+        health.datapath.record_pass(
+            &PassReport {
+                peers: 3,
+                changes: 7,
+                errors: vec!["x".into(), "y".into()],
+                ..PassReport::default()
+            },
+            None,
+        );
+        health.datapath.record_pass(
+            &PassReport {
+                peers: 2,
+                ..PassReport::default()
+            },
+            None,
+        );
+        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(code, 200, "{m}");
+        for (name, want) in [
+            ("flanneld_reconcile_passes_total", "2"),
+            ("flanneld_reconcile_changes_total", "7"),
+            ("flanneld_reconcile_errors_total", "2"),
+            ("flanneld_peers", "2"),
+            ("flanneld_rules_passes_total", "3"),
+            ("flanneld_rules_rewrites_total", "2"),
+            ("flanneld_rules_failures_total", "2"),
+        ] {
+            assert_eq!(value(&m, name).as_deref(), Some(want), "{name} in\n{m}");
+        }
+        assert!(m.contains("# TYPE flanneld_peers gauge"), "{m}");
+        assert!(
+            !m.contains("flanneld_udp_"),
+            "no udp metrics without the udp backend:\n{m}"
+        );
+
+        for path in ["/", "/healthzz", "/metrics/x", "/readyz/"] {
+            let (code, body) = client(move || get(addr, path)).await;
+            assert_eq!((code, body.as_str()), (404, BODY_NOT_FOUND), "{path}");
+        }
+
+        // Shutdown closes the listener, even with an idle keep-alive
+        // connection open.
+        let idle = TcpStream::connect(addr).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), srv.shutdown())
+            .await
+            .expect("shutdown does not hang");
+        drop(idle);
+        assert!(TcpStream::connect(addr).is_err(), "still listening");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn udp_counters_are_read_at_scrape_time() {
+        let health = Health::default();
+        let reader = CountersReader::fixed(Counters {
+            tx_packets: 11,
+            tx_bytes: 1100,
+            rx_packets: 12,
+            rx_bytes: 1200,
+            dropped_spoofed: 1,
+            dropped_malformed: 2,
+            dropped_no_route: 3,
+            dropped_tun_invalid: 4,
+            send_errors: 5,
+            tun_write_errors: 6,
+        });
+        health
+            .datapath
+            .record_pass(&PassReport::default(), Some(reader.clone()));
+        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(code, 200);
+        for (name, want) in [
+            (r#"flanneld_udp_packets_total{direction="tx"}"#, "11"),
+            (r#"flanneld_udp_packets_total{direction="rx"}"#, "12"),
+            (r#"flanneld_udp_bytes_total{direction="tx"}"#, "1100"),
+            (r#"flanneld_udp_bytes_total{direction="rx"}"#, "1200"),
+            (r#"flanneld_udp_dropped_total{reason="spoofed"}"#, "1"),
+            (r#"flanneld_udp_dropped_total{reason="malformed"}"#, "2"),
+            (r#"flanneld_udp_dropped_total{reason="no_route"}"#, "3"),
+            (r#"flanneld_udp_dropped_total{reason="tun_invalid"}"#, "4"),
+            (r#"flanneld_udp_dropped_total{reason="send_error"}"#, "5"),
+            (
+                r#"flanneld_udp_dropped_total{reason="tun_write_error"}"#,
+                "6",
+            ),
+        ] {
+            assert_eq!(value(&m, name).as_deref(), Some(want), "{name} in\n{m}");
+        }
+        // The datapath counts on: the next scrape sees it without a pass.
+        reader.add_for_test(&Counters {
+            tx_packets: 1,
+            ..Counters::default()
+        });
+        let (_, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(
+            value(&m, r#"flanneld_udp_packets_total{direction="tx"}"#).as_deref(),
+            Some("12"),
+            "{m}"
+        );
+        srv.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bind_errors_name_the_flag() {
+        let taken = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let e = HealthServer::start(Ipv4Addr::LOCALHOST.into(), port, Health::default())
+            .await
+            .err()
+            .expect("port in use");
+        assert!(matches!(e, HealthError::PortInUse { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("--healthz-port") && msg.contains(&port.to_string()),
+            "{msg}"
+        );
+        // TEST-NET-1 is on no interface of any machine.
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let e = HealthServer::start(ip, 0, Health::default())
+            .await
+            .err()
+            .expect("address not on the node");
+        assert!(matches!(e, HealthError::AddressNotOnNode { .. }), "{e:?}");
+        assert!(e.to_string().contains("--healthz-ip 192.0.2.1"), "{e}");
+    }
+}

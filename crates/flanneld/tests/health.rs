@@ -1,0 +1,381 @@
+//! Root integration tests of flanneld's health endpoint (`--healthz-ip`,
+//! `--healthz-port`): real `flanneld` processes in node namespaces (the
+//! underlay of tests/common: a switch namespace at 172.16.1.1, nodes at
+//! 172.16.1.1N), queried over the node namespace's own loopback from a
+//! thread that entered that namespace. The udp case also pings between two
+//! nodes' subnets and sends one datagram from the switch; nothing leaves
+//! these namespaces.
+//!
+//! Namespaces, processes (killed by PID) and directories go on drop, also on
+//! panic.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+
+mod common;
+use common::{
+    flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
+};
+
+const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const UDP_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#;
+/// The switch's address: on no lease, so datagrams from it are spoofed.
+const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
+/// Any port will do: each node namespace has a loopback of its own.
+const PORT: u16 = 10244;
+
+/// `ip link set lo up` in the node's namespace (a new namespace's lo is
+/// down, and 127.0.0.1 cannot be bound until it is up).
+fn lo_up(node: &NodeNs) {
+    node.nl(|nl| {
+        let lo = nl.link_by_name("lo").unwrap().unwrap();
+        nl.set_link_up(lo.index).unwrap();
+    });
+}
+
+/// A plain HTTP/1.1 GET: (status code, body).
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let bad = || std::io::Error::other(format!("bad HTTP response {resp:?}"));
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let code = head
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("HTTP/1.1 "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((code, body.to_string()))
+}
+
+/// GET `http://127.0.0.1:PORT/path` inside the node's namespace; None while
+/// nothing answers.
+fn get_in(node: &NodeNs, path: &str) -> Option<(u16, String)> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+    node.ns
+        .run(|| http_get(addr, path))
+        .expect("run in the node namespace")
+        .ok()
+}
+
+/// The value of the sample `name` (exact name with labels) in a scrape.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The nodes (with their underlay addresses) and the testbed. Field order
+/// is drop order: the nodes go before their switch.
+struct Cluster {
+    nodes: Vec<NodeNs>,
+    ips: Vec<Ipv4Addr>,
+    bed: Testbed,
+}
+
+impl Cluster {
+    fn new(tag: &str, n: usize) -> Cluster {
+        Cluster::with_config(tag, n, CONFIG)
+    }
+
+    fn with_config(tag: &str, n: usize, config: &str) -> Cluster {
+        let switch = format!("{SWITCH_IP}/24");
+        let (bed, underlay) =
+            Testbed::new(&format!("health-{tag}"), "fdhz", n, Some(&switch), config);
+        let (nodes, ips): (Vec<NodeNs>, Vec<Ipv4Addr>) = underlay.into_iter().unzip();
+        for n in &nodes {
+            lo_up(n);
+        }
+        Cluster { nodes, ips, bed }
+    }
+
+    fn command(&self, i: usize, extra: &[&str]) -> std::process::Command {
+        let node = &self.nodes[i];
+        let mut cmd = flanneld_in(&node.ns, &node.log());
+        cmd.args(local_store_flags(
+            &self.bed.store,
+            &self.bed.config,
+            &node.subnet_file(),
+        ))
+        .args(["--iface", "eth0"])
+        .args(extra);
+        cmd
+    }
+
+    fn start(&self, i: usize, extra: &[&str]) -> Daemon {
+        Daemon(Some(
+            self.command(i, extra).spawn().expect("spawn flanneld"),
+        ))
+    }
+
+    /// Waits for node `i`'s subnet.env; returns its subnet.
+    fn wait_subnet_env(&self, i: usize, d: &mut Daemon) -> Ipv4Net {
+        let node = &self.nodes[i];
+        wait_for("subnet.env", Duration::from_secs(15), || {
+            d.check_alive(&node.log());
+            node.subnet_env()?.lease_key()?.ipv4
+        })
+    }
+
+    /// Scrapes /metrics until `ok` holds; returns that scrape.
+    fn wait_metrics(
+        &self,
+        i: usize,
+        d: &mut Daemon,
+        what: &str,
+        ok: impl Fn(&str) -> bool,
+    ) -> String {
+        let node = &self.nodes[i];
+        let mut last = String::new();
+        let start = Instant::now();
+        loop {
+            d.check_alive(&node.log());
+            if let Some((200, m)) = get_in(node, "/metrics") {
+                if ok(&m) {
+                    return m;
+                }
+                last = m;
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                panic!(
+                    "timed out waiting for {what}; last scrape:\n{last}\nlog:\n{}",
+                    read_log(&node.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A directory whose `iptables-save` and `ip6tables-save` always fail, put
+/// first in flanneld's PATH: every rules pass fails as on a node whose
+/// iptables is broken.
+fn failing_iptables(dir: &Path) -> String {
+    fs::create_dir_all(dir).unwrap();
+    for bin in ["iptables-save", "ip6tables-save"] {
+        let p = dir.join(bin);
+        fs::write(
+            &p,
+            "#!/bin/sh\necho 'iptables-save: simulated failure' >&2\nexit 1\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
+    )
+}
+
+#[test]
+fn readyz_waits_for_rules_and_metrics_count_passes_and_peers() {
+    let c = Cluster::new("ready", 3);
+    let port = PORT.to_string();
+    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
+    let mut peers = Vec::new();
+    for i in [1, 2] {
+        let mut d = c.start(i, &[]);
+        c.wait_subnet_env(i, &mut d);
+        peers.push(d);
+    }
+    let node = &c.nodes[0];
+
+    // 1. Rules that never apply: alive, subnet.env written, never ready.
+    let path = failing_iptables(&c.bed.tmp.0.join("failing-bin"));
+    let mut cmd = c.command(0, &healthz);
+    cmd.args(["--iptables-resync", "1"]).env("PATH", path);
+    let mut d = Daemon(Some(cmd.spawn().expect("spawn flanneld")));
+    c.wait_subnet_env(0, &mut d);
+    let m = c.wait_metrics(0, &mut d, "two failed rules passes", |m| {
+        sample(m, "flanneld_rules_failures_total").unwrap_or(0.0) >= 2.0
+    });
+    assert!(
+        sample(&m, "flanneld_reconcile_passes_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "flanneld_reconcile_changes_total").unwrap() >= 6.0,
+        "a neighbour, an FDB entry and a route per peer: {m}"
+    );
+    assert_eq!(sample(&m, "flanneld_peers"), Some(2.0), "{m}");
+    assert_eq!(
+        get_in(node, "/healthz"),
+        Some((200, "flanneld is running\n".into()))
+    );
+    assert_eq!(
+        get_in(node, "/readyz"),
+        Some((503, "flanneld is not ready yet\n".into())),
+        "ready although every rules pass failed; log:\n{}",
+        read_log(&node.log())
+    );
+    assert_eq!(get_in(node, "/nope").map(|r| r.0), Some(404));
+    d.stop(&node.log());
+    assert_eq!(
+        get_in(node, "/healthz"),
+        None,
+        "still listening after SIGTERM"
+    );
+
+    // 2. Working rules: ready, with the peers programmed.
+    let mut d = c.start(0, &healthz);
+    wait_for("/readyz 200", Duration::from_secs(15), || {
+        d.check_alive(&node.log());
+        (get_in(node, "/readyz")? == (200, "flanneld is ready\n".into())).then_some(())
+    });
+    assert!(node.subnet_file().exists(), "ready before subnet.env");
+    assert_eq!(
+        get_in(node, "/healthz"),
+        Some((200, "flanneld is running\n".into()))
+    );
+    let m = c.wait_metrics(0, &mut d, "flanneld_peers 2", |m| {
+        sample(m, "flanneld_peers") == Some(2.0)
+    });
+    assert!(
+        sample(&m, "flanneld_reconcile_passes_total").unwrap() > 0.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "flanneld_reconcile_changes_total"),
+        Some(0.0),
+        "a restart writes nothing: {m}"
+    );
+    assert!(
+        sample(&m, "flanneld_rules_passes_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "flanneld_rules_failures_total"),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        !m.contains("flanneld_udp_"),
+        "vxlan has no udp counters: {m}"
+    );
+    d.stop(&node.log());
+    for (i, p) in peers.into_iter().enumerate() {
+        p.stop(&c.nodes[i + 1].log());
+    }
+}
+
+#[test]
+fn a_port_in_use_or_a_foreign_address_exits_before_anything_is_written() {
+    let c = Cluster::new("refused", 1);
+    let node = &c.nodes[0];
+    // Hold the port inside the node's namespace (a socket stays in the
+    // namespace it was created in).
+    let taken = node
+        .ns
+        .run(|| TcpListener::bind(("127.0.0.1", PORT)).unwrap())
+        .unwrap();
+    let port = PORT.to_string();
+    for (ip, needle) in [
+        ("127.0.0.1", "--healthz-port"),
+        ("172.16.1.99", "--healthz-ip"),
+    ] {
+        let _ = fs::remove_file(node.log());
+        let mut child = c
+            .command(0, &["--healthz-ip", ip, "--healthz-port", port.as_str()])
+            .spawn()
+            .expect("spawn flanneld");
+        let st = wait_for("flanneld to exit", Duration::from_secs(10), || {
+            child.try_wait().unwrap()
+        });
+        let log = read_log(&node.log());
+        assert!(!st.success(), "{ip}: must fail; log:\n{log}");
+        assert!(
+            log.contains(needle),
+            "{ip}: the error must name {needle}:\n{log}"
+        );
+        assert!(node.link("flannel.1").is_none(), "{ip}: flannel.1 created");
+        assert!(!node.subnet_file().exists(), "{ip}: subnet.env written");
+        assert!(!c.bed.store.exists(), "{ip}: the store was touched");
+    }
+    drop(taken);
+}
+
+/// The subnet's first address on lo: a ping target standing in for a pod.
+fn add_target(node: &NodeNs, subnet: Ipv4Net) -> Ipv4Addr {
+    let ip = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+    node.nl(|nl| {
+        let lo = nl.link_by_name("lo").unwrap().unwrap();
+        nl.add_address(lo.index, IpNet::V4(Ipv4Net::new(ip, 32).unwrap()))
+            .unwrap();
+    });
+    ip
+}
+
+#[test]
+fn udp_backend_counters_are_served_as_metrics() {
+    let c = Cluster::with_config("udp", 2, UDP_CONFIG);
+    let port = PORT.to_string();
+    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
+    let mut daemons = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..2 {
+        let mut d = c.start(i, &healthz);
+        let subnet = c.wait_subnet_env(i, &mut d);
+        targets.push(add_target(&c.nodes[i], subnet));
+        daemons.push(d);
+    }
+    // Pod to pod across the udp datapath: node 1 sends, and receives the replies.
+    wait_for("ping over flannel0", Duration::from_secs(15), || {
+        ping_in(
+            &c.nodes[0].ns.name,
+            Some(targets[0].into()),
+            targets[1].into(),
+        )
+        .then_some(())
+    });
+    let (tx, rx) = (
+        r#"flanneld_udp_packets_total{direction="tx"}"#,
+        r#"flanneld_udp_packets_total{direction="rx"}"#,
+    );
+    let m = c.wait_metrics(0, &mut daemons[0], "udp packets both ways", |m| {
+        sample(m, tx).unwrap_or(0.0) >= 1.0 && sample(m, rx).unwrap_or(0.0) >= 1.0
+    });
+    for dir in ["tx", "rx"] {
+        let bytes = sample(
+            &m,
+            &format!(r#"flanneld_udp_bytes_total{{direction="{dir}"}}"#),
+        );
+        assert!(
+            bytes.unwrap_or(0.0) >= 84.0,
+            "an ICMP echo is 84 bytes: {m}"
+        );
+    }
+    let spoofed = r#"flanneld_udp_dropped_total{reason="spoofed"}"#;
+    assert_eq!(sample(&m, spoofed), Some(0.0), "{m}");
+    assert_eq!(sample(&m, "flanneld_peers"), Some(1.0), "{m}");
+
+    // A datagram from the switch, which holds no lease: dropped and counted
+    // by reason.
+    let to = SocketAddrV4::new(c.ips[0], flannel_core::wire::UDP_DEFAULT_PORT);
+    c.bed
+        .switch
+        .run(|| {
+            let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
+            s.send_to(&[0x45; 40], to).unwrap();
+        })
+        .unwrap();
+    c.wait_metrics(0, &mut daemons[0], "a spoofed datagram counted", |m| {
+        sample(m, spoofed) == Some(1.0)
+    });
+    for (i, d) in daemons.into_iter().enumerate() {
+        d.stop(&c.nodes[i].log());
+    }
+}
