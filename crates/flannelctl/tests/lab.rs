@@ -59,6 +59,9 @@ fn three_workers_ping_across_nodes_with_ttl_62_and_hold_exactly_the_triples() {
     }
     let status = lab.status();
     assert!(status.healthy(), "{}", status.render());
+    // Every daemon answers /readyz on its node's 127.0.0.1 (lab up waited for it).
+    assert!(status.nodes.iter().all(|n| n.ready == Ok(true)));
+    assert!(status.render().contains("ready"), "{}", status.render());
     // The seed's MTUs: 1500 underlay, 1450 for flannel.1, cni0 and the pods.
     assert_eq!(link_mtu(&lab, "k8s-node1", "flannel.1"), 1450);
     assert_eq!(link_mtu(&lab, "ubuntu-2", "eth0"), 1450);
@@ -312,6 +315,10 @@ fn leases_removed_while_daemons_are_down_disappear_everywhere() {
         .map(|n| n.node.as_str())
         .collect();
     assert_eq!(down, ["k8s-node1", "k8s-node3"], "{}", status.render());
+    // A stopped daemon's health endpoint is gone with it.
+    let node1 = status.nodes.iter().find(|n| n.node == "k8s-node1").unwrap();
+    assert!(node1.ready.is_err(), "{:?}", node1.ready);
+    assert!(status.render().contains("no answer"), "{}", status.render());
     assert!(!status.healthy());
     lab.delete_lease(lab.node("k8s-node3").unwrap().subnet)
         .unwrap();

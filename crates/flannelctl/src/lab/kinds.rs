@@ -141,6 +141,9 @@ impl std::fmt::Display for Topology {
 
 /// The cluster's IPv6 network.
 pub const CLUSTER_NETWORK_V6: &str = "fd00:10:244::/56";
+/// Port of every lab flanneld's health endpoint, on 127.0.0.1 of its node
+/// (`--healthz-ip 127.0.0.1 --healthz-port 10244`).
+pub const HEALTHZ_PORT: u16 = 10244;
 /// The outside host of `--ip-masq` labs (TEST-NET-3).
 pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The gateway's address on the outside link.

@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
 use flannel_core::mac::MacAddr;
 use flannel_netlink::netns::{NetNs, NetNsError};
+use flannel_netlink::Netlink;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +56,7 @@ pub use etcd::{
 };
 pub use kinds::{
     gateway_of, gateway_v6_of, net_conf, node_subnet_v6, segment_net, segment_net_v6, segment_of,
-    underlay_ip_on, underlay_ipv6_on, Backend, Family, Topology, CLUSTER_NETWORK_V6,
+    underlay_ip_on, underlay_ipv6_on, Backend, Family, Topology, CLUSTER_NETWORK_V6, HEALTHZ_PORT,
     OUTSIDE_GATEWAY, OUTSIDE_GATEWAY_V6, OUTSIDE_IP, OUTSIDE_IPV6,
 };
 pub use masq::{MasqObservation, MasqReport};
@@ -943,7 +944,7 @@ impl Lab {
         }
         let deadline = Instant::now() + ready_timeout;
         for node in &self.state.nodes {
-            self.wait_subnet_env(&node.name, deadline)?;
+            self.wait_daemon_ready(&node.name, deadline)?;
         }
         self.wait_leases_published(deadline)?;
         say(format!(
@@ -1301,6 +1302,16 @@ impl Lab {
             }
         }
         let ns = NetNs::open(&n.netns).map_err(ns_err(format!("opening {}", n.netns)))?;
+        // The health endpoint listens on 127.0.0.1, which a fresh namespace
+        // only has once lo is up.
+        let mut nl = Netlink::open_in(&ns).map_err(nl_err(format!("netlink in {node}")))?;
+        if let Some(lo) = nl
+            .link_by_name("lo")
+            .map_err(nl_err(format!("ip link show lo in {node}")))?
+        {
+            nl.set_link_up(lo.index)
+                .map_err(nl_err(format!("ip link set lo up in {node}")))?;
+        }
         procs::spawn_flanneld(
             &ns,
             &self.state.bin_dir,
@@ -1332,10 +1343,20 @@ impl Lab {
         Ok(args)
     }
 
-    /// The flags of one node's daemon: [`Self::daemon_store_args`], and in
-    /// labs with IPv6 `--public-ipv6` naming the node's IPv6 underlay address.
+    /// The flags of one node's daemon: [`Self::daemon_store_args`], the
+    /// health endpoint on the node's 127.0.0.1:[`HEALTHZ_PORT`], and in labs
+    /// with IPv6 `--public-ipv6` naming the node's IPv6 underlay address.
     fn daemon_args(&self, n: &NodeState) -> Result<Vec<OsString>> {
         let mut args = self.daemon_store_args()?;
+        args.extend(
+            [
+                "--healthz-ip",
+                "127.0.0.1",
+                "--healthz-port",
+                &HEALTHZ_PORT.to_string(),
+            ]
+            .map(OsString::from),
+        );
         if let Some(v6) = n.underlay_ipv6.filter(|_| self.state.family.has_v6()) {
             args.push("--public-ipv6".into());
             args.push(v6.to_string().into());
@@ -1374,6 +1395,30 @@ impl Lab {
     pub fn daemon_alive(&self, node: &str) -> bool {
         self.daemon_pid(node)
             .is_some_and(|pid| procs::is_lab_flanneld(pid, &self.dir()))
+    }
+
+    /// Whether the node's flanneld says it is ready: `GET /readyz` on its
+    /// health endpoint, from inside the node's namespace. `Err` says why it
+    /// did not answer.
+    pub fn daemon_ready(&self, node: &str) -> std::result::Result<bool, String> {
+        let ns = self.netns(node).map_err(|e| e.to_string())?;
+        ns.run(|| procs::http_get_status(HEALTHZ_PORT, flannel_core::wire::READYZ_PATH))
+            .map_err(|e| e.to_string())?
+            .map(|status| status == 200)
+    }
+
+    /// Waits until the node's subnet.env names its reserved subnet, then
+    /// until its flanneld answers `/readyz` with 200 (subnet.env written and
+    /// the masquerade/forward rules applied).
+    pub fn wait_daemon_ready(&self, node: &str, deadline: Instant) -> Result<()> {
+        self.wait_subnet_env(node, deadline)?;
+        poll_until(deadline, &format!("/readyz of flanneld on {node}"), || {
+            if self.daemon_ready(node) == Ok(true) {
+                return Ok(true);
+            }
+            self.ensure_daemon_alive(node)?;
+            Ok(false)
+        })
     }
 
     /// Waits until the node's subnet.env names its reserved subnet.
@@ -1564,7 +1609,7 @@ impl Lab {
             },
             e => e,
         })?;
-        self.wait_subnet_env(node, deadline)?;
+        self.wait_daemon_ready(node, deadline)?;
         for i in 0..self.state.pods.len() {
             if self.state.pods[i].node == node && self.state.pods[i].addresses().is_empty() {
                 let a = self.attach_pod(i)?;
@@ -1642,7 +1687,7 @@ impl Lab {
         }
         let deadline = Instant::now() + timeout;
         for n in &nodes {
-            self.wait_subnet_env(n, deadline)?;
+            self.wait_daemon_ready(n, deadline)?;
         }
         self.wait_leases_published(deadline)?;
         masq::wait_ready(self, Instant::now() + Duration::from_secs(10))

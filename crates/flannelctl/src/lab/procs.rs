@@ -311,6 +311,34 @@ pub(crate) fn tail(path: &Path, n: usize) -> String {
     }
 }
 
+/// `GET PATH` on 127.0.0.1:PORT of the calling thread's namespace (one
+/// HTTP/1.1 request, `Connection: close`, 1 s timeouts): the response's
+/// status code, or why there was none.
+pub(crate) fn http_get_status(port: u16, path: &str) -> std::result::Result<u16, String> {
+    use std::io::{Read, Write};
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let timeout = Duration::from_secs(1);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("GET {path}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).map_err(|e| format!("GET {path}: {e}"))?;
+    // "HTTP/1.1 200 OK"
+    std::str::from_utf8(&head[..n])
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("GET {path}: not an HTTP response"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

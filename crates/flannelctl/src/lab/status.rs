@@ -25,11 +25,14 @@ pub struct DaemonStatus {
     /// The pid is alive and is this lab's flanneld.
     pub alive: bool,
     pub subnet_env_present: bool,
+    /// The daemon's `/readyz`: `Ok(true)` once subnet.env is written and
+    /// its rules applied; `Err` when it did not answer.
+    pub ready: Result<bool, String>,
 }
 
 impl DaemonStatus {
     pub fn healthy(&self) -> bool {
-        self.netns_present && self.alive && self.subnet_env_present
+        self.netns_present && self.alive && self.subnet_env_present && self.ready == Ok(true)
     }
 }
 
@@ -96,13 +99,13 @@ impl LabStatus {
         let _ = writeln!(out, "\nnodes:");
         let _ = writeln!(
             out,
-            "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} HEALTH",
-            "NODE", "SEG", "UNDERLAY", "SUBNET", "PID", "DAEMON", "SUBNET.ENV"
+            "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} {:<10} HEALTH",
+            "NODE", "SEG", "UNDERLAY", "SUBNET", "PID", "DAEMON", "SUBNET.ENV", "READYZ"
         );
         for n in &self.nodes {
             let _ = writeln!(
                 out,
-                "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} {}",
+                "  {:<12} {:<4} {:<15} {:<15} {:<8} {:<10} {:<10} {:<10} {}",
                 n.node,
                 n.segment,
                 n.underlay_ip.to_string(),
@@ -113,6 +116,11 @@ impl LabStatus {
                     "present"
                 } else {
                     "missing"
+                },
+                match n.ready {
+                    Ok(true) => "ready",
+                    Ok(false) => "not ready",
+                    Err(_) => "no answer",
                 },
                 if !n.netns_present {
                     "netns missing"
@@ -174,6 +182,7 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
                 pid,
                 alive: pid.is_some_and(|p| procs::is_lab_flanneld(p, &lab.dir())),
                 subnet_env_present: lab.subnet_file(&n.name).is_file(),
+                ready: lab.daemon_ready(&n.name),
             }
         })
         .collect();
