@@ -485,6 +485,19 @@ fn dual_stack_pings_in_both_families_with_vxlan_then_host_gw() {
     let m = assert_matrix_ok(&lab);
     assert_pod_pairs_ttl_62(&lab, &m, "");
     assert_pod_pairs_ttl_62(&lab, &m, "@v6");
+    // IPv6 through flannel-v6.1, over the IPv6 underlay.
+    let pod2_v6 = lab.pod("ubuntu-2").unwrap().ipv6.unwrap().addr();
+    let node2_v6 = lab.node("k8s-node2").unwrap().underlay_ipv6.unwrap();
+    let w = lab.explain("ubuntu-1", IpAddr::V6(pod2_v6)).unwrap();
+    let text = w.render("ubuntu-2");
+    assert!(w.delivered(), "{text}");
+    for want in [
+        "dev flannel-v6.1".to_string(),
+        format!("encapsulated in UDP to [{node2_v6}]:8472, VNI 1"),
+        "decapsulated by flannel-v6.1".to_string(),
+    ] {
+        assert!(text.contains(&want), "no {want:?} in\n{text}");
+    }
     lab.switch_backend(Backend::HostGw, false, Duration::from_secs(30))
         .unwrap();
     for n in &lab.state.nodes {

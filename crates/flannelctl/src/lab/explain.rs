@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use flannel_core::lease::Lease;
 use flannel_core::mac::MacAddr;
@@ -61,8 +61,10 @@ pub trait View {
     fn fdb_dst(&mut self, place: &str, dev: &str, mac: MacAddr) -> Option<IpAddr>;
     /// The port of bridge `bridge` that learned `mac`.
     fn bridge_port(&mut self, place: &str, bridge: &str, mac: MacAddr) -> Option<String>;
-    /// The vxlan device of `place` with this VNI (the one that decapsulates).
-    fn vxlan_device(&mut self, place: &str, vni: u32) -> Option<String>;
+    /// The vxlan device of `place` that decapsulates VNI `vni` arriving for
+    /// `vtep`: the one whose `local` is that address (`flannel.1` for an IPv4
+    /// underlay, `flannel-v6.1` for IPv6, both with VNI 1).
+    fn vxlan_device(&mut self, place: &str, vni: u32, vtep: IpAddr) -> Option<String>;
     /// The place and device that hold address `ip`.
     fn owner(&self, ip: IpAddr) -> Option<(String, String)>;
     /// The udp backend's peer for `dst`: the PublicIP of the lease whose
@@ -206,13 +208,14 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     return end(hops, o);
                 };
                 lines.push(format!(
-                    "fdb: {mac} dst {vtep} dev {}: encapsulated in UDP to {vtep}:{port}, VNI {vni}",
-                    r.dev
+                    "fdb: {mac} dst {vtep} dev {}: encapsulated in UDP to {}, VNI {vni}",
+                    r.dev,
+                    SocketAddr::new(vtep, port)
                 ));
                 match outer_leg(view, &place, vtep, &mut lines) {
                     Ok((next, dev)) => {
                         let decap = view
-                            .vxlan_device(&next, vni)
+                            .vxlan_device(&next, vni, vtep)
                             .unwrap_or_else(|| format!("no device with VNI {vni} (dropped)"));
                         (
                             next,
@@ -232,8 +235,9 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     return end(hops, o);
                 };
                 lines.push(format!(
-                    "{} is flanneld's TUN device: flanneld sends the packet as the payload of UDP to {peer}:{UDP_DEFAULT_PORT}",
-                    r.dev
+                    "{} is flanneld's TUN device: flanneld sends the packet as the payload of UDP to {}",
+                    r.dev,
+                    SocketAddr::new(peer, UDP_DEFAULT_PORT)
                 ));
                 match outer_leg(view, &place, peer, &mut lines) {
                     Ok((next, dev)) => (
@@ -417,12 +421,21 @@ impl View for KernelView {
         Some(nl.link_by_index(port).ok()??.name)
     }
 
-    fn vxlan_device(&mut self, place: &str, vni: u32) -> Option<String> {
+    fn vxlan_device(&mut self, place: &str, vni: u32, vtep: IpAddr) -> Option<String> {
         let links = self.nl(place)?.list_links().ok()?;
+        let with_vni = |l: &&flannel_netlink::Link| l.vxlan.as_ref().is_some_and(|v| v.vni == vni);
+        let local = |l: &flannel_netlink::Link| l.vxlan.as_ref().and_then(|v| v.local);
         links
-            .into_iter()
-            .find(|l| l.vxlan.as_ref().is_some_and(|v| v.vni == vni))
-            .map(|l| l.name)
+            .iter()
+            .filter(with_vni)
+            .find(|l| local(l) == Some(vtep))
+            .or_else(|| {
+                links
+                    .iter()
+                    .filter(with_vni)
+                    .find(|l| local(l).is_none_or(|a| a.is_ipv4() == vtep.is_ipv4()))
+            })
+            .map(|l| l.name.clone())
     }
 
     fn owner(&self, ip: IpAddr) -> Option<(String, String)> {
@@ -546,7 +559,7 @@ mod tests {
         fn bridge_port(&mut self, place: &str, _bridge: &str, mac: MacAddr) -> Option<String> {
             self.ports.get(&(place.into(), mac)).cloned()
         }
-        fn vxlan_device(&mut self, place: &str, _vni: u32) -> Option<String> {
+        fn vxlan_device(&mut self, place: &str, _vni: u32, _vtep: IpAddr) -> Option<String> {
             self.vxlan.get(place).cloned()
         }
         fn owner(&self, ip: IpAddr) -> Option<(String, String)> {
