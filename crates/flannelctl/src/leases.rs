@@ -80,6 +80,11 @@ impl LeaseRow {
 
 /// Every lease of a local store directory, sorted by subnet.
 pub fn list(dir: &Path) -> Result<Vec<LeaseRow>, LeasesError> {
+    Ok(read_local(dir)?.iter().map(LeaseRow::from_lease).collect())
+}
+
+/// The leases themselves of a local store directory, sorted by subnet.
+pub fn read_local(dir: &Path) -> Result<Vec<Lease>, LeasesError> {
     if !dir.is_dir() {
         return Err(LeasesError::Missing {
             path: dir.display().to_string(),
@@ -100,7 +105,7 @@ pub fn list(dir: &Path) -> Result<Vec<LeaseRow>, LeasesError> {
     })?;
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);
-    Ok(leases.iter().map(LeaseRow::from_lease).collect())
+    Ok(leases)
 }
 
 /// Every lease held in etcd below `opts.prefix`, sorted by subnet (one

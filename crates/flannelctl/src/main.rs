@@ -44,6 +44,19 @@ enum Command {
         #[arg(long = "backend", value_name = "BACKEND")]
         backends: Vec<lab::Backend>,
     },
+    /// The path a packet to DST takes through this node, as its kernel routes
+    /// it now: the route, and on flannel.1 the neighbour, the FDB entry and
+    /// the VTEP it is encapsulated to; on cni0 the bridge port; on flannel0
+    /// flanneld's udp peer. Ends where the packet leaves the node, is
+    /// delivered, or is dropped (exit 1). No root needed.
+    Explain {
+        /// The destination address.
+        dst: std::net::IpAddr,
+        /// flanneld's `--local-store`, to name the udp backend's peer (its
+        /// peers are the leases' PublicIPs).
+        #[arg(long, env = "FLANNELD_LOCAL_STORE", value_name = "DIR")]
+        local_store: Option<PathBuf>,
+    },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
     /// Reads the store flanneld would use with the same flags (and the same
@@ -278,6 +291,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Explain { dst, local_store } => {
+            let leases = match local_store {
+                Some(dir) => leases::read_local(&dir)?,
+                None => Vec::new(),
+            };
+            let here = "this node";
+            let mut view = flannelctl::explain::KernelView::open_here(here, leases)?;
+            let walk = flannelctl::explain::walk(&mut view, here, dst);
+            print!("{}", walk.render(&dst.to_string()));
+            Ok(if walk.dropped() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Leases {
             local_store,

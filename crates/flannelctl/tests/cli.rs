@@ -117,6 +117,52 @@ fn operator_session() {
         "{routes}"
     );
 
+    // lab explain: the packet walk through the binary; 0 when delivered.
+    let x = flannelctl(&["lab", "explain", "--name", &name, "ubuntu-1", "ubuntu-2"]);
+    let text = String::from_utf8_lossy(&x.stdout);
+    assert!(x.status.success(), "{text}");
+    assert!(
+        text.contains("encapsulated in UDP to 172.16.1.13:8472, VNI 1")
+            && text.contains("delivered to ubuntu-2"),
+        "{text}"
+    );
+    // explain on a node (run inside k8s-node1 as on a real node): to the
+    // node's edge. Dropped is exit 1: a blackholed address.
+    let e = flannelctl(&[
+        "lab",
+        "exec",
+        "--name",
+        &name,
+        "k8s-node1",
+        "--",
+        FLANNELCTL,
+        "explain",
+        "10.244.2.2",
+    ]);
+    let text = String::from_utf8_lossy(&e.stdout);
+    assert!(e.status.success(), "{text}");
+    assert!(
+        text.contains("fdb: ") && text.contains("leaves this node for the VTEP 172.16.1.13"),
+        "{text}"
+    );
+    let e = flannelctl(&[
+        "lab",
+        "exec",
+        "--name",
+        &name,
+        "k8s-node1",
+        "--",
+        "sh",
+        "-c",
+        &format!("ip route add blackhole 10.250.0.0/16 && {FLANNELCTL} explain 10.250.0.1"),
+    ]);
+    let text = String::from_utf8_lossy(&e.stdout);
+    assert_eq!(e.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("dropped in this node: ip route get 10.250.0.1: blackhole route"),
+        "{text}"
+    );
+
     let store = format!("/run/flannel-lab/{name}/store");
     let l = flannelctl(&["leases", "--local-store", &store, "--json"]);
     assert!(l.status.success());

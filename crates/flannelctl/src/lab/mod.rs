@@ -25,7 +25,6 @@
 pub mod bench;
 mod check;
 mod etcd;
-pub mod explain;
 mod kinds;
 mod masq;
 mod ping;

@@ -1,14 +1,19 @@
-//! `flannelctl lab explain FROM TO`: the path of one packet through the lab,
-//! namespace by namespace, as the kernels decide it right now: in each
-//! namespace the route the kernel picks (`ip route get`), and for the
-//! device it leaves by what that device does with it: the neighbour and FDB
-//! entry that make `flannel.1` encapsulate it and to which VTEP, the bridge
-//! port of `cni0`, flanneld's udp peer behind `flannel0`, or the address on
-//! the other end of a veth. This is packet-walk.txt, read off the lab.
+//! The path of one packet, namespace by namespace, as the kernels decide it
+//! right now: in each namespace the route the kernel picks (`ip route
+//! get`), and what the device it leaves by does with it: the neighbour and
+//! FDB entry that make `flannel.1` encapsulate it and to which VTEP, the
+//! bridge port of `cni0`, flanneld's udp peer behind `flannel0`, or the
+//! address on the other end of a veth.
+//!
+//! - `flannelctl lab explain FROM TO` follows it through every namespace of
+//!   a lab, from pod to pod: packet-walk.txt, read off the lab.
+//! - `flannelctl explain DST` on a node follows it through that node's own
+//!   namespace until it leaves the node.
 //!
 //! The walk itself ([`walk`]) only asks questions through [`View`]; the
-//! kernel-backed view ([`KernelView`]) answers them with netlink inside the
-//! lab's namespaces, and the unit tests answer them from tables.
+//! kernel-backed view ([`KernelView`]) answers them with netlink (one
+//! socket opened inside each namespace, never a setns on this thread), and
+//! the unit tests answer them from tables.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +25,7 @@ use flannel_core::wire::UDP_DEFAULT_PORT;
 use flannel_netlink::Netlink;
 use ipnet::IpNet;
 
-use super::{lab_namespaces, nl_err, Lab, Result};
+use crate::lab::{lab_namespaces, nl_err, Lab, LabError, Result};
 
 /// More namespaces than any lab path crosses: beyond this it is a loop.
 const MAX_HOPS: usize = 16;
@@ -70,6 +75,12 @@ pub trait View {
     /// The udp backend's peer for `dst`: the PublicIP of the lease whose
     /// subnet holds it (flanneld's peer table is built from the leases).
     fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr>;
+    /// Whether the view knows every place the packet can reach (a lab): a
+    /// next hop no place holds is then a drop. A node's own view is open:
+    /// the packet leaves it.
+    fn closed(&self) -> bool {
+        true
+    }
 }
 
 /// What happened to the packet in one place.
@@ -88,6 +99,8 @@ pub enum Outcome {
     Delivered { place: String },
     /// Dropped (or never sent) in `place`, and why.
     Dropped { place: String, reason: String },
+    /// Left the places an open view knows (a node's own): `to` says where.
+    Left { place: String, to: String },
 }
 
 /// One packet's path: from `from` to `dst`.
@@ -108,6 +121,11 @@ impl Walk {
     /// Whether the packet reached an address of its destination.
     pub fn delivered(&self) -> bool {
         matches!(self.outcome, Outcome::Delivered { .. })
+    }
+
+    /// Whether it was dropped on the way.
+    pub fn dropped(&self) -> bool {
+        matches!(self.outcome, Outcome::Dropped { .. })
     }
 
     /// Every line of the walk, for searching.
@@ -132,6 +150,9 @@ impl Walk {
             }
             Outcome::Dropped { place, reason } => {
                 let _ = writeln!(out, "dropped in {place}: {reason}");
+            }
+            Outcome::Left { place, to } => {
+                let _ = writeln!(out, "leaves {place} for {to}");
             }
         }
         out
@@ -213,7 +234,11 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     SocketAddr::new(vtep, port)
                 ));
                 match outer_leg(view, &place, vtep, &mut lines) {
-                    Ok((next, dev)) => {
+                    Ok(None) => {
+                        let to = format!("the VTEP {vtep} (encapsulated, VNI {vni})");
+                        return left(hops, lines, place, to, end);
+                    }
+                    Ok(Some((next, dev))) => {
                         let decap = view
                             .vxlan_device(&next, vni, vtep)
                             .unwrap_or_else(|| format!("no device with VNI {vni} (dropped)"));
@@ -230,6 +255,14 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
             }
             DevKind::Tun => {
                 let Some(peer) = view.udp_peer(dst) else {
+                    if !view.closed() {
+                        lines.push(format!(
+                            "{} is flanneld's TUN device: flanneld sends the packet in UDP to the PublicIP of the lease holding {dst} (see `flannelctl leases`)",
+                            r.dev
+                        ));
+                        let to = "flanneld's udp datapath".to_string();
+                        return left(hops, lines, place, to, end);
+                    }
                     let why = format!("flanneld (udp) has no peer for {dst}: no lease holds it");
                     let o = dropped(&mut hops, lines, &place, why);
                     return end(hops, o);
@@ -240,7 +273,14 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     SocketAddr::new(peer, UDP_DEFAULT_PORT)
                 ));
                 match outer_leg(view, &place, peer, &mut lines) {
-                    Ok((next, dev)) => (
+                    Ok(None) => {
+                        let to = format!(
+                            "{} (flanneld's udp peer)",
+                            SocketAddr::new(peer, UDP_DEFAULT_PORT)
+                        );
+                        return left(hops, lines, place, to, end);
+                    }
+                    Ok(Some((next, dev))) => (
                         next,
                         format!("in on {dev}: UDP {UDP_DEFAULT_PORT}, flanneld writes the packet to flannel0"),
                     ),
@@ -270,6 +310,10 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     }
                 }
                 let Some((next, dev)) = view.owner(next_hop) else {
+                    if !view.closed() {
+                        let to = format!("{next_hop} on {}", r.dev);
+                        return left(hops, lines, place, to, end);
+                    }
                     let why = format!("no namespace of the lab holds {next_hop}");
                     let o = dropped(&mut hops, lines, &place, why);
                     return end(hops, o);
@@ -292,64 +336,105 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
     end(hops, o)
 }
 
+/// Ends a walk that left the places an open view knows.
+fn left(
+    mut hops: Vec<Hop>,
+    lines: Vec<String>,
+    place: String,
+    to: String,
+    end: impl FnOnce(Vec<Hop>, Outcome) -> Walk,
+) -> Walk {
+    hops.push(Hop {
+        place: place.clone(),
+        lines,
+    });
+    end(hops, Outcome::Left { place, to })
+}
+
 /// The encapsulated packet's way to the peer `to` (vxlan VTEP or udp
 /// PublicIP) from `place`: the underlay route, and which place and device
-/// receive it.
+/// receive it (`None`: no place an open view knows).
 fn outer_leg(
     view: &mut dyn View,
     place: &str,
     to: IpAddr,
     lines: &mut Vec<String>,
-) -> std::result::Result<(String, String), String> {
+) -> std::result::Result<Option<(String, String)>, String> {
     let outer = view
         .route(place, to)
         .map_err(|e| format!("the encapsulated packet: ip route get {to}: {e}"))?;
     lines.push(format!("outer packet: {}", route_line(to, &outer)));
-    view.owner(to)
-        .ok_or_else(|| format!("no namespace of the lab holds {to}"))
+    match view.owner(to) {
+        Some(o) => Ok(Some(o)),
+        None if !view.closed() => Ok(None),
+        None => Err(format!("no namespace of the lab holds {to}")),
+    }
 }
 
-/// [`View`] on the lab's namespaces, through one netlink socket opened
-/// inside each (never a setns on this thread).
+/// [`View`] on namespaces through one netlink socket opened inside each:
+/// every namespace of a lab (closed), or the calling process's own (open).
 pub struct KernelView {
     places: BTreeMap<String, Netlink>,
     /// Every global address of every place: address -> (place, device).
     owners: BTreeMap<IpAddr, (String, String)>,
     leases: Vec<Lease>,
+    closed: bool,
 }
 
 impl KernelView {
     /// Opens every namespace of `lab` and reads their addresses.
-    pub fn open(lab: &Lab) -> Result<KernelView> {
+    pub fn open_lab(lab: &Lab) -> Result<KernelView> {
         let prefix = format!("{}-", lab.name());
-        let mut places = BTreeMap::new();
-        let mut owners = BTreeMap::new();
+        let mut view = KernelView {
+            places: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            leases: lab.leases()?,
+            closed: true,
+        };
         for ns in lab_namespaces(lab.name()) {
             let Some(place) = ns.strip_prefix(&prefix).map(str::to_string) else {
                 continue;
             };
             let netns = lab.netns(&place)?;
-            let mut nl = Netlink::open_in(&netns).map_err(nl_err(format!("netlink in {place}")))?;
-            for link in nl
-                .list_links()
-                .map_err(nl_err(format!("ip link in {place}")))?
+            let nl = Netlink::open_in(&netns).map_err(nl_err(format!("netlink in {place}")))?;
+            view.add_place(place, nl)?;
+        }
+        Ok(view)
+    }
+
+    /// The calling process's own namespace (a node), called `place`: the
+    /// walk ends when the packet leaves it. `leases`, when known, name the
+    /// udp backend's peers.
+    pub fn open_here(place: &str, leases: Vec<Lease>) -> Result<KernelView> {
+        let nl = Netlink::open().map_err(nl_err("opening netlink"))?;
+        let mut view = KernelView {
+            places: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            leases,
+            closed: false,
+        };
+        view.add_place(place.to_string(), nl)?;
+        Ok(view)
+    }
+
+    /// Records a place and the addresses it holds.
+    fn add_place(&mut self, place: String, mut nl: Netlink) -> Result<()> {
+        for link in nl
+            .list_links()
+            .map_err(nl_err(format!("ip link in {place}")))?
+        {
+            for a in nl
+                .list_addresses(link.index)
+                .map_err(nl_err(format!("ip addr in {place}")))?
             {
-                for a in nl
-                    .list_addresses(link.index)
-                    .map_err(nl_err(format!("ip addr in {place}")))?
-                {
-                    if usable(&a) {
-                        owners.insert(a.addr(), (place.clone(), link.name.clone()));
-                    }
+                if usable(&a) {
+                    self.owners
+                        .insert(a.addr(), (place.clone(), link.name.clone()));
                 }
             }
-            places.insert(place, nl);
         }
-        Ok(KernelView {
-            places,
-            owners,
-            leases: lab.leases()?,
-        })
+        self.places.insert(place, nl);
+        Ok(())
     }
 
     fn nl(&mut self, place: &str) -> Option<&mut Netlink> {
@@ -442,6 +527,10 @@ impl View for KernelView {
         self.owners.get(&ip).cloned()
     }
 
+    fn closed(&self) -> bool {
+        self.closed
+    }
+
     fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr> {
         self.leases
             .iter()
@@ -456,7 +545,7 @@ impl Lab {
     pub fn explain(&self, from: &str, dst: IpAddr) -> Result<Walk> {
         // Checks the name (the error lists the known ones).
         self.netns(from)?;
-        let mut view = KernelView::open(self)?;
+        let mut view = KernelView::open_lab(self)?;
         Ok(walk(&mut view, from, dst))
     }
 
@@ -476,11 +565,11 @@ impl Lab {
             return Ok(IpAddr::V4(n.underlay_ip));
         }
         if to == "outside" && self.state.ip_masq {
-            return Ok(IpAddr::V4(super::OUTSIDE_IP));
+            return Ok(IpAddr::V4(crate::lab::OUTSIDE_IP));
         }
         // The same error as for an unknown place.
         self.state.netns_of(to)?;
-        Err(super::LabError::InvalidOption {
+        Err(LabError::InvalidOption {
             option: "TO",
             reason: format!("{to} has no address to send to; pass an address"),
         })
@@ -502,6 +591,8 @@ mod tests {
         vxlan: BTreeMap<String, String>,
         owners: BTreeMap<IpAddr, (String, String)>,
         udp: BTreeMap<IpAddr, IpAddr>,
+        /// A node's own view: places beyond it are unknown.
+        open: bool,
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -567,6 +658,9 @@ mod tests {
         }
         fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr> {
             self.udp.get(&dst).copied()
+        }
+        fn closed(&self) -> bool {
+            !self.open
         }
     }
 
@@ -720,5 +814,38 @@ mod tests {
         assert!(
             matches!(&w.outcome, Outcome::Dropped { reason, .. } if reason.contains("routing loop"))
         );
+    }
+
+    #[test]
+    fn a_nodes_own_view_ends_where_the_packet_leaves_it() {
+        // Only k8s-node1 is known, as on a real node.
+        let mut t = packet_walk();
+        t.open = true;
+        t.owners.retain(|_, (place, _)| place == "k8s-node1");
+        let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
+        assert_eq!(
+            w.outcome,
+            Outcome::Left {
+                place: "k8s-node1".into(),
+                to: "the VTEP 172.16.1.13 (encapsulated, VNI 1)".into()
+            }
+        );
+        assert!(!w.delivered() && !w.dropped());
+        assert!(w
+            .render("x")
+            .ends_with("leaves k8s-node1 for the VTEP 172.16.1.13 (encapsulated, VNI 1)\n"));
+        // udp without the leases: flanneld's datapath, not a drop.
+        t.route("k8s-node1", "10.244.2.66", "flannel0", DevKind::Tun, None);
+        let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
+        assert!(matches!(&w.outcome, Outcome::Left { to, .. } if to == "flanneld's udp datapath"));
+        // With the leases: the peer.
+        t.udp.insert(ip("10.244.2.66"), ip("172.16.1.13"));
+        let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
+        assert!(
+            matches!(&w.outcome, Outcome::Left { to, .. } if to == "172.16.1.13:8285 (flanneld's udp peer)")
+        );
+        // A missing route is still a drop.
+        let w = walk(&mut t, "k8s-node1", ip("10.99.0.1"));
+        assert!(w.dropped());
     }
 }
