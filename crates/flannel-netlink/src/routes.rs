@@ -30,41 +30,46 @@ pub(crate) fn route_cmd(verb: &str, r: &Route) -> String {
     s
 }
 
-fn route_msg(r: &Route, op: &str, delete: bool) -> Result<RouteMessage> {
-    if r.dst != r.dst.trunc() {
+/// A main-table route message of `kind` to `dst` (`ip route ... table
+/// main`): for a delete, any protocol and scope match, as `ip route del`
+/// does (the kernel compares them only when set); for an add, protocol boot
+/// and scope universe. A `dst` with host bits set is refused with the fix.
+fn main_route_msg(dst: IpNet, kind: RouteType, op: &str, delete: bool) -> Result<RouteMessage> {
+    if dst != dst.trunc() {
         return Err(Error::Invalid {
             op: op.to_string(),
             detail: format!(
-                "dst {} has host bits set: use the network address {}",
-                r.dst,
-                r.dst.trunc()
+                "dst {dst} has host bits set: use the network address {}",
+                dst.trunc()
             ),
         });
     }
-    let fam = family(&r.dst.addr());
     let mut m = RouteMessage::default();
-    m.header.address_family = fam;
-    m.header.destination_prefix_length = r.dst.prefix_len();
+    m.header.address_family = family(&dst.addr());
+    m.header.destination_prefix_length = dst.prefix_len();
     m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.kind = RouteType::Unicast;
+    m.header.kind = kind;
     if delete {
-        // Match any protocol and scope, as `ip route del` does; the kernel
-        // compares them when they are set.
         m.header.protocol = RouteProtocol::Unspec;
         m.header.scope = RouteScope::NoWhere;
     } else {
         m.header.protocol = RouteProtocol::Boot;
-        m.header.scope = if r.gateway.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
+        m.header.scope = RouteScope::Universe;
+    }
+    m.attributes
+        .push(RouteAttribute::Destination(dst.addr().into()));
+    Ok(m)
+}
+
+fn route_msg(r: &Route, op: &str, delete: bool) -> Result<RouteMessage> {
+    let mut m = main_route_msg(r.dst, RouteType::Unicast, op, delete)?;
+    let fam = m.header.address_family;
+    if !delete && r.gateway.is_none() {
+        m.header.scope = RouteScope::Link;
     }
     if r.onlink {
         m.header.flags = RouteFlags::Onlink;
     }
-    m.attributes
-        .push(RouteAttribute::Destination(r.dst.addr().into()));
     match r.gateway {
         Some(gw) if family(&gw) == fam => m.attributes.push(RouteAttribute::Gateway(gw.into())),
         // An IPv4 route with an IPv6 next hop goes as RTA_VIA.
@@ -98,22 +103,14 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
 /// else (other tables, cached clones, local/broadcast/blackhole types, and
 /// multipath or device-less routes, which `Route` cannot express).
 pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
-    let unspecified = match m.header.address_family {
-        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return None,
-    };
-    if m.header.kind != RouteType::Unicast || m.header.flags.contains(RouteFlags::Cloned) {
+    if m.header.kind != RouteType::Unicast {
         return None;
     }
-    let mut table = u32::from(m.header.table);
-    let mut dst = unspecified;
+    let dst = route_dst(m)?;
     let mut gateway = None;
     let mut oif = None;
     for a in &m.attributes {
         match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = route_addr(d)?,
             RouteAttribute::Gateway(g) => gateway = route_addr(g),
             RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
             RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
@@ -122,11 +119,8 @@ pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
             _ => {}
         }
     }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
     Some(Route {
-        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        dst,
         gateway,
         oif: oif?,
         onlink: m.header.flags.contains(RouteFlags::Onlink),
@@ -136,31 +130,16 @@ pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
 /// The main-table blackhole route a message describes; `None` for anything
 /// else. The kernel leaves RTA_PRIORITY out of IPv4 routes at metric 0.
 pub(crate) fn blackhole_from_msg(m: &RouteMessage) -> Option<BlackholeRoute> {
-    let unspecified = match m.header.address_family {
-        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-        _ => return None,
-    };
-    if m.header.kind != RouteType::BlackHole || m.header.flags.contains(RouteFlags::Cloned) {
+    if m.header.kind != RouteType::BlackHole {
         return None;
     }
-    let mut table = u32::from(m.header.table);
-    let mut dst = unspecified;
-    let mut metric = 0;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => dst = route_addr(d)?,
-            RouteAttribute::Priority(p) => metric = *p,
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
-        return None;
-    }
+    let metric = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Priority(p) => Some(*p),
+        _ => None,
+    });
     Some(BlackholeRoute {
-        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
-        metric,
+        dst: route_dst(m)?,
+        metric: metric.unwrap_or(0),
     })
 }
 
@@ -169,30 +148,7 @@ fn blackhole_cmd(verb: &str, b: &BlackholeRoute) -> String {
 }
 
 fn blackhole_msg(b: &BlackholeRoute, op: &str, delete: bool) -> Result<RouteMessage> {
-    if b.dst != b.dst.trunc() {
-        return Err(Error::Invalid {
-            op: op.to_string(),
-            detail: format!(
-                "dst {} has host bits set: use the network address {}",
-                b.dst,
-                b.dst.trunc()
-            ),
-        });
-    }
-    let mut m = RouteMessage::default();
-    m.header.address_family = family(&b.dst.addr());
-    m.header.destination_prefix_length = b.dst.prefix_len();
-    m.header.table = RouteHeader::RT_TABLE_MAIN;
-    m.header.kind = RouteType::BlackHole;
-    if delete {
-        m.header.protocol = RouteProtocol::Unspec;
-        m.header.scope = RouteScope::NoWhere;
-    } else {
-        m.header.protocol = RouteProtocol::Boot;
-        m.header.scope = RouteScope::Universe;
-    }
-    m.attributes
-        .push(RouteAttribute::Destination(b.dst.addr().into()));
+    let mut m = main_route_msg(b.dst, RouteType::BlackHole, op, delete)?;
     m.attributes.push(RouteAttribute::Priority(b.metric));
     Ok(m)
 }
@@ -243,13 +199,42 @@ impl Netlink {
     pub fn replace_route(&mut self, route: &Route) -> Result<()> {
         let op = route_cmd("replace", route);
         let m = route_msg(route, &op, false)?;
+        self.new_route(m, &op)
+    }
+
+    /// RTM_NEWROUTE with replace semantics.
+    fn new_route(&mut self, m: RouteMessage, op: &str) -> Result<()> {
         self.t
             .request(
                 RouteNetlinkMessage::NewRoute(m),
                 NLM_F_CREATE | NLM_F_REPLACE,
-                &op,
+                op,
             )
             .map(drop)
+    }
+
+    /// RTM_DELROUTE; absent is success.
+    fn delete_route(&mut self, m: RouteMessage, op: &str) -> Result<()> {
+        match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, op) {
+            Err(e) if is_absent(&e) => Ok(()),
+            r => r.map(drop),
+        }
+    }
+
+    /// Every route message of a dump of all tables and both families.
+    fn dump_routes(&mut self, op: &str) -> Result<Vec<RouteMessage>> {
+        let replies = self.t.request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            DUMP,
+            op,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RouteNetlinkMessage::NewRoute(m) => Some(m),
+                _ => None,
+            })
+            .collect())
     }
 
     /// `ip route del DST [via GW] dev OIF`; absent is success (also when the
@@ -257,10 +242,7 @@ impl Netlink {
     pub fn del_route(&mut self, route: &Route) -> Result<()> {
         let op = route_cmd("del", route);
         let m = route_msg(route, &op, true)?;
-        match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, &op) {
-            Err(e) if is_absent(&e) => Ok(()),
-            r => r.map(drop),
-        }
+        self.delete_route(m, &op)
     }
 
     /// `ip route get DST`: the route the kernel would use for a packet to
@@ -310,40 +292,21 @@ impl Netlink {
     pub fn replace_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
         let op = blackhole_cmd("replace", b);
         let m = blackhole_msg(b, &op, false)?;
-        self.t
-            .request(
-                RouteNetlinkMessage::NewRoute(m),
-                NLM_F_CREATE | NLM_F_REPLACE,
-                &op,
-            )
-            .map(drop)
+        self.new_route(m, &op)
     }
 
     /// `ip route del blackhole DST metric METRIC`; absent is success.
     pub fn del_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
         let op = blackhole_cmd("del", b);
         let m = blackhole_msg(b, &op, true)?;
-        match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, &op) {
-            Err(e) if is_absent(&e) => Ok(()),
-            r => r.map(drop),
-        }
+        self.delete_route(m, &op)
     }
 
     /// `ip route show table main type blackhole`, IPv4 and IPv6, with each
     /// route's metric.
     pub fn list_blackhole_routes(&mut self) -> Result<Vec<BlackholeRoute>> {
-        let replies = self.t.request(
-            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-            DUMP,
-            "ip route show table main type blackhole",
-        )?;
-        Ok(replies
-            .iter()
-            .filter_map(|r| match r {
-                RouteNetlinkMessage::NewRoute(m) => blackhole_from_msg(m),
-                _ => None,
-            })
-            .collect())
+        let all = self.dump_routes("ip route show table main type blackhole")?;
+        Ok(all.iter().filter_map(blackhole_from_msg).collect())
     }
 
     /// `ip route show table main` for unicast routes with an output device,
@@ -351,17 +314,7 @@ impl Netlink {
     /// (`proto kernel` prefix routes, `fe80::/64`): callers keep to the
     /// destinations they manage. Multipath routes are left out.
     pub fn list_routes(&mut self) -> Result<Vec<Route>> {
-        let replies = self.t.request(
-            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
-            DUMP,
-            "ip route show table main",
-        )?;
-        Ok(replies
-            .iter()
-            .filter_map(|r| match r {
-                RouteNetlinkMessage::NewRoute(m) => route_from_msg(m),
-                _ => None,
-            })
-            .collect())
+        let all = self.dump_routes("ip route show table main")?;
+        Ok(all.iter().filter_map(route_from_msg).collect())
     }
 }
