@@ -58,6 +58,13 @@ impl Drop for Down {
     }
 }
 
+/// `flannelctl lab exec --name NAME TARGET -- CMD...`.
+fn lab_exec(name: &str, target: &str, cmd: &[&str]) -> Output {
+    let mut args = vec!["lab", "exec", "--name", name, target, "--"];
+    args.extend_from_slice(cmd);
+    flannelctl(&args)
+}
+
 #[test]
 fn operator_session() {
     require_root_and_binaries();
@@ -99,16 +106,7 @@ fn operator_session() {
     let e = flannelctl(&["lab", "exec", "--name", &name, "nowhere", "--", "true"]);
     assert_eq!(e.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&e.stderr).contains("unknown lab target"));
-    let e = flannelctl(&[
-        "lab",
-        "exec",
-        "--name",
-        &name,
-        "k8s-node1",
-        "--",
-        "cat",
-        "/proc/net/route",
-    ]);
+    let e = lab_exec(&name, "k8s-node1", &["cat", "/proc/net/route"]);
     assert!(e.status.success());
     // /proc/net/route of node1: its ens3 and flannel.1, not the machine's interfaces.
     let routes = String::from_utf8_lossy(&e.stdout);
@@ -128,34 +126,16 @@ fn operator_session() {
     );
     // explain on a node (run inside k8s-node1 as on a real node): to the
     // node's edge. Dropped is exit 1: a blackholed address.
-    let e = flannelctl(&[
-        "lab",
-        "exec",
-        "--name",
-        &name,
-        "k8s-node1",
-        "--",
-        FLANNELCTL,
-        "explain",
-        "10.244.2.2",
-    ]);
+    let e = lab_exec(&name, "k8s-node1", &[FLANNELCTL, "explain", "10.244.2.2"]);
     let text = String::from_utf8_lossy(&e.stdout);
     assert!(e.status.success(), "{text}");
     assert!(
         text.contains("fdb: ") && text.contains("leaves this node for the VTEP 172.16.1.13"),
         "{text}"
     );
-    let e = flannelctl(&[
-        "lab",
-        "exec",
-        "--name",
-        &name,
-        "k8s-node1",
-        "--",
-        "sh",
-        "-c",
-        &format!("ip route add blackhole 10.250.0.0/16 && {FLANNELCTL} explain 10.250.0.1"),
-    ]);
+    let blackholed =
+        format!("ip route add blackhole 10.250.0.0/16 && {FLANNELCTL} explain 10.250.0.1");
+    let e = lab_exec(&name, "k8s-node1", &["sh", "-c", &blackholed]);
     let text = String::from_utf8_lossy(&e.stdout);
     assert_eq!(e.status.code(), Some(1), "{text}");
     assert!(

@@ -171,21 +171,8 @@ impl Cluster {
         let node = &self.nodes[i];
         let mut want = want.to_vec();
         want.sort();
-        let start = Instant::now();
-        loop {
-            let got = node.gateway_routes();
-            if got == want {
-                return;
-            }
-            if start.elapsed() > Duration::from_secs(10) {
-                panic!(
-                    "node{} routes {got:?}, want {want:?}; log:\n{}",
-                    i + 1,
-                    read_log(&node.log())
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let what = format!("node{} routes", i + 1);
+        node.wait_eq(&what, 10, &want, || node.gateway_routes());
     }
 
     /// Node `i`'s expected host-gw routes toward every other node.
@@ -410,20 +397,7 @@ fn blackholes(node: &Node) -> Vec<BlackholeRoute> {
 }
 
 fn wait_blackholes(node: &Node, want: &[BlackholeRoute]) {
-    let start = Instant::now();
-    loop {
-        let got = blackholes(node);
-        if got == want {
-            return;
-        }
-        if start.elapsed() > Duration::from_secs(10) {
-            panic!(
-                "blackholes {got:?}, want {want:?}; log:\n{}",
-                read_log(&node.log())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    node.wait_eq("blackholes", 10, &want.to_vec(), || blackholes(node));
 }
 
 #[test]

@@ -266,6 +266,32 @@ impl NodeNs {
         let name = name.to_string();
         self.nl(move |nl| nl.link_by_name(&name).unwrap())
     }
+
+    /// Waits up to `secs` until `read()` gives `want`; panics with what it
+    /// gave last and the daemon's log.
+    #[allow(dead_code)] // not every test file waits this way
+    pub fn wait_eq<T: PartialEq + std::fmt::Debug>(
+        &self,
+        what: &str,
+        secs: u64,
+        want: &T,
+        mut read: impl FnMut() -> T,
+    ) {
+        let start = Instant::now();
+        loop {
+            let got = read();
+            if &got == want {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(secs) {
+                panic!(
+                    "{what}: {got:?}, want {want:?}; log:\n{}",
+                    read_log(&self.log())
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// `ip netns exec NS ping -c 1 -W 1 [-I SRC] DST`: whether it was answered.
