@@ -947,7 +947,7 @@ impl Lab {
         }
         self.wait_leases_published(deadline)?;
         say(format!(
-            "every node wrote subnet.env and published its {} lease",
+            "every flanneld wrote subnet.env, answers /readyz and published its {} lease",
             self.state.backend
         ))?;
 
