@@ -264,9 +264,26 @@ fn backend_and_topology_options_through_the_binary() {
 
 /// Ctrl-C while `lab up` builds: the command stops at its next step, removes
 /// every namespace, daemon and file it made, and says it was interrupted.
+/// Sends `sig` to the flannelctl this test started (by its pid).
+fn signal(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+/// Nothing of lab `name` is left: namespaces, daemons, directory.
+fn assert_lab_gone(name: &str) {
+    use flannelctl::lab::{lab_dir, lab_namespaces, lab_processes};
+    assert_eq!(lab_namespaces(name), Vec::<String>::new());
+    assert_eq!(lab_processes(name), Vec::<u32>::new());
+    assert!(
+        !lab_dir(name).exists(),
+        "{} is left",
+        lab_dir(name).display()
+    );
+}
+
 #[test]
 fn interrupted_lab_up_removes_what_it_built() {
-    use flannelctl::lab::{lab_dir, lab_namespaces, lab_processes};
+    use flannelctl::lab::{lab_namespaces, lab_processes};
     use std::time::{Duration, Instant};
     require_root_and_binaries();
     let name = unique_name();
@@ -290,28 +307,18 @@ fn interrupted_lab_up_removes_what_it_built() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(!lab_namespaces(&name).is_empty());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    signal(&child, nix::sys::signal::Signal::SIGINT);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("{stderr}");
     assert!(!out.status.success(), "lab up went on after SIGINT");
     assert!(stderr.contains("interrupted"), "{stderr}");
-    assert_eq!(lab_namespaces(&name), Vec::<String>::new());
-    assert_eq!(lab_processes(&name), Vec::<u32>::new());
-    assert!(
-        !lab_dir(&name).exists(),
-        "{} is left",
-        lab_dir(&name).display()
-    );
+    assert_lab_gone(&name);
 }
 
 #[test]
 fn interrupted_bench_removes_its_lab() {
-    use flannelctl::lab::{lab_dir, lab_namespaces, lab_processes};
+    use flannelctl::lab::lab_namespaces;
     use std::io::BufRead;
     require_root_and_binaries();
     let name = unique_name();
@@ -332,11 +339,7 @@ fn interrupted_bench_removes_its_lab() {
         seen.push(line.clone());
         if line.contains("throughput round 1/") {
             assert!(!lab_namespaces(&name).is_empty());
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(child.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .unwrap();
+            signal(&child, nix::sys::signal::Signal::SIGTERM);
         }
     }
     let status = child.wait().unwrap();
@@ -349,7 +352,5 @@ fn interrupted_bench_removes_its_lab() {
     assert!(!status.success(), "the bench went on after SIGTERM");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(!stderr.contains("throughput round 3/"), "{stderr}");
-    assert_eq!(lab_namespaces(&name), Vec::<String>::new());
-    assert_eq!(lab_processes(&name), Vec::<u32>::new());
-    assert!(!lab_dir(&name).exists());
+    assert_lab_gone(&name);
 }

@@ -176,19 +176,8 @@ fn vxlan_tables(dev: u32, peers: &[Peer]) -> (Vec<Route>, Vec<Neighbour>, Vec<Fd
     (routes, neighbours, fdb)
 }
 
-/// The nodes and the testbed (switch, store, config). Field order is drop
-/// order: the nodes go before their switch.
-struct Cluster {
-    nodes: Vec<Node>,
-    bed: Testbed,
-}
-
-impl std::ops::Deref for Cluster {
-    type Target = Testbed;
-    fn deref(&self) -> &Testbed {
-        &self.bed
-    }
-}
+/// This file's nodes on the shared testbed ([`common::Cluster`]).
+type Cluster = common::Cluster<Node>;
 
 impl Cluster {
     /// `n` nodes; `ipv4_underlay: false` removes the IPv4 addresses from

@@ -71,19 +71,8 @@ fn sh_in(ns: &str, cmd: &str, args: &[&str]) -> String {
     try_sh_in(ns, cmd, args).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The nodes and the testbed (switch, store, config). Field order is drop
-/// order: the nodes go before their switch.
-struct Cluster {
-    nodes: Vec<Node>,
-    bed: Testbed,
-}
-
-impl std::ops::Deref for Cluster {
-    type Target = Testbed;
-    fn deref(&self) -> &Testbed {
-        &self.bed
-    }
-}
+/// This file's nodes on the shared testbed ([`common::Cluster`]).
+type Cluster = common::Cluster<Node>;
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {

@@ -114,19 +114,8 @@ fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
     ping_in(&node.ns.name, Some(src.into()), dst.into())
 }
 
-/// The nodes and the testbed (switch, store, config). Field order is drop
-/// order: the nodes go before their switch.
-struct Cluster {
-    nodes: Vec<Node>,
-    bed: Testbed,
-}
-
-impl std::ops::Deref for Cluster {
-    type Target = Testbed;
-    fn deref(&self) -> &Testbed {
-        &self.bed
-    }
-}
+/// This file's nodes on the shared testbed ([`common::Cluster`]).
+type Cluster = common::Cluster<Node>;
 
 impl Cluster {
     fn new(tag: &str, n: usize, config: &str) -> Cluster {

@@ -366,3 +366,19 @@ impl Testbed {
         })
     }
 }
+
+/// A test file's nodes (`N`: its own node type, wrapping a [`NodeNs`]) and
+/// the testbed (switch, store, config). Field order is drop order: the
+/// nodes go before their switch. Each file adds its own `impl Cluster`.
+#[allow(dead_code)] // not every test file builds a cluster this way
+pub struct Cluster<N> {
+    pub nodes: Vec<N>,
+    pub bed: Testbed,
+}
+
+impl<N> std::ops::Deref for Cluster<N> {
+    type Target = Testbed;
+    fn deref(&self) -> &Testbed {
+        &self.bed
+    }
+}
