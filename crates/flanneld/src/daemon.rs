@@ -215,6 +215,52 @@ async fn connect_etcd(opts: EtcdOptions) -> Result<EtcdStore, DaemonError> {
     }
 }
 
+/// SIGTERM and SIGINT, caught from the first moment of [`run`]. Until a
+/// handler exists the kernel's default action kills flanneld, so a SIGTERM
+/// during startup (a kubelet stopping the pod right after starting it) would
+/// end it half-way with "killed by signal 15". Caught, a signal that
+/// arrives while flanneld waits on the store ends it cleanly there
+/// ([`Signals::during`]); one that arrives during the short datapath setup
+/// is held until the main loop, which exits as on any SIGTERM.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, DaemonError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?,
+            int: signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT (at once if one is pending); its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+
+    /// A startup step that may wait on the store: its result, or `None`
+    /// when a signal came first.
+    async fn during<T, E: Into<DaemonError>>(
+        &mut self,
+        what: &str,
+        step: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<Option<T>, DaemonError> {
+        tokio::select! {
+            r = step => r.map(Some).map_err(Into::into),
+            name = self.recv() => {
+                tracing::info!("{name} while {what}: exiting");
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// Reads `<prefix>/config` from etcd, waiting while it is missing, invalid
 /// or asks for something not implemented: the operator fixes it with
 /// `etcdctl put` and this node carries on, instead of crash-looping (a bad
@@ -223,10 +269,8 @@ async fn connect_etcd(opts: EtcdOptions) -> Result<EtcdStore, DaemonError> {
 async fn wait_for_etcd_config(
     store: &EtcdStore,
     prefix: &str,
+    signals: &mut Signals,
 ) -> Result<Option<NetConfig>, DaemonError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
     let key = format!("{}/{}", prefix.trim_end_matches('/'), wire::ETCD_CONFIG_KEY);
     let mut delay = Duration::from_secs(1);
     loop {
@@ -244,8 +288,10 @@ async fn wait_for_etcd_config(
         tracing::error!(retry_in = ?delay, "{problem}; waiting for a valid config");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = sigterm.recv() => return Ok(None),
-            _ = sigint.recv() => return Ok(None),
+            name = signals.recv() => {
+                tracing::info!("{name} while waiting for a valid config: exiting");
+                return Ok(None);
+            }
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
@@ -279,6 +325,7 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
         .build()
         .map_err(DaemonError::Runtime)?;
     rt.block_on(async move {
+        let mut signals = Signals::install()?;
         // The endpoint comes first: a port in use or a foreign address
         // stops flanneld before the store directory, the kernel or
         // subnet.env is touched, and /healthz answers while flanneld waits
@@ -293,19 +340,23 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
                 async {
                     let store = LocalStore::open(&dir)?;
                     let cfg = load_config(&flags, store.get_network_config().await?)?;
-                    run_with_store(flags, store, cfg, false, health).await
+                    run_with_store(flags, store, cfg, false, health, &mut signals).await
                 }
                 .await
             }
             StoreKind::Etcd(opts) => {
                 async {
                     let prefix = opts.prefix.clone();
-                    let store = connect_etcd(opts).await?;
-                    // In etcd mode the config lives in etcd, as upstream.
-                    let Some(cfg) = wait_for_etcd_config(&store, &prefix).await? else {
+                    let connect = connect_etcd(opts);
+                    let Some(store) = signals.during("connecting to etcd", connect).await? else {
                         return Ok(());
                     };
-                    run_with_store(flags, store, cfg, true, health).await
+                    // In etcd mode the config lives in etcd, as upstream.
+                    let Some(cfg) = wait_for_etcd_config(&store, &prefix, &mut signals).await?
+                    else {
+                        return Ok(());
+                    };
+                    run_with_store(flags, store, cfg, true, health, &mut signals).await
                 }
                 .await
             }
@@ -329,6 +380,7 @@ async fn run_with_store<S: Store>(
     cfg: NetConfig,
     store_expires_leases: bool,
     health: Health,
+    signals: &mut Signals,
 ) -> Result<(), DaemonError> {
     // Everything that can be refused is checked before anything is written
     // (the health endpoint's address was bound already).
@@ -379,7 +431,7 @@ async fn run_with_store<S: Store>(
         ext,
         existing_devices,
     };
-    run_async(flags, startup, store, store_expires_leases, health).await
+    run_async(flags, startup, store, store_expires_leases, health, signals).await
 }
 
 struct State<S: Store> {
@@ -413,6 +465,7 @@ async fn run_async<S: Store>(
     store: S,
     store_expires_leases: bool,
     health: Health,
+    signals: &mut Signals,
 ) -> Result<(), DaemonError> {
     let mut mac: PerFamily<Option<MacAddr>> = PerFamily::default();
     let attrs = match &s.backend {
@@ -447,7 +500,10 @@ async fn run_async<S: Store>(
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
     };
-    let own = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl()).await?;
+    let acquire = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl());
+    let Some(own) = signals.during("acquiring a lease", acquire).await? else {
+        return Ok(());
+    };
     for f in families(&s.cfg) {
         if own.key.subnet(f).is_none() {
             return Err(DaemonError::Device(format!(
@@ -460,8 +516,14 @@ async fn run_async<S: Store>(
     }
     tracing::info!(subnet = %own.key, expires = ?own.expiration, "holding lease");
 
-    let mut watch = store.watch_leases().await?;
-    let leases = first_snapshot(&mut watch).await?;
+    let watch = async {
+        let mut watch = store.watch_leases().await?;
+        let leases = first_snapshot(&mut watch).await?;
+        Ok::<_, DaemonError>((watch, leases))
+    };
+    let Some((watch, leases)) = signals.during("reading the leases", watch).await? else {
+        return Ok(());
+    };
     let mtu = pod_mtu(&s.cfg, s.ext.mtu);
     let mut st = State {
         flags,
@@ -500,7 +562,7 @@ async fn run_async<S: Store>(
         st.health.rules.clone(),
     ));
 
-    let result = st.main_loop(watch).await;
+    let result = st.main_loop(watch, signals).await;
     if let Some(r) = st.reconciler.take() {
         r.shutdown();
     }
@@ -636,10 +698,8 @@ impl<S: Store> State<S> {
     async fn main_loop(
         &mut self,
         mut watch: mpsc::Receiver<WatchEvent>,
+        signals: &mut Signals,
     ) -> Result<(), DaemonError> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut sigterm = signal(SignalKind::terminate()).map_err(DaemonError::Runtime)?;
-        let mut sigint = signal(SignalKind::interrupt()).map_err(DaemonError::Runtime)?;
         let mut resync = tokio::time::interval(self.flags.resync_interval());
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await; // the first tick is immediate; the startup pass just ran
@@ -655,8 +715,7 @@ impl<S: Store> State<S> {
                 }
             };
             tokio::select! {
-                _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
-                _ = sigint.recv() => { tracing::info!("SIGINT: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
+                name = signals.recv() => { tracing::info!("{name}: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
                 _ = resync.tick() => {
                     if let Some(r) = &self.reconciler { r.send(Request::Resync)?; }
                 }

@@ -1289,6 +1289,35 @@ fn flanneld_started_before_etcd_retries_then_joins() {
 }
 
 #[test]
+fn sigterm_while_waiting_for_etcd_exits_cleanly() {
+    // Before the handlers were installed at start, the kernel's default
+    // action killed a flanneld that was still connecting (signal 15).
+    let c = Cluster::new("etcdterm", 1);
+    let mut args = c.args(0, &["--etcd-endpoints", "http://172.16.1.1:2379"]);
+    let pos = args.iter().position(|x| x == "--local-store").unwrap();
+    args.drain(pos..pos + 2);
+    let node = &c.nodes[0];
+    let mut d = Daemon {
+        child: Some(spawn_in(&node.ns, &args, &node.log())),
+        log: node.log(),
+    };
+    wait_for("an etcd retry", Duration::from_secs(15), || {
+        assert!(d.alive(), "{}", read_log(&node.log()));
+        read_log(&node.log())
+            .contains("etcd not reachable yet; retrying")
+            .then_some(())
+    });
+    let st = d.stop();
+    let log = read_log(&node.log());
+    assert!(st.success(), "flanneld exited with {st}; log:\n{log}");
+    assert!(
+        log.contains("SIGTERM while connecting to etcd: exiting"),
+        "{log}"
+    );
+    assert!(node.subnet_env().is_none() && node.state().is_none());
+}
+
+#[test]
 fn existing_device_with_wrong_attributes_is_recreated_keeping_its_mac() {
     let c = Cluster::new("predev", 1);
     let node = &c.nodes[0];
