@@ -36,7 +36,9 @@ enum Command {
         #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
         seconds: u64,
         /// Rounds of throughput measurements per lab (medians are printed;
-        /// ratios are the median of the per-round ratios to the underlay).
+        /// ratios are the median of the per-round ratios to the underlay, and
+        /// a target is judged on that median's confidence interval: more
+        /// rounds narrow it).
         #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
         repeat: u32,
         /// Only these backends (repeatable): `vxlan`, `host-gw`, `udp`

@@ -354,3 +354,51 @@ fn interrupted_bench_removes_its_lab() {
     assert!(!stderr.contains("throughput round 3/"), "{stderr}");
     assert_lab_gone(&name);
 }
+
+#[test]
+fn short_bench_reports_every_path_and_judges_its_target_on_an_interval() {
+    require_root_and_binaries();
+    let name = unique_name();
+    let _down = Down(name.clone());
+    let out = flannelctl(&[
+        "bench",
+        "--name",
+        &name,
+        "--backend",
+        "host-gw",
+        "--seconds",
+        "1",
+        "--repeat",
+        "3",
+    ]);
+    assert!(out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    for path in ["underlay", "pod-pod"] {
+        let row = report
+            .lines()
+            .find(|l| l.starts_with("host-gw") && l.contains(path))
+            .unwrap_or_else(|| panic!("no {path} row:\n{report}"));
+        // Measured numbers: a throughput, and a latency in microseconds.
+        assert!(row.contains("Gbit/s") && row.contains("us"), "{row}");
+        assert!(!row.contains("NaN"), "{row}");
+    }
+    // Three rounds give the whole range at 75%; the verdict is one of three.
+    let target = report
+        .lines()
+        .find(|l| l.contains("host-gw / underlay = "))
+        .unwrap_or_else(|| panic!("no target line:\n{report}"));
+    assert!(target.contains("75% interval "), "{target}");
+    assert!(
+        ["met", "MISSED", "UNDECIDED"]
+            .iter()
+            .any(|v| target.contains(&format!("): {v}"))),
+        "{target}"
+    );
+    // The other targets need labs this run did not build.
+    assert!(
+        report.contains("vxlan / underlay: not measured")
+            && report.contains("udp / vxlan: not measured"),
+        "{report}"
+    );
+    assert_lab_gone(&name);
+}
