@@ -15,6 +15,7 @@
 //! socket opened inside each namespace, never a setns on this thread), and
 //! the unit tests answer them from tables.
 
+use std::cell::{OnceCell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -73,8 +74,10 @@ pub trait View {
     /// The place and device that hold address `ip`.
     fn owner(&self, ip: IpAddr) -> Option<(String, String)>;
     /// The udp backend's peer for `dst`: the PublicIP of the lease whose
-    /// subnet holds it (flanneld's peer table is built from the leases).
-    fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr>;
+    /// subnet holds it (flanneld's peer table is built from the leases);
+    /// `Ok(None)` when no lease holds it, `Err` (why) when the leases are
+    /// not known.
+    fn udp_peer(&self, dst: IpAddr) -> std::result::Result<Option<IpAddr>, String>;
     /// Whether the view knows every place the packet can reach (a lab): a
     /// next hop no place holds is then a drop. A node's own view is open:
     /// the packet leaves it.
@@ -254,18 +257,22 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                 }
             }
             DevKind::Tun => {
-                let Some(peer) = view.udp_peer(dst) else {
-                    if !view.closed() {
+                let peer = match view.udp_peer(dst) {
+                    Ok(Some(peer)) => peer,
+                    Ok(None) => {
+                        let why =
+                            format!("flanneld (udp) has no peer for {dst}: no lease holds it");
+                        let o = dropped(&mut hops, lines, &place, why);
+                        return end(hops, o);
+                    }
+                    Err(unknown) => {
                         lines.push(format!(
-                            "{} is flanneld's TUN device: flanneld sends the packet in UDP to the PublicIP of the lease holding {dst} (see `flannelctl leases`)",
+                            "{} is flanneld's TUN device: flanneld sends the packet in UDP to the PublicIP of the lease holding {dst}; the leases are not known here ({unknown})",
                             r.dev
                         ));
                         let to = "flanneld's udp datapath".to_string();
                         return left(hops, lines, place, to, end);
                     }
-                    let why = format!("flanneld (udp) has no peer for {dst}: no lease holds it");
-                    let o = dropped(&mut hops, lines, &place, why);
-                    return end(hops, o);
                 };
                 lines.push(format!(
                     "{} is flanneld's TUN device: flanneld sends the packet as the payload of UDP to {}",
@@ -377,18 +384,49 @@ pub struct KernelView {
     places: BTreeMap<String, Netlink>,
     /// Every global address of every place: address -> (place, device).
     owners: BTreeMap<IpAddr, (String, String)>,
-    leases: Vec<Lease>,
+    /// The leases, once read.
+    leases: OnceCell<std::result::Result<Vec<Lease>, String>>,
+    /// How to read them, until a walk first needs them.
+    read_leases: RefCell<Option<ReadLeases>>,
     closed: bool,
+}
+
+/// Reads the leases of a store; `Err` says why they are not known.
+pub type ReadLeases = Box<dyn FnOnce() -> std::result::Result<Vec<Lease>, String>>;
+
+/// The leases that name the udp backend's peers in a walk.
+pub enum Leases {
+    /// Read already (a lab, a local store).
+    Known(Vec<Lease>),
+    /// Read the first time a walk goes through `flannel0`, so that a walk
+    /// that never does (vxlan, host-gw) never contacts the store (etcd).
+    OnDemand(ReadLeases),
+}
+
+impl Leases {
+    fn into_parts(
+        self,
+    ) -> (
+        OnceCell<std::result::Result<Vec<Lease>, String>>,
+        Option<ReadLeases>,
+    ) {
+        match self {
+            Leases::Known(l) => (OnceCell::from(Ok(l)), None),
+            Leases::OnDemand(read) => (OnceCell::new(), Some(read)),
+        }
+    }
 }
 
 impl KernelView {
     /// Opens every namespace of `lab` and reads their addresses.
     pub fn open_lab(lab: &Lab) -> Result<KernelView> {
         let prefix = format!("{}-", lab.name());
+        let (leases, read_leases) = Leases::Known(lab.leases()?).into_parts();
         let mut view = KernelView {
             places: BTreeMap::new(),
             owners: BTreeMap::new(),
-            leases: lab.leases()?,
+            leases,
+            read_leases: RefCell::new(read_leases),
             closed: true,
         };
         for ns in lab_namespaces(lab.name()) {
@@ -403,14 +441,16 @@ impl KernelView {
     }
 
     /// The calling process's own namespace (a node), called `place`: the
-    /// walk ends when the packet leaves it. `leases`, when known, name the
-    /// udp backend's peers.
-    pub fn open_here(place: &str, leases: Vec<Lease>) -> Result<KernelView> {
+    /// walk ends when the packet leaves it. `leases` name the udp
+    /// backend's peers.
+    pub fn open_here(place: &str, leases: Leases) -> Result<KernelView> {
         let nl = Netlink::open().map_err(nl_err("opening netlink"))?;
+        let (leases, read_leases) = leases.into_parts();
         let mut view = KernelView {
             places: BTreeMap::new(),
             owners: BTreeMap::new(),
             leases,
+            read_leases: RefCell::new(read_leases),
             closed: false,
         };
         view.add_place(place.to_string(), nl)?;
@@ -531,11 +571,17 @@ impl View for KernelView {
         self.closed
     }
 
-    fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr> {
-        self.leases
+    fn udp_peer(&self, dst: IpAddr) -> std::result::Result<Option<IpAddr>, String> {
+        let leases = self.leases.get_or_init(|| match self.read_leases.take() {
+            Some(read) => read(),
+            None => Err("no store to read them from".into()),
+        });
+        Ok(leases
+            .as_ref()
+            .map_err(Clone::clone)?
             .iter()
             .find(|l| l.key.ipv4.is_some_and(|s| IpNet::V4(s).contains(&dst)))
-            .and_then(|l| l.attrs.public_ip.map(IpAddr::V4))
+            .and_then(|l| l.attrs.public_ip.map(IpAddr::V4)))
     }
 }
 
@@ -591,6 +637,8 @@ mod tests {
         vxlan: BTreeMap<String, String>,
         owners: BTreeMap<IpAddr, (String, String)>,
         udp: BTreeMap<IpAddr, IpAddr>,
+        /// Why the leases are not known, if they are not.
+        udp_unknown: Option<String>,
         /// A node's own view: places beyond it are unknown.
         open: bool,
     }
@@ -656,8 +704,11 @@ mod tests {
         fn owner(&self, ip: IpAddr) -> Option<(String, String)> {
             self.owners.get(&ip).cloned()
         }
-        fn udp_peer(&self, dst: IpAddr) -> Option<IpAddr> {
-            self.udp.get(&dst).copied()
+        fn udp_peer(&self, dst: IpAddr) -> std::result::Result<Option<IpAddr>, String> {
+            match &self.udp_unknown {
+                Some(why) => Err(why.clone()),
+                None => Ok(self.udp.get(&dst).copied()),
+            }
         }
         fn closed(&self) -> bool {
             !self.open
@@ -834,10 +885,21 @@ mod tests {
         assert!(w
             .render("x")
             .ends_with("leaves k8s-node1 for the VTEP 172.16.1.13 (encapsulated, VNI 1)\n"));
-        // udp without the leases: flanneld's datapath, not a drop.
+        // udp without the leases: flanneld's datapath and why the peer is
+        // not named, not a drop.
         t.route("k8s-node1", "10.244.2.66", "flannel0", DevKind::Tun, None);
+        t.udp_unknown = Some("etcd at http://127.0.0.1:1: connection refused".into());
         let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
         assert!(matches!(&w.outcome, Outcome::Left { to, .. } if to == "flanneld's udp datapath"));
+        assert!(w.render("x").contains(
+            "the leases are not known here (etcd at http://127.0.0.1:1: connection refused)"
+        ));
+        // Leases known and none holds it: flanneld drops it, even on a node.
+        t.udp_unknown = None;
+        let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
+        assert!(
+            matches!(&w.outcome, Outcome::Dropped { reason, .. } if reason.contains("no lease holds it"))
+        );
         // With the leases: the peer.
         t.udp.insert(ip("10.244.2.66"), ip("172.16.1.13"));
         let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));

@@ -113,6 +113,11 @@ pub fn read_local(dir: &Path) -> Result<Vec<Lease>, LeasesError> {
 ///
 /// `etcdctl --endpoints=URLS get --prefix /coreos.com/network/subnets/`
 pub fn list_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<LeaseRow>, LeasesError> {
+    Ok(read_etcd(opts)?.iter().map(LeaseRow::from_lease).collect())
+}
+
+/// The leases themselves held in etcd, sorted by subnet.
+pub fn read_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<Lease>, LeasesError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,7 +135,7 @@ pub fn list_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<LeaseRow>
     })?;
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);
-    Ok(leases.iter().map(LeaseRow::from_lease).collect())
+    Ok(leases)
 }
 
 fn human_expiry(row: &LeaseRow, now: SystemTime) -> String {

@@ -55,9 +55,13 @@ enum Command {
         /// The destination address.
         dst: std::net::IpAddr,
         /// flanneld's `--local-store`, to name the udp backend's peer (its
-        /// peers are the leases' PublicIPs).
+        /// peers are the leases' PublicIPs); without it the leases are read
+        /// from etcd (flanneld's flags and FLANNELD_* variables), and only
+        /// when the packet goes to flanneld's udp datapath.
         #[arg(long, env = "FLANNELD_LOCAL_STORE", value_name = "DIR")]
         local_store: Option<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdFlags,
     },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
@@ -294,10 +298,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", report.render());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Explain { dst, local_store } => {
+        Command::Explain {
+            dst,
+            local_store,
+            etcd,
+        } => {
+            use flannelctl::explain::Leases;
             let leases = match local_store {
-                Some(dir) => leases::read_local(&dir)?,
-                None => Vec::new(),
+                Some(dir) => Leases::Known(leases::read_local(&dir)?),
+                None => {
+                    let opts = etcd.options();
+                    Leases::OnDemand(Box::new(move || {
+                        leases::read_etcd(opts).map_err(|e| e.to_string())
+                    }))
+                }
             };
             let here = "this node";
             let mut view = flannelctl::explain::KernelView::open_here(here, leases)?;

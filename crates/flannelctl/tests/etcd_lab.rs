@@ -719,3 +719,48 @@ fn etcd_outage_longer_than_the_lease_ttl_removes_nothing() {
     let m = lab.check().unwrap();
     assert!(m.all_ok(), "{}", m.render());
 }
+
+/// `flannelctl explain DST` on a udp node of an etcd cluster names flanneld's
+/// peer from the leases in etcd (read only because the walk reaches
+/// flannel0), and with etcd unreachable says why it cannot, without calling
+/// the packet dropped.
+#[test]
+fn explain_on_a_udp_node_names_the_peer_from_etcd() {
+    let lab = up_with(LabOptions {
+        nodes: 2,
+        store: StoreKind::Etcd,
+        backend: lab::Backend::Udp,
+        ..LabOptions::default()
+    });
+    let endpoint = lab.etcd_endpoint().unwrap();
+    let pod2 = lab.pod("ubuntu-2").unwrap().ip.expect("IPv4 pod").addr();
+    let node2 = lab.node("k8s-node2").unwrap().underlay_ip;
+    let explain = |etcd: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &format!("{}-k8s-node1", lab.name())])
+            .arg(env!("CARGO_BIN_EXE_flannelctl"))
+            .args(["explain", &pod2.to_string(), "--etcd-endpoints", etcd])
+            .env_remove("FLANNELD_LOCAL_STORE")
+            .env_remove("FLANNELD_ETCD_ENDPOINTS")
+            .output()
+            .expect("run flannelctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    let (ok, text) = explain(&endpoint);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&format!("payload of UDP to {node2}:8285"))
+            && text.contains(&format!("{node2}:8285 (flanneld's udp peer)")),
+        "{text}"
+    );
+    let (ok, text) = explain("http://127.0.0.1:1");
+    assert!(ok, "an unknown peer is not a drop: {text}");
+    assert!(
+        text.contains("the leases are not known here (")
+            && text.contains("etcd at http://127.0.0.1:1")
+            && text.contains("leaves this node for flanneld's udp datapath"),
+        "{text}"
+    );
+}
