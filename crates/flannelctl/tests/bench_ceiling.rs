@@ -1,6 +1,6 @@
 //! `scripts/bench-ceiling`, the bare kernel's throughput on the lab's
-//! topology, runs for real: one short round measures every path and leaves
-//! no namespace behind. Needs root and iperf3 (scripts/test installs it).
+//! topology, runs for real: one short round (with flanneld's rules, the
+//! longer code path) measures every path and leaves no namespace behind. Needs root and iperf3 (scripts/test installs it).
 
 use std::path::Path;
 use std::process::Command;
@@ -12,7 +12,7 @@ fn bench_ceiling_measures_every_path_and_removes_its_namespaces() {
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench-ceiling");
     let child = Command::new(&script)
-        .args(["1", "1"])
+        .args(["1", "1", "rules"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -22,6 +22,10 @@ fn bench_ceiling_measures_every_path_and_removes_its_namespaces() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "bench-ceiling failed");
+    assert!(
+        stdout.contains("with flanneld's --ip-masq and forward rules"),
+        "{stdout}"
+    );
     for path in ["underlay", "bridge-routes", "vxlan-pods", "vxlan-nodes"] {
         let row = stdout
             .lines()
