@@ -403,32 +403,26 @@ pub enum Leases {
     OnDemand(ReadLeases),
 }
 
-impl Leases {
-    fn into_parts(
-        self,
-    ) -> (
-        OnceCell<std::result::Result<Vec<Lease>, String>>,
-        Option<ReadLeases>,
-    ) {
-        match self {
+impl KernelView {
+    /// A view of no place yet.
+    fn new(leases: Leases, closed: bool) -> KernelView {
+        let (leases, read_leases) = match leases {
             Leases::Known(l) => (OnceCell::from(Ok(l)), None),
             Leases::OnDemand(read) => (OnceCell::new(), Some(read)),
-        }
-    }
-}
-
-impl KernelView {
-    /// Opens every namespace of `lab` and reads their addresses.
-    pub fn open_lab(lab: &Lab) -> Result<KernelView> {
-        let prefix = format!("{}-", lab.name());
-        let (leases, read_leases) = Leases::Known(lab.leases()?).into_parts();
-        let mut view = KernelView {
+        };
+        KernelView {
             places: BTreeMap::new(),
             owners: BTreeMap::new(),
             leases,
             read_leases: RefCell::new(read_leases),
-            closed: true,
-        };
+            closed,
+        }
+    }
+
+    /// Opens every namespace of `lab` and reads their addresses.
+    pub fn open_lab(lab: &Lab) -> Result<KernelView> {
+        let prefix = format!("{}-", lab.name());
+        let mut view = KernelView::new(Leases::Known(lab.leases()?), true);
         for ns in lab_namespaces(lab.name()) {
             let Some(place) = ns.strip_prefix(&prefix).map(str::to_string) else {
                 continue;
@@ -445,14 +439,7 @@ impl KernelView {
     /// backend's peers.
     pub fn open_here(place: &str, leases: Leases) -> Result<KernelView> {
         let nl = Netlink::open().map_err(nl_err("opening netlink"))?;
-        let (leases, read_leases) = leases.into_parts();
-        let mut view = KernelView {
-            places: BTreeMap::new(),
-            owners: BTreeMap::new(),
-            leases,
-            read_leases: RefCell::new(read_leases),
-            closed: false,
-        };
+        let mut view = KernelView::new(leases, false);
         view.add_place(place.to_string(), nl)?;
         Ok(view)
     }
