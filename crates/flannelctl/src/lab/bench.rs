@@ -18,9 +18,9 @@
 //! round's underlay. A target is judged on that median's confidence
 //! interval, never on the median alone: with the noise of this kind of
 //! machine a median of a few rounds is several percent off, which is the
-//! size of the margins the targets ask about. A backend that cannot run (flanneld refuses it) is
-//! reported as "not available" with the daemon's reason: no number is ever
-//! made up.
+//! size of the margins the targets ask about. A backend that cannot run
+//! (flanneld refuses it) is reported as "not available" with the daemon's
+//! reason: no number is ever made up.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -75,8 +75,12 @@ fn median(v: &[f64]) -> f64 {
 /// measured right next to it, so that the machine's drift between rounds
 /// (other work, CPU frequency, the hypervisor) cancels out.
 pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
-    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| a / b).collect();
-    median(&r)
+    median(&round_ratios(a, b))
+}
+
+/// `a[i] / b[i]` for every round both have.
+fn round_ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// A distribution-free confidence interval of a median (the sign test's):
@@ -205,11 +209,7 @@ impl LabResult {
     /// ratios to the underlay.
     pub fn ratio_interval(&self, path: &str) -> Option<Interval> {
         let base = &self.path("underlay")?.samples.bps_1;
-        let r: Vec<f64> = (self.path(path)?.samples.bps_1.iter())
-            .zip(base)
-            .map(|(a, b)| a / b)
-            .collect();
-        median_interval(&r)
+        median_interval(&round_ratios(&self.path(path)?.samples.bps_1, base))
     }
 }
 
