@@ -32,13 +32,27 @@ fn unique_name() -> String {
     )
 }
 
-fn flannelctl(args: &[&str]) -> Output {
-    let out = Command::new(FLANNELCTL)
-        .args(args)
+/// The flannelctl binary with `args`, finding its daemons next to itself
+/// and using no lab name from the environment.
+fn flannelctl_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(FLANNELCTL);
+    cmd.args(args)
         .env_remove("FLANNEL_LAB_BIN_DIR")
-        .env_remove("FLANNEL_LAB_NAME")
-        .output()
-        .unwrap();
+        .env_remove("FLANNEL_LAB_NAME");
+    cmd
+}
+
+/// flannelctl started with its output piped, to be signalled while it runs.
+fn spawn_flannelctl(args: &[&str]) -> std::process::Child {
+    flannelctl_command(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn flannelctl(args: &[&str]) -> Output {
+    let out = flannelctl_command(args).output().unwrap();
     eprintln!(
         "$ flannelctl {}\n{}{}",
         args.join(" "),
@@ -288,14 +302,7 @@ fn interrupted_lab_up_removes_what_it_built() {
     require_root_and_binaries();
     let name = unique_name();
     let _down = Down(name.clone());
-    let child = Command::new(FLANNELCTL)
-        .args(["lab", "up", "--name", &name])
-        .env_remove("FLANNEL_LAB_BIN_DIR")
-        .env_remove("FLANNEL_LAB_NAME")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_flannelctl(&["lab", "up", "--name", &name]);
     // Interrupt once namespaces and daemons exist (the build then still
     // waits for the daemons' leases, attaches pods and checks masquerading).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -323,15 +330,17 @@ fn interrupted_bench_removes_its_lab() {
     require_root_and_binaries();
     let name = unique_name();
     let _down = Down(name.clone());
-    let mut child = Command::new(FLANNELCTL)
-        .args(["bench", "--name", &name, "--backend", "host-gw"])
-        .args(["--seconds", "2", "--repeat", "3"])
-        .env_remove("FLANNEL_LAB_BIN_DIR")
-        .env_remove("FLANNEL_LAB_NAME")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_flannelctl(&[
+        "bench",
+        "--name",
+        &name,
+        "--backend",
+        "host-gw",
+        "--seconds",
+        "2",
+        "--repeat",
+        "3",
+    ]);
     // SIGTERM (as from a service manager or `kill`) once it measures.
     let mut seen = Vec::new();
     for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
