@@ -5,6 +5,7 @@
 //! - [`wire`]: flannel's wire names (etcd keys, annotations, file paths), in one place.
 //! - [`config`]: net-conf.json with upstream's schema, defaults and validation.
 //! - [`ip`]: subnet arithmetic.
+//! - [`kube`]: Kubernetes mode: annotation names, a Node's lease, what flanneld publishes.
 //! - [`lease`]: leases and their upstream JSON encoding.
 //! - [`alloc`]: which subnet a node should hold (upstream's acquisition order).
 //! - [`subnet_env`]: /run/flannel/subnet.env rendering and parsing.
@@ -30,6 +31,7 @@ pub mod alloc;
 pub mod config;
 pub mod datapath;
 pub mod ip;
+pub mod kube;
 pub mod lease;
 pub mod mac;
 pub mod rules;

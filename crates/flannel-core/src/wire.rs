@@ -19,6 +19,35 @@ pub const HEALTHZ_PATH: &str = "/healthz";
 pub const READYZ_PATH: &str = "/readyz";
 /// Default `--kube-annotation-prefix`.
 pub const DEFAULT_KUBE_ANNOTATION_PREFIX: &str = "flannel.alpha.coreos.com";
+/// Kubernetes mode: Node annotation names are the normalised
+/// `--kube-annotation-prefix` (`flannel.alpha.coreos.com/`) followed by one of
+/// these. `kube-subnet-manager: "true"` marks a Node flannel manages.
+pub const KUBE_ANNOTATION_SUBNET_MANAGER: &str = "kube-subnet-manager";
+/// The lease's `BackendType` (`vxlan`, `host-gw`; empty for udp, as upstream writes).
+pub const KUBE_ANNOTATION_BACKEND_TYPE: &str = "backend-type";
+/// The lease's `BackendData` as JSON text (`{"VNI":1,"VtepMAC":"..."}`, or `null`).
+pub const KUBE_ANNOTATION_BACKEND_DATA: &str = "backend-data";
+/// The lease's `BackendV6Data` as JSON text.
+pub const KUBE_ANNOTATION_BACKEND_V6_DATA: &str = "backend-v6-data";
+/// The lease's `PublicIP`.
+pub const KUBE_ANNOTATION_PUBLIC_IP: &str = "public-ip";
+/// The lease's `PublicIPv6`.
+pub const KUBE_ANNOTATION_PUBLIC_IPV6: &str = "public-ipv6";
+/// Set by the operator: published as `public-ip` instead of the node's own
+/// address (a NAT's outside address, say).
+pub const KUBE_ANNOTATION_PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+/// Set by the operator: published as `public-ipv6` instead of the node's own address.
+pub const KUBE_ANNOTATION_PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
+/// Set by the operator: used as `--public-ip` (interface selection included).
+pub const KUBE_ANNOTATION_NODE_PUBLIC_IP: &str = "node-public-ip";
+/// Set by the operator: used as `--public-ipv6`.
+pub const KUBE_ANNOTATION_NODE_PUBLIC_IPV6: &str = "node-public-ipv6";
+/// The Node condition flanneld sets to `False` once its datapath is up.
+pub const KUBE_CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
+/// The condition's `reason`.
+pub const KUBE_CONDITION_REASON: &str = "FlannelIsUp";
+/// The condition's `message`.
+pub const KUBE_CONDITION_MESSAGE: &str = "Flannel is running on this node";
 
 /// Lease lifetime granted on acquisition and renewal (24 h).
 pub const LEASE_TTL_SECS: u64 = 24 * 60 * 60;
