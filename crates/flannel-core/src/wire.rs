@@ -42,6 +42,12 @@ pub const KUBE_ANNOTATION_PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
 pub const KUBE_ANNOTATION_NODE_PUBLIC_IP: &str = "node-public-ip";
 /// Set by the operator: used as `--public-ipv6`.
 pub const KUBE_ANNOTATION_NODE_PUBLIC_IPV6: &str = "node-public-ipv6";
+/// Kubernetes mode: this node's Node name (else `POD_NAME`/`POD_NAMESPACE`).
+pub const ENV_NODE_NAME: &str = "NODE_NAME";
+/// Kubernetes mode: flanneld's pod, whose `spec.nodeName` is the Node.
+pub const ENV_POD_NAME: &str = "POD_NAME";
+/// Kubernetes mode: the namespace of `POD_NAME`.
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 /// The Node condition flanneld sets to `False` once its datapath is up.
 pub const KUBE_CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// The condition's `reason`.

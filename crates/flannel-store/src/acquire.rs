@@ -30,6 +30,9 @@ pub enum AcquireError {
     TooManyRaces { attempts: u32 },
     #[error("store error while acquiring a lease: {0}")]
     Store(#[from] StoreError),
+    /// Kubernetes mode: the Node's podCIDR cannot be our subnet.
+    #[error(transparent)]
+    Kube(crate::kube::KubeStoreError),
 }
 
 /// Acquires this node's lease (upstream's order): list, plan, then reuse our

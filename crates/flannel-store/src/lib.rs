@@ -1,9 +1,11 @@
 //! Lease stores: the [`Store`] abstraction every subnet manager implements,
-//! and its first implementation, a local directory shared by all flanneld
-//! processes of one machine.
+//! and its implementations.
 //!
 //! - [`local`]: [`LocalStore`], leases as files in a directory shared by the
 //!   daemons of one machine (flock + atomic rename, inotify watch).
+//! - [`etcd`]: upstream's etcd v3 layout.
+//! - [`kube`]: the Kubernetes API (`--kube-subnet-mgr`): a node's subnet is
+//!   its Node's podCIDR, the rest of the lease its annotations.
 //! - [`acquire`]: store-generic [`acquire_lease`] (upstream's order, retried
 //!   on lost races), [`renew_at`] and [`renew_lease`].
 //!
@@ -12,6 +14,7 @@
 
 pub mod acquire;
 pub mod etcd;
+pub mod kube;
 pub mod local;
 #[cfg(feature = "test-support")]
 pub mod testsupport;
@@ -22,7 +25,8 @@ pub use local::LocalStore;
 use std::future::Future;
 use std::time::Duration;
 
-use flannel_core::lease::{Lease, LeaseEvent, LeaseKey};
+use flannel_core::config::NetConfig;
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use tokio::sync::mpsc;
 
 /// Errors of a store, with the key or path involved.
@@ -43,6 +47,9 @@ pub enum StoreError {
     /// The key exists but belongs to another node (update refused).
     #[error("lease {key} is held by another node: {detail}")]
     Conflict { key: String, detail: String },
+    /// The store cannot do this at all (e.g. delete a lease in Kubernetes mode).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -104,4 +111,37 @@ pub trait Store: Send + Sync + 'static {
     /// [`WatchEvent::Events`]. The channel closes only when the store is dropped
     /// or the receiver is.
     fn watch_leases(&self) -> impl Future<Output = Result<mpsc::Receiver<WatchEvent>>> + Send;
+
+    /// Acquires this node's lease with `attrs`. The default is upstream's
+    /// order over [`Store::list_leases`] and [`Store::create_lease`]
+    /// ([`acquire_lease`]); the Kubernetes store takes the Node's podCIDR
+    /// instead and publishes `attrs` as annotations.
+    fn acquire(
+        &self,
+        cfg: &NetConfig,
+        attrs: &LeaseAttrs,
+        previous: Option<LeaseKey>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Lease, AcquireError>> + Send
+    where
+        Self: Sized,
+    {
+        acquire_lease(self, cfg, attrs, previous, ttl)
+    }
+
+    /// What this node published before, for stores that know the node by
+    /// identity rather than by public address (Kubernetes: its Node's own
+    /// annotations, whatever its address is now). `Ok(None)`: look among
+    /// [`Store::list_leases`] for the lease with our public address.
+    fn own_published_attrs(&self) -> impl Future<Output = Result<Option<LeaseAttrs>>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Called once the lease is held, the datapath programmed and subnet.env
+    /// written (upstream's `CompleteLease`; Kubernetes: the Node's
+    /// `NetworkUnavailable=False` condition). Default: nothing.
+    fn complete_lease(&self, lease: &Lease) -> impl Future<Output = Result<()>> + Send {
+        let _ = lease;
+        async { Ok(()) }
+    }
 }

@@ -21,8 +21,9 @@ use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
 use flannel_store::etcd::{missing_config_message, EtcdOptions, EtcdStore};
+use flannel_store::kube::{KubeOptions, KubeStore, KubeStoreError, NodeIdentity};
 use flannel_store::{
-    acquire_lease, renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
+    renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
 };
 use tokio::sync::mpsc;
 
@@ -61,8 +62,10 @@ pub enum DaemonError {
     UdpIpv4Only,
     #[error("{0}")]
     EtcdOption(String),
-    #[error("--kube-subnet-mgr is not implemented yet in flannel-rs; use --local-store DIR")]
-    KubeNotImplemented,
+    #[error("--kube-subnet-mgr and --local-store both name a lease store: give one of them")]
+    TwoStores,
+    #[error("Kubernetes subnet manager: {0}")]
+    Kube(#[from] KubeStoreError),
     #[error("selecting the external interface: {0}")]
     Iface(#[from] IfaceError),
     #[error("reading the kernel state at startup: {0}")]
@@ -185,12 +188,41 @@ pub enum StoreKind {
     Local(PathBuf),
     /// etcd v3 (upstream's default): `--etcd-*`.
     Etcd(EtcdOptions),
+    /// The Kubernetes API: `--kube-subnet-mgr`, `--kube-*`, and the Node
+    /// from `NODE_NAME` or `POD_NAME`/`POD_NAMESPACE`.
+    Kube(KubeOptions),
 }
 
-/// The store the flags select: `--local-store` wins; else etcd (as upstream).
+/// The store the flags select: `--kube-subnet-mgr`, else `--local-store`,
+/// else etcd (as upstream).
 pub fn store_kind(flags: &Flags) -> Result<StoreKind, DaemonError> {
+    store_kind_with(flags, |k| std::env::var(k).ok())
+}
+
+/// [`store_kind`] with the environment read through `env`.
+pub fn store_kind_with(
+    flags: &Flags,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<StoreKind, DaemonError> {
     if flags.kube_subnet_mgr {
-        return Err(DaemonError::KubeNotImplemented);
+        if flags.local_store.is_some() {
+            return Err(DaemonError::TwoStores);
+        }
+        let node = NodeIdentity::from_env(
+            env(wire::ENV_NODE_NAME).as_deref(),
+            env(wire::ENV_POD_NAME).as_deref(),
+            env(wire::ENV_POD_NAMESPACE).as_deref(),
+        )?;
+        return Ok(StoreKind::Kube(KubeOptions {
+            api_url: flags.kube_api_url.clone().filter(|u| !u.is_empty()),
+            kubeconfig: flags
+                .kubeconfig_file
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
+            annotation_prefix: flags.kube_annotation_prefix.clone(),
+            node,
+            set_node_network_unavailable: flags.set_node_network_unavailable,
+        }));
     }
     if let Some(dir) = &flags.local_store {
         return Ok(StoreKind::Local(dir.clone()));
@@ -360,6 +392,45 @@ pub fn run(flags: Flags) -> Result<(), DaemonError> {
                 }
                 .await
             }
+            StoreKind::Kube(opts) => {
+                async {
+                    // As upstream, the network config is the file (the
+                    // ConfigMap kube-flannel.yml mounts).
+                    let cfg = load_config(&flags, None)?;
+                    check_supported(&cfg)?;
+                    let connect = KubeStore::connect(opts, &cfg);
+                    let Some(store) = signals
+                        .during("connecting to the Kubernetes API", connect)
+                        .await?
+                    else {
+                        return Ok(());
+                    };
+                    let own = async { Ok::<_, DaemonError>(store.own_node().await) };
+                    let Some(own) = signals.during("listing the Nodes", own).await? else {
+                        return Ok(());
+                    };
+                    let mut flags = flags;
+                    if let Some(own) = own {
+                        // node-public-ip(-v6) replace --public-ip(-v6), before
+                        // the interface is chosen (as upstream).
+                        let (v4, v6) = own
+                            .view()
+                            .node_public_ips(store.names())
+                            .map_err(KubeStoreError::Node)?;
+                        if let Some(ip) = v4 {
+                            tracing::info!(public_ip = %ip, "using the Node's node-public-ip annotation as --public-ip");
+                            flags.public_ip = Some(ip);
+                        }
+                        if let Some(ip) = v6 {
+                            tracing::info!(public_ipv6 = %ip, "using the Node's node-public-ipv6 annotation as --public-ipv6");
+                            flags.public_ipv6 = Some(ip);
+                        }
+                    }
+                    // Leases live as long as their Nodes: nothing expires here.
+                    run_with_store(flags, store, cfg, true, health, &mut signals).await
+                }
+                .await
+            }
         };
         if let Some(s) = server {
             s.shutdown().await;
@@ -471,17 +542,27 @@ async fn run_async<S: Store>(
     let attrs = match &s.backend {
         Backend::Vxlan(vx) => {
             // Each VtepMAC: the existing device's, else our previous lease's,
-            // else random. Our previous lease names our public address(es).
-            let snapshot = store.list_leases().await?;
+            // else random. Our previous lease is what the store knows as
+            // ours (Kubernetes: our Node's annotations), else the one that
+            // names our public address(es).
+            let published = store.own_published_attrs().await?;
+            let snapshot = match published {
+                Some(_) => None,
+                None => Some(store.list_leases().await?),
+            };
             let ours = |l: &&Lease| {
                 families(&s.cfg).all(|f| l.attrs.public_ip_of(f) == s.ext.public_ip_of(f))
             };
             for f in families(&s.cfg) {
-                let prev_mac = snapshot
-                    .leases
-                    .iter()
-                    .filter(ours)
-                    .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, vx.vni, f));
+                let prev_mac = match (&published, &snapshot) {
+                    (Some(a), _) => vxlan::lease_vtep_mac(a, vx.vni, f),
+                    (None, Some(snap)) => snap
+                        .leases
+                        .iter()
+                        .filter(ours)
+                        .find_map(|l| vxlan::lease_vtep_mac(&l.attrs, vx.vni, f)),
+                    (None, None) => None,
+                };
                 let (m, source) = {
                     let mut rng = rand::rng();
                     vxlan::choose_vtep_mac(s.existing_devices.get(f).as_ref(), prev_mac, &mut rng)
@@ -500,7 +581,7 @@ async fn run_async<S: Store>(
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
     };
-    let acquire = acquire_lease(&store, &s.cfg, &attrs, s.previous, flags.lease_ttl());
+    let acquire = store.acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl());
     let Some(own) = signals.during("acquiring a lease", acquire).await? else {
         return Ok(());
     };
@@ -556,6 +637,9 @@ async fn run_async<S: Store>(
     );
     st.reconciler = Some(rec);
     st.write_subnet_env()?;
+    if let Err(e) = st.store.complete_lease(&st.own).await {
+        tracing::warn!(error = %e, "completing the lease in the store failed");
+    }
     st.rules = Some(crate::rules::RulesManager::start_with(
         crate::rules::input_from(&st.flags, &st.s.cfg, &st.own.key),
         Duration::from_secs(st.flags.iptables_resync),
@@ -773,14 +857,10 @@ impl<S: Store> State<S> {
         let previous = Some(self.own.key);
         let mut delay = Duration::from_secs(1);
         let lease = loop {
-            match acquire_lease(
-                &self.store,
-                &self.s.cfg,
-                &self.attrs,
-                previous,
-                self.flags.lease_ttl(),
-            )
-            .await
+            match self
+                .store
+                .acquire(&self.s.cfg, &self.attrs, previous, self.flags.lease_ttl())
+                .await
             {
                 Ok(l) => break l,
                 Err(e) => {
@@ -832,7 +912,7 @@ impl<S: Store> State<S> {
                 self.leases = new;
                 match self.leases.get(&self.own.key) {
                     None => own_lost = true,
-                    Some(l) if !same_holder(&l.attrs, &self.attrs) => own_lost = true,
+                    Some(l) if !same_holder(&l.attrs, &self.own.attrs) => own_lost = true,
                     Some(l) => {
                         own_changed = l.expiration != self.own.expiration;
                         self.own = l.clone();
@@ -844,7 +924,7 @@ impl<S: Store> State<S> {
                     match e {
                         LeaseEvent::Upsert(l) => {
                             if l.key == self.own.key {
-                                if !same_holder(&l.attrs, &self.attrs) {
+                                if !same_holder(&l.attrs, &self.own.attrs) {
                                     tracing::warn!(subnet = %l.key, holder = ?l.attrs.public_ip, holder_v6 = ?l.attrs.public_ipv6, "our subnet now belongs to another node");
                                     own_lost = true;
                                 } else {
@@ -915,8 +995,60 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e = store_kind(&flags(&["--kube-subnet-mgr"])).unwrap_err();
+        let e = store_kind(&flags(&["--kube-subnet-mgr", "--local-store", "/x"])).unwrap_err();
         assert!(e.to_string().contains("--kube-subnet-mgr"), "{e}");
+    }
+
+    #[test]
+    fn kube_store_selection() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let f = flags(&[
+            "--kube-subnet-mgr",
+            "--kubeconfig-file",
+            "/etc/k.conf",
+            "--kube-annotation-prefix",
+            "example.com/x",
+            "--set-node-network-unavailable=false",
+        ]);
+        match store_kind_with(&f, env(&[("NODE_NAME", "n1"), ("POD_NAME", "p")])).unwrap() {
+            StoreKind::Kube(o) => {
+                assert_eq!(o.node, NodeIdentity::Name("n1".into()));
+                assert_eq!(o.kubeconfig, Some(PathBuf::from("/etc/k.conf")));
+                assert_eq!(o.api_url, None);
+                assert_eq!(o.annotation_prefix, "example.com/x");
+                assert!(!o.set_node_network_unavailable);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The DaemonSet's way: the pod's name and namespace.
+        match store_kind_with(
+            &flags(&["--kube-subnet-mgr"]),
+            env(&[
+                ("POD_NAME", "kube-flannel-ds-x"),
+                ("POD_NAMESPACE", "kube-flannel"),
+            ]),
+        )
+        .unwrap()
+        {
+            StoreKind::Kube(o) => assert_eq!(
+                o.node,
+                NodeIdentity::Pod {
+                    namespace: "kube-flannel".into(),
+                    name: "kube-flannel-ds-x".into()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        let e = store_kind_with(&flags(&["--kube-subnet-mgr"]), env(&[("POD_NAME", "p")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("POD_NAME and POD_NAMESPACE must be set"), "{e}");
     }
 
     #[test]

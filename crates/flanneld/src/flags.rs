@@ -82,7 +82,8 @@ pub struct Flags {
           value_parser = BoolishValueParser::new())]
     pub ip_blackhole_route: bool,
 
-    /// Set the node's NetworkUnavailable condition (with --kube-subnet-mgr).
+    /// Set the Node's NetworkUnavailable condition to False (reason FlannelIsUp)
+    /// once the datapath is up (with --kube-subnet-mgr).
     #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "true", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
@@ -98,18 +99,23 @@ pub struct Flags {
     #[command(flatten)]
     pub etcd: EtcdFlags,
 
-    /// Use the Kubernetes API as the subnet store (not implemented yet).
+    /// Use the Kubernetes API as the subnet store: the subnet is the Node's
+    /// spec.podCIDR(s), the rest of the lease is published as Node annotations.
+    /// The Node is NODE_NAME, else the one POD_NAME in POD_NAMESPACE runs on.
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]
     pub kube_subnet_mgr: bool,
-    /// Kubernetes API server URL (with --kube-subnet-mgr).
+    /// Kubernetes API server URL (with --kube-subnet-mgr); overrides the
+    /// kubeconfig's server. Without this and --kubeconfig-file: the in-cluster
+    /// service account config.
     #[arg(long, env = "FLANNELD_KUBE_API_URL")]
     pub kube_api_url: Option<String>,
-    /// Annotation prefix on Node objects (with --kube-subnet-mgr).
+    /// Prefix of flannel's Node annotations (with --kube-subnet-mgr): a DNS name,
+    /// optionally followed by "/" and a name; "/" or "-" is appended as upstream.
     #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = wire::DEFAULT_KUBE_ANNOTATION_PREFIX)]
     pub kube_annotation_prefix: String,
-    /// kubeconfig file (with --kube-subnet-mgr).
+    /// kubeconfig file for the Kubernetes API (with --kube-subnet-mgr).
     #[arg(long, env = "FLANNELD_KUBECONFIG_FILE")]
     pub kubeconfig_file: Option<PathBuf>,
 
