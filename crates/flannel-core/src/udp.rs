@@ -190,14 +190,19 @@ pub struct UdpPeer {
 }
 
 /// The udp peers among `leases`: every live lease except our own (`own`)
-/// whose `BackendType` is udp and that has an IPv4 subnet and PublicIP (the
-/// udp backend is IPv4 only, as upstream's). A lease overlapping ours is
-/// never a peer. Sorted by subnet.
+/// that is a udp lease and has an IPv4 subnet and PublicIP (the udp backend
+/// is IPv4 only, as upstream's). A udp lease is one whose `BackendType` is
+/// `"udp"`, empty or missing ([`LeaseAttrs::effective_backend_type`]):
+/// upstream's udp backend writes none, in etcd as in the Kubernetes
+/// `backend-type` annotation, and neither does flannel-rs's. A lease
+/// overlapping ours is never a peer. Sorted by subnet.
+///
+/// [`LeaseAttrs::effective_backend_type`]: crate::lease::LeaseAttrs::effective_backend_type
 pub fn udp_peers(leases: &[Lease], own: Option<&LeaseKey>, now: SystemTime) -> Vec<UdpPeer> {
     let own_v4 = own.and_then(|o| o.ipv4);
     let mut out: Vec<UdpPeer> = leases
         .iter()
-        .filter(|l| l.attrs.backend_type == BACKEND_UDP && l.is_live(now))
+        .filter(|l| l.attrs.effective_backend_type() == BACKEND_UDP && l.is_live(now))
         .filter(|l| own.is_none_or(|o| l.key != *o))
         .filter_map(|l| {
             let subnet = l.key.ipv4?;
@@ -803,6 +808,72 @@ mod tests {
         assert!(t.is_peer(ip("172.16.1.12")));
         assert!(!t.is_peer(ip("172.16.1.13")), "host-gw lease");
         assert!(!t.is_peer(ip("172.16.1.17")), "expired lease");
+    }
+
+    /// Upstream's exact leases (etcd values and Kubernetes annotations, see
+    /// `lease::upstream`): a lease without `BackendType` (upstream's udp
+    /// backend writes none, and neither do we) or with `"udp"` is a udp
+    /// peer; vxlan and host-gw leases are not.
+    #[test]
+    fn upstream_udp_leases_without_backend_type_are_peers() {
+        use crate::lease::upstream::{self, etcd, lease};
+        let now = SystemTime::now();
+        let own: LeaseKey = "10.244.9.0-24".parse().unwrap();
+        let leases = vec![
+            // etcd / local store: {"PublicIP":"172.16.1.12","PublicIPv6":null}
+            lease("10.244.1.0-24", etcd(upstream::ETCD_UDP)),
+            // Kubernetes: backend-type "", backend-data "null".
+            lease("10.244.2.0-24", upstream::kube_udp()),
+            // What flannel-rs writes, and what it wrote before ("udp").
+            lease("10.244.3.0-24", LeaseAttrs::new_udp(ip("172.16.1.14"))),
+            lease(
+                "10.244.4.0-24",
+                LeaseAttrs::new(BACKEND_UDP, Some(ip("172.16.1.15")), None),
+            ),
+            // Other backends' leases, upstream's exact values.
+            lease("10.244.5.0-24", etcd(upstream::ETCD_VXLAN)),
+            lease("10.244.6.0-24", upstream::kube_vxlan()),
+            lease("10.244.7.0-24", etcd(upstream::ETCD_HOST_GW)),
+            lease("10.244.8.0-24", upstream::kube_host_gw()),
+        ];
+        let peers = udp_peers(&leases, Some(&own), now);
+        assert_eq!(
+            peers,
+            vec![
+                UdpPeer {
+                    subnet: net("10.244.1.0/24"),
+                    public_ip: ip("172.16.1.12")
+                },
+                UdpPeer {
+                    subnet: net("10.244.2.0/24"),
+                    public_ip: ip("172.16.1.13")
+                },
+                UdpPeer {
+                    subnet: net("10.244.3.0/24"),
+                    public_ip: ip("172.16.1.14")
+                },
+                UdpPeer {
+                    subnet: net("10.244.4.0/24"),
+                    public_ip: ip("172.16.1.15")
+                },
+            ]
+        );
+        // Both directions work with the upstream node: packets to its pods
+        // go to its PublicIP, and its datagrams are delivered.
+        let t = PeerTable::from_leases(net("10.244.0.0/16"), &leases, Some(&own), now);
+        let out = packet([10, 244, 9, 2], [10, 244, 1, 2], 8);
+        assert_eq!(
+            t.egress(&out),
+            Egress::Forward {
+                peer: ip("172.16.1.12"),
+                len: 28
+            }
+        );
+        let back = packet([10, 244, 1, 2], [10, 244, 9, 2], 8);
+        assert_eq!(
+            t.ingress(ip("172.16.1.12"), &back),
+            Ingress::Deliver { len: 28 }
+        );
     }
 
     #[test]

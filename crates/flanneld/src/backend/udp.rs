@@ -71,7 +71,8 @@ use tun_rs::{
     DeviceBuilder, GROTable, SyncDevice, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN,
 };
 
-/// The backend's `Type` and the lease's `BackendType`.
+/// The backend's `Type`. The lease carries no `BackendType` (as
+/// upstream's); peers read a missing one as udp ([`lease_attrs`]).
 pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 
 /// The stats file's name; by default it lives beside subnet.env
@@ -183,10 +184,12 @@ impl UdpSpec {
     }
 }
 
-/// The attributes we publish with our lease: a PublicIP and no backend
-/// data, as upstream's udp backend.
+/// The attributes we publish with our lease, byte for byte what upstream's
+/// udp backend writes: `{"PublicIP":"172.16.1.14","PublicIPv6":null}`, no
+/// `BackendType` and no `BackendData` ([`LeaseAttrs::new_udp`] says why
+/// both upstream's nodes and ours take it as a udp peer).
 pub fn lease_attrs(public_ip: Ipv4Addr) -> LeaseAttrs {
-    LeaseAttrs::new(BACKEND_TYPE, Some(public_ip), None)
+    LeaseAttrs::new_udp(public_ip)
 }
 
 /// Whether `link` is the udp backend's TUN device left over from an
@@ -1389,11 +1392,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lease_has_no_backend_data() {
+    fn lease_is_upstreams_without_backend_type_or_data() {
+        let a = lease_attrs(Ipv4Addr::new(172, 16, 1, 14));
         assert_eq!(
-            serde_json::to_string(&lease_attrs(Ipv4Addr::new(172, 16, 1, 14))).unwrap(),
-            r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"udp"}"#
+            serde_json::to_string(&a).unwrap(),
+            r#"{"PublicIP":"172.16.1.14","PublicIPv6":null}"#
         );
+        assert_eq!(a.effective_backend_type(), BACKEND_TYPE);
     }
 
     #[test]
