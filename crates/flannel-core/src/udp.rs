@@ -141,12 +141,14 @@ pub const NET_UNREACHABLE_MAX_LEN: usize = 20 + 8 + 60 + 8;
 /// The ICMP "destination network unreachable" (type 3, code 0) answering
 /// `orig`, a packet routed into the device for which no peer holds the
 /// destination, as upstream's udp backend answers it (so the sender learns
-/// at once instead of timing out). It is sent from `orig`'s destination:
-/// a local address as source would be dropped by the kernel as martian.
+/// at once instead of timing out). Its source is `from`, the node's own
+/// address on the device (flannel0's `<subnet network>/32`), as a router
+/// answers from its own address and as upstream does: never `orig`'s
+/// destination, which would tell the sender that host answered.
 /// Written to `out`; returns its length, or `None` when no error may be
 /// sent (RFC 1122: not for an ICMP error, a non-first fragment, or a
 /// source that is not a unicast host).
-pub fn net_unreachable(orig: &[u8], out: &mut [u8]) -> Option<usize> {
+pub fn net_unreachable(orig: &[u8], from: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
     let (header_len, h) = header_fields(orig).ok()?;
     let src = h.src;
     if src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src.is_loopback() {
@@ -172,7 +174,7 @@ pub fn net_unreachable(orig: &[u8], out: &mut [u8]) -> Option<usize> {
     out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     out[8] = 64;
     out[9] = 1;
-    out[12..16].copy_from_slice(&h.dst.octets());
+    out[12..16].copy_from_slice(&from.octets());
     out[16..20].copy_from_slice(&src.octets());
     fill_ipv4_checksum(out);
     out[20] = 3;
@@ -647,33 +649,32 @@ mod tests {
     fn net_unreachable_answers_hosts_only() {
         let orig = packet([10, 244, 1, 5], [10, 244, 9, 6], 30);
         let mut out = [0u8; NET_UNREACHABLE_MAX_LEN];
-        let n = net_unreachable(&orig, &mut out).unwrap();
+        // From the node's flannel0 address, not from the unreachable destination.
+        let flannel0 = ip("10.244.1.0");
+        let n = net_unreachable(&orig, flannel0, &mut out).unwrap();
         assert_eq!(n, 20 + 8 + 20 + 8);
         let icmp = &out[..n];
         let h = parse_ipv4(icmp).unwrap();
-        assert_eq!(
-            (h.src, h.dst, h.total_len),
-            (ip("10.244.9.6"), ip("10.244.1.5"), n)
-        );
+        assert_eq!((h.src, h.dst, h.total_len), (flannel0, ip("10.244.1.5"), n));
         assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 0));
         assert_eq!(ones_complement_sum(&icmp[20..]), 0xffff, "ICMP checksum");
         assert_eq!(&icmp[28..], &orig[..28], "quotes header + 8 bytes");
         // Never for an ICMP error, a later fragment or a broadcast source.
         let mut err = orig.clone();
         err[20] = 3;
-        assert_eq!(net_unreachable(&err, &mut out), None);
+        assert_eq!(net_unreachable(&err, flannel0, &mut out), None);
         let mut echo = orig.clone();
         echo[20] = 8;
-        assert!(net_unreachable(&echo, &mut out).is_some());
+        assert!(net_unreachable(&echo, flannel0, &mut out).is_some());
         let mut frag = orig.clone();
         frag[7] = 1;
         fill_ipv4_checksum(&mut frag);
-        assert_eq!(net_unreachable(&frag, &mut out), None);
+        assert_eq!(net_unreachable(&frag, flannel0, &mut out), None);
         let bcast = packet([255, 255, 255, 255], [10, 244, 9, 6], 30);
-        assert_eq!(net_unreachable(&bcast, &mut out), None);
+        assert_eq!(net_unreachable(&bcast, flannel0, &mut out), None);
         // Odd lengths checksum right too.
         let odd = packet([10, 244, 1, 5], [10, 244, 9, 6], 3);
-        let n = net_unreachable(&odd, &mut out).unwrap();
+        let n = net_unreachable(&odd, flannel0, &mut out).unwrap();
         assert_eq!(n, 28 + 23);
         assert_eq!(ones_complement_sum(&out[20..n]), 0xffff);
     }
