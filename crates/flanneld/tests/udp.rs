@@ -9,7 +9,7 @@
 //! PID) and directories go on drop, also on panic.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,9 +79,13 @@ impl Node {
     /// Sends `payload` in a UDP datagram from `src` (an address of this
     /// node's namespace, ephemeral port) to `dst`.
     fn send_datagram(&self, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) {
+        self.send_datagram_from(SocketAddrV4::new(src, 0), dst, payload);
+    }
+    /// [`Node::send_datagram`] from the port of `src` (upstream sends from 8285).
+    fn send_datagram_from(&self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
         self.ns
             .run(|| {
-                let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
+                let s = UdpSocket::bind(src).unwrap();
                 s.send_to(payload, dst).unwrap();
             })
             .unwrap();
@@ -108,6 +112,29 @@ fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     p[28..].copy_from_slice(payload);
     fill_ipv4_checksum(&mut p);
     p
+}
+
+/// Binds `rx` in `node`'s namespace, then up to 5 times runs `send` and
+/// waits a second for a datagram on `rx`: the first one's payload and source.
+fn receive_after(
+    node: &Node,
+    rx: SocketAddrV4,
+    send: impl Fn() + Sync,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    node.ns
+        .run(|| {
+            let sock = UdpSocket::bind(rx).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = [0u8; 2048];
+            for _ in 0..5 {
+                send();
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    return Some((buf[..n].to_vec(), from));
+                }
+            }
+            None
+        })
+        .unwrap()
 }
 
 fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
@@ -352,25 +379,13 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     let node1 = SocketAddrV4::new(c.nodes[0].ip, PORT);
     let pod1 = SocketAddrV4::new(first(subnets[0]), 5555);
     let pod2 = SocketAddrV4::new(first(subnets[1]), 6666);
-    let got = c.nodes[0]
-        .ns
-        .run(|| {
-            let rx = UdpSocket::bind(pod1).unwrap();
-            rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            let mut buf = [0u8; 64];
-            for _ in 0..5 {
-                c.nodes[1].send_datagram(
-                    c.nodes[1].ip,
-                    node1,
-                    &inner_udp(pod2, pod1, b"from upstream"),
-                );
-                if let Ok((n, from)) = rx.recv_from(&mut buf) {
-                    return Some((buf[..n].to_vec(), from));
-                }
-            }
-            None
-        })
-        .unwrap();
+    let got = receive_after(&c.nodes[0], pod1, || {
+        c.nodes[1].send_datagram(
+            c.nodes[1].ip,
+            node1,
+            &inner_udp(pod2, pod1, b"from upstream"),
+        )
+    });
     let (payload, from) = got.expect("the upstream-format datagram was not delivered");
     assert_eq!(payload, b"from upstream");
     assert_eq!(from, std::net::SocketAddr::V4(pod2));
@@ -560,21 +575,9 @@ fn upstream_udp_node_without_backend_type_is_a_peer_both_ways() {
     let our_pod = SocketAddrV4::new(first(subnet), 5555);
     let upstream_pod = SocketAddrV4::new(first(upstream_subnet), 7000);
     let upstream_sock = SocketAddrV4::new(upstream_ip, PORT);
-    let got = c.nodes[1]
-        .ns
-        .run(|| {
-            let rx = UdpSocket::bind(upstream_sock).unwrap();
-            rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            let mut buf = [0u8; 2048];
-            for _ in 0..5 {
-                c.nodes[0].send_datagram(*our_pod.ip(), upstream_pod, b"to upstream");
-                if let Ok((n, from)) = rx.recv_from(&mut buf) {
-                    return Some((buf[..n].to_vec(), from));
-                }
-            }
-            None
-        })
-        .unwrap();
+    let got = receive_after(&c.nodes[1], upstream_sock, || {
+        c.nodes[0].send_datagram(*our_pod.ip(), upstream_pod, b"to upstream")
+    });
     let (datagram, from) = got.unwrap_or_else(|| {
         panic!(
             "nothing arrived at the upstream node's {upstream_sock}; log:\n{}",
@@ -595,28 +598,13 @@ fn upstream_udp_node_without_backend_type_is_a_peer_both_ways() {
     // In: the upstream node answers from its port 8285 with the bare
     // packet; it is delivered to our pod address.
     let node1 = SocketAddrV4::new(c.nodes[0].ip, PORT);
-    let got = c.nodes[0]
-        .ns
-        .run(|| {
-            let rx = UdpSocket::bind(our_pod).unwrap();
-            rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            let mut buf = [0u8; 64];
-            for _ in 0..5 {
-                c.nodes[1]
-                    .ns
-                    .run(|| {
-                        let tx = UdpSocket::bind(upstream_sock).unwrap();
-                        tx.send_to(&inner_udp(upstream_pod, our_pod, b"from upstream"), node1)
-                            .unwrap();
-                    })
-                    .unwrap();
-                if let Ok((n, from)) = rx.recv_from(&mut buf) {
-                    return Some((buf[..n].to_vec(), from));
-                }
-            }
-            None
-        })
-        .unwrap();
+    let got = receive_after(&c.nodes[0], our_pod, || {
+        c.nodes[1].send_datagram_from(
+            upstream_sock,
+            node1,
+            &inner_udp(upstream_pod, our_pod, b"from upstream"),
+        )
+    });
     let (payload, from) = got.expect("the upstream node's datagram was not delivered");
     assert_eq!(payload, b"from upstream");
     assert_eq!(from, std::net::SocketAddr::V4(upstream_pod));
