@@ -91,7 +91,11 @@ fn remote_of_family(
 /// The vxlan peers of `family` among `leases`: every live lease except our
 /// own (`own`) whose `BackendType` is vxlan, with a subnet and public IP of
 /// that family, and whose `BackendData` (IPv4) or `BackendV6Data` (IPv6)
-/// parses and names our `vni`. Sorted by subnet.
+/// parses and names our `vni`. A lease without `BackendType` is udp's
+/// ([`LeaseAttrs::effective_backend_type`]), never a vxlan peer, as
+/// upstream's vxlan skips every non-vxlan lease. Sorted by subnet.
+///
+/// [`LeaseAttrs::effective_backend_type`]: crate::lease::LeaseAttrs::effective_backend_type
 pub fn vxlan_peers(
     leases: &[Lease],
     own: Option<&LeaseKey>,
@@ -101,7 +105,7 @@ pub fn vxlan_peers(
 ) -> Vec<VxlanPeer> {
     let mut out: Vec<VxlanPeer> = leases
         .iter()
-        .filter(|l| l.attrs.backend_type == BACKEND_VXLAN)
+        .filter(|l| l.attrs.effective_backend_type() == BACKEND_VXLAN)
         .filter_map(|l| {
             let (subnet, public_ip) = remote_of_family(l, own, family, now)?;
             let data = match family {
@@ -122,7 +126,9 @@ pub fn vxlan_peers(
 
 /// The host-gw peers of `family` among `leases`: every live lease except
 /// our own whose `BackendType` is host-gw, with a subnet and public IP of
-/// that family. Sorted by subnet.
+/// that family; `BackendData` is not read (upstream's is missing, or `null`
+/// in Kubernetes mode). A lease without `BackendType` (udp's) is no
+/// host-gw peer, as upstream's host-gw skips it. Sorted by subnet.
 pub fn host_gw_peers(
     leases: &[Lease],
     own: Option<&LeaseKey>,
@@ -131,7 +137,7 @@ pub fn host_gw_peers(
 ) -> Vec<HostGwPeer> {
     let mut out: Vec<HostGwPeer> = leases
         .iter()
-        .filter(|l| l.attrs.backend_type == BACKEND_HOST_GW)
+        .filter(|l| l.attrs.effective_backend_type() == BACKEND_HOST_GW)
         .filter_map(|l| {
             let (subnet, public_ip) = remote_of_family(l, own, family, now)?;
             Some(HostGwPeer {
@@ -702,6 +708,70 @@ mod tests {
         let hg = host_gw_peers(&leases, Some(&own), IpFamily::V4, t0());
         assert_eq!(hg.len(), 1);
         assert_eq!(hg[0].public_ip, ip("172.16.1.4"));
+    }
+
+    /// Upstream's exact leases (etcd values and Kubernetes annotations, see
+    /// `lease::upstream`) as a vxlan and a host-gw node select peers from
+    /// them: each takes its own backend's, and neither takes a lease
+    /// without `BackendType` (udp's), as upstream's vxlan and host-gw skip it.
+    #[test]
+    fn upstream_leases_select_by_backend_and_untyped_is_neither_vxlan_nor_host_gw() {
+        use crate::lease::upstream::{self, etcd, lease};
+        let own: LeaseKey = "10.244.9.0-24".parse().unwrap();
+        let vx = |leases: &[Lease]| vxlan_peers(leases, Some(&own), 1, IpFamily::V4, t0());
+        let hg = |leases: &[Lease]| host_gw_peers(leases, Some(&own), IpFamily::V4, t0());
+
+        let etcd_vxlan = lease("10.244.1.0-24", etcd(upstream::ETCD_VXLAN));
+        let kube_vxlan = lease("10.244.2.0-24", upstream::kube_vxlan());
+        let got = vx(&[etcd_vxlan.clone(), kube_vxlan.clone()]);
+        assert_eq!(
+            got.iter()
+                .map(|p| (p.subnet, p.public_ip, p.vtep_mac))
+                .collect::<Vec<_>>(),
+            vec![
+                (
+                    net("10.244.1.0/24"),
+                    ip("172.16.1.12"),
+                    mac("1e:2c:f9:33:d5:9b")
+                ),
+                (
+                    net("10.244.2.0/24"),
+                    ip("172.16.1.13"),
+                    mac("b6:e3:3e:76:79:d1")
+                ),
+            ]
+        );
+        assert!(hg(&[etcd_vxlan, kube_vxlan]).is_empty());
+
+        let host_gw = [
+            lease("10.244.1.0-24", etcd(upstream::ETCD_HOST_GW)),
+            lease("10.244.3.0-24", etcd(upstream::ETCD_HOST_GW_NULL_DATA)),
+            lease("10.244.2.0-24", upstream::kube_host_gw()),
+        ];
+        let got = hg(&host_gw);
+        assert_eq!(
+            got.iter()
+                .map(|p| (p.subnet, p.public_ip))
+                .collect::<Vec<_>>(),
+            vec![
+                (net("10.244.1.0/24"), ip("172.16.1.12")),
+                (net("10.244.2.0/24"), ip("172.16.1.13")),
+                (net("10.244.3.0/24"), ip("172.16.1.12")),
+            ]
+        );
+        assert!(vx(&host_gw).is_empty());
+
+        // udp's leases: no BackendType. Not a vxlan peer even with valid
+        // vxlan data in it, not a host-gw peer.
+        let mut untyped_with_data = etcd(upstream::ETCD_VXLAN);
+        untyped_with_data.backend_type.clear();
+        let udp = [
+            lease("10.244.1.0-24", etcd(upstream::ETCD_UDP)),
+            lease("10.244.2.0-24", upstream::kube_udp()),
+            lease("10.244.3.0-24", untyped_with_data),
+        ];
+        assert!(vx(&udp).is_empty());
+        assert!(hg(&udp).is_empty());
     }
 
     #[test]

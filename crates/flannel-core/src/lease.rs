@@ -246,7 +246,8 @@ pub const BACKEND_HOST_GW: &str = crate::wire::BACKEND_TYPE_HOST_GW;
 pub const BACKEND_UDP: &str = crate::wire::BACKEND_TYPE_UDP;
 
 impl LeaseAttrs {
-    /// Attributes without backend data (host-gw, udp).
+    /// Attributes without backend data, `BackendType` as given (host-gw;
+    /// for udp see [`LeaseAttrs::new_udp`]).
     pub fn new(
         backend_type: &str,
         public_ip: Option<Ipv4Addr>,
@@ -258,6 +259,33 @@ impl LeaseAttrs {
             backend_type: backend_type.to_string(),
             backend_data: None,
             backend_v6_data: None,
+        }
+    }
+
+    /// udp attributes, exactly as upstream's udp backend writes them: the
+    /// PublicIP and nothing else, so `{"PublicIP":"172.16.1.12","PublicIPv6":null}`
+    /// with no `BackendType` key (etcd and the local store), and in
+    /// Kubernetes mode the annotations `backend-type: ""` and
+    /// `backend-data: "null"`. Upstream's udp nodes ignore `BackendType`
+    /// (they take every lease as a peer), so they accept this; flannel-rs's
+    /// udp nodes read a missing or empty `BackendType` as udp, and `"udp"`
+    /// too ([`LeaseAttrs::effective_backend_type`]).
+    pub fn new_udp(public_ip: Ipv4Addr) -> Self {
+        LeaseAttrs::new("", Some(public_ip), None)
+    }
+
+    /// The backend this lease is of, as flannel-rs's peer selection reads
+    /// it: its `BackendType`, and udp when that is missing or empty
+    /// (upstream's udp backend writes none, see [`LeaseAttrs::new_udp`]).
+    /// So only a udp node takes an untyped lease as a peer's; vxlan and
+    /// host-gw nodes, like upstream's, skip it. (Upstream's alloc and
+    /// tencentvpc backends write no `BackendType` either; flannel-rs runs
+    /// neither, and a cluster runs one backend.)
+    pub fn effective_backend_type(&self) -> &str {
+        if self.backend_type.is_empty() {
+            BACKEND_UDP
+        } else {
+            &self.backend_type
         }
     }
 
@@ -353,6 +381,81 @@ impl Lease {
     }
 }
 
+/// Leases exactly as upstream flanneld writes them, for the golden tests of
+/// this crate (lease parsing here, peer selection in `udp` and `datapath`).
+///
+/// The etcd values follow upstream's `LeaseAttrs` JSON (v0.20.2 and current
+/// master): udp sets only `PublicIP` (`pkg/backend/udp/udp_amd64.go`),
+/// host-gw adds `"BackendType":"host-gw"`, vxlan `"BackendType":"vxlan"` and
+/// `BackendData`; `BackendType`/`BackendData` are `omitempty`. The
+/// Kubernetes values are the annotations of a real run
+/// (`nodes-after-{udp,host-gw,vxlan}.json` of the kube recordings: node
+/// `k8s-node1` 172.16.1.12 with podCIDR 10.244.1.0/24, `k8s-node2`
+/// 172.16.1.13 with 10.244.2.0/24).
+#[cfg(test)]
+pub(crate) mod upstream {
+    use super::*;
+
+    /// Upstream's udp lease in etcd: no `BackendType`, no `BackendData`.
+    pub const ETCD_UDP: &str = r#"{"PublicIP":"172.16.1.12","PublicIPv6":null}"#;
+    /// Upstream's host-gw lease in etcd.
+    pub const ETCD_HOST_GW: &str =
+        r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":"host-gw"}"#;
+    /// The same with an explicit `null` `BackendData` (what upstream's
+    /// `json.RawMessage("null")` of a Kubernetes-mode lease marshals to).
+    pub const ETCD_HOST_GW_NULL_DATA: &str = r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#;
+    /// Upstream's vxlan lease in etcd.
+    pub const ETCD_VXLAN: &str = r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1e:2c:f9:33:d5:9b"}}"#;
+
+    /// The `LeaseAttrs` of a Node's annotations, as the Kubernetes subnet
+    /// manager is to convert them (an assumption of these tests, stated by
+    /// the lead building it): `BackendType` = the `backend-type` annotation
+    /// verbatim, `BackendData` = the `backend-data` annotation parsed as
+    /// JSON (so `"null"` is `Some(Value::Null)`), `PublicIP` = `public-ip`.
+    pub fn from_annotations(public_ip: &str, backend_type: &str, backend_data: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Some(public_ip.parse().expect("public-ip")),
+            public_ipv6: None,
+            backend_type: backend_type.to_string(),
+            backend_data: Some(serde_json::from_str(backend_data).expect("backend-data is JSON")),
+            backend_v6_data: None,
+        }
+    }
+
+    /// `k8s-node2` of `nodes-after-udp.json`: backend-type `""`, backend-data `"null"`.
+    pub fn kube_udp() -> LeaseAttrs {
+        from_annotations("172.16.1.13", "", "null")
+    }
+
+    /// `k8s-node2` of `nodes-after-host-gw.json`.
+    pub fn kube_host_gw() -> LeaseAttrs {
+        from_annotations("172.16.1.13", "host-gw", "null")
+    }
+
+    /// `k8s-node2` of `nodes-after-vxlan.json`.
+    pub fn kube_vxlan() -> LeaseAttrs {
+        from_annotations(
+            "172.16.1.13",
+            "vxlan",
+            r#"{"VNI":1,"VtepMAC":"b6:e3:3e:76:79:d1"}"#,
+        )
+    }
+
+    /// A lease without expiry of `attrs` for `key`.
+    pub fn lease(key: &str, attrs: LeaseAttrs) -> Lease {
+        Lease {
+            key: key.parse().expect("lease key"),
+            attrs,
+            expiration: None,
+        }
+    }
+
+    /// `attrs` parsed from one of the etcd values.
+    pub fn etcd(json: &str) -> LeaseAttrs {
+        LeaseAttrs::from_json(json).expect("upstream's lease parses")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,6 +542,78 @@ mod tests {
         assert_eq!(t.public_ip, None);
         assert_eq!(t.backend_type, "");
         assert_eq!(t.to_json(), r#"{"PublicIP":"0.0.0.0","PublicIPv6":null}"#);
+    }
+
+    #[test]
+    fn upstream_udp_lease_reads_as_udp_and_ours_is_byte_identical() {
+        let up = upstream::etcd(upstream::ETCD_UDP);
+        assert_eq!(up.public_ip, Some(Ipv4Addr::new(172, 16, 1, 12)));
+        assert_eq!((up.backend_type.as_str(), &up.backend_data), ("", &None));
+        assert_eq!(up.effective_backend_type(), BACKEND_UDP);
+        // What we write is upstream's value, byte for byte, and reads back the same.
+        let ours = LeaseAttrs::new_udp(Ipv4Addr::new(172, 16, 1, 12));
+        assert_eq!(ours.to_json(), upstream::ETCD_UDP);
+        assert_eq!(LeaseAttrs::from_json(&ours.to_json()).unwrap(), ours);
+        assert_eq!(ours, up);
+        // An explicit empty type, and "udp" (flannel-rs before it matched
+        // upstream), read as udp too.
+        for j in [
+            r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":""}"#,
+            r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":"udp"}"#,
+        ] {
+            assert_eq!(
+                upstream::etcd(j).effective_backend_type(),
+                BACKEND_UDP,
+                "{j}"
+            );
+        }
+        // Kubernetes mode: backend-type "" and backend-data "null".
+        let kube = upstream::kube_udp();
+        assert_eq!(kube.effective_backend_type(), BACKEND_UDP);
+        assert_eq!(kube.backend_data, Some(serde_json::Value::Null));
+    }
+
+    #[test]
+    fn upstream_host_gw_and_vxlan_leases_read_as_their_backend() {
+        for j in [upstream::ETCD_HOST_GW, upstream::ETCD_HOST_GW_NULL_DATA] {
+            let a = upstream::etcd(j);
+            assert_eq!(a.effective_backend_type(), BACKEND_HOST_GW, "{j}");
+            assert_eq!(a.public_ip, Some(Ipv4Addr::new(172, 16, 1, 12)), "{j}");
+            assert_eq!(a.backend_data, None, "{j}: null is no data");
+        }
+        // What we write for host-gw is upstream's value.
+        assert_eq!(
+            LeaseAttrs::new(BACKEND_HOST_GW, Some(Ipv4Addr::new(172, 16, 1, 12)), None).to_json(),
+            upstream::ETCD_HOST_GW
+        );
+        assert_eq!(
+            upstream::kube_host_gw().effective_backend_type(),
+            BACKEND_HOST_GW
+        );
+
+        let vx = upstream::etcd(upstream::ETCD_VXLAN);
+        assert_eq!(vx.effective_backend_type(), BACKEND_VXLAN);
+        let data = VxlanBackendData {
+            vni: 1,
+            vtep_mac: mac("1e:2c:f9:33:d5:9b"),
+        };
+        assert_eq!(vx.vxlan_data(), Some(data));
+        // What we write for vxlan is upstream's value.
+        assert_eq!(
+            LeaseAttrs::new_vxlan(Some(Ipv4Addr::new(172, 16, 1, 12)), Some(data), None, None)
+                .to_json(),
+            upstream::ETCD_VXLAN
+        );
+        let kube = upstream::kube_vxlan();
+        assert_eq!(kube.effective_backend_type(), BACKEND_VXLAN);
+        assert_eq!(
+            kube.vxlan_data().map(|d| d.vtep_mac),
+            Some(mac("b6:e3:3e:76:79:d1"))
+        );
+        // A null BackendData is no vxlan data (and so no vxlan peer).
+        let mut null = kube;
+        null.backend_data = Some(serde_json::Value::Null);
+        assert_eq!(null.vxlan_data(), None);
     }
 
     #[test]

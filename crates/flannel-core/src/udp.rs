@@ -141,12 +141,14 @@ pub const NET_UNREACHABLE_MAX_LEN: usize = 20 + 8 + 60 + 8;
 /// The ICMP "destination network unreachable" (type 3, code 0) answering
 /// `orig`, a packet routed into the device for which no peer holds the
 /// destination, as upstream's udp backend answers it (so the sender learns
-/// at once instead of timing out). It is sent from `orig`'s destination:
-/// a local address as source would be dropped by the kernel as martian.
+/// at once instead of timing out). Its source is `from`, the node's own
+/// address on the device (flannel0's `<subnet network>/32`), as a router
+/// answers from its own address and as upstream does: never `orig`'s
+/// destination, which would tell the sender that host answered.
 /// Written to `out`; returns its length, or `None` when no error may be
 /// sent (RFC 1122: not for an ICMP error, a non-first fragment, or a
 /// source that is not a unicast host).
-pub fn net_unreachable(orig: &[u8], out: &mut [u8]) -> Option<usize> {
+pub fn net_unreachable(orig: &[u8], from: Ipv4Addr, out: &mut [u8]) -> Option<usize> {
     let (header_len, h) = header_fields(orig).ok()?;
     let src = h.src;
     if src.is_unspecified() || src.is_broadcast() || src.is_multicast() || src.is_loopback() {
@@ -172,7 +174,7 @@ pub fn net_unreachable(orig: &[u8], out: &mut [u8]) -> Option<usize> {
     out[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     out[8] = 64;
     out[9] = 1;
-    out[12..16].copy_from_slice(&h.dst.octets());
+    out[12..16].copy_from_slice(&from.octets());
     out[16..20].copy_from_slice(&src.octets());
     fill_ipv4_checksum(out);
     out[20] = 3;
@@ -190,14 +192,19 @@ pub struct UdpPeer {
 }
 
 /// The udp peers among `leases`: every live lease except our own (`own`)
-/// whose `BackendType` is udp and that has an IPv4 subnet and PublicIP (the
-/// udp backend is IPv4 only, as upstream's). A lease overlapping ours is
-/// never a peer. Sorted by subnet.
+/// that is a udp lease and has an IPv4 subnet and PublicIP (the udp backend
+/// is IPv4 only, as upstream's). A udp lease is one whose `BackendType` is
+/// `"udp"`, empty or missing ([`LeaseAttrs::effective_backend_type`]):
+/// upstream's udp backend writes none, in etcd as in the Kubernetes
+/// `backend-type` annotation, and neither does flannel-rs's. A lease
+/// overlapping ours is never a peer. Sorted by subnet.
+///
+/// [`LeaseAttrs::effective_backend_type`]: crate::lease::LeaseAttrs::effective_backend_type
 pub fn udp_peers(leases: &[Lease], own: Option<&LeaseKey>, now: SystemTime) -> Vec<UdpPeer> {
     let own_v4 = own.and_then(|o| o.ipv4);
     let mut out: Vec<UdpPeer> = leases
         .iter()
-        .filter(|l| l.attrs.backend_type == BACKEND_UDP && l.is_live(now))
+        .filter(|l| l.attrs.effective_backend_type() == BACKEND_UDP && l.is_live(now))
         .filter(|l| own.is_none_or(|o| l.key != *o))
         .filter_map(|l| {
             let subnet = l.key.ipv4?;
@@ -642,33 +649,32 @@ mod tests {
     fn net_unreachable_answers_hosts_only() {
         let orig = packet([10, 244, 1, 5], [10, 244, 9, 6], 30);
         let mut out = [0u8; NET_UNREACHABLE_MAX_LEN];
-        let n = net_unreachable(&orig, &mut out).unwrap();
+        // From the node's flannel0 address, not from the unreachable destination.
+        let flannel0 = ip("10.244.1.0");
+        let n = net_unreachable(&orig, flannel0, &mut out).unwrap();
         assert_eq!(n, 20 + 8 + 20 + 8);
         let icmp = &out[..n];
         let h = parse_ipv4(icmp).unwrap();
-        assert_eq!(
-            (h.src, h.dst, h.total_len),
-            (ip("10.244.9.6"), ip("10.244.1.5"), n)
-        );
+        assert_eq!((h.src, h.dst, h.total_len), (flannel0, ip("10.244.1.5"), n));
         assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 0));
         assert_eq!(ones_complement_sum(&icmp[20..]), 0xffff, "ICMP checksum");
         assert_eq!(&icmp[28..], &orig[..28], "quotes header + 8 bytes");
         // Never for an ICMP error, a later fragment or a broadcast source.
         let mut err = orig.clone();
         err[20] = 3;
-        assert_eq!(net_unreachable(&err, &mut out), None);
+        assert_eq!(net_unreachable(&err, flannel0, &mut out), None);
         let mut echo = orig.clone();
         echo[20] = 8;
-        assert!(net_unreachable(&echo, &mut out).is_some());
+        assert!(net_unreachable(&echo, flannel0, &mut out).is_some());
         let mut frag = orig.clone();
         frag[7] = 1;
         fill_ipv4_checksum(&mut frag);
-        assert_eq!(net_unreachable(&frag, &mut out), None);
+        assert_eq!(net_unreachable(&frag, flannel0, &mut out), None);
         let bcast = packet([255, 255, 255, 255], [10, 244, 9, 6], 30);
-        assert_eq!(net_unreachable(&bcast, &mut out), None);
+        assert_eq!(net_unreachable(&bcast, flannel0, &mut out), None);
         // Odd lengths checksum right too.
         let odd = packet([10, 244, 1, 5], [10, 244, 9, 6], 3);
-        let n = net_unreachable(&odd, &mut out).unwrap();
+        let n = net_unreachable(&odd, flannel0, &mut out).unwrap();
         assert_eq!(n, 28 + 23);
         assert_eq!(ones_complement_sum(&out[20..n]), 0xffff);
     }
@@ -803,6 +809,72 @@ mod tests {
         assert!(t.is_peer(ip("172.16.1.12")));
         assert!(!t.is_peer(ip("172.16.1.13")), "host-gw lease");
         assert!(!t.is_peer(ip("172.16.1.17")), "expired lease");
+    }
+
+    /// Upstream's exact leases (etcd values and Kubernetes annotations, see
+    /// `lease::upstream`): a lease without `BackendType` (upstream's udp
+    /// backend writes none, and neither do we) or with `"udp"` is a udp
+    /// peer; vxlan and host-gw leases are not.
+    #[test]
+    fn upstream_udp_leases_without_backend_type_are_peers() {
+        use crate::lease::upstream::{self, etcd, lease};
+        let now = SystemTime::now();
+        let own: LeaseKey = "10.244.9.0-24".parse().unwrap();
+        let leases = vec![
+            // etcd / local store: {"PublicIP":"172.16.1.12","PublicIPv6":null}
+            lease("10.244.1.0-24", etcd(upstream::ETCD_UDP)),
+            // Kubernetes: backend-type "", backend-data "null".
+            lease("10.244.2.0-24", upstream::kube_udp()),
+            // What flannel-rs writes, and what it wrote before ("udp").
+            lease("10.244.3.0-24", LeaseAttrs::new_udp(ip("172.16.1.14"))),
+            lease(
+                "10.244.4.0-24",
+                LeaseAttrs::new(BACKEND_UDP, Some(ip("172.16.1.15")), None),
+            ),
+            // Other backends' leases, upstream's exact values.
+            lease("10.244.5.0-24", etcd(upstream::ETCD_VXLAN)),
+            lease("10.244.6.0-24", upstream::kube_vxlan()),
+            lease("10.244.7.0-24", etcd(upstream::ETCD_HOST_GW)),
+            lease("10.244.8.0-24", upstream::kube_host_gw()),
+        ];
+        let peers = udp_peers(&leases, Some(&own), now);
+        assert_eq!(
+            peers,
+            vec![
+                UdpPeer {
+                    subnet: net("10.244.1.0/24"),
+                    public_ip: ip("172.16.1.12")
+                },
+                UdpPeer {
+                    subnet: net("10.244.2.0/24"),
+                    public_ip: ip("172.16.1.13")
+                },
+                UdpPeer {
+                    subnet: net("10.244.3.0/24"),
+                    public_ip: ip("172.16.1.14")
+                },
+                UdpPeer {
+                    subnet: net("10.244.4.0/24"),
+                    public_ip: ip("172.16.1.15")
+                },
+            ]
+        );
+        // Both directions work with the upstream node: packets to its pods
+        // go to its PublicIP, and its datagrams are delivered.
+        let t = PeerTable::from_leases(net("10.244.0.0/16"), &leases, Some(&own), now);
+        let out = packet([10, 244, 9, 2], [10, 244, 1, 2], 8);
+        assert_eq!(
+            t.egress(&out),
+            Egress::Forward {
+                peer: ip("172.16.1.12"),
+                len: 28
+            }
+        );
+        let back = packet([10, 244, 1, 2], [10, 244, 9, 2], 8);
+        assert_eq!(
+            t.ingress(ip("172.16.1.12"), &back),
+            Ingress::Deliver { len: 28 }
+        );
     }
 
     #[test]

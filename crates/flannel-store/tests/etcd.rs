@@ -255,6 +255,50 @@ async fn layout_json_and_ttl_match_upstream() {
     assert_eq!(l.attrs.to_json(), upstream);
     assert_expires_in(l, Duration::from_secs(600));
 
+    // Upstream's udp lease (no BackendType) and host-gw lease (no
+    // BackendData, or null) read as udp and host-gw.
+    for (k, value, backend) in [
+        (
+            "10.244.4.0-24",
+            r#"{"PublicIP":"172.16.1.16","PublicIPv6":null}"#,
+            "udp",
+        ),
+        (
+            "10.244.5.0-24",
+            r#"{"PublicIP":"172.16.1.17","PublicIPv6":null,"BackendType":"host-gw"}"#,
+            "host-gw",
+        ),
+        (
+            "10.244.6.0-24",
+            r#"{"PublicIP":"172.16.1.18","PublicIPv6":null,"BackendType":"host-gw","BackendData":null}"#,
+            "host-gw",
+        ),
+    ] {
+        c.put(
+            subnet_key(k),
+            value,
+            Some(PutOptions::new().with_lease(grant.id())),
+        )
+        .await
+        .unwrap();
+        let snap = store.list_leases().await.unwrap();
+        let l = snap.leases.iter().find(|l| l.key == key(k)).unwrap();
+        assert_eq!(l.attrs.effective_backend_type(), backend, "{value}");
+        assert_eq!(l.attrs.backend_data, None, "{value}");
+    }
+    // Ours for udp is upstream's value, byte for byte.
+    let ours = LeaseAttrs::new_udp("172.16.1.19".parse().unwrap());
+    store
+        .create_lease(&lease("10.244.7.0-24", ours), Some(DAY))
+        .await
+        .unwrap()
+        .expect("free");
+    let kv = raw_get(&mut c, &subnet_key("10.244.7.0-24")).await.unwrap();
+    assert_eq!(
+        kv.value(),
+        br#"{"PublicIP":"172.16.1.19","PublicIPv6":null}"#
+    );
+
     // Delete, and delete again (absent is success).
     store.delete_lease(&key("10.244.1.0-24")).await.unwrap();
     store.delete_lease(&key("10.244.1.0-24")).await.unwrap();

@@ -19,6 +19,7 @@ use std::cell::{OnceCell, RefCell};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
 
 use flannel_core::lease::Lease;
 use flannel_core::mac::MacAddr;
@@ -73,10 +74,10 @@ pub trait View {
     fn vxlan_device(&mut self, place: &str, vni: u32, vtep: IpAddr) -> Option<String>;
     /// The place and device that hold address `ip`.
     fn owner(&self, ip: IpAddr) -> Option<(String, String)>;
-    /// The udp backend's peer for `dst`: the PublicIP of the lease whose
-    /// subnet holds it (flanneld's peer table is built from the leases);
-    /// `Ok(None)` when no lease holds it, `Err` (why) when the leases are
-    /// not known.
+    /// The udp backend's peer for `dst`: the PublicIP of the live udp lease
+    /// whose subnet holds it, as flanneld's peer table picks it
+    /// ([`udp_peer_of`]); `Ok(None)` when no udp lease holds it, `Err` (why)
+    /// when the leases are not known.
     fn udp_peer(&self, dst: IpAddr) -> std::result::Result<Option<IpAddr>, String>;
     /// Whether the view knows every place the packet can reach (a lab): a
     /// next hop no place holds is then a drop. A node's own view is open:
@@ -260,8 +261,9 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                 let peer = match view.udp_peer(dst) {
                     Ok(Some(peer)) => peer,
                     Ok(None) => {
-                        let why =
-                            format!("flanneld (udp) has no peer for {dst}: no lease holds it");
+                        let why = format!(
+                            "flanneld (udp) has no peer for {dst}: no live udp lease holds it"
+                        );
                         let o = dropped(&mut hops, lines, &place, why);
                         return end(hops, o);
                     }
@@ -563,13 +565,27 @@ impl View for KernelView {
             Some(read) => read(),
             None => Err("no store to read them from".into()),
         });
-        Ok(leases
-            .as_ref()
-            .map_err(Clone::clone)?
-            .iter()
-            .find(|l| l.key.ipv4.is_some_and(|s| IpNet::V4(s).contains(&dst)))
-            .and_then(|l| l.attrs.public_ip.map(IpAddr::V4)))
+        Ok(udp_peer_of(
+            leases.as_ref().map_err(Clone::clone)?,
+            dst,
+            SystemTime::now(),
+        ))
     }
+}
+
+/// The PublicIP flanneld's udp datapath sends a packet for `dst` to: its
+/// peer table's choice among `leases` at `now` (the live udp leases, which
+/// include those without `BackendType` as upstream's udp nodes write them;
+/// the longest subnet holding `dst`).
+pub fn udp_peer_of(leases: &[Lease], dst: IpAddr, now: SystemTime) -> Option<IpAddr> {
+    let IpAddr::V4(dst) = dst else {
+        return None;
+    };
+    flannel_core::udp::udp_peers(leases, None, now)
+        .into_iter()
+        .filter(|p| p.subnet.contains(&dst))
+        .max_by_key(|p| p.subnet.prefix_len())
+        .map(|p| IpAddr::V4(p.public_ip))
 }
 
 impl Lab {
@@ -840,6 +856,50 @@ mod tests {
         assert!(matches!(&w.outcome, Outcome::Dropped { place, .. } if place == "k8s-node1"));
     }
 
+    /// The leases as flanneld reads them: upstream's udp lease (no
+    /// `BackendType`) and ours name the peer; a vxlan lease, an expired one
+    /// and an IPv6 destination do not.
+    #[test]
+    fn udp_peer_of_reads_untyped_leases_as_udp() {
+        use flannel_core::lease::{LeaseAttrs, BACKEND_VXLAN};
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        let lease = |key: &str, attrs: LeaseAttrs| Lease {
+            key: key.parse().unwrap(),
+            attrs,
+            expiration: Some(now + std::time::Duration::from_secs(60)),
+        };
+        let mut expired = lease(
+            "10.244.4.0-24",
+            LeaseAttrs::new_udp("172.16.1.14".parse().unwrap()),
+        );
+        expired.expiration = Some(now);
+        let leases = [
+            lease(
+                "10.244.2.0-24",
+                LeaseAttrs::from_json(r#"{"PublicIP":"172.16.1.12","PublicIPv6":null}"#).unwrap(),
+            ),
+            lease(
+                "10.244.2.128-25",
+                LeaseAttrs::new_udp("172.16.1.13".parse().unwrap()),
+            ),
+            lease(
+                "10.244.3.0-24",
+                LeaseAttrs::new(BACKEND_VXLAN, Some("172.16.1.15".parse().unwrap()), None),
+            ),
+            expired,
+        ];
+        let peer = |d: &str| udp_peer_of(&leases, ip(d), now);
+        assert_eq!(peer("10.244.2.66"), Some(ip("172.16.1.12")));
+        assert_eq!(
+            peer("10.244.2.200"),
+            Some(ip("172.16.1.13")),
+            "longest prefix"
+        );
+        assert_eq!(peer("10.244.3.1"), None, "a vxlan lease is no udp peer");
+        assert_eq!(peer("10.244.4.1"), None, "expired");
+        assert_eq!(peer("fd00::1"), None);
+    }
+
     #[test]
     fn a_routing_loop_ends_the_walk() {
         let mut t = Tables::default();
@@ -885,7 +945,7 @@ mod tests {
         t.udp_unknown = None;
         let w = walk(&mut t, "k8s-node1", ip("10.244.2.66"));
         assert!(
-            matches!(&w.outcome, Outcome::Dropped { reason, .. } if reason.contains("no lease holds it"))
+            matches!(&w.outcome, Outcome::Dropped { reason, .. } if reason.contains("no live udp lease holds it"))
         );
         // With the leases: the peer.
         t.udp.insert(ip("10.244.2.66"), ip("172.16.1.13"));

@@ -40,6 +40,8 @@ pub struct LeaseRow {
     /// `10.244.1.0/24` (and/or the IPv6 subnet).
     pub subnet: String,
     pub public_ip: Option<Ipv4Addr>,
+    /// The lease's backend as flanneld reads it: its `BackendType`, and
+    /// `udp` when it has none (upstream's udp leases, and ours, carry none).
     pub backend_type: String,
     pub vni: Option<u32>,
     pub vtep_mac: Option<String>,
@@ -66,7 +68,7 @@ impl LeaseRow {
         LeaseRow {
             subnet: subnet.join(" "),
             public_ip: l.attrs.public_ip,
-            backend_type: l.attrs.backend_type.clone(),
+            backend_type: l.attrs.effective_backend_type().to_string(),
             vni: vx.map(|d| d.vni),
             vtep_mac: vx.map(|d| d.vtep_mac.to_string()),
             expires_unix: l
@@ -259,6 +261,20 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&render_json(&rows)).unwrap();
         assert_eq!(j[0]["subnet"], "10.244.1.0/24");
         assert_eq!(j[1]["reservation"], false);
+    }
+
+    #[test]
+    fn a_lease_without_backend_type_shows_as_udp() {
+        let mut l = lease("10.244.3.0/24", None, None);
+        l.attrs = LeaseAttrs::from_json(r#"{"PublicIP":"172.16.1.12","PublicIPv6":null}"#).unwrap();
+        let row = LeaseRow::from_lease(&l);
+        assert_eq!(row.backend_type, "udp");
+        let t = render_table(&[row], UNIX_EPOCH);
+        let line = t.lines().nth(1).unwrap();
+        assert!(
+            line.starts_with("10.244.3.0/24") && line.contains("172.16.1.12  udp"),
+            "{t}"
+        );
     }
 
     #[test]

@@ -419,6 +419,21 @@ fn udp_pings_across_nodes_through_flannel0_and_switches_back_to_vxlan() {
     assert_pod_pairs_ttl_62(&lab, &m, "");
     // 28 bytes of encapsulation.
     assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1472);
+    // Every lease as upstream's udp backend writes it (no BackendType),
+    // shown as udp by `flannelctl leases`.
+    for l in lab.leases().unwrap() {
+        assert_eq!(
+            l.attrs.to_json(),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null}}"#,
+                l.attrs.public_ip.unwrap()
+            )
+        );
+        assert_eq!(
+            flannelctl::leases::LeaseRow::from_lease(&l).backend_type,
+            "udp"
+        );
+    }
     let node2 = lab.node("k8s-node2").unwrap().underlay_ip;
     assert_explained(
         &lab,

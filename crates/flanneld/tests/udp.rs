@@ -9,14 +9,14 @@
 //! PID) and directories go on drop, also on panic.
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::Route;
-use flannel_core::lease::{BACKEND_UDP, BACKEND_VXLAN};
-use flannel_core::udp::{fill_ipv4_checksum, Counters};
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, BACKEND_UDP, BACKEND_VXLAN};
+use flannel_core::udp::{fill_ipv4_checksum, parse_ipv4, Counters};
 use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
@@ -79,9 +79,13 @@ impl Node {
     /// Sends `payload` in a UDP datagram from `src` (an address of this
     /// node's namespace, ephemeral port) to `dst`.
     fn send_datagram(&self, src: Ipv4Addr, dst: SocketAddrV4, payload: &[u8]) {
+        self.send_datagram_from(SocketAddrV4::new(src, 0), dst, payload);
+    }
+    /// [`Node::send_datagram`] from the port of `src` (upstream sends from 8285).
+    fn send_datagram_from(&self, src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
         self.ns
             .run(|| {
-                let s = UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap();
+                let s = UdpSocket::bind(src).unwrap();
                 s.send_to(payload, dst).unwrap();
             })
             .unwrap();
@@ -108,6 +112,29 @@ fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
     p[28..].copy_from_slice(payload);
     fill_ipv4_checksum(&mut p);
     p
+}
+
+/// Binds `rx` in `node`'s namespace, then up to 5 times runs `send` and
+/// waits a second for a datagram on `rx`: the first one's payload and source.
+fn receive_after(
+    node: &Node,
+    rx: SocketAddrV4,
+    send: impl Fn() + Sync,
+) -> Option<(Vec<u8>, SocketAddr)> {
+    node.ns
+        .run(|| {
+            let sock = UdpSocket::bind(rx).unwrap();
+            sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut buf = [0u8; 2048];
+            for _ in 0..5 {
+                send();
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    return Some((buf[..n].to_vec(), from));
+                }
+            }
+            None
+        })
+        .unwrap()
 }
 
 fn ping(node: &Node, src: Ipv4Addr, dst: Ipv4Addr) -> bool {
@@ -284,11 +311,17 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     let mut d: Vec<Daemon> = (0..3).map(|i| c.start(i)).collect();
     let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.wait_subnet(i, &mut d[i])).collect();
 
-    // Leases as upstream's udp backend: BackendType udp, no BackendData.
+    // Leases exactly as upstream's udp backend writes them (no BackendType,
+    // no BackendData), read as udp.
     for l in c.leases() {
-        assert_eq!(l.attrs.backend_type, BACKEND_UDP, "{l:?}");
-        let json = serde_json::to_value(&l.attrs).unwrap();
-        assert!(json.get("BackendData").is_none(), "{json}");
+        assert_eq!(l.attrs.effective_backend_type(), BACKEND_UDP, "{l:?}");
+        assert_eq!(
+            l.attrs.to_json(),
+            format!(
+                r#"{{"PublicIP":"{}","PublicIPv6":null}}"#,
+                l.attrs.public_ip.unwrap()
+            )
+        );
     }
     for (i, subnet) in subnets.iter().enumerate() {
         let env = c.nodes[i].subnet_env().unwrap();
@@ -346,25 +379,13 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     let node1 = SocketAddrV4::new(c.nodes[0].ip, PORT);
     let pod1 = SocketAddrV4::new(first(subnets[0]), 5555);
     let pod2 = SocketAddrV4::new(first(subnets[1]), 6666);
-    let got = c.nodes[0]
-        .ns
-        .run(|| {
-            let rx = UdpSocket::bind(pod1).unwrap();
-            rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
-            let mut buf = [0u8; 64];
-            for _ in 0..5 {
-                c.nodes[1].send_datagram(
-                    c.nodes[1].ip,
-                    node1,
-                    &inner_udp(pod2, pod1, b"from upstream"),
-                );
-                if let Ok((n, from)) = rx.recv_from(&mut buf) {
-                    return Some((buf[..n].to_vec(), from));
-                }
-            }
-            None
-        })
-        .unwrap();
+    let got = receive_after(&c.nodes[0], pod1, || {
+        c.nodes[1].send_datagram(
+            c.nodes[1].ip,
+            node1,
+            &inner_udp(pod2, pod1, b"from upstream"),
+        )
+    });
     let (payload, from) = got.expect("the upstream-format datagram was not delivered");
     assert_eq!(payload, b"from upstream");
     assert_eq!(from, std::net::SocketAddr::V4(pod2));
@@ -460,7 +481,15 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{text}");
-    assert!(text.contains("Destination Net Unreachable"), "{text}");
+    // From the node's flannel0 address, as a router answers; not from the
+    // destination, which would say that host answered.
+    assert!(
+        text.contains(&format!(
+            "From {} icmp_seq=1 Destination Net Unreachable",
+            subnets[0].network()
+        )),
+        "{text}"
+    );
     let after = c.wait_counters(0, "a no-route drop", |k| {
         k.dropped_no_route > before.dropped_no_route
     });
@@ -477,6 +506,113 @@ fn three_nodes_ping_drift_spoofed_malformed_interop_and_peer_removal() {
     }
     // SIGTERM leaves flannel0 (persistent) and its route, as the other backends do.
     assert!(c.nodes[0].link("flannel0").is_some());
+}
+
+/// A mixed pair: flannel-rs's flanneld on node1 and, on node2, a node
+/// emulating upstream's udp backend: its lease written to the store exactly
+/// as upstream writes it (`{"PublicIP":"172.16.1.12","PublicIPv6":null}`, no
+/// `BackendType`), and the test's own socket on node2's 172.16.1.12:8285
+/// receiving and sending upstream's datagrams (the bare inner IPv4 packet).
+/// The lease is a peer (`peers=1`), our packet reaches it encapsulated, and
+/// its datagram is delivered, not dropped as spoofed. Our own lease file
+/// has no `BackendType` either.
+#[test]
+fn upstream_udp_node_without_backend_type_is_a_peer_both_ways() {
+    let c = Cluster::new("upstream", 2, UDP);
+    let upstream_ip = c.nodes[1].ip;
+    let upstream_subnet: Ipv4Net = "10.244.210.0/24".parse().unwrap();
+    let upstream_value = format!(r#"{{"PublicIP":"{upstream_ip}","PublicIPv6":null}}"#);
+    let upstream_key = LeaseKey::v4(upstream_subnet);
+    let store = LocalStore::open(&c.store).unwrap();
+    let lease = Lease {
+        key: upstream_key,
+        attrs: LeaseAttrs::from_json(&upstream_value).unwrap(),
+        expiration: None,
+    };
+    block_on(store.create_lease(&lease, Some(Duration::from_secs(24 * 3600))))
+        .unwrap()
+        .expect("the upstream node's subnet is free");
+    let file = fs::read_to_string(store.lease_path(&upstream_key)).unwrap();
+    assert!(
+        file.contains(&format!(r#""LeaseAttrs":{upstream_value}"#)),
+        "the store holds upstream's exact value: {file}"
+    );
+
+    let mut d = c.start(0);
+    let subnet = c.wait_subnet(0, &mut d);
+    c.wait_flannel0(0, subnet, 1472);
+    c.nodes[0].add_target(subnet);
+    let log = c.nodes[0].log();
+    wait_for(
+        "the first pass with peers=1",
+        Duration::from_secs(10),
+        || {
+            read_log(&log)
+                .lines()
+                .any(|l| l.contains("datapath programmed") && l.contains("peers=1"))
+                .then_some(())
+        },
+    );
+    assert!(
+        read_log(&log).contains(&format!("{upstream_subnet} via {upstream_ip}")),
+        "the peer table names the upstream node:\n{}",
+        read_log(&log)
+    );
+
+    // Our lease file: upstream's udp value, byte for byte.
+    let own = fs::read_to_string(store.lease_path(&LeaseKey::v4(subnet))).unwrap();
+    assert!(!own.contains("BackendType"), "{own}");
+    assert!(
+        own.contains(&format!(
+            r#""LeaseAttrs":{{"PublicIP":"{}","PublicIPv6":null}}"#,
+            c.nodes[0].ip
+        )),
+        "{own}"
+    );
+
+    // Out: a packet from our pod address to the upstream node's pod leaves
+    // as upstream's datagram to its PublicIP:8285.
+    let our_pod = SocketAddrV4::new(first(subnet), 5555);
+    let upstream_pod = SocketAddrV4::new(first(upstream_subnet), 7000);
+    let upstream_sock = SocketAddrV4::new(upstream_ip, PORT);
+    let got = receive_after(&c.nodes[1], upstream_sock, || {
+        c.nodes[0].send_datagram(*our_pod.ip(), upstream_pod, b"to upstream")
+    });
+    let (datagram, from) = got.unwrap_or_else(|| {
+        panic!(
+            "nothing arrived at the upstream node's {upstream_sock}; log:\n{}",
+            read_log(&log)
+        )
+    });
+    assert_eq!(from.ip(), IpAddr::V4(c.nodes[0].ip), "from our PublicIP");
+    let inner = parse_ipv4(&datagram).expect("the payload is the bare inner IPv4 packet");
+    assert_eq!((inner.src, inner.dst), (*our_pod.ip(), *upstream_pod.ip()));
+    assert_eq!(
+        inner.total_len,
+        datagram.len(),
+        "nothing before or after it"
+    );
+    assert_eq!(&datagram[22..24], &7000u16.to_be_bytes());
+    assert_eq!(&datagram[28..], b"to upstream");
+
+    // In: the upstream node answers from its port 8285 with the bare
+    // packet; it is delivered to our pod address.
+    let node1 = SocketAddrV4::new(c.nodes[0].ip, PORT);
+    let got = receive_after(&c.nodes[0], our_pod, || {
+        c.nodes[1].send_datagram_from(
+            upstream_sock,
+            node1,
+            &inner_udp(upstream_pod, our_pod, b"from upstream"),
+        )
+    });
+    let (payload, from) = got.expect("the upstream node's datagram was not delivered");
+    assert_eq!(payload, b"from upstream");
+    assert_eq!(from, std::net::SocketAddr::V4(upstream_pod));
+    let k = c.wait_counters(0, "one packet each way", |k| {
+        k.tx_packets >= 1 && k.rx_packets >= 1
+    });
+    assert_eq!(k.dropped_spoofed, 0, "{k:?}");
+    c.stop(0, d);
 }
 
 #[test]
@@ -518,10 +654,14 @@ fn switching_vxlan_udp_vxlan_on_restart_leaves_nothing_of_the_old_backend() {
         c.wait_flannel0(i, *subnet, 1472);
         assert!(c.nodes[i].link("flannel.1").is_none());
     }
-    assert!(c
-        .leases()
-        .iter()
-        .all(|l| l.attrs.backend_type == BACKEND_UDP));
+    // The vxlan lease is rewritten as udp's: no BackendType, no BackendData.
+    for l in c.leases() {
+        assert_eq!(l.attrs.effective_backend_type(), BACKEND_UDP, "{l:?}");
+        assert_eq!(
+            (l.attrs.backend_type.as_str(), &l.attrs.backend_data),
+            ("", &None)
+        );
+    }
     c.wait_ping(0, subnets[0], subnets[1]);
     c.wait_ping(1, subnets[1], subnets[0]);
     for (i, daemon) in d.into_iter().enumerate() {

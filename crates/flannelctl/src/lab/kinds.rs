@@ -32,7 +32,8 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Upstream's spelling (`Backend.Type`, lease `BackendType`).
+    /// Upstream's spelling (`Backend.Type`; also the lease's `BackendType`
+    /// as flanneld reads it: udp's leases carry none, read as udp).
     pub fn type_name(self) -> &'static str {
         match self {
             Backend::Vxlan => flannel_core::wire::BACKEND_TYPE_VXLAN,

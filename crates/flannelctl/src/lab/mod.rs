@@ -987,18 +987,18 @@ impl Lab {
     }
 
     fn reservation(&self, n: &NodeState) -> Lease {
+        let v4 = self.state.family.has_v4().then_some(n.underlay_ip);
+        let v6 = if self.state.family.has_v6() {
+            n.underlay_ipv6
+        } else {
+            None
+        };
         Lease {
             key: self.state.lease_key(n),
-            attrs: LeaseAttrs {
-                public_ip: self.state.family.has_v4().then_some(n.underlay_ip),
-                public_ipv6: if self.state.family.has_v6() {
-                    n.underlay_ipv6
-                } else {
-                    None
-                },
-                backend_type: self.state.backend.type_name().to_string(),
-                backend_data: None,
-                backend_v6_data: None,
+            attrs: match self.state.backend {
+                // As flanneld (and upstream) write it: no BackendType.
+                Backend::Udp => LeaseAttrs::new_udp(n.underlay_ip),
+                b => LeaseAttrs::new(b.type_name(), v4, v6),
             },
             expiration: None,
         }
@@ -1470,7 +1470,7 @@ impl Lab {
         l.key == self.state.lease_key(n)
             && (!fam.has_v4() || l.attrs.public_ip == Some(n.underlay_ip))
             && (!fam.has_v6() || l.attrs.public_ipv6 == n.underlay_ipv6)
-            && l.attrs.backend_type == self.state.backend.type_name()
+            && l.attrs.effective_backend_type() == self.state.backend.type_name()
             && (self.state.backend != Backend::Vxlan
                 || ((!fam.has_v4() || vxlan_data(&l.attrs).is_some())
                     && (!fam.has_v6() || l.attrs.vxlan_v6_data().is_some())))

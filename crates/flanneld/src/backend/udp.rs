@@ -42,7 +42,16 @@
 //! - TTL is left to the kernel (it decrements it when routing into and out
 //!   of `flannel0`); upstream decrements it once more in its proxy;
 //! - `flannel0` is persistent: SIGTERM leaves it (and its route) in place as
-//!   the other backends leave theirs, and a restart attaches to it again.
+//!   the other backends leave theirs, and a restart attaches to it again;
+//! - the ICMP net unreachable for a destination without a peer comes, as
+//!   upstream's, from flannel0's address, but is sent by a raw socket (the
+//!   output path, as a router sends its errors); upstream writes it into
+//!   the TUN device, where the kernel drops it as a martian source (a local
+//!   address arriving on an interface, with `accept_local` off, the
+//!   default), so its senders never see it.
+//!
+//! The lease is upstream's udp lease byte for byte (no `BackendType`, see
+//! [`lease_attrs`]); a lease without `BackendType` or with `"udp"` is a peer.
 //!
 //! The counters are written as JSON to `--udp-stats-file` every second
 //! when they change and logged periodically.
@@ -51,7 +60,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -71,7 +80,8 @@ use tun_rs::{
     DeviceBuilder, GROTable, SyncDevice, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN,
 };
 
-/// The backend's `Type` and the lease's `BackendType`.
+/// The backend's `Type`. The lease carries no `BackendType` (as
+/// upstream's); peers read a missing one as udp ([`lease_attrs`]).
 pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 
 /// The stats file's name; by default it lives beside subnet.env
@@ -183,10 +193,12 @@ impl UdpSpec {
     }
 }
 
-/// The attributes we publish with our lease: a PublicIP and no backend
-/// data, as upstream's udp backend.
+/// The attributes we publish with our lease, byte for byte what upstream's
+/// udp backend writes: `{"PublicIP":"172.16.1.14","PublicIPv6":null}`, no
+/// `BackendType` and no `BackendData` ([`LeaseAttrs::new_udp`] says why
+/// both upstream's nodes and ours take it as a udp peer).
 pub fn lease_attrs(public_ip: Ipv4Addr) -> LeaseAttrs {
-    LeaseAttrs::new(BACKEND_TYPE, Some(public_ip), None)
+    LeaseAttrs::new_udp(public_ip)
 }
 
 /// Whether `link` is the udp backend's TUN device left over from an
@@ -246,6 +258,9 @@ struct Shared {
     /// Set by a thread that stopped on a fatal error (the device is gone).
     failed: AtomicBool,
     port: u16,
+    /// flannel0's address (`<own subnet network>`): the source of our ICMP
+    /// errors; follows the spec when the subnet changes.
+    address: AtomicU32,
 }
 
 /// Reads a running datapath's counters from any thread (the metrics
@@ -276,6 +291,7 @@ impl CountersReader {
                 stop: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
                 port: 0,
+                address: AtomicU32::new(0),
             }),
         }
     }
@@ -362,6 +378,41 @@ fn open_tun(nl: &mut Netlink, name: &str, queues: usize) -> Result<Vec<SyncDevic
     Ok(devs)
 }
 
+/// The socket our ICMP errors leave by: `socket(AF_INET, SOCK_RAW,
+/// IPPROTO_RAW)`, send only, the IPv4 header ours. The error is sent as this
+/// node sends any packet of its own (the output path, routed to the
+/// sender), as a router sends its errors; written into `flannel0` instead,
+/// it would arrive from flannel0's own address, which the kernel drops as a
+/// martian source. `None` (with a warning) without CAP_NET_RAW: the
+/// datapath then works without ICMP errors.
+fn icmp_socket() -> Option<OwnedFd> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockProtocol, SockType};
+    match socket::socket(
+        AddressFamily::Inet,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::Raw,
+    ) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open a raw socket (needs CAP_NET_RAW): the udp backend sends no ICMP net unreachable for destinations without a peer");
+            None
+        }
+    }
+}
+
+/// Sends the ICMP error `pkt` (a whole IPv4 packet) to its destination;
+/// dropped when the socket's buffer is full.
+fn send_icmp(sock: &OwnedFd, pkt: &[u8], to: Ipv4Addr) {
+    use nix::sys::socket::{sendto, MsgFlags, SockaddrIn};
+    let _ = sendto(
+        sock.as_raw_fd(),
+        pkt,
+        &SockaddrIn::from(SocketAddrV4::new(to, 0)),
+        MsgFlags::MSG_DONTWAIT,
+    );
+}
+
 fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpError> {
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
     let fd: OwnedFd = socket::socket(
@@ -440,6 +491,7 @@ impl UdpDatapath {
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             port: spec.port,
+            address: AtomicU32::new(u32::from(spec.address.addr())),
         });
         let mut dp = UdpDatapath {
             spec: spec.clone(),
@@ -449,12 +501,14 @@ impl UdpDatapath {
             queues,
         };
         let offload = devs[0].tcp_gso();
+        let icmp: Option<Arc<OwnedFd>> = icmp_socket().map(Arc::new);
         for (q, (dev, rx)) in devs.into_iter().zip(rx).enumerate() {
             let sh = shared.clone();
             let tx = tx.clone();
+            let icmp = icmp.clone();
             let slot = (spec.mtu as usize).max(68);
             dp.spawn(format!("udp-q{q}"), move || {
-                queue_loop(&dev, &tx, &rx, &sh, slot)
+                queue_loop(&dev, &tx, &rx, icmp, &sh, slot)
             })?;
         }
         if let Some(path) = spec.stats_file.clone() {
@@ -558,6 +612,9 @@ impl UdpDatapath {
         }
         let dp = this.as_mut().expect("started above");
         dp.spec = spec.clone();
+        dp.shared
+            .address
+            .store(u32::from(spec.address.addr()), Ordering::Relaxed);
         let link = nl.link_by_name(&spec.device).map_err(k)?.ok_or_else(|| {
             k(flannel_netlink::Error::LinkNotFound {
                 op: "ip link show".into(),
@@ -676,8 +733,15 @@ struct TxSocket {
 /// queues the flow's next data on that thread's queue, which sends from
 /// another port; unless the hashes happen to line up, the flow moves
 /// between threads and two of them may send it at once (reordering it).
-fn queue_loop(dev: &SyncDevice, tx: &[TxSocket], rx: &UdpSocket, sh: &Shared, slot: usize) {
-    let mut out = TunToUdp::new(dev, tx, slot);
+fn queue_loop(
+    dev: &SyncDevice,
+    tx: &[TxSocket],
+    rx: &UdpSocket,
+    icmp: Option<Arc<OwnedFd>>,
+    sh: &Shared,
+    slot: usize,
+) {
+    let mut out = TunToUdp::new(dev, tx, icmp, slot);
     let mut inn = match UdpToTun::new(dev, rx) {
         Ok(i) => i,
         Err(e) => {
@@ -722,12 +786,18 @@ struct TunToUdp {
     sizes: Vec<usize>,
     warn: RateLimited,
     offload: bool,
-    icmp: [u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN],
+    icmp: [u8; NET_UNREACHABLE_MAX_LEN],
+    icmp_sock: Option<Arc<OwnedFd>>,
     icmp_budget: IcmpBudget,
 }
 
 impl TunToUdp {
-    fn new(dev: &SyncDevice, tx: &[TxSocket], slot: usize) -> TunToUdp {
+    fn new(
+        dev: &SyncDevice,
+        tx: &[TxSocket],
+        icmp_sock: Option<Arc<OwnedFd>>,
+        slot: usize,
+    ) -> TunToUdp {
         let max_segments = tx
             .iter()
             .map(|t| t.state.max_gso_segments())
@@ -743,7 +813,8 @@ impl TunToUdp {
             sizes: vec![0usize; TX_SLOTS],
             warn: RateLimited(None),
             offload: dev.tcp_gso(),
-            icmp: [0u8; VIRTIO_NET_HDR_LEN + NET_UNREACHABLE_MAX_LEN],
+            icmp: [0u8; NET_UNREACHABLE_MAX_LEN],
+            icmp_sock,
             icmp_budget: IcmpBudget::default(),
         }
     }
@@ -796,9 +867,6 @@ impl TunToUdp {
         if n == 0 {
             return Ok(false);
         }
-        // ICMP errors go back into the device behind a zeroed virtio header
-        // (no GSO, checksum complete) when offloads are on.
-        let icmp_at = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let table = sh.peers.load();
         let mut c = Counters::default();
         // The open group: destination, first index, segments, bytes, and
@@ -809,10 +877,13 @@ impl TunToUdp {
             let packet = &self.packets[at..at + self.sizes[i]];
             let v = table.egress(packet);
             c.count_egress(&v);
-            if let Egress::NoRoute { .. } = v {
+            if let (Egress::NoRoute { .. }, Some(sock)) = (v, &self.icmp_sock) {
                 if self.icmp_budget.take() {
-                    if let Some(len) = net_unreachable(packet, &mut self.icmp[icmp_at..]) {
-                        let _ = dev.send(&self.icmp[..icmp_at + len]);
+                    let from = Ipv4Addr::from(sh.address.load(Ordering::Relaxed));
+                    if let Some(len) = net_unreachable(packet, from, &mut self.icmp) {
+                        // To the offender's source (bytes 12..16 of its header).
+                        let to = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+                        send_icmp(sock, &self.icmp[..len], to);
                     }
                 }
             }
@@ -1389,11 +1460,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lease_has_no_backend_data() {
+    fn lease_is_upstreams_without_backend_type_or_data() {
+        let a = lease_attrs(Ipv4Addr::new(172, 16, 1, 14));
         assert_eq!(
-            serde_json::to_string(&lease_attrs(Ipv4Addr::new(172, 16, 1, 14))).unwrap(),
-            r#"{"PublicIP":"172.16.1.14","PublicIPv6":null,"BackendType":"udp"}"#
+            serde_json::to_string(&a).unwrap(),
+            r#"{"PublicIP":"172.16.1.14","PublicIPv6":null}"#
         );
+        assert_eq!(a.effective_backend_type(), BACKEND_TYPE);
     }
 
     #[test]

@@ -212,7 +212,7 @@ pub fn lease_attrs_dual(
 /// The VtepMAC of `family` published in a lease of ours, if it is a vxlan
 /// lease with the same VNI.
 pub fn lease_vtep_mac(attrs: &LeaseAttrs, vni: u32, family: IpFamily) -> Option<MacAddr> {
-    if attrs.backend_type != BACKEND_TYPE {
+    if attrs.effective_backend_type() != BACKEND_TYPE {
         return None;
     }
     let data = match family {
