@@ -407,19 +407,29 @@ pub(crate) mod upstream {
     /// Upstream's vxlan lease in etcd.
     pub const ETCD_VXLAN: &str = r#"{"PublicIP":"172.16.1.12","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"1e:2c:f9:33:d5:9b"}}"#;
 
-    /// The `LeaseAttrs` of a Node's annotations, as the Kubernetes subnet
-    /// manager is to convert them (an assumption of these tests, stated by
-    /// the lead building it): `BackendType` = the `backend-type` annotation
-    /// verbatim, `BackendData` = the `backend-data` annotation parsed as
-    /// JSON (so `"null"` is `Some(Value::Null)`), `PublicIP` = `public-ip`.
+    /// The `LeaseAttrs` a peer reads off a Node with these annotations
+    /// (flannel-core's own Kubernetes conversion, `kube::NodeView::lease`).
     pub fn from_annotations(public_ip: &str, backend_type: &str, backend_data: &str) -> LeaseAttrs {
-        LeaseAttrs {
-            public_ip: Some(public_ip.parse().expect("public-ip")),
-            public_ipv6: None,
-            backend_type: backend_type.to_string(),
-            backend_data: Some(serde_json::from_str(backend_data).expect("backend-data is JSON")),
-            backend_v6_data: None,
-        }
+        let names = crate::kube::AnnotationNames::new(crate::wire::DEFAULT_KUBE_ANNOTATION_PREFIX)
+            .expect("default prefix");
+        let annotations = std::collections::BTreeMap::from([
+            (names.subnet_manager.clone(), "true".to_string()),
+            (names.public_ip.clone(), public_ip.to_string()),
+            (names.backend_type.clone(), backend_type.to_string()),
+            (names.backend_data.clone(), backend_data.to_string()),
+        ]);
+        let cidrs = ["10.244.2.0/24".to_string()];
+        let node = crate::kube::NodeView {
+            name: "k8s-node2",
+            annotations: &annotations,
+            pod_cidr: Some("10.244.2.0/24"),
+            pod_cidrs: &cidrs,
+        };
+        let cfg = crate::config::parse(r#"{"Network":"10.244.0.0/16"}"#).expect("config");
+        node.lease(&names, &cfg)
+            .expect("the recorded annotations parse")
+            .expect("a managed Node")
+            .attrs
     }
 
     /// `k8s-node2` of `nodes-after-udp.json`: backend-type `""`, backend-data `"null"`.
@@ -570,7 +580,8 @@ mod tests {
         // Kubernetes mode: backend-type "" and backend-data "null".
         let kube = upstream::kube_udp();
         assert_eq!(kube.effective_backend_type(), BACKEND_UDP);
-        assert_eq!(kube.backend_data, Some(serde_json::Value::Null));
+        assert_eq!(kube.backend_data, None, "\"null\" is no data");
+        assert_eq!(kube, LeaseAttrs::new_udp(Ipv4Addr::new(172, 16, 1, 13)));
     }
 
     #[test]
