@@ -489,6 +489,13 @@ fn row(lab: &Lab, pod: &PodState, targets: &[Target], per_pair: Duration) -> Res
     Ok(row)
 }
 
+impl Lab {
+    /// Pings every target from every pod and returns the matrix.
+    pub fn check(&self) -> Result<Matrix> {
+        run(self, Duration::from_secs(5))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,3 +293,12 @@ pub(crate) fn wait_ready(lab: &Lab, deadline: Instant) -> Result<()> {
     }
     Ok(())
 }
+
+impl Lab {
+    /// The masquerade check of an `--ip-masq` lab: every pod's packet to
+    /// the outside host arrives from its node's address, every pod's packet
+    /// to a pod on another node from the pod's own.
+    pub fn check_masq(&self) -> Result<MasqReport> {
+        run(self)
+    }
+}

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use flannel_netlink::netns::NetNs;
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use super::{ns_err, LabError, PodState, Result, CNI_BINARY, CNI_NETWORK_NAME};
+use super::{ns_err, Lab, LabError, PodState, Result, CNI_BINARY, CNI_NETWORK_NAME};
 
 /// The network config a runtime hands the plugin for upstream's manifest
 /// conflist (`cbr0`, type flannel, delegate hairpinMode + isDefaultGateway),
@@ -144,6 +144,32 @@ pub(crate) fn parse_add_result(stdout: &str) -> std::result::Result<Attached, St
         return Err(format!("result holds no address: {stdout}"));
     }
     Ok(a)
+}
+
+impl Lab {
+    pub(super) fn attach_pod(&self, i: usize) -> Result<Attached> {
+        let pod = &self.state.pods[i];
+        let node = self.node(&pod.node)?;
+        NetNs::add(&pod.netns)
+            .map_err(ns_err(format!("creating the namespace of {}", pod.name)))?;
+        let node_ns =
+            NetNs::open(&node.netns).map_err(ns_err(format!("opening {}", node.netns)))?;
+        let config = cni_config(&self.node_dir(&node.name), &self.subnet_file(&node.name));
+        let out = invoke(
+            "ADD",
+            &node_ns,
+            &self.state.bin_dir,
+            pod,
+            &node.name,
+            &config,
+        )?;
+        parse_add_result(&out).map_err(|detail| LabError::Cni {
+            command: "ADD",
+            pod: pod.name.clone(),
+            node: node.name.clone(),
+            detail,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -194,8 +194,7 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
         })
         .map_err(|e| e.to_string());
     let store_health = leases.as_ref().map(|_| ()).map_err(Clone::clone);
-    let etcd =
-        (lab.state.store == super::StoreKind::Etcd).then(|| (lab.etcd_pid(), lab.etcd_alive()));
+    let etcd = lab.etcd_process();
     let pods = lab
         .state
         .pods
@@ -226,5 +225,12 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
         nodes,
         leases,
         pods,
+    }
+}
+
+impl Lab {
+    /// Status of the lab for `flannelctl lab status`.
+    pub fn status(&self) -> LabStatus {
+        collect(self)
     }
 }
