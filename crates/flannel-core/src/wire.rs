@@ -48,6 +48,8 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_POD_NAME: &str = "POD_NAME";
 /// Kubernetes mode: the namespace of `POD_NAME`.
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// The variables that name flanneld's Node.
+pub const KUBE_NODE_ENV: [&str; 3] = [ENV_NODE_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE];
 /// The Node condition flanneld sets to `False` once its datapath is up.
 pub const KUBE_CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// The condition's `reason`.

@@ -115,10 +115,17 @@ enum LabCommand {
         /// Do not run the connectivity check after `up`.
         #[arg(long)]
         no_check: bool,
-        /// The store the daemons share: `local` (a directory in the labdir)
-        /// or `etcd` (a real etcd server in the master's namespace).
+        /// The store the daemons share: `local` (a directory in the labdir),
+        /// `etcd` (a real etcd server in the master's namespace) or `kube`
+        /// (etcd and a kube-apiserver there, one Node per node with its
+        /// podCIDR, every flanneld with --kube-subnet-mgr).
         #[arg(long, default_value_t = lab::StoreKind::Local)]
         store: lab::StoreKind,
+        /// With --store kube: the kube-apiserver binary to run (default:
+        /// $KUBE_APISERVER, else kube-apiserver in PATH). It is given
+        /// kube-apiserver's own flags.
+        #[arg(long, value_name = "PATH")]
+        kube_apiserver: Option<PathBuf>,
         /// flanneld's --lease-ttl in seconds (default: flanneld's, 24 h).
         #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
         lease_ttl: Option<u64>,
@@ -163,8 +170,10 @@ enum LabCommand {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
-    /// Stop or start the lab's etcd (`--store etcd`): an outage and its end.
-    /// `stop` keeps the data; `start` resumes on the same data and addresses.
+    /// Stop or start the lab's store server: etcd (`--store etcd`) or the
+    /// kube-apiserver (`--store kube`; etcd behind it keeps running): an
+    /// outage and its end. `stop` keeps the data; `start` resumes on the
+    /// same data and addresses.
     Store {
         #[command(flatten)]
         name: NameArg,
@@ -387,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keep_on_failure,
             no_check,
             store,
+            kube_apiserver,
             lease_ttl,
             no_reservations,
             backend,
@@ -406,6 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep_on_failure,
                 progress: true,
                 store,
+                kube_apiserver,
                 lease_ttl,
                 reservations: !no_reservations,
                 backend,

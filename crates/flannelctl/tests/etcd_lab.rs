@@ -10,18 +10,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 use flannel_core::mac::MacAddr;
-use flannel_netlink::{Monitor, Notification};
-use flannelctl::lab::{self, Lab, LabOptions, Outcome, Pinger, StoreKind};
-use ipnet::IpNet;
+use flannelctl::lab::{self, Lab, LabOptions, Pinger, StoreKind};
 
 fn etcd_lab(workers: u32, lease_ttl: Option<u64>, reservations: bool) -> LabGuard {
     up_with(LabOptions {
@@ -46,123 +42,6 @@ fn flannelctl(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-/// Every pod pings every other pod: TTL 62 across nodes.
-fn assert_pods_at_ttl_62(m: &lab::Matrix, pods: &[String]) {
-    for a in pods {
-        for b in pods {
-            if a != b {
-                assert!(
-                    matches!(m.get(a, b), Some(Outcome::Ok { ttl: 62, .. })),
-                    "{a} -> {b}: {:?}\n{}",
-                    m.get(a, b),
-                    m.render()
-                );
-            }
-        }
-    }
-}
-
-/// Polls the matrix until every pair answers (a new node's peers learn it
-/// through their watch), or panics with the last matrix.
-fn wait_matrix_green(lab: &Lab, within: Duration) -> lab::Matrix {
-    let deadline = Instant::now() + within;
-    loop {
-        let m = lab.check().unwrap();
-        if m.all_ok() {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "matrix not green after {within:?}:\n{}",
-            m.render()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A monitor in each listed node's namespace, opened before whatever is
-/// watched happens.
-fn monitors(lab: &Lab, nodes: &[&str]) -> Vec<(String, Monitor)> {
-    nodes
-        .iter()
-        .map(|n| {
-            let mon = lab
-                .netns(n)
-                .unwrap()
-                .run(|| Monitor::open().unwrap())
-                .unwrap();
-            (n.to_string(), mon)
-        })
-        .collect()
-}
-
-/// Every deletion of flannel's state (flannel.1, routes into the cluster
-/// network, neighbours and FDB entries on flannel.1) the monitors saw so far.
-fn deletions(lab: &Lab, mons: &mut [(String, Monitor)]) -> Vec<(String, Notification)> {
-    let cluster = lab::cluster_network();
-    let mut out = Vec::new();
-    for (node, mon) in mons.iter_mut() {
-        let ifindex = read_tables(lab, node)
-            .unwrap_or_else(|| panic!("{node} has no flannel.1"))
-            .ifindex;
-        loop {
-            let batch = mon.recv_timeout(Duration::from_millis(100)).unwrap();
-            if batch.is_empty() {
-                break;
-            }
-            out.extend(
-                batch
-                    .into_iter()
-                    .filter(|n| match n {
-                        Notification::Link { index, deleted, .. } => *deleted && *index == ifindex,
-                        Notification::Route { dst, deleted } => {
-                            *deleted && matches!(dst, IpNet::V4(d) if cluster.contains(d))
-                        }
-                        Notification::Neighbour {
-                            ifindex: i,
-                            deleted,
-                            ..
-                        }
-                        | Notification::Fdb {
-                            ifindex: i,
-                            deleted,
-                            ..
-                        } => *deleted && *i == ifindex,
-                        Notification::Overrun => true,
-                        _ => false,
-                    })
-                    .map(|n| (node.clone(), n)),
-            );
-        }
-    }
-    out
-}
-
-/// Pings `to` from `from` every 100 ms until stopped; returns (sent, lost).
-fn ping_loop(
-    lab: &Lab,
-    from: &str,
-    to: Ipv4Addr,
-    stop: Arc<AtomicBool>,
-) -> JoinHandle<(u32, Vec<u32>)> {
-    let mut pinger = Pinger::open_in(&lab.netns(from).unwrap()).unwrap();
-    std::thread::spawn(move || {
-        let (mut sent, mut lost) = (0u32, Vec::new());
-        while !stop.load(Ordering::Relaxed) {
-            let t0 = Instant::now();
-            sent += 1;
-            match pinger.echo(to, Duration::from_secs(1)).unwrap() {
-                Some(r) => assert_eq!(r.ttl, 62, "ping {sent} came back with ttl {}", r.ttl),
-                None => lost.push(sent),
-            }
-            if let Some(rest) = Duration::from_millis(100).checked_sub(t0.elapsed()) {
-                std::thread::sleep(rest);
-            }
-        }
-        (sent, lost)
-    })
 }
 
 /// The MACs of `nodes` as their kernels hold them.

@@ -40,6 +40,7 @@ impl Lab {
             &self.state.bin_dir,
             &self.node_dir(node),
             &self.daemon_args(n)?,
+            &self.store_env(n),
             &self.subnet_file(node),
         )
     }

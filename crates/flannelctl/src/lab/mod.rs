@@ -38,10 +38,11 @@ mod daemons; // the flanneld of each node: arguments, start, stop, readiness
 mod etcd; // the etcd server of `--store etcd`, inside the master's namespace
 mod interrupt; // Ctrl-C / SIGTERM / SIGHUP turned into LabError::Interrupted
 mod kinds; // the lab's choices (backend, families, topology) and address plan
+pub mod kube; // the Kubernetes API of `--store kube`: kube-apiserver, certificates, Nodes
 mod ping; // ICMP echo from a raw socket inside a namespace
 mod pods; // the pods: the flannel CNI plugin invoked as a runtime does
 mod procs; // the lab's processes: binaries, spawning, stopping by checked pid
-mod store; // the lease store (local dir or etcd): the one place StoreKind is dispatched
+mod store; // the lease store (local dir, etcd or Kubernetes): the one place StoreKind is dispatched
 mod topology; // the underlay: switches, router, outside host, node veths
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -144,6 +145,12 @@ pub enum LabError {
     Etcd { endpoint: String, detail: String },
     #[error("the lab's etcd (pid {pid}) is not running; last lines of {log}:\n{tail}")]
     EtcdDied { pid: u32, log: String, tail: String },
+    #[error("no kube-apiserver to run: {looked}. `lab up --store kube` runs a real kube-apiserver: set {env}=/path/to/kube-apiserver, put it in PATH, or give --kube-apiserver PATH", env = kube::KUBE_APISERVER_ENV)]
+    KubeApiserverMissing { looked: String },
+    #[error("the lab's API server (pid {pid}) is not running; last lines of {log}:\n{tail}")]
+    KubeApiserverDied { pid: u32, log: String, tail: String },
+    #[error("lab Kubernetes API: {detail}")]
+    Kube { detail: String },
     #[error("timed out after {secs:.1}s waiting for {what}")]
     Timeout { what: String, secs: f64 },
     #[error("interrupted (Ctrl-C, SIGTERM or SIGHUP)")]
@@ -208,6 +215,10 @@ pub enum StoreKind {
     /// A real etcd server in the master's namespace (`flanneld
     /// --etcd-endpoints http://172.16.1.8:2379`).
     Etcd,
+    /// The Kubernetes API: etcd and a kube-apiserver in the master's
+    /// namespace, one Node per node with its podCIDR (`flanneld
+    /// --kube-subnet-mgr --kubeconfig-file ...`).
+    Kube,
 }
 
 impl std::str::FromStr for StoreKind {
@@ -216,7 +227,10 @@ impl std::str::FromStr for StoreKind {
         match s {
             "local" => Ok(StoreKind::Local),
             "etcd" => Ok(StoreKind::Etcd),
-            other => Err(format!("unknown store {other:?}: use `local` or `etcd`")),
+            "kube" => Ok(StoreKind::Kube),
+            other => Err(format!(
+                "unknown store {other:?}: use `local`, `etcd` or `kube`"
+            )),
         }
     }
 }
@@ -226,6 +240,7 @@ impl std::fmt::Display for StoreKind {
         f.write_str(match self {
             StoreKind::Local => "local",
             StoreKind::Etcd => "etcd",
+            StoreKind::Kube => "kube",
         })
     }
 }
@@ -253,6 +268,9 @@ pub struct LabOptions {
     pub progress: bool,
     /// The store the daemons share.
     pub store: StoreKind,
+    /// With `--store kube`: the kube-apiserver binary to run (default:
+    /// `$KUBE_APISERVER`, else `kube-apiserver` in `PATH`).
+    pub kube_apiserver: Option<PathBuf>,
     /// `flanneld --lease-ttl` in seconds (None: flanneld's default, 24 h).
     pub lease_ttl: Option<u64>,
     /// Pin each node's subnet with a reservation (a lease that never
@@ -289,6 +307,7 @@ impl Default for LabOptions {
             ready_timeout: Duration::from_secs(30),
             progress: false,
             store: StoreKind::Local,
+            kube_apiserver: None,
             lease_ttl: None,
             reservations: true,
             backend: Backend::Vxlan,
@@ -377,6 +396,9 @@ pub struct LabState {
     /// The store the daemons share (absent in labs of older versions: local).
     #[serde(default)]
     pub store: StoreKind,
+    /// With `--store kube`: the kube-apiserver binary the lab runs.
+    #[serde(default)]
+    pub kube_apiserver: Option<PathBuf>,
     /// `--lease-ttl` of the daemons, if not flanneld's default.
     #[serde(default)]
     pub lease_ttl: Option<u64>,
@@ -513,6 +535,7 @@ impl LabState {
             nodes,
             pods,
             store: StoreKind::Local,
+            kube_apiserver: None,
             lease_ttl: None,
             reservations: true,
             backend: Backend::Vxlan,

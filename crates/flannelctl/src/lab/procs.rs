@@ -87,6 +87,7 @@ pub(crate) fn spawn_flanneld(
     bin_dir: &Path,
     node_dir: &Path,
     store_args: &[OsString],
+    env: &[(OsString, OsString)],
     subnet_file: &Path,
 ) -> Result<u32> {
     let log_path = node_dir.join(LOG_FILE);
@@ -102,11 +103,14 @@ pub(crate) fn spawn_flanneld(
     // Every flag of flanneld can also come from FLANNELD_<FLAG>: drop any the
     // caller's environment holds so that each lab daemon runs with exactly
     // the flags below.
+    // Nor may the caller's Kubernetes-mode variables name another node.
     for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("FLANNELD_") {
+        let k = key.to_string_lossy();
+        if k.starts_with("FLANNELD_") || flannel_core::wire::KUBE_NODE_ENV.contains(&k.as_ref()) {
             cmd.env_remove(key);
         }
     }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // The log is a file: no terminal colours (honoured by tracing-subscriber).
     cmd.env("NO_COLOR", "1");
     // `store_args` carries --ip-masq unless the lab was made without it
@@ -149,7 +153,7 @@ pub(crate) fn read_pid(path: &Path) -> Option<u32> {
 }
 
 /// The command line of a process.
-fn cmdline(pid: u32) -> Option<Vec<String>> {
+pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     Some(
         raw.split(|b| *b == 0)

@@ -50,8 +50,10 @@ pub struct LabStatus {
     pub ip_masq: bool,
     /// `local /run/flannel-lab/NAME/store` or `etcd http://172.16.1.8:2379`.
     pub store: String,
-    /// For `--store etcd`: the etcd process (pid, running).
+    /// For `--store etcd` and `kube`: the etcd process (pid, running).
     pub etcd: Option<(Option<u32>, bool)>,
+    /// For `--store kube`: the API server process (pid, running).
+    pub apiserver: Option<(Option<u32>, bool)>,
     /// Whether the store answered a read of every lease, or why not.
     pub store_health: Result<(), String>,
     pub nodes: Vec<DaemonStatus>,
@@ -84,6 +86,14 @@ impl LabStatus {
             let _ = writeln!(
                 out,
                 "  etcd pid {} {}",
+                pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                if alive { "running" } else { "stopped" }
+            );
+        }
+        if let Some((pid, alive)) = self.apiserver {
+            let _ = writeln!(
+                out,
+                "  kube-apiserver pid {} {}",
                 pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 if alive { "running" } else { "stopped" }
             );
@@ -195,6 +205,8 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
         .map_err(|e| e.to_string());
     let store_health = leases.as_ref().map(|_| ()).map_err(Clone::clone);
     let etcd = lab.etcd_process();
+    let apiserver = (lab.state.store == super::StoreKind::Kube)
+        .then(|| (lab.kube_dir().pid(), lab.apiserver_alive()));
     let pods = lab
         .state
         .pods
@@ -221,6 +233,7 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
         ip_masq: st.ip_masq,
         store: lab.store_description(),
         etcd,
+        apiserver,
         store_health,
         nodes,
         leases,

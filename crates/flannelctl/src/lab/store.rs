@@ -1,7 +1,9 @@
-//! The lab's lease store: the local directory (`--store local`) or the etcd
-//! server in the master's namespace (`--store etcd`); reading and writing
-//! leases, the reservations and seeded subnet.env that pin each node's
-//! subnet, and etcd's start, stop and raw keys.
+//! The lab's lease store: the local directory (`--store local`), the etcd
+//! server in the master's namespace (`--store etcd`), or the Kubernetes API
+//! (`--store kube`: etcd and a kube-apiserver there, see [`super::kube`]);
+//! reading and writing leases, the reservations (Nodes with their podCIDR
+//! in Kubernetes) and seeded subnet.env that pin each node's subnet, and the
+//! servers' start, stop and etcd's raw keys.
 //!
 //! This is the one place that dispatches on [`StoreKind`]: a new kind of
 //! store adds its arms here.
@@ -16,8 +18,8 @@ use flannel_netlink::netns::NetNs;
 use ipnet::Ipv4Net;
 
 use super::{
-    etcd, io_err, lab_processes, node_name, ns_err, procs, write_atomic, Backend, Lab, LabError,
-    NodeState, Result, StoreKind,
+    etcd, io_err, kube, lab_processes, node_name, ns_err, procs, write_atomic, Backend, Lab,
+    LabError, NodeState, Result, StoreKind,
 };
 
 impl Lab {
@@ -33,6 +35,18 @@ impl Lab {
             StoreKind::Etcd => match self.etcd_endpoint() {
                 Ok(url) => format!("etcd {url}"),
                 Err(_) => "etcd (no master)".to_string(),
+            },
+            StoreKind::Kube => match self.master() {
+                Ok(m) => format!(
+                    "kube {} ({})",
+                    kube::api_url(m.underlay_ip),
+                    self.state
+                        .kube_apiserver
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                ),
+                Err(_) => "kube (no master)".to_string(),
             },
         }
     }
@@ -58,6 +72,23 @@ impl Lab {
                     self.etcd_dir().join("data").display()
                 )))
             }
+            StoreKind::Kube => {
+                let deadline = Instant::now() + ready_timeout.max(Duration::from_secs(60));
+                let etcd_pid = self.start_etcd_until(deadline)?;
+                let master = self.master()?.clone();
+                kube::prepare(&self.kube_dir(), master.underlay_ip)?;
+                let pid = self.start_apiserver_until(deadline)?;
+                let ns = self.master_netns()?;
+                kube::bootstrap(&ns, &self.kube_dir())?;
+                Ok(Some(format!(
+                    "etcd in {} (pid {etcd_pid}) and {} (pid {pid}) at {}: ClusterRole flannel bound to {}; kubeconfig {}",
+                    master.netns,
+                    self.kube_binary()?.display(),
+                    kube::api_url(master.underlay_ip),
+                    kube::FLANNEL_USER,
+                    self.kube_dir().flannel_kubeconfig().display()
+                )))
+            }
         }
     }
 
@@ -66,7 +97,8 @@ impl Lab {
     /// etcd.
     pub(super) fn publish_net_conf(&self) -> Result<()> {
         match self.state.store {
-            StoreKind::Local => {
+            // Kubernetes mode reads the file too (kube-flannel.yml's ConfigMap).
+            StoreKind::Local | StoreKind::Kube => {
                 write_atomic(&self.net_conf_path(), self.state.net_conf_json().as_bytes())
             }
             StoreKind::Etcd => self.put_etcd_config(),
@@ -85,7 +117,27 @@ impl Lab {
             ],
             // No --local-store: flanneld uses etcd and reads the config there.
             StoreKind::Etcd => vec!["--etcd-endpoints".into(), self.etcd_endpoint()?.into()],
+            StoreKind::Kube => vec![
+                "--kube-subnet-mgr".into(),
+                "--kubeconfig-file".into(),
+                self.kube_dir().flannel_kubeconfig().into(),
+                "--net-config-path".into(),
+                self.net_conf_path().into(),
+            ],
         })
+    }
+
+    /// The environment that names a daemon's node to the store: `NODE_NAME`
+    /// in Kubernetes mode (what kube-flannel.yml's pod learns through
+    /// POD_NAME/POD_NAMESPACE).
+    pub(super) fn store_env(&self, n: &NodeState) -> Vec<(OsString, OsString)> {
+        match self.state.store {
+            StoreKind::Kube => vec![(
+                flannel_core::wire::ENV_NODE_NAME.into(),
+                n.name.clone().into(),
+            )],
+            StoreKind::Local | StoreKind::Etcd => Vec::new(),
+        }
     }
 
     /// Runs an async operation on the lab's store: the local directory on a
@@ -103,6 +155,12 @@ impl Lab {
                     |s| async move { f(AnyStore::Local(s)).await },
                 )
             }
+            StoreKind::Kube => Err(LabError::InvalidOption {
+                option: "--store",
+                reason:
+                    "a lab with --store kube keeps its leases in Node objects, not in a lease store"
+                        .into(),
+            }),
             StoreKind::Etcd => {
                 let master = self.master()?;
                 let ns = NetNs::open(&master.netns)
@@ -121,17 +179,24 @@ impl Lab {
         }
     }
 
-    /// Every lease in the lab's store.
+    /// Every lease in the lab's store (Kubernetes: every managed Node's).
     pub fn leases(&self) -> Result<Vec<Lease>> {
+        if self.state.store == StoreKind::Kube {
+            return self.kube_leases();
+        }
         self.store_block_on(|store| async move { store.list_leases().await })
     }
 
-    /// Deletes a lease from the lab's store.
+    /// Deletes a lease from the lab's store (Kubernetes: the Node with that
+    /// podCIDR).
     pub fn delete_lease(&self, subnet: Ipv4Net) -> Result<()> {
         let key = LeaseKey {
             ipv4: Some(subnet),
             ipv6: None,
         };
+        if self.state.store == StoreKind::Kube {
+            return self.kube_delete_node_of(&key);
+        }
         self.store_block_on(|store| async move { store.delete_lease(&key).await })
     }
 
@@ -162,6 +227,10 @@ impl Lab {
     /// Writes the reservation of a node (a lease without expiry naming its
     /// underlay address), unless its key is already taken.
     pub(super) fn write_reservation(&self, n: &NodeState) -> Result<()> {
+        if self.state.store == StoreKind::Kube {
+            // kube-controller-manager's part: the Node gets its podCIDR.
+            return self.kube_register_node(n, true);
+        }
         let lease = self.reservation(n);
         self.store_block_on(|store| async move {
             store.create_lease(&lease, None).await?;
@@ -212,8 +281,14 @@ impl Lab {
                     && (!fam.has_v6() || l.attrs.vxlan_v6_data().is_some())))
     }
 
-    fn master(&self) -> Result<&NodeState> {
+    pub(super) fn master(&self) -> Result<&NodeState> {
         self.node(&node_name(0))
+    }
+
+    /// The master's namespace, where the lab's servers run.
+    pub(super) fn master_netns(&self) -> Result<NetNs> {
+        let master = self.master()?;
+        NetNs::open(&master.netns).map_err(ns_err(format!("opening {}", master.netns)))
     }
 
     /// `http://172.16.1.8:2379`: where the daemons reach the lab's etcd.
@@ -231,10 +306,10 @@ impl Lab {
         procs::read_pid(&self.etcd_dir().join(etcd::ETCD_PID_FILE))
     }
 
-    /// For `lab status`: with `--store etcd`, etcd's pid and whether it runs;
-    /// `None` for a store without a server.
+    /// For `lab status`: with `--store etcd` or `kube`, etcd's pid and
+    /// whether it runs; `None` for a store without a server.
     pub(super) fn etcd_process(&self) -> Option<(Option<u32>, bool)> {
-        (self.state.store == StoreKind::Etcd).then(|| (self.etcd_pid(), self.etcd_alive()))
+        (self.state.store != StoreKind::Local).then(|| (self.etcd_pid(), self.etcd_alive()))
     }
 
     /// Whether the lab's etcd runs (pid alive and really this lab's etcd).
@@ -243,10 +318,15 @@ impl Lab {
             .is_some_and(|pid| etcd::is_lab_etcd(pid, &self.dir()))
     }
 
-    /// Stops the lab's etcd (SIGTERM, after checking its command line),
-    /// keeping its data directory: the daemons see an outage. Returns
-    /// whether it was running. Without etcd (`--store local`) an error.
+    /// Stops the lab's store server, keeping its data: the daemons see an
+    /// outage. With `--store etcd` etcd (SIGTERM, after checking its command
+    /// line); with `--store kube` the API server (etcd behind it keeps
+    /// running). Returns whether it was running. Without a server
+    /// (`--store local`) an error.
     pub fn stop_store(&self) -> Result<bool> {
+        if self.state.store == StoreKind::Kube {
+            return self.stop_apiserver();
+        }
         self.require_etcd("stop_store")?;
         match self.etcd_pid() {
             Some(pid) => etcd::stop(pid, &self.dir(), Duration::from_secs(10)),
@@ -254,14 +334,22 @@ impl Lab {
         }
     }
 
-    /// Starts the lab's etcd again (same data directory, same addresses)
-    /// and waits until it answers. Returns its pid.
+    /// Starts the lab's store server again (same data, same addresses) and
+    /// waits until it answers. Returns its pid.
     pub fn start_store(&self) -> Result<u32> {
+        if self.state.store == StoreKind::Kube {
+            return self.start_apiserver_until(Instant::now() + Duration::from_secs(60));
+        }
         self.start_store_within(Duration::from_secs(30))
     }
 
     fn start_store_within(&self, timeout: Duration) -> Result<u32> {
         self.require_etcd("start_store")?;
+        self.start_etcd_until(Instant::now() + timeout)
+    }
+
+    /// Starts the lab's etcd (also the one behind the Kubernetes API).
+    fn start_etcd_until(&self, deadline: Instant) -> Result<u32> {
         if let Some(pid) = self.etcd_pid().filter(|_| self.etcd_alive()) {
             return Err(LabError::InvalidOption {
                 option: "start_store",
@@ -278,7 +366,7 @@ impl Lab {
             pid,
             &self.dir(),
             &dir.join(etcd::ETCD_LOG_FILE),
-            Instant::now() + timeout,
+            deadline,
         )?;
         Ok(pid)
     }
@@ -400,17 +488,29 @@ impl Lab {
 }
 
 /// The store kinds with a server to install: fails early, before anything is
-/// built, when etcd is missing for `--store etcd`.
-pub(super) fn check_installed(kind: StoreKind) -> Result<()> {
-    if kind == StoreKind::Etcd {
-        etcd::etcd_binary()?;
+/// built, when etcd is missing for `--store etcd`, or etcd or the
+/// kube-apiserver for `--store kube`. Returns the kube-apiserver to run.
+pub(super) fn check_installed(
+    kind: StoreKind,
+    kube_apiserver: Option<&Path>,
+) -> Result<Option<PathBuf>> {
+    match kind {
+        StoreKind::Local => Ok(None),
+        StoreKind::Etcd => etcd::etcd_binary().map(|_| None),
+        StoreKind::Kube => {
+            let apiserver = kube::apiserver_binary(kube_apiserver)?;
+            etcd::etcd_binary()?;
+            Ok(Some(apiserver))
+        }
     }
-    Ok(())
 }
 
 /// `lab down`'s store step: stops the store's servers whether or not
 /// `lab.json` names the store, collecting errors.
 pub(super) fn stop_servers(name: &str, dir: &Path, errors: &mut Vec<String>) {
+    // The API server first (it is etcd's client), by its pid file and by
+    // its files in this labdir.
+    kube::stop_servers(name, dir, errors);
     // The lab's etcd, by its pid file, then any still running with its
     // data directory in this labdir.
     if let Some(pid) = procs::read_pid(&dir.join(etcd::ETCD_DIR).join(etcd::ETCD_PID_FILE)) {

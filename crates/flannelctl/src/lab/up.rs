@@ -44,7 +44,7 @@ impl Lab {
             });
         }
         let bin_dir = resolve_bin_dir(opts.bin_dir.as_deref())?;
-        store::check_installed(opts.store)?;
+        let kube_apiserver = store::check_installed(opts.store, opts.kube_apiserver.as_deref())?;
         let dir = lab_dir(&opts.name);
         let leftovers = lab_namespaces(&opts.name);
         if !leftovers.is_empty() {
@@ -83,6 +83,7 @@ impl Lab {
         state.direct_routing = opts.direct_routing;
         state.ip_masq = opts.ip_masq;
         state.store = opts.store;
+        state.kube_apiserver = kube_apiserver;
         state.lease_ttl = opts.lease_ttl;
         state.reservations = opts.reservations;
         let mut lab = Lab { state };
