@@ -511,6 +511,10 @@ struct State<S: Store> {
     store: S,
     attrs: LeaseAttrs,
     own: Lease,
+    /// Our lease's attributes as the store held them when we last wrote
+    /// them (Kubernetes: with `public-ip-overwrite` applied); a watched
+    /// copy that differs was edited by someone else and is written again.
+    published: LeaseAttrs,
     /// The VtepMAC of each enabled family (vxlan only).
     mac: PerFamily<Option<MacAddr>>,
     leases: BTreeMap<LeaseKey, Lease>,
@@ -611,6 +615,7 @@ async fn run_async<S: Store>(
         s,
         store,
         attrs,
+        published: own.attrs.clone(),
         own,
         mac,
         leases,
@@ -804,14 +809,35 @@ impl<S: Store> State<S> {
                     if let Some(r) = &self.reconciler { r.send(Request::Resync)?; }
                 }
                 _ = renew_sleep => {
-                    renew_due = self.renew().await?;
+                    renew_due = match self.renew().await? {
+                        Some(next) => next,
+                        None => {
+                            if !self.reacquire_until_signal(signals).await? {
+                                return Ok(());
+                            }
+                            self.next_renewal()
+                        }
+                    };
                 }
                 ev = watch.recv() => match ev {
-                    Some(ev) => {
-                        if self.on_watch(ev).await? {
+                    Some(ev) => match self.on_watch(ev) {
+                        OwnLease::Unchanged => {}
+                        OwnLease::Renewed => renew_due = self.next_renewal(),
+                        OwnLease::Lost => {
+                            tracing::warn!(subnet = %self.own.key, "our lease was removed from the store while running; re-acquiring (the datapath is kept)");
+                            if !self.reacquire_until_signal(signals).await? {
+                                return Ok(());
+                            }
                             renew_due = self.next_renewal();
                         }
-                    }
+                        OwnLease::Drifted => {
+                            tracing::warn!(subnet = %self.own.key, "our lease in the store differs from what we published; publishing it again");
+                            if !self.reacquire_until_signal(signals).await? {
+                                return Ok(());
+                            }
+                            renew_due = self.next_renewal();
+                        }
+                    },
                     None => {
                         tracing::warn!("lease watch ended; restarting it");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -823,8 +849,9 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// Renews our lease; returns when to try next.
-    async fn renew(&mut self) -> Result<Option<SystemTime>, DaemonError> {
+    /// Renews our lease; returns when to try next, or `None` when the lease
+    /// is gone and must be re-acquired.
+    async fn renew(&mut self) -> Result<Option<Option<SystemTime>>, DaemonError> {
         // Renew with our attributes, so that a lease edited in the store
         // (another VtepMAC, say) is put right at the latest on renewal.
         let mine = Lease {
@@ -834,20 +861,30 @@ impl<S: Store> State<S> {
         match renew_lease(&self.store, &mine, self.flags.lease_ttl()).await {
             Ok(l) => {
                 tracing::info!(subnet = %self.own.key, expires = ?l.expiration, "renewed lease");
+                self.published = l.attrs.clone();
                 self.own = l;
-                Ok(self.next_renewal())
+                Ok(Some(self.next_renewal()))
             }
             Err(StoreError::NotFound { .. }) | Err(StoreError::Conflict { .. }) => {
                 tracing::warn!(subnet = %self.own.key, "our lease is gone from the store at renewal; re-acquiring");
-                self.reacquire().await?;
-                Ok(self.next_renewal())
+                Ok(None)
             }
             Err(e) => {
                 let d = self.retry_delay();
                 tracing::warn!(error = %e, retry_in = ?d, "lease renewal failed; retrying");
-                Ok(Some(SystemTime::now() + d))
+                Ok(Some(Some(SystemTime::now() + d)))
             }
         }
+    }
+
+    /// [`State::reacquire`], given up on SIGTERM/SIGINT (which may come
+    /// while the store is unreachable, or, in Kubernetes mode, while our Node
+    /// is gone): `Ok(false)` then.
+    async fn reacquire_until_signal(&mut self, signals: &mut Signals) -> Result<bool, DaemonError> {
+        Ok(signals
+            .during("re-acquiring our lease", self.reacquire())
+            .await?
+            .is_some())
     }
 
     /// Re-acquires a lease (preferring our previous subnet), reprograms the
@@ -876,8 +913,12 @@ impl<S: Store> State<S> {
         } else {
             tracing::info!(subnet = %lease.key, "re-acquired the same subnet");
         }
+        self.published = lease.attrs.clone();
         self.own = lease.clone();
         self.leases.insert(lease.key, lease);
+        if let Err(e) = self.store.complete_lease(&self.own).await {
+            tracing::warn!(error = %e, "completing the lease in the store failed");
+        }
         if changed {
             if let Some(r) = &self.reconciler {
                 r.send(Request::Settings(Box::new(self.settings())))?;
@@ -895,8 +936,8 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// Applies a watch message; returns true when our own lease changed.
-    async fn on_watch(&mut self, ev: WatchEvent) -> Result<bool, DaemonError> {
+    /// Applies a watch message; says what happened to our own lease.
+    fn on_watch(&mut self, ev: WatchEvent) -> OwnLease {
         let mut own_lost = false;
         let mut own_changed = false;
         match ev {
@@ -950,12 +991,28 @@ impl<S: Store> State<S> {
         }
         self.push_leases();
         if own_lost {
-            tracing::warn!(subnet = %self.own.key, "our lease was removed from the store while running; re-acquiring (the datapath is kept)");
-            self.reacquire().await?;
-            return Ok(true);
+            OwnLease::Lost
+        } else if self.own.attrs != self.published {
+            OwnLease::Drifted
+        } else if own_changed {
+            OwnLease::Renewed
+        } else {
+            OwnLease::Unchanged
         }
-        Ok(own_changed)
     }
+}
+
+/// What a watch message did to our own lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnLease {
+    Unchanged,
+    /// Its expiry moved (a renewal seen through the watch).
+    Renewed,
+    /// Gone, or taken by another node: re-acquire.
+    Lost,
+    /// Still ours, but with other attributes than we published (someone
+    /// edited it): publish ours again.
+    Drifted,
 }
 
 #[cfg(test)]

@@ -665,7 +665,11 @@ fn invalid_input_exits_nonzero_naming_the_field_before_touching_the_kernel() {
     for (args, needle) in [
         (
             c.args(0, &["--kube-subnet-mgr"]),
-            "--kube-subnet-mgr is not implemented yet",
+            "--kube-subnet-mgr and --local-store both name a lease store",
+        ),
+        (
+            without_store(&["--kube-subnet-mgr"]),
+            "POD_NAME and POD_NAMESPACE must be set",
         ),
         (
             without_store(&["--etcd-prefix", "no-slash"]),

@@ -7,7 +7,7 @@ use flannel_netlink::netns::NetNs;
 
 use super::{
     io_err, node_name, ns_err, plan_node, plan_pod, poll_until, require_root, topology, Lab,
-    LabError, Result, MAX_NODES,
+    LabError, Result, StoreKind, MAX_NODES,
 };
 
 impl Lab {
@@ -27,6 +27,14 @@ impl Lab {
     /// wait for the store: while etcd is stopped the new daemon keeps
     /// trying to reach it.
     pub fn begin_add_node(&mut self) -> Result<String> {
+        self.begin_add_node_with(true)
+    }
+
+    /// [`Lab::begin_add_node`]; with `--store kube` and `assign_pod_cidr`
+    /// false, the node's Node is registered without a podCIDR (as before
+    /// kube-controller-manager allocates one; see
+    /// [`Lab::kube_assign_pod_cidr`]): its flanneld waits for it.
+    pub fn begin_add_node_with(&mut self, assign_pod_cidr: bool) -> Result<String> {
         require_root()?;
         let index = self.state.nodes.iter().map(|n| n.index).max().unwrap_or(0) + 1;
         if index > MAX_NODES {
@@ -53,7 +61,9 @@ impl Lab {
         topology::wire_node(&underlay, &ns, &node, self.state.mtu)?;
         std::fs::create_dir_all(self.node_dir(&name))
             .map_err(io_err(format!("creating the directory of {name}")))?;
-        if self.state.reservations {
+        if self.state.store == StoreKind::Kube {
+            self.kube_register_node(&node, assign_pod_cidr)?;
+        } else if self.state.reservations {
             match self.write_reservation(&node) {
                 Ok(()) => {}
                 // The store is down (an outage test): the seeded subnet.env

@@ -9,7 +9,8 @@ use flannel_netlink::netns::NetNs;
 use super::{
     check_interrupted, down, interrupted, io_err, lab_dir, lab_namespaces, masq, ns_err,
     require_root, resolve_bin_dir, store, topology, validate_name, write_atomic, Backend, Lab,
-    LabError, LabOptions, LabState, NodeState, Result, LAB_ROOT, MAX_NODES, UNDERLAY_PREFIX,
+    LabError, LabOptions, LabState, NodeState, Result, StoreKind, LAB_ROOT, MAX_NODES,
+    UNDERLAY_PREFIX,
 };
 
 impl Lab {
@@ -142,8 +143,9 @@ impl Lab {
             say(line)?;
         }
         let nodes: Vec<NodeState> = self.state.nodes.clone();
+        let kube = self.state.store == StoreKind::Kube;
         for n in &nodes {
-            if self.state.reservations {
+            if self.state.reservations || kube {
                 self.write_reservation(n)?;
             } else {
                 self.seed_subnet_env(n)?;
@@ -152,7 +154,9 @@ impl Lab {
         say(format!(
             "store {}: {} {}",
             self.store_description(),
-            if self.state.reservations {
+            if kube {
+                "Nodes with their podCIDR"
+            } else if self.state.reservations {
                 "reservations"
             } else {
                 "no reservations; subnet.env seeded with"

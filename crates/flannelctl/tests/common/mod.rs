@@ -45,6 +45,26 @@ pub fn bin_dir() -> PathBuf {
     dir
 }
 
+/// The binary name of flannel-rs's Kubernetes API double.
+pub const KUBE_API_DOUBLE: &str = "kube-api-double";
+
+/// The API server of Kubernetes-mode labs: `None` when `KUBE_APISERVER`
+/// names a real kube-apiserver (the lab runs that one), else the Kubernetes
+/// API double built beside flannelctl, asked for explicitly.
+pub fn kube_apiserver() -> Option<PathBuf> {
+    if std::env::var_os(lab::kube::KUBE_APISERVER_ENV).is_some_and(|v| !v.is_empty()) {
+        return None;
+    }
+    let double = bin_dir().join(KUBE_API_DOUBLE);
+    assert!(
+        double.is_file(),
+        "{} is not built: run `cargo build --workspace --bins` before these tests (or set {} to a real kube-apiserver)",
+        double.display(),
+        lab::kube::KUBE_APISERVER_ENV
+    );
+    Some(double)
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub fn unique_name() -> String {

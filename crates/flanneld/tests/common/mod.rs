@@ -57,6 +57,10 @@ pub fn flanneld_in(ns: &ScopedNetNs, log: &Path) -> std::process::Command {
             cmd.env_remove(key);
         }
     }
+    // Nor may the caller's Kubernetes-mode variables name a Node.
+    for key in flannel_core::wire::KUBE_NODE_ENV {
+        cmd.env_remove(key);
+    }
     cmd.env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null())
         .stdout(logf.try_clone().unwrap())
