@@ -226,6 +226,111 @@ impl NetConf {
     }
 }
 
+/// A network configuration list (`/etc/cni/net.d/10-flannel.conflist`) as a
+/// runtime reads it, with the flannel entry parsed by this plugin's parser.
+#[derive(Debug, Clone)]
+pub struct ConfList {
+    /// The list's `name` (the network name every plugin receives).
+    pub name: String,
+    /// The list's `cniVersion`.
+    pub cni_version: String,
+    /// Each entry's `type`, in order.
+    pub plugin_types: Vec<String>,
+    /// Index in `plugins` of the first entry of type `flannel`.
+    pub flannel_index: usize,
+    /// That entry as this plugin receives it on stdin.
+    pub flannel: NetConf,
+}
+
+/// Parses a conflist and its `flannel` entry exactly as this plugin would
+/// receive it: like a runtime (libcni), the list's `name` and `cniVersion`
+/// are set in the entry, then [`NetConf::parse`] reads it, and its bridge
+/// config is rendered against a sample subnet.env and read back, so that a
+/// bad `delegate` key is reported now and not at the first pod's ADD.
+/// Errors name the field as `plugins[I].FIELD`. For installers
+/// (`flannelctl install-cni`) and the manifest test; the plugin itself never
+/// sees a list.
+pub fn parse_conflist(bytes: &[u8]) -> Result<ConfList, ConfigError> {
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| ConfigError::NotJson("expected a JSON object".into()))?;
+    let name = opt_str(obj, "name")?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid("name", "missing; give the network a name such as \"cbr0\""))?;
+    let cni_version = opt_str(obj, "cniVersion")?.unwrap_or_default();
+    let plugins = match obj.get("plugins") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => return Err(invalid("plugins", "the list is empty")),
+        None | Some(Value::Null) => {
+            return Err(invalid(
+                "plugins",
+                "missing; a conflist holds its plugins in \"plugins\": [...]",
+            ))
+        }
+        Some(_) => return Err(invalid("plugins", "expected an array of plugin objects")),
+    };
+    let mut plugin_types = Vec::with_capacity(plugins.len());
+    for (i, p) in plugins.iter().enumerate() {
+        let field = format!("plugins[{i}].type");
+        let t = p
+            .as_object()
+            .ok_or_else(|| invalid(&format!("plugins[{i}]"), "expected a JSON object"))?
+            .get("type")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| invalid(&field, "missing; every plugin names its binary in \"type\""))?;
+        plugin_types.push(t.to_string());
+    }
+    let flannel_index = plugin_types
+        .iter()
+        .position(|t| t == wire::CNI_PLUGIN_TYPE)
+        .ok_or_else(|| {
+            invalid(
+                "plugins",
+                format!(
+                    "no entry of \"type\": \"{}\" (types: {}); add one",
+                    wire::CNI_PLUGIN_TYPE,
+                    plugin_types.join(", ")
+                ),
+            )
+        })?;
+    let mut entry = plugins[flannel_index]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    entry.insert("name".into(), json!(name));
+    entry.insert("cniVersion".into(), json!(cni_version));
+    let in_entry = |e: ConfigError| match e {
+        ConfigError::Invalid { field, msg } => ConfigError::Invalid {
+            field: format!("plugins[{flannel_index}].{field}"),
+            msg,
+        },
+        other => other,
+    };
+    let entry = serde_json::to_vec(&Value::Object(entry))
+        .map_err(|e| ConfigError::NotJson(e.to_string()))?;
+    let flannel = NetConf::parse(&entry).map_err(in_entry)?;
+    // Which addresses does not matter: only the delegate keys' types are checked.
+    let sample = SubnetEnv::parse(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
+    )
+    .map_err(|e| ConfigError::SubnetEnvInvalid {
+        path: "(sample)".into(),
+        msg: e.to_string(),
+    })?;
+    let rendered = flannel.render_delegate(&sample).map_err(in_entry)?;
+    BridgeConf::from_rendered(&rendered).map_err(in_entry)?;
+    Ok(ConfList {
+        name,
+        cni_version,
+        plugin_types,
+        flannel_index,
+        flannel,
+    })
+}
+
 /// Reads and validates subnet.env (parsed by flannel-core, the same code
 /// flanneld renders it with); every problem tells the operator to check flanneld.
 pub fn load_subnet_env(path: &Path) -> Result<SubnetEnv, ConfigError> {
@@ -669,5 +774,80 @@ mod tests {
         let err = load_subnet_env(Path::new("/nonexistent/subnet.env")).unwrap_err();
         assert!(err.to_string().contains("flanneld"));
         assert_eq!(CniError::from(err).code, 11);
+    }
+
+    /// Upstream's kube-flannel.yml conflist.
+    const MANIFEST_CONFLIST: &str = r#"{"name":"cbr0","cniVersion":"0.3.1","plugins":[
+        {"type":"flannel","delegate":{"hairpinMode":true,"isDefaultGateway":true}},
+        {"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+    #[test]
+    fn conflist_of_the_manifest_parses_as_the_runtime_passes_it() {
+        let l = parse_conflist(MANIFEST_CONFLIST.as_bytes()).unwrap();
+        assert_eq!(l.name, "cbr0");
+        assert_eq!(l.cni_version, "0.3.1");
+        assert_eq!(l.plugin_types, vec!["flannel", "portmap"]);
+        assert_eq!(l.flannel_index, 0);
+        // The list's name and version reach the entry, as libcni sets them.
+        assert_eq!(l.flannel.name, "cbr0");
+        assert_eq!(l.flannel.version, Version(0, 3, 1));
+        assert_eq!(l.flannel.delegate["hairpinMode"], true);
+        // A later flannel entry is found too.
+        let later = parse_conflist(
+            br#"{"name":"n","cniVersion":"1.0.0","plugins":[{"type":"tuning"},{"type":"flannel"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(later.flannel_index, 1);
+    }
+
+    #[test]
+    fn bad_conflists_name_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[]", "not valid JSON"),
+            (
+                r#"{"cniVersion":"0.3.1","plugins":[{"type":"flannel"}]}"#,
+                "field name",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1"}"#,
+                "field plugins: missing",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[]}"#,
+                "field plugins: the list is empty",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{}]}"#,
+                "field plugins[0].type",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[7]}"#,
+                "field plugins[0]:",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"bridge"}]}"#,
+                "no entry of \"type\": \"flannel\" (types: bridge)",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"9.9.9","plugins":[{"type":"flannel"}]}"#,
+                "cniVersion \"9.9.9\"",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":[]}]}"#,
+                "field plugins[0].delegate",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"flannel","delegate":{"hairpinMode":"yes"}}]}"#,
+                "field plugins[0].delegate.hairpinMode",
+            ),
+            (
+                r#"{"name":"n","cniVersion":"0.3.1","plugins":[{"type":"portmap"},{"type":"flannel","ipam":{"type":"dhcp"}}]}"#,
+                "field plugins[1].ipam.type",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = parse_conflist(text.as_bytes()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e:?} should contain {want:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Upstream's plugin renders a bridge + host-local config and execs the
 //! reference plugins; we render the same config, save it the same way, and do
-//! the work natively in this process (see [`attach`] and [`ipam`]).
+//! the work natively in this process (see `flannel_cni::attach` and `flannel_cni::ipam`).
 //!
 //! Deliberate differences from upstream flannel + bridge + host-local:
 //! - The host veth is `veth` + 8 hex digits of a hash of container ID and
@@ -18,24 +18,17 @@
 //! - cni0 gets a fixed random MAC when created, so the pods' gateway MAC does
 //!   not follow the lowest port MAC as pods come and go.
 //! - `ipMasq: true` (flanneld run without `--ip-masq`) writes the reference
-//!   plugin's iptables masquerade chain ([`ipmasq`]); its nftables backend is
+//!   plugin's iptables masquerade chain (`flannel_cni::ipmasq`); its nftables backend is
 //!   not offered. DEL removes the chain whichever plugin wrote it.
 //! - `CNI_PATH` is not required: no other plugin is executed (only
 //!   iptables-restore/iptables-save, for `ipMasq`).
 //! - The IPAM lock is held for the whole ADD/DEL, so bridge setup is
 //!   serialised along with allocation.
 
-mod attach;
-mod config;
-mod ipam;
-mod ipmasq;
-mod spec;
-mod verbs;
-
 use std::io::{Read, Write};
 
-use spec::{code, CniError, Version};
-use verbs::{env_var, run};
+use flannel_cni::spec::{self, code, CniError, Version};
+use flannel_cni::{config, verbs::env_var, verbs::run};
 
 fn main() {
     let mut stdin = Vec::new();

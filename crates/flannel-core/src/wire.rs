@@ -90,6 +90,40 @@ pub const CNI_IPAM_LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
 /// Separator between container ID and interface name in a host-local address file.
 pub const CNI_IPAM_LINE_BREAK: &str = "\r\n";
 
+/// The CNI plugin's binary name (`"type": "flannel"` in a conflist).
+pub const CNI_PLUGIN_TYPE: &str = "flannel";
+/// kube-flannel.yml: the CNI plugin binary inside the image, copied by the
+/// `install-cni-plugin` init container (`cp -f /flannel /opt/cni/bin/flannel`).
+pub const IMAGE_CNI_PLUGIN: &str = "/flannel";
+/// kube-flannel.yml: the host's CNI plugin directory (hostPath `cni-plugin`).
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// kube-flannel.yml: the conflist as the ConfigMap mounts it (`cni-conf.json`).
+pub const MANIFEST_CNI_CONF: &str = "/etc/kube-flannel/cni-conf.json";
+/// kube-flannel.yml: where the `install-cni` init container installs the conflist.
+pub const CNI_CONFLIST: &str = "/etc/cni/net.d/10-flannel.conflist";
+
+/// Kubernetes mode: the node's name; when empty, flanneld looks up the
+/// node of the pod named by [`KUBE_ENV_POD_NAME`] / [`KUBE_ENV_POD_NAMESPACE`].
+pub const KUBE_ENV_NODE_NAME: &str = "NODE_NAME";
+/// Kubernetes mode: flanneld's own pod (the manifest's `fieldRef: metadata.name`).
+pub const KUBE_ENV_POD_NAME: &str = "POD_NAME";
+/// Kubernetes mode: flanneld's pod namespace (`fieldRef: metadata.namespace`).
+pub const KUBE_ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+/// Kubernetes mode: upstream's node event channel capacity (the manifest sets 5000).
+pub const KUBE_ENV_EVENT_QUEUE_DEPTH: &str = "EVENT_QUEUE_DEPTH";
+/// Kubernetes mode: upstream continues startup when its node cache did not sync in time.
+pub const KUBE_ENV_CONT_WHEN_CACHE_NOT_READY: &str = "CONT_WHEN_CACHE_NOT_READY";
+/// Every environment variable besides `FLANNELD_*` that flanneld reads in Kubernetes mode.
+pub const KUBE_ENV_VARS: &[&str] = &[
+    KUBE_ENV_NODE_NAME,
+    KUBE_ENV_POD_NAME,
+    KUBE_ENV_POD_NAMESPACE,
+    KUBE_ENV_EVENT_QUEUE_DEPTH,
+    KUBE_ENV_CONT_WHEN_CACHE_NOT_READY,
+];
+/// `EVENT_QUEUE_DEPTH` when unset (upstream's default).
+pub const DEFAULT_EVENT_QUEUE_DEPTH: u32 = 5000;
+
 /// subnet.env variable names.
 pub const ENV_NETWORK: &str = "FLANNEL_NETWORK";
 pub const ENV_SUBNET: &str = "FLANNEL_SUBNET";
