@@ -7,7 +7,10 @@
 //! - [`leases`]: the leases held by a store, as `flannelctl leases` prints them.
 //! - [`explain`]: one packet's path as the kernels route it, through a lab
 //!   or through the node flannelctl runs on.
+//! - [`install`]: the CNI plugin and conflist installed atomically on a node
+//!   (`flannelctl install-cni`, `install-conf`).
 
 pub mod explain;
+pub mod install;
 pub mod lab;
 pub mod leases;

@@ -7,6 +7,8 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use flannel_core::wire;
+use flannelctl::install;
 use flannelctl::lab::{self, Lab, LabOptions};
 use flannelctl::leases;
 use flanneld::flags::EtcdFlags;
@@ -62,6 +64,25 @@ enum Command {
         local_store: Option<PathBuf>,
         #[command(flatten)]
         etcd: EtcdFlags,
+    },
+    /// Install the CNI plugin and its conflist on this node, each atomically
+    /// (temporary file beside the destination, fsync, rename): the plugin as
+    /// `<plugin-dir>/flannel` (mode 0755), then the conflist (mode 0644),
+    /// after checking it with the plugin's own parser (a conflist the plugin
+    /// refuses installs nothing). The defaults are kube-flannel.yml's paths.
+    InstallCni {
+        /// The plugin binary (in the image: /flannel).
+        #[arg(long, value_name = "FILE", default_value = wire::IMAGE_CNI_PLUGIN)]
+        plugin_src: PathBuf,
+        /// The node's CNI plugin directory.
+        #[arg(long, value_name = "DIR", default_value = wire::CNI_BIN_DIR)]
+        plugin_dir: PathBuf,
+        /// The conflist to install (the ConfigMap's cni-conf.json).
+        #[arg(long, value_name = "FILE", default_value = wire::MANIFEST_CNI_CONF)]
+        conf_src: PathBuf,
+        /// Where the container runtime reads it.
+        #[arg(long, value_name = "FILE", default_value = wire::CNI_CONFLIST)]
+        conf_dest: PathBuf,
     },
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
@@ -331,6 +352,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::InstallCni {
+            plugin_src,
+            plugin_dir,
+            conf_src,
+            conf_dest,
+        } => {
+            let done = install::install_cni(&install::CniInstall {
+                plugin_src,
+                plugin_dir,
+                conf_src,
+                conf_dest,
+            })?;
+            println!(
+                "installed {} (mode {:o})",
+                done.plugin.display(),
+                install::PLUGIN_MODE
+            );
+            println!(
+                "installed {} (mode {:o}): network {}, cniVersion {}, plugins {}",
+                done.conflist.display(),
+                install::CONFLIST_MODE,
+                done.parsed.name,
+                done.parsed.cni_version,
+                done.parsed.plugin_types.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Leases {
             local_store,
