@@ -11,15 +11,18 @@ use clap::{ArgAction, Args, Parser};
 use flannel_core::wire;
 use flannel_store::etcd::EtcdOptions;
 
-/// flannel-rs node daemon: leases a pod subnet and programs the vxlan overlay.
+/// flannel-rs node daemon: leases a pod subnet and programs the overlay
+/// (vxlan, host-gw or udp backend, IPv4, IPv6 or both).
 ///
 /// Every flag can also be set from the environment as FLANNELD_<FLAG> (e.g.
 /// FLANNELD_IFACE=eth0,eth1). Boolean flags accept --flag, --flag=true and
 /// --flag=false (Go's flag package semantics, which existing manifests rely on).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flanneld", version)]
+#[command(name = "flanneld", version, after_help = KUBE_ENV_HELP)]
 pub struct Flags {
-    /// Path of the network configuration (net-conf.json).
+    /// Path of the network configuration (net-conf.json), read with
+    /// --local-store (DIR/config when this file is missing); with etcd the
+    /// configuration is etcd's <etcd-prefix>/config instead.
     #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = wire::DEFAULT_NET_CONFIG_PATH)]
     pub net_config_path: PathBuf,
 
@@ -28,11 +31,13 @@ pub struct Flags {
     pub subnet_file: PathBuf,
 
     /// Interface (name or IP address) to use for inter-host traffic; may be
-    /// repeated, the first one that exists wins.
+    /// repeated: the first one that exists and has a global address of each
+    /// enabled family wins.
     #[arg(long = "iface", env = "FLANNELD_IFACE", value_delimiter = ',')]
     pub iface: Vec<String>,
 
-    /// Regex matched against interface IP addresses, then names; may be repeated.
+    /// Regex matched against interface IP addresses, then names; may be
+    /// repeated; tried after every --iface.
     #[arg(
         long = "iface-regex",
         env = "FLANNELD_IFACE_REGEX",
@@ -40,15 +45,21 @@ pub struct Flags {
     )]
     pub iface_regex: Vec<String>,
 
-    /// Pick the interface whose route reaches this address (accepted; not implemented yet).
+    /// Use the interface of the kernel's route to this address (`ip route get
+    /// ADDR`), with the route's source address as the interface address of
+    /// that family. Used only when neither --iface nor --iface-regex is given.
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH")]
     pub iface_can_reach: Option<IpAddr>,
 
-    /// IPv4 address announced to the other nodes (default: the interface's address).
+    /// IPv4 address published in the lease (PublicIP), which the other nodes
+    /// send to (default: the interface's IPv4 address). Ignored, with a
+    /// warning, when the network config disables IPv4.
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
 
-    /// IPv6 address announced to the other nodes (IPv6 is not implemented yet).
+    /// IPv6 address published in the lease (PublicIPv6), which the other
+    /// nodes send to (default: the interface's first global IPv6 address).
+    /// Ignored, with a warning, unless the network config sets EnableIPv6.
     #[arg(long, env = "FLANNELD_PUBLIC_IPV6")]
     pub public_ipv6: Option<Ipv6Addr>,
 
@@ -234,6 +245,162 @@ impl Flags {
     }
 }
 
+/// `flanneld --help`'s closing text: the variables Kubernetes mode reads
+/// besides FLANNELD_* (see [`KubeEnv`]; a unit test keeps it in line with
+/// [`wire::KUBE_ENV_VARS`]).
+const KUBE_ENV_HELP: &str = "\
+Kubernetes mode (--kube-subnet-mgr) also reads (kube-flannel.yml sets all but NODE_NAME):
+  NODE_NAME                  this node's name; when unset, the node of the pod POD_NAMESPACE/POD_NAME
+  POD_NAME, POD_NAMESPACE    flanneld's own pod (fieldRef metadata.name / metadata.namespace)
+  EVENT_QUEUE_DEPTH          a positive integer (default 5000); checked, no effect in flannel-rs
+  CONT_WHEN_CACHE_NOT_READY  true or false (default false); checked, no effect in flannel-rs";
+
+/// Errors in flanneld's configuration from the environment (clap reports
+/// the flags' own), each naming the variable and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagsError {
+    #[error("environment variable {var}={value:?}: {msg}")]
+    BadEnv {
+        var: &'static str,
+        value: String,
+        msg: &'static str,
+    },
+    #[error("environment variable {var} is not valid UTF-8")]
+    NotUnicode { var: &'static str },
+    #[error(
+        "Kubernetes mode needs this node's name: set NODE_NAME, or POD_NAME and POD_NAMESPACE \
+         (kube-flannel.yml sets both from fieldRef metadata.name and metadata.namespace){detail}"
+    )]
+    NoNode { detail: String },
+}
+
+/// Which Node object is this node's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeRef {
+    /// `NODE_NAME`.
+    Name(String),
+    /// The node the pod `POD_NAMESPACE`/`POD_NAME` runs on (its
+    /// `spec.nodeName`, read with the ClusterRole's `pods get`).
+    Pod { namespace: String, name: String },
+}
+
+/// The environment variables Kubernetes mode reads besides `FLANNELD_*`
+/// ([`wire::KUBE_ENV_VARS`]), read by [`kube_env`] and validated. An empty
+/// variable counts as unset, as in upstream (Go's `os.Getenv`).
+///
+/// - `NODE_NAME`: the node's name. When unset, `POD_NAME` and
+///   `POD_NAMESPACE` (both required then) name flanneld's own pod, whose
+///   `spec.nodeName` is the node: what the manifest does.
+/// - `EVENT_QUEUE_DEPTH` (default 5000): upstream sizes the channel between
+///   its node informer and its lease watcher with it. flannel-rs has no
+///   bounded queue between the watch and the reconciler (each pass works
+///   from the whole lease cache), so the value is validated (a positive
+///   integer) and otherwise has no effect. Upstream takes 0 or a negative
+///   number as its default; flannel-rs refuses them.
+/// - `CONT_WHEN_CACHE_NOT_READY` (default false): with "true", upstream goes
+///   on starting when its node cache has not synced before a timeout,
+///   instead of exiting. flannel-rs has no such timeout: it waits for the
+///   first full list of nodes (retrying while the API server is
+///   unreachable), so both values behave the same; the value is validated
+///   ("true" or "false"; upstream takes anything but "true" as false) and
+///   logged by [`KubeEnv::log_summary`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeEnv {
+    pub node: NodeRef,
+    pub event_queue_depth: u32,
+    pub cont_when_cache_not_ready: bool,
+}
+
+impl KubeEnv {
+    /// Reads the variables through `get` (a name to its value, `None` when
+    /// unset); [`kube_env`] passes the process environment.
+    pub fn from_lookup(
+        get: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<KubeEnv, FlagsError> {
+        let read = |var: &'static str| -> Result<Option<String>, FlagsError> {
+            match get(var) {
+                None => Ok(None),
+                Some(v) => match v.into_string() {
+                    Ok(s) if s.is_empty() => Ok(None),
+                    Ok(s) => Ok(Some(s)),
+                    Err(_) => Err(FlagsError::NotUnicode { var }),
+                },
+            }
+        };
+        let node = match read(wire::KUBE_ENV_NODE_NAME)? {
+            Some(n) => NodeRef::Name(n),
+            None => match (
+                read(wire::KUBE_ENV_POD_NAMESPACE)?,
+                read(wire::KUBE_ENV_POD_NAME)?,
+            ) {
+                (Some(namespace), Some(name)) => NodeRef::Pod { namespace, name },
+                (ns, name) => {
+                    let missing: Vec<&str> = [
+                        (name.is_none(), wire::KUBE_ENV_POD_NAME),
+                        (ns.is_none(), wire::KUBE_ENV_POD_NAMESPACE),
+                    ]
+                    .into_iter()
+                    .filter_map(|(m, v)| m.then_some(v))
+                    .collect();
+                    return Err(FlagsError::NoNode {
+                        detail: format!("; unset: NODE_NAME, {}", missing.join(", ")),
+                    });
+                }
+            },
+        };
+        let event_queue_depth = match read(wire::KUBE_ENV_EVENT_QUEUE_DEPTH)? {
+            None => wire::DEFAULT_EVENT_QUEUE_DEPTH,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(FlagsError::BadEnv {
+                        var: wire::KUBE_ENV_EVENT_QUEUE_DEPTH,
+                        value: v,
+                        msg: "expected a positive integer such as 5000 (kube-flannel.yml's value), or leave it unset",
+                    })
+                }
+            },
+        };
+        let cont_when_cache_not_ready =
+            match read(wire::KUBE_ENV_CONT_WHEN_CACHE_NOT_READY)?.as_deref() {
+                None | Some("false") => false,
+                Some("true") => true,
+                Some(v) => {
+                    return Err(FlagsError::BadEnv {
+                        var: wire::KUBE_ENV_CONT_WHEN_CACHE_NOT_READY,
+                        value: v.to_string(),
+                        msg: "expected \"true\" or \"false\"",
+                    })
+                }
+            };
+        Ok(KubeEnv {
+            node,
+            event_queue_depth,
+            cont_when_cache_not_ready,
+        })
+    }
+
+    /// One INFO line: which node, and the two upstream knobs with what they
+    /// do here (nothing; see the type's doc).
+    pub fn log_summary(&self) {
+        let node = match &self.node {
+            NodeRef::Name(n) => format!("{n} (NODE_NAME)"),
+            NodeRef::Pod { namespace, name } => format!("the node of pod {namespace}/{name}"),
+        };
+        tracing::info!(
+            node = %node,
+            event_queue_depth = self.event_queue_depth,
+            cont_when_cache_not_ready = self.cont_when_cache_not_ready,
+            "Kubernetes environment; EVENT_QUEUE_DEPTH and CONT_WHEN_CACHE_NOT_READY have no effect in flannel-rs (no bounded event queue; startup waits for the first full node list)"
+        );
+    }
+}
+
+/// The Kubernetes-mode environment of this process ([`KubeEnv`]).
+pub fn kube_env() -> Result<KubeEnv, FlagsError> {
+    KubeEnv::from_lookup(|var| std::env::var_os(var))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +578,124 @@ mod tests {
             vec!["http://127.0.0.1:4001", "http://127.0.0.1:2379"]
         );
         assert_eq!(d.prefix, "/coreos.com/network");
+    }
+
+    fn env_of<'a>(
+        vars: &'a [(&'a str, &'a str)],
+    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| std::ffi::OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn kube_env_of_the_manifest() {
+        let e = KubeEnv::from_lookup(env_of(&[
+            ("POD_NAME", "kube-flannel-ds-x7k2p"),
+            ("POD_NAMESPACE", "kube-flannel"),
+            ("EVENT_QUEUE_DEPTH", "5000"),
+            ("CONT_WHEN_CACHE_NOT_READY", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            e,
+            KubeEnv {
+                node: NodeRef::Pod {
+                    namespace: "kube-flannel".into(),
+                    name: "kube-flannel-ds-x7k2p".into()
+                },
+                event_queue_depth: 5000,
+                cont_when_cache_not_ready: false,
+            }
+        );
+        // NODE_NAME wins over the pod; the knobs' defaults; empty = unset.
+        let e = KubeEnv::from_lookup(env_of(&[
+            ("NODE_NAME", "k8s-node1"),
+            ("POD_NAME", "p"),
+            ("EVENT_QUEUE_DEPTH", ""),
+            ("CONT_WHEN_CACHE_NOT_READY", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(e.node, NodeRef::Name("k8s-node1".into()));
+        assert_eq!(e.event_queue_depth, 5000);
+        assert!(e.cont_when_cache_not_ready);
+        let e = KubeEnv::from_lookup(env_of(&[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "7")]))
+            .unwrap();
+        assert_eq!(e.event_queue_depth, 7);
+        assert!(!e.cont_when_cache_not_ready);
+    }
+
+    #[test]
+    fn kube_env_errors_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[], "unset: NODE_NAME, POD_NAME, POD_NAMESPACE"),
+            (&[("POD_NAME", "p")], "unset: NODE_NAME, POD_NAMESPACE"),
+            (
+                &[("NODE_NAME", ""), ("POD_NAMESPACE", "ns")],
+                "unset: NODE_NAME, POD_NAME",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "0")],
+                "EVENT_QUEUE_DEPTH=\"0\": expected a positive integer",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "-5")],
+                "EVENT_QUEUE_DEPTH=\"-5\"",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "5k")],
+                "EVENT_QUEUE_DEPTH=\"5k\"",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", " 50")],
+                "EVENT_QUEUE_DEPTH=\" 50\"",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("CONT_WHEN_CACHE_NOT_READY", "True")],
+                "CONT_WHEN_CACHE_NOT_READY=\"True\": expected \"true\" or \"false\"",
+            ),
+            (
+                &[("NODE_NAME", "n"), ("CONT_WHEN_CACHE_NOT_READY", "1")],
+                "CONT_WHEN_CACHE_NOT_READY=\"1\"",
+            ),
+        ];
+        for (vars, want) in cases {
+            let e = KubeEnv::from_lookup(env_of(vars)).unwrap_err().to_string();
+            assert!(e.contains(want), "{vars:?}: {e:?} should contain {want:?}");
+        }
+        use std::os::unix::ffi::OsStringExt;
+        let bad = |k: &str| (k == "NODE_NAME").then(|| std::ffi::OsString::from_vec(vec![0xff]));
+        let e = KubeEnv::from_lookup(bad).unwrap_err().to_string();
+        assert_eq!(e, "environment variable NODE_NAME is not valid UTF-8");
+    }
+
+    #[test]
+    fn kube_env_reads_the_process_environment() {
+        let _g = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("NODE_NAME", "from-env");
+        std::env::set_var("EVENT_QUEUE_DEPTH", "12");
+        let e = kube_env();
+        std::env::remove_var("NODE_NAME");
+        std::env::remove_var("EVENT_QUEUE_DEPTH");
+        let e = e.unwrap();
+        assert_eq!(e.node, NodeRef::Name("from-env".into()));
+        assert_eq!(e.event_queue_depth, 12);
+    }
+
+    #[test]
+    fn help_lists_every_kubernetes_variable_and_no_stale_not_implemented() {
+        use clap::CommandFactory;
+        let help = Flags::command().render_long_help().to_string();
+        for v in wire::KUBE_ENV_VARS {
+            assert!(KUBE_ENV_HELP.contains(v), "{v} missing from the after_help");
+            assert!(help.contains(v), "{v} missing from --help");
+        }
+        for flag in ["--iface-can-reach", "--public-ipv6", "--public-ip"] {
+            let at = help.find(&format!("{flag} <")).unwrap();
+            let text = &help[at..at + help[at..].find("\n\n").unwrap_or(help.len() - at)];
+            assert!(!text.contains("not implemented"), "{text}");
+        }
     }
 }
