@@ -99,20 +99,29 @@ pub fn peek_version(stdin: &[u8]) -> Option<String> {
     Some(v.get("cniVersion")?.as_str()?.to_string())
 }
 
+/// The top-level JSON object of a configuration.
+fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, ConfigError> {
+    match serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))? {
+        Value::Object(m) => Ok(m),
+        _ => Err(ConfigError::NotJson("expected a JSON object".into())),
+    }
+}
+
+/// `name`, required and non-empty.
+fn network_name(obj: &Map<String, Value>) -> Result<String, ConfigError> {
+    opt_str(obj, "name")?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid("name", "missing; give the network a name such as \"cbr0\""))
+}
+
 impl NetConf {
     pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
-        let v: Value =
-            serde_json::from_slice(stdin).map_err(|e| ConfigError::NotJson(e.to_string()))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| ConfigError::NotJson("expected a JSON object".into()))?;
+        let obj = &json_object(stdin)?;
         let cni_version = opt_str(obj, "cniVersion")?.unwrap_or_default();
         let version = Version::parse(&cni_version)
             .filter(Version::is_supported)
             .ok_or_else(|| ConfigError::UnsupportedVersion(cni_version.clone()))?;
-        let name = opt_str(obj, "name")?
-            .filter(|n| !n.is_empty())
-            .ok_or_else(|| invalid("name", "missing; give the network a name such as \"cbr0\""))?;
+        let name = network_name(obj)?;
         // The name becomes a directory below the IPAM dataDir.
         if name.contains('/') || name == "." || name == ".." {
             return Err(invalid(
@@ -251,14 +260,8 @@ pub struct ConfList {
 /// (`flannelctl install-cni`) and the manifest test; the plugin itself never
 /// sees a list.
 pub fn parse_conflist(bytes: &[u8]) -> Result<ConfList, ConfigError> {
-    let v: Value =
-        serde_json::from_slice(bytes).map_err(|e| ConfigError::NotJson(e.to_string()))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| ConfigError::NotJson("expected a JSON object".into()))?;
-    let name = opt_str(obj, "name")?
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| invalid("name", "missing; give the network a name such as \"cbr0\""))?;
+    let obj = &json_object(bytes)?;
+    let name = network_name(obj)?;
     let cni_version = opt_str(obj, "cniVersion")?.unwrap_or_default();
     let plugins = match obj.get("plugins") {
         Some(Value::Array(a)) if !a.is_empty() => a,

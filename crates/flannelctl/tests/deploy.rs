@@ -11,10 +11,13 @@
 //! [`check`] collects every problem instead of stopping at the first, and
 //! the tests that edit a copy of the manifest show each check can fail.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser};
+use common::TempDir;
 use flannel_core::wire;
 use flanneld::flags::{Flags, KubeEnv};
 use serde_json::Value;
@@ -536,27 +539,18 @@ fn the_manifest_matches_the_binaries_and_the_image() {
 #[test]
 fn the_image_holds_what_the_manifest_runs() {
     let img = parse_containerfile(&containerfile());
-    assert_eq!(
-        img.files.get("/opt/bin/flanneld").map(String::as_str),
-        Some("flanneld")
-    );
-    assert_eq!(
-        img.files.get("/opt/bin/install-conf").map(String::as_str),
-        Some("install-conf")
-    );
-    assert_eq!(
-        img.files.get("/opt/bin/flannelctl").map(String::as_str),
-        Some("flannelctl")
-    );
-    assert_eq!(
-        img.files.get("/flannel").map(String::as_str),
-        Some("flannel")
-    );
-    assert_eq!(img.files.len(), 4, "{:?}", img.files);
+    let want: BTreeMap<String, String> = [
+        ("/opt/bin/flanneld", "flanneld"),
+        ("/opt/bin/install-conf", "install-conf"),
+        ("/opt/bin/flannelctl", "flannelctl"),
+        ("/flannel", "flannel"),
+    ]
+    .into_iter()
+    .map(|(d, b)| (d.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(img.files, want);
     let bins = workspace_bins();
-    for b in ["flanneld", "flannel", "flannelctl", "install-conf"] {
-        assert!(bins.contains(b), "{b} not in {bins:?}");
-    }
+    assert!(want.values().all(|b| bins.contains(b)), "{bins:?}");
 }
 
 /// Edits of a copy of the manifest (or the Containerfile) that each break
@@ -674,7 +668,7 @@ fn install_conf_runs_with_the_manifests_arguments() {
         .unwrap();
     let args = strings(&c["args"]);
     let cm = docs.iter().find(|d| s(&d["kind"]) == "ConfigMap").unwrap();
-    let root = std::env::temp_dir().join(format!("flannelctl-deploy-{}", std::process::id()));
+    let root = TempDir::new("flannelctl-deploy");
     let in_root = |p: &str| root.join(p.trim_start_matches('/'));
     let (src, dest) = (in_root(&args[0]), in_root(&args[1]));
     std::fs::create_dir_all(src.parent().unwrap()).unwrap();
@@ -685,14 +679,12 @@ fn install_conf_runs_with_the_manifests_arguments() {
         .arg(&dest)
         .output()
         .unwrap();
-    let installed = std::fs::read(&dest);
-    let _ = std::fs::remove_dir_all(&root);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let installed = installed.unwrap();
+    let installed = std::fs::read(&dest).unwrap();
     let l = flannel_cni::config::parse_conflist(&installed).unwrap();
     assert_eq!(l.plugin_types, vec!["flannel", "portmap"]);
 }

@@ -67,6 +67,33 @@ pub fn kube_apiserver() -> Option<PathBuf> {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// A fresh directory below the system's temporary directory
+/// (`PREFIX-<pid>-<n>`), removed with everything in it when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    /// `rel` inside the directory.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub fn unique_name() -> String {
     format!(
         "t{}n{}",
