@@ -48,8 +48,20 @@ pub const ENV_NODE_NAME: &str = "NODE_NAME";
 pub const ENV_POD_NAME: &str = "POD_NAME";
 /// Kubernetes mode: the namespace of `POD_NAME`.
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
-/// The variables that name flanneld's Node.
-pub const KUBE_NODE_ENV: [&str; 3] = [ENV_NODE_NAME, ENV_POD_NAME, ENV_POD_NAMESPACE];
+/// Kubernetes mode: upstream's capacity of its Node event channel (the manifest sets 5000).
+pub const ENV_EVENT_QUEUE_DEPTH: &str = "EVENT_QUEUE_DEPTH";
+/// Kubernetes mode: with "true", upstream goes on starting when its Node cache did not sync in time.
+pub const ENV_CONT_WHEN_CACHE_NOT_READY: &str = "CONT_WHEN_CACHE_NOT_READY";
+/// Every environment variable besides `FLANNELD_*` that flanneld reads in Kubernetes mode.
+pub const KUBE_ENV_VARS: &[&str] = &[
+    ENV_NODE_NAME,
+    ENV_POD_NAME,
+    ENV_POD_NAMESPACE,
+    ENV_EVENT_QUEUE_DEPTH,
+    ENV_CONT_WHEN_CACHE_NOT_READY,
+];
+/// `EVENT_QUEUE_DEPTH` when unset (upstream's default).
+pub const DEFAULT_EVENT_QUEUE_DEPTH: u32 = 5000;
 /// The Node condition flanneld sets to `False` once its datapath is up.
 pub const KUBE_CONDITION_NETWORK_UNAVAILABLE: &str = "NetworkUnavailable";
 /// The condition's `reason`.
@@ -101,28 +113,6 @@ pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
 pub const MANIFEST_CNI_CONF: &str = "/etc/kube-flannel/cni-conf.json";
 /// kube-flannel.yml: where the `install-cni` init container installs the conflist.
 pub const CNI_CONFLIST: &str = "/etc/cni/net.d/10-flannel.conflist";
-
-/// Kubernetes mode: the node's name; when empty, flanneld looks up the
-/// node of the pod named by [`KUBE_ENV_POD_NAME`] / [`KUBE_ENV_POD_NAMESPACE`].
-pub const KUBE_ENV_NODE_NAME: &str = "NODE_NAME";
-/// Kubernetes mode: flanneld's own pod (the manifest's `fieldRef: metadata.name`).
-pub const KUBE_ENV_POD_NAME: &str = "POD_NAME";
-/// Kubernetes mode: flanneld's pod namespace (`fieldRef: metadata.namespace`).
-pub const KUBE_ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
-/// Kubernetes mode: upstream's node event channel capacity (the manifest sets 5000).
-pub const KUBE_ENV_EVENT_QUEUE_DEPTH: &str = "EVENT_QUEUE_DEPTH";
-/// Kubernetes mode: upstream continues startup when its node cache did not sync in time.
-pub const KUBE_ENV_CONT_WHEN_CACHE_NOT_READY: &str = "CONT_WHEN_CACHE_NOT_READY";
-/// Every environment variable besides `FLANNELD_*` that flanneld reads in Kubernetes mode.
-pub const KUBE_ENV_VARS: &[&str] = &[
-    KUBE_ENV_NODE_NAME,
-    KUBE_ENV_POD_NAME,
-    KUBE_ENV_POD_NAMESPACE,
-    KUBE_ENV_EVENT_QUEUE_DEPTH,
-    KUBE_ENV_CONT_WHEN_CACHE_NOT_READY,
-];
-/// `EVENT_QUEUE_DEPTH` when unset (upstream's default).
-pub const DEFAULT_EVENT_QUEUE_DEPTH: u32 = 5000;
 
 /// subnet.env variable names.
 pub const ENV_NETWORK: &str = "FLANNEL_NETWORK";

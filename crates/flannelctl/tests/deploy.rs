@@ -426,8 +426,13 @@ fn check(manifest: &str, containerfile: &str) -> Vec<String> {
         };
         env.insert(name, value);
     }
-    if let Err(e) = KubeEnv::from_lookup(|k| env.get(k).map(Into::into)) {
-        p.push(format!("kube-flannel's environment: {e}"));
+    match KubeEnv::from_lookup(|k| env.get(k).cloned()) {
+        Err(e) => p.push(format!("kube-flannel's environment: {e}")),
+        Ok(k) => {
+            if let Err(e) = k.node() {
+                p.push(format!("kube-flannel's environment: {e}"));
+            }
+        }
     }
     for (name, value) in &env {
         // clap reads FLANNELD_* itself; the value is checked through its flag.
@@ -571,6 +576,12 @@ fn a_broken_copy_fails_the_check() {
         ),
         ("unknown env var", "        - name: POD_NAME\n", "        - name: FLANNEL_POD\n          value: x\n        - name: POD_NAME\n", "env FLANNEL_POD"),
         ("bad knob", "value: \"5000\"", "value: \"lots\"", "EVENT_QUEUE_DEPTH=\"lots\""),
+        (
+            "no node identity",
+            "        - name: POD_NAMESPACE\n",
+            "        - name: FLANNELD_IP_MASQ\n",
+            "POD_NAME and POD_NAMESPACE must be set",
+        ),
         ("bad FLANNELD_ value", "        - name: POD_NAME\n", "        - name: FLANNELD_IPTABLES_RESYNC\n          value: soon\n        - name: POD_NAME\n", "FLANNELD_IPTABLES_RESYNC=\"soon\""),
         ("readiness path", "path: /readyz", "path: /ready", "readinessProbe"),
         ("probe port", "--healthz-port=8081", "--healthz-port=8082", "livenessProbe"),

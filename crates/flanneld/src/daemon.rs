@@ -21,7 +21,7 @@ use flannel_core::subnet_env::SubnetEnv;
 use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
 use flannel_store::etcd::{missing_config_message, EtcdOptions, EtcdStore};
-use flannel_store::kube::{KubeOptions, KubeStore, KubeStoreError, NodeIdentity};
+use flannel_store::kube::{KubeOptions, KubeStore, KubeStoreError};
 use flannel_store::{
     renew_at, renew_lease, AcquireError, LocalStore, Store, StoreError, WatchEvent,
 };
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
-use crate::flags::Flags;
+use crate::flags::{Flags, FlagsError, KubeEnv};
 use crate::health::{Health, HealthError, HealthServer};
 use crate::iface::{self, ExternalInterface, IfaceError};
 use crate::reconcile::{
@@ -64,6 +64,8 @@ pub enum DaemonError {
     EtcdOption(String),
     #[error("--kube-subnet-mgr and --local-store both name a lease store: give one of them")]
     TwoStores,
+    #[error("Kubernetes mode: {0}")]
+    KubeEnv(#[from] FlagsError),
     #[error("Kubernetes subnet manager: {0}")]
     Kube(#[from] KubeStoreError),
     #[error("selecting the external interface: {0}")]
@@ -208,11 +210,9 @@ pub fn store_kind_with(
         if flags.local_store.is_some() {
             return Err(DaemonError::TwoStores);
         }
-        let node = NodeIdentity::from_env(
-            env(wire::ENV_NODE_NAME).as_deref(),
-            env(wire::ENV_POD_NAME).as_deref(),
-            env(wire::ENV_POD_NAMESPACE).as_deref(),
-        )?;
+        let kube_env = KubeEnv::from_lookup(&env)?;
+        kube_env.log_summary();
+        let node = kube_env.node()?;
         return Ok(StoreKind::Kube(KubeOptions {
             api_url: flags.kube_api_url.clone().filter(|u| !u.is_empty()),
             kubeconfig: flags
@@ -1019,6 +1019,7 @@ enum OwnLease {
 mod tests {
     use super::*;
     use clap::Parser;
+    use flannel_store::kube::NodeIdentity;
 
     fn flags(args: &[&str]) -> Flags {
         let mut v = vec!["flanneld"];
@@ -1106,6 +1107,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("POD_NAME and POD_NAMESPACE must be set"), "{e}");
+        // The manifest's two upstream knobs are checked before the store starts.
+        let e = store_kind_with(
+            &flags(&["--kube-subnet-mgr"]),
+            env(&[("NODE_NAME", "n1"), ("EVENT_QUEUE_DEPTH", "many")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("EVENT_QUEUE_DEPTH=\"many\""), "{e}");
     }
 
     #[test]

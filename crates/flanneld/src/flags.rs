@@ -10,6 +10,7 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser};
 use flannel_core::wire;
 use flannel_store::etcd::EtcdOptions;
+use flannel_store::kube::{KubeStoreError, NodeIdentity};
 
 /// flannel-rs node daemon: leases a pod subnet and programs the overlay
 /// (vxlan, host-gw or udp backend, IPv4, IPv6 or both).
@@ -255,58 +256,41 @@ Kubernetes mode (--kube-subnet-mgr) also reads (kube-flannel.yml sets all but NO
   EVENT_QUEUE_DEPTH          a positive integer (default 5000); checked, no effect in flannel-rs
   CONT_WHEN_CACHE_NOT_READY  true or false (default false); checked, no effect in flannel-rs";
 
-/// Errors in flanneld's configuration from the environment (clap reports
-/// the flags' own), each naming the variable and the fix.
+/// A Kubernetes-mode environment variable with a value flanneld refuses.
 #[derive(Debug, thiserror::Error)]
-pub enum FlagsError {
-    #[error("environment variable {var}={value:?}: {msg}")]
-    BadEnv {
-        var: &'static str,
-        value: String,
-        msg: &'static str,
-    },
-    #[error("environment variable {var} is not valid UTF-8")]
-    NotUnicode { var: &'static str },
-    #[error(
-        "Kubernetes mode needs this node's name: set NODE_NAME, or POD_NAME and POD_NAMESPACE \
-         (kube-flannel.yml sets both from fieldRef metadata.name and metadata.namespace){detail}"
-    )]
-    NoNode { detail: String },
-}
-
-/// Which Node object is this node's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NodeRef {
-    /// `NODE_NAME`.
-    Name(String),
-    /// The node the pod `POD_NAMESPACE`/`POD_NAME` runs on (its
-    /// `spec.nodeName`, read with the ClusterRole's `pods get`).
-    Pod { namespace: String, name: String },
+#[error("environment variable {var}={value:?}: {msg}")]
+pub struct FlagsError {
+    pub var: &'static str,
+    pub value: String,
+    pub msg: &'static str,
 }
 
 /// The environment variables Kubernetes mode reads besides `FLANNELD_*`
-/// ([`wire::KUBE_ENV_VARS`]), read by [`kube_env`] and validated. An empty
-/// variable counts as unset, as in upstream (Go's `os.Getenv`).
+/// ([`wire::KUBE_ENV_VARS`]), as [`kube_env`] reads and validates them. An
+/// empty variable counts as unset, as in upstream (Go's `os.Getenv`).
 ///
-/// - `NODE_NAME`: the node's name. When unset, `POD_NAME` and
-///   `POD_NAMESPACE` (both required then) name flanneld's own pod, whose
-///   `spec.nodeName` is the node: what the manifest does.
+/// - `NODE_NAME`, `POD_NAME`, `POD_NAMESPACE`: which Node is this node's,
+///   by upstream's rule ([`KubeEnv::node`]): `NODE_NAME` when set, else the
+///   node the pod `POD_NAMESPACE`/`POD_NAME` runs on (kube-flannel.yml sets
+///   these two from the pod's metadata).
 /// - `EVENT_QUEUE_DEPTH` (default 5000): upstream sizes the channel between
-///   its node informer and its lease watcher with it. flannel-rs has no
-///   bounded queue between the watch and the reconciler (each pass works
-///   from the whole lease cache), so the value is validated (a positive
-///   integer) and otherwise has no effect. Upstream takes 0 or a negative
-///   number as its default; flannel-rs refuses them.
+///   its Node informer and its lease watcher with it. flannel-rs's Kubernetes
+///   store hands Node changes to the daemon through a channel of fixed size
+///   that applies backpressure (the watcher waits, nothing is dropped), and
+///   each reconciliation pass works from the whole lease cache, so the value
+///   is validated (a positive integer) and otherwise has no effect. Upstream
+///   takes 0 or a negative number as its default; flannel-rs refuses them.
 /// - `CONT_WHEN_CACHE_NOT_READY` (default false): with "true", upstream goes
-///   on starting when its node cache has not synced before a timeout,
-///   instead of exiting. flannel-rs has no such timeout: it waits for the
-///   first full list of nodes (retrying while the API server is
-///   unreachable), so both values behave the same; the value is validated
-///   ("true" or "false"; upstream takes anything but "true" as false) and
-///   logged by [`KubeEnv::log_summary`].
+///   on starting when its Node cache has not synced before a timeout,
+///   instead of exiting. flannel-rs has no such timeout: the store waits for
+///   its first full list of Nodes (retrying while the API server is away),
+///   so both values behave the same. The value is validated ("true" or
+///   "false"; upstream takes anything but "true" as false) and logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeEnv {
-    pub node: NodeRef,
+    pub node_name: Option<String>,
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
     pub event_queue_depth: u32,
     pub cont_when_cache_not_ready: bool,
 }
@@ -314,91 +298,65 @@ pub struct KubeEnv {
 impl KubeEnv {
     /// Reads the variables through `get` (a name to its value, `None` when
     /// unset); [`kube_env`] passes the process environment.
-    pub fn from_lookup(
-        get: impl Fn(&str) -> Option<std::ffi::OsString>,
-    ) -> Result<KubeEnv, FlagsError> {
-        let read = |var: &'static str| -> Result<Option<String>, FlagsError> {
-            match get(var) {
-                None => Ok(None),
-                Some(v) => match v.into_string() {
-                    Ok(s) if s.is_empty() => Ok(None),
-                    Ok(s) => Ok(Some(s)),
-                    Err(_) => Err(FlagsError::NotUnicode { var }),
-                },
-            }
-        };
-        let node = match read(wire::KUBE_ENV_NODE_NAME)? {
-            Some(n) => NodeRef::Name(n),
-            None => match (
-                read(wire::KUBE_ENV_POD_NAMESPACE)?,
-                read(wire::KUBE_ENV_POD_NAME)?,
-            ) {
-                (Some(namespace), Some(name)) => NodeRef::Pod { namespace, name },
-                (ns, name) => {
-                    let missing: Vec<&str> = [
-                        (name.is_none(), wire::KUBE_ENV_POD_NAME),
-                        (ns.is_none(), wire::KUBE_ENV_POD_NAMESPACE),
-                    ]
-                    .into_iter()
-                    .filter_map(|(m, v)| m.then_some(v))
-                    .collect();
-                    return Err(FlagsError::NoNode {
-                        detail: format!("; unset: NODE_NAME, {}", missing.join(", ")),
-                    });
-                }
-            },
-        };
-        let event_queue_depth = match read(wire::KUBE_ENV_EVENT_QUEUE_DEPTH)? {
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<KubeEnv, FlagsError> {
+        let read = |var: &str| get(var).filter(|v| !v.is_empty());
+        let event_queue_depth = match read(wire::ENV_EVENT_QUEUE_DEPTH) {
             None => wire::DEFAULT_EVENT_QUEUE_DEPTH,
             Some(v) => match v.parse::<u32>() {
                 Ok(n) if n > 0 => n,
                 _ => {
-                    return Err(FlagsError::BadEnv {
-                        var: wire::KUBE_ENV_EVENT_QUEUE_DEPTH,
+                    return Err(FlagsError {
+                        var: wire::ENV_EVENT_QUEUE_DEPTH,
                         value: v,
                         msg: "expected a positive integer such as 5000 (kube-flannel.yml's value), or leave it unset",
                     })
                 }
             },
         };
-        let cont_when_cache_not_ready =
-            match read(wire::KUBE_ENV_CONT_WHEN_CACHE_NOT_READY)?.as_deref() {
-                None | Some("false") => false,
-                Some("true") => true,
-                Some(v) => {
-                    return Err(FlagsError::BadEnv {
-                        var: wire::KUBE_ENV_CONT_WHEN_CACHE_NOT_READY,
-                        value: v.to_string(),
-                        msg: "expected \"true\" or \"false\"",
-                    })
-                }
-            };
+        let cont_when_cache_not_ready = match read(wire::ENV_CONT_WHEN_CACHE_NOT_READY) {
+            None => false,
+            Some(v) if v == "false" => false,
+            Some(v) if v == "true" => true,
+            Some(v) => {
+                return Err(FlagsError {
+                    var: wire::ENV_CONT_WHEN_CACHE_NOT_READY,
+                    value: v,
+                    msg: "expected \"true\" or \"false\"",
+                })
+            }
+        };
         Ok(KubeEnv {
-            node,
+            node_name: read(wire::ENV_NODE_NAME),
+            pod_name: read(wire::ENV_POD_NAME),
+            pod_namespace: read(wire::ENV_POD_NAMESPACE),
             event_queue_depth,
             cont_when_cache_not_ready,
         })
     }
 
-    /// One INFO line: which node, and the two upstream knobs with what they
-    /// do here (nothing; see the type's doc).
+    /// This node's Node: `NODE_NAME`, else the pod `POD_NAMESPACE`/`POD_NAME`
+    /// (an error when neither is complete).
+    pub fn node(&self) -> Result<NodeIdentity, KubeStoreError> {
+        NodeIdentity::from_env(
+            self.node_name.as_deref(),
+            self.pod_name.as_deref(),
+            self.pod_namespace.as_deref(),
+        )
+    }
+
+    /// One INFO line: the two upstream knobs and that they change nothing here.
     pub fn log_summary(&self) {
-        let node = match &self.node {
-            NodeRef::Name(n) => format!("{n} (NODE_NAME)"),
-            NodeRef::Pod { namespace, name } => format!("the node of pod {namespace}/{name}"),
-        };
         tracing::info!(
-            node = %node,
             event_queue_depth = self.event_queue_depth,
             cont_when_cache_not_ready = self.cont_when_cache_not_ready,
-            "Kubernetes environment; EVENT_QUEUE_DEPTH and CONT_WHEN_CACHE_NOT_READY have no effect in flannel-rs (no bounded event queue; startup waits for the first full node list)"
+            "EVENT_QUEUE_DEPTH and CONT_WHEN_CACHE_NOT_READY are checked but have no effect in flannel-rs: Node events are never dropped, and startup waits for the first full list of Nodes"
         );
     }
 }
 
 /// The Kubernetes-mode environment of this process ([`KubeEnv`]).
 pub fn kube_env() -> Result<KubeEnv, FlagsError> {
-    KubeEnv::from_lookup(|var| std::env::var_os(var))
+    KubeEnv::from_lookup(|var| std::env::var(var).ok())
 }
 
 #[cfg(test)]
@@ -580,13 +538,11 @@ mod tests {
         assert_eq!(d.prefix, "/coreos.com/network");
     }
 
-    fn env_of<'a>(
-        vars: &'a [(&'a str, &'a str)],
-    ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| {
             vars.iter()
                 .find(|(n, _)| *n == k)
-                .map(|(_, v)| std::ffi::OsString::from(v))
+                .map(|(_, v)| v.to_string())
         }
     }
 
@@ -599,15 +555,13 @@ mod tests {
             ("CONT_WHEN_CACHE_NOT_READY", "false"),
         ]))
         .unwrap();
+        assert_eq!(e.event_queue_depth, 5000);
+        assert!(!e.cont_when_cache_not_ready);
         assert_eq!(
-            e,
-            KubeEnv {
-                node: NodeRef::Pod {
-                    namespace: "kube-flannel".into(),
-                    name: "kube-flannel-ds-x7k2p".into()
-                },
-                event_queue_depth: 5000,
-                cont_when_cache_not_ready: false,
+            e.node().unwrap(),
+            NodeIdentity::Pod {
+                namespace: "kube-flannel".into(),
+                name: "kube-flannel-ds-x7k2p".into()
             }
         );
         // NODE_NAME wins over the pod; the knobs' defaults; empty = unset.
@@ -618,57 +572,47 @@ mod tests {
             ("CONT_WHEN_CACHE_NOT_READY", "true"),
         ]))
         .unwrap();
-        assert_eq!(e.node, NodeRef::Name("k8s-node1".into()));
+        assert_eq!(e.node().unwrap(), NodeIdentity::Name("k8s-node1".into()));
         assert_eq!(e.event_queue_depth, 5000);
         assert!(e.cont_when_cache_not_ready);
-        let e = KubeEnv::from_lookup(env_of(&[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "7")]))
-            .unwrap();
+        let e = KubeEnv::from_lookup(env_of(&[("EVENT_QUEUE_DEPTH", "7")])).unwrap();
         assert_eq!(e.event_queue_depth, 7);
         assert!(!e.cont_when_cache_not_ready);
+        // No identity is the node lookup's error, not the knobs'.
+        let e = e.node().unwrap_err().to_string();
+        assert!(e.contains("POD_NAME and POD_NAMESPACE must be set"), "{e}");
     }
 
     #[test]
     fn kube_env_errors_name_the_variable() {
-        let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[], "unset: NODE_NAME, POD_NAME, POD_NAMESPACE"),
-            (&[("POD_NAME", "p")], "unset: NODE_NAME, POD_NAMESPACE"),
+        let cases: &[(&str, &str, &str)] = &[
             (
-                &[("NODE_NAME", ""), ("POD_NAMESPACE", "ns")],
-                "unset: NODE_NAME, POD_NAME",
-            ),
-            (
-                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "0")],
+                "EVENT_QUEUE_DEPTH",
+                "0",
                 "EVENT_QUEUE_DEPTH=\"0\": expected a positive integer",
             ),
+            ("EVENT_QUEUE_DEPTH", "-5", "EVENT_QUEUE_DEPTH=\"-5\""),
+            ("EVENT_QUEUE_DEPTH", "5k", "EVENT_QUEUE_DEPTH=\"5k\""),
+            ("EVENT_QUEUE_DEPTH", " 50", "EVENT_QUEUE_DEPTH=\" 50\""),
             (
-                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "-5")],
-                "EVENT_QUEUE_DEPTH=\"-5\"",
-            ),
-            (
-                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", "5k")],
-                "EVENT_QUEUE_DEPTH=\"5k\"",
-            ),
-            (
-                &[("NODE_NAME", "n"), ("EVENT_QUEUE_DEPTH", " 50")],
-                "EVENT_QUEUE_DEPTH=\" 50\"",
-            ),
-            (
-                &[("NODE_NAME", "n"), ("CONT_WHEN_CACHE_NOT_READY", "True")],
+                "CONT_WHEN_CACHE_NOT_READY",
+                "True",
                 "CONT_WHEN_CACHE_NOT_READY=\"True\": expected \"true\" or \"false\"",
             ),
             (
-                &[("NODE_NAME", "n"), ("CONT_WHEN_CACHE_NOT_READY", "1")],
+                "CONT_WHEN_CACHE_NOT_READY",
+                "1",
                 "CONT_WHEN_CACHE_NOT_READY=\"1\"",
             ),
         ];
-        for (vars, want) in cases {
-            let e = KubeEnv::from_lookup(env_of(vars)).unwrap_err().to_string();
-            assert!(e.contains(want), "{vars:?}: {e:?} should contain {want:?}");
+        for (var, value, want) in cases {
+            let vars = [("NODE_NAME", "n"), (*var, *value)];
+            let e = KubeEnv::from_lookup(env_of(&vars)).unwrap_err().to_string();
+            assert!(
+                e.contains(want),
+                "{var}={value}: {e:?} should contain {want:?}"
+            );
         }
-        use std::os::unix::ffi::OsStringExt;
-        let bad = |k: &str| (k == "NODE_NAME").then(|| std::ffi::OsString::from_vec(vec![0xff]));
-        let e = KubeEnv::from_lookup(bad).unwrap_err().to_string();
-        assert_eq!(e, "environment variable NODE_NAME is not valid UTF-8");
     }
 
     #[test]
@@ -680,7 +624,7 @@ mod tests {
         std::env::remove_var("NODE_NAME");
         std::env::remove_var("EVENT_QUEUE_DEPTH");
         let e = e.unwrap();
-        assert_eq!(e.node, NodeRef::Name("from-env".into()));
+        assert_eq!(e.node_name.as_deref(), Some("from-env"));
         assert_eq!(e.event_queue_depth, 12);
     }
 

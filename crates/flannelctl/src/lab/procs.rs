@@ -103,10 +103,11 @@ pub(crate) fn spawn_flanneld(
     // Every flag of flanneld can also come from FLANNELD_<FLAG>: drop any the
     // caller's environment holds so that each lab daemon runs with exactly
     // the flags below.
-    // Nor may the caller's Kubernetes-mode variables name another node.
+    // Nor may the caller's Kubernetes-mode variables name another node (or
+    // set an upstream knob flanneld would refuse).
     for (key, _) in std::env::vars_os() {
         let k = key.to_string_lossy();
-        if k.starts_with("FLANNELD_") || flannel_core::wire::KUBE_NODE_ENV.contains(&k.as_ref()) {
+        if k.starts_with("FLANNELD_") || flannel_core::wire::KUBE_ENV_VARS.contains(&k.as_ref()) {
             cmd.env_remove(key);
         }
     }

@@ -58,7 +58,7 @@ pub fn flanneld_in(ns: &ScopedNetNs, log: &Path) -> std::process::Command {
         }
     }
     // Nor may the caller's Kubernetes-mode variables name a Node.
-    for key in flannel_core::wire::KUBE_NODE_ENV {
+    for key in flannel_core::wire::KUBE_ENV_VARS {
         cmd.env_remove(key);
     }
     cmd.env_remove("RUST_LOG")
