@@ -460,9 +460,13 @@ async fn deliver(subscribers: Vec<mpsc::Sender<WatchEvent>>, ev: WatchEvent) {
 
 /// Runs the Node watcher until the store is dropped.
 async fn run_watcher(api: Api<NodeSummary>, shared: Arc<Shared>) {
-    let config = watcher::Config::default()
+    // One list from the API server's watch cache (resourceVersion=0, no
+    // limit: kube-rs drops resourceVersion=0 from a paginated list), then
+    // watches from its resourceVersion.
+    let mut config = watcher::Config::default()
         .any_semantic()
         .timeout(WATCH_TIMEOUT_SECS);
+    config.page_size = None;
     let backoff = ResetTimerBackoff::new(Doubling::default(), Duration::from_secs(60));
     let stream = watcher::watcher(api, config).backoff(backoff);
     futures::pin_mut!(stream);

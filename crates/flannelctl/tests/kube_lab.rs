@@ -270,7 +270,7 @@ fn kube_deleted_node_loses_its_routes_neighbours_and_fdb_entries_everywhere() {
         &lab,
         "ubuntu-1",
         lab.node("master").unwrap().subnet.network(),
-        64,
+        63,
     );
 }
 
@@ -414,7 +414,7 @@ fn kube_public_ip_overwrite_is_published_and_used_by_the_peers() {
         &lab,
         "ubuntu-1",
         lab.node("master").unwrap().subnet.network(),
-        64,
+        63,
     );
 }
 
@@ -512,4 +512,196 @@ fn lab_up_store_kube_without_a_kube_apiserver_fails_at_once_saying_where_it_look
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(namespaces.is_empty(), "{namespaces:?}");
     assert!(!dir, "the labdir was created");
+}
+
+/// A process of the test's own, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// flanneld as kube-flannel.yml runs it: no kubeconfig, no NODE_NAME; the
+/// in-cluster config (the service account's token and CA mounted at
+/// /var/run/secrets/kubernetes.io/serviceaccount, KUBERNETES_SERVICE_HOST
+/// and _PORT) and its Node found through its pod (POD_NAME, POD_NAMESPACE).
+/// The secret is mounted in a mount namespace of flanneld's own (a tmpfs
+/// over /var), so the machine's /var/run is never touched.
+#[test]
+fn kube_in_cluster_config_and_the_node_of_the_pod() {
+    let lab = kube_lab(1);
+    let macs = vtep_macs(&lab);
+    let node1 = lab.node("k8s-node1").unwrap().clone();
+    let master = lab.node("master").unwrap().clone();
+    assert!(lab
+        .stop_daemon("k8s-node1", Duration::from_secs(10))
+        .unwrap());
+    lab.kube_create_pod("kube-flannel", "kube-flannel-ds-t7x2q", "k8s-node1")
+        .unwrap();
+    let sa = lab.dir().join("sa-k8s-node1");
+    std::fs::create_dir_all(&sa).unwrap();
+    let (token, ca) = lab.kube_service_account_files().unwrap();
+    std::fs::write(sa.join("token"), token).unwrap();
+    std::fs::write(sa.join("ca.crt"), ca).unwrap();
+    std::fs::write(sa.join("namespace"), "kube-flannel").unwrap();
+    let script = r#"set -e
+mount -t tmpfs -o mode=0755 tmpfs /var
+mkdir -p /var/run/secrets/kubernetes.io/serviceaccount
+cp "$SA/token" "$SA/ca.crt" "$SA/namespace" /var/run/secrets/kubernetes.io/serviceaccount/
+exec "$FLANNELD" "$@""#;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ])
+    .args(["--kube-subnet-mgr", "--ip-masq", "--net-config-path"])
+    .arg(lab.net_conf_path())
+    .arg("--subnet-file")
+    .arg(lab.subnet_file("k8s-node1"))
+    .args(["--healthz-ip", "127.0.0.1", "--healthz-port"])
+    .arg(lab::HEALTHZ_PORT.to_string())
+    .env("SA", &sa)
+    .env("FLANNELD", lab.state.bin_dir.join(lab::FLANNELD_BINARY))
+    .env("KUBERNETES_SERVICE_HOST", master.underlay_ip.to_string())
+    .env("KUBERNETES_SERVICE_PORT", kube::KUBE_API_PORT.to_string())
+    .env("POD_NAME", "kube-flannel-ds-t7x2q")
+    .env("POD_NAMESPACE", "kube-flannel")
+    .env("NO_COLOR", "1")
+    .env_remove("NODE_NAME")
+    .env_remove("RUST_LOG");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLANNELD_") {
+            cmd.env_remove(k);
+        }
+    }
+    let log = std::fs::File::create(lab.log_path("k8s-node1")).unwrap();
+    cmd.stdout(log.try_clone().unwrap()).stderr(log);
+    let mut flanneld = Stopped(
+        lab.netns("k8s-node1")
+            .unwrap()
+            .run(|| cmd.spawn())
+            .unwrap()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lab.daemon_ready("k8s-node1") != Ok(true) {
+        let log = || std::fs::read_to_string(lab.log_path("k8s-node1")).unwrap_or_default();
+        assert!(
+            flanneld.0.try_wait().unwrap().is_none(),
+            "flanneld exited:\n{}",
+            log()
+        );
+        assert!(Instant::now() < deadline, "not ready:\n{}", log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in ["master", "k8s-node1"] {
+        wait_tables(&lab, n, &macs, Duration::from_secs(10));
+    }
+    let reqs = requests_from(&lab, node1.underlay_ip);
+    assert!(
+        reqs.iter().any(|(v, r, uri)| v == "get"
+            && r == "pods"
+            && uri == "/api/v1/namespaces/kube-flannel/pods/kube-flannel-ds-t7x2q"),
+        "{reqs:#?}"
+    );
+}
+
+/// A Node without flannel's `kube-subnet-manager` annotation is not a peer;
+/// one whose annotations do not parse is skipped with a warning naming it,
+/// and the others are untouched.
+#[test]
+fn kube_unmanaged_and_broken_nodes_are_skipped_and_harm_no_peer() {
+    let lab = kube_lab(1);
+    let macs = vtep_macs(&lab);
+    // A Node whose flanneld never ran: podCIDR, no annotations of ours.
+    lab.kube_create_nodes(vec![kube::node_object(
+        "unmanaged",
+        &["10.244.77.0/24".to_string()],
+        &[Ipv4Addr::new(172, 16, 1, 77).into()],
+    )])
+    .unwrap();
+    // The master's Node with a public-ip that is not an address (its own
+    // flanneld stopped first: a running one puts its annotations right).
+    assert!(lab.stop_daemon("master", Duration::from_secs(10)).unwrap());
+    lab.kube_patch_node(
+        "master",
+        serde_json::json!({"metadata": {"annotations": {format!("{PREFIX}public-ip"): "172.16.1"}}}),
+        true,
+    )
+    .unwrap();
+    let log = lab.log_path("k8s-node1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("skipping Node") && text.contains("node=master") {
+            assert!(text.contains("public-ip"), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warning about master:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // node1 keeps nothing of the broken master nor of the unmanaged Node.
+    let only_self: Vec<(String, MacAddr)> = macs
+        .iter()
+        .filter(|(n, _)| n == "k8s-node1")
+        .cloned()
+        .collect();
+    wait_tables(&lab, "k8s-node1", &only_self, Duration::from_secs(10));
+    // The master's flanneld, started again, publishes its lease again (the
+    // same VtepMAC): a peer again.
+    lab.start_daemon("master").unwrap();
+    lab.wait_daemon_ready("master", Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    wait_tables(&lab, "k8s-node1", &macs, Duration::from_secs(10));
+    assert_eq!(
+        annotations(&lab, "master").get(&format!("{PREFIX}public-ip")),
+        Some(&lab.node("master").unwrap().underlay_ip.to_string())
+    );
+}
+
+/// Level-triggered publishing: an annotation of a running node edited by
+/// someone else is put back (the lease as flanneld publishes it).
+#[test]
+fn kube_edited_own_annotation_is_published_again() {
+    let lab = kube_lab(1);
+    let macs = vtep_macs(&lab);
+    let before = annotations(&lab, "k8s-node1");
+    lab.kube_patch_node(
+        "k8s-node1",
+        serde_json::json!({"metadata": {"annotations": {
+            format!("{PREFIX}backend-data"): r#"{"VNI":1,"VtepMAC":"02:00:00:00:00:99"}"#
+        }}}),
+        true,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while annotations(&lab, "k8s-node1") != before {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            annotations(&lab, "k8s-node1")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_tables(&lab, "master", &macs, Duration::from_secs(10));
 }

@@ -7,9 +7,16 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let flags = flanneld::flags::Flags::parse();
-    // RUST_LOG, when set, wins over --log-level.
+    // RUST_LOG, when set, wins over --log-level. kube-rs's request layer
+    // logs every failed attempt at ERROR (each retry of the watch while the
+    // API server is away); flanneld says so itself, once per outage.
+    let level = if flags.log_level.contains("kube_client") {
+        flags.log_level.clone()
+    } else {
+        format!("{},kube_client::client::builder=off", flags.log_level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&flags.log_level))
+        .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|e| {
             eprintln!(
                 "flanneld: --log-level {:?} is invalid ({e}); using info",

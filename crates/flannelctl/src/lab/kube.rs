@@ -259,10 +259,11 @@ fn kubeconfig(server: &str, ca: &Path, user: &str, token: &str) -> String {
 pub(crate) fn apiserver_args(kd: &KubeDir, master: Ipv4Addr, etcd_url: &str) -> Vec<OsString> {
     let p = |f: &str| kd.path(f).into_os_string();
     let mut a: Vec<OsString> = Vec::new();
+    // `--flag VALUE`, two words: the lab recognises its processes by an
+    // argument that is a path inside its directory.
     let mut flag = |name: &str, value: OsString| {
-        let mut s = OsString::from(format!("--{name}="));
-        s.push(value);
-        a.push(s);
+        a.push(format!("--{name}").into());
+        a.push(value);
     };
     flag("bind-address", "0.0.0.0".into());
     flag("advertise-address", master.to_string().into());
@@ -629,10 +630,9 @@ pub(crate) fn stop_servers(name: &str, lab_dir: &Path, errors: &mut Vec<String>)
     let cert = kd.path(CERT_FILE);
     let serves_ours = |pid: u32| {
         procs::cmdline(pid).and_then(|args| {
-            let ours = args.iter().any(|a| {
-                a.strip_prefix("--tls-cert-file=")
-                    .is_some_and(|p| Path::new(p) == cert)
-            });
+            let ours = args
+                .windows(2)
+                .any(|w| w[0] == "--tls-cert-file" && Path::new(&w[1]) == cert);
             ours.then(|| PathBuf::from(&args[0]))
         })
     };
@@ -851,5 +851,71 @@ impl super::Lab {
             Some(name) => self.kube_delete_node(&name),
             None => Ok(()),
         }
+    }
+}
+
+impl super::Lab {
+    /// Creates `namespace` (if needed) and a pod `name` in it scheduled on
+    /// `node` (`spec.nodeName`), as the DaemonSet controller and scheduler
+    /// would for kube-flannel-ds: what flanneld finds its Node through when
+    /// only POD_NAME and POD_NAMESPACE are set.
+    pub fn kube_create_pod(&self, namespace: &str, name: &str, node: &str) -> Result<()> {
+        use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
+        let (namespace, name, node) = (namespace.to_string(), name.to_string(), node.to_string());
+        self.with_kube(|c| async move {
+            let ns = Namespace {
+                metadata: ObjectMeta {
+                    name: Some(namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            };
+            create_once(&Api::all(c.clone()), &ns, &format!("namespace {namespace}")).await?;
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(PodSpec {
+                    node_name: Some(node),
+                    host_network: Some(true),
+                    containers: vec![Container {
+                        name: "kube-flannel".into(),
+                        image: Some("ghcr.io/flannel-rs/flannel-rs:v0.1.0".into()),
+                        ..Container::default()
+                    }],
+                    ..PodSpec::default()
+                }),
+                ..Pod::default()
+            };
+            create_once(
+                &Api::namespaced(c, &namespace),
+                &pod,
+                &format!("pod {namespace}/{name}"),
+            )
+            .await
+        })
+    }
+
+    /// flanneld's bearer token and the cluster CA, as a service account's
+    /// mounted secret holds them (`token`, `ca.crt`).
+    pub fn kube_service_account_files(&self) -> Result<(String, String)> {
+        let kd = self.kube_dir();
+        let tokens = std::fs::read_to_string(kd.path(TOKENS_FILE)).map_err(io_err(format!(
+            "reading {}",
+            kd.path(TOKENS_FILE).display()
+        )))?;
+        let token = tokens
+            .lines()
+            .find(|l| l.split(',').nth(1) == Some(FLANNEL_USER))
+            .and_then(|l| l.split(',').next())
+            .ok_or_else(|| LabError::Kube {
+                detail: format!("no token of {FLANNEL_USER} in {TOKENS_FILE}"),
+            })?
+            .to_string();
+        let ca = std::fs::read_to_string(kd.path(CA_FILE))
+            .map_err(io_err(format!("reading {}", kd.path(CA_FILE).display())))?;
+        Ok((token, ca))
     }
 }
