@@ -460,7 +460,7 @@ impl Layout {
             ));
         }
         let path = self.subnets.join(name);
-        let data = match fs::read(&path) {
+        let data = match read_regular(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == ErrorKind::NotFound => return FileState::Absent,
             Err(e) => return FileState::Bad(format!("cannot read: {e}")),
@@ -950,6 +950,69 @@ fn to_unix_ms(t: SystemTime) -> u64 {
 
 fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Largest lease file read: a record is a few hundred bytes.
+const MAX_LEASE_FILE: u64 = 64 * 1024;
+
+/// Reads a lease file that must be a regular file of at most
+/// [`MAX_LEASE_FILE`] bytes, without ever blocking: `open(O_NONBLOCK |
+/// O_NOFOLLOW)` returns at once on a FIFO (a plain open would wait for a
+/// writer, forever, freezing the watch thread) and fails on a symlink, and
+/// `fstat` refuses anything that is not a regular file before a byte is
+/// read. `O_NONBLOCK` has no effect on reads of a regular file.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW).bits())
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::ELOOP as i32 => std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "it is a symlink; lease files must be regular files (write the file in place)",
+            ),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device node"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("it is {kind}; lease files must be regular files (remove it)"),
+        ));
+    }
+    if meta.len() > MAX_LEASE_FILE {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} bytes is more than a lease record can be ({MAX_LEASE_FILE} bytes at most)",
+                meta.len()
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    // `take`: a file growing after the fstat is still read to the bound only.
+    file.take(MAX_LEASE_FILE + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_LEASE_FILE {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("more than a lease record can be ({MAX_LEASE_FILE} bytes at most)"),
+        ));
+    }
+    Ok(data)
 }
 
 /// fsync a directory so a rename or unlink in it survives a crash.
