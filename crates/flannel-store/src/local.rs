@@ -46,7 +46,11 @@
 //! so any temp file is a leftover of a crashed writer).
 //!
 //! A file whose name is not a lease key or whose content does not parse is
-//! skipped with a warning naming it; it never hides the other leases. A create
+//! skipped with a warning naming it; it never hides the other leases. So is
+//! anything that is not a regular file (a FIFO, a directory, a symlink, a
+//! device) or is larger than 64 KiB: files are opened with `O_NONBLOCK |
+//! O_NOFOLLOW` and checked with `fstat` before a byte is read, so nothing in
+//! `subnets/` can block a reader. A create
 //! on such a key replaces it (it is not a lease anybody can be holding).
 
 use std::collections::{BTreeMap, BTreeSet};
