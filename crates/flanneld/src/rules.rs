@@ -1,5 +1,7 @@
 //! Keeps the masquerade (`--ip-masq`) and forward (`--iptables-forward-rules`)
-//! rules in line, level-triggered: every `--iptables-resync` seconds the
+//! rules, and with either of them the encapsulation guard (pods' datagrams
+//! to the vxlan or udp port dropped, see [`flannel_core::rules`]), in line,
+//! level-triggered: every `--iptables-resync` seconds the
 //! rules are read back (`iptables-save` / `nft -j list table`), compared with
 //! the desired set of [`flannel_core::rules`], and rewritten only when they
 //! differ. A deleted rule comes back, a rule inserted among ours makes the
@@ -27,9 +29,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flannel_core::config::NetConfig;
+use flannel_core::config::{BackendConfig, NetConfig};
 use flannel_core::lease::{IpFamily, LeaseKey};
 use flannel_core::rules::{self, FamilyNets, Mode, RuleOptions, RulesError, RulesInput, FAMILIES};
+use flannel_core::wire;
 use nftables::helper as nft_helper;
 use nftables::schema::{NfListObject, NfObject, Nftables};
 
@@ -101,7 +104,19 @@ pub fn input_from(flags: &Flags, cfg: &NetConfig, own: &LeaseKey) -> RulesInput 
             masquerade: flags.ip_masq,
             fully_random: !flags.ip_masq_fully_random_disable,
             forward: flags.iptables_forward_rules,
+            encap_port: encap_port(&cfg.backend),
         },
+    }
+}
+
+/// The UDP port the backend encapsulates in, for the encapsulation guard:
+/// vxlan's `Port` (0: the kernel's 8472), udp's `Port`; none for host-gw.
+pub fn encap_port(backend: &BackendConfig) -> Option<u16> {
+    match backend {
+        BackendConfig::Vxlan(v) if v.port == 0 => Some(wire::VXLAN_DEFAULT_PORT),
+        BackendConfig::Vxlan(v) => Some(v.port),
+        BackendConfig::Udp(u) => Some(u.port),
+        BackendConfig::HostGw => None,
     }
 }
 
@@ -294,8 +309,9 @@ pub fn sync(input: &RulesInput, families: &[IpFamily]) -> (SyncReport, Vec<Rules
 }
 
 /// Removes everything flannel has in one mode, both families
-/// (iptables: chains FLANNEL-POSTRTG in nat and FLANNEL-FWD in filter with
-/// their jumps; nftables: tables flannel-ipv4 and flannel-ipv6).
+/// (iptables: chains FLANNEL-POSTRTG in nat, FLANNEL-FWD in filter and
+/// FLANNEL-ENCAP in raw with their jumps; nftables: tables flannel-ipv4
+/// and flannel-ipv6).
 pub fn remove_mode(mode: Mode) -> (SyncReport, Vec<RulesIoError>) {
     let nothing = RulesInput {
         mode,
@@ -532,7 +548,8 @@ mod tests {
             RuleOptions {
                 masquerade: true,
                 fully_random: true,
-                forward: true
+                forward: true,
+                encap_port: Some(8472),
             }
         );
 
@@ -548,7 +565,8 @@ mod tests {
             RuleOptions {
                 masquerade: false,
                 fully_random: false,
-                forward: false
+                forward: false,
+                encap_port: Some(8472),
             }
         );
         assert!(i.wants_nothing());
