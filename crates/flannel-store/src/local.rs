@@ -129,6 +129,10 @@ enum FileState {
     Absent,
     /// Not a lease: the reason, for the warning.
     Bad(String),
+    /// Could not be read now for a reason that passes (out of file
+    /// descriptors or memory): says nothing about the lease, which must be
+    /// neither skipped nor dropped; the operation fails or retries.
+    Unreadable(std::io::Error),
     Lease(Lease),
 }
 
@@ -232,6 +236,7 @@ impl Store for LocalStore {
             // may leave leases of another length. Neither may be doubled.
             let taken = live.values().find(|held| held.key.overlaps(&lease.key));
             let result = match (taken, l.read_lease(&name)) {
+                (None, FileState::Unreadable(e)) => return Err(io_err(&l.subnets.join(&name), e)),
                 (Some(held), _) => {
                     tracing::debug!(wanted = %name, held = %held.key, "subnet already leased");
                     None
@@ -268,6 +273,7 @@ impl Store for LocalStore {
             let (collected, others) = l.collect_garbage(now, Some(&name))?;
             let outcome = match l.read_lease(&name) {
                 FileState::Absent => Err(StoreError::NotFound { key: name.clone() }),
+                FileState::Unreadable(e) => Err(io_err(&l.subnets.join(&name), e)),
                 FileState::Bad(why) => Err(StoreError::InvalidLease {
                     key: name.clone(),
                     detail: format!("stored file cannot be updated: {why}"),
@@ -467,6 +473,7 @@ impl Layout {
         let data = match read_regular(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == ErrorKind::NotFound => return FileState::Absent,
+            Err(e) if is_transient(&e) => return FileState::Unreadable(e),
             Err(e) => return FileState::Bad(format!("cannot read: {e}")),
         };
         match serde_json::from_slice::<Record>(&data) {
@@ -516,6 +523,7 @@ impl Layout {
                     out.insert(name, l);
                 }
                 FileState::Lease(_) | FileState::Absent => {}
+                FileState::Unreadable(e) => return Err(io_err(&self.subnets.join(&name), e)),
                 FileState::Bad(why) => {
                     tracing::warn!(file = %self.subnets.join(&name).display(), problem = %why,
                         "skipping lease file")
@@ -575,6 +583,7 @@ impl Layout {
                         continue;
                     }
                     FileState::Absent | FileState::Bad(_) => continue,
+                    FileState::Unreadable(e) => return Err(io_err(&path, e)),
                 }
             }
             match fs::remove_file(&path) {
@@ -826,6 +835,14 @@ impl Watcher {
             FileState::Lease(_) | FileState::Absent => {
                 self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
             }
+            FileState::Unreadable(e) => {
+                // The receiver keeps what it knows; a full read soon
+                // catches up.
+                tracing::warn!(file = %self.layout.subnets.join(name).display(), error = %e,
+                    "cannot read lease file now; keeping the last known state and retrying in 1 s");
+                self.next_resync = self.next_resync.min(Instant::now() + RETRY_AFTER_ERROR);
+                None
+            }
             FileState::Bad(why) => {
                 tracing::warn!(file = %self.layout.subnets.join(name).display(), problem = %why,
                     "skipping lease file");
@@ -956,6 +973,18 @@ fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Whether a failed read says nothing about the file: the process or the
+/// system is out of file descriptors or memory, or the call was interrupted.
+/// Skipping the lease then would drop a live peer from every datapath.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::ENOBUFS, Errno::EINTR, Errno::EAGAIN]
+            .iter()
+            .any(|x| *x as i32 == code)
+    )
+}
+
 /// Largest lease file read: a record is a few hundred bytes.
 const MAX_LEASE_FILE: u64 = 64 * 1024;
 
@@ -1037,6 +1066,20 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn out_of_descriptors_is_transient_a_bad_file_is_not() {
+        let os = std::io::Error::from_raw_os_error;
+        assert!(is_transient(&os(nix::libc::EMFILE)));
+        assert!(is_transient(&os(nix::libc::ENFILE)));
+        assert!(is_transient(&os(nix::libc::ENOMEM)));
+        assert!(!is_transient(&os(nix::libc::EACCES)));
+        assert!(!is_transient(&os(nix::libc::EISDIR)));
+        assert!(!is_transient(&std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "a FIFO"
+        )));
+    }
 
     #[test]
     fn owner_is_identified_by_ipv4_then_ipv6() {

@@ -317,8 +317,41 @@ pub fn previous_subnet(flags: &Flags) -> Option<LeaseKey> {
     }
 }
 
+/// Raises the soft limit of open files to the hard one (`ulimit -n $(ulimit
+/// -Hn)`): flanneld holds sockets, netlink handles, inotify, lease files and
+/// health connections at once, and a distribution's default soft limit
+/// (1024) is the first to run out. Returns (old, new) soft limits when it
+/// changed.
+pub fn raise_nofile_limit() -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open files limit (RLIMIT_NOFILE)");
+            return None;
+        }
+    };
+    if soft >= hard {
+        return None;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => Some((soft, hard)),
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit to the hard limit");
+            None
+        }
+    }
+}
+
 /// Runs flanneld to completion: `Ok(())` after SIGTERM/SIGINT.
 pub fn run(flags: Flags) -> Result<(), DaemonError> {
+    if let Some((old, new)) = raise_nofile_limit() {
+        tracing::info!(
+            old,
+            new,
+            "raised the open files limit (RLIMIT_NOFILE) to the hard limit"
+        );
+    }
     let kind = store_kind(&flags)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -42,7 +42,7 @@ use crate::health::RulesMetrics;
 /// A failure to read or write rules.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesIoError {
-    #[error("running `{cmd}`: {source}; install it (Debian: iptables / nftables) or run flanneld without --ip-masq and with --iptables-forward-rules=false")]
+    #[error("running `{cmd}`: {source}; {}", spawn_hint(.source))]
     Spawn {
         cmd: String,
         #[source]
@@ -64,6 +64,25 @@ pub enum RulesIoError {
     },
     #[error(transparent)]
     Parse(#[from] RulesError),
+}
+
+/// What to do about a command that could not be started: only a missing
+/// binary is about installing iptables / nftables; running out of file
+/// descriptors, processes or memory is about flanneld or the node.
+fn spawn_hint(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft.to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!("flanneld has run out of file descriptors (open files limit {limit}), which has nothing to do with iptables; see what holds them (ls -l /proc/<flanneld pid>/fd) and raise the limit (systemd: LimitNOFILE=)")
+        }
+        Some(libc::ENFILE) => "the system has run out of file descriptors (fs.file-max), which has nothing to do with iptables; find what holds them".into(),
+        Some(libc::EAGAIN) | Some(libc::ENOMEM) => "the node is out of processes or memory; the next pass retries".into(),
+        _ if e.kind() == std::io::ErrorKind::NotFound => "install it (Debian: iptables / nftables) or run flanneld without --ip-masq and with --iptables-forward-rules=false".into(),
+        _ if e.kind() == std::io::ErrorKind::PermissionDenied => "check the permissions of the binary and that flanneld runs as root".into(),
+        _ => "the next pass retries".into(),
+    }
 }
 
 fn nft_detail(e: &nft_helper::NftablesError) -> String {
@@ -521,6 +540,30 @@ mod tests {
             format!("--iptables-forward-rules={forward}"),
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn spawn_errors_name_the_real_cause() {
+        let err = |source| {
+            RulesIoError::Spawn {
+                cmd: "iptables-save".into(),
+                source,
+            }
+            .to_string()
+        };
+        let missing = err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(missing.contains("install it"), "{missing}");
+        // Issue 14 item 7: out of descriptors is not "install iptables".
+        let emfile = err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            emfile.contains("out of file descriptors") && !emfile.contains("install"),
+            "{emfile}"
+        );
+        let enfile = err(std::io::Error::from_raw_os_error(libc::ENFILE));
+        assert!(
+            enfile.contains("fs.file-max") && !enfile.contains("install"),
+            "{enfile}"
+        );
     }
 
     #[test]
