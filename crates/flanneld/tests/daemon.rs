@@ -318,6 +318,18 @@ impl Cluster {
         fs::rename(&tmp, dir.join(key)).unwrap();
     }
 
+    /// Starts nodes 1 and 2 and waits until node 1 holds node 2's triple;
+    /// returns both daemons and node 2's (subnet, public ip, vtep mac).
+    fn start_two(&self) -> (Daemon, Daemon, Vec<(Ipv4Net, Ipv4Addr, MacAddr)>) {
+        let mut d0 = self.start(0, &[]);
+        let mut d1 = self.start(1, &[]);
+        self.nodes[0].wait_subnet(&mut d0);
+        let s1 = self.nodes[1].wait_subnet(&mut d1);
+        let peers0 = self.peers_of(&[s1]);
+        self.wait_programmed(0, &peers0, Duration::from_secs(10));
+        (d0, d1, peers0)
+    }
+
     /// (subnet, public ip, vtep mac) of every node, from the store.
     fn peers_of(&self, subnets: &[Ipv4Net]) -> Vec<(Ipv4Net, Ipv4Addr, MacAddr)> {
         let leases = self.leases();
@@ -1424,12 +1436,7 @@ fn routes_to(node: &Node, dst: &str) -> Vec<Route> {
 #[test]
 fn lease_outside_the_network_is_skipped_and_its_stale_route_healed() {
     let c = Cluster::new("outside", 2);
-    let mut d0 = c.start(0, &[]);
-    let mut d1 = c.start(1, &[]);
-    c.nodes[0].wait_subnet(&mut d0);
-    let s1 = c.nodes[1].wait_subnet(&mut d1);
-    let peers0 = c.peers_of(&[s1]);
-    c.wait_programmed(0, &peers0, Duration::from_secs(10));
+    let (d0, d1, peers0) = c.start_two();
     assert!(d0.stop().success());
 
     // What an earlier version left on node1 for the hostile lease.
@@ -1501,12 +1508,8 @@ fn lease_outside_the_network_is_skipped_and_its_stale_route_healed() {
 #[test]
 fn hostile_and_conflicting_leases_are_skipped_once_and_the_real_peer_kept() {
     let c = Cluster::new("hostile", 2);
-    let mut d0 = c.start(0, &[]);
-    let mut d1 = c.start(1, &[]);
-    c.nodes[0].wait_subnet(&mut d0);
-    let s1 = c.nodes[1].wait_subnet(&mut d1);
-    let peers0 = c.peers_of(&[s1]);
-    c.wait_programmed(0, &peers0, Duration::from_secs(10));
+    let (d0, d1, peers0) = c.start_two();
+    let s1 = peers0[0].0;
     let mac2 = peers0[0].2.to_string();
     let inner = format!("{}-25", Ipv4Addr::from(u32::from(s1.network()) + 128));
     let hostile: Vec<(String, &str, String, &str)> = vec![

@@ -749,28 +749,38 @@ fn masquerade_behaviour(tag: &str, config: &str, mode: Mode) {
     d2.stop(&n2.log());
 }
 
-/// IPv6 (flanneld is IPv4-only until dual stack lands): the library keeps
-/// ip6tables and the ip6 nftables table in line in a namespace of ours.
-#[test]
-fn ipv6_rules_in_both_modes() {
+/// A namespace of ours and iptables-mode input for IPv6 alone
+/// (fd00:10:244::/56, our subnet fd00:10:244:1::/64) with `options`.
+fn ipv6_only(prefix: &str, options: RuleOptions) -> (ScopedNetNs, RulesInput) {
     require_root();
-    let ns = ScopedNetNs::unique("fdru6").unwrap();
+    let ns = ScopedNetNs::unique(prefix).unwrap();
     let nets = FamilyNets::v6(
         "fd00:10:244::/56".parse().unwrap(),
         "fd00:10:244:1::/64".parse().unwrap(),
     )
     .unwrap();
-    let mut input = RulesInput {
+    let input = RulesInput {
         mode: Mode::Iptables,
         v4: None,
         v6: Some(nets),
-        options: RuleOptions {
+        options,
+    };
+    (ns, input)
+}
+
+/// IPv6 (flanneld is IPv4-only until dual stack lands): the library keeps
+/// ip6tables and the ip6 nftables table in line in a namespace of ours.
+#[test]
+fn ipv6_rules_in_both_modes() {
+    let (ns, mut input) = ipv6_only(
+        "fdru6",
+        RuleOptions {
             masquerade: true,
             fully_random: true,
             forward: true,
             encap_port: None,
         },
-    };
+    );
     let name = ns.name.clone();
     let save = |table: &str| -> Vec<String> {
         sh_in(&name, "ip6tables-save", &["-t", table])
@@ -1190,24 +1200,16 @@ fn pods_cannot_send_udp_backend_datagrams_to_nodes_nftables_mode() {
 /// them and lists them back equal, so a second pass changes nothing.
 #[test]
 fn ipv6_encap_guard_is_kept_in_line_in_both_modes() {
-    require_root();
-    let ns = ScopedNetNs::unique("fdrg6").unwrap();
-    let nets = FamilyNets::v6(
-        "fd00:10:244::/56".parse().unwrap(),
-        "fd00:10:244:1::/64".parse().unwrap(),
-    )
-    .unwrap();
-    let mut input = RulesInput {
-        mode: Mode::Iptables,
-        v4: None,
-        v6: Some(nets),
-        options: RuleOptions {
+    let (ns, mut input) = ipv6_only(
+        "fdrg6",
+        RuleOptions {
             masquerade: false,
             fully_random: true,
             forward: true,
             encap_port: Some(8472),
         },
-    };
+    );
+    let nets = input.v6.unwrap();
     let sync = |input: &RulesInput| {
         let (r, e) = ns
             .run(|| flanneld::rules::sync(input, &[IpFamily::V6]))
