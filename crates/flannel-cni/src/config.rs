@@ -92,6 +92,24 @@ fn opt_obj(obj: &Map<String, Value>, key: &str) -> Result<Map<String, Value>, Co
     }
 }
 
+/// The spec's network name (`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`, as libcni
+/// checks it): the name becomes a directory below the IPAM dataDir, so
+/// anything else (`..`, `a/../../etc`) could put files outside it.
+fn check_network_name(field: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} is not a network name: use letters, digits, '_', '.' and '-', starting with a letter or digit"),
+        ))
+    }
+}
+
 /// Reads only `cniVersion`, for answering errors and VERSION in the caller's
 /// version even when the rest of the config is broken.
 pub fn peek_version(stdin: &[u8]) -> Option<String> {
@@ -122,13 +140,7 @@ impl NetConf {
             .filter(Version::is_supported)
             .ok_or_else(|| ConfigError::UnsupportedVersion(cni_version.clone()))?;
         let name = network_name(obj)?;
-        // The name becomes a directory below the IPAM dataDir.
-        if name.contains('/') || name == "." || name == ".." {
-            return Err(invalid(
-                "name",
-                format!("{name:?} must not contain '/' nor be '.' or '..'"),
-            ));
-        }
+        check_network_name("name", &name)?;
         let plugin_type = opt_str(obj, "type")?.unwrap_or_default();
         if plugin_type != "flannel" {
             return Err(invalid(
@@ -497,6 +509,8 @@ impl BridgeConf {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        // A saved config is read back from dataDir: its name makes a path too.
+        check_network_name("name", &name)?;
         let bridge = match obj.get("bridge") {
             None | Some(Value::Null) => wire::CNI_BRIDGE.to_string(),
             Some(Value::String(s)) if !s.is_empty() && s.len() <= 15 && !s.contains('/') => {

@@ -22,6 +22,8 @@
 //!   not offered. DEL removes the chain whichever plugin wrote it.
 //! - `CNI_PATH` is not required: no other plugin is executed (only
 //!   iptables-restore/iptables-save, for `ipMasq`).
+//! - `CNI_NETNS` naming the plugin's own namespace (the node's) is refused
+//!   (error 4) before anything changes; stdin is read up to 1 MiB.
 //! - The IPAM lock is held for the whole ADD/DEL, so bridge setup is
 //!   serialised along with allocation.
 
@@ -30,14 +32,41 @@ use std::io::{Read, Write};
 use flannel_cni::spec::{self, code, CniError, Version};
 use flannel_cni::{config, verbs::env_var, verbs::run};
 
+/// The largest network configuration read from stdin. A real one is a few
+/// KiB (prevResult included); without a bound a runaway or hostile writer
+/// makes the plugin allocate without limit.
+const MAX_STDIN: u64 = 1 << 20;
+
 fn main() {
     let mut stdin = Vec::new();
-    let read = std::io::stdin().read_to_end(&mut stdin);
+    let read = std::io::stdin()
+        .take(MAX_STDIN + 1)
+        .read_to_end(&mut stdin)
+        .map_err(|e| {
+            CniError::new(
+                code::IO_FAILURE,
+                format!("reading the network configuration from stdin: {e}"),
+            )
+        })
+        .and_then(|n| {
+            if n as u64 > MAX_STDIN {
+                Err(CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("the network configuration on stdin is larger than {MAX_STDIN} bytes; a CNI configuration is a few KiB"),
+                ))
+            } else {
+                Ok(())
+            }
+        });
+    if read.is_err() {
+        // Never parse part of a configuration.
+        stdin.clear();
+    }
     let reply_version = config::peek_version(&stdin)
         .filter(|v| Version::parse(v).is_some_and(|v| v.is_supported()))
         .unwrap_or_else(|| spec::LATEST_VERSION.to_string());
     let outcome = match (env_var("CNI_COMMAND"), read) {
-        (_, Err(e)) => Err(CniError::new(code::IO_FAILURE, format!("reading the network configuration from stdin: {e}"))),
+        (_, Err(e)) => Err(e),
         (None, _) => Err(CniError::new(
             code::INVALID_ENV,
             "environment variable CNI_COMMAND is missing; this is a CNI plugin, run by a container runtime",

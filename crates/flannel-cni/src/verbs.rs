@@ -98,8 +98,38 @@ impl CniEnv {
     }
 }
 
-/// Opens `CNI_NETNS`; a missing or stale path means the container is unknown.
+/// Opens `CNI_NETNS`; a missing or stale path means the container is
+/// unknown. The node's own namespace (the plugin's) is refused
+/// ([`refuse_own_netns`]).
 fn open_netns(path: &str) -> Result<NetNs, CniError> {
+    let ns = open_netns_path(path)?;
+    refuse_own_netns(&ns, path)?;
+    Ok(ns)
+}
+
+/// Error 4 when `ns` is the network namespace the plugin runs in (same
+/// nsfs inode as `/proc/self/ns/net`, whatever path named it): ADD would
+/// configure the node itself (its default route replaced by the pod's) and
+/// DEL would delete the node's interface named CNI_IFNAME.
+fn refuse_own_netns(ns: &NetNs, path: &str) -> Result<(), CniError> {
+    let own = NetNs::current()
+        .and_then(|own| own.same_namespace(ns))
+        .map_err(|e| {
+            CniError::new(
+                code::KERNEL_FAILURE,
+                format!("comparing CNI_NETNS={path:?} with the plugin's own namespace: {e}"),
+            )
+        })?;
+    if own {
+        return Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_NETNS={path:?} is the node's own network namespace (the one the plugin runs in), not a container's; the runtime must pass the pod sandbox's namespace"),
+        ));
+    }
+    Ok(())
+}
+
+fn open_netns_path(path: &str) -> Result<NetNs, CniError> {
     NetNs::open_path(Path::new(path)).map_err(|e| {
         let c = match &e {
             NetNsError::Io { source, .. }
@@ -317,6 +347,15 @@ fn add_steps(
 }
 
 fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    // Before anything: in the node's own namespace CNI_IFNAME is one of the
+    // node's interfaces.
+    let pod = match env.netns.is_empty() {
+        true => None,
+        false => NetNs::open_path(Path::new(&env.netns)).ok(),
+    };
+    if let Some(pod) = &pod {
+        refuse_own_netns(pod, &env.netns)?;
+    }
     // Without a usable saved config (ADD never ran, DEL already did, or the
     // file is damaged) the input config still says where the addresses live:
     // clean up what may be left rather than fail DEL for good.
@@ -334,14 +373,12 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             None
         }
     };
-    if !env.netns.is_empty() {
-        // A namespace that is gone took the veth pair with it.
-        if let Ok(pod) = NetNs::open_path(Path::new(&env.netns)) {
-            let r = attach::open_in(&pod)
-                .and_then(|mut pod_nl| attach::del_pod_link(&mut pod_nl, &pod, &env.ifname));
-            if let Err(e) = r {
-                failures.push(e.to_string());
-            }
+    // A namespace that is gone took the veth pair with it.
+    if let Some(pod) = &pod {
+        let r = attach::open_in(pod)
+            .and_then(|mut pod_nl| attach::del_pod_link(&mut pod_nl, pod, &env.ifname));
+        if let Err(e) = r {
+            failures.push(e.to_string());
         }
     }
     if let Some(store) = &store {
@@ -389,6 +426,9 @@ fn cmd_del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
 }
 
 fn cmd_check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
+    if let Ok(ns) = NetNs::open_path(Path::new(&env.netns)) {
+        refuse_own_netns(&ns, &env.netns)?;
+    }
     if conf.version < Version::V0_4_0 {
         return Err(CniError::new(
             code::INCOMPATIBLE_VERSION,

@@ -912,3 +912,235 @@ fn result_is_accepted_by_a_chained_reference_plugin() {
     }
     assert!(ip_files(&node).is_empty());
 }
+
+/// Every path below `dir`, recursively, sorted.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            out.push(p.display().to_string());
+            if p.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The spec error object: cniVersion, a code, a msg.
+fn spec_error(out: &common::Outcome) -> u64 {
+    let code = out.code();
+    assert!(
+        out.json()["cniVersion"].is_string(),
+        "error without cniVersion: {}",
+        out.stdout
+    );
+    code
+}
+
+/// Issue 14 item 6: CNI_NETNS naming the plugin's own namespace (the
+/// node's) would configure the node itself: ADD replaces its default route
+/// with the pod's, DEL deletes the node's interface named CNI_IFNAME.
+/// Refused with error 4 (CNI_NETNS is an invalid environment variable)
+/// before anything changes, whatever path names that namespace.
+#[test]
+fn the_nodes_own_namespace_as_cni_netns_is_refused_before_any_change() {
+    need_root();
+    let node = Node::new("fcni-self");
+    for argv in [
+        &[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ][..],
+        &["ip", "addr", "add", "192.168.50.2/24", "dev", "eth0"],
+        &["ip", "link", "set", "eth0", "up"],
+        &["ip", "link", "set", "peer0", "up"],
+        &["ip", "route", "add", "default", "via", "192.168.50.1"],
+    ] {
+        Node::sh_in(&node.ns, argv);
+    }
+    let before_routes = routes(&node.ns);
+    let before_links: Vec<String> = links(&node.ns).into_iter().map(|l| l.name).collect();
+    let conf = node.conf("1.0.0");
+    let own = netns_path(&node.ns);
+    for path in [own.as_str(), "/proc/self/ns/net"] {
+        for (verb, ifname) in [("ADD", "eth1"), ("CHECK", "eth1"), ("DEL", "eth0")] {
+            let mut c = conf.clone();
+            if verb == "CHECK" {
+                c["prevResult"] = json!({"cniVersion": "1.0.0", "interfaces": [], "ips": []});
+            }
+            let out = node.cni(bin(), verb, "ctr-self", path, ifname, &c);
+            assert_eq!(
+                spec_error(&out),
+                4,
+                "{verb} with CNI_NETNS={path}: {}",
+                out.stdout
+            );
+            assert!(
+                out.stdout.contains("own network namespace") && out.stdout.contains("CNI_NETNS"),
+                "{}",
+                out.stdout
+            );
+        }
+    }
+    assert_eq!(routes(&node.ns), before_routes, "the node's routes changed");
+    let after: Vec<String> = links(&node.ns).into_iter().map(|l| l.name).collect();
+    assert_eq!(after, before_links, "the node's links changed");
+    assert!(ip_files(&node).is_empty());
+    assert!(saved_configs(&node).is_empty());
+}
+
+/// Issue 12 "bad input": a container ID, interface name or network name
+/// that could lead a path out of dataDir or the IPAM directory, and an
+/// oversized stdin, are refused with the spec's error object and its code
+/// (4: environment, 7: config), and nothing is written anywhere.
+#[test]
+fn hostile_ids_names_and_oversized_stdin_write_nothing_and_answer_spec_errors() {
+    need_root();
+    let node = Node::new("fcni-hostile");
+    let pod = ScopedNetNs::unique("fcni-hostilep").unwrap();
+    let path = netns_path(&pod);
+    let conf = node.conf("1.0.0");
+    // An escape would land next to the node's directory.
+    let outside = node.dir.0.parent().unwrap().to_path_buf();
+    let tag = format!("fcni-escape-{}", std::process::id());
+    let before_outside: Vec<String> = tree(&outside)
+        .into_iter()
+        .filter(|p| p.contains(&tag))
+        .collect();
+    assert!(before_outside.is_empty());
+    let before = tree(&node.dir.0);
+
+    let ids = [
+        format!("../../{tag}"),
+        format!("a/../../{tag}"),
+        format!("/tmp/{tag}"),
+        format!(".{tag}"),
+        format!("-{tag}"),
+        format!("{tag} x"),
+        "..".to_string(),
+    ];
+    for verb in ["ADD", "DEL", "CHECK"] {
+        for id in &ids {
+            let out = node.cni(bin(), verb, id, &path, "eth0", &conf);
+            assert_eq!(
+                spec_error(&out),
+                4,
+                "{verb} CNI_CONTAINERID={id:?}: {}",
+                out.stdout
+            );
+            assert!(out.stdout.contains("CNI_CONTAINERID"), "{}", out.stdout);
+        }
+        for ifname in [
+            "../x",
+            "a/b",
+            ".",
+            "..",
+            "eth 0",
+            "eth:0",
+            "a-name-of-16-chr",
+        ] {
+            let out = node.cni(bin(), verb, "ctr", &path, ifname, &conf);
+            assert_eq!(
+                spec_error(&out),
+                4,
+                "{verb} CNI_IFNAME={ifname:?}: {}",
+                out.stdout
+            );
+            assert!(out.stdout.contains("CNI_IFNAME"), "{}", out.stdout);
+        }
+        for name in [
+            format!("../../{tag}"),
+            format!("a/../{tag}"),
+            ".".to_string(),
+            "..".to_string(),
+            format!("-{tag}"),
+            format!("{tag}\n"),
+        ] {
+            let mut c = conf.clone();
+            c["name"] = json!(name);
+            let out = node.cni(bin(), verb, "ctr", &path, "eth0", &c);
+            assert_eq!(spec_error(&out), 7, "{verb} name={name:?}: {}", out.stdout);
+            assert!(out.stdout.contains("name"), "{}", out.stdout);
+        }
+    }
+    // A configuration beyond 1 MiB (valid JSON, padded) is refused unread.
+    let mut big = conf.to_string().into_bytes();
+    big.splice(1..1, std::iter::repeat_n(b' ', 2 << 20));
+    let out = node.exec(
+        bin(),
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr-big"),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", "eth0"),
+        ],
+        &big,
+    );
+    assert_eq!(spec_error(&out), 7, "{}", out.stdout);
+    assert!(out.stdout.contains("larger than"), "{}", out.stdout);
+
+    assert_eq!(
+        tree(&node.dir.0),
+        before,
+        "files appeared in the node's directory"
+    );
+    let escaped: Vec<String> = tree(&outside)
+        .into_iter()
+        .filter(|p| p.contains(&tag))
+        .collect();
+    assert!(escaped.is_empty(), "written outside: {escaped:?}");
+    assert!(veths(&node.ns).is_empty());
+    assert!(links(&pod).iter().all(|l| l.name == "lo"));
+}
+
+/// Issue 12 "bad input": ADD and DEL of the same container ID racing, many
+/// times over. Afterwards the attachment is either complete (saved config,
+/// address file, host veth, pod interface with that address) or entirely
+/// gone; never half of it.
+#[test]
+fn concurrent_add_and_del_of_one_container_leave_a_consistent_state() {
+    need_root();
+    let node = Node::new("fcni-race");
+    let pod = ScopedNetNs::unique("fcni-racep").unwrap();
+    let path = netns_path(&pod);
+    let conf = node.conf("1.0.0");
+    let (mut attached, mut detached) = (0, 0);
+    for round in 0..30 {
+        let (add, del) = std::thread::scope(|s| {
+            let a = s.spawn(|| node.cni(bin(), "ADD", "ctr-race", &path, "eth0", &conf));
+            let d = s.spawn(|| node.cni(bin(), "DEL", "ctr-race", &path, "eth0", &conf));
+            (a.join().unwrap(), d.join().unwrap())
+        });
+        add.expect_ok();
+        del.expect_ok();
+        let saved = saved_configs(&node).contains(&"ctr-race".to_string());
+        let files = ip_files(&node);
+        let host = veths(&node.ns);
+        let pod_if = link(&pod, "eth0").is_some();
+        let state = format!(
+            "round {round}: saved {saved}, address files {files:?}, host veths {host:?}, pod eth0 {pod_if}"
+        );
+        if saved {
+            assert_eq!(files.len(), 1, "{state}");
+            assert_eq!(host.len(), 1, "{state}");
+            assert!(pod_if, "{state}");
+            let a = net(&format!("{}/24", files[0]));
+            assert!(addrs(&pod, "eth0").contains(&a), "{state}");
+            attached += 1;
+        } else {
+            assert!(files.is_empty() && host.is_empty() && !pod_if, "{state}");
+            detached += 1;
+        }
+        node.cni(bin(), "DEL", "ctr-race", &path, "eth0", &conf)
+            .expect_ok();
+        assert!(saved_configs(&node).is_empty() && ip_files(&node).is_empty());
+        assert!(veths(&node.ns).is_empty() && link(&pod, "eth0").is_none());
+    }
+    eprintln!("{attached} rounds ended attached, {detached} detached");
+}

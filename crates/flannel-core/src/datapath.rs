@@ -399,6 +399,16 @@ pub fn diff_replace<T: ReplaceKey + Ord + Clone>(desired: &[T], actual: &[T]) ->
 ///   flannel0's address, is not), does not overlap `own_subnet`, and it
 ///   leaves through `device_ifindex` (with or without gateway), or through
 ///   `external_ifindex` with a gateway (host-gw and DirectRouting routes);
+/// - a route outside `network` is ours only when it is on `device_ifindex`
+///   in the exact shape of the vxlan triple's route (`DST via <DST's
+///   network address> dev flannel.<VNI> onlink`): earlier versions (and
+///   upstream) programmed leases outside the network that way, and nothing
+///   else writes such a route on flannel's own device. Such a route is
+///   never desired, so it is deleted; if it had replaced the kernel's route
+///   to a subnet of the external interface, [`underlay_route_to_restore`]
+///   names the route to put back. A route outside the network on the
+///   external interface is never ours: it cannot be told from the
+///   underlay's own routes;
 /// - a neighbour entry is ours when it is on `device_ifindex` (the kernel
 ///   layer lists only permanent entries);
 /// - an FDB entry is ours when it is on `device_ifindex` (the kernel layer
@@ -427,7 +437,20 @@ impl Scope {
             .is_none_or(|o| !(o.contains(&r.dst) || r.dst.contains(&o)));
         let via_device = self.device_ifindex == Some(r.oif);
         let via_external = self.external_ifindex == Some(r.oif) && r.gateway.is_some();
-        inside && not_own && (via_device || via_external)
+        (inside && not_own && (via_device || via_external)) || self.is_stale_outside(r)
+    }
+
+    /// A route outside the network that flannel wrote on its own device
+    /// for a lease it should never have programmed (see [`Scope`]).
+    pub fn is_stale_outside(&self, r: &Route) -> bool {
+        let same_family = r.dst.addr().is_ipv4() == self.network.addr().is_ipv4();
+        let strictly_inside =
+            self.network.contains(&r.dst) && r.dst.prefix_len() > self.network.prefix_len();
+        same_family
+            && !strictly_inside
+            && self.device_ifindex == Some(r.oif)
+            && r.onlink
+            && r.gateway == Some(r.dst.network())
     }
 
     /// Whether `n` is a neighbour entry flannel manages.
@@ -448,6 +471,41 @@ impl Scope {
         actual.normalize();
         actual
     }
+}
+
+/// The kernel's prefix route for an address of an interface
+/// (`ip route add DST dev OIF proto kernel scope link src SRC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrefixRoute {
+    pub dst: IpNet,
+    pub oif: u32,
+    pub src: IpAddr,
+}
+
+/// After `deleted` (a stale route outside the network on flannel's device,
+/// [`Scope::is_stale_outside`]) is gone: the kernel's prefix route of the
+/// external interface it had replaced, to add back when it is missing.
+/// IPv4 only: a route without metric replaces the kernel's IPv4 prefix
+/// route (both at metric 0), but in IPv6 it goes in at metric 1024 beside
+/// the kernel's at 256, which was never lost. `connected` are the external
+/// interface's addresses with their prefixes.
+pub fn underlay_route_to_restore(
+    scope: &Scope,
+    deleted: &Route,
+    external_ifindex: u32,
+    connected: &[IpNet],
+) -> Option<PrefixRoute> {
+    if !scope.is_stale_outside(deleted) || !deleted.dst.addr().is_ipv4() {
+        return None;
+    }
+    connected
+        .iter()
+        .find(|a| a.trunc() == deleted.dst)
+        .map(|a| PrefixRoute {
+            dst: deleted.dst,
+            oif: external_ifindex,
+            src: a.addr(),
+        })
 }
 
 /// One kernel write.
@@ -943,8 +1001,10 @@ mod tests {
         assert!(s.owns_route(&route("10.244.2.0/24", Some("10.244.2.0"), VX, true)));
         assert!(s.owns_route(&route("10.244.2.0/24", None, VX, false)));
         // Not ours: outside the network, the network itself, our own subnet,
-        // another device, the external interface when not configured.
-        assert!(!s.owns_route(&route("10.245.2.0/24", Some("10.245.2.0"), VX, true)));
+        // another device, the external interface when not configured. (Outside
+        // the network, only the vxlan triple's shape on our device is ours:
+        // see the test of stale routes below.)
+        assert!(!s.owns_route(&route("10.245.2.0/24", Some("10.245.2.1"), VX, true)));
         assert!(!s.owns_route(&route("10.244.0.0/16", None, VX, false)));
         assert!(!s.owns_route(&route("10.0.0.0/8", None, VX, false)));
         assert!(!s.owns_route(&route("10.244.1.0/24", None, 5, false)));
@@ -993,6 +1053,56 @@ mod tests {
         );
         assert_eq!(ours.neighbours, vec![n(VX)]);
         assert_eq!(ours.fdb, vec![f(VX)]);
+    }
+
+    #[test]
+    fn stale_route_outside_the_network_on_our_device_is_ours_and_heals_the_underlay() {
+        let s = scope();
+        // Written by an earlier version for a lease 172.16.1.0-24: it had
+        // replaced eth0's prefix route.
+        let stale = route("172.16.1.0/24", Some("172.16.1.0"), VX, true);
+        assert!(s.owns_route(&stale) && s.is_stale_outside(&stale));
+        // The whole network and a supernet in the same shape, too.
+        assert!(s.owns_route(&route("10.244.0.0/16", Some("10.244.0.0"), VX, true)));
+        assert!(s.owns_route(&route("10.0.0.0/8", Some("10.0.0.0"), VX, true)));
+        // Not that shape, another device, the external interface, the
+        // other family: never touched.
+        assert!(!s.owns_route(&route("172.16.1.0/24", Some("172.16.1.1"), VX, true)));
+        assert!(!s.owns_route(&route("172.16.1.0/24", Some("172.16.1.0"), VX, false)));
+        assert!(!s.owns_route(&route("172.16.1.0/24", None, VX, false)));
+        assert!(!s.owns_route(&route("172.16.1.0/24", Some("172.16.1.0"), 9, true)));
+        let hs = Scope {
+            external_ifindex: Some(EXT),
+            ..s
+        };
+        assert!(!hs.owns_route(&route("172.16.1.0/24", Some("172.16.1.0"), EXT, true)));
+        assert!(!hs.owns_route(&route("172.16.2.0/24", Some("172.16.1.5"), EXT, false)));
+        assert!(!s.owns_route(&route("fd00::/64", Some("fd00::"), VX, true)));
+        // Not desired: the plan deletes it.
+        let plan = plan_reconcile(
+            &DesiredState::default(),
+            &s.filter(DesiredState {
+                routes: vec![stale.clone()],
+                ..Default::default()
+            }),
+        );
+        assert_eq!(plan.routes.del, vec![stale.clone()]);
+        // And eth0's prefix route comes back, with eth0's address as source.
+        let connected = [net("172.16.1.14/24"), net("fd00:1::14/64")];
+        assert_eq!(
+            underlay_route_to_restore(&s, &stale, EXT, &connected),
+            Some(PrefixRoute {
+                dst: net("172.16.1.0/24"),
+                oif: EXT,
+                src: ip("172.16.1.14"),
+            })
+        );
+        // Not for a subnet eth0 has no address in, nor for a route of ours
+        // inside the network.
+        let far = route("192.168.9.0/24", Some("192.168.9.0"), VX, true);
+        assert_eq!(underlay_route_to_restore(&s, &far, EXT, &connected), None);
+        let peer = route("10.244.2.0/24", Some("10.244.2.0"), VX, true);
+        assert_eq!(underlay_route_to_restore(&s, &peer, EXT, &connected), None);
     }
 
     #[test]

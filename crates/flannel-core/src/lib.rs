@@ -7,6 +7,8 @@
 //! - [`ip`]: subnet arithmetic.
 //! - [`kube`]: Kubernetes mode: annotation names, a Node's lease, what flanneld publishes.
 //! - [`lease`]: leases and their upstream JSON encoding.
+//! - [`admit`]: which leases of the store may be programmed (hostile or
+//!   conflicting entries are kept out, deterministically).
 //! - [`alloc`]: which subnet a node should hold (upstream's acquisition order).
 //! - [`subnet_env`]: /run/flannel/subnet.env rendering and parsing.
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
@@ -27,6 +29,7 @@
 //! length; the reconcile diff is scoped to what flannel owns and removes
 //! routes of nodes that vanished while the daemon was down.
 
+pub mod admit;
 pub mod alloc;
 pub mod config;
 pub mod datapath;

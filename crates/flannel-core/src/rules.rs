@@ -14,6 +14,23 @@
 //! 5. NET -> anything but multicast: masquerade (pods leaving the cluster);
 //! 6. not NET -> NET: masquerade (the host talking to pods elsewhere).
 //!
+//! With either of them, and a backend that encapsulates in UDP (vxlan:
+//! `Port` or 8472; udp: `Port` or 8285), the encapsulation guard drops
+//! datagrams from pods (NET) to that port, in the raw table's PREROUTING
+//! (before conntrack, routing and masquerade; nftables: a filter chain on
+//! the prerouting hook at priority raw):
+//!
+//! 1. NET -> an address of this node, UDP to PORT: drop (a pod talking to
+//!    its own node's, or, after the overlay, another node's VTEP);
+//! 2. NET -> not NET, UDP to PORT: drop (a pod talking to another node's
+//!    underlay address: masqueraded, it would pass the receiver's checks).
+//!
+//! Without it a pod can hand any node a vxlan or udp-backend datagram that
+//! is delivered with whatever inner source it forged. The node's own
+//! encapsulated traffic is locally generated and never crosses PREROUTING
+//! on the way out; peers' arrives from their PublicIP, outside NET. Upstream
+//! has no such rule.
+//!
 //! Upstream's nftables rule 4 tests `saddr != POD, daddr NET`, which also
 //! returns everything rule 6 should masquerade; here rule 4 has the same
 //! operands as in iptables mode. Upstream's nftables rule 1 matches the mark
@@ -107,6 +124,18 @@ pub struct RuleOptions {
     pub fully_random: bool,
     /// `--iptables-forward-rules`: the forward-accept chain.
     pub forward: bool,
+    /// The backend's UDP encapsulation port (vxlan `Port` or 8472, udp
+    /// `Port` or 8285; `None` for host-gw): with masquerade or forward
+    /// rules wanted, the encapsulation guard drops pod traffic to it
+    /// (module documentation).
+    pub encap_port: Option<u16>,
+}
+
+impl RuleOptions {
+    /// The port the encapsulation guard protects, when it is wanted.
+    pub fn guard_port(&self) -> Option<u16> {
+        self.encap_port.filter(|_| self.masquerade || self.forward)
+    }
 }
 
 /// Everything the rules of a node depend on. A family without nets gets no
@@ -169,6 +198,14 @@ pub const IPT_MASQ: IptChainId = IptChainId {
     comment: wire::IPT_MASQ_COMMENT,
 };
 
+/// FLANNEL-ENCAP in raw, from PREROUTING.
+pub const IPT_ENCAP: IptChainId = IptChainId {
+    table: "raw",
+    chain: wire::IPT_ENCAP_CHAIN,
+    from: "PREROUTING",
+    comment: wire::IPT_ENCAP_COMMENT,
+};
+
 /// FLANNEL-FWD in filter, from FORWARD.
 pub const IPT_FORWARD: IptChainId = IptChainId {
     table: "filter",
@@ -201,8 +238,9 @@ pub struct IptDesired {
     pub rules: Option<Vec<String>>,
 }
 
-/// The desired FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter) chains of one
-/// family (`iptables` for IPv4, `ip6tables` for IPv6).
+/// The desired FLANNEL-POSTRTG (nat), FLANNEL-FWD (filter) and
+/// FLANNEL-ENCAP (raw) chains of one family (`iptables` for IPv4,
+/// `ip6tables` for IPv6).
 pub fn iptables_desired(
     family: IpFamily,
     nets: Option<FamilyNets>,
@@ -214,6 +252,9 @@ pub fn iptables_desired(
     let fwd = nets
         .filter(|_| options.forward)
         .map(|n| iptables_forward_rules(n.network));
+    let guard = nets
+        .zip(options.guard_port())
+        .map(|(n, port)| iptables_guard_rules(n.network, port));
     vec![
         IptDesired {
             id: IPT_MASQ,
@@ -223,6 +264,19 @@ pub fn iptables_desired(
             id: IPT_FORWARD,
             rules: fwd,
         },
+        IptDesired {
+            id: IPT_ENCAP,
+            rules: guard,
+        },
+    ]
+}
+
+fn iptables_guard_rules(net: IpNet, port: u16) -> Vec<String> {
+    let c = format!("-m comment --comment \"{}\"", wire::IPT_ENCAP_COMMENT);
+    let udp = format!("-p udp -m udp --dport {port}");
+    vec![
+        format!("-s {net} {udp} -m addrtype --dst-type LOCAL {c} -j DROP"),
+        format!("-s {net} ! -d {net} {udp} {c} -j DROP"),
     ]
 }
 
@@ -397,7 +451,52 @@ mod tests {
         masquerade: true,
         fully_random: true,
         forward: true,
+        encap_port: None,
     };
+
+    #[test]
+    fn encap_guard_golden_and_only_with_other_rules() {
+        let vxlan = RuleOptions {
+            encap_port: Some(8472),
+            ..ALL
+        };
+        let d = iptables_desired(IpFamily::V4, Some(v4()), vxlan);
+        assert_eq!(d[2].id.table, "raw");
+        assert_eq!(
+            iptables_save_lines(&d[2]),
+            [
+                "-A PREROUTING -m comment --comment \"flanneld encap guard\" -j FLANNEL-ENCAP",
+                "-A FLANNEL-ENCAP -s 10.244.0.0/16 -p udp -m udp --dport 8472 -m addrtype --dst-type LOCAL -m comment --comment \"flanneld encap guard\" -j DROP",
+                "-A FLANNEL-ENCAP -s 10.244.0.0/16 ! -d 10.244.0.0/16 -p udp -m udp --dport 8472 -m comment --comment \"flanneld encap guard\" -j DROP",
+            ]
+        );
+        let v6 = iptables_desired(
+            IpFamily::V6,
+            Some(v6()),
+            RuleOptions {
+                encap_port: Some(9000),
+                masquerade: false,
+                ..ALL
+            },
+        );
+        assert_eq!(
+            v6[2].rules.as_ref().unwrap()[1],
+            "-s fd00:10:244::/56 ! -d fd00:10:244::/56 -p udp -m udp --dport 9000 -m comment --comment \"flanneld encap guard\" -j DROP"
+        );
+        // host-gw (no port), or no other rule wanted: no guard.
+        assert!(iptables_desired(IpFamily::V4, Some(v4()), ALL)[2]
+            .rules
+            .is_none());
+        let none = RuleOptions {
+            encap_port: Some(8472),
+            ..RuleOptions::default()
+        };
+        assert!(iptables_desired(IpFamily::V4, Some(v4()), none)[2]
+            .rules
+            .is_none());
+        assert_eq!(none.guard_port(), None);
+        assert_eq!(vxlan.guard_port(), Some(8472));
+    }
 
     #[test]
     fn iptables_masq_golden_order_and_operands() {

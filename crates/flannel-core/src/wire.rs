@@ -146,6 +146,11 @@ pub const BACKEND_TYPE_IPIP: &str = "ipip";
 pub const IPT_MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
 /// iptables (filter table): the forward-accept chain, jumped to from FORWARD.
 pub const IPT_FORWARD_CHAIN: &str = "FLANNEL-FWD";
+/// iptables (raw table): the chain dropping pod traffic to the backend's
+/// encapsulation port, jumped to from PREROUTING.
+pub const IPT_ENCAP_CHAIN: &str = "FLANNEL-ENCAP";
+/// `-m comment --comment` of every encapsulation-guard rule and of its jump.
+pub const IPT_ENCAP_COMMENT: &str = "flanneld encap guard";
 /// `-m comment --comment` of every masquerade rule and of the POSTROUTING jump.
 pub const IPT_MASQ_COMMENT: &str = "flanneld masq";
 /// `-m comment --comment` of every forward rule and of the FORWARD jump.
@@ -158,6 +163,12 @@ pub const NFT_TABLE_V6: &str = "flannel-ipv6";
 pub const NFT_MASQ_CHAIN: &str = "postrtg";
 /// nftables mode: the filter chain on the forward hook.
 pub const NFT_FORWARD_CHAIN: &str = "forward";
+/// nftables mode: the filter chain on the prerouting hook (priority raw)
+/// dropping pod traffic to the backend's encapsulation port.
+pub const NFT_ENCAP_CHAIN: &str = "encap";
+/// nftables mode: the comment of the encapsulation-guard chain.
+pub const NFT_ENCAP_CHAIN_COMMENT: &str =
+    "chain to drop pod traffic to flannel's encapsulation port";
 /// nftables mode: the comment of the nat chain.
 pub const NFT_MASQ_CHAIN_COMMENT: &str = "chain to manage traffic masquerading by flannel";
 /// nftables mode: the comment of the forward chain.

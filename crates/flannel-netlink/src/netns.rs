@@ -264,6 +264,15 @@ impl NetNs {
         NetNs::open_path(Path::new("/proc/thread-self/ns/net"))
     }
 
+    /// Whether `other` is the same namespace as this one (the same nsfs
+    /// inode: `stat -L -c %d:%i` of both paths match), however each was
+    /// opened.
+    pub fn same_namespace(&self, other: &NetNs) -> Result<bool, NetNsError> {
+        let a = nix::sys::stat::fstat(&self.fd).map_err(sys(&self.name, "fstat"))?;
+        let b = nix::sys::stat::fstat(&other.fd).map_err(sys(&other.name, "fstat"))?;
+        Ok((a.st_dev, a.st_ino) == (b.st_dev, b.st_ino))
+    }
+
     /// The namespace fd, e.g. for `Netlink::add_veth` or `set_link_netns`.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

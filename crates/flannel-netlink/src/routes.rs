@@ -2,9 +2,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use flannel_core::datapath::{BlackholeRoute, Route};
+use flannel_core::datapath::{BlackholeRoute, PrefixRoute, Route};
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
     RouteType, RouteVia,
@@ -200,6 +200,33 @@ impl Netlink {
         let op = route_cmd("replace", route);
         let m = route_msg(route, &op, false)?;
         self.new_route(m, &op)
+    }
+
+    /// `ip route add DST dev OIF proto kernel scope link src SRC`: the
+    /// kernel's own prefix route for an address, put back after a stale
+    /// flannel route that had replaced it is deleted. Create-only
+    /// (`NLM_F_EXCL`): whatever route to DST is there (the kernel's, an
+    /// operator's) is left alone. Returns whether the route was added. The
+    /// kernel removes it with the address, as it does its own.
+    pub fn add_prefix_route(&mut self, r: &PrefixRoute) -> Result<bool> {
+        let op = format!(
+            "ip route add {} dev {} proto kernel scope link src {}",
+            r.dst, r.oif, r.src
+        );
+        let mut m = main_route_msg(r.dst, RouteType::Unicast, &op, false)?;
+        m.header.protocol = RouteProtocol::Kernel;
+        m.header.scope = RouteScope::Link;
+        m.attributes.push(RouteAttribute::PrefSource(r.src.into()));
+        m.attributes.push(RouteAttribute::Oif(r.oif));
+        match self.t.request(
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &op,
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_exists() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// RTM_NEWROUTE with replace semantics.

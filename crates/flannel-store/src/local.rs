@@ -46,7 +46,11 @@
 //! so any temp file is a leftover of a crashed writer).
 //!
 //! A file whose name is not a lease key or whose content does not parse is
-//! skipped with a warning naming it; it never hides the other leases. A create
+//! skipped with a warning naming it; it never hides the other leases. So is
+//! anything that is not a regular file (a FIFO, a directory, a symlink, a
+//! device) or is larger than 64 KiB: files are opened with `O_NONBLOCK |
+//! O_NOFOLLOW` and checked with `fstat` before a byte is read, so nothing in
+//! `subnets/` can block a reader. A create
 //! on such a key replaces it (it is not a lease anybody can be holding).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -125,6 +129,10 @@ enum FileState {
     Absent,
     /// Not a lease: the reason, for the warning.
     Bad(String),
+    /// Could not be read now for a reason that passes (out of file
+    /// descriptors or memory): says nothing about the lease, which must be
+    /// neither skipped nor dropped; the operation fails or retries.
+    Unreadable(std::io::Error),
     Lease(Lease),
 }
 
@@ -228,6 +236,7 @@ impl Store for LocalStore {
             // may leave leases of another length. Neither may be doubled.
             let taken = live.values().find(|held| held.key.overlaps(&lease.key));
             let result = match (taken, l.read_lease(&name)) {
+                (None, FileState::Unreadable(e)) => return Err(io_err(&l.subnets.join(&name), e)),
                 (Some(held), _) => {
                     tracing::debug!(wanted = %name, held = %held.key, "subnet already leased");
                     None
@@ -264,6 +273,7 @@ impl Store for LocalStore {
             let (collected, others) = l.collect_garbage(now, Some(&name))?;
             let outcome = match l.read_lease(&name) {
                 FileState::Absent => Err(StoreError::NotFound { key: name.clone() }),
+                FileState::Unreadable(e) => Err(io_err(&l.subnets.join(&name), e)),
                 FileState::Bad(why) => Err(StoreError::InvalidLease {
                     key: name.clone(),
                     detail: format!("stored file cannot be updated: {why}"),
@@ -460,9 +470,10 @@ impl Layout {
             ));
         }
         let path = self.subnets.join(name);
-        let data = match fs::read(&path) {
+        let data = match read_regular(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == ErrorKind::NotFound => return FileState::Absent,
+            Err(e) if is_transient(&e) => return FileState::Unreadable(e),
             Err(e) => return FileState::Bad(format!("cannot read: {e}")),
         };
         match serde_json::from_slice::<Record>(&data) {
@@ -512,6 +523,7 @@ impl Layout {
                     out.insert(name, l);
                 }
                 FileState::Lease(_) | FileState::Absent => {}
+                FileState::Unreadable(e) => return Err(io_err(&self.subnets.join(&name), e)),
                 FileState::Bad(why) => {
                     tracing::warn!(file = %self.subnets.join(&name).display(), problem = %why,
                         "skipping lease file")
@@ -571,6 +583,7 @@ impl Layout {
                         continue;
                     }
                     FileState::Absent | FileState::Bad(_) => continue,
+                    FileState::Unreadable(e) => return Err(io_err(&path, e)),
                 }
             }
             match fs::remove_file(&path) {
@@ -822,6 +835,14 @@ impl Watcher {
             FileState::Lease(_) | FileState::Absent => {
                 self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
             }
+            FileState::Unreadable(e) => {
+                // The receiver keeps what it knows; a full read soon
+                // catches up.
+                tracing::warn!(file = %self.layout.subnets.join(name).display(), error = %e,
+                    "cannot read lease file now; keeping the last known state and retrying in 1 s");
+                self.next_resync = self.next_resync.min(Instant::now() + RETRY_AFTER_ERROR);
+                None
+            }
             FileState::Bad(why) => {
                 tracing::warn!(file = %self.layout.subnets.join(name).display(), problem = %why,
                     "skipping lease file");
@@ -952,6 +973,81 @@ fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// Whether a failed read says nothing about the file: the process or the
+/// system is out of file descriptors or memory, or the call was interrupted.
+/// Skipping the lease then would drop a live peer from every datapath.
+fn is_transient(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if [Errno::EMFILE, Errno::ENFILE, Errno::ENOMEM, Errno::ENOBUFS, Errno::EINTR, Errno::EAGAIN]
+            .iter()
+            .any(|x| *x as i32 == code)
+    )
+}
+
+/// Largest lease file read: a record is a few hundred bytes.
+const MAX_LEASE_FILE: u64 = 64 * 1024;
+
+/// Reads a lease file that must be a regular file of at most
+/// [`MAX_LEASE_FILE`] bytes, without ever blocking: `open(O_NONBLOCK |
+/// O_NOFOLLOW)` returns at once on a FIFO (a plain open would wait for a
+/// writer, forever, freezing the watch thread) and fails on a symlink, and
+/// `fstat` refuses anything that is not a regular file before a byte is
+/// read. `O_NONBLOCK` has no effect on reads of a regular file.
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW).bits())
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::ELOOP as i32 => std::io::Error::new(
+                ErrorKind::InvalidInput,
+                "it is a symlink; lease files must be regular files (write the file in place)",
+            ),
+            _ => e,
+        })?;
+    let meta = file.metadata()?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let kind = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device node"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            format!("it is {kind}; lease files must be regular files (remove it)"),
+        ));
+    }
+    if meta.len() > MAX_LEASE_FILE {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!(
+                "{} bytes is more than a lease record can be ({MAX_LEASE_FILE} bytes at most)",
+                meta.len()
+            ),
+        ));
+    }
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    // `take`: a file growing after the fstat is still read to the bound only.
+    file.take(MAX_LEASE_FILE + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > MAX_LEASE_FILE {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("more than a lease record can be ({MAX_LEASE_FILE} bytes at most)"),
+        ));
+    }
+    Ok(data)
+}
+
 /// fsync a directory so a rename or unlink in it survives a crash.
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
@@ -970,6 +1066,20 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
 mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn out_of_descriptors_is_transient_a_bad_file_is_not() {
+        let os = std::io::Error::from_raw_os_error;
+        assert!(is_transient(&os(nix::libc::EMFILE)));
+        assert!(is_transient(&os(nix::libc::ENFILE)));
+        assert!(is_transient(&os(nix::libc::ENOMEM)));
+        assert!(!is_transient(&os(nix::libc::EACCES)));
+        assert!(!is_transient(&os(nix::libc::EISDIR)));
+        assert!(!is_transient(&std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "a FIFO"
+        )));
+    }
 
     #[test]
     fn owner_is_identified_by_ipv4_then_ipv6() {

@@ -412,3 +412,103 @@ async fn expired_lease_is_not_revived_over_an_overlapping_one() {
     assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
     assert_eq!(store.list_leases().await.unwrap().leases, vec![theirs]);
 }
+
+/// A FIFO, a directory and a symlink named like leases in `subnets/`
+/// (issue 14 item 4): opening a FIFO for reading blocks until a writer
+/// comes, which froze the watch thread of every daemon while /healthz
+/// stayed 200. Each is skipped, listing and the watch stay prompt, and
+/// the real leases are delivered.
+#[tokio::test]
+async fn fifo_directory_and_symlink_in_subnets_are_skipped_without_blocking() {
+    use std::os::unix::fs::symlink;
+    use tokio::time::timeout;
+    let dir = TempDir::new("nonregular");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let good = store
+        .create_lease(&lease("10.244.1.0-24", 1), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let subnets = dir.path().join("subnets");
+    // On failure, release any reader stuck in open(2) on a FIFO (a writer
+    // opening and closing it gives the reader EOF), so that a regression
+    // fails the test instead of hanging the runtime's shutdown.
+    struct Unblock(Vec<std::path::PathBuf>);
+    impl Drop for Unblock {
+        fn drop(&mut self) {
+            use std::os::unix::fs::OpenOptionsExt;
+            for p in &self.0 {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::libc::O_NONBLOCK)
+                    .open(p);
+            }
+        }
+    }
+    let _unblock = Unblock(vec![
+        subnets.join("10.244.9.0-24"),
+        subnets.join("10.244.5.0-24"),
+    ]);
+    nix::unistd::mkfifo(
+        &subnets.join("10.244.9.0-24"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    std::fs::create_dir(subnets.join("10.244.8.0-24")).unwrap();
+    // A symlink to a well-formed lease file: still not a regular file of
+    // the store (it could as well point at a FIFO or /dev/zero).
+    symlink(store.lease_path(&good.key), subnets.join("10.244.7.0-24")).unwrap();
+    // A regular file far larger than any lease record.
+    std::fs::write(subnets.join("10.244.6.0-24"), vec![b' '; 2 << 20]).unwrap();
+
+    let bound = Duration::from_secs(5);
+    let snap = timeout(bound, store.list_leases())
+        .await
+        .expect("list_leases must not block on a FIFO")
+        .unwrap();
+    assert_eq!(snap.leases, vec![good.clone()]);
+
+    let mut rx = timeout(bound, store.watch_leases())
+        .await
+        .expect("the watch must start despite a FIFO")
+        .unwrap();
+    match timeout(bound, rx.recv()).await.expect("a snapshot") {
+        Some(flannel_store::WatchEvent::Snapshot(s)) => assert_eq!(s.leases, vec![good.clone()]),
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+    // A FIFO appearing while the watch runs, then a real lease: the watch
+    // thread reads past the FIFO and delivers the lease.
+    nix::unistd::mkfifo(
+        &subnets.join("10.244.5.0-24"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    let second = store
+        .create_lease(&lease("10.244.2.0-24", 2), None)
+        .await
+        .unwrap()
+        .unwrap();
+    let got = timeout(bound, async {
+        loop {
+            match rx.recv().await {
+                Some(flannel_store::WatchEvent::Events { events, .. }) => {
+                    if events.contains(&flannel_core::lease::LeaseEvent::Upsert(second.clone())) {
+                        return;
+                    }
+                }
+                Some(_) => {}
+                None => panic!("watch closed"),
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "the watch thread is stuck on the FIFO");
+    // Writers (which garbage-collect under the lock) are not stuck either,
+    // and never remove what is not a lease file of theirs.
+    timeout(bound, store.delete_lease(&second.key))
+        .await
+        .expect("delete must not block on a FIFO")
+        .unwrap();
+    assert!(subnets.join("10.244.9.0-24").exists());
+    assert!(subnets.join("10.244.8.0-24").is_dir());
+}

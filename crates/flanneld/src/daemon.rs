@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use flannel_core::admit::{self, ClusterNets, Reason, Rejection};
 use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
 use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::mac::MacAddr;
@@ -348,8 +349,41 @@ pub fn previous_subnet(flags: &Flags) -> Option<LeaseKey> {
     }
 }
 
+/// Raises the soft limit of open files to the hard one (`ulimit -n $(ulimit
+/// -Hn)`): flanneld holds sockets, netlink handles, inotify, lease files and
+/// health connections at once, and a distribution's default soft limit
+/// (1024) is the first to run out. Returns (old, new) soft limits when it
+/// changed.
+pub fn raise_nofile_limit() -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open files limit (RLIMIT_NOFILE)");
+            return None;
+        }
+    };
+    if soft >= hard {
+        return None;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => Some((soft, hard)),
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "cannot raise the open files limit to the hard limit");
+            None
+        }
+    }
+}
+
 /// Runs flanneld to completion: `Ok(())` after SIGTERM/SIGINT.
 pub fn run(flags: Flags) -> Result<(), DaemonError> {
+    if let Some((old, new)) = raise_nofile_limit() {
+        tracing::info!(
+            old,
+            new,
+            "raised the open files limit (RLIMIT_NOFILE) to the hard limit"
+        );
+    }
     let kind = store_kind(&flags)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -518,6 +552,10 @@ struct State<S: Store> {
     /// The VtepMAC of each enabled family (vxlan only).
     mac: PerFamily<Option<MacAddr>>,
     leases: BTreeMap<LeaseKey, Lease>,
+    /// The leases [`admit`] keeps out of the datapath, as of the last
+    /// lease set pushed (each is logged when it appears or its reason
+    /// changes, not on every pass).
+    rejected: BTreeMap<LeaseKey, Reason>,
     mtu: u32,
     reconciler: Option<Reconciler>,
     /// Masquerade/forward rules (crate::rules), started once the lease is held.
@@ -619,6 +657,7 @@ async fn run_async<S: Store>(
         own,
         mac,
         leases,
+        rejected: BTreeMap::new(),
         mtu,
         reconciler: None,
         rules: None,
@@ -626,7 +665,8 @@ async fn run_async<S: Store>(
         health,
     };
     let settings = st.settings();
-    let rec = Reconciler::start_with(settings, st.lease_vec(), st.health.datapath.clone())?;
+    let admitted = st.admitted_leases();
+    let rec = Reconciler::start_with(settings, admitted, st.health.datapath.clone())?;
     let report = rec.pass_now().await?;
     if let Some(e) = report.device_error {
         rec.shutdown();
@@ -764,9 +804,56 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    fn push_leases(&self) {
-        if let Some(r) = &self.reconciler {
-            let _ = r.send(Request::Leases(self.lease_vec()));
+    /// The leases the datapath may program: [`admit`] applied to the
+    /// current set, so that a hostile or conflicting entry of any store
+    /// reaches neither the kernel nor the udp peer table. A rejection is
+    /// logged once, when it appears or its reason changes, and a lease that
+    /// is programmed again says so.
+    fn admitted_leases(&mut self) -> Vec<Lease> {
+        let all = self.lease_vec();
+        let a = admit::admit(
+            &ClusterNets::from_config(&self.s.cfg),
+            &self.own.key,
+            &self.attrs,
+            &all,
+            SystemTime::now(),
+        );
+        let rejected: BTreeMap<LeaseKey, Reason> =
+            a.rejected.into_iter().map(|r| (r.key, r.reason)).collect();
+        let mut changed = false;
+        for (key, reason) in &rejected {
+            if self.rejected.get(key) != Some(reason) {
+                changed = true;
+                let r = Rejection {
+                    key: *key,
+                    reason: reason.clone(),
+                };
+                tracing::warn!(lease = %key, "{r}");
+            }
+        }
+        for key in self.rejected.keys().filter(|k| !rejected.contains_key(k)) {
+            changed = true;
+            if self.leases.contains_key(key) {
+                tracing::info!(lease = %key, "lease {key} is no longer in conflict: programming it");
+            }
+        }
+        if changed {
+            tracing::info!(
+                rejected = rejected.len(),
+                admitted = a.admitted.len(),
+                "lease admission changed"
+            );
+        }
+        self.rejected = rejected;
+        a.admitted
+    }
+
+    fn push_leases(&mut self) {
+        if self.reconciler.is_some() {
+            let leases = self.admitted_leases();
+            if let Some(r) = &self.reconciler {
+                let _ = r.send(Request::Leases(leases));
+            }
         }
     }
 

@@ -65,7 +65,9 @@ pub struct Flags {
     pub public_ipv6: Option<Ipv6Addr>,
 
     /// Masquerade traffic leaving the overlay (chain FLANNEL-POSTRTG, or the
-    /// nftables postrtg chain; FLANNEL_IPMASQ=true in subnet.env).
+    /// nftables postrtg chain; FLANNEL_IPMASQ=true in subnet.env). With this or
+    /// --iptables-forward-rules, vxlan and udp also drop pods' datagrams to
+    /// the encapsulation port (chain FLANNEL-ENCAP, or the nftables encap chain).
     #[arg(long, env = "FLANNELD_IP_MASQ", action = ArgAction::Set, num_args = 0..=1,
           require_equals = true, default_value = "false", default_missing_value = "true",
           value_parser = BoolishValueParser::new())]

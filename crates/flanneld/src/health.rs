@@ -15,11 +15,21 @@
 //!
 //! The listener is bound before the daemon writes anything, so a port in use
 //! or an address not on the node stops flanneld with nothing changed.
+//!
+//! Whoever can reach the port can open connections, so they are bounded:
+//! at most [`MAX_CONNECTIONS`] are served at once (a new one closes the
+//! oldest, so a flood of idle or slow connections neither exhausts the
+//! daemon's file descriptors nor keeps a fresh probe waiting), a client has
+//! [`HEADER_TIMEOUT`] to send a request's headers (also between requests of
+//! a keep-alive connection), and no connection lives longer than
+//! [`CONNECTION_LIFETIME`]. axum's `serve` has none of these, so the
+//! connections are driven with hyper directly (axum's own HTTP stack).
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -28,14 +38,18 @@ use axum::routing::get;
 use axum::Router;
 use flannel_core::udp::Counters;
 use flannel_core::wire;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
 use crate::backend::udp::CountersReader;
 use crate::reconcile::PassReport;
@@ -54,6 +68,21 @@ const BODY_NOT_FOUND: &str = "404 page not found\n";
 
 /// How long shutdown waits for requests in flight before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Connections served at once; a new one beyond it closes the oldest.
+/// Probes and scrapes need a handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request's headers, counted from
+/// the connection's start or the previous response (hyper's header read
+/// timeout): idle and slowloris connections are closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest any connection lives (a body sent slowly, a response not
+/// read); a keep-alive client reconnects.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// The request buffer of one connection (hyper's minimum is 8 KiB).
+const MAX_BUF: usize = 16 * 1024;
+/// At most one warning about a flood of connections per this interval.
+const FLOOD_WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Why the health endpoint could not start. Each message names the flag.
 #[derive(Debug, thiserror::Error)]
@@ -349,14 +378,7 @@ impl HealthServer {
             .map_err(|source| HealthError::Bind { addr, source })?;
         let (stop, stopped) = oneshot::channel::<()>();
         let app = router(health);
-        let task = tokio::spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            });
-            if let Err(e) = served.await {
-                tracing::error!(error = %e, "health endpoint stopped");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, stopped));
         tracing::info!(%addr, "health endpoint listening (/healthz, /readyz, /metrics)");
         Ok(HealthServer {
             addr,
@@ -385,6 +407,128 @@ impl HealthServer {
                 task.abort();
                 let _ = task.await;
             }
+        }
+    }
+}
+
+/// The connections being served, by age (accept order).
+type Live = Arc<Mutex<BTreeMap<u64, AbortHandle>>>;
+
+fn lock(live: &Live) -> std::sync::MutexGuard<'_, BTreeMap<u64, AbortHandle>> {
+    live.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Removes a connection from [`Live`] when its task ends or is aborted.
+struct Registered {
+    id: u64,
+    live: Live,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.live).remove(&self.id);
+    }
+}
+
+/// Closes the oldest connection; returns whether there was one.
+fn close_oldest(live: &Live) -> bool {
+    match lock(live).pop_first() {
+        Some((_, h)) => {
+            h.abort();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Logs `what` at warn level at most once per [`FLOOD_WARN_INTERVAL`],
+/// else at debug level.
+fn warn_flood(last: &mut Option<Instant>, what: std::fmt::Arguments<'_>) {
+    if last.is_none_or(|t| t.elapsed() >= FLOOD_WARN_INTERVAL) {
+        *last = Some(Instant::now());
+        tracing::warn!("health endpoint: {what}");
+    } else {
+        tracing::debug!("health endpoint: {what}");
+    }
+}
+
+/// The accept loop: each connection on a task of its own, at most
+/// [`MAX_CONNECTIONS`] of them (module documentation). On `stopped` the
+/// listener closes and every connection finishes its request in flight.
+async fn serve(listener: TcpListener, app: Router, mut stopped: oneshot::Receiver<()>) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let live: Live = Arc::default();
+    let mut tasks = JoinSet::new();
+    let mut next_id = 0u64;
+    let mut warned = None;
+    loop {
+        tokio::select! {
+            _ = &mut stopped => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    if lock(&live).len() >= MAX_CONNECTIONS {
+                        close_oldest(&live);
+                        warn_flood(&mut warned, format_args!(
+                            "{MAX_CONNECTIONS} connections open (the latest from {peer}); closing the oldest for each new one"));
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    let reg = Registered { id, live: Arc::clone(&live) };
+                    // Inserted under the lock the task's `Registered` takes
+                    // to remove itself, so a task that ends at once is not
+                    // left behind in the map.
+                    let mut map = lock(&live);
+                    let handle = tasks.spawn(serve_connection(stream, app.clone(), stop_rx.clone(), reg));
+                    map.insert(id, handle);
+                }
+                Err(e) => {
+                    // Out of file descriptors: closing the oldest connection
+                    // frees one for the next accept. Anything else is about
+                    // the one connection (ECONNABORTED) or passes.
+                    let fds = matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE));
+                    if fds {
+                        close_oldest(&live);
+                    }
+                    warn_flood(&mut warned, format_args!("accepting a connection failed: {e}{}",
+                        if fds { " (out of file descriptors; closed the oldest connection)" } else { "" }));
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One HTTP/1.1 connection with the header timeout, the buffer bound and
+/// the lifetime bound; on shutdown the request in flight finishes.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+    _reg: Registered,
+) {
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_BUF)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut conn = std::pin::pin!(conn);
+    let run = async {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        conn.as_mut().graceful_shutdown();
+        conn.as_mut().await
+    };
+    match tokio::time::timeout(CONNECTION_LIFETIME, run).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "health endpoint connection ended"),
+        Err(_) => {
+            tracing::debug!("health endpoint connection closed after {CONNECTION_LIFETIME:?}")
         }
     }
 }
@@ -512,6 +656,88 @@ mod tests {
             .expect("shutdown does not hang");
         drop(idle);
         assert!(TcpStream::connect(addr).is_err(), "still listening");
+    }
+
+    /// Whether the server has closed `s` (EOF or reset) within `within`.
+    fn closed_by_server(s: &mut TcpStream, within: Duration) -> bool {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Issue 14 item 7 / issue 12: many idle connections and slowloris
+    /// ones neither pile up nor keep a fresh probe waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_and_slow_connections_are_bounded_and_timed_out() {
+        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, Health::default())
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        let flood = MAX_CONNECTIONS + 40;
+        let (answer, closed) = client(move || {
+            let mut idle: Vec<TcpStream> = (0..flood)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            // A fresh probe is served at once, flood or not.
+            let started = Instant::now();
+            let answer = get(addr, "/healthz");
+            let took = started.elapsed();
+            assert!(took < HEADER_TIMEOUT, "the probe waited {took:?}");
+            // The oldest connections were closed to stay within the bound.
+            let closed = idle
+                .iter_mut()
+                .map(|s| closed_by_server(s, Duration::from_millis(50)))
+                .filter(|c| *c)
+                .count();
+            (answer, closed)
+        })
+        .await;
+        assert_eq!(answer, (200, BODY_RUNNING.to_string()));
+        assert!(
+            closed > flood - MAX_CONNECTIONS,
+            "{closed} of {flood} idle connections closed; at most {MAX_CONNECTIONS} may stay"
+        );
+        // Slowloris: headers trickled a byte at a time never complete; the
+        // connection is closed by the header timeout.
+        let slow_closed = client(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            let started = Instant::now();
+            while started.elapsed() < HEADER_TIMEOUT * 3 {
+                if s.write_all(b"X").is_err()
+                    || closed_by_server(&mut s, Duration::from_millis(500))
+                {
+                    return Some(started.elapsed());
+                }
+            }
+            None
+        })
+        .await;
+        let took = slow_closed.expect("a slowloris connection is closed by the header timeout");
+        assert!(
+            took >= HEADER_TIMEOUT - Duration::from_secs(1),
+            "closed after {took:?}"
+        );
+        // An idle connection that sent nothing is closed by the same timeout.
+        let idle_closed = client(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            closed_by_server(&mut s, HEADER_TIMEOUT * 3)
+        })
+        .await;
+        assert!(
+            idle_closed,
+            "an idle connection outlived the header timeout"
+        );
+        assert_eq!(client(move || get(addr, "/healthz")).await.0, 200);
+        srv.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

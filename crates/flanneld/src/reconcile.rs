@@ -674,12 +674,53 @@ impl Worker {
                 Ok(()) => {
                     tracing::info!("{what}");
                     report.changes += 1;
+                    if let Op::DelRoute(r) = &op {
+                        self.restore_underlay_route(family, device, r, report);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "failed: {what}");
                     report.errors.push(format!("{what}: {e}"));
                 }
             }
+        }
+    }
+
+    /// After deleting a stale route outside the cluster network from our
+    /// device (written for a lease an earlier version should not have
+    /// programmed): puts back the external interface's prefix route it had
+    /// replaced, when that is missing now (flannel-core's
+    /// `underlay_route_to_restore`).
+    fn restore_underlay_route(
+        &mut self,
+        family: IpFamily,
+        device: Option<u32>,
+        deleted: &Route,
+        report: &mut PassReport,
+    ) {
+        let Some(scope) = self.settings.scope(family, device) else {
+            return;
+        };
+        let ext = &self.settings.external;
+        let Some(p) =
+            datapath::underlay_route_to_restore(&scope, deleted, ext.ifindex, &ext.connected)
+        else {
+            return;
+        };
+        let what = format!(
+            "ip route add {} dev {} proto kernel scope link src {}",
+            p.dst, ext.name, p.src
+        );
+        match self.nl.add_prefix_route(&p) {
+            Ok(true) => {
+                tracing::warn!(
+                    "restored the underlay route {} dev {} that a route of an earlier flannel for a lease outside the cluster network had replaced",
+                    p.dst, ext.name
+                );
+                report.changes += 1;
+            }
+            Ok(false) => {}
+            Err(e) => report.failed(format!("{what}: {e}")),
         }
     }
 

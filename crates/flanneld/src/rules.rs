@@ -1,5 +1,7 @@
 //! Keeps the masquerade (`--ip-masq`) and forward (`--iptables-forward-rules`)
-//! rules in line, level-triggered: every `--iptables-resync` seconds the
+//! rules, and with either of them the encapsulation guard (pods' datagrams
+//! to the vxlan or udp port dropped, see [`flannel_core::rules`]), in line,
+//! level-triggered: every `--iptables-resync` seconds the
 //! rules are read back (`iptables-save` / `nft -j list table`), compared with
 //! the desired set of [`flannel_core::rules`], and rewritten only when they
 //! differ. A deleted rule comes back, a rule inserted among ours makes the
@@ -27,9 +29,10 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use flannel_core::config::NetConfig;
+use flannel_core::config::{BackendConfig, NetConfig};
 use flannel_core::lease::{IpFamily, LeaseKey};
 use flannel_core::rules::{self, FamilyNets, Mode, RuleOptions, RulesError, RulesInput, FAMILIES};
+use flannel_core::wire;
 use nftables::helper as nft_helper;
 use nftables::schema::{NfListObject, NfObject, Nftables};
 
@@ -39,7 +42,7 @@ use crate::health::RulesMetrics;
 /// A failure to read or write rules.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesIoError {
-    #[error("running `{cmd}`: {source}; install it (Debian: iptables / nftables) or run flanneld without --ip-masq and with --iptables-forward-rules=false")]
+    #[error("running `{cmd}`: {source}; {}", spawn_hint(.source))]
     Spawn {
         cmd: String,
         #[source]
@@ -61,6 +64,25 @@ pub enum RulesIoError {
     },
     #[error(transparent)]
     Parse(#[from] RulesError),
+}
+
+/// What to do about a command that could not be started: only a missing
+/// binary is about installing iptables / nftables; running out of file
+/// descriptors, processes or memory is about flanneld or the node.
+fn spawn_hint(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft.to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!("flanneld has run out of file descriptors (open files limit {limit}), which has nothing to do with iptables; see what holds them (ls -l /proc/<flanneld pid>/fd) and raise the limit (systemd: LimitNOFILE=)")
+        }
+        Some(libc::ENFILE) => "the system has run out of file descriptors (fs.file-max), which has nothing to do with iptables; find what holds them".into(),
+        Some(libc::EAGAIN) | Some(libc::ENOMEM) => "the node is out of processes or memory; the next pass retries".into(),
+        _ if e.kind() == std::io::ErrorKind::NotFound => "install it (Debian: iptables / nftables) or run flanneld without --ip-masq and with --iptables-forward-rules=false".into(),
+        _ if e.kind() == std::io::ErrorKind::PermissionDenied => "check the permissions of the binary and that flanneld runs as root".into(),
+        _ => "the next pass retries".into(),
+    }
 }
 
 fn nft_detail(e: &nft_helper::NftablesError) -> String {
@@ -101,7 +123,19 @@ pub fn input_from(flags: &Flags, cfg: &NetConfig, own: &LeaseKey) -> RulesInput 
             masquerade: flags.ip_masq,
             fully_random: !flags.ip_masq_fully_random_disable,
             forward: flags.iptables_forward_rules,
+            encap_port: encap_port(&cfg.backend),
         },
+    }
+}
+
+/// The UDP port the backend encapsulates in, for the encapsulation guard:
+/// vxlan's `Port` (0: the kernel's 8472), udp's `Port`; none for host-gw.
+pub fn encap_port(backend: &BackendConfig) -> Option<u16> {
+    match backend {
+        BackendConfig::Vxlan(v) if v.port == 0 => Some(wire::VXLAN_DEFAULT_PORT),
+        BackendConfig::Vxlan(v) => Some(v.port),
+        BackendConfig::Udp(u) => Some(u.port),
+        BackendConfig::HostGw => None,
     }
 }
 
@@ -294,8 +328,9 @@ pub fn sync(input: &RulesInput, families: &[IpFamily]) -> (SyncReport, Vec<Rules
 }
 
 /// Removes everything flannel has in one mode, both families
-/// (iptables: chains FLANNEL-POSTRTG in nat and FLANNEL-FWD in filter with
-/// their jumps; nftables: tables flannel-ipv4 and flannel-ipv6).
+/// (iptables: chains FLANNEL-POSTRTG in nat, FLANNEL-FWD in filter and
+/// FLANNEL-ENCAP in raw with their jumps; nftables: tables flannel-ipv4
+/// and flannel-ipv6).
 pub fn remove_mode(mode: Mode) -> (SyncReport, Vec<RulesIoError>) {
     let nothing = RulesInput {
         mode,
@@ -508,6 +543,30 @@ mod tests {
     }
 
     #[test]
+    fn spawn_errors_name_the_real_cause() {
+        let err = |source| {
+            RulesIoError::Spawn {
+                cmd: "iptables-save".into(),
+                source,
+            }
+            .to_string()
+        };
+        let missing = err(std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(missing.contains("install it"), "{missing}");
+        // Issue 14 item 7: out of descriptors is not "install iptables".
+        let emfile = err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(
+            emfile.contains("out of file descriptors") && !emfile.contains("install"),
+            "{emfile}"
+        );
+        let enfile = err(std::io::Error::from_raw_os_error(libc::ENFILE));
+        assert!(
+            enfile.contains("fs.file-max") && !enfile.contains("install"),
+            "{enfile}"
+        );
+    }
+
+    #[test]
     fn input_from_flags_config_and_lease() {
         let key = LeaseKey {
             ipv4: Some("10.244.3.0/24".parse().unwrap()),
@@ -532,7 +591,8 @@ mod tests {
             RuleOptions {
                 masquerade: true,
                 fully_random: true,
-                forward: true
+                forward: true,
+                encap_port: Some(8472),
             }
         );
 
@@ -548,7 +608,8 @@ mod tests {
             RuleOptions {
                 masquerade: false,
                 fully_random: false,
-                forward: false
+                forward: false,
+                encap_port: Some(8472),
             }
         );
         assert!(i.wants_nothing());

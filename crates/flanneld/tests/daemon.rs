@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flannel_core::datapath::{FdbEntry, Neighbour, Route};
-use flannel_core::lease::{Lease, LeaseKey};
+use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
 use flannel_core::mac::MacAddr;
 use flannel_core::subnet_env::SubnetEnv;
 use flannel_netlink::netns::ScopedNetNs;
@@ -293,6 +293,41 @@ impl Cluster {
             let store = LocalStore::open(&self.store_dir).unwrap();
             store.delete_lease(&key).await.unwrap();
         })
+    }
+
+    /// Writes a vxlan lease file straight into the store (a reservation),
+    /// as a hand edit or another tool would: unlike `create_lease` it
+    /// bypasses every check, so it can put hostile entries there.
+    fn put_raw_lease(&self, key: &str, public_ip: &str, vtep_mac: &str) {
+        let attrs = LeaseAttrs::new_vxlan(
+            Some(public_ip.parse().unwrap()),
+            Some(VxlanBackendData {
+                vni: 1,
+                vtep_mac: vtep_mac.parse().unwrap(),
+            }),
+            None,
+            None,
+        );
+        let record = format!(
+            r#"{{"LeaseAttrs":{},"ExpiresUnixMs":null}}"#,
+            attrs.to_json()
+        );
+        let dir = self.store_dir.join("subnets");
+        let tmp = dir.join(format!(".tmp.test.{key}"));
+        fs::write(&tmp, record).unwrap();
+        fs::rename(&tmp, dir.join(key)).unwrap();
+    }
+
+    /// Starts nodes 1 and 2 and waits until node 1 holds node 2's triple;
+    /// returns both daemons and node 2's (subnet, public ip, vtep mac).
+    fn start_two(&self) -> (Daemon, Daemon, Vec<(Ipv4Net, Ipv4Addr, MacAddr)>) {
+        let mut d0 = self.start(0, &[]);
+        let mut d1 = self.start(1, &[]);
+        self.nodes[0].wait_subnet(&mut d0);
+        let s1 = self.nodes[1].wait_subnet(&mut d1);
+        let peers0 = self.peers_of(&[s1]);
+        self.wait_programmed(0, &peers0, Duration::from_secs(10));
+        (d0, d1, peers0)
     }
 
     /// (subnet, public ip, vtep mac) of every node, from the store.
@@ -1386,4 +1421,189 @@ fn existing_device_with_wrong_attributes_is_recreated_keeping_its_mac() {
     assert_eq!(lease.attrs.public_ip, Some(Ipv4Addr::new(198, 51, 100, 7)));
     assert_eq!(lease.attrs.vxlan_data().unwrap().vtep_mac, mac);
     assert!(d.stop().success());
+}
+
+/// The main-table routes of `node` to exactly `dst`.
+fn routes_to(node: &Node, dst: &str) -> Vec<Route> {
+    let dst: IpNet = dst.parse().unwrap();
+    node.nl(|nl| nl.list_routes().unwrap())
+        .into_iter()
+        .filter(|r| r.dst == dst)
+        .collect()
+}
+
+/// Issue 14 item 1: a lease for the underlay's own subnet (a file named
+/// `172.16.1.0-24`) is never programmed, so the kernel's route to the
+/// underlay stays; and a route an earlier version wrote for it on
+/// flannel.1 (which had replaced that kernel route) is deleted at start,
+/// the kernel's prefix route put back, and the node reaches its peers again.
+#[test]
+fn lease_outside_the_network_is_skipped_and_its_stale_route_healed() {
+    let c = Cluster::new("outside", 2);
+    let (d0, d1, peers0) = c.start_two();
+    assert!(d0.stop().success());
+
+    // What an earlier version left on node1 for the hostile lease.
+    c.put_raw_lease("172.16.1.0-24", "172.16.1.99", "02:00:00:00:00:99");
+    let vx = c.nodes[0].state().unwrap().link.index;
+    let stale = Route {
+        dst: "172.16.1.0/24".parse().unwrap(),
+        gateway: Some("172.16.1.0".parse().unwrap()),
+        oif: vx,
+        onlink: true,
+    };
+    c.nodes[0].nl(|nl| nl.replace_route(&stale).unwrap());
+    assert_eq!(routes_to(&c.nodes[0], "172.16.1.0/24"), vec![stale.clone()]);
+    assert!(
+        !ping(&c.nodes[0], "172.16.1.12"),
+        "the stale route cuts node1 off the underlay"
+    );
+
+    // node2, running, sees the hostile lease: warned, never programmed.
+    wait_for(
+        "node2's warning about 172.16.1.0-24",
+        Duration::from_secs(10),
+        || {
+            read_log(&c.nodes[1].log())
+                .contains("lease 172.16.1.0-24 is not programmed: its IPv4 subnet 172.16.1.0/24 is not inside the cluster network 10.244.0.0/16")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let eth0 = c.nodes[1].state().unwrap().eth0;
+    let r = routes_to(&c.nodes[1], "172.16.1.0/24");
+    assert!(
+        r.len() == 1 && r[0].oif == eth0 && r[0].gateway.is_none(),
+        "node2's underlay route must stay the kernel's: {r:?}\nlog:\n{}",
+        read_log(&c.nodes[1].log())
+    );
+    assert!(ping(&c.nodes[1], "172.16.1.1"), "node2 keeps its underlay");
+
+    // node1 restarted: the stale route goes, eth0's prefix route is back.
+    let mut d0 = c.start(0, &[]);
+    c.nodes[0].wait_subnet(&mut d0);
+    let eth0 = c.nodes[0].state().unwrap().eth0;
+    wait_for(
+        "node1's underlay route restored",
+        Duration::from_secs(10),
+        || {
+            let r = routes_to(&c.nodes[0], "172.16.1.0/24");
+            (r.len() == 1 && r[0].oif == eth0 && r[0].gateway.is_none()).then_some(())
+        },
+    );
+    c.wait_programmed(0, &peers0, Duration::from_secs(10));
+    wait_for("node1 reaches node2 again", Duration::from_secs(10), || {
+        ping(&c.nodes[0], "172.16.1.12").then_some(())
+    });
+    let log = read_log(&c.nodes[0].log());
+    assert!(
+        log.contains("restored the underlay route 172.16.1.0/24 dev eth0"),
+        "{log}"
+    );
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
+}
+
+/// Issue 14 items 2 and 3, issue 12 "bad input": leases duplicating a
+/// peer's VtepMAC or PublicIP, overlapping its subnet, or with an unusable
+/// VtepMAC or PublicIP are skipped with one warning each naming the lease;
+/// the real peer keeps its neighbour, FDB entry and route (no flapping),
+/// and a later lease change does not repeat the warnings.
+#[test]
+fn hostile_and_conflicting_leases_are_skipped_once_and_the_real_peer_kept() {
+    let c = Cluster::new("hostile", 2);
+    let (d0, d1, peers0) = c.start_two();
+    let s1 = peers0[0].0;
+    let mac2 = peers0[0].2.to_string();
+    let inner = format!("{}-25", Ipv4Addr::from(u32::from(s1.network()) + 128));
+    let hostile: Vec<(String, &str, String, &str)> = vec![
+        (
+            "10.244.250.0-24".into(),
+            "172.16.1.77",
+            mac2.clone(),
+            "is also the VtepMAC of lease",
+        ),
+        (
+            inner.clone(),
+            "172.16.1.78",
+            "02:00:00:00:00:78".into(),
+            "overlaps",
+        ),
+        (
+            "10.244.251.0-24".into(),
+            "172.16.1.12",
+            "02:00:00:00:00:79".into(),
+            "is also the PublicIP of",
+        ),
+        (
+            "10.244.252.0-24".into(),
+            "172.16.1.80",
+            "00:00:00:00:00:00".into(),
+            "the zero address",
+        ),
+        (
+            "10.244.253.0-24".into(),
+            "172.16.1.81",
+            "01:00:5e:00:00:01".into(),
+            "a multicast address",
+        ),
+        (
+            "10.244.254.0-24".into(),
+            "172.16.1.82",
+            "ff:ff:ff:ff:ff:ff".into(),
+            "the broadcast address",
+        ),
+        (
+            "10.244.249.0-24".into(),
+            "10.244.7.7",
+            "02:00:00:00:00:83".into(),
+            "inside the cluster network",
+        ),
+        (
+            "10.244.248.0-24".into(),
+            "127.0.0.1",
+            "02:00:00:00:00:84".into(),
+            "a loopback address",
+        ),
+    ];
+    for (key, ip, mac, _) in &hostile {
+        c.put_raw_lease(key, ip, mac);
+    }
+    let warning = |key: &str| format!("lease {key} is not programmed: ");
+    for (key, _, _, why) in &hostile {
+        wait_for(
+            &format!("node1's warning about {key}"),
+            Duration::from_secs(10),
+            || {
+                read_log(&c.nodes[0].log())
+                    .lines()
+                    .any(|l| l.contains(&warning(key)) && l.contains(why))
+                    .then_some(())
+            },
+        );
+    }
+    // Exactly node2's triple, and it stays so (no FDB flapping).
+    for _ in 0..10 {
+        c.wait_programmed(0, &peers0, Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_for("ping node2's VTEP", Duration::from_secs(10), || {
+        ping(&c.nodes[0], &s1.network().to_string()).then_some(())
+    });
+    // A new, valid peer: programmed; the rejections are not logged again.
+    c.put_raw_lease("10.244.247.0-24", "172.16.1.90", "02:00:00:00:00:90");
+    let mut with_new = peers0.clone();
+    with_new.push((
+        "10.244.247.0/24".parse().unwrap(),
+        "172.16.1.90".parse().unwrap(),
+        "02:00:00:00:00:90".parse().unwrap(),
+    ));
+    c.wait_programmed(0, &with_new, Duration::from_secs(10));
+    let log = read_log(&c.nodes[0].log());
+    for (key, _, _, _) in &hostile {
+        let n = log.lines().filter(|l| l.contains(&warning(key))).count();
+        assert_eq!(n, 1, "one warning for {key}, not one per pass:\n{log}");
+    }
+    assert!(d0.stop().success());
+    assert!(d1.stop().success());
 }

@@ -379,3 +379,142 @@ fn udp_backend_counters_are_served_as_metrics() {
         d.stop(&c.nodes[i].log());
     }
 }
+
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
+fn open_files_limit(pid: u32) -> (u64, u64) {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+/// Issue 14 item 7, issue 12 "bad input": flanneld started with a low
+/// soft open-files limit raises it to the hard one; hundreds of idle and
+/// slowloris connections (more than that low limit) are not all kept open,
+/// a fresh /healthz answers at once, and leases are still programmed, with
+/// no misleading "install iptables" error.
+#[test]
+fn a_flood_of_idle_and_slow_connections_neither_blocks_health_nor_the_datapath() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use std::os::unix::process::CommandExt;
+    let c = Cluster::new("flood", 1);
+    let node = &c.nodes[0];
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let low = 256;
+    assert!(
+        hard > 2048,
+        "the test needs a hard open-files limit above 2048, have {hard}"
+    );
+    let port = PORT.to_string();
+    let mut cmd = c.command(0, &["--healthz-ip", "127.0.0.1", "--healthz-port", &port]);
+    // SAFETY: setrlimit(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            setrlimit(Resource::RLIMIT_NOFILE, low, hard)?;
+            Ok(())
+        });
+    }
+    let mut d = Daemon(Some(cmd.spawn().expect("spawn flanneld")));
+    let pid = d.0.as_ref().unwrap().id();
+    c.wait_subnet_env(0, &mut d);
+    assert_eq!(
+        open_files_limit(pid),
+        (hard, hard),
+        "flanneld must raise its soft open-files limit to the hard one"
+    );
+    wait_for("/readyz 200", Duration::from_secs(15), || {
+        d.check_alive(&node.log());
+        (get_in(node, "/readyz")?.0 == 200).then_some(())
+    });
+
+    let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+    let idle_n = 400;
+    let slow_n = 20;
+    let (mut idle, mut slow) = node
+        .ns
+        .run(move || {
+            let idle: Vec<TcpStream> = (0..idle_n)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let slow: Vec<TcpStream> = (0..slow_n)
+                .map(|_| {
+                    let mut s = TcpStream::connect(addr).unwrap();
+                    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n")
+                        .unwrap();
+                    s
+                })
+                .collect();
+            (idle, slow)
+        })
+        .unwrap();
+    // A fresh probe is answered at once.
+    let started = Instant::now();
+    assert_eq!(
+        get_in(node, "/healthz"),
+        Some((200, "flanneld is running\n".into())),
+        "log:\n{}",
+        read_log(&node.log())
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "/healthz took {:?} under the flood",
+        started.elapsed()
+    );
+    // The server keeps a bounded number of them: the rest were closed.
+    let closed_by_server = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut b = [0u8; 16];
+        matches!(s.read(&mut b), Ok(0))
+            || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    };
+    let closed = idle
+        .iter_mut()
+        .chain(slow.iter_mut())
+        .filter_map(|s| closed_by_server(s).then_some(()))
+        .count();
+    assert!(
+        closed >= idle_n + slow_n - 64,
+        "only {closed} of {} connections closed by flanneld",
+        idle_n + slow_n
+    );
+    // The datapath goes on: a new peer's lease is programmed while the
+    // client still holds every socket.
+    let peer = flannel_core::lease::Lease {
+        key: "10.244.250.0-24".parse().unwrap(),
+        attrs: flannel_core::lease::LeaseAttrs::new_vxlan(
+            Some("172.16.1.50".parse().unwrap()),
+            Some(flannel_core::lease::VxlanBackendData {
+                vni: 1,
+                vtep_mac: "02:00:00:00:00:50".parse().unwrap(),
+            }),
+            None,
+            None,
+        ),
+        expiration: None,
+    };
+    common::block_on(async {
+        use flannel_store::Store;
+        let store = flannel_store::LocalStore::open(&c.bed.store).unwrap();
+        store.create_lease(&peer, None).await.unwrap().unwrap();
+    });
+    let dst: IpNet = "10.244.250.0/24".parse().unwrap();
+    wait_for("the new peer's route", Duration::from_secs(10), || {
+        d.check_alive(&node.log());
+        node.nl(|nl| nl.list_routes().unwrap())
+            .iter()
+            .any(|r| r.dst == dst)
+            .then_some(())
+    });
+    drop(idle);
+    drop(slow);
+    let log = read_log(&node.log());
+    assert!(!log.contains("install it"), "a misleading hint:\n{log}");
+    assert!(!log.contains("Too many open files"), "{log}");
+    d.stop(&node.log());
+}

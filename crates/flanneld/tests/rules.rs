@@ -9,7 +9,7 @@
 //! processes killed by PID, directories) goes on drop, also on panic.
 
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    flanneld_in, local_store_flags, read_log, require_root, wait_for, Daemon, NodeNs, Testbed,
+    flanneld_in, inner_udp, local_store_flags, read_log, require_root, wait_for, Daemon, NodeNs,
+    Testbed,
 };
 
 const IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}"#;
@@ -307,6 +308,7 @@ fn nftables_mode_table_is_exact_and_restored_within_resync() {
             masquerade: true,
             fully_random: true,
             forward: true,
+            encap_port: None,
         },
     )
     .unwrap();
@@ -747,27 +749,38 @@ fn masquerade_behaviour(tag: &str, config: &str, mode: Mode) {
     d2.stop(&n2.log());
 }
 
-/// IPv6 (flanneld is IPv4-only until dual stack lands): the library keeps
-/// ip6tables and the ip6 nftables table in line in a namespace of ours.
-#[test]
-fn ipv6_rules_in_both_modes() {
+/// A namespace of ours and iptables-mode input for IPv6 alone
+/// (fd00:10:244::/56, our subnet fd00:10:244:1::/64) with `options`.
+fn ipv6_only(prefix: &str, options: RuleOptions) -> (ScopedNetNs, RulesInput) {
     require_root();
-    let ns = ScopedNetNs::unique("fdru6").unwrap();
+    let ns = ScopedNetNs::unique(prefix).unwrap();
     let nets = FamilyNets::v6(
         "fd00:10:244::/56".parse().unwrap(),
         "fd00:10:244:1::/64".parse().unwrap(),
     )
     .unwrap();
-    let mut input = RulesInput {
+    let input = RulesInput {
         mode: Mode::Iptables,
         v4: None,
         v6: Some(nets),
-        options: RuleOptions {
+        options,
+    };
+    (ns, input)
+}
+
+/// IPv6 (flanneld is IPv4-only until dual stack lands): the library keeps
+/// ip6tables and the ip6 nftables table in line in a namespace of ours.
+#[test]
+fn ipv6_rules_in_both_modes() {
+    let (ns, mut input) = ipv6_only(
+        "fdru6",
+        RuleOptions {
             masquerade: true,
             fully_random: true,
             forward: true,
+            encap_port: None,
         },
-    };
+    );
     let name = ns.name.clone();
     let save = |table: &str| -> Vec<String> {
         sh_in(&name, "ip6tables-save", &["-t", table])
@@ -874,6 +887,7 @@ fn dual_stack_flanneld_writes_both_families_in_both_modes() {
             masquerade: true,
             fully_random: true,
             forward: true,
+            encap_port: None,
         },
     };
     let want = |f: IpFamily, table: &str| -> Vec<String> {
@@ -944,4 +958,296 @@ fn dual_stack_flanneld_writes_both_families_in_both_modes() {
         "{}",
         nft_tables(node)
     );
+}
+
+const VXLAN_IPT_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
+const UDP_NFT_CONFIG: &str =
+    r#"{"Network": "10.244.0.0/16", "EnableNFTables": true, "Backend": {"Type": "udp"}}"#;
+
+/// A pod namespace behind `node` (a veth pair standing for cni0 and the
+/// pod's eth0): the node side gets `gw/24`, the pod `addr/24` with a
+/// default route via `gw`; the node forwards.
+fn add_pod_ns(node: &Node, gw: Ipv4Addr, addr: Ipv4Addr) -> ScopedNetNs {
+    let pod = ScopedNetNs::unique("fdrp").unwrap();
+    node.sh("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    node.sh(
+        "ip",
+        &[
+            "link", "add", "vpod", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+        ],
+    );
+    node.sh("ip", &["addr", "add", &format!("{gw}/24"), "dev", "vpod"]);
+    node.sh("ip", &["link", "set", "vpod", "up"]);
+    for args in [
+        vec!["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+        vec!["link", "set", "eth0", "up"],
+        vec!["link", "set", "lo", "up"],
+        vec!["route", "add", "default", "via", &gw.to_string()],
+    ] {
+        let args: Vec<&str> = args.iter().map(|a| a.as_ref()).collect();
+        sh_in(&pod.name, "ip", &args);
+    }
+    pod
+}
+
+/// A UDP socket in `ns` on port `port` of every address, reading with a
+/// short timeout.
+fn listener(ns: &ScopedNetNs, port: u16) -> UdpSocket {
+    let s = ns
+        .run(move || UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).unwrap())
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s
+}
+
+/// Sends `payload` from the pod to `dst` and says whether `rx` got
+/// `expect` (anything else read is skipped).
+fn delivered(
+    pod: &ScopedNetNs,
+    dst: SocketAddrV4,
+    payload: &[u8],
+    rx: &UdpSocket,
+    expect: &[u8],
+) -> bool {
+    let payload = payload.to_vec();
+    pod.run(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(&payload, dst).unwrap();
+    })
+    .unwrap();
+    let mut buf = [0u8; 2048];
+    loop {
+        match rx.recv(&mut buf) {
+            Ok(n) if &buf[..n] == expect => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// A VXLAN datagram's payload (VNI 1) carrying `inner` (an IPv4 packet) to
+/// the device with MAC `dst`.
+fn vxlan_payload(dst: flannel_core::mac::MacAddr, inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    p.extend(dst.octets());
+    p.extend([0x02, 0, 0, 0, 0x66, 0x66, 0x08, 0x00]);
+    p.extend(inner);
+    p
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encap {
+    Vxlan,
+    Udp,
+}
+
+/// Issue 14 item 5: a pod hands a node an encapsulated datagram (vxlan on
+/// 8472, the udp backend's on 8285) whose inner packet impersonates another
+/// pod. Masqueraded to its node's address it passed every check and was
+/// delivered; the encapsulation guard drops it on the pod's node (and on
+/// the receiver, for pods of other nodes and for its own), while the
+/// nodes' own encapsulated traffic flows. A flushed guard is restored.
+fn encap_guard(tag: &str, config: &str, encap: Encap) {
+    let c = Cluster::new(tag, 2, config);
+    let mut d1 = c.start(0, &["--ip-masq"]);
+    let s1 = c.wait_subnet(0, &mut d1);
+    let mut d2 = c.start(1, &["--ip-masq"]);
+    let s2 = c.wait_subnet(1, &mut d2);
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let pod_ip = Ipv4Addr::from(u32::from(s1.network()) + 2);
+    let pod = add_pod_ns(n1, first(s1), pod_ip);
+    let port = match encap {
+        Encap::Vxlan => 8472,
+        Encap::Udp => 8285,
+    };
+    let guarded = |n: &Node| match encap {
+        Encap::Vxlan => n.sh("iptables-save", &["-t", "raw"]).contains(&format!(
+            "-A FLANNEL-ENCAP -s 10.244.0.0/16 ! -d 10.244.0.0/16 -p udp -m udp --dport {port} "
+        )),
+        Encap::Udp => n
+            .try_sh("nft", &["list", "chain", "ip", "flannel-ipv4", "encap"])
+            .is_ok_and(|t| t.contains(&format!("udp dport {port} drop"))),
+    };
+    wait_true(n1, "node1's encapsulation guard", 10, || guarded(n1));
+    wait_true(n2, "node2's encapsulation guard", 10, || guarded(n2));
+
+    // node2's datapath address, and a listener there.
+    let vtep2 = match encap {
+        Encap::Vxlan => s2.network(),
+        Encap::Udp => {
+            n2.sh(
+                "ip",
+                &["addr", "add", &format!("{}/32", first(s2)), "dev", "lo"],
+            );
+            first(s2)
+        }
+    };
+    let rx2 = listener(&n2.ns, 40000);
+    // The overlay works for the pod (through node1's own encapsulation),
+    // and the listener answers to plain traffic.
+    wait_true(n1, "pod -> node2 over the overlay", 10, || {
+        try_sh_in(
+            &pod.name,
+            "ping",
+            &["-c", "1", "-W", "1", &vtep2.to_string()],
+        )
+        .is_ok()
+    });
+    assert!(
+        delivered(
+            &pod,
+            SocketAddrV4::new(vtep2, 40000),
+            b"plain",
+            &rx2,
+            b"plain"
+        ),
+        "plain pod -> node2 UDP must pass"
+    );
+
+    // The forged datagram: an inner packet "from" another pod of node1 to
+    // node2's listener, encapsulated by the pod itself.
+    let forged_src = SocketAddrV4::new(Ipv4Addr::from(u32::from(s1.network()) + 77), 5555);
+    let inner = inner_udp(forged_src, SocketAddrV4::new(vtep2, 40000), b"forged");
+    let payload = match encap {
+        Encap::Vxlan => {
+            let mac = c
+                .leases()
+                .into_iter()
+                .find(|l| l.key.ipv4 == Some(s2))
+                .and_then(|l| l.attrs.vxlan_data())
+                .expect("node2's vxlan lease")
+                .vtep_mac;
+            vxlan_payload(mac, &inner)
+        }
+        Encap::Udp => inner,
+    };
+    let node2_underlay = SocketAddrV4::new("172.16.1.12".parse().unwrap(), port);
+    let node2_overlay = SocketAddrV4::new(vtep2, port);
+    for dst in [node2_underlay, node2_overlay] {
+        assert!(
+            !delivered(&pod, dst, &payload, &rx2, b"forged"),
+            "a pod's encapsulated datagram to {dst} must be dropped"
+        );
+    }
+
+    // Control: with node1's guard flushed the same datagram is delivered
+    // (the test can fail), then flanneld restores the guard (1 s resync).
+    match encap {
+        Encap::Vxlan => n1.sh("iptables", &["-t", "raw", "-F", "FLANNEL-ENCAP"]),
+        Encap::Udp => n1.sh("nft", &["flush", "chain", "ip", "flannel-ipv4", "encap"]),
+    };
+    let leaked = delivered(&pod, node2_underlay, &payload, &rx2, b"forged");
+    wait_true(n1, "node1's guard restored", 10, || guarded(n1));
+    assert!(
+        leaked,
+        "without the guard the forged datagram reaches node2 (the hole of issue 14 item 5)"
+    );
+    assert!(
+        !delivered(&pod, node2_underlay, &payload, &rx2, b"forged"),
+        "dropped again once the guard is back"
+    );
+    if encap == Encap::Vxlan {
+        // The pod's own node: its vxlan device takes anything on 8472 too.
+        let rx1 = listener(&n1.ns, 40001);
+        let mac1 = c
+            .leases()
+            .into_iter()
+            .find(|l| l.key.ipv4 == Some(s1))
+            .and_then(|l| l.attrs.vxlan_data())
+            .unwrap()
+            .vtep_mac;
+        let forged = SocketAddrV4::new(Ipv4Addr::from(u32::from(s2.network()) + 77), 5555);
+        let inner = inner_udp(forged, SocketAddrV4::new(s1.network(), 40001), b"forged1");
+        let to_self = SocketAddrV4::new("172.16.1.11".parse().unwrap(), port);
+        assert!(
+            !delivered(
+                &pod,
+                to_self,
+                &vxlan_payload(mac1, &inner),
+                &rx1,
+                b"forged1"
+            ),
+            "a pod's vxlan datagram to its own node must be dropped"
+        );
+    }
+    // The nodes' own encapsulation still carries the pod's traffic.
+    assert!(
+        try_sh_in(
+            &pod.name,
+            "ping",
+            &["-c", "1", "-W", "2", &vtep2.to_string()]
+        )
+        .is_ok(),
+        "pod -> node2 over the overlay with the guard in place"
+    );
+    d1.stop(&n1.log());
+    d2.stop(&n2.log());
+}
+
+#[test]
+fn pods_cannot_send_vxlan_datagrams_to_nodes_iptables_mode() {
+    encap_guard("guard-vx", VXLAN_IPT_CONFIG, Encap::Vxlan);
+}
+
+#[test]
+fn pods_cannot_send_udp_backend_datagrams_to_nodes_nftables_mode() {
+    encap_guard("guard-udp", UDP_NFT_CONFIG, Encap::Udp);
+}
+
+/// The encapsulation guard in IPv6 (ip6tables raw and the ip6 table's
+/// prerouting chain): the kernel takes the rules as flannel-core writes
+/// them and lists them back equal, so a second pass changes nothing.
+#[test]
+fn ipv6_encap_guard_is_kept_in_line_in_both_modes() {
+    let (ns, mut input) = ipv6_only(
+        "fdrg6",
+        RuleOptions {
+            masquerade: false,
+            fully_random: true,
+            forward: true,
+            encap_port: Some(8472),
+        },
+    );
+    let nets = input.v6.unwrap();
+    let sync = |input: &RulesInput| {
+        let (r, e) = ns
+            .run(|| flanneld::rules::sync(input, &[IpFamily::V6]))
+            .unwrap();
+        assert!(e.is_empty(), "{e:?}");
+        r.changed
+    };
+    assert!(!sync(&input).is_empty());
+    let want = core_rules::iptables_save_lines(
+        &core_rules::iptables_desired(IpFamily::V6, Some(nets), input.options)[2],
+    );
+    let raw: Vec<String> = sh_in(&ns.name, "ip6tables-save", &["-t", "raw"])
+        .lines()
+        .filter(|l| l.contains("FLANNEL-"))
+        .filter(|l| l.starts_with("-A "))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(raw, want);
+    assert!(sync(&input).is_empty(), "in line");
+
+    input.mode = Mode::Nftables;
+    ns.run(|| flanneld::rules::remove_mode(Mode::Iptables))
+        .unwrap();
+    assert!(!sh_in(&ns.name, "ip6tables-save", &[]).contains("FLANNEL-ENCAP"));
+    assert_eq!(sync(&input), ["nft table ip6 flannel-ipv6 rewritten"]);
+    let t = sh_in(
+        &ns.name,
+        "nft",
+        &["list", "chain", "ip6", "flannel-ipv6", "encap"],
+    );
+    assert!(
+        t.contains("ip6 saddr fd00:10:244::/56 udp dport 8472 fib daddr type local drop")
+            && t.contains(
+                "ip6 saddr fd00:10:244::/56 ip6 daddr != fd00:10:244::/56 udp dport 8472 drop"
+            ),
+        "{t}"
+    );
+    assert!(sync(&input).is_empty(), "in line");
+    ns.run(|| flanneld::rules::remove_mode(Mode::Nftables))
+        .unwrap();
 }

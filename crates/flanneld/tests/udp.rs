@@ -22,7 +22,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
+    block_on, flanneld_in, inner_udp, local_store_flags, ping_in, read_log, wait_for, Daemon,
+    NodeNs, Testbed,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -94,24 +95,6 @@ impl Node {
 
 fn first(s: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(s.network()) + 1)
-}
-
-/// An IPv4/UDP packet (UDP checksum 0: none) from `src` to `dst`, as a pod sends it.
-fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
-    let total = 28 + payload.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src.ip().octets());
-    p[16..20].copy_from_slice(&dst.ip().octets());
-    p[20..22].copy_from_slice(&src.port().to_be_bytes());
-    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p[28..].copy_from_slice(payload);
-    fill_ipv4_checksum(&mut p);
-    p
 }
 
 /// Binds `rx` in `node`'s namespace, then up to 5 times runs `send` and

@@ -12,7 +12,8 @@ use std::fmt::Write as _;
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{
-    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
+    BinaryOperation, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
+    PayloadField, Prefix,
 };
 use nftables::schema::{Chain, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, NATFlag, Operator, Statement, NAT};
@@ -63,6 +64,8 @@ pub struct NftTable {
 const NFT_SRCNAT: i32 = 100;
 /// `filter`: the standard priority of filtering.
 const NFT_FILTER: i32 = 0;
+/// `raw`: the priority of the raw table, before conntrack.
+const NFT_RAW: i32 = -300;
 
 /// The desired table of one family, `None` when the family wants no rule
 /// (then the table must not exist).
@@ -151,6 +154,39 @@ pub fn nft_desired(
             ],
         });
     }
+    if let Some(port) = options.guard_port() {
+        let c = wire::NFT_ENCAP_CHAIN;
+        let net = n.network;
+        // `udp dport PORT`, `fib daddr type local`: as nft lists them.
+        let dport = || {
+            Statement::Match(Match {
+                left: Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+                    PayloadField {
+                        protocol: "udp".into(),
+                        field: "dport".into(),
+                    },
+                ))),
+                right: Expression::Number(port.into()),
+                op: eq,
+            })
+        };
+        let local = Statement::Match(Match {
+            left: Expression::Named(NamedExpression::Fib(Fib {
+                result: FibResult::Type,
+                flags: HashSet::from([FibFlag::Daddr]),
+            })),
+            right: Expression::String("local".into()),
+            op: eq,
+        });
+        let drop = || Statement::Drop(None);
+        chains.push(NftChain {
+            chain: base_chain(c, NfChainType::Filter, NfHook::Prerouting, NFT_RAW),
+            rules: vec![
+                rule(c, vec![saddr(eq, net), dport(), local, drop()]),
+                rule(c, vec![saddr(eq, net), daddr(ne, net), dport(), drop()]),
+            ],
+        });
+    }
     if chains.is_empty() {
         return None;
     }
@@ -206,6 +242,7 @@ fn chain_comment(name: &str) -> Option<&'static str> {
     match name {
         n if n == wire::NFT_MASQ_CHAIN => Some(wire::NFT_MASQ_CHAIN_COMMENT),
         n if n == wire::NFT_FORWARD_CHAIN => Some(wire::NFT_FORWARD_CHAIN_COMMENT),
+        n if n == wire::NFT_ENCAP_CHAIN => Some(wire::NFT_ENCAP_CHAIN_COMMENT),
         _ => None,
     }
 }
@@ -524,6 +561,7 @@ table ip flannel-ipv4 {
             masquerade: true,
             fully_random: false,
             forward: false,
+            encap_port: None,
         };
         let t = nft_desired(IpFamily::V6, Some(v6()), opts).unwrap();
         assert_eq!(t.chains.len(), 1);
@@ -569,6 +607,37 @@ table ip flannel-ipv4 {
 
     fn listed(json: &str) -> NftActual {
         NftActual::Listed(parse_nft_json(json).unwrap())
+    }
+
+    /// The encapsulation guard as nft 1.0.6 lists it (captured from a real
+    /// `nft -j list table`) compares equal to the desired chain.
+    #[test]
+    fn nft_encap_guard_listing_compares_equal() {
+        let chain = r#"{"chain": {"family": "ip", "table": "flannel-ipv4", "name": "encap", "handle": 3, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}}, "#;
+        let rules = r#", {"rule": {"family": "ip", "table": "flannel-ipv4", "chain": "encap", "handle": 20, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 8472}}, {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"drop": null}]}}, {"rule": {"family": "ip", "table": "flannel-ipv4", "chain": "encap", "handle": 21, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}}, {"match": {"op": "!=", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 8472}}, {"drop": null}]}}"#;
+        let after_forward = r#""hook": "forward", "prio": 0, "policy": "accept"}}, "#;
+        let at = NFT_JSON.find(after_forward).unwrap() + after_forward.len();
+        let end = NFT_JSON.rfind("]}").unwrap();
+        let json = format!(
+            "{}{chain}{}{rules}{}",
+            &NFT_JSON[..at],
+            &NFT_JSON[at..end],
+            &NFT_JSON[end..]
+        );
+        let opts = RuleOptions {
+            encap_port: Some(8472),
+            ..ALL
+        };
+        let want = nft_desired(IpFamily::V4, Some(v4()), opts).unwrap();
+        assert_eq!(parse_nft_json(&json).unwrap(), want);
+        assert!(want
+            .skeleton_script()
+            .contains("chain encap {\n\t\tcomment \"chain to drop pod traffic to flannel's encapsulation port\"\n\t\ttype filter hook prerouting priority -300; policy accept;"));
+        // Without it (host-gw), the table is the one without the chain.
+        assert_ne!(
+            parse_nft_json(&json).unwrap(),
+            nft_desired(IpFamily::V4, Some(v4()), ALL).unwrap()
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -385,4 +385,22 @@ impl<N> std::ops::Deref for Cluster<N> {
     fn deref(&self) -> &Testbed {
         &self.bed
     }
+}
+
+/// An IPv4/UDP packet (UDP checksum 0: none) from `src` to `dst`, as a pod sends it.
+pub fn inner_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.ip().octets());
+    p[16..20].copy_from_slice(&dst.ip().octets());
+    p[20..22].copy_from_slice(&src.port().to_be_bytes());
+    p[22..24].copy_from_slice(&dst.port().to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    flannel_core::udp::fill_ipv4_checksum(&mut p);
+    p
 }

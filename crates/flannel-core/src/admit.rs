@@ -1,0 +1,800 @@
+//! Lease admission: which leases of the store may reach the datapath.
+//!
+//! A store entry is input from anyone who can write to the store (or, with
+//! the Kubernetes store, annotate a node). Upstream flannel programs every
+//! lease it reads; one bad entry can take a cluster down (a lease for the
+//! underlay's own subnet replaces the kernel's route to it on every node).
+//! [`admit`] runs before the reconciler and the udp peer table see a lease
+//! set, for every store, and keeps out:
+//!
+//! - a subnet that is not strictly inside the cluster network of its family
+//!   (`Network` / `IPv6Network`);
+//! - a `PublicIP` / `PublicIPv6` that no node can have: unspecified,
+//!   loopback, multicast, the IPv4 broadcast address, or an address inside
+//!   the cluster network;
+//! - a vxlan `VtepMAC` that no device can have: all zeros, broadcast or
+//!   multicast;
+//! - a lease that conflicts with one already admitted: its subnet overlaps
+//!   that lease's, or it publishes the same PublicIP (a node holds one
+//!   lease), or the same VtepMAC on the same VNI (the kernel's FDB has one
+//!   destination per MAC: two owners make every node rewrite it back and
+//!   forth).
+//!
+//! # Who keeps a contested entry
+//!
+//! Conflicts are settled in a fixed order that does not depend on the
+//! order in which leases arrived, so that every node makes the same choice:
+//!
+//! 1. this node's own lease, always (a peer claiming our subnet, PublicIP or
+//!    VtepMAC is the one skipped);
+//! 2. then leases whose subnet has the configured prefix length
+//!    (`SubnetLen` / `IPv6SubnetLen`, every enabled family) before others: a
+//!    hand-written /25 or /23 never displaces a node's regular /24;
+//! 3. then the lower lease key (`LeaseKey`'s order: IPv4 subnet, then IPv6).
+//!
+//! Expired leases take no part (they are not programmed either). Families
+//! the config does not enable are not looked at.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+
+use crate::config::NetConfig;
+use crate::lease::{IpFamily, Lease, LeaseAttrs, LeaseKey, BACKEND_VXLAN};
+use crate::mac::MacAddr;
+
+/// The cluster network of one family and the prefix length of a node's subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterNet {
+    /// `Network` / `IPv6Network`.
+    pub network: IpNet,
+    /// `SubnetLen` / `IPv6SubnetLen`.
+    pub subnet_len: u8,
+}
+
+/// The cluster networks of the enabled families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClusterNets {
+    pub v4: Option<ClusterNet>,
+    pub v6: Option<ClusterNet>,
+}
+
+impl ClusterNets {
+    /// The networks of the families `cfg` enables.
+    pub fn from_config(cfg: &NetConfig) -> Self {
+        ClusterNets {
+            v4: cfg.network.filter(|_| cfg.enable_ipv4).map(|n| ClusterNet {
+                network: IpNet::V4(n),
+                subnet_len: cfg.subnet_len,
+            }),
+            v6: cfg
+                .ipv6_network
+                .filter(|_| cfg.enable_ipv6)
+                .map(|n| ClusterNet {
+                    network: IpNet::V6(n),
+                    subnet_len: cfg.ipv6_subnet_len,
+                }),
+        }
+    }
+
+    /// The network of `family`, when enabled.
+    pub fn get(&self, family: IpFamily) -> Option<ClusterNet> {
+        match family {
+            IpFamily::V4 => self.v4,
+            IpFamily::V6 => self.v6,
+        }
+    }
+
+    fn enabled(&self) -> impl Iterator<Item = (IpFamily, ClusterNet)> + '_ {
+        FAMILIES
+            .into_iter()
+            .filter_map(|f| self.get(f).map(|n| (f, n)))
+    }
+}
+
+const FAMILIES: [IpFamily; 2] = [IpFamily::V4, IpFamily::V6];
+
+fn idx(f: IpFamily) -> usize {
+    match f {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
+}
+
+fn family_name(f: IpFamily) -> &'static str {
+    match f {
+        IpFamily::V4 => "IPv4",
+        IpFamily::V6 => "IPv6",
+    }
+}
+
+/// The lease that keeps a contested subnet, PublicIP or VtepMAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Holder {
+    /// This node's own lease.
+    Own(LeaseKey),
+    /// Another node's lease.
+    Peer(LeaseKey),
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Holder::Own(k) => write!(f, "this node's own lease {k}"),
+            Holder::Peer(k) => write!(f, "lease {k}"),
+        }
+    }
+}
+
+/// Why a lease is not programmed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Reason {
+    #[error("its {} subnet {subnet} is not inside the cluster network {network}", family_name(*.family))]
+    OutsideNetwork {
+        family: IpFamily,
+        subnet: IpNet,
+        network: IpNet,
+    },
+    #[error("its {} subnet {subnet} overlaps {other} of {holder}, which keeps it", family_name(*.family))]
+    Overlap {
+        family: IpFamily,
+        subnet: IpNet,
+        other: IpNet,
+        holder: Holder,
+    },
+    #[error("its {} PublicIP {ip} is {what}", family_name(*.family))]
+    BadPublicIp {
+        family: IpFamily,
+        ip: IpAddr,
+        what: String,
+    },
+    #[error("its {} PublicIP {ip} is also the PublicIP of {holder}, which keeps it (a node holds one lease)", family_name(*.family))]
+    PublicIpTaken {
+        family: IpFamily,
+        ip: IpAddr,
+        holder: Holder,
+    },
+    #[error("its {} VtepMAC {mac} is {what}", family_name(*.family))]
+    BadVtepMac {
+        family: IpFamily,
+        mac: MacAddr,
+        what: &'static str,
+    },
+    #[error("its {} VtepMAC {mac} (VNI {vni}) is also the VtepMAC of {holder}, which keeps it", family_name(*.family))]
+    VtepMacTaken {
+        family: IpFamily,
+        mac: MacAddr,
+        vni: u32,
+        holder: Holder,
+    },
+}
+
+/// A lease kept out of the datapath, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("lease {key} is not programmed: {reason}; correct or delete the store entry")]
+pub struct Rejection {
+    pub key: LeaseKey,
+    pub reason: Reason,
+}
+
+/// What [`admit`] decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The leases the datapath may program (our own included when it is in
+    /// the set), sorted by key.
+    pub admitted: Vec<Lease>,
+    /// The others, sorted by key.
+    pub rejected: Vec<Rejection>,
+}
+
+/// What one family of a lease asks the datapath for.
+#[derive(Debug, Clone, Copy, Default)]
+struct FamilyFacts {
+    subnet: Option<IpNet>,
+    public_ip: Option<IpAddr>,
+    /// (VNI, VtepMAC) of a vxlan lease.
+    vtep: Option<(u32, MacAddr)>,
+}
+
+fn facts(nets: &ClusterNets, key: &LeaseKey, attrs: &LeaseAttrs) -> [FamilyFacts; 2] {
+    let mut out = [FamilyFacts::default(); 2];
+    for (f, _) in nets.enabled() {
+        let Some(subnet) = key.subnet(f) else {
+            continue;
+        };
+        let vtep = (attrs.backend_type == BACKEND_VXLAN)
+            .then(|| match f {
+                IpFamily::V4 => attrs.vxlan_data(),
+                IpFamily::V6 => attrs.vxlan_v6_data(),
+            })
+            .flatten()
+            .map(|d| (d.vni, d.vtep_mac));
+        out[idx(f)] = FamilyFacts {
+            subnet: Some(subnet),
+            public_ip: attrs.public_ip_of(f),
+            vtep,
+        };
+    }
+    out
+}
+
+/// Whether the lease's subnets all have the configured prefix length.
+fn regular_length(nets: &ClusterNets, f: &[FamilyFacts; 2]) -> bool {
+    nets.enabled().all(|(fam, n)| {
+        f[idx(fam)]
+            .subnet
+            .is_none_or(|s| s.prefix_len() == n.subnet_len)
+    })
+}
+
+fn bad_public_ip(nets: &ClusterNets, ip: IpAddr) -> Option<String> {
+    let what = match ip {
+        IpAddr::V4(a) if a.is_unspecified() => "unspecified",
+        IpAddr::V4(a) if a.is_loopback() => "a loopback address",
+        IpAddr::V4(a) if a.is_multicast() => "a multicast address",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        IpAddr::V6(a) if a.is_unspecified() => "unspecified",
+        IpAddr::V6(a) if a.is_loopback() => "the loopback address",
+        IpAddr::V6(a) if a.is_multicast() => "a multicast address",
+        _ => {
+            return nets
+                .enabled()
+                .find(|(_, n)| n.network.contains(&ip))
+                .map(|(_, n)| {
+                    format!(
+                        "inside the cluster network {} (pod addresses cannot carry the overlay)",
+                        n.network
+                    )
+                })
+        }
+    };
+    Some(what.to_string())
+}
+
+fn bad_mac(mac: MacAddr) -> Option<&'static str> {
+    let b = mac.octets();
+    if b == [0; 6] {
+        Some("the zero address")
+    } else if b == [0xff; 6] {
+        Some("the broadcast address")
+    } else if b[0] & 1 == 1 {
+        Some("a multicast address")
+    } else {
+        None
+    }
+}
+
+/// Why the lease cannot be programmed whatever the other leases are.
+fn invalid(nets: &ClusterNets, f: &[FamilyFacts; 2]) -> Option<Reason> {
+    for (family, n) in nets.enabled() {
+        let ff = &f[idx(family)];
+        let Some(subnet) = ff.subnet else { continue };
+        // Strictly inside: a lease for the whole network would shadow
+        // every other node, and flannel never owns that route (Scope).
+        if !(n.network.contains(&subnet) && subnet.prefix_len() > n.network.prefix_len()) {
+            return Some(Reason::OutsideNetwork {
+                family,
+                subnet,
+                network: n.network,
+            });
+        }
+        if let Some(ip) = ff.public_ip {
+            if let Some(what) = bad_public_ip(nets, ip) {
+                return Some(Reason::BadPublicIp { family, ip, what });
+            }
+        }
+        if let Some((_, mac)) = ff.vtep {
+            if let Some(what) = bad_mac(mac) {
+                return Some(Reason::BadVtepMac { family, mac, what });
+            }
+        }
+    }
+    None
+}
+
+/// The subnets, PublicIPs and VtepMACs already given to admitted leases.
+#[derive(Default)]
+struct Taken {
+    /// Per family, admitted subnets by network address; they never overlap
+    /// each other, which makes an overlap check two neighbour lookups.
+    subnets: [BTreeMap<IpAddr, (IpNet, Holder)>; 2],
+    public_ips: HashMap<IpAddr, Holder>,
+    vteps: HashMap<(usize, u32, MacAddr), Holder>,
+}
+
+impl Taken {
+    fn overlap(&self, family: IpFamily, s: IpNet) -> Option<(IpNet, Holder)> {
+        let map = &self.subnets[idx(family)];
+        let before = map.range(..=s.network()).next_back();
+        let after = map.range(s.network()..).next();
+        [before, after]
+            .into_iter()
+            .flatten()
+            .map(|(_, v)| *v)
+            .find(|(t, _)| t.contains(&s.network()) || s.contains(&t.network()))
+    }
+
+    fn conflict(&self, f: &[FamilyFacts; 2]) -> Option<Reason> {
+        for family in FAMILIES {
+            let ff = &f[idx(family)];
+            let Some(subnet) = ff.subnet else { continue };
+            if let Some((other, holder)) = self.overlap(family, subnet) {
+                return Some(Reason::Overlap {
+                    family,
+                    subnet,
+                    other,
+                    holder,
+                });
+            }
+            if let Some(ip) = ff.public_ip {
+                if let Some(&holder) = self.public_ips.get(&ip) {
+                    return Some(Reason::PublicIpTaken { family, ip, holder });
+                }
+            }
+            if let Some((vni, mac)) = ff.vtep {
+                if let Some(&holder) = self.vteps.get(&(idx(family), vni, mac)) {
+                    return Some(Reason::VtepMacTaken {
+                        family,
+                        mac,
+                        vni,
+                        holder,
+                    });
+                }
+            }
+        }
+        None
+    }
+
+    fn insert(&mut self, holder: Holder, f: &[FamilyFacts; 2]) {
+        for family in FAMILIES {
+            let ff = &f[idx(family)];
+            let Some(subnet) = ff.subnet else { continue };
+            self.subnets[idx(family)].insert(subnet.network(), (subnet, holder));
+            if let Some(ip) = ff.public_ip {
+                self.public_ips.entry(ip).or_insert(holder);
+            }
+            if let Some((vni, mac)) = ff.vtep {
+                self.vteps.entry((idx(family), vni, mac)).or_insert(holder);
+            }
+        }
+    }
+}
+
+/// Splits `leases` into those the datapath may program and those it must
+/// not (see the module documentation for the rules and who keeps a
+/// contested entry). `own_key` and `own_attrs` are this node's lease as it
+/// publishes it: never rejected, and what peers are checked against even
+/// when the store's copy differs. Deterministic: the same set in any order
+/// gives the same answer.
+pub fn admit(
+    nets: &ClusterNets,
+    own_key: &LeaseKey,
+    own_attrs: &LeaseAttrs,
+    leases: &[Lease],
+    now: SystemTime,
+) -> Admission {
+    let mut taken = Taken::default();
+    taken.insert(Holder::Own(*own_key), &facts(nets, own_key, own_attrs));
+    let mut admitted = Vec::new();
+    let mut rejected = Vec::new();
+    let mut candidates = Vec::new();
+    for l in leases {
+        if l.key == *own_key {
+            admitted.push(l.clone());
+            continue;
+        }
+        if l.is_expired(now) {
+            continue;
+        }
+        let f = facts(nets, &l.key, &l.attrs);
+        if f.iter().all(|ff| ff.subnet.is_none()) {
+            // No subnet in an enabled family: nothing to program, nothing
+            // to contest.
+            admitted.push(l.clone());
+            continue;
+        }
+        match invalid(nets, &f) {
+            Some(reason) => rejected.push(Rejection { key: l.key, reason }),
+            None => candidates.push((!regular_length(nets, &f), l, f)),
+        }
+    }
+    candidates.sort_by_key(|(irregular, l, _)| (*irregular, l.key));
+    for (_, l, f) in candidates {
+        match taken.conflict(&f) {
+            Some(reason) => rejected.push(Rejection { key: l.key, reason }),
+            None => {
+                taken.insert(Holder::Peer(l.key), &f);
+                admitted.push(l.clone());
+            }
+        }
+    }
+    admitted.sort_by_key(|l| l.key);
+    rejected.sort_by_key(|r| r.key);
+    Admission { admitted, rejected }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::VxlanBackendData;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    use std::time::Duration;
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000)
+    }
+
+    fn nets() -> ClusterNets {
+        ClusterNets::from_config(&crate::config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap())
+    }
+
+    fn dual_nets() -> ClusterNets {
+        ClusterNets::from_config(
+            &crate::config::parse(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56"}"#,
+            )
+            .unwrap(),
+        )
+    }
+
+    fn vx(key: &str, ip: &str, mac: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::new_vxlan(
+                Some(ip.parse().unwrap()),
+                Some(VxlanBackendData {
+                    vni: 1,
+                    vtep_mac: mac.parse().unwrap(),
+                }),
+                None,
+                None,
+            ),
+            expiration: Some(t0() + Duration::from_secs(3600)),
+        }
+    }
+
+    fn own() -> Lease {
+        vx("10.244.1.0-24", "172.16.1.14", "26:62:24:f0:61:01")
+    }
+
+    fn run(nets: &ClusterNets, leases: &[Lease]) -> Admission {
+        let o = own();
+        admit(nets, &o.key, &o.attrs, leases, t0())
+    }
+
+    fn keys(a: &Admission) -> Vec<String> {
+        a.admitted.iter().map(|l| l.key.to_string()).collect()
+    }
+
+    fn reason_of(a: &Admission, key: &str) -> Reason {
+        let k: LeaseKey = key.parse().unwrap();
+        a.rejected
+            .iter()
+            .find(|r| r.key == k)
+            .unwrap_or_else(|| panic!("{key} not rejected: {a:?}"))
+            .reason
+            .clone()
+    }
+
+    #[test]
+    fn regular_cluster_is_admitted_whole() {
+        let ls = vec![
+            own(),
+            vx("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56"),
+            vx("10.244.0.0-24", "172.16.1.8", "aa:bb:cc:00:00:08"),
+        ];
+        let a = run(&nets(), &ls);
+        assert!(a.rejected.is_empty(), "{a:?}");
+        assert_eq!(
+            keys(&a),
+            ["10.244.0.0-24", "10.244.1.0-24", "10.244.2.0-24"]
+        );
+    }
+
+    #[test]
+    fn subnet_outside_the_network_is_rejected_naming_both() {
+        // Issue 14 item 1: the underlay's own subnet as a lease.
+        let ls = vec![
+            own(),
+            vx("172.16.1.0-24", "172.16.1.99", "02:00:00:00:00:99"),
+            vx("10.244.0.0-16", "172.16.1.98", "02:00:00:00:00:98"),
+            vx("10.0.0.0-8", "172.16.1.97", "02:00:00:00:00:97"),
+        ];
+        let a = run(&nets(), &ls);
+        assert_eq!(keys(&a), ["10.244.1.0-24"]);
+        let r = reason_of(&a, "172.16.1.0-24");
+        assert_eq!(
+            r,
+            Reason::OutsideNetwork {
+                family: IpFamily::V4,
+                subnet: "172.16.1.0/24".parse().unwrap(),
+                network: "10.244.0.0/16".parse().unwrap(),
+            }
+        );
+        let text = a
+            .rejected
+            .iter()
+            .find(|x| x.reason == r)
+            .unwrap()
+            .to_string();
+        assert!(
+            text.contains("172.16.1.0-24")
+                && text.contains("not inside the cluster network 10.244.0.0/16")
+                && text.contains("delete"),
+            "{text}"
+        );
+        // The whole network and a supernet are not "inside" either.
+        assert!(matches!(
+            reason_of(&a, "10.244.0.0-16"),
+            Reason::OutsideNetwork { .. }
+        ));
+        assert!(matches!(
+            reason_of(&a, "10.0.0.0-8"),
+            Reason::OutsideNetwork { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicate_vtep_mac_keeps_one_owner_in_any_order() {
+        // Issue 14 item 2: one MAC, two PublicIPs.
+        let a1 = vx("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56");
+        let a2 = vx("10.244.3.0-24", "172.16.1.33", "52:17:43:ba:2e:56");
+        let a = run(&nets(), &[own(), a2.clone(), a1.clone()]);
+        assert_eq!(keys(&a), ["10.244.1.0-24", "10.244.2.0-24"]);
+        assert_eq!(
+            reason_of(&a, "10.244.3.0-24"),
+            Reason::VtepMacTaken {
+                family: IpFamily::V4,
+                mac: "52:17:43:ba:2e:56".parse().unwrap(),
+                vni: 1,
+                holder: Holder::Peer("10.244.2.0-24".parse().unwrap()),
+            }
+        );
+        // Another VNI is another device: no conflict.
+        let mut other_vni = a2.clone();
+        other_vni.attrs.backend_data =
+            Some(serde_json::json!({"VNI": 2, "VtepMAC": "52:17:43:ba:2e:56"}));
+        assert!(run(&nets(), &[own(), a1, other_vni]).rejected.is_empty());
+    }
+
+    #[test]
+    fn overlapping_subnets_keep_the_regular_length_then_the_lower_key() {
+        // Issue 14 item 3: a /25 inside a peer's /24, and a /23 around it;
+        // both sort before the /24 by key, yet the /24 keeps its subnet.
+        let peer = vx("10.244.5.0-24", "172.16.1.5", "02:00:00:00:00:05");
+        let inner = vx("10.244.5.0-25", "172.16.1.6", "02:00:00:00:00:06");
+        let outer = vx("10.244.4.0-23", "172.16.1.7", "02:00:00:00:00:07");
+        let a = run(&nets(), &[own(), inner, outer, peer]);
+        assert_eq!(keys(&a), ["10.244.1.0-24", "10.244.5.0-24"]);
+        for k in ["10.244.5.0-25", "10.244.4.0-23"] {
+            match reason_of(&a, k) {
+                Reason::Overlap { holder, other, .. } => {
+                    assert_eq!(holder, Holder::Peer("10.244.5.0-24".parse().unwrap()));
+                    assert_eq!(other, "10.244.5.0/24".parse::<IpNet>().unwrap());
+                }
+                r => panic!("{k}: {r:?}"),
+            }
+        }
+        // Two irregular ones alone: the lower key keeps it.
+        let a = run(
+            &nets(),
+            &[
+                own(),
+                vx("10.244.9.128-25", "172.16.1.9", "02:00:00:00:00:09"),
+                vx("10.244.9.0-25", "172.16.1.10", "02:00:00:00:00:0a"),
+                vx("10.244.8.0-22", "172.16.1.11", "02:00:00:00:00:0b"),
+            ],
+        );
+        // 10.244.8.0/22 < 10.244.9.0/25 < 10.244.9.128/25: the /22 wins
+        // and covers both /25s.
+        assert_eq!(keys(&a), ["10.244.1.0-24", "10.244.8.0-22"]);
+    }
+
+    #[test]
+    fn own_lease_is_never_the_one_skipped() {
+        let o = own();
+        let ls = vec![
+            o.clone(),
+            // Inside our subnet, and lower by key than ours.
+            vx("10.244.1.0-25", "172.16.1.20", "02:00:00:00:00:20"),
+            // Our PublicIP.
+            vx("10.244.0.0-24", "172.16.1.14", "02:00:00:00:00:21"),
+            // Our VtepMAC.
+            vx("10.244.3.0-24", "172.16.1.22", "26:62:24:f0:61:01"),
+        ];
+        let a = run(&nets(), &ls);
+        assert_eq!(keys(&a), ["10.244.1.0-24"]);
+        let own_holder = Holder::Own(o.key);
+        assert!(
+            matches!(reason_of(&a, "10.244.1.0-25"), Reason::Overlap { holder, .. } if holder == own_holder)
+        );
+        assert!(
+            matches!(reason_of(&a, "10.244.0.0-24"), Reason::PublicIpTaken { holder, .. } if holder == own_holder)
+        );
+        assert!(
+            matches!(reason_of(&a, "10.244.3.0-24"), Reason::VtepMacTaken { holder, .. } if holder == own_holder)
+        );
+        // The own lease is admitted even when the store's copy is odd (the
+        // daemon handles a lost lease itself).
+        let mut odd = o.clone();
+        odd.attrs.public_ip = Some("127.0.0.1".parse().unwrap());
+        assert_eq!(keys(&run(&nets(), &[odd])), ["10.244.1.0-24"]);
+    }
+
+    #[test]
+    fn unusable_public_ips_and_vtep_macs_are_rejected() {
+        let cases = [
+            (
+                "10.244.2.0-24",
+                "127.0.0.1",
+                "02:00:00:00:00:02",
+                "loopback",
+            ),
+            (
+                "10.244.3.0-24",
+                "10.244.7.7",
+                "02:00:00:00:00:03",
+                "inside the cluster network 10.244.0.0/16",
+            ),
+            (
+                "10.244.4.0-24",
+                "224.0.0.1",
+                "02:00:00:00:00:04",
+                "multicast",
+            ),
+            (
+                "10.244.5.0-24",
+                "255.255.255.255",
+                "02:00:00:00:00:05",
+                "broadcast",
+            ),
+            (
+                "10.244.6.0-24",
+                "172.16.1.6",
+                "00:00:00:00:00:00",
+                "VtepMAC 00:00:00:00:00:00 is the zero address",
+            ),
+            (
+                "10.244.7.0-24",
+                "172.16.1.7",
+                "ff:ff:ff:ff:ff:ff",
+                "broadcast",
+            ),
+            (
+                "10.244.8.0-24",
+                "172.16.1.8",
+                "01:00:5e:00:00:01",
+                "multicast",
+            ),
+        ];
+        let mut ls = vec![own()];
+        ls.extend(cases.iter().map(|(k, ip, mac, _)| vx(k, ip, mac)));
+        let a = run(&nets(), &ls);
+        assert_eq!(keys(&a), ["10.244.1.0-24"]);
+        for (k, _, _, what) in cases {
+            let text = a
+                .rejected
+                .iter()
+                .find(|r| r.key.to_string() == k)
+                .unwrap()
+                .to_string();
+            assert!(text.contains(what) && text.contains(k), "{text}");
+        }
+    }
+
+    #[test]
+    fn expired_leases_neither_programmed_nor_contesting() {
+        let mut old = vx("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56");
+        old.expiration = Some(t0() - Duration::from_secs(1));
+        let live = vx("10.244.2.0-25", "172.16.1.13", "52:17:43:ba:2e:56");
+        let a = run(&nets(), &[own(), old, live]);
+        assert!(a.rejected.is_empty());
+        assert_eq!(keys(&a), ["10.244.1.0-24", "10.244.2.0-25"]);
+    }
+
+    #[test]
+    fn dual_stack_checks_each_enabled_family() {
+        let lease = |key: &str, ip6: &str, mac6: &str| Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::new_vxlan(
+                Some("172.16.1.30".parse().unwrap()),
+                Some(VxlanBackendData {
+                    vni: 1,
+                    vtep_mac: "02:00:00:00:00:30".parse().unwrap(),
+                }),
+                Some(ip6.parse().unwrap()),
+                Some(VxlanBackendData {
+                    vni: 1,
+                    vtep_mac: mac6.parse().unwrap(),
+                }),
+            ),
+            expiration: None,
+        };
+        let o = Lease {
+            key: "10.244.1.0-24&fd00:10:244:1::-64".parse().unwrap(),
+            ..own()
+        };
+        let outside = lease(
+            "10.244.3.0-24&fd00:99::-64",
+            "fd00:1::30",
+            "02:00:00:00:06:30",
+        );
+        let a = admit(
+            &dual_nets(),
+            &o.key,
+            &o.attrs,
+            std::slice::from_ref(&outside),
+            t0(),
+        );
+        assert!(matches!(
+            &a.rejected[0].reason,
+            Reason::OutsideNetwork {
+                family: IpFamily::V6,
+                ..
+            }
+        ));
+        // IPv4 only: the IPv6 half is not looked at.
+        let a = admit(&nets(), &o.key, &o.attrs, &[outside], t0());
+        assert!(a.rejected.is_empty(), "{a:?}");
+        // An IPv6 PublicIP inside IPv6Network, an IPv6 multicast VtepMAC.
+        let bad_ip = lease(
+            "10.244.4.0-24&fd00:10:244:4::-64",
+            "fd00:10:244:9::1",
+            "02:00:00:00:06:31",
+        );
+        let bad_mac = lease(
+            "10.244.5.0-24&fd00:10:244:5::-64",
+            "fd00:1::31",
+            "33:33:00:00:00:01",
+        );
+        let a = admit(&dual_nets(), &o.key, &o.attrs, &[bad_ip, bad_mac], t0());
+        assert!(matches!(
+            &a.rejected[0].reason,
+            Reason::BadPublicIp {
+                family: IpFamily::V6,
+                ..
+            }
+        ));
+        assert!(matches!(
+            &a.rejected[1].reason,
+            Reason::BadVtepMac {
+                family: IpFamily::V6,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn the_answer_does_not_depend_on_arrival_order() {
+        let mut ls = vec![
+            own(),
+            vx("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56"),
+            vx("10.244.3.0-24", "172.16.1.33", "52:17:43:ba:2e:56"),
+            vx("10.244.2.128-25", "172.16.1.40", "02:00:00:00:00:40"),
+            vx("10.244.6.0-23", "172.16.1.41", "02:00:00:00:00:41"),
+            vx("10.244.7.0-24", "172.16.1.42", "02:00:00:00:00:42"),
+            vx("10.244.8.0-24", "172.16.1.42", "02:00:00:00:00:43"),
+            vx("10.244.9.0-24", "172.16.1.44", "02:00:00:00:00:44"),
+            vx("172.16.1.0-24", "172.16.1.45", "02:00:00:00:00:45"),
+        ];
+        let want = run(&nets(), &ls);
+        assert_eq!(
+            keys(&want),
+            [
+                "10.244.1.0-24",
+                "10.244.2.0-24",
+                "10.244.7.0-24",
+                "10.244.9.0-24"
+            ]
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for _ in 0..200 {
+            ls.shuffle(&mut rng);
+            assert_eq!(run(&nets(), &ls), want);
+        }
+    }
+}
