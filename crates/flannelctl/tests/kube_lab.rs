@@ -705,3 +705,68 @@ fn kube_edited_own_annotation_is_published_again() {
     }
     wait_tables(&lab, "master", &macs, Duration::from_secs(10));
 }
+
+/// host-gw and udp in Kubernetes mode: the matrix, and the annotations of
+/// nodes-after-host-gw.json / nodes-after-udp.json (backend-data `null`;
+/// udp's backend-type empty, as upstream's udp writes it).
+#[test]
+fn kube_host_gw_and_udp_labs_ping_and_publish_upstreams_annotations() {
+    for (backend, ty) in [(lab::Backend::HostGw, "host-gw"), (lab::Backend::Udp, "")] {
+        let lab = up_with(LabOptions {
+            nodes: 2,
+            store: StoreKind::Kube,
+            kube_apiserver: kube_apiserver(),
+            backend,
+            ..LabOptions::default()
+        });
+        let m = lab.check().unwrap();
+        m.ensure_all_ok()
+            .unwrap_or_else(|e| panic!("{backend}: {e}\n{}", m.render()));
+        for n in &lab.state.nodes {
+            let want = BTreeMap::from([
+                (format!("{PREFIX}backend-data"), "null".to_string()),
+                (format!("{PREFIX}backend-type"), ty.to_string()),
+                (format!("{PREFIX}kube-subnet-manager"), "true".to_string()),
+                (format!("{PREFIX}public-ip"), n.underlay_ip.to_string()),
+                (
+                    kube::KUBELET_ANNOTATION.0.to_string(),
+                    kube::KUBELET_ANNOTATION.1.to_string(),
+                ),
+            ]);
+            assert_eq!(annotations(&lab, &n.name), want, "{backend} {}", n.name);
+        }
+    }
+}
+
+/// Dual stack: each Node has an IPv4 and an IPv6 podCIDR and address; both
+/// families' annotations are published and every pair answers in both.
+#[test]
+fn kube_dual_stack_lab_pings_in_both_families() {
+    let lab = up_with(LabOptions {
+        nodes: 2,
+        store: StoreKind::Kube,
+        kube_apiserver: kube_apiserver(),
+        family: lab::Family::Dual,
+        ..LabOptions::default()
+    });
+    let m = lab.check().unwrap();
+    m.ensure_all_ok()
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.render()));
+    for n in &lab.state.nodes {
+        let a = annotations(&lab, &n.name);
+        assert_eq!(
+            a.get(&format!("{PREFIX}public-ipv6")),
+            Some(&n.underlay_ipv6.unwrap().to_string()),
+            "{a:?}"
+        );
+        assert!(
+            a[&format!("{PREFIX}backend-v6-data")].starts_with(r#"{"VNI":1,"VtepMAC":""#),
+            "{a:?}"
+        );
+        let node = lab.kube_node(&n.name).unwrap().unwrap();
+        assert_eq!(
+            node.spec.unwrap().pod_cidrs.unwrap(),
+            vec![n.subnet.to_string(), n.subnet_v6.unwrap().to_string()]
+        );
+    }
+}
