@@ -770,3 +770,81 @@ fn kube_dual_stack_lab_pings_in_both_families() {
         );
     }
 }
+
+/// A podCIDR outside `Network` is upstream's error, and flanneld stops
+/// with it (the net-conf must change: a Node's podCIDR never does).
+#[test]
+fn kube_pod_cidr_outside_the_network_stops_flanneld_with_upstreams_error() {
+    let mut lab = kube_lab(1);
+    let node = lab.begin_add_node_with(false).unwrap();
+    lab.kube_patch_node(
+        &node,
+        serde_json::json!({"spec": {"podCIDR": "10.99.2.0/24", "podCIDRs": ["10.99.2.0/24"]}}),
+        false,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lab.daemon_alive(&node) {
+        assert!(Instant::now() < deadline, "flanneld kept running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(lab.log_path(&node)).unwrap();
+    assert!(
+        log.contains(r#"subnet "10.244.0.0/16" specified in the flannel net config doesn't contain "10.99.2.0/24" PodCIDR of the "k8s-node2" node"#),
+        "{log}"
+    );
+    assert!(!lab.subnet_file(&node).exists());
+}
+
+/// `node-public-ip` on the Node replaces `--public-ip`: the address
+/// published and used by the peers.
+#[test]
+fn kube_node_public_ip_annotation_replaces_the_public_ip() {
+    let lab = kube_lab(1);
+    let address = Ipv4Addr::new(172, 16, 1, 115);
+    assert!(lab
+        .stop_daemon("k8s-node1", Duration::from_secs(10))
+        .unwrap());
+    in_node(&lab, "k8s-node1", |nl| {
+        let ens3 = nl.link_by_name(lab::NODE_IFACE).unwrap().unwrap();
+        nl.add_address(ens3.index, format!("{address}/24").parse().unwrap())
+            .unwrap();
+    });
+    lab.kube_patch_node(
+        "k8s-node1",
+        serde_json::json!({"metadata": {"annotations": {
+            format!("{PREFIX}node-public-ip"): address.to_string()
+        }}}),
+        false,
+    )
+    .unwrap();
+    lab.start_daemon("k8s-node1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while annotations(&lab, "k8s-node1").get(&format!("{PREFIX}public-ip"))
+        != Some(&address.to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            annotations(&lab, "k8s-node1")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(lab.log_path("k8s-node1")).unwrap();
+    assert!(log.contains("node-public-ip"), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = read_tables(&lab, "master").unwrap();
+        if t.fdb.iter().any(|f| f.dst == std::net::IpAddr::V4(address)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "master's fdb: {:?}", t.fdb);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ping(
+        &lab,
+        "ubuntu-1",
+        lab.node("master").unwrap().subnet.network(),
+        63,
+    );
+}
