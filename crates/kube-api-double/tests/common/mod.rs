@@ -71,6 +71,7 @@ impl Resp {
 pub struct Client {
     inner: HyperClient<HttpConnector, Full<Bytes>>,
     base: String,
+    user_agent: String,
 }
 
 impl Client {
@@ -78,6 +79,15 @@ impl Client {
         Client {
             inner: HyperClient::builder(TokioExecutor::new()).build_http(),
             base: base.to_string(),
+            user_agent: "kube-api-double-tests".into(),
+        }
+    }
+
+    /// The same client, sending this User-Agent.
+    pub fn with_user_agent(&self, ua: &str) -> Client {
+        Client {
+            user_agent: ua.to_string(),
+            ..self.clone()
         }
     }
 
@@ -92,7 +102,7 @@ impl Client {
         let mut b = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{}", self.base, path))
-            .header("user-agent", "kube-api-double-tests");
+            .header("user-agent", self.user_agent.as_str());
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
