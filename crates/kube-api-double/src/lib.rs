@@ -371,9 +371,12 @@ impl Handle {
         self.store.current_rv()
     }
 
-    /// Drops the watch history of every resource (as an etcd compaction
-    /// plus a watch-cache restart would): every watch or paged list that
-    /// resumes from an earlier resourceVersion gets 410 Expired.
+    /// Drops the watch history of every resource, ends every open watch and
+    /// moves the resourceVersion on by one (as an etcd compaction plus a
+    /// watch-cache restart look to clients): every watch or paged list that
+    /// resumes from a resourceVersion handed out before gets 410 Expired; a
+    /// client that lists again gets the new resourceVersion and watches
+    /// from it.
     pub fn compact(&self) {
         self.store.compact();
     }

@@ -1012,21 +1012,30 @@ async fn list(ctx: &Ctx<'_>, kind: Kind, ns: &str) -> Result<Reply, ApiError> {
             }
         }
     };
-    let (list_rv, objects) = match store.snapshot(kind, snapshot_at) {
-        Ok(s) => s,
-        Err(_) => {
-            if let Some(start) = &start {
-                let mut e = ApiError::expired(CONTINUE_EXPIRED);
-                e.continue_token = Some(encode_continue(-1, start));
-                return Err(e);
-            }
-            let at = snapshot_at.unwrap_or(0);
-            return Err(ApiError::expired(format!(
-                "too old resource version: {at} ({})",
-                store.current_rv()
-            )));
-        }
+    let snapshot = match store.snapshot(kind, snapshot_at) {
+        Ok(s) => Some(s),
+        // Older than the history: etcd may still have it.
+        Err(_) => match snapshot_at {
+            Some(at) => store
+                .snapshot_from_etcd(kind, at)
+                .await?
+                .map(|objs| (at, objs)),
+            None => None,
+        },
     };
+    let Some((list_rv, mut objects)) = snapshot else {
+        if let Some(start) = &start {
+            let mut e = ApiError::expired(CONTINUE_EXPIRED);
+            e.continue_token = Some(encode_continue(-1, start));
+            return Err(e);
+        }
+        let at = snapshot_at.unwrap_or(0);
+        return Err(ApiError::expired(format!(
+            "too old resource version: {at} ({})",
+            store.current_rv()
+        )));
+    };
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
     let mut items: Vec<Arc<StoredObject>> = objects
         .into_iter()
         .filter(|o| start.as_deref().is_none_or(|s| o.key.as_str() >= s))

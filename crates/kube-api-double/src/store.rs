@@ -201,6 +201,8 @@ pub struct Store {
     etcd: Option<EtcdBackend>,
     opts: StoreOptions,
     progress: tokio::sync::watch::Sender<u64>,
+    /// Where background work (the etcd write of a compaction) runs.
+    runtime: tokio::runtime::Handle,
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -208,7 +210,8 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl Store {
-    /// An empty in-memory store whose resourceVersions start at
+    /// An empty in-memory store (to be made inside a tokio runtime) whose
+    /// resourceVersions start at
     /// `start_rv` (the double uses the start time in microseconds, so that
     /// every resourceVersion of an earlier run is older and resuming from
     /// it is 410, as after a real apiserver's restart).
@@ -254,6 +257,7 @@ impl Store {
             etcd,
             opts,
             progress,
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -301,6 +305,19 @@ impl Store {
             }
         }
         Ok((at, objects.into_values().collect()))
+    }
+
+    /// The objects of a resource at a version older than the history, read
+    /// from etcd (`None` in memory, or when etcd compacted it away).
+    pub async fn snapshot_from_etcd(
+        &self,
+        kind: Kind,
+        at: u64,
+    ) -> Result<Option<Vec<Arc<StoredObject>>>, ApiError> {
+        match &self.etcd {
+            None => Ok(None),
+            Some(etcd) => etcd.objects_at(kind, at).await.map_err(internal),
+        }
     }
 
     /// Objects of a namespaced resource in one namespace (current state).
@@ -363,18 +380,56 @@ impl Store {
         })
     }
 
-    /// Drops every resource's watch history: resuming from any earlier
-    /// resourceVersion is 410 from now on.
-    pub fn compact(&self) {
+    /// Drops every resource's watch history, ends every open watch and
+    /// moves the resourceVersion on by one (what a compacted etcd plus a
+    /// restarted watch cache look like to a client): resuming a watch or
+    /// paged list from any resourceVersion handed out before is 410
+    /// Expired; lists from now on are at the new resourceVersion, from
+    /// which watches resume fine. With etcd the new
+    /// resourceVersion is a real revision (a write of the key
+    /// `<prefix>/kube-api-double/compaction`), done in the background.
+    pub fn compact(self: &Arc<Self>) {
         let mut st = self.state.write().expect("store lock");
-        let rv = st.rv;
+        let next = st.rv + 1;
         for rs in st.res.values_mut() {
             rs.history.clear();
-            rs.floor = rv;
+            rs.floor = next;
+            // Dropping the senders ends the streams (without a bookmark of
+            // the new version, so their clients resume from an old one).
+            rs.watchers.clear();
         }
+        if self.etcd.is_none() {
+            st.rv = next;
+            drop(st);
+            self.progress.send_replace(next);
+            return;
+        }
+        drop(st);
+        let store = self.clone();
+        self.runtime.spawn(async move {
+            let _w = store.write.lock().await;
+            let Some(etcd) = &store.etcd else { return };
+            match etcd.bump_and_compact().await {
+                Ok(rev) => {
+                    let mut st = store.state.write().expect("store lock");
+                    st.rv = st.rv.max(rev);
+                    let rv = st.rv;
+                    drop(st);
+                    store.progress.send_replace(rv);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot move the etcd revision on after a compaction"),
+            }
+        });
     }
 
     fn apply(&self, ev: Event) -> Arc<Event> {
+        tracing::debug!(
+            resource = ev.obj.kind.resource(),
+            key = %ev.obj.key,
+            rv = ev.rv,
+            event = ev.ty.as_str(),
+            "stored"
+        );
         let ev = Arc::new(ev);
         let mut st = self.state.write().expect("store lock");
         st.rv = st.rv.max(ev.rv);
@@ -615,20 +670,22 @@ mod tests {
         let e = s.watch(Kind::Node, WatchFrom::After(10)).err().unwrap();
         assert_eq!(e.code, 410);
         assert_eq!(e.message, "too old resource version: 10 (11)");
-        let mut live = s.watch(Kind::Node, WatchFrom::Now).unwrap();
-        assert_eq!(live.initial.len(), 3);
+        let mut open = s.watch(Kind::Node, WatchFrom::Now).unwrap();
+        assert_eq!(open.initial.len(), 3);
+        let s = Arc::new(s);
         s.compact();
-        assert_eq!(
-            s.watch(Kind::Node, WatchFrom::After(12))
-                .err()
-                .unwrap()
-                .code,
-            410
+        assert!(
+            open.live.recv().await.is_none(),
+            "compaction ends open watches"
         );
-        assert!(s.watch(Kind::Node, WatchFrom::After(13)).is_ok());
+        // Even the latest resourceVersion handed out is gone; the next is fine.
+        let e = s.watch(Kind::Node, WatchFrom::After(13)).err().unwrap();
+        assert_eq!(e.message, "too old resource version: 13 (14)");
+        assert_eq!(s.current_rv(), 14);
+        let mut live = s.watch(Kind::Node, WatchFrom::After(14)).unwrap();
         s.create(Kind::Node, node("d", "x")).await.unwrap();
         let ev = live.live.recv().await.unwrap();
-        assert_eq!((ev.ty, ev.rv), (EventType::Added, 14));
+        assert_eq!((ev.ty, ev.rv), (EventType::Added, 15));
     }
 
     #[tokio::test]
