@@ -989,10 +989,11 @@ fn quantities_as_strings(kind: Kind, v: &mut Value) {
     }
 }
 
-/// Checks that `obj` decodes into the typed object (k8s-openapi's types,
-/// which follow the API's OpenAPI schema): wrong JSON types are the errors
-/// kube-apiserver's decoder reports.
-pub fn decode_check(kind: Kind, obj: &Value) -> Result<(), DecodeError> {
+/// Decodes `obj` into the typed object (k8s-openapi's types, which follow
+/// the API's OpenAPI schema) and returns it serialized again: wrong JSON
+/// types are the errors kube-apiserver's decoder reports, and the result
+/// tells which fields the schema knows ([`drop_unknown`]).
+pub fn decode(kind: Kind, obj: &Value) -> Result<Value, DecodeError> {
     use k8s_openapi::api::core::v1 as core;
     use k8s_openapi::api::rbac::v1 as rbac;
     let mut v = obj.clone();
@@ -1002,18 +1003,20 @@ pub fn decode_check(kind: Kind, obj: &Value) -> Result<(), DecodeError> {
     }
     quantities_as_strings(kind, &mut v);
     let result = match kind {
-        Kind::Node => check::<core::Node>(&v),
-        Kind::Pod => check::<core::Pod>(&v),
-        Kind::Namespace => check::<core::Namespace>(&v),
-        Kind::ClusterRole => check::<rbac::ClusterRole>(&v),
-        Kind::ClusterRoleBinding => check::<rbac::ClusterRoleBinding>(&v),
+        Kind::Node => typed::<core::Node>(&v),
+        Kind::Pod => typed::<core::Pod>(&v),
+        Kind::Namespace => typed::<core::Namespace>(&v),
+        Kind::ClusterRole => typed::<rbac::ClusterRole>(&v),
+        Kind::ClusterRoleBinding => typed::<rbac::ClusterRoleBinding>(&v),
     };
     result.map_err(|(path, msg)| crate::decode::describe(kind, &path, &msg))
 }
 
-fn check<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), (Vec<String>, String)> {
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(
+    v: &Value,
+) -> Result<Value, (Vec<String>, String)> {
     match serde_path_to_error::deserialize::<_, T>(v) {
-        Ok(_) => Ok(()),
+        Ok(t) => Ok(serde_json::to_value(&t).expect("typed objects serialize")),
         Err(e) => {
             let fields = e
                 .path()
@@ -1026,6 +1029,48 @@ fn check<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), (Vec<String>, 
             Err((fields, e.inner().to_string()))
         }
     }
+}
+
+/// Drops the fields of `obj` the typed object does not have (what
+/// kube-apiserver's decoder does with unknown fields) and returns their
+/// paths for the `unknown field "..."` warnings.
+pub fn drop_unknown(obj: &mut Value, typed: &Value) -> Vec<String> {
+    fn walk(v: &mut Value, t: &Value, path: &str, out: &mut Vec<String>) {
+        match (v, t) {
+            (Value::Object(m), Value::Object(tm)) => {
+                m.retain(|k, _| {
+                    let known = tm.contains_key(k) || k == "kind" || k == "apiVersion";
+                    if !known {
+                        out.push(if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        });
+                    }
+                    known
+                });
+                for (k, x) in m.iter_mut() {
+                    if let Some(tx) = tm.get(k) {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        walk(x, tx, &p, out);
+                    }
+                }
+            }
+            (Value::Array(a), Value::Array(ta)) => {
+                for (i, (x, tx)) in a.iter_mut().zip(ta).enumerate() {
+                    walk(x, tx, &format!("{path}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(obj, typed, "", &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -1114,17 +1159,17 @@ mod tests {
     #[test]
     fn decode_errors() {
         let bad = json!({"metadata": {"name": "n", "annotations": {"a": 1}}});
-        let e = decode_check(Kind::Node, &bad).unwrap_err();
+        let e = decode(Kind::Node, &bad).unwrap_err();
         assert_eq!(
             e.json,
             "json: cannot unmarshal number into Go struct field ObjectMeta.metadata.annotations of type string"
         );
         assert_eq!(e.unstructured, "cannot convert int64 to string");
-        assert!(decode_check(
+        assert!(decode(
             Kind::Node,
             &json!({"metadata": {"name": "n"}, "status": {"capacity": {"cpu": 4}}})
         )
         .is_ok());
-        assert!(decode_check(Kind::Node, &json!({"spec": "x"})).is_err());
+        assert!(decode(Kind::Node, &json!({"spec": "x"})).is_err());
     }
 }

@@ -212,8 +212,17 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
         query: &query,
         headers: &headers,
         body,
+        warnings: std::sync::Mutex::new(Vec::new()),
     };
-    match dispatch(&ctx, &rec).await {
+    let result = dispatch(&ctx, &rec).await;
+    let warnings = std::mem::take(&mut *ctx.warnings.lock().expect("warnings lock"));
+    let code = match &result {
+        Ok(Reply::Json(c, _) | Reply::Text(c, _)) => *c,
+        Ok(Reply::Stream(_)) => 200,
+        Err(e) => e.code,
+    };
+    tracing::debug!(verb = %info.verb, uri = %rec.request_uri, user = %user.name, code, "request");
+    let mut response = match result {
         Ok(Reply::Stream(resp)) => resp,
         Ok(Reply::Json(code, bytes)) => {
             app.audit(&rec, "ResponseComplete", code, None);
@@ -237,7 +246,14 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
             app.audit(&rec, "ResponseComplete", e.code, Some(&e));
             error_response(&e, &audit_id)
         }
+    };
+    for w in warnings {
+        let text = format!("299 - {:?}", format!("unknown field {w:?}"));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            response.headers_mut().append("warning", v);
+        }
     }
+    response
 }
 
 /// One request's inputs.
@@ -247,9 +263,15 @@ pub struct Ctx<'a> {
     pub query: &'a Query,
     pub headers: &'a HeaderMap,
     pub body: Bytes,
+    /// `Warning` headers of the answer (unknown fields).
+    pub warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Ctx<'_> {
+    fn warn(&self, unknown: Vec<String>) {
+        self.warnings.lock().expect("warnings lock").extend(unknown);
+    }
+
     fn content_type(&self) -> String {
         let ct = self
             .headers
@@ -264,10 +286,41 @@ impl Ctx<'_> {
     }
 }
 
+/// Whether the `Accept` header takes JSON (the only encoding served).
+fn accepts_json(headers: &HeaderMap) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    accept.trim().is_empty()
+        || accept.split(',').any(|m| {
+            let t = m
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            t == "application/json" || t == "*/*" || t == "application/*" || t.ends_with("+json")
+        })
+}
+
 async fn dispatch(ctx: &Ctx<'_>, rec: &AuditRecord) -> Result<Reply, ApiError> {
     let info = ctx.info;
     if !info.resource_request {
         return non_resource(ctx);
+    }
+    if !accepts_json(ctx.headers) {
+        return Err(ApiError {
+            code: 406,
+            reason: "NotAcceptable",
+            message: "only the following media types are accepted: application/json".into(),
+            details: None,
+            continue_token: None,
+        });
+    }
+    if ctx.query.get("dryRun").is_some_and(|v| !v.is_empty()) {
+        return Err(ApiError::bad_request(
+            "dryRun is not supported by kube-api-double",
+        ));
     }
     let kind = match Kind::from_resource(&info.group, &info.resource) {
         Some(k) if info.version == "v1" => k,
@@ -359,7 +412,7 @@ fn decode_body(ctx: &Ctx<'_>, kind: Kind) -> Result<Value, ApiError> {
             )));
         }
     }
-    resources::decode_check(kind, &v).map_err(|e| {
+    let typed = resources::decode(kind, &v).map_err(|e| {
         ApiError::bad_request(format!(
             "{} in version {:?} cannot be handled as a {}: {}",
             kind.kind(),
@@ -368,6 +421,8 @@ fn decode_body(ctx: &Ctx<'_>, kind: Kind) -> Result<Value, ApiError> {
             e.json
         ))
     })?;
+    let mut v = v;
+    ctx.warn(resources::drop_unknown(&mut v, &typed));
     Ok(v)
 }
 
@@ -546,14 +601,16 @@ fn patch_error(value: String, detail: String) -> ApiError {
     )
 }
 
+/// Applies a patch to the current version; returns the result without
+/// unknown fields, and the paths of those.
 fn apply_patch(
     kind: Kind,
     ptype: PatchType,
     cur: &StoredObject,
     body: &[u8],
-) -> Result<Value, ApiError> {
+) -> Result<(Value, Vec<String>), ApiError> {
     let current = cur.value_with_kind();
-    let patched = match ptype {
+    let (mut patched, typed) = match ptype {
         PatchType::Strategic => {
             let patch: Value =
                 serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -564,20 +621,20 @@ fn apply_patch(
                     SmpError::Internal(m) => ApiError::internal(m),
                 },
             )?;
-            if let Err(e) = resources::decode_check(kind, &patched) {
-                return Err(patch_error(smp::go_value(&patch), e.unstructured));
+            match resources::decode(kind, &patched) {
+                Ok(t) => (patched, t),
+                Err(e) => return Err(patch_error(smp::go_value(&patch), e.unstructured)),
             }
-            patched
         }
         PatchType::Merge => {
             let patch: Value = serde_json::from_slice(body)
                 .map_err(|_| ApiError::bad_request("Invalid JSON Patch"))?;
             let mut doc = current;
             json_patch::merge(&mut doc, &patch);
-            if let Err(e) = resources::decode_check(kind, &doc) {
-                return Err(patch_error(doc.to_string(), e.json));
+            match resources::decode(kind, &doc) {
+                Ok(t) => (doc, t),
+                Err(e) => return Err(patch_error(doc.to_string(), e.json)),
             }
-            doc
         }
         PatchType::Json => {
             let ops: json_patch::Patch =
@@ -596,13 +653,14 @@ fn apply_patch(
             }
             let mut doc = current;
             json_patch::patch(&mut doc, &ops).map_err(|_| ApiError::unprocessable())?;
-            if let Err(e) = resources::decode_check(kind, &doc) {
-                return Err(patch_error(doc.to_string(), e.json));
+            match resources::decode(kind, &doc) {
+                Ok(t) => (doc, t),
+                Err(e) => return Err(patch_error(doc.to_string(), e.json)),
             }
-            doc
         }
     };
-    Ok(patched)
+    let unknown = resources::drop_unknown(&mut patched, &typed);
+    Ok((patched, unknown))
 }
 
 async fn patch(
@@ -623,7 +681,8 @@ async fn patch(
         .app
         .store
         .update(kind, &store_key(kind, ns, name), |cur| {
-            let mut patched = apply_patch(kind, ptype, cur, &body)?;
+            let (mut patched, unknown) = apply_patch(kind, ptype, cur, &body)?;
+            ctx.warn(unknown);
             check_name(&patched, name)?;
             check_namespace(kind, &mut patched, ns)?;
             finish_update(kind, patched, cur, part)

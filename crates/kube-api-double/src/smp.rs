@@ -36,13 +36,16 @@ pub type Schema = fn(&str) -> Option<ListMerge>;
 
 /// Why a patch could not be applied, with the HTTP class kube-apiserver
 /// answers it with.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SmpError {
     /// A malformed patch directive (400).
+    #[error("{0}")]
     BadRequest(String),
     /// A list of lists (422).
+    #[error("{0}")]
     Unprocessable(String),
     /// Anything else apimachinery returns as a plain error (500).
+    #[error("{0}")]
     Internal(String),
 }
 

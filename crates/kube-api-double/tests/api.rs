@@ -383,6 +383,21 @@ async fn nodes_errors() {
     assert_eq!(r.json()["reason"], "BadRequest");
     let r = c.get("/api/v1/widgets", ADMIN).await;
     assert_eq!(r.status, 404);
+    // Unknown fields are dropped, with a warning.
+    let r = c
+        .patch(
+            "/api/v1/nodes/k8s-node1",
+            ADMIN,
+            MERGE,
+            &json!({"spec": {"podCidr": "typo"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["spec"].get("podCidr").is_none());
+    assert_eq!(
+        r.headers["warning"],
+        "299 - \"unknown field \\\"spec.podCidr\\\"\""
+    );
     let r = c
         .patch(
             "/api/v1/nodes/k8s-node1",
@@ -1072,4 +1087,46 @@ async fn five_thousand_nodes_one_list() {
     assert!(r["metadata"].get("continue").is_none());
     assert_eq!(items[0]["metadata"]["name"], "node-0000");
     assert_eq!(items[4999]["metadata"]["name"], "node-4999");
+}
+
+#[tokio::test]
+async fn delete_collection() {
+    let (_h, c) = start(rbac_options()).await;
+    create_nodes(&c, &["a", "b", "c"]).await;
+    c.patch(
+        "/api/v1/nodes/b",
+        ADMIN,
+        SMP,
+        &json!({"metadata": {"labels": {"gone": "yes"}}}),
+    )
+    .await;
+    let r = c
+        .delete("/api/v1/nodes?labelSelector=gone%3Dyes", ADMIN)
+        .await;
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.json()["kind"], "NodeList");
+    assert_eq!(r.json()["items"][0]["metadata"]["name"], "b");
+    let left = c.get("/api/v1/nodes", ADMIN).await.json();
+    assert_eq!(left["items"].as_array().unwrap().len(), 2);
+    assert_eq!(c.delete("/api/v1/namespaces", ADMIN).await.status, 405);
+}
+
+/// A double on its own runtime thread, for tests that are not async.
+#[test]
+fn blocking_start() {
+    use std::io::{Read, Write};
+    let h = kube_api_double::Double::start_blocking(rbac_options()).unwrap();
+    let mut s = std::net::TcpStream::connect(h.addr()).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("ok"), "{out}");
+    let addr = h.addr();
+    h.shutdown();
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the listener is closed after shutdown"
+    );
 }
