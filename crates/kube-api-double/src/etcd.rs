@@ -211,13 +211,22 @@ impl EtcdBackend {
         rev: u64,
     ) -> Result<TxnOutcome, Error> {
         let k = self.key(kind, key);
+        let put = TxnOp::put(k.as_str(), Self::encode(kind, value), None);
+        self.guarded(kind, key, &k, rev, put).await
+    }
+
+    /// Runs `op` on the key if it is still at `rev`.
+    async fn guarded(
+        &self,
+        kind: Kind,
+        key: &str,
+        k: &str,
+        rev: u64,
+        op: TxnOp,
+    ) -> Result<TxnOutcome, Error> {
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.as_str(),
-                CompareOp::Equal,
-                rev as i64,
-            )])
-            .and_then([TxnOp::put(k.as_str(), Self::encode(kind, value), None)]);
+            .when([Compare::mod_revision(k, CompareOp::Equal, rev as i64)])
+            .and_then([op]);
         self.txn(kind, key, txn).await
     }
 
@@ -272,13 +281,7 @@ impl EtcdBackend {
     /// Deletes the key if it is still at `rev`.
     pub async fn delete(&self, kind: Kind, key: &str, rev: u64) -> Result<TxnOutcome, Error> {
         let k = self.key(kind, key);
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                k.as_str(),
-                CompareOp::Equal,
-                rev as i64,
-            )])
-            .and_then([TxnOp::delete(k.as_str(), None)]);
-        self.txn(kind, key, txn).await
+        let del = TxnOp::delete(k.as_str(), None);
+        self.guarded(kind, key, &k, rev, del).await
     }
 }

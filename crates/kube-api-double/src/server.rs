@@ -60,8 +60,12 @@ pub enum Reply {
     Stream(Response),
 }
 
+/// A JSON answer; like kube-apiserver's encoder, the body ends with a newline.
 fn json_response(code: u16, body: Bytes, audit_id: &str) -> Response {
-    let mut r = Response::new(Body::from(body));
+    let mut bytes = Vec::with_capacity(body.len() + 1);
+    bytes.extend_from_slice(&body);
+    bytes.push(b'\n');
+    let mut r = Response::new(Body::from(bytes));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let h = r.headers_mut();
     h.insert(

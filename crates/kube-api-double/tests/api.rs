@@ -10,19 +10,22 @@ use kube_api_double::{AuthorizationMode, Options};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(5);
+const ROLES: &str = "/apis/rbac.authorization.k8s.io/v1/clusterroles";
+const BINDINGS: &str = "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings";
 
+/// The body without the newline kube-apiserver ends JSON with.
 fn text(r: &Resp) -> String {
-    String::from_utf8_lossy(&r.body).into_owned()
+    let t = String::from_utf8_lossy(&r.body).into_owned();
+    match t.strip_suffix('\n') {
+        Some(s) => s.to_string(),
+        None => t,
+    }
 }
 
 async fn create_nodes(c: &Client, names: &[&str]) {
     for (i, n) in names.iter().enumerate() {
         let r = c
-            .post(
-                "/api/v1/nodes",
-                ADMIN,
-                &node(n, &format!("10.244.{}.0/24", i + 1)),
-            )
+            .create_node(&node(n, &format!("10.244.{}.0/24", i + 1)))
             .await;
         assert_eq!(r.status, 201, "{}", text(&r));
     }
@@ -44,21 +47,9 @@ async fn flannel_rbac(c: &Client) {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "flannel"},
         "subjects": [{"kind": "ServiceAccount", "name": "flannel", "namespace": "kube-flannel"}]
     });
-    let r = c
-        .post(
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles",
-            ADMIN,
-            &role,
-        )
-        .await;
+    let r = c.post(ROLES, ADMIN, &role).await;
     assert_eq!(r.status, 201, "{}", text(&r));
-    let r = c
-        .post(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            ADMIN,
-            &binding,
-        )
-        .await;
+    let r = c.post(BINDINGS, ADMIN, &binding).await;
     assert_eq!(r.status, 201, "{}", text(&r));
 }
 
@@ -146,11 +137,7 @@ async fn rbac_decisions() {
         })
     };
     let r = c
-        .post(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            ADMIN,
-            &binding("bob-missing", "missing"),
-        )
+        .post(BINDINGS, ADMIN, &binding("bob-missing", "missing"))
         .await;
     assert_eq!(r.status, 201);
     let r = c.get("/api/v1/nodes", BOB).await;
@@ -159,39 +146,19 @@ async fn rbac_decisions() {
         "nodes is forbidden: User \"bob\" cannot list resource \"nodes\" in API group \"\" at the cluster scope: RBAC: clusterrole.rbac.authorization.k8s.io \"missing\" not found"
     );
     let r = c
-        .post(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-            ADMIN,
-            &binding("bob-flannel", "flannel"),
-        )
+        .post(BINDINGS, ADMIN, &binding("bob-flannel", "flannel"))
         .await;
     assert_eq!(r.status, 201);
     assert_eq!(c.get("/api/v1/nodes", BOB).await.status, 200);
     // Roles can be read back, replaced and deleted.
-    let r = c
-        .get(
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles/flannel",
-            ADMIN,
-        )
-        .await;
+    let r = c.get(&format!("{ROLES}/flannel"), ADMIN).await;
     let mut role = r.json();
     assert_eq!(role["kind"], "ClusterRole");
     role["rules"] = json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]);
-    let r = c
-        .put(
-            "/apis/rbac.authorization.k8s.io/v1/clusterroles/flannel",
-            ADMIN,
-            &role,
-        )
-        .await;
+    let r = c.put(&format!("{ROLES}/flannel"), ADMIN, &role).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(c.get("/api/v1/nodes/k8s-node1", BOB).await.status, 403);
-    let r = c
-        .delete(
-            "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/bob-flannel",
-            ADMIN,
-        )
-        .await;
+    let r = c.delete(&format!("{BINDINGS}/bob-flannel"), ADMIN).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["status"], "Success");
     assert_eq!(r.json()["details"]["group"], "rbac.authorization.k8s.io");
@@ -219,37 +186,25 @@ async fn nodes_errors() {
         r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"nodes \"x\" not found","reason":"NotFound","details":{"name":"x","kind":"nodes"},"code":404}"#
     );
     create_nodes(&c, &["k8s-node1"]).await;
-    let r = c
-        .post("/api/v1/nodes", ADMIN, &node("k8s-node1", "10.9.0.0/24"))
-        .await;
+    let r = c.create_node(&node("k8s-node1", "10.9.0.0/24")).await;
     assert_eq!(r.status, 409);
     assert_eq!(r.json()["reason"], "AlreadyExists");
     assert_eq!(r.json()["message"], "nodes \"k8s-node1\" already exists");
 
     // Names.
-    let r = c
-        .post("/api/v1/nodes", ADMIN, &json!({"metadata": {}}))
-        .await;
+    let r = c.create_node(&json!({"metadata": {}})).await;
     assert_eq!(r.status, 422);
     assert_eq!(
         r.json()["message"],
         "Node \"\" is invalid: metadata.name: Required value: name or generateName is required"
     );
     let r = c
-        .post(
-            "/api/v1/nodes",
-            ADMIN,
-            &json!({"metadata": {"name": "Bad_Name"}}),
-        )
+        .create_node(&json!({"metadata": {"name": "Bad_Name"}}))
         .await;
     assert_eq!(r.status, 422);
     assert_eq!(r.json()["details"]["causes"][0]["field"], "metadata.name");
     let r = c
-        .post(
-            "/api/v1/nodes",
-            ADMIN,
-            &json!({"metadata": {"generateName": "gen-"}}),
-        )
+        .create_node(&json!({"metadata": {"generateName": "gen-"}}))
         .await;
     assert_eq!(r.status, 201);
     assert!(r.json()["metadata"]["name"]
@@ -259,11 +214,7 @@ async fn nodes_errors() {
 
     // A non-string annotation is the decoder's 400 on create, 422 in a patch.
     let r = c
-        .post(
-            "/api/v1/nodes",
-            ADMIN,
-            &json!({"metadata": {"name": "n2", "annotations": {"a": 1}}}),
-        )
+        .create_node(&json!({"metadata": {"name": "n2", "annotations": {"a": 1}}}))
         .await;
     assert_eq!(r.status, 400);
     assert_eq!(
@@ -271,10 +222,8 @@ async fn nodes_errors() {
         "Node in version \"v1\" cannot be handled as a Node: json: cannot unmarshal number into Go struct field ObjectMeta.metadata.annotations of type string"
     );
     let r = c
-        .patch(
+        .smp(
             "/api/v1/nodes/k8s-node1/status",
-            ADMIN,
-            SMP,
             &json!({"metadata": {"annotations": {"a": 1}}}),
         )
         .await;
@@ -284,10 +233,8 @@ async fn nodes_errors() {
         " \"\" is invalid: patch: Invalid value: \"map[metadata:map[annotations:map[a:1]]]\": cannot convert int64 to string"
     );
     let r = c
-        .patch(
+        .smp(
             "/api/v1/nodes/k8s-node1",
-            ADMIN,
-            SMP,
             &json!({"metadata": {"annotations": {"bad key": "x"}}}),
         )
         .await;
@@ -311,33 +258,25 @@ async fn nodes_errors() {
         text(&r),
         r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"Node \"k8s-node1\" is invalid: spec.podCIDRs: Forbidden: node updates may not change podCIDR except from \"\" to valid","reason":"Invalid","details":{"name":"k8s-node1","kind":"Node","causes":[{"reason":"FieldValueForbidden","message":"Forbidden: node updates may not change podCIDR except from \"\" to valid","field":"spec.podCIDRs"}]},"code":422}"#
     );
-    let r = c
-        .post(
-            "/api/v1/nodes",
-            ADMIN,
-            &json!({"metadata": {"name": "empty"}}),
-        )
-        .await;
+    let r = c.create_node(&json!({"metadata": {"name": "empty"}})).await;
     assert_eq!(r.status, 201);
     let r = c
-        .patch(
+        .smp(
             "/api/v1/nodes/empty",
-            ADMIN,
-            SMP,
             &json!({"spec": {"podCIDR": "10.8.0.0/24"}}),
         )
         .await;
     assert_eq!(r.status, 200, "{}", text(&r));
     assert_eq!(r.json()["spec"]["podCIDRs"], json!(["10.8.0.0/24"]));
     let r = c
-        .post("/api/v1/nodes", ADMIN, &json!({"metadata": {"name": "badcidr"}, "spec": {"podCIDRs": ["10.0.0.0/24", "10.1.0.0/24"]}}))
+        .create_node(&json!({"metadata": {"name": "badcidr"}, "spec": {"podCIDRs": ["10.0.0.0/24", "10.1.0.0/24"]}}))
         .await;
     assert_eq!(r.status, 422);
 
     // Stale resourceVersion: 409 Conflict.
     let cur = c.get("/api/v1/nodes/k8s-node1", ADMIN).await.json();
     let stale = json!({"metadata": {"resourceVersion": "1", "labels": {"x": "y"}}});
-    let r = c.patch("/api/v1/nodes/k8s-node1", ADMIN, SMP, &stale).await;
+    let r = c.smp("/api/v1/nodes/k8s-node1", &stale).await;
     assert_eq!(r.status, 409);
     assert_eq!(
         r.json()["message"],
@@ -407,9 +346,7 @@ async fn nodes_errors() {
         )
         .await;
     assert_eq!(r.status, 422);
-    let r = c
-        .patch("/api/v1/nodes/missing", ADMIN, SMP, &json!({}))
-        .await;
+    let r = c.smp("/api/v1/nodes/missing", &json!({})).await;
     assert_eq!(r.status, 404);
     assert_eq!(c.delete("/api/v1/nodes/missing", ADMIN).await.status, 404);
 }
@@ -427,7 +364,7 @@ async fn patches_and_status_subresource() {
         "status": {"conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "FlannelIsUp", "message": "m",
             "lastHeartbeatTime": "2026-12-02T12:36:56Z", "lastTransitionTime": "2026-12-02T12:36:56Z"}]}
     });
-    let r = c.patch("/api/v1/nodes/n1/status", ADMIN, SMP, &p).await;
+    let r = c.smp("/api/v1/nodes/n1/status", &p).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     let n = r.json();
     assert_eq!(n["metadata"]["annotations"]["a"], "1");
@@ -436,7 +373,7 @@ async fn patches_and_status_subresource() {
 
     // Through the main resource: metadata and spec change, status does not.
     let p = json!({"metadata": {"labels": {"l": "v"}}, "spec": {"unschedulable": true}, "status": {"conditions": null}});
-    let r = c.patch("/api/v1/nodes/n1", ADMIN, SMP, &p).await;
+    let r = c.smp("/api/v1/nodes/n1", &p).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     let n2 = r.json();
     assert_eq!(n2["spec"]["unschedulable"], true);
@@ -445,11 +382,11 @@ async fn patches_and_status_subresource() {
 
     // A strategic merge of conditions by type; a no-op patch writes nothing.
     let p = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}});
-    let r = c.patch("/api/v1/nodes/n1/status", ADMIN, SMP, &p).await;
+    let r = c.smp("/api/v1/nodes/n1/status", &p).await;
     let conds = r.json()["status"]["conditions"].clone();
     assert_eq!(conds.as_array().unwrap().len(), 2);
     let rv = r.json()["metadata"]["resourceVersion"].clone();
-    let r = c.patch("/api/v1/nodes/n1/status", ADMIN, SMP, &p).await;
+    let r = c.smp("/api/v1/nodes/n1/status", &p).await;
     assert_eq!(r.status, 200);
     assert_eq!(
         r.json()["metadata"]["resourceVersion"],
@@ -461,7 +398,7 @@ async fn patches_and_status_subresource() {
         "$setElementOrder/conditions": [{"type": "Ready"}, {"type": "NetworkUnavailable"}],
         "conditions": [{"type": "NetworkUnavailable", "status": "True"}]
     }});
-    let r = c.patch("/api/v1/nodes/n1/status", ADMIN, SMP, &p).await;
+    let r = c.smp("/api/v1/nodes/n1/status", &p).await;
     assert_eq!(r.status, 200, "{}", text(&r));
     let conds = r.json()["status"]["conditions"].clone();
     assert_eq!(conds[0]["type"], "Ready");
@@ -509,10 +446,8 @@ async fn lists_pagination_and_selectors() {
     let names = ["a", "b", "c", "d", "e"];
     create_nodes(&c, &names).await;
     let r = c
-        .patch(
+        .smp(
             "/api/v1/nodes/c",
-            ADMIN,
-            SMP,
             &json!({"metadata": {"labels": {"role": "edge"}}}),
         )
         .await;
@@ -694,10 +629,8 @@ async fn watches() {
     );
 
     let r = c
-        .patch(
+        .smp(
             "/api/v1/nodes/a/status",
-            ADMIN,
-            SMP,
             &json!({"metadata": {"annotations": {"x": "1"}}}),
         )
         .await;
@@ -770,18 +703,14 @@ async fn watches() {
     let mut ws = c
         .watch("/api/v1/nodes?watch=true&labelSelector=team%3Dx", ADMIN)
         .await;
-    c.patch(
+    c.smp(
         "/api/v1/nodes/a",
-        ADMIN,
-        SMP,
         &json!({"metadata": {"labels": {"team": "x"}}}),
     )
     .await;
     assert_eq!(ws.next_change(WAIT).await.unwrap()["type"], "ADDED");
-    c.patch(
+    c.smp(
         "/api/v1/nodes/a",
-        ADMIN,
-        SMP,
         &json!({"metadata": {"labels": {"team": "y"}}}),
     )
     .await;
@@ -1070,7 +999,7 @@ async fn five_thousand_nodes_one_list() {
             for i in (t..5000).step_by(8) {
                 let name = format!("node-{i:04}");
                 let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
-                let r = c.post("/api/v1/nodes", ADMIN, &node(&name, &cidr)).await;
+                let r = c.create_node(&node(&name, &cidr)).await;
                 assert_eq!(r.status, 201);
             }
         }));
@@ -1093,10 +1022,8 @@ async fn five_thousand_nodes_one_list() {
 async fn delete_collection() {
     let (_h, c) = start(rbac_options()).await;
     create_nodes(&c, &["a", "b", "c"]).await;
-    c.patch(
+    c.smp(
         "/api/v1/nodes/b",
-        ADMIN,
-        SMP,
         &json!({"metadata": {"labels": {"gone": "yes"}}}),
     )
     .await;

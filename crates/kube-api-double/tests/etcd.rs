@@ -39,7 +39,7 @@ async fn nodes_survive_a_restart() {
         ("k8s-node1", "10.244.1.0/24"),
         ("k8s-node2", "10.244.2.0/24"),
     ] {
-        let r = c.post("/api/v1/nodes", ADMIN, &node(n, cidr)).await;
+        let r = c.create_node(&node(n, cidr)).await;
         assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     }
     let r = c

@@ -139,37 +139,47 @@ impl Client {
         self.send("GET", path, Some(token), None, Vec::new()).await
     }
 
-    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
+    async fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        ct: &str,
+        body: &Value,
+    ) -> Resp {
         self.send(
-            "POST",
+            method,
             path,
             Some(token),
-            Some("application/json"),
+            Some(ct),
             body.to_string().into_bytes(),
         )
         .await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Resp {
+        self.send_json("POST", path, token, "application/json", body)
+            .await
     }
 
     pub async fn put(&self, path: &str, token: &str, body: &Value) -> Resp {
-        self.send(
-            "PUT",
-            path,
-            Some(token),
-            Some("application/json"),
-            body.to_string().into_bytes(),
-        )
-        .await
+        self.send_json("PUT", path, token, "application/json", body)
+            .await
     }
 
     pub async fn patch(&self, path: &str, token: &str, content_type: &str, body: &Value) -> Resp {
-        self.send(
-            "PATCH",
-            path,
-            Some(token),
-            Some(content_type),
-            body.to_string().into_bytes(),
-        )
-        .await
+        self.send_json("PATCH", path, token, content_type, body)
+            .await
+    }
+
+    /// Creates a Node as the admin.
+    pub async fn create_node(&self, body: &Value) -> Resp {
+        self.post("/api/v1/nodes", ADMIN, body).await
+    }
+
+    /// A strategic merge patch as the admin.
+    pub async fn smp(&self, path: &str, body: &Value) -> Resp {
+        self.patch(path, ADMIN, SMP, body).await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> Resp {
