@@ -249,7 +249,9 @@ impl Running {
 
 impl Double {
     /// Starts a double on the current tokio runtime and returns once it
-    /// accepts connections.
+    /// accepts connections. On a current-thread runtime it serves only
+    /// while the caller awaits; a caller that blocks the thread uses
+    /// [`Double::start_blocking`].
     pub async fn start(opts: Options) -> Result<Handle, Error> {
         Ok(launch(opts).await?.into_handle(None))
     }
