@@ -15,6 +15,7 @@ pub enum Kind {
     Node,
     Pod,
     Namespace,
+    ServiceAccount,
     ClusterRole,
     ClusterRoleBinding,
 }
@@ -22,10 +23,11 @@ pub enum Kind {
 pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Node,
         Kind::Pod,
         Kind::Namespace,
+        Kind::ServiceAccount,
         Kind::ClusterRole,
         Kind::ClusterRoleBinding,
     ];
@@ -49,6 +51,7 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::ServiceAccount => "ServiceAccount",
             Kind::ClusterRole => "ClusterRole",
             Kind::ClusterRoleBinding => "ClusterRoleBinding",
         }
@@ -64,6 +67,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
+            Kind::ServiceAccount => "serviceaccounts",
             Kind::ClusterRole => "clusterroles",
             Kind::ClusterRoleBinding => "clusterrolebindings",
         }
@@ -74,6 +78,7 @@ impl Kind {
             Kind::Node => "node",
             Kind::Pod => "pod",
             Kind::Namespace => "namespace",
+            Kind::ServiceAccount => "serviceaccount",
             Kind::ClusterRole => "clusterrole",
             Kind::ClusterRoleBinding => "clusterrolebinding",
         }
@@ -84,12 +89,13 @@ impl Kind {
             Kind::Node => &["no"],
             Kind::Pod => &["po"],
             Kind::Namespace => &["ns"],
+            Kind::ServiceAccount => &["sa"],
             _ => &[],
         }
     }
 
     pub fn namespaced(self) -> bool {
-        self == Kind::Pod
+        matches!(self, Kind::Pod | Kind::ServiceAccount)
     }
 
     /// Whether the resource has a `status` subresource.
@@ -121,7 +127,7 @@ impl Kind {
 
     fn name_rule(self) -> NameRule {
         match self {
-            Kind::Node | Kind::Pod => NameRule::Dns1123Subdomain,
+            Kind::Node | Kind::Pod | Kind::ServiceAccount => NameRule::Dns1123Subdomain,
             Kind::Namespace => NameRule::Dns1123Label,
             Kind::ClusterRole | Kind::ClusterRoleBinding => NameRule::PathSegment,
         }
@@ -130,7 +136,7 @@ impl Kind {
     /// Whether DELETE answers with the deleted object (pods, namespaces)
     /// rather than a `Status` of success.
     pub fn delete_returns_object(self) -> bool {
-        matches!(self, Kind::Pod | Kind::Namespace)
+        matches!(self, Kind::Pod | Kind::Namespace | Kind::ServiceAccount)
     }
 
     /// The strategic-merge-patch schema of the resource.
@@ -394,6 +400,7 @@ pub fn normalize(kind: Kind, obj: &mut Value) {
     if !obj.get("spec").is_some_and(Value::is_object)
         && kind != Kind::ClusterRole
         && kind != Kind::ClusterRoleBinding
+        && kind != Kind::ServiceAccount
     {
         obj["spec"] = json!({});
     }
@@ -488,6 +495,7 @@ pub fn normalize(kind: Kind, obj: &mut Value) {
         Kind::ClusterRoleBinding => {
             omit_empty(obj, &[], &["subjects"]);
         }
+        Kind::ServiceAccount => {}
     }
 }
 
@@ -539,6 +547,15 @@ pub fn prepare_create(kind: Kind, obj: &mut Value) {
             ] {
                 spec.entry(k).or_insert(v);
             }
+            // The ServiceAccount admission plugin: every pod runs as a
+            // service account, `default` unless named (the deprecated
+            // `serviceAccount` mirrors it).
+            let sa = match spec.get("serviceAccountName").and_then(Value::as_str) {
+                Some(n) if !n.is_empty() => n.to_string(),
+                _ => "default".to_string(),
+            };
+            spec.insert("serviceAccountName".into(), json!(sa));
+            spec.insert("serviceAccount".into(), json!(sa));
             for list in ["containers", "initContainers"] {
                 if let Some(Value::Array(cs)) = spec.get_mut(list) {
                     for c in cs.iter_mut().filter_map(Value::as_object_mut) {
@@ -577,7 +594,7 @@ pub fn prepare_create(kind: Kind, obj: &mut Value) {
                 .entry("phase")
                 .or_insert(json!("Active"));
         }
-        Kind::ClusterRole | Kind::ClusterRoleBinding => {}
+        Kind::ServiceAccount | Kind::ClusterRole | Kind::ClusterRoleBinding => {}
     }
 }
 
@@ -868,7 +885,7 @@ fn validate_kind(kind: Kind, obj: &Value) -> Vec<FieldError> {
     match kind {
         Kind::Node => validate_node(obj),
         Kind::Pod => validate_pod(obj),
-        Kind::Namespace => Vec::new(),
+        Kind::Namespace | Kind::ServiceAccount => Vec::new(),
         Kind::ClusterRole => validate_cluster_role(obj),
         Kind::ClusterRoleBinding => validate_binding(obj),
     }
@@ -1006,6 +1023,7 @@ pub fn decode(kind: Kind, obj: &Value) -> Result<Value, DecodeError> {
         Kind::Node => typed::<core::Node>(&v),
         Kind::Pod => typed::<core::Pod>(&v),
         Kind::Namespace => typed::<core::Namespace>(&v),
+        Kind::ServiceAccount => typed::<core::ServiceAccount>(&v),
         Kind::ClusterRole => typed::<rbac::ClusterRole>(&v),
         Kind::ClusterRoleBinding => typed::<rbac::ClusterRoleBinding>(&v),
     };

@@ -492,7 +492,7 @@ pub async fn create_object(
             &errs,
         ));
     }
-    if kind == Kind::Pod {
+    if kind.namespaced() {
         let ns = meta_str(&obj, "namespace").to_string();
         match store.get(Kind::Namespace, &ns) {
             None => return Err(ApiError::not_found(&Kind::Namespace.gr(), &ns)),
@@ -504,6 +504,29 @@ pub async fn create_object(
                 ))
             }
             Some(_) => {}
+        }
+    }
+    if kind == Kind::Pod {
+        // The ServiceAccount admission plugin refuses a pod whose service
+        // account does not exist (kube-controller-manager creates each
+        // namespace's `default` one; without it, none exists).
+        let ns = meta_str(&obj, "namespace").to_string();
+        let sa = obj
+            .pointer("/spec/serviceAccountName")
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string();
+        if store
+            .get(Kind::ServiceAccount, &format!("{ns}/{sa}"))
+            .is_none()
+        {
+            return Err(ApiError::forbidden(
+                Some((kind.group(), kind.resource())),
+                meta_str(&obj, "name"),
+                &format!(
+                    "error looking up service account {ns}/{sa}: serviceaccount \"{sa}\" not found"
+                ),
+            ));
         }
     }
     let meta = obj["metadata"].as_object_mut().expect("normalized");
@@ -797,8 +820,10 @@ async fn delete(ctx: &Ctx<'_>, kind: Kind, ns: &str, name: &str) -> Result<Reply
                 .await?;
             // What the namespace controller does: remove the content, then
             // the namespace.
-            for pod in store.in_namespace(Kind::Pod, name) {
-                let _ = store.delete(Kind::Pod, &pod.key, |_| Ok(())).await;
+            for content in [Kind::Pod, Kind::ServiceAccount] {
+                for obj in store.in_namespace(content, name) {
+                    let _ = store.delete(content, &obj.key, |_| Ok(())).await;
+                }
             }
             let _ = store.delete(kind, &key, |_| Ok(())).await;
             Ok(Reply::Json(200, terminating.json_with_kind()))
@@ -1215,7 +1240,10 @@ fn non_resource(ctx: &Ctx<'_>) -> Result<Reply, ApiError> {
             "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ctx.app.address}]
         }),
-        "/api/v1" => resource_list("v1", &[Kind::Namespace, Kind::Node, Kind::Pod]),
+        "/api/v1" => resource_list(
+            "v1",
+            &[Kind::Namespace, Kind::Node, Kind::Pod, Kind::ServiceAccount],
+        ),
         "/apis" => json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [rbac_group()]}),
         "/apis/rbac.authorization.k8s.io" => {
             let mut g = rbac_group();

@@ -71,6 +71,7 @@ fn bookmark_object(kind: Kind, rv: u64, initial_end: bool) -> Value {
             o["spec"] = json!({});
             o["status"] = json!({});
         }
+        Kind::ServiceAccount => {}
         Kind::ClusterRole => o["rules"] = Value::Null,
         Kind::ClusterRoleBinding => {
             o["roleRef"] = json!({"apiGroup": "", "kind": "", "name": ""});

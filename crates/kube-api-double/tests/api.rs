@@ -791,10 +791,30 @@ async fn namespaces_and_pods() {
         r.json()["metadata"]["labels"]["kubernetes.io/metadata.name"],
         "kube-flannel"
     );
+    // The ServiceAccount admission: the pod's account must exist (no
+    // kube-controller-manager made the namespace's `default` one).
+    let r = c
+        .post("/api/v1/namespaces/kube-flannel/pods", ADMIN, &pod)
+        .await;
+    assert_eq!(r.status, 403, "{}", text(&r));
+    assert!(
+        text(&r).contains(r#"error looking up service account kube-flannel/default: serviceaccount \"default\" not found"#),
+        "{}",
+        text(&r)
+    );
+    let r = c
+        .post(
+            "/api/v1/namespaces/kube-flannel/serviceaccounts",
+            ADMIN,
+            &json!({"metadata": {"name": "default"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", text(&r));
     let r = c
         .post("/api/v1/namespaces/kube-flannel/pods", ADMIN, &pod)
         .await;
     assert_eq!(r.status, 201, "{}", text(&r));
+    assert_eq!(r.json()["spec"]["serviceAccountName"], "default");
     let p = r.json();
     assert_eq!(p["spec"]["nodeName"], "k8s-node1");
     assert_eq!(p["metadata"]["namespace"], "kube-flannel");

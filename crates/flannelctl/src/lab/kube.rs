@@ -855,12 +855,13 @@ impl super::Lab {
 }
 
 impl super::Lab {
-    /// Creates `namespace` (if needed) and a pod `name` in it scheduled on
-    /// `node` (`spec.nodeName`), as the DaemonSet controller and scheduler
-    /// would for kube-flannel-ds: what flanneld finds its Node through when
-    /// only POD_NAME and POD_NAMESPACE are set.
+    /// Creates `namespace` and its ServiceAccount `flannel` (if needed, as
+    /// kube-flannel.yml does) and a pod `name` running as `flannel`,
+    /// scheduled on `node` (`spec.nodeName`), as the DaemonSet controller
+    /// and scheduler would for kube-flannel-ds: what flanneld finds its Node
+    /// through when only POD_NAME and POD_NAMESPACE are set.
     pub fn kube_create_pod(&self, namespace: &str, name: &str, node: &str) -> Result<()> {
-        use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec};
+        use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
         let (namespace, name, node) = (namespace.to_string(), name.to_string(), node.to_string());
         self.with_kube(|c| async move {
             let ns = Namespace {
@@ -871,6 +872,20 @@ impl super::Lab {
                 ..Namespace::default()
             };
             create_once(&Api::all(c.clone()), &ns, &format!("namespace {namespace}")).await?;
+            let sa = ServiceAccount {
+                metadata: ObjectMeta {
+                    name: Some("flannel".into()),
+                    namespace: Some(namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..ServiceAccount::default()
+            };
+            create_once(
+                &Api::namespaced(c.clone(), &namespace),
+                &sa,
+                &format!("service account {namespace}/flannel"),
+            )
+            .await?;
             let pod = Pod {
                 metadata: ObjectMeta {
                     name: Some(name.clone()),
@@ -879,6 +894,7 @@ impl super::Lab {
                 },
                 spec: Some(PodSpec {
                     node_name: Some(node),
+                    service_account_name: Some("flannel".into()),
                     host_network: Some(true),
                     containers: vec![Container {
                         name: "kube-flannel".into(),
