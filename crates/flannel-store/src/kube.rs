@@ -663,6 +663,7 @@ impl KubeStore {
             self.patch_status("publishing the lease annotations", &body)
                 .await;
             tracing::info!(node = %own.name, annotations = ?changes.keys().collect::<Vec<_>>(), "published the lease annotations");
+            self.wait_until_cached(&changes).await;
         }
         let mut published = own.clone();
         published.annotations.extend(desired);
@@ -675,6 +676,30 @@ impl KubeStore {
             attrs: lease.attrs,
             expiration: None,
         })
+    }
+
+    /// Waits (a few seconds at most) until the watcher has seen our Node
+    /// with `annotations`: a watch that has not caught up with our own
+    /// patch yet would otherwise show our lease as still missing.
+    async fn wait_until_cached(&self, annotations: &BTreeMap<String, String>) {
+        let mut rx = self.shared.changed.subscribe();
+        let seen = || {
+            self.shared.lock().own.as_ref().is_some_and(|o| {
+                annotations
+                    .iter()
+                    .all(|(k, v)| o.annotations.get(k) == Some(v))
+            })
+        };
+        let wait = async {
+            while !seen() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(10), wait).await.is_err() {
+            tracing::warn!(node = %self.shared.node_name, "the Node watch has not shown our published annotations after 10 s; going on");
+        }
     }
 
     /// `PATCH nodes/<name>/status` (strategic merge), retried with backoff
