@@ -315,24 +315,8 @@ impl Shared {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A Node's lease, or the problem that keeps it from having one.
     fn digest(&self, n: &NodeSummary) -> Entry {
-        let view = NodeView {
-            name: n.metadata.name.as_deref().unwrap_or(""),
-            annotations: n.metadata.annotations.as_ref().unwrap_or(&EMPTY),
-            pod_cidr: n.spec.pod_cidr.as_deref(),
-            pod_cidrs: n.spec.pod_cidrs.as_deref().unwrap_or(&[]),
-        };
-        match view.lease(&self.names, &self.cfg) {
-            Ok(lease) => Entry {
-                lease,
-                problem: None,
-            },
-            Err(e) => Entry {
-                lease: None,
-                problem: Some(e.to_string()),
-            },
-        }
+        digest(&self.names, &self.cfg, n)
     }
 
     fn warn_new_problem(name: &str, old: Option<&Entry>, new: &Entry) {
@@ -409,6 +393,70 @@ impl Shared {
 }
 
 static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+
+/// A Node's lease, or the problem that keeps it from having one.
+fn digest(names: &AnnotationNames, cfg: &NetConfig, n: &NodeSummary) -> Entry {
+    let view = NodeView {
+        name: n.metadata.name.as_deref().unwrap_or(""),
+        annotations: n.metadata.annotations.as_ref().unwrap_or(&EMPTY),
+        pod_cidr: n.spec.pod_cidr.as_deref(),
+        pod_cidrs: n.spec.pod_cidrs.as_deref().unwrap_or(&[]),
+    };
+    match view.lease(names, cfg) {
+        Ok(lease) => Entry {
+            lease,
+            problem: None,
+        },
+        Err(e) => Entry {
+            lease: None,
+            problem: Some(e.to_string()),
+        },
+    }
+}
+
+/// Every Node's lease at one moment (`flannelctl leases`).
+#[derive(Debug, Clone, Default)]
+pub struct NodeLeases {
+    pub leases: Vec<Lease>,
+    /// Nodes flanneld manages whose lease does not parse: (Node, why).
+    pub skipped: Vec<(String, String)>,
+}
+
+/// Lists the Nodes once (from the API server's cache) and reads their
+/// leases as flanneld does: `kubectl get nodes` for flannel.
+pub async fn list_node_leases(
+    api_url: Option<&str>,
+    kubeconfig: Option<&Path>,
+    prefix: &str,
+    cfg: &NetConfig,
+) -> std::result::Result<NodeLeases, KubeStoreError> {
+    let names = AnnotationNames::new(prefix)?;
+    let config = client_config(api_url, kubeconfig).await?;
+    let client = kube::Client::try_from(config).map_err(|source| KubeStoreError::Api {
+        what: "creating the Kubernetes client".into(),
+        source,
+    })?;
+    let list = Api::<NodeSummary>::all(client)
+        .list(&kube::api::ListParams::default().match_any())
+        .await
+        .map_err(|source| KubeStoreError::Api {
+            what: "listing the Nodes".into(),
+            source,
+        })?;
+    let mut out = NodeLeases::default();
+    for n in &list.items {
+        let e = digest(&names, cfg, n);
+        match (e.lease, e.problem) {
+            (Some(l), _) => out.leases.push(l),
+            (None, Some(p)) => out
+                .skipped
+                .push((n.metadata.name.clone().unwrap_or_default(), p)),
+            (None, None) => {}
+        }
+    }
+    out.leases.sort_by_key(|l| l.key);
+    Ok(out)
+}
 
 /// What a subscriber must hear when a Node's lease goes from `old` to `new`.
 fn lease_events(old: Option<Lease>, new: Option<Lease>) -> Vec<LeaseEvent> {
@@ -697,7 +745,10 @@ impl KubeStore {
                 }
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), wait).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .is_err()
+        {
             tracing::warn!(node = %self.shared.node_name, "the Node watch has not shown our published annotations after 10 s; going on");
         }
     }

@@ -1,5 +1,5 @@
-//! `flannelctl leases [--local-store DIR | --etcd-endpoints URLS ...] [--json]`:
-//! who holds which subnet.
+//! `flannelctl leases [--local-store DIR | --etcd-endpoints URLS ... |
+//! --kube-subnet-mgr ...] [--json]`: who holds which subnet.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -32,6 +32,10 @@ pub enum LeasesError {
         #[source]
         source: flannel_store::StoreError,
     },
+    #[error("reading the Nodes' leases: {0}")]
+    Kube(#[source] flannel_store::kube::KubeStoreError),
+    #[error("network config {path}: {detail}")]
+    Config { path: String, detail: String },
 }
 
 /// One lease as `flannelctl leases` shows it.
@@ -138,6 +142,40 @@ pub fn read_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<Lease>, L
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);
     Ok(leases)
+}
+
+/// The leases of the Nodes (Kubernetes mode), read as flanneld reads them,
+/// and the managed Nodes skipped with why. The address families come from
+/// `net_conf` (the ConfigMap's net-conf.json) when it exists, else IPv4.
+///
+/// `kubectl get nodes -o yaml`, for flannel.
+pub fn read_kube(
+    kube: &flanneld::flags::KubeFlags,
+    net_conf: &Path,
+) -> Result<flannel_store::kube::NodeLeases, LeasesError> {
+    let cfg_err = |detail: String| LeasesError::Config {
+        path: net_conf.display().to_string(),
+        detail,
+    };
+    let text = match std::fs::read_to_string(net_conf) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r#"{"Network":"0.0.0.0/0"}"#.into(),
+        Err(e) => return Err(cfg_err(e.to_string())),
+    };
+    let cfg = flannel_core::config::parse(&text).map_err(|e| cfg_err(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(LeasesError::Runtime)?;
+    rt.block_on(flannel_store::kube::list_node_leases(
+        kube.kube_api_url.as_deref().filter(|u| !u.is_empty()),
+        kube.kubeconfig_file
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty()),
+        &kube.kube_annotation_prefix,
+        &cfg,
+    ))
+    .map_err(LeasesError::Kube)
 }
 
 fn human_expiry(row: &LeaseRow, now: SystemTime) -> String {

@@ -87,13 +87,20 @@ enum Command {
     /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
     ///
     /// Reads the store flanneld would use with the same flags (and the same
-    /// FLANNELD_* variables): `--local-store DIR` when given, else etcd.
+    /// FLANNELD_* variables): the Nodes with `--kube-subnet-mgr` (the
+    /// address families from --net-config-path when it exists, else IPv4),
+    /// `--local-store DIR`, else etcd.
     Leases {
         /// The directory flanneld uses as `--local-store`.
         #[arg(long, env = "FLANNELD_LOCAL_STORE", value_name = "DIR")]
         local_store: Option<PathBuf>,
         #[command(flatten)]
         etcd: EtcdFlags,
+        #[command(flatten)]
+        kube: flanneld::flags::KubeFlags,
+        /// The net-conf.json flanneld reads in Kubernetes mode.
+        #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = wire::DEFAULT_NET_CONFIG_PATH)]
+        net_config_path: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -383,9 +390,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Leases {
             local_store,
             etcd,
+            kube,
+            net_config_path,
             json,
         } => {
             let rows = match local_store {
+                _ if kube.kube_subnet_mgr => {
+                    let found = leases::read_kube(&kube, &net_config_path)?;
+                    for (node, why) in &found.skipped {
+                        eprintln!("flannelctl: skipped Node {node}: {why}");
+                    }
+                    found
+                        .leases
+                        .iter()
+                        .map(leases::LeaseRow::from_lease)
+                        .collect()
+                }
                 Some(dir) => leases::list(&dir)?,
                 None => leases::list_etcd(etcd.options())?,
             };
@@ -394,19 +414,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lab(LabCommand::Store { name, action }) => {
             let lab = Lab::open(&name.name)?;
+            let server = if lab.state.store == lab::StoreKind::Kube {
+                "the API server"
+            } else {
+                "etcd"
+            };
             if action == "stop" {
                 let was = lab.stop_store()?;
                 println!(
-                    "etcd of lab {} {}",
+                    "{server} of lab {} {}",
                     lab.name(),
                     if was { "stopped" } else { "was not running" }
                 );
             } else {
                 let pid = lab.start_store()?;
                 println!(
-                    "etcd of lab {} started: pid {pid}, {}",
+                    "{server} of lab {} started: pid {pid}, {}",
                     lab.name(),
-                    lab.etcd_endpoint()?
+                    lab.store_description()
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -848,3 +848,44 @@ fn kube_node_public_ip_annotation_replaces_the_public_ip() {
         63,
     );
 }
+
+/// `flannelctl leases --kube-subnet-mgr` reads the Nodes as flanneld does,
+/// with flanneld's own RBAC (list nodes).
+#[test]
+fn flannelctl_leases_reads_the_nodes_in_kubernetes_mode() {
+    let lab = kube_lab(2);
+    let kubeconfig = lab.kube_dir().flannel_kubeconfig();
+    let net_conf = lab.net_conf_path();
+    let out = lab
+        .netns("master")
+        .unwrap()
+        .run(|| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_flannelctl"))
+                .args(["leases", "--kube-subnet-mgr", "--json", "--kubeconfig-file"])
+                .arg(&kubeconfig)
+                .arg("--net-config-path")
+                .arg(&net_conf)
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let macs = vtep_macs(&lab);
+    assert_eq!(rows.len(), 3, "{rows:#?}");
+    for n in &lab.state.nodes {
+        let mac = macs.iter().find(|(m, _)| *m == n.name).unwrap().1;
+        assert!(
+            rows.iter().any(|r| r["subnet"] == n.subnet.to_string()
+                && r["public_ip"] == n.underlay_ip.to_string()
+                && r["backend_type"] == "vxlan"
+                && r["vtep_mac"] == mac.to_string()),
+            "{} missing: {rows:#?}",
+            n.name
+        );
+    }
+}

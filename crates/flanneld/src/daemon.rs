@@ -207,7 +207,7 @@ pub fn store_kind_with(
     flags: &Flags,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<StoreKind, DaemonError> {
-    if flags.kube_subnet_mgr {
+    if flags.kube.kube_subnet_mgr {
         if flags.local_store.is_some() {
             return Err(DaemonError::TwoStores);
         }
@@ -215,12 +215,13 @@ pub fn store_kind_with(
         kube_env.log_summary();
         let node = kube_env.node()?;
         return Ok(StoreKind::Kube(KubeOptions {
-            api_url: flags.kube_api_url.clone().filter(|u| !u.is_empty()),
+            api_url: flags.kube.kube_api_url.clone().filter(|u| !u.is_empty()),
             kubeconfig: flags
+                .kube
                 .kubeconfig_file
                 .clone()
                 .filter(|p| !p.as_os_str().is_empty()),
-            annotation_prefix: flags.kube_annotation_prefix.clone(),
+            annotation_prefix: flags.kube.kube_annotation_prefix.clone(),
             node,
             set_node_network_unavailable: flags.set_node_network_unavailable,
         }));

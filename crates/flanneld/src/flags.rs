@@ -113,25 +113,9 @@ pub struct Flags {
     #[command(flatten)]
     pub etcd: EtcdFlags,
 
-    /// Use the Kubernetes API as the subnet store: the subnet is the Node's
-    /// spec.podCIDR(s), the rest of the lease is published as Node annotations.
-    /// The Node is NODE_NAME, else the one POD_NAME in POD_NAMESPACE runs on.
-    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", action = ArgAction::Set, num_args = 0..=1,
-          require_equals = true, default_value = "false", default_missing_value = "true",
-          value_parser = BoolishValueParser::new())]
-    pub kube_subnet_mgr: bool,
-    /// Kubernetes API server URL (with --kube-subnet-mgr); overrides the
-    /// kubeconfig's server. Without this and --kubeconfig-file: the in-cluster
-    /// service account config.
-    #[arg(long, env = "FLANNELD_KUBE_API_URL")]
-    pub kube_api_url: Option<String>,
-    /// Prefix of flannel's Node annotations (with --kube-subnet-mgr): a DNS name,
-    /// optionally followed by "/" and a name; "/" or "-" is appended as upstream.
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = wire::DEFAULT_KUBE_ANNOTATION_PREFIX)]
-    pub kube_annotation_prefix: String,
-    /// kubeconfig file for the Kubernetes API (with --kube-subnet-mgr).
-    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE")]
-    pub kubeconfig_file: Option<PathBuf>,
+    /// Kubernetes API flags (`--kube-*`), shared with `flannelctl leases`.
+    #[command(flatten)]
+    pub kube: KubeFlags,
 
     /// Address of the health endpoint (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "FLANNELD_HEALTHZ_IP", default_value = "0.0.0.0")]
@@ -195,6 +179,31 @@ pub struct EtcdFlags {
     /// etcd password.
     #[arg(long, env = "FLANNELD_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+}
+
+/// flanneld's Kubernetes flags, one definition for every binary that reads
+/// flanneld's store (`flanneld`, `flannelctl leases`).
+#[derive(Debug, Clone, Args)]
+pub struct KubeFlags {
+    /// Use the Kubernetes API as the subnet store: the subnet is the Node's
+    /// spec.podCIDR(s), the rest of the lease is published as Node annotations.
+    /// The Node is NODE_NAME, else the one POD_NAME in POD_NAMESPACE runs on.
+    #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", action = ArgAction::Set, num_args = 0..=1,
+          require_equals = true, default_value = "false", default_missing_value = "true",
+          value_parser = BoolishValueParser::new())]
+    pub kube_subnet_mgr: bool,
+    /// Kubernetes API server URL (with --kube-subnet-mgr); overrides the
+    /// kubeconfig's server. Without this and --kubeconfig-file: the in-cluster
+    /// service account config.
+    #[arg(long, env = "FLANNELD_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// Prefix of flannel's Node annotations (with --kube-subnet-mgr): a DNS name,
+    /// optionally followed by "/" and a name; "/" or "-" is appended as upstream.
+    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = wire::DEFAULT_KUBE_ANNOTATION_PREFIX)]
+    pub kube_annotation_prefix: String,
+    /// kubeconfig file for the Kubernetes API (with --kube-subnet-mgr).
+    #[arg(long, env = "FLANNELD_KUBECONFIG_FILE")]
+    pub kubeconfig_file: Option<PathBuf>,
 }
 
 impl EtcdFlags {
@@ -403,7 +412,7 @@ mod tests {
             "http://127.0.0.1:4001,http://127.0.0.1:2379"
         );
         assert!(!f.ip_masq);
-        assert!(!f.kube_subnet_mgr);
+        assert!(!f.kube.kube_subnet_mgr);
         assert_eq!(f.healthz_port, 0);
         assert_eq!(f.lease_ttl(), Duration::from_secs(86400));
         assert!(f.iface.is_empty());
@@ -429,7 +438,7 @@ mod tests {
             "10244",
         ])
         .unwrap();
-        assert!(f.ip_masq && f.kube_subnet_mgr && f.ip_blackhole_route);
+        assert!(f.ip_masq && f.kube.kube_subnet_mgr && f.ip_blackhole_route);
         assert!(!f.iptables_forward_rules);
         assert_eq!(f.iptables_resync, 9);
         assert_eq!(f.healthz_port, 10244);
@@ -456,7 +465,7 @@ mod tests {
         assert!(parse(&["--ip-masq"]).unwrap().ip_masq);
         assert!(parse(&["--ip-masq=true"]).unwrap().ip_masq);
         assert!(!parse(&["--ip-masq=false"]).unwrap().ip_masq);
-        assert!(parse(&["--kube-subnet-mgr"]).unwrap().kube_subnet_mgr);
+        assert!(parse(&["--kube-subnet-mgr"]).unwrap().kube.kube_subnet_mgr);
         // `--ip-masq eth0` must not swallow the next word as the flag's value.
         assert!(parse(&["--ip-masq", "--iface", "eth0"]).unwrap().ip_masq);
     }
