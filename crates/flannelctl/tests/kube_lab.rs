@@ -360,24 +360,23 @@ fn kube_api_outage_of_30s_loses_no_ping_and_changes_after_it_are_seen() {
     }
 }
 
-#[test]
-fn kube_public_ip_overwrite_is_published_and_used_by_the_peers() {
-    let lab = kube_lab(1);
-    let overwrite = Ipv4Addr::new(172, 16, 1, 114);
+/// Restarts node1's flanneld with a second underlay address and one
+/// annotation naming it set on its Node, then waits until node1's Node
+/// publishes that address as `public-ip` and the master's FDB sends node1's
+/// traffic there, and checks the overlay still carries it.
+fn restart_node1_with_address_in_annotation(lab: &Lab, address: Ipv4Addr, annotation: &str) {
     assert!(lab
         .stop_daemon("k8s-node1", Duration::from_secs(10))
         .unwrap());
-    // The address others must use (a NAT's, say); here a second address
-    // of the node itself, so that traffic sent to it still arrives.
-    in_node(&lab, "k8s-node1", |nl| {
+    in_node(lab, "k8s-node1", |nl| {
         let ens3 = nl.link_by_name(lab::NODE_IFACE).unwrap().unwrap();
-        nl.add_address(ens3.index, format!("{overwrite}/24").parse().unwrap())
+        nl.add_address(ens3.index, format!("{address}/24").parse().unwrap())
             .unwrap();
     });
     lab.kube_patch_node(
         "k8s-node1",
         serde_json::json!({"metadata": {"annotations": {
-            format!("{PREFIX}public-ip-overwrite"): overwrite.to_string()
+            format!("{PREFIX}{annotation}"): address.to_string()
         }}}),
         false,
     )
@@ -386,24 +385,27 @@ fn kube_public_ip_overwrite_is_published_and_used_by_the_peers() {
     lab.wait_daemon_ready("k8s-node1", Instant::now() + Duration::from_secs(30))
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while annotations(&lab, "k8s-node1").get(&format!("{PREFIX}public-ip"))
-        != Some(&overwrite.to_string())
+    while annotations(lab, "k8s-node1").get(&format!("{PREFIX}public-ip"))
+        != Some(&address.to_string())
     {
-        assert!(Instant::now() < deadline, "public-ip not overwritten");
+        assert!(
+            Instant::now() < deadline,
+            "public-ip is not {address}: {:?}",
+            annotations(lab, "k8s-node1")
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // The master sends node1's traffic to the overwritten address.
-    let mac = vtep_macs(&lab)
+    let mac = vtep_macs(lab)
         .into_iter()
         .find(|(n, _)| n == "k8s-node1")
         .unwrap()
         .1;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let t = read_tables(&lab, "master").unwrap();
+        let t = read_tables(lab, "master").unwrap();
         if t.fdb
             .iter()
-            .any(|f| f.mac == mac && f.dst == std::net::IpAddr::V4(overwrite))
+            .any(|f| f.mac == mac && f.dst == std::net::IpAddr::V4(address))
         {
             break;
         }
@@ -411,10 +413,39 @@ fn kube_public_ip_overwrite_is_published_and_used_by_the_peers() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_ping(
-        &lab,
+        lab,
         "ubuntu-1",
         lab.node("master").unwrap().subnet.network(),
         63,
+    );
+}
+
+/// `public-ip-overwrite` on the Node (the address others must use, a NAT's
+/// say; here a second address of the node itself, so that traffic sent to
+/// it still arrives) is published instead of the node's own address.
+#[test]
+fn kube_public_ip_overwrite_is_published_and_used_by_the_peers() {
+    let lab = kube_lab(1);
+    restart_node1_with_address_in_annotation(
+        &lab,
+        Ipv4Addr::new(172, 16, 1, 114),
+        "public-ip-overwrite",
+    );
+}
+
+/// `node-public-ip` on the Node replaces `--public-ip`.
+#[test]
+fn kube_node_public_ip_annotation_replaces_the_public_ip() {
+    let lab = kube_lab(1);
+    restart_node1_with_address_in_annotation(
+        &lab,
+        Ipv4Addr::new(172, 16, 1, 115),
+        "node-public-ip",
+    );
+    let log = std::fs::read_to_string(lab.log_path("k8s-node1")).unwrap();
+    assert!(
+        log.contains("node-public-ip annotation as --public-ip"),
+        "{log}"
     );
 }
 
@@ -794,59 +825,6 @@ fn kube_pod_cidr_outside_the_network_stops_flanneld_with_upstreams_error() {
         "{log}"
     );
     assert!(!lab.subnet_file(&node).exists());
-}
-
-/// `node-public-ip` on the Node replaces `--public-ip`: the address
-/// published and used by the peers.
-#[test]
-fn kube_node_public_ip_annotation_replaces_the_public_ip() {
-    let lab = kube_lab(1);
-    let address = Ipv4Addr::new(172, 16, 1, 115);
-    assert!(lab
-        .stop_daemon("k8s-node1", Duration::from_secs(10))
-        .unwrap());
-    in_node(&lab, "k8s-node1", |nl| {
-        let ens3 = nl.link_by_name(lab::NODE_IFACE).unwrap().unwrap();
-        nl.add_address(ens3.index, format!("{address}/24").parse().unwrap())
-            .unwrap();
-    });
-    lab.kube_patch_node(
-        "k8s-node1",
-        serde_json::json!({"metadata": {"annotations": {
-            format!("{PREFIX}node-public-ip"): address.to_string()
-        }}}),
-        false,
-    )
-    .unwrap();
-    lab.start_daemon("k8s-node1").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while annotations(&lab, "k8s-node1").get(&format!("{PREFIX}public-ip"))
-        != Some(&address.to_string())
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            annotations(&lab, "k8s-node1")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let log = std::fs::read_to_string(lab.log_path("k8s-node1")).unwrap();
-    assert!(log.contains("node-public-ip"), "{log}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = read_tables(&lab, "master").unwrap();
-        if t.fdb.iter().any(|f| f.dst == std::net::IpAddr::V4(address)) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "master's fdb: {:?}", t.fdb);
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_ping(
-        &lab,
-        "ubuntu-1",
-        lab.node("master").unwrap().subnet.network(),
-        63,
-    );
 }
 
 /// `flannelctl leases --kube-subnet-mgr` reads the Nodes as flanneld does,

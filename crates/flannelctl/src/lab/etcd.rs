@@ -7,7 +7,6 @@
 //! flannelctl runs on a thread that entered the master's namespace
 //! ([`NetNs::run`]) with a current-thread tokio runtime.
 
-use std::fs::OpenOptions;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -69,15 +68,7 @@ pub fn etcd_binary() -> Result<PathBuf> {
 pub(crate) fn spawn(ns: &NetNs, lab: &str, dir: &Path, ip: Ipv4Addr) -> Result<u32> {
     let binary = etcd_binary()?;
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let log_path = dir.join(ETCD_LOG_FILE);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io_err(format!("opening {}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_err(format!("duplicating {}", log_path.display())))?;
+    let (out, err) = procs::log_output(&dir.join(ETCD_LOG_FILE))?;
     let client = client_url(ip);
     let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
     let member = format!("{lab}-master");
@@ -114,8 +105,8 @@ pub(crate) fn spawn(ns: &NetNs, lab: &str, dir: &Path, ip: Ipv4Addr) -> Result<u
         .arg("--log-outputs")
         .arg("stderr")
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2));
+        .stdout(out)
+        .stderr(err);
     super::procs::detach(&mut cmd);
     let child = ns
         .run(move || -> Result<std::process::Child> {

@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::OpenOptions;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -296,20 +295,12 @@ pub(crate) fn spawn(
     master: Ipv4Addr,
     etcd_url: &str,
 ) -> Result<u32> {
-    let log_path = kd.log();
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io_err(format!("opening {}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_err(format!("duplicating {}", log_path.display())))?;
+    let (out, err) = procs::log_output(&kd.log())?;
     let mut cmd = Command::new(binary);
     cmd.args(apiserver_args(kd, master, etcd_url))
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2));
+        .stdout(out)
+        .stderr(err);
     procs::detach(&mut cmd);
     let child = ns
         .run(move || {

@@ -90,15 +90,7 @@ pub(crate) fn spawn_flanneld(
     env: &[(OsString, OsString)],
     subnet_file: &Path,
 ) -> Result<u32> {
-    let log_path = node_dir.join(LOG_FILE);
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io_err(format!("opening {}", log_path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_err(format!("duplicating {}", log_path.display())))?;
+    let (out, err) = log_output(&node_dir.join(LOG_FILE))?;
     let mut cmd = Command::new(bin_dir.join(FLANNELD_BINARY));
     // Every flag of flanneld can also come from FLANNELD_<FLAG>: drop any the
     // caller's environment holds so that each lab daemon runs with exactly
@@ -120,8 +112,8 @@ pub(crate) fn spawn_flanneld(
         .arg("--subnet-file")
         .arg(subnet_file)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log2));
+        .stdout(out)
+        .stderr(err);
     detach(&mut cmd);
     let child = ns
         .run(move || cmd.spawn())
@@ -134,6 +126,19 @@ pub(crate) fn spawn_flanneld(
     adopt(child);
     write_atomic(&node_dir.join(PID_FILE), format!("{pid}\n").as_bytes())?;
     Ok(pid)
+}
+
+/// A spawned process's stdout and stderr: `path`, opened for appending.
+pub(crate) fn log_output(path: &Path) -> Result<(Stdio, Stdio)> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(io_err(format!("duplicating {}", path.display())))?;
+    Ok((Stdio::from(log), Stdio::from(log2)))
 }
 
 /// The pid in a pid file.
