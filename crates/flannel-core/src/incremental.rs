@@ -26,7 +26,7 @@ use std::time::SystemTime;
 use ipnet::IpNet;
 
 use crate::datapath::{
-    self, diff_replace, DesiredState, DirectRouting, FdbEntry, HostGwPeer, Neighbour,
+    self, diff_replace, DesiredState, DirectRouting, FdbEntry, HostGwPeer, Neighbour, Op,
     ReconcilePlan, ReplaceKey, Route,
 };
 use crate::lease::{IpFamily, Lease, LeaseKey};
@@ -314,6 +314,25 @@ impl DesiredIndex {
         v
     }
 
+    /// Whether the object `op` writes is wanted (for an add: whether the
+    /// kernel should have held it already).
+    pub fn holds(&self, op: &Op) -> bool {
+        fn has<T>(c: &Counted<T>, t: &T) -> bool
+        where
+            T: ReplaceKey + Ord + Clone,
+            T::Key: Clone,
+        {
+            c.by_key
+                .get(&t.replace_key())
+                .is_some_and(|v| v.iter().any(|(o, _)| o == t))
+        }
+        match op {
+            Op::AddRoute(r) | Op::DelRoute(r) => has(&self.routes, r),
+            Op::AddNeighbour(n) | Op::DelNeighbour(n) => has(&self.neighbours, n),
+            Op::AddFdb(f) | Op::DelFdb(f) => has(&self.fdb, f),
+        }
+    }
+
     /// Number of kernel objects wanted (routes + neighbours + FDB entries).
     pub fn objects(&self) -> usize {
         self.routes.len() + self.neighbours.len() + self.fdb.len()
@@ -323,7 +342,7 @@ impl DesiredIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::{plan_reconcile, Op};
+    use crate::datapath::plan_reconcile;
     use crate::lease::{LeaseAttrs, VxlanBackendData};
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};

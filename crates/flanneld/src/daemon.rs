@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
@@ -513,7 +514,9 @@ struct State<S: Store> {
     own: Lease,
     /// The VtepMAC of each enabled family (vxlan only).
     mac: PerFamily<Option<MacAddr>>,
-    leases: BTreeMap<LeaseKey, Lease>,
+    /// Every lease of the store as the datapath sees it (see
+    /// [`State::datapath_view`]), shared with the reconciler.
+    leases: BTreeMap<LeaseKey, Arc<Lease>>,
     mtu: u32,
     reconciler: Option<Reconciler>,
     /// Masquerade/forward rules (crate::rules), started once the lease is held.
@@ -613,13 +616,17 @@ async fn run_async<S: Store>(
         attrs,
         own,
         mac,
-        leases,
+        leases: BTreeMap::new(),
         mtu,
         reconciler: None,
         rules: None,
         store_expires_leases,
         health,
     };
+    st.leases = leases
+        .into_values()
+        .map(|l| (l.key, st.datapath_view(l)))
+        .collect();
     let settings = st.settings();
     let rec = Reconciler::start_with(settings, st.lease_vec(), st.health.datapath.clone())?;
     let report = rec.pass_now().await?;
@@ -736,19 +743,23 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// The leases as the datapath sees them; with a store that expires
-    /// leases itself, without expiry (see [`State::store_expires_leases`]).
-    fn lease_vec(&self) -> Vec<Lease> {
-        self.leases
-            .values()
-            .cloned()
-            .map(|mut l| {
-                if self.store_expires_leases {
-                    l.expiration = None;
-                }
-                l
-            })
-            .collect()
+    /// A lease as the datapath sees it: with a store that expires leases
+    /// itself, without expiry (see [`State::store_expires_leases`]).
+    ///
+    /// This is where a filter of what the datapath may see slots in: the
+    /// daemon keeps the leases the datapath sees in `leases`, and sends the
+    /// reconciler every change of that set (`push_changes`) or all of it
+    /// (`push_leases`).
+    fn datapath_view(&self, mut l: Lease) -> Arc<Lease> {
+        if self.store_expires_leases {
+            l.expiration = None;
+        }
+        Arc::new(l)
+    }
+
+    /// Every lease the datapath sees (shared, not copied).
+    fn lease_vec(&self) -> Vec<Arc<Lease>> {
+        self.leases.values().cloned().collect()
     }
 
     fn write_subnet_env(&self) -> Result<(), DaemonError> {
@@ -759,9 +770,21 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
+    /// Sends the whole lease set: the reconciler runs a full pass.
     fn push_leases(&self) {
         if let Some(r) = &self.reconciler {
             let _ = r.send(Request::Leases(self.lease_vec()));
+        }
+    }
+
+    /// Sends what changed: the reconciler runs an event pass that writes
+    /// only what these leases concern.
+    fn push_changes(&self, upserts: Vec<Arc<Lease>>, removed: Vec<LeaseKey>) {
+        if upserts.is_empty() && removed.is_empty() {
+            return;
+        }
+        if let Some(r) = &self.reconciler {
+            let _ = r.send(Request::Changes { upserts, removed });
         }
     }
 
@@ -877,7 +900,8 @@ impl<S: Store> State<S> {
             tracing::info!(subnet = %lease.key, "re-acquired the same subnet");
         }
         self.own = lease.clone();
-        self.leases.insert(lease.key, lease);
+        let view = self.datapath_view(lease);
+        self.leases.insert(view.key, view);
         if changed {
             if let Some(r) = &self.reconciler {
                 r.send(Request::Settings(Box::new(self.settings())))?;
@@ -896,30 +920,65 @@ impl<S: Store> State<S> {
     }
 
     /// Applies a watch message; returns true when our own lease changed.
+    ///
+    /// A snapshot replaces the lease set and the reconciler runs a full
+    /// pass; events send it only the leases that changed. Lease changes are
+    /// logged one line each at INFO when there are few, else as one summary
+    /// line at INFO with each lease at DEBUG (a snapshot of 5,000 nodes is
+    /// one line).
     async fn on_watch(&mut self, ev: WatchEvent) -> Result<bool, DaemonError> {
         let mut own_lost = false;
         let mut own_changed = false;
         match ev {
             WatchEvent::Snapshot(s) => {
-                let new: BTreeMap<LeaseKey, Lease> =
-                    s.leases.into_iter().map(|l| (l.key, l)).collect();
-                for k in self.leases.keys().filter(|k| !new.contains_key(k)) {
-                    tracing::info!(subnet = %k, "lease removed (resync)");
+                let mut new: BTreeMap<LeaseKey, Arc<Lease>> = BTreeMap::new();
+                for l in s.leases {
+                    if l.key == self.own.key {
+                        if same_holder(&l.attrs, &self.own.attrs) {
+                            own_changed = l.expiration != self.own.expiration;
+                            self.own = l.clone();
+                        } else {
+                            own_lost = true;
+                        }
+                    }
+                    let view = self.datapath_view(l);
+                    new.insert(view.key, view);
                 }
-                for (k, l) in new.iter().filter(|(k, l)| self.leases.get(k) != Some(l)) {
-                    tracing::info!(subnet = %k, public_ip = ?l.attrs.public_ip, "lease added or changed (resync)");
+                if !new.contains_key(&self.own.key) {
+                    own_lost = true;
+                }
+                let removed: Vec<LeaseKey> = self
+                    .leases
+                    .keys()
+                    .filter(|k| !new.contains_key(k))
+                    .copied()
+                    .collect();
+                let changed: Vec<&Arc<Lease>> = new
+                    .values()
+                    .filter(|l| self.leases.get(&l.key) != Some(l))
+                    .collect();
+                let verbose = removed.len() + changed.len() <= LEASE_LINES;
+                for k in &removed {
+                    log_lease(verbose, "lease removed (resync)", k, None);
+                }
+                for l in &changed {
+                    log_lease(verbose, "lease added or changed (resync)", &l.key, Some(l));
+                }
+                if !verbose {
+                    tracing::info!(
+                        leases = new.len(),
+                        added_or_changed = changed.len(),
+                        removed = removed.len(),
+                        "lease snapshot"
+                    );
                 }
                 self.leases = new;
-                match self.leases.get(&self.own.key) {
-                    None => own_lost = true,
-                    Some(l) if !same_holder(&l.attrs, &self.own.attrs) => own_lost = true,
-                    Some(l) => {
-                        own_changed = l.expiration != self.own.expiration;
-                        self.own = l.clone();
-                    }
-                }
+                self.push_leases();
             }
             WatchEvent::Events { events, .. } => {
+                let verbose = events.len() <= LEASE_LINES;
+                let mut upserts: BTreeMap<LeaseKey, Arc<Lease>> = BTreeMap::new();
+                let mut removed: BTreeMap<LeaseKey, ()> = BTreeMap::new();
                 for e in events {
                     match e {
                         LeaseEvent::Upsert(l) => {
@@ -931,30 +990,70 @@ impl<S: Store> State<S> {
                                     own_changed |= l.expiration != self.own.expiration;
                                     self.own = l.clone();
                                 }
-                            } else if self.leases.get(&l.key) != Some(&l) {
-                                tracing::info!(subnet = %l.key, public_ip = ?l.attrs.public_ip, "peer lease added or changed");
                             }
-                            self.leases.insert(l.key, l);
+                            let view = self.datapath_view(l);
+                            if self.leases.get(&view.key) == Some(&view) {
+                                continue;
+                            }
+                            if view.key != self.own.key {
+                                log_lease(
+                                    verbose,
+                                    "peer lease added or changed",
+                                    &view.key,
+                                    Some(&view),
+                                );
+                            }
+                            removed.remove(&view.key);
+                            upserts.insert(view.key, view.clone());
+                            self.leases.insert(view.key, view);
                         }
                         LeaseEvent::Removed(k) => {
                             if k == self.own.key {
                                 own_lost = true;
-                            } else {
-                                tracing::info!(subnet = %k, "peer lease removed");
+                            } else if self.leases.contains_key(&k) {
+                                log_lease(verbose, "peer lease removed", &k, None);
                             }
-                            self.leases.remove(&k);
+                            if self.leases.remove(&k).is_some() {
+                                upserts.remove(&k);
+                                removed.insert(k, ());
+                            }
                         }
                     }
                 }
+                if !verbose {
+                    tracing::info!(
+                        added_or_changed = upserts.len(),
+                        removed = removed.len(),
+                        leases = self.leases.len(),
+                        "lease events"
+                    );
+                }
+                self.push_changes(
+                    upserts.into_values().collect(),
+                    removed.into_keys().collect(),
+                );
             }
         }
-        self.push_leases();
         if own_lost {
             tracing::warn!(subnet = %self.own.key, "our lease was removed from the store while running; re-acquiring (the datapath is kept)");
             self.reacquire().await?;
             return Ok(true);
         }
         Ok(own_changed)
+    }
+}
+
+/// Up to this many lease changes in one watch message are logged one line
+/// each at INFO; more give one summary line.
+const LEASE_LINES: usize = 8;
+
+/// One lease change, at INFO or (in a large batch) DEBUG.
+fn log_lease(info: bool, what: &str, key: &LeaseKey, lease: Option<&Lease>) {
+    let ip = lease.and_then(|l| l.attrs.public_ip);
+    if info {
+        tracing::info!(subnet = %key, public_ip = ?ip, "{what}");
+    } else {
+        tracing::debug!(subnet = %key, public_ip = ?ip, "{what}");
     }
 }
 
