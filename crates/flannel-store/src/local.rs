@@ -180,6 +180,47 @@ impl LocalStore {
         self.layout.subnets.join(key.to_string())
     }
 
+    /// Writes many leases at once, as they are (expiration included), each
+    /// replacing any file of its key: for loading a store in bulk (a
+    /// benchmark's thousands of peers, a migration). Unlike
+    /// [`Store::create_lease`] it checks no overlap and collects no
+    /// garbage: the caller vouches for the set. One exclusive lock and one
+    /// revision bump for all; every file is still replaced atomically
+    /// (written aside, renamed in), so watchers never see half a file. With
+    /// `durable` the files are synced (one `syncfs`) before they are renamed
+    /// in and the directory after, and the revision is bumped; without,
+    /// nothing is synced and the revision (whose file is written with a
+    /// sync) stays: a throwaway store, a benchmark's, where a sync would
+    /// measure the disk.
+    pub async fn import(&self, leases: Vec<Lease>, durable: bool) -> Result<()> {
+        self.blocking(move |l| {
+            let _lock = l.lock(FlockArg::LockExclusive)?;
+            l.ensure_subnets_dir()?;
+            let mut staged = Vec::with_capacity(leases.len());
+            for (i, lease) in leases.iter().enumerate() {
+                let name = file_name(&lease.key)?;
+                let tmp = l
+                    .subnets
+                    .join(format!("{TMP_PREFIX}import.{}.{i}", std::process::id()));
+                fs::write(&tmp, record_json(&name, lease)?).map_err(|e| io_err(&tmp, e))?;
+                staged.push((tmp, l.subnets.join(name)));
+            }
+            if durable {
+                let dir = File::open(&l.subnets).map_err(|e| io_err(&l.subnets, e))?;
+                nix::unistd::syncfs(&dir).map_err(|e| io_err(&l.subnets, e.into()))?;
+            }
+            for (tmp, path) in &staged {
+                fs::rename(tmp, path).map_err(|e| io_err(path, e))?;
+            }
+            if durable {
+                l.sync_subnets_dir()?;
+                l.bump_revision()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs blocking file work off the async workers.
     async fn blocking<T, F>(&self, f: F) -> Result<T>
     where
@@ -429,15 +470,7 @@ impl Layout {
     }
 
     fn write_lease(&self, name: &str, lease: &Lease) -> Result<()> {
-        let record = Record {
-            attrs: lease.attrs.clone(),
-            expires_unix_ms: lease.expiration.map(to_unix_ms),
-        };
-        let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
-            key: name.into(),
-            detail: format!("cannot encode: {e}"),
-        })?;
-        json.push(b'\n');
+        let json = record_json(name, lease)?;
         self.write_atomic(&self.subnets, &self.subnets.join(name), &json)
     }
 
@@ -908,6 +941,20 @@ impl Watcher {
 
 /// The lease as it will be stored: expiration = now + ttl, at the
 /// millisecond precision of the file so the caller and watchers agree.
+/// A lease file's content (see the module docs), newline-terminated.
+fn record_json(name: &str, lease: &Lease) -> Result<Vec<u8>> {
+    let record = Record {
+        attrs: lease.attrs.clone(),
+        expires_unix_ms: lease.expiration.map(to_unix_ms),
+    };
+    let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
+        key: name.into(),
+        detail: format!("cannot encode: {e}"),
+    })?;
+    json.push(b'\n');
+    Ok(json)
+}
+
 fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
     Lease {
         key: lease.key,
