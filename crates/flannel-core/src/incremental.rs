@@ -333,6 +333,21 @@ impl DesiredIndex {
         }
     }
 
+    /// Whether some route to `dst` is wanted.
+    pub fn wants_route_to(&self, dst: &IpNet) -> bool {
+        self.routes.by_key.contains_key(dst)
+    }
+
+    /// Whether some neighbour entry for `ip` on `ifindex` is wanted.
+    pub fn wants_neighbour_at(&self, ifindex: u32, ip: IpAddr) -> bool {
+        self.neighbours.by_key.contains_key(&(ifindex, ip))
+    }
+
+    /// Whether some FDB entry for `mac` on `ifindex` is wanted.
+    pub fn wants_fdb_for(&self, ifindex: u32, mac: MacAddr) -> bool {
+        self.fdb.by_key.contains_key(&(ifindex, mac))
+    }
+
     /// Number of kernel objects wanted (routes + neighbours + FDB entries).
     pub fn objects(&self) -> usize {
         self.routes.len() + self.neighbours.len() + self.fdb.len()

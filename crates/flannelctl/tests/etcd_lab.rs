@@ -117,7 +117,7 @@ fn deletions(lab: &Lab, mons: &mut [(String, Monitor)]) -> Vec<(String, Notifica
                     .into_iter()
                     .filter(|n| match n {
                         Notification::Link { index, deleted, .. } => *deleted && *index == ifindex,
-                        Notification::Route { dst, deleted } => {
+                        Notification::Route { dst, deleted, .. } => {
                             *deleted && matches!(dst, IpNet::V4(d) if cluster.contains(d))
                         }
                         Notification::Neighbour {

@@ -399,7 +399,7 @@ impl Reconciler {
             .name("reconcile".into())
             .spawn(move || match Netlink::open() {
                 Ok(nl) => {
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(nl.port_id()));
                     Worker {
                         nl,
                         settings,
@@ -420,15 +420,15 @@ impl Reconciler {
                 what: "reconcile",
                 source,
             })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
+        let port = match ready_rx.recv() {
+            Ok(Ok(port)) => port,
             Ok(Err(e)) => return Err(ReconcileError::Open(e)),
             Err(_) => return Err(ReconcileError::Stopped),
-        }
+        };
         let mon_tx = tx.clone();
         std::thread::Builder::new()
             .name("netlink-monitor".into())
-            .spawn(move || monitor_loop(mon_tx))
+            .spawn(move || monitor_loop(mon_tx, port))
             .map_err(|source| ReconcileError::Spawn {
                 what: "netlink monitor",
                 source,
@@ -461,12 +461,17 @@ impl Reconciler {
     }
 }
 
-/// Forwards kernel notifications to the reconciler; reopens the socket after
-/// an error (ENOBUFS included: the reconciler is told to resync).
-fn monitor_loop(tx: mpsc::Sender<Request>) {
+/// Forwards kernel notifications to the reconciler, except the echoes of
+/// its own route and neighbour writes (stamped with the port id `own` of
+/// its socket); reopens the socket after an error (ENOBUFS included: the
+/// reconciler is told to resync).
+fn monitor_loop(tx: mpsc::Sender<Request>, own: u32) {
     loop {
         let mut mon = match Monitor::open() {
-            Ok(m) => m,
+            Ok(mut m) => {
+                m.ignore_port(own);
+                m
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "netlink monitor unavailable; relying on the resync timer, retrying in 5 s");
                 std::thread::sleep(Duration::from_secs(5));
@@ -595,10 +600,16 @@ impl Worker {
         }
     }
 
+    /// Whether a notification needs a full pass: it concerns our datapath
+    /// ([`is_relevant`]) and does not show the kernel exactly as the desired
+    /// state has it.
     fn relevant(&self, n: &Notification) -> bool {
         is_relevant(n, &self.settings, self.ifindex)
+            && !matches_desired(n, &self.settings, self.ifindex, &self.index)
     }
+}
 
+impl Worker {
     /// One full reconciliation pass: the devices, then per enabled family
     /// the desired state, the kernel's, and the writes between them.
     fn pass(&mut self) -> PassReport {
@@ -926,6 +937,114 @@ fn update_udp_peers(
     }
 }
 
+/// Whether a notification about a route, neighbour or FDB entry shows
+/// nothing to repair: a write of an object we want exactly as we want
+/// it (the echo of our own write, above all the vxlan driver's FDB
+/// notifications, which carry no sender), the deletion of an object we
+/// do not want, or a change to an object that is not ours. Everything
+/// else, and everything while no full pass has built the index, needs
+/// a pass. The udp backend's cluster route is not in the index: with
+/// udp every route notification inside the network needs a pass.
+pub fn matches_desired(
+    n: &Notification,
+    settings: &Settings,
+    devices: PerFamily<Option<u32>>,
+    index: &PerFamily<Option<DesiredIndex>>,
+) -> bool {
+    if matches!(settings.backend, BackendSettings::Udp(_)) {
+        return false;
+    }
+    let family_of = |ip: &std::net::IpAddr| {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    };
+    match n {
+        Notification::Route {
+            dst,
+            deleted,
+            route,
+        } => {
+            let family = family_of(&dst.addr());
+            let Some(idx) = index.get(family) else {
+                return false;
+            };
+            match (route, deleted) {
+                // A blackhole or multipath route: the pass decides.
+                (None, _) => false,
+                (Some(_), true) => !idx.wants_route_to(dst),
+                (Some(r), false) => {
+                    idx.holds(&Op::AddRoute(r.clone()))
+                        || settings
+                            .scope(family, *devices.get(family))
+                            .is_none_or(|s| !s.owns_route(r))
+                }
+            }
+        }
+        Notification::Neighbour {
+            ifindex,
+            ip,
+            deleted,
+            mac,
+            permanent,
+        } => {
+            let Some(idx) = index.get(family_of(ip)) else {
+                return false;
+            };
+            if *deleted || !*permanent {
+                // Gone, or no longer permanent (`ip neigh del` first
+                // marks it failed): a repair if we want one there.
+                !idx.wants_neighbour_at(*ifindex, *ip)
+            } else {
+                mac.is_some_and(|mac| {
+                    idx.holds(&Op::AddNeighbour(datapath::Neighbour {
+                        ifindex: *ifindex,
+                        ip: *ip,
+                        mac,
+                    }))
+                })
+            }
+        }
+        Notification::Fdb {
+            ifindex,
+            mac,
+            deleted,
+            dst,
+        } => {
+            let family = if devices.v6 == Some(*ifindex) {
+                IpFamily::V6
+            } else {
+                IpFamily::V4
+            };
+            let Some(idx) = index.get(family) else {
+                return false;
+            };
+            // The device's own and flooding entries: not ours to keep.
+            if mac.0 == [0; 6] || mac.0[0] & 1 != 0 {
+                return true;
+            }
+            match dst {
+                None => !idx.wants_fdb_for(*ifindex, *mac),
+                Some(dst) => {
+                    let held = idx.holds(&Op::AddFdb(datapath::FdbEntry {
+                        ifindex: *ifindex,
+                        mac: *mac,
+                        dst: *dst,
+                    }));
+                    if *deleted {
+                        !held
+                    } else {
+                        held
+                    }
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
 /// A route as `ip route` prints it, with our devices named.
 fn show_route(r: &Route, s: &Settings, family: IpFamily, device: Option<u32>) -> String {
     let mut out = r.dst.to_string();
@@ -1239,25 +1358,32 @@ mod tests {
         yes(Notification::Route {
             dst: "10.244.2.0/24".parse().unwrap(),
             deleted: true,
+            route: None,
         });
         no(Notification::Route {
             dst: "192.168.0.0/24".parse().unwrap(),
             deleted: true,
+            route: None,
         });
         yes(Notification::Neighbour {
             ifindex: 4,
             ip: "10.244.2.0".parse().unwrap(),
             deleted: true,
+            mac: None,
+            permanent: false,
         });
         no(Notification::Neighbour {
             ifindex: 2,
             ip: "172.16.1.1".parse().unwrap(),
             deleted: false,
+            mac: None,
+            permanent: false,
         });
         yes(Notification::Fdb {
             ifindex: 4,
             mac: Default::default(),
             deleted: true,
+            dst: None,
         });
         yes(Notification::Address {
             index: 4,
@@ -1268,6 +1394,131 @@ mod tests {
             deleted: true,
         });
         yes(Notification::Overrun);
+    }
+
+    #[test]
+    fn notifications_matching_the_desired_state_need_no_pass() {
+        let s = settings();
+        let devs = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        let ls: Vec<Arc<Lease>> = leases().into_iter().map(Arc::new).collect();
+        let idx = DesiredIndex::build(
+            &s.recipe(IpFamily::V4, Some(4)),
+            ls.iter().map(|l| &**l),
+            Some(&s.own),
+            IpFamily::V4,
+            SystemTime::now(),
+        );
+        let index = PerFamily {
+            v4: Some(idx.clone()),
+            v6: None,
+        };
+        let want = idx.desired();
+        let needs =
+            |n: Notification| is_relevant(&n, &s, devs) && !matches_desired(&n, &s, devs, &index);
+        let route = want.routes[0].clone();
+        let neigh = want.neighbours[0].clone();
+        let fdb = want.fdb[0].clone();
+        // Echoes of our own writes: nothing to do.
+        assert!(!needs(Notification::Route {
+            dst: route.dst,
+            deleted: false,
+            route: Some(route.clone()),
+        }));
+        assert!(!needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: false,
+            dst: Some(fdb.dst),
+        }));
+        assert!(!needs(Notification::Neighbour {
+            ifindex: 4,
+            ip: neigh.ip,
+            deleted: false,
+            mac: Some(neigh.mac),
+            permanent: true,
+        }));
+        // Our deletions of stale objects: nothing to do.
+        let stale = Route {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            gateway: Some("10.244.9.0".parse().unwrap()),
+            oif: 4,
+            onlink: true,
+        };
+        assert!(!needs(Notification::Route {
+            dst: stale.dst,
+            deleted: true,
+            route: Some(stale.clone()),
+        }));
+        // A route to our own subnet (cni0's) is not ours either way.
+        let cni0 = Route {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            gateway: None,
+            oif: 7,
+            onlink: false,
+        };
+        assert!(!needs(Notification::Route {
+            dst: cni0.dst,
+            deleted: false,
+            route: Some(cni0),
+        }));
+        // Someone deleted or changed what we want, or added what we do not:
+        // a pass.
+        assert!(needs(Notification::Route {
+            dst: route.dst,
+            deleted: true,
+            route: Some(route.clone()),
+        }));
+        assert!(needs(Notification::Route {
+            dst: stale.dst,
+            deleted: false,
+            route: Some(stale),
+        }));
+        let mut moved = route.clone();
+        moved.gateway = Some("10.244.2.9".parse().unwrap());
+        assert!(needs(Notification::Route {
+            dst: moved.dst,
+            deleted: false,
+            route: Some(moved),
+        }));
+        assert!(needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: true,
+            dst: Some(fdb.dst),
+        }));
+        assert!(needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: false,
+            dst: Some("172.16.1.99".parse().unwrap()),
+        }));
+        assert!(needs(Notification::Neighbour {
+            ifindex: 4,
+            ip: neigh.ip,
+            deleted: false,
+            mac: Some(neigh.mac),
+            permanent: false,
+        }));
+        // A blackhole (no Route): the pass decides.
+        assert!(needs(Notification::Route {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            deleted: true,
+            route: None,
+        }));
+        // Without an index (no full pass yet) everything of ours counts.
+        assert!(!matches_desired(
+            &Notification::Route {
+                dst: route.dst,
+                deleted: false,
+                route: Some(route),
+            },
+            &s,
+            devs,
+            &PerFamily::default()
+        ));
     }
 
     fn dual_settings(direct_routing: bool) -> Settings {
@@ -1468,6 +1719,7 @@ mod tests {
         let route = |dst: &str| Notification::Route {
             dst: dst.parse().unwrap(),
             deleted: true,
+            route: None,
         };
         assert!(is_relevant(&route("fd00:10:244:2::/64"), &s, devs));
         assert!(is_relevant(&route("10.244.2.0/24"), &s, devs));
@@ -1476,7 +1728,9 @@ mod tests {
             &Notification::Neighbour {
                 ifindex: 5,
                 ip: "fd00:10:244:2::".parse().unwrap(),
-                deleted: true
+                deleted: true,
+                mac: None,
+                permanent: false,
             },
             &s,
             devs
