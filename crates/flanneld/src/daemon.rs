@@ -542,6 +542,9 @@ async fn run_async<S: Store>(
     signals: &mut Signals,
 ) -> Result<(), DaemonError> {
     let mut mac: PerFamily<Option<MacAddr>> = PerFamily::default();
+    // With vxlan, the leases as the store has them now, when it cannot name
+    // ours otherwise (see below); acquisition plans on the same list.
+    let mut snapshot = None;
     let attrs = match &s.backend {
         Backend::Vxlan(vx) => {
             // Each VtepMAC: the existing device's, else our previous lease's,
@@ -549,10 +552,9 @@ async fn run_async<S: Store>(
             // ours (Kubernetes: our Node's annotations), else the one that
             // names our public address(es).
             let published = store.own_published_attrs().await?;
-            let snapshot = match published {
-                Some(_) => None,
-                None => Some(store.list_leases().await?),
-            };
+            if published.is_none() {
+                snapshot = Some(store.list_leases().await?);
+            }
             let ours = |l: &&Lease| {
                 families(&s.cfg).all(|f| l.attrs.public_ip_of(f) == s.ext.public_ip_of(f))
             };
@@ -584,7 +586,26 @@ async fn run_async<S: Store>(
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
     };
-    let acquire = store.acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl());
+    let acquire = async {
+        match snapshot {
+            Some(first) => {
+                flannel_store::acquire_lease_from(
+                    &store,
+                    &s.cfg,
+                    &attrs,
+                    s.previous,
+                    flags.lease_ttl(),
+                    Some(first),
+                )
+                .await
+            }
+            None => {
+                store
+                    .acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl())
+                    .await
+            }
+        }
+    };
     let Some(own) = signals.during("acquiring a lease", acquire).await? else {
         return Ok(());
     };

@@ -6,6 +6,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    flanneld::mem::limit_arenas();
     let flags = flanneld::flags::Flags::parse();
     // RUST_LOG, when set, wins over --log-level.
     let filter = EnvFilter::try_from_default_env()

@@ -576,7 +576,11 @@ impl Worker {
                         // A full pass covers the changed leases too.
                         touched.clear();
                         due = None;
-                        self.pass()
+                        let report = self.pass();
+                        // The pass's transient structures were of the
+                        // cluster's size.
+                        crate::mem::release_freed();
+                        report
                     } else {
                         let keys = std::mem::take(&mut touched);
                         let report = self.event_pass(&keys);
