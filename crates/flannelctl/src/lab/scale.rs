@@ -144,6 +144,9 @@ pub struct Measurement {
     pub repair: (usize, Option<Duration>),
     pub rss_kib: u64,
     pub peak_kib: u64,
+    /// The anonymous part of VmRSS (RssAnon): the heap and stacks, without
+    /// the executable's pages in the page cache.
+    pub anon_kib: u64,
 }
 
 /// One daemon's outcome.
@@ -486,8 +489,8 @@ fn time_until(
     }
 }
 
-/// VmRSS and VmHWM of `pid`, KiB.
-fn memory(pid: u32) -> Result<(u64, u64)> {
+/// VmRSS, VmHWM and RssAnon of `pid`, KiB.
+fn memory(pid: u32) -> Result<(u64, u64, u64)> {
     let path = format!("/proc/{pid}/status");
     let text = fs::read_to_string(&path).map_err(io_err(format!("reading {path}")))?;
     let field = |name: &str| {
@@ -497,7 +500,7 @@ fn memory(pid: u32) -> Result<(u64, u64)> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
-    Ok((field("VmRSS:"), field("VmHWM:")))
+    Ok((field("VmRSS:"), field("VmHWM:"), field("RssAnon:")))
 }
 
 /// The store of a run, as the bench writes it.
@@ -710,7 +713,7 @@ fn measure_inside(
     })?;
 
     std::thread::sleep(Duration::from_millis(500));
-    let (rss_kib, peak_kib) = memory(pid)?;
+    let (rss_kib, peak_kib, anon_kib) = memory(pid)?;
     Ok(Measurement {
         cold,
         add,
@@ -718,6 +721,7 @@ fn measure_inside(
         repair: (victims.len(), repaired),
         rss_kib,
         peak_kib,
+        anon_kib,
     })
 }
 
@@ -854,7 +858,7 @@ impl ScaleReport {
         );
         let _ = writeln!(
             out,
-            "{:<6} {:>6}  {:<14} {:>8}  {:>15}  {:>15}  {:>14}  {:>9}  {:>8}",
+            "{:<6} {:>6}  {:<14} {:>8}  {:>15}  {:>15}  {:>14}  {:>9}  {:>8}  {:>8}",
             "store",
             "N",
             "flanneld",
@@ -863,7 +867,8 @@ impl ScaleReport {
             "del p50/p99 ms",
             "repair",
             "RSS MiB",
-            "peak MiB"
+            "peak MiB",
+            "anon MiB"
         );
         for r in &self.rows {
             for (who, o) in [("ours", &r.ours), ("upstream", &r.upstream)] {
@@ -876,13 +881,14 @@ impl ScaleReport {
                         };
                         let _ = writeln!(
                             out,
-                            "{:>8.3}  {:>15}  {:>15}  {:>14}  {:>9.1}  {:>8.1}",
+                            "{:>8.3}  {:>15}  {:>15}  {:>14}  {:>9.1}  {:>8.1}  {:>8.1}",
                             m.cold.as_secs_f64(),
                             format!("{:.1}/{:.1}", m.p(&m.add, 0.5), m.p(&m.add, 0.99)),
                             format!("{:.1}/{:.1}", m.p(&m.del, 0.5), m.p(&m.del, 0.99)),
                             repair,
                             mib(m.rss_kib),
-                            mib(m.peak_kib)
+                            mib(m.peak_kib),
+                            mib(m.anon_kib)
                         );
                     }
                     Outcome::NotRun(why) => {
@@ -908,7 +914,7 @@ impl ScaleReport {
                 };
                 let _ = writeln!(
                     out,
-                    "{:<6} {:>6}  {:<14} {:>8}  {:>15}  {:>15}  {:>14}  {:>9}  {:>8}",
+                    "{:<6} {:>6}  {:<14} {:>8}  {:>15}  {:>15}  {:>14}  {:>9}  {:>8}  {:>8}",
                     r.store,
                     r.n,
                     "ours/upstream",
@@ -917,7 +923,8 @@ impl ScaleReport {
                     ratio(a.p(&a.del, 0.5), b.p(&b.del, 0.5)),
                     repair,
                     ratio(a.rss_kib as f64, b.rss_kib as f64),
-                    ratio(a.peak_kib as f64, b.peak_kib as f64)
+                    ratio(a.peak_kib as f64, b.peak_kib as f64),
+                    ratio(a.anon_kib as f64, b.anon_kib as f64)
                 );
             }
         }
@@ -1041,6 +1048,7 @@ mod tests {
                 repair: (10, Some(Duration::from_millis(300))),
                 rss_kib: rss_mib * 1024,
                 peak_kib: rss_mib * 1024,
+                anon_kib: rss_mib * 512,
             })
         };
         let report = ScaleReport {
