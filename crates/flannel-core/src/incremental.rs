@@ -219,36 +219,42 @@ impl DesiredIndex {
         idx
     }
 
+    /// Counts a lease's part in (`add`) or out.
+    fn count(&mut self, c: &Contribution, add: bool) {
+        fn each<T>(counted: &mut Counted<T>, objects: &[T], add: bool)
+        where
+            T: ReplaceKey + Ord + Clone,
+            T::Key: Clone,
+        {
+            for t in objects {
+                if add {
+                    counted.add(t)
+                } else {
+                    counted.remove(t)
+                }
+            }
+        }
+        each(&mut self.routes, &c.state.routes, add);
+        each(&mut self.neighbours, &c.state.neighbours, add);
+        each(&mut self.fdb, &c.state.fdb, add);
+        if add {
+            self.peers += c.peers;
+        } else {
+            self.peers -= c.peers;
+        }
+    }
+
     fn insert(&mut self, key: LeaseKey, c: Contribution) {
-        for r in &c.state.routes {
-            self.routes.add(r);
-        }
-        for n in &c.state.neighbours {
-            self.neighbours.add(n);
-        }
-        for f in &c.state.fdb {
-            self.fdb.add(f);
-        }
-        self.peers += c.peers;
+        self.count(&c, true);
         if c != Contribution::default() {
             self.by_lease.insert(key, c);
         }
     }
 
     fn take(&mut self, key: &LeaseKey) {
-        let Some(c) = self.by_lease.remove(key) else {
-            return;
-        };
-        for r in &c.state.routes {
-            self.routes.remove(r);
+        if let Some(c) = self.by_lease.remove(key) {
+            self.count(&c, false);
         }
-        for n in &c.state.neighbours {
-            self.neighbours.remove(n);
-        }
-        for f in &c.state.fdb {
-            self.fdb.remove(f);
-        }
-        self.peers -= c.peers;
     }
 
     /// Replaces the parts of the changed leases (`None`: the lease is gone)

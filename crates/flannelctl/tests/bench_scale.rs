@@ -4,6 +4,8 @@
 //! must be printed, and nothing of the bench may be left behind. Needs
 //! root and etcd (scripts/test installs it).
 
+mod common;
+
 use std::process::{Command, Stdio};
 
 #[test]
@@ -44,12 +46,7 @@ fn bench_scale_converges_on_both_stores_and_removes_its_namespaces() {
             "{stdout}"
         );
     }
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
+    let left = common::namespaces_with_prefix(&prefix);
     assert!(left.is_empty(), "bench scale left {left:?}");
     assert!(
         !std::path::Path::new(flannelctl::lab::scale::BENCH_ROOT)

@@ -267,3 +267,17 @@ pub fn assert_ping(lab: &Lab, from: &str, to: Ipv4Addr, ttl: u8) {
         assert!(Instant::now() < deadline, "{from} -> {to}: no reply");
     }
 }
+
+/// The network namespaces whose names start with `prefix` (`ip netns
+/// list`): what a bench or test run left behind.
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&netns.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
