@@ -770,7 +770,11 @@ impl Worker {
             let index = self.index.get_mut(family).as_mut().expect("checked above");
             let plan = index.update(parts);
             report.peers += index.peers();
-            unreachable.extend(index.unreachable());
+            // Only host-gw leaves peers without a route (and listing them
+            // visits every lease).
+            if matches!(self.settings.backend, BackendSettings::HostGw) {
+                unreachable.extend(index.unreachable());
+            }
             self.apply(family, device, &plan, None, &mut report);
         }
         if let (BackendSettings::Udp(spec), Some(dp)) = (&self.settings.backend, &self.udp) {
