@@ -35,9 +35,10 @@
 //! Expired leases take no part (they are not programmed either). Families
 //! the config does not enable are not looked at.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use ipnet::IpNet;
@@ -376,6 +377,22 @@ pub fn admit(
     leases: &[Lease],
     now: SystemTime,
 ) -> Admission {
+    let (admitted, rejected) = decide(nets, own_key, own_attrs, leases.iter(), now);
+    Admission {
+        admitted: admitted.into_iter().cloned().collect(),
+        rejected,
+    }
+}
+
+/// [`admit`] over borrowed leases: the admitted ones and the rejections,
+/// each sorted by key.
+fn decide<'a>(
+    nets: &ClusterNets,
+    own_key: &LeaseKey,
+    own_attrs: &LeaseAttrs,
+    leases: impl Iterator<Item = &'a Lease>,
+    now: SystemTime,
+) -> (Vec<&'a Lease>, Vec<Rejection>) {
     let mut taken = Taken::default();
     taken.insert(Holder::Own(*own_key), &facts(nets, own_key, own_attrs));
     let mut admitted = Vec::new();
@@ -383,7 +400,7 @@ pub fn admit(
     let mut candidates = Vec::new();
     for l in leases {
         if l.key == *own_key {
-            admitted.push(l.clone());
+            admitted.push(l);
             continue;
         }
         if l.is_expired(now) {
@@ -393,7 +410,7 @@ pub fn admit(
         if f.iter().all(|ff| ff.subnet.is_none()) {
             // No subnet in an enabled family: nothing to program, nothing
             // to contest.
-            admitted.push(l.clone());
+            admitted.push(l);
             continue;
         }
         match invalid(nets, &f) {
@@ -407,13 +424,346 @@ pub fn admit(
             Some(reason) => rejected.push(Rejection { key: l.key, reason }),
             None => {
                 taken.insert(Holder::Peer(l.key), &f);
-                admitted.push(l.clone());
+                admitted.push(l);
             }
         }
     }
     admitted.sort_by_key(|l| l.key);
     rejected.sort_by_key(|r| r.key);
-    Admission { admitted, rejected }
+    (admitted, rejected)
+}
+
+/// Who claims which PublicIP, VtepMAC and subnet, over every lease an
+/// [`Admitter`] holds (rejected and expired ones included): tells whether
+/// a lease's admission can involve any other lease.
+#[derive(Debug, Default)]
+struct Claims {
+    ips: HashMap<IpAddr, BTreeSet<LeaseKey>>,
+    vteps: HashMap<(usize, u32, MacAddr), BTreeSet<LeaseKey>>,
+    /// Per family, by (network address, prefix length); may overlap.
+    subnets: [BTreeMap<(IpAddr, u8), BTreeSet<LeaseKey>>; 2],
+}
+
+impl Claims {
+    fn add(&mut self, key: LeaseKey, f: &[FamilyFacts; 2]) {
+        for family in FAMILIES {
+            let ff = &f[idx(family)];
+            if let Some(s) = ff.subnet {
+                self.subnets[idx(family)]
+                    .entry((s.network(), s.prefix_len()))
+                    .or_default()
+                    .insert(key);
+            }
+            if let Some(ip) = ff.public_ip {
+                self.ips.entry(ip).or_default().insert(key);
+            }
+            if let Some((vni, mac)) = ff.vtep {
+                self.vteps
+                    .entry((idx(family), vni, mac))
+                    .or_default()
+                    .insert(key);
+            }
+        }
+    }
+
+    fn remove(&mut self, key: LeaseKey, f: &[FamilyFacts; 2]) {
+        fn take<K: std::hash::Hash + Eq>(
+            m: &mut HashMap<K, BTreeSet<LeaseKey>>,
+            k: K,
+            key: &LeaseKey,
+        ) {
+            if let Some(set) = m.get_mut(&k) {
+                set.remove(key);
+                if set.is_empty() {
+                    m.remove(&k);
+                }
+            }
+        }
+        for family in FAMILIES {
+            let ff = &f[idx(family)];
+            if let Some(s) = ff.subnet {
+                let map = &mut self.subnets[idx(family)];
+                let k = (s.network(), s.prefix_len());
+                if let Some(set) = map.get_mut(&k) {
+                    set.remove(&key);
+                    if set.is_empty() {
+                        map.remove(&k);
+                    }
+                }
+            }
+            if let Some(ip) = ff.public_ip {
+                take(&mut self.ips, ip, &key);
+            }
+            if let Some((vni, mac)) = ff.vtep {
+                take(&mut self.vteps, (idx(family), vni, mac), &key);
+            }
+        }
+    }
+
+    /// Whether a lease other than `key` claims a PublicIP or VtepMAC of
+    /// `f`, or a subnet overlapping one of `f`'s: the supernets of each
+    /// subnet (one look-up per shorter prefix) and the subnets inside it
+    /// (a range of network addresses).
+    fn meet(&self, key: LeaseKey, f: &[FamilyFacts; 2]) -> bool {
+        let other =
+            |set: Option<&BTreeSet<LeaseKey>>| set.is_some_and(|s| s.iter().any(|k| *k != key));
+        for family in FAMILIES {
+            let ff = &f[idx(family)];
+            if ff.public_ip.is_some_and(|ip| other(self.ips.get(&ip))) {
+                return true;
+            }
+            if ff
+                .vtep
+                .is_some_and(|(vni, mac)| other(self.vteps.get(&(idx(family), vni, mac))))
+            {
+                return true;
+            }
+            let Some(s) = ff.subnet else { continue };
+            let map = &self.subnets[idx(family)];
+            for len in 0..=s.prefix_len() {
+                let sup = IpNet::new(s.network(), len)
+                    .expect("shorter prefix")
+                    .trunc();
+                if other(map.get(&(sup.network(), len))) {
+                    return true;
+                }
+            }
+            let (lo, hi) = (s.network(), s.broadcast());
+            if map
+                .range((lo, 0)..=(hi, u8::MAX))
+                .any(|((_, len), set)| *len >= s.prefix_len() && other(Some(set)))
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// What an admission update changed: what the datapath must now program
+/// and forget, and the rejections to tell the operator about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdmissionDelta {
+    /// Leases admitted now that were not, or admitted in another version.
+    pub upserts: Vec<Arc<Lease>>,
+    /// Leases no longer admitted (gone, expired or now rejected).
+    pub removed: Vec<LeaseKey>,
+    /// Rejections that are new or have another reason now.
+    pub rejected: Vec<Rejection>,
+    /// Leases rejected before that no longer are (admitted, or gone).
+    pub cleared: Vec<LeaseKey>,
+}
+
+impl AdmissionDelta {
+    /// Nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty()
+            && self.removed.is_empty()
+            && self.rejected.is_empty()
+            && self.cleared.is_empty()
+    }
+}
+
+/// [`admit`] kept up to date change by change, so that one lease event
+/// costs what it concerns: a change that meets no other lease (no shared
+/// PublicIP or VtepMAC, no overlapping subnet, not our own lease) decides
+/// only that lease; any other change, and [`Admitter::reset`], recompute
+/// the whole admission with [`admit`]'s rules. Either way the result is
+/// exactly [`admit`]'s over the current set.
+#[derive(Debug)]
+pub struct Admitter {
+    nets: ClusterNets,
+    own_key: LeaseKey,
+    own_attrs: LeaseAttrs,
+    own_facts: [FamilyFacts; 2],
+    facts: HashMap<LeaseKey, [FamilyFacts; 2]>,
+    claims: Claims,
+    admitted: BTreeMap<LeaseKey, Arc<Lease>>,
+    rejected: BTreeMap<LeaseKey, Reason>,
+}
+
+impl Admitter {
+    /// An admitter for this node's lease (`own_key`, `own_attrs` as
+    /// [`admit`] takes them), holding no lease yet.
+    pub fn new(nets: ClusterNets, own_key: LeaseKey, own_attrs: LeaseAttrs) -> Admitter {
+        Admitter {
+            own_facts: facts(&nets, &own_key, &own_attrs),
+            nets,
+            own_key,
+            own_attrs,
+            facts: HashMap::new(),
+            claims: Claims::default(),
+            admitted: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+        }
+    }
+
+    /// The admitted leases, by key.
+    pub fn admitted(&self) -> &BTreeMap<LeaseKey, Arc<Lease>> {
+        &self.admitted
+    }
+
+    /// The rejected leases and why, by key.
+    pub fn rejected(&self) -> &BTreeMap<LeaseKey, Reason> {
+        &self.rejected
+    }
+
+    /// Decides `all` (the whole lease set) from scratch.
+    pub fn reset(
+        &mut self,
+        all: &BTreeMap<LeaseKey, Arc<Lease>>,
+        now: SystemTime,
+    ) -> AdmissionDelta {
+        self.facts.clear();
+        self.claims = Claims::default();
+        for (k, l) in all {
+            if *k != self.own_key {
+                let f = facts(&self.nets, k, &l.attrs);
+                self.claims.add(*k, &f);
+                self.facts.insert(*k, f);
+            }
+        }
+        self.recompute(all, now)
+    }
+
+    /// Applies a change of the lease set: `upserts` and `removed` are the
+    /// leases that changed, `all` the set after the change.
+    pub fn update(
+        &mut self,
+        all: &BTreeMap<LeaseKey, Arc<Lease>>,
+        changed: impl IntoIterator<Item = LeaseKey>,
+        now: SystemTime,
+    ) -> AdmissionDelta {
+        let changed: BTreeSet<LeaseKey> = changed.into_iter().collect();
+        let mut old = Vec::new();
+        for k in &changed {
+            if let Some(f) = self.facts.remove(k) {
+                self.claims.remove(*k, &f);
+                old.push((*k, f));
+            }
+            if *k == self.own_key {
+                continue;
+            }
+            if let Some(l) = all.get(k) {
+                let f = facts(&self.nets, k, &l.attrs);
+                self.claims.add(*k, &f);
+                self.facts.insert(*k, f);
+            }
+        }
+        let involved = changed.contains(&self.own_key)
+            || old.iter().any(|(k, f)| self.claims.meet(*k, f))
+            || changed.iter().any(|k| {
+                self.facts
+                    .get(k)
+                    .is_some_and(|f| self.claims.meet(*k, f) || self.meets_own(f))
+            });
+        if involved {
+            return self.recompute(all, now);
+        }
+        let mut delta = AdmissionDelta::default();
+        for k in changed {
+            let decision = all.get(&k).and_then(|l| {
+                if l.is_expired(now) {
+                    return None;
+                }
+                let f = &self.facts[&k];
+                Some(match invalid(&self.nets, f) {
+                    Some(reason) => Err(reason),
+                    None => Ok(Arc::clone(l)),
+                })
+            });
+            self.set(k, decision, &mut delta);
+        }
+        delta
+    }
+
+    fn meets_own(&self, f: &[FamilyFacts; 2]) -> bool {
+        let mut own = Claims::default();
+        own.add(self.own_key, &self.own_facts);
+        own.meet(
+            LeaseKey {
+                ipv4: None,
+                ipv6: None,
+            },
+            f,
+        )
+    }
+
+    /// Records one lease's decision (`None`: neither admitted nor rejected).
+    fn set(
+        &mut self,
+        k: LeaseKey,
+        decision: Option<Result<Arc<Lease>, Reason>>,
+        delta: &mut AdmissionDelta,
+    ) {
+        match decision {
+            Some(Ok(l)) => {
+                if self.rejected.remove(&k).is_some() {
+                    delta.cleared.push(k);
+                }
+                if self
+                    .admitted
+                    .get(&k)
+                    .is_none_or(|a| !Arc::ptr_eq(a, &l) && **a != *l)
+                {
+                    delta.upserts.push(Arc::clone(&l));
+                }
+                self.admitted.insert(k, l);
+            }
+            Some(Err(reason)) => {
+                if self.admitted.remove(&k).is_some() {
+                    delta.removed.push(k);
+                }
+                if self.rejected.get(&k) != Some(&reason) {
+                    delta.rejected.push(Rejection {
+                        key: k,
+                        reason: reason.clone(),
+                    });
+                    self.rejected.insert(k, reason);
+                }
+            }
+            None => {
+                if self.admitted.remove(&k).is_some() {
+                    delta.removed.push(k);
+                }
+                if self.rejected.remove(&k).is_some() {
+                    delta.cleared.push(k);
+                }
+            }
+        }
+    }
+
+    /// The whole admission again; the delta against what it was.
+    fn recompute(
+        &mut self,
+        all: &BTreeMap<LeaseKey, Arc<Lease>>,
+        now: SystemTime,
+    ) -> AdmissionDelta {
+        let (admitted, rejected) = decide(
+            &self.nets,
+            &self.own_key,
+            &self.own_attrs,
+            all.values().map(|l| &**l),
+            now,
+        );
+        let mut decisions: BTreeMap<LeaseKey, Option<Result<Arc<Lease>, Reason>>> = self
+            .admitted
+            .keys()
+            .chain(self.rejected.keys())
+            .map(|k| (*k, None))
+            .collect();
+        for l in admitted {
+            decisions.insert(l.key, Some(Ok(Arc::clone(&all[&l.key]))));
+        }
+        for r in rejected {
+            decisions.insert(r.key, Some(Err(r.reason)));
+        }
+        let mut delta = AdmissionDelta::default();
+        for (k, d) in decisions {
+            self.set(k, d, &mut delta);
+        }
+        delta
+    }
 }
 
 #[cfg(test)]
@@ -796,5 +1146,115 @@ mod tests {
             ls.shuffle(&mut rng);
             assert_eq!(run(&nets(), &ls), want);
         }
+    }
+
+    /// The incremental admitter gives exactly `admit`'s answer after every
+    /// change of a random sequence drawn from a small pool, so that shared
+    /// PublicIPs and VtepMACs, nested and overlapping subnets, our own
+    /// lease, invalid and expired leases all occur.
+    #[test]
+    fn the_admitter_always_equals_admit_over_the_whole_set() {
+        use rand::Rng;
+        let keys = [
+            "10.244.1.0-24",
+            "10.244.2.0-24",
+            "10.244.2.0-25",
+            "10.244.2.128-25",
+            "10.244.3.0-24",
+            "10.244.4.0-23",
+            "10.244.5.0-24",
+            "10.244.6.0-24",
+            "10.244.0.0-16",
+            "172.16.1.0-24",
+        ];
+        let ips = [
+            "172.16.1.14",
+            "172.16.1.13",
+            "172.16.1.20",
+            "172.16.1.21",
+            "127.0.0.1",
+            "10.244.9.9",
+        ];
+        let macs = [
+            "26:62:24:f0:61:01",
+            "02:00:00:00:00:02",
+            "02:00:00:00:00:03",
+            "02:00:00:00:00:04",
+            "01:00:5e:00:00:01",
+        ];
+        let o = own();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for round in 0..40 {
+            let mut adm = Admitter::new(nets(), o.key, o.attrs.clone());
+            let mut all: BTreeMap<LeaseKey, Arc<Lease>> = BTreeMap::new();
+            for step in 0..120 {
+                let mut changed = Vec::new();
+                for _ in 0..rng.random_range(1..=3) {
+                    let key = keys[rng.random_range(0..keys.len())];
+                    let k: LeaseKey = key.parse().unwrap();
+                    if rng.random_bool(0.3) {
+                        all.remove(&k);
+                    } else {
+                        let mut l = vx(
+                            key,
+                            ips[rng.random_range(0..ips.len())],
+                            macs[rng.random_range(0..macs.len())],
+                        );
+                        if rng.random_bool(0.1) {
+                            l.expiration = Some(t0() - Duration::from_secs(1));
+                        }
+                        all.insert(k, Arc::new(l));
+                    }
+                    changed.push(k);
+                }
+                if rng.random_bool(0.05) {
+                    adm.reset(&all, t0());
+                } else {
+                    adm.update(&all, changed, t0());
+                }
+                let set: Vec<Lease> = all.values().map(|l| (**l).clone()).collect();
+                let want = admit(&nets(), &o.key, &o.attrs, &set, t0());
+                let got: Vec<Lease> = adm.admitted().values().map(|l| (**l).clone()).collect();
+                assert_eq!(got, want.admitted, "round {round} step {step}");
+                let got_r: Vec<Rejection> = adm
+                    .rejected()
+                    .iter()
+                    .map(|(k, r)| Rejection {
+                        key: *k,
+                        reason: r.clone(),
+                    })
+                    .collect();
+                assert_eq!(got_r, want.rejected, "round {round} step {step}");
+            }
+        }
+    }
+
+    /// The delta of an update says exactly what moved in and out.
+    #[test]
+    fn an_isolated_change_is_decided_alone_and_reported_as_a_delta() {
+        let o = own();
+        let mut adm = Admitter::new(nets(), o.key, o.attrs.clone());
+        let mut all: BTreeMap<LeaseKey, Arc<Lease>> = BTreeMap::new();
+        all.insert(o.key, Arc::new(o.clone()));
+        let d = adm.reset(&all, t0());
+        assert_eq!(d.upserts.len(), 1);
+        let a = Arc::new(vx("10.244.2.0-24", "172.16.1.13", "02:00:00:00:00:02"));
+        all.insert(a.key, a.clone());
+        let d = adm.update(&all, [a.key], t0());
+        assert_eq!(d.upserts, vec![a.clone()]);
+        assert!(d.removed.is_empty() && d.rejected.is_empty());
+        // Same VtepMAC as `a`: rejected, `a` keeps it.
+        let b = Arc::new(vx("10.244.3.0-24", "172.16.1.20", "02:00:00:00:00:02"));
+        all.insert(b.key, b.clone());
+        let d = adm.update(&all, [b.key], t0());
+        assert!(d.upserts.is_empty() && d.removed.is_empty());
+        assert_eq!(d.rejected.len(), 1);
+        assert!(matches!(d.rejected[0].reason, Reason::VtepMacTaken { .. }));
+        // `a` goes: `b` is programmed now.
+        all.remove(&a.key);
+        let d = adm.update(&all, [a.key], t0());
+        assert_eq!(d.removed, vec![a.key]);
+        assert_eq!(d.upserts, vec![b.clone()]);
+        assert_eq!(d.cleared, vec![b.key]);
     }
 }

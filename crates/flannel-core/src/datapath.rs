@@ -96,15 +96,15 @@ fn remote_of_family(
 /// upstream's vxlan skips every non-vxlan lease. Sorted by subnet.
 ///
 /// [`LeaseAttrs::effective_backend_type`]: crate::lease::LeaseAttrs::effective_backend_type
-pub fn vxlan_peers(
-    leases: &[Lease],
+pub fn vxlan_peers<'l>(
+    leases: impl IntoIterator<Item = &'l Lease>,
     own: Option<&LeaseKey>,
     vni: u32,
     family: IpFamily,
     now: SystemTime,
 ) -> Vec<VxlanPeer> {
     let mut out: Vec<VxlanPeer> = leases
-        .iter()
+        .into_iter()
         .filter(|l| l.attrs.effective_backend_type() == BACKEND_VXLAN)
         .filter_map(|l| {
             let (subnet, public_ip) = remote_of_family(l, own, family, now)?;
@@ -129,14 +129,14 @@ pub fn vxlan_peers(
 /// that family; `BackendData` is not read (upstream's is missing, or `null`
 /// in Kubernetes mode). A lease without `BackendType` (udp's) is no
 /// host-gw peer, as upstream's host-gw skips it. Sorted by subnet.
-pub fn host_gw_peers(
-    leases: &[Lease],
+pub fn host_gw_peers<'l>(
+    leases: impl IntoIterator<Item = &'l Lease>,
     own: Option<&LeaseKey>,
     family: IpFamily,
     now: SystemTime,
 ) -> Vec<HostGwPeer> {
     let mut out: Vec<HostGwPeer> = leases
-        .iter()
+        .into_iter()
         .filter(|l| l.attrs.effective_backend_type() == BACKEND_HOST_GW)
         .filter_map(|l| {
             let (subnet, public_ip) = remote_of_family(l, own, family, now)?;

@@ -13,6 +13,8 @@
 //! - [`subnet_env`]: /run/flannel/subnet.env rendering and parsing.
 //! - [`datapath`]: the desired kernel state computed from leases, and the diff
 //!   against the state read back from the kernel.
+//! - [`incremental`]: the desired state kept lease by lease, so that a lease
+//!   event writes only what it concerns.
 //! - [`mac`]: Ethernet addresses.
 //! - [`rules`]: masquerade and forward rules (iptables, and nftables with the
 //!   feature `nft`), desired and parsed.
@@ -33,6 +35,7 @@ pub mod admit;
 pub mod alloc;
 pub mod config;
 pub mod datapath;
+pub mod incremental;
 pub mod ip;
 pub mod kube;
 pub mod lease;

@@ -200,10 +200,14 @@ pub struct UdpPeer {
 /// overlapping ours is never a peer. Sorted by subnet.
 ///
 /// [`LeaseAttrs::effective_backend_type`]: crate::lease::LeaseAttrs::effective_backend_type
-pub fn udp_peers(leases: &[Lease], own: Option<&LeaseKey>, now: SystemTime) -> Vec<UdpPeer> {
+pub fn udp_peers<'l>(
+    leases: impl IntoIterator<Item = &'l Lease>,
+    own: Option<&LeaseKey>,
+    now: SystemTime,
+) -> Vec<UdpPeer> {
     let own_v4 = own.and_then(|o| o.ipv4);
     let mut out: Vec<UdpPeer> = leases
-        .iter()
+        .into_iter()
         .filter(|l| l.attrs.effective_backend_type() == BACKEND_UDP && l.is_live(now))
         .filter(|l| own.is_none_or(|o| l.key != *o))
         .filter_map(|l| {
@@ -310,9 +314,9 @@ impl PeerTable {
     }
 
     /// The table for the udp leases among `leases` (see [`udp_peers`]).
-    pub fn from_leases(
+    pub fn from_leases<'l>(
         network: Ipv4Net,
-        leases: &[Lease],
+        leases: impl IntoIterator<Item = &'l Lease>,
         own: Option<&LeaseKey>,
         now: SystemTime,
     ) -> PeerTable {

@@ -122,20 +122,29 @@ pub enum Notification {
         name: String,
         deleted: bool,
     },
-    /// A route of the main table.
+    /// A route of the main table; `route` is the route itself when it is
+    /// one [`flannel_core::datapath::Route`] can express (unicast, one
+    /// output device).
     Route {
         dst: IpNet,
         deleted: bool,
+        route: Option<flannel_core::datapath::Route>,
     },
+    /// A neighbour entry; `mac` its link-layer address when it has one,
+    /// `permanent` its state (`nud permanent`).
     Neighbour {
         ifindex: u32,
         ip: IpAddr,
         deleted: bool,
+        mac: Option<MacAddr>,
+        permanent: bool,
     },
+    /// A bridge FDB entry; `dst` its remote (vxlan) when it has one.
     Fdb {
         ifindex: u32,
         mac: MacAddr,
         deleted: bool,
+        dst: Option<IpAddr>,
     },
     Address {
         index: u32,
@@ -160,6 +169,15 @@ impl Netlink {
             source,
         })?;
         Ok(Netlink { t })
+    }
+
+    /// The socket's netlink port id. The kernel stamps it into the
+    /// notifications that this socket's route and neighbour writes cause
+    /// (`nlmsg_pid`), so a [`Monitor`] can tell them from everybody else's
+    /// ([`Monitor::ignore_port`]). The vxlan driver's FDB notifications
+    /// carry 0 whoever wrote.
+    pub fn port_id(&self) -> u32 {
+        self.t.port_id()
     }
 }
 

@@ -8,8 +8,10 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
+use netlink_packet_route::neighbour::NeighbourState;
+
 use crate::neigh::{dst_of, mac_of};
-use crate::routes::route_dst;
+use crate::routes::{route_dst, route_from_msg};
 use crate::transport::{split, Transport};
 use crate::{Error, Notification, Result};
 
@@ -29,6 +31,8 @@ const MONITOR_RCVBUF: usize = 8 << 20;
 /// (`ip monitor link address route neigh`).
 pub struct Monitor {
     t: Transport,
+    /// Notifications stamped with this port id are dropped.
+    ignore: Option<u32>,
 }
 
 impl AsFd for Monitor {
@@ -45,12 +49,15 @@ fn neighbour_notification(m: NeighbourMessage, deleted: bool) -> Option<Notifica
             ifindex,
             mac: mac_of(&m.attributes)?,
             deleted,
+            dst: dst_of(&m.attributes),
         })
     } else {
         Some(Notification::Neighbour {
             ifindex,
             ip: dst_of(&m.attributes)?,
             deleted,
+            mac: mac_of(&m.attributes),
+            permanent: m.header.state == NeighbourState::Permanent,
         })
     }
 }
@@ -63,8 +70,13 @@ fn notification(m: RouteNetlinkMessage) -> Option<Notification> {
         M::NewRoute(r) => route_dst(&r).map(|dst| Notification::Route {
             dst,
             deleted: false,
+            route: route_from_msg(&r),
         }),
-        M::DelRoute(r) => route_dst(&r).map(|dst| Notification::Route { dst, deleted: true }),
+        M::DelRoute(r) => route_dst(&r).map(|dst| Notification::Route {
+            dst,
+            deleted: true,
+            route: route_from_msg(&r),
+        }),
         M::NewNeighbour(n) => neighbour_notification(n, false),
         M::DelNeighbour(n) => neighbour_notification(n, true),
         M::NewAddress(a) => Some(Notification::Address {
@@ -109,7 +121,14 @@ impl Monitor {
             op: "ip monitor link address route neigh".into(),
             source,
         })?;
-        Ok(Monitor { t })
+        Ok(Monitor { t, ignore: None })
+    }
+
+    /// Drops the notifications that the writes of the socket with port id
+    /// `port` cause ([`crate::Netlink::port_id`]): a daemon's echoes of its
+    /// own route and neighbour writes, which describe what it just wrote.
+    pub fn ignore_port(&mut self, port: u32) {
+        self.ignore = Some(port).filter(|p| *p != 0);
     }
 
     /// Blocks until at least one notification arrives.
@@ -185,6 +204,12 @@ impl Monitor {
         };
         let mut out = Vec::new();
         for raw in parts {
+            if self
+                .ignore
+                .is_some_and(|p| netlink_packet_core::NetlinkBuffer::new(raw).port_number() == p)
+            {
+                continue;
+            }
             match NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw) {
                 Ok(msg) => match msg.payload {
                     NetlinkPayload::InnerMessage(m) => out.extend(notification(m)),

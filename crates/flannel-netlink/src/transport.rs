@@ -31,6 +31,7 @@ pub(crate) struct Transport {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
+    port: u32,
 }
 
 impl Transport {
@@ -38,7 +39,7 @@ impl Transport {
     /// joins the given multicast groups (`RTNLGRP_*` numbers).
     pub(crate) fn open(groups: &[u32], rcvbuf: usize) -> io::Result<Self> {
         let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind_auto()?;
+        let port = sock.bind_auto()?.port_number();
         // Both are optional comforts (shorter error echoes, the kernel's
         // reason in text); old kernels without them still work.
         let _ = sock.set_cap_ack(true);
@@ -53,7 +54,13 @@ impl Transport {
             sock,
             seq: 0,
             buf: Vec::with_capacity(RECV_BUF),
+            port,
         })
+    }
+
+    /// The port id the kernel assigned at bind.
+    pub(crate) fn port_id(&self) -> u32 {
+        self.port
     }
 
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {

@@ -733,23 +733,38 @@ fn monitor_sees_changes() {
         nl.replace_fdb(&f)?;
         nl.del_route(&r)?;
         let mut seen = Vec::new();
+        let deleted = Notification::Route {
+            dst: r.dst,
+            deleted: true,
+            route: Some(r.clone()),
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
             seen.extend(mon.recv_timeout(Duration::from_millis(200))?);
-            if seen.contains(&Notification::Route { dst: r.dst, deleted: true }) {
+            if seen.contains(&deleted) {
                 break;
             }
         }
+        // Each notification carries the object itself.
         assert!(
-            seen.contains(&Notification::Route { dst: r.dst, deleted: false }),
+            seen.contains(&Notification::Route {
+                dst: r.dst,
+                deleted: false,
+                route: Some(r.clone()),
+            }),
             "{seen:?}"
         );
-        assert!(
-            seen.contains(&Notification::Route { dst: r.dst, deleted: true }),
-            "{seen:?}"
-        );
+        assert!(seen.contains(&deleted), "{seen:?}");
         assert!(seen.iter().any(|n| matches!(n, Notification::Link { name, deleted: false, .. } if name == "flannel.1")), "{seen:?}");
-        assert!(seen.contains(&Notification::Fdb { ifindex: vx.index, mac: f.mac, deleted: false }), "{seen:?}");
+        assert!(
+            seen.contains(&Notification::Fdb {
+                ifindex: vx.index,
+                mac: f.mac,
+                deleted: false,
+                dst: Some(f.dst),
+            }),
+            "{seen:?}"
+        );
         // Nothing more pending: a timeout returns empty.
         let mut rest = mon.recv_timeout(Duration::from_millis(300))?;
         rest.retain(|n| matches!(n, Notification::Route { dst, .. } if *dst == r.dst));
@@ -760,6 +775,71 @@ fn monitor_sees_changes() {
         while !got.iter().any(|n| matches!(n, Notification::Link { deleted: true, .. })) {
             got.extend(mon.recv()?);
         }
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+/// A monitor told to ignore a socket's port id drops the echoes of that
+/// socket's route and neighbour writes and still sees everybody else's
+/// (and the vxlan driver's FDB notifications, which carry no sender).
+#[test]
+fn monitor_ignores_the_echoes_of_one_socket() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-echo").unwrap();
+    let b = ScopedNetNs::unique("fnl-echob").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut ours = Netlink::open()?;
+        let mut theirs = Netlink::open()?;
+        assert_ne!(ours.port_id(), 0);
+        assert_ne!(ours.port_id(), theirs.port_id());
+        let mut mon = Monitor::open()?;
+        mon.ignore_port(ours.port_id());
+        let route = |dst: &str| Route {
+            dst: net(dst),
+            gateway: Some(ip("172.16.1.13")),
+            oif: ul,
+            onlink: false,
+        };
+        let (mine, other) = (route("10.244.7.0/24"), route("10.244.8.0/24"));
+        ours.replace_route(&mine)?;
+        let vx = ours.add_vxlan(&vxlan_dev(ul))?;
+        let f = FdbEntry {
+            ifindex: vx.index,
+            mac: mac("52:17:43:ba:2e:57"),
+            dst: ip("172.16.1.13"),
+        };
+        ours.replace_fdb(&f)?;
+        theirs.replace_route(&other)?;
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && !seen
+                .iter()
+                .any(|n| matches!(n, Notification::Route { dst, .. } if *dst == other.dst))
+        {
+            seen.extend(mon.recv_timeout(Duration::from_millis(200))?);
+        }
+        let routes: Vec<IpNet> = seen
+            .iter()
+            .filter_map(|n| match n {
+                Notification::Route { dst, .. } => Some(*dst),
+                _ => None,
+            })
+            .collect();
+        assert!(routes.contains(&other.dst), "{seen:?}");
+        assert!(
+            !routes.contains(&mine.dst),
+            "our own echo came through: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|n| matches!(n, Notification::Fdb { mac, .. } if *mac == f.mac)),
+            "{seen:?}"
+        );
+        ours.del_link(vx.index)?;
         Ok(())
     })
     .unwrap()

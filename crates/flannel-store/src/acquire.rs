@@ -11,7 +11,7 @@ use flannel_core::config::NetConfig;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
 use rand::Rng;
 
-use crate::{Store, StoreError};
+use crate::{LeaseSnapshot, Store, StoreError};
 
 /// How many times acquisition re-plans after losing a race before giving up.
 pub const MAX_ACQUIRE_ATTEMPTS: u32 = 50;
@@ -47,6 +47,20 @@ pub async fn acquire_lease<S: Store>(
     previous: Option<LeaseKey>,
     ttl: Duration,
 ) -> Result<Lease, AcquireError> {
+    acquire_lease_from(store, cfg, attrs, previous, ttl, None).await
+}
+
+/// [`acquire_lease`], planning the first attempt on `first` (a list the
+/// caller just read, so that a store of thousands of leases is not read
+/// twice in a row); later attempts list again.
+pub async fn acquire_lease_from<S: Store>(
+    store: &S,
+    cfg: &NetConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<LeaseKey>,
+    ttl: Duration,
+    mut first: Option<LeaseSnapshot>,
+) -> Result<Lease, AcquireError> {
     let own = PublicIps {
         v4: attrs.public_ip,
         v6: attrs.public_ipv6,
@@ -55,7 +69,10 @@ pub async fn acquire_lease<S: Store>(
         return Err(AcquireError::NoPublicIp);
     }
     for attempt in 1..=MAX_ACQUIRE_ATTEMPTS {
-        let mut snapshot = store.list_leases().await?;
+        let mut snapshot = match first.take() {
+            Some(s) => s,
+            None => store.list_leases().await?,
+        };
         if attempt == 1 {
             // As upstream: our own leases that the config no longer accepts
             // (another Network or SubnetLen) go before we acquire.

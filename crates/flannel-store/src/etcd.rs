@@ -92,6 +92,9 @@ const WATCH_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often a create re-checks after a concurrent change under `subnets/`
 /// before it reports "taken" (the acquirer then plans again).
 const CREATE_ATTEMPTS: u32 = 20;
+/// Puts per transaction of [`EtcdStore::import`]: etcd's default
+/// `--max-txn-ops`.
+pub const IMPORT_TXN_OPS: usize = 128;
 /// How often an update retries when the key changed between read and write.
 const UPDATE_ATTEMPTS: u32 = 10;
 /// Attempts of one request while no member can take it, and the pauses
@@ -413,6 +416,45 @@ impl EtcdStore {
             revision as i64,
         ));
         rx
+    }
+
+    /// Puts many leases at once without an etcd lease (reservations, as
+    /// upstream reads a key without TTL), each overwriting its key, in
+    /// transactions of [`IMPORT_TXN_OPS`] puts: for loading a store in bulk
+    /// (a benchmark's thousands of peers). Unlike [`Store::create_lease`]
+    /// it checks no overlap: the caller vouches for the set.
+    pub async fn import(&self, leases: &[Lease]) -> Result<()> {
+        let inner = &self.inner;
+        for chunk in leases.chunks(IMPORT_TXN_OPS) {
+            let mut ops = Vec::with_capacity(chunk.len());
+            for l in chunk {
+                ops.push(TxnOp::put(
+                    inner.lease_key(&l.key)?,
+                    l.attrs.to_json(),
+                    None,
+                ));
+            }
+            let txn = Txn::new().and_then(ops);
+            inner
+                .call(&format!("txn import of {} leases", chunk.len()), |mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Puts the network config (`etcdctl put <prefix>/config JSON`).
+    pub async fn put_network_config(&self, json: &str) -> Result<()> {
+        let (key, value) = (self.config_key(), json.to_string());
+        self.inner
+            .call(&format!("put {key}"), |mut c| {
+                let (key, value) = (key.clone(), value.clone());
+                async move { c.put(key, value, None).await }
+            })
+            .await?;
+        Ok(())
     }
 
     /// The underlying client (tests and tools: raw reads, compaction, auth setup).

@@ -19,7 +19,7 @@ pub mod local;
 #[cfg(feature = "test-support")]
 pub mod testsupport;
 
-pub use acquire::{acquire_lease, renew_at, renew_lease, AcquireError};
+pub use acquire::{acquire_lease, acquire_lease_from, renew_at, renew_lease, AcquireError};
 pub use local::LocalStore;
 
 use std::future::Future;

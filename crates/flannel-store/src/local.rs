@@ -88,6 +88,9 @@ const WATCH_MAX_SLEEP: Duration = Duration::from_secs(5);
 /// After a failed read the watch resyncs this soon.
 const RETRY_AFTER_ERROR: Duration = Duration::from_secs(1);
 
+/// Below this many files per thread, a full read stays on one thread.
+const PARALLEL_READ_MIN: usize = 1024;
+
 /// Prefix of files being written; readers ignore every dot file.
 const TMP_PREFIX: &str = ".tmp.";
 
@@ -186,6 +189,47 @@ impl LocalStore {
     /// The file that holds (or would hold) the lease `key`.
     pub fn lease_path(&self, key: &LeaseKey) -> PathBuf {
         self.layout.subnets.join(key.to_string())
+    }
+
+    /// Writes many leases at once, as they are (expiration included), each
+    /// replacing any file of its key: for loading a store in bulk (a
+    /// benchmark's thousands of peers, a migration). Unlike
+    /// [`Store::create_lease`] it checks no overlap and collects no
+    /// garbage: the caller vouches for the set. One exclusive lock and one
+    /// revision bump for all; every file is still replaced atomically
+    /// (written aside, renamed in), so watchers never see half a file. With
+    /// `durable` the files are synced (one `syncfs`) before they are renamed
+    /// in and the directory after, and the revision is bumped; without,
+    /// nothing is synced and the revision (whose file is written with a
+    /// sync) stays: a throwaway store, a benchmark's, where a sync would
+    /// measure the disk.
+    pub async fn import(&self, leases: Vec<Lease>, durable: bool) -> Result<()> {
+        self.blocking(move |l| {
+            let _lock = l.lock(FlockArg::LockExclusive)?;
+            l.ensure_subnets_dir()?;
+            let mut staged = Vec::with_capacity(leases.len());
+            for (i, lease) in leases.iter().enumerate() {
+                let name = file_name(&lease.key)?;
+                let tmp = l
+                    .subnets
+                    .join(format!("{TMP_PREFIX}import.{}.{i}", std::process::id()));
+                fs::write(&tmp, record_json(&name, lease)?).map_err(|e| io_err(&tmp, e))?;
+                staged.push((tmp, l.subnets.join(name)));
+            }
+            if durable {
+                let dir = File::open(&l.subnets).map_err(|e| io_err(&l.subnets, e))?;
+                nix::unistd::syncfs(&dir).map_err(|e| io_err(&l.subnets, e.into()))?;
+            }
+            for (tmp, path) in &staged {
+                fs::rename(tmp, path).map_err(|e| io_err(path, e))?;
+            }
+            if durable {
+                l.sync_subnets_dir()?;
+                l.bump_revision()?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Runs blocking file work off the async workers.
@@ -439,15 +483,7 @@ impl Layout {
     }
 
     fn write_lease(&self, name: &str, lease: &Lease) -> Result<()> {
-        let record = Record {
-            attrs: lease.attrs.clone(),
-            expires_unix_ms: lease.expiration.map(to_unix_ms),
-        };
-        let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
-            key: name.into(),
-            detail: format!("cannot encode: {e}"),
-        })?;
-        json.push(b'\n');
+        let json = record_json(name, lease)?;
         self.write_atomic(&self.subnets, &self.subnets.join(name), &json)
     }
 
@@ -514,11 +550,39 @@ impl Layout {
         Ok(names)
     }
 
+    /// Reads many files of `subnets/`, on a few threads when there are
+    /// many (each file is an open, a read and a parse: thousands of them are
+    /// most of a cold start).
+    fn read_many(&self, names: &[String]) -> Vec<FileState> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4)
+            .min(names.len() / PARALLEL_READ_MIN + 1);
+        if threads <= 1 {
+            return names.iter().map(|n| self.read_lease(n)).collect();
+        }
+        let chunk = names.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = names
+                .chunks(chunk)
+                .map(|part| {
+                    s.spawn(move || part.iter().map(|n| self.read_lease(n)).collect::<Vec<_>>())
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        })
+    }
+
     /// Every readable, unexpired lease by file name; bad files are skipped with a warning.
     fn valid_leases(&self, now: SystemTime) -> Result<BTreeMap<String, Lease>> {
         let mut out = BTreeMap::new();
-        for name in self.names()? {
-            match self.read_lease(&name) {
+        let names = self.names()?;
+        let states = self.read_many(&names);
+        for (name, state) in names.into_iter().zip(states) {
+            match state {
                 FileState::Lease(l) if !l.is_expired(now) => {
                     out.insert(name, l);
                 }
@@ -565,30 +629,36 @@ impl Layout {
         self.remove_stale_temp_files(&self.dir)?;
         let mut deleted = false;
         let mut live = BTreeMap::new();
+        let mut names = Vec::new();
+        let mut doomed = Vec::new();
         let entries = fs::read_dir(&self.subnets).map_err(|e| io_err(&self.subnets, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| io_err(&self.subnets, e))?;
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            let path = entry.path();
-            if !name.starts_with(TMP_PREFIX) {
-                if name.starts_with('.') || Some(name.as_str()) == keep {
-                    continue;
-                }
-                match self.read_lease(&name) {
-                    FileState::Lease(l) if l.is_expired(now) => {}
-                    FileState::Lease(l) => {
-                        live.insert(name, l);
-                        continue;
-                    }
-                    FileState::Absent | FileState::Bad(_) => continue,
-                    FileState::Unreadable(e) => return Err(io_err(&path, e)),
-                }
+            if name.starts_with(TMP_PREFIX) {
+                doomed.push((name, false));
+            } else if !name.starts_with('.') && Some(name.as_str()) != keep {
+                names.push(name);
             }
+        }
+        let states = self.read_many(&names);
+        for (name, state) in names.into_iter().zip(states) {
+            match state {
+                FileState::Lease(l) if l.is_expired(now) => doomed.push((name, true)),
+                FileState::Lease(l) => {
+                    live.insert(name, l);
+                }
+                FileState::Absent | FileState::Bad(_) => {}
+                FileState::Unreadable(e) => return Err(io_err(&self.subnets.join(&name), e)),
+            }
+        }
+        for (name, lease) in doomed {
+            let path = self.subnets.join(&name);
             match fs::remove_file(&path) {
                 Ok(()) => {
-                    if !name.starts_with(TMP_PREFIX) {
+                    if lease {
                         tracing::debug!(file = %path.display(), "deleted expired lease");
                         deleted = true;
                     }
@@ -604,6 +674,87 @@ impl Layout {
     }
 }
 
+/// What a watch remembers of one lease: enough to tell a change, to name
+/// it when it goes and to expire it, not the lease itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cached {
+    key: LeaseKey,
+    expiration: Option<SystemTime>,
+    digest: u64,
+}
+
+/// The watch's view of the directory: digests by file name, and the
+/// expirations in order, so that an event and the expiry timer cost what
+/// they concern, not the number of leases.
+#[derive(Debug, Default)]
+struct Cache {
+    by_name: BTreeMap<String, Cached>,
+    expiring: BTreeSet<(SystemTime, String)>,
+}
+
+/// A digest of everything a lease says (key, expiration, attributes).
+fn digest(l: &Lease) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    l.key.hash(&mut h);
+    l.expiration.hash(&mut h);
+    l.attrs.to_json().hash(&mut h);
+    h.finish()
+}
+
+impl Cache {
+    fn holds(&self, name: &str, l: &Lease) -> bool {
+        self.by_name.get(name).is_some_and(|c| {
+            c.key == l.key && c.expiration == l.expiration && c.digest == digest(l)
+        })
+    }
+
+    fn insert(&mut self, name: &str, l: &Lease) {
+        self.remove(name);
+        if let Some(t) = l.expiration {
+            self.expiring.insert((t, name.to_owned()));
+        }
+        self.by_name.insert(
+            name.to_owned(),
+            Cached {
+                key: l.key,
+                expiration: l.expiration,
+                digest: digest(l),
+            },
+        );
+    }
+
+    /// Forgets a file; the key of the lease it held.
+    fn remove(&mut self, name: &str) -> Option<LeaseKey> {
+        let c = self.by_name.remove(name)?;
+        if let Some(t) = c.expiration {
+            self.expiring.remove(&(t, name.to_owned()));
+        }
+        Some(c.key)
+    }
+
+    /// Forgets the leases expired by `now`; their keys.
+    fn expire(&mut self, now: SystemTime) -> Vec<LeaseKey> {
+        let mut gone = Vec::new();
+        while let Some((t, name)) = self.expiring.first().cloned() {
+            if t > now {
+                break;
+            }
+            gone.extend(self.remove(&name));
+        }
+        gone
+    }
+
+    fn nearest_expiration(&self) -> Option<SystemTime> {
+        self.expiring.first().map(|(t, _)| *t)
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> Vec<LeaseKey> {
+        self.by_name.values().map(|c| c.key).collect()
+    }
+}
+
 /// The watch: one per `watch_leases` call, on its own OS thread.
 struct Watcher {
     layout: Arc<Layout>,
@@ -614,8 +765,9 @@ struct Watcher {
     wd: WatchDescriptor,
     /// False after the directory vanished and re-adding the watch failed.
     watching: bool,
-    /// What the receiver knows: unexpired leases by file name.
-    cache: BTreeMap<String, Lease>,
+    /// What the receiver knows: unexpired leases by file name, as digests
+    /// (the receiver holds the leases themselves).
+    cache: Cache,
     resync_interval: Duration,
     next_resync: Instant,
 }
@@ -656,7 +808,7 @@ impl Watcher {
             inotify,
             wd,
             watching: true,
-            cache: BTreeMap::new(),
+            cache: Cache::default(),
             resync_interval,
             next_resync: Instant::now() + resync_interval,
         };
@@ -825,15 +977,15 @@ impl Watcher {
     fn refresh(&mut self, name: &str, now: SystemTime) -> Option<LeaseEvent> {
         match self.layout.read_lease(name) {
             FileState::Lease(l) if !l.is_expired(now) => {
-                if self.cache.get(name) == Some(&l) {
+                if self.cache.holds(name, &l) {
                     None
                 } else {
-                    self.cache.insert(name.to_owned(), l.clone());
+                    self.cache.insert(name, &l);
                     Some(LeaseEvent::Upsert(l))
                 }
             }
             FileState::Lease(_) | FileState::Absent => {
-                self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
+                self.cache.remove(name).map(LeaseEvent::Removed)
             }
             FileState::Unreadable(e) => {
                 // The receiver keeps what it knows; a full read soon
@@ -846,27 +998,22 @@ impl Watcher {
             FileState::Bad(why) => {
                 tracing::warn!(file = %self.layout.subnets.join(name).display(), problem = %why,
                     "skipping lease file");
-                self.cache.remove(name).map(|l| LeaseEvent::Removed(l.key))
+                self.cache.remove(name).map(LeaseEvent::Removed)
             }
         }
     }
 
     /// Drops the leases that expired by `now` and returns their `Removed`.
     fn expire(&mut self, now: SystemTime) -> Vec<LeaseEvent> {
-        let gone: Vec<String> = self
-            .cache
-            .iter()
-            .filter(|(_, l)| l.is_expired(now))
-            .map(|(n, _)| n.clone())
-            .collect();
-        gone.into_iter()
-            .filter_map(|n| self.cache.remove(&n))
-            .map(|l| LeaseEvent::Removed(l.key))
+        self.cache
+            .expire(now)
+            .into_iter()
+            .map(LeaseEvent::Removed)
             .collect()
     }
 
     fn nearest_expiration(&self) -> Option<SystemTime> {
-        self.cache.values().filter_map(|l| l.expiration).min()
+        self.cache.nearest_expiration()
     }
 
     /// Full scan under the shared lock; replaces the cache.
@@ -879,12 +1026,15 @@ impl Watcher {
             )
         };
         self.next_resync = Instant::now() + self.resync_interval;
-        let snapshot = LeaseSnapshot {
-            leases: leases.values().cloned().collect(),
+        let mut cache = Cache::default();
+        for (name, l) in &leases {
+            cache.insert(name, l);
+        }
+        self.cache = cache;
+        Ok(LeaseSnapshot {
+            leases: leases.into_values().collect(),
             revision,
-        };
-        self.cache = leases;
-        Ok(snapshot)
+        })
     }
 
     /// The safety resync: a full scan that sends only the differences.
@@ -893,16 +1043,16 @@ impl Watcher {
             self.rewatch()?;
         }
         let old = std::mem::take(&mut self.cache);
-        self.full_read()?;
+        let snapshot = self.full_read()?;
         let mut events = Vec::new();
-        for (name, lease) in &old {
-            if !self.cache.contains_key(name) {
-                events.push(LeaseEvent::Removed(lease.key));
+        for (name, c) in &old.by_name {
+            if !self.cache.by_name.contains_key(name) {
+                events.push(LeaseEvent::Removed(c.key));
             }
         }
-        for (name, lease) in &self.cache {
-            if old.get(name) != Some(lease) {
-                events.push(LeaseEvent::Upsert(lease.clone()));
+        for l in snapshot.leases {
+            if !old.holds(&l.key.to_string(), &l) {
+                events.push(LeaseEvent::Upsert(l));
             }
         }
         if !events.is_empty() {
@@ -929,6 +1079,20 @@ impl Watcher {
 
 /// The lease as it will be stored: expiration = now + ttl, at the
 /// millisecond precision of the file so the caller and watchers agree.
+/// A lease file's content (see the module docs), newline-terminated.
+fn record_json(name: &str, lease: &Lease) -> Result<Vec<u8>> {
+    let record = Record {
+        attrs: lease.attrs.clone(),
+        expires_unix_ms: lease.expiration.map(to_unix_ms),
+    };
+    let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
+        key: name.into(),
+        detail: format!("cannot encode: {e}"),
+    })?;
+    json.push(b'\n');
+    Ok(json)
+}
+
 fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
     Lease {
         key: lease.key,
@@ -1158,10 +1322,8 @@ mod tests {
             WatchEvent::Snapshot(s) => assert_eq!(s.leases, vec![lease.clone()]),
             other => panic!("expected a snapshot, got {other:?}"),
         }
-        assert_eq!(
-            w.cache.values().cloned().collect::<Vec<_>>(),
-            vec![lease.clone()]
-        );
+        assert_eq!(w.cache.keys(), vec![lease.key]);
+        assert!(w.cache.holds(&key.to_string(), &lease));
         // Re-reading the same file afterwards reports nothing new.
         let mut names = BTreeSet::new();
         names.insert(key.to_string());
@@ -1174,10 +1336,10 @@ mod tests {
         // ...and exactly the missed ones when the cache went stale (as if
         // inotify had dropped events).
         let phantom: LeaseKey = "10.244.2.0-24".parse().unwrap();
-        w.cache.clear();
+        w.cache = Cache::default();
         w.cache.insert(
-            phantom.to_string(),
-            Lease {
+            &phantom.to_string(),
+            &Lease {
                 key: phantom,
                 ..lease.clone()
             },

@@ -1499,3 +1499,39 @@ async fn a_dead_endpoint_in_the_list_is_tolerated() {
         }
     }
 }
+
+/// A bulk import spans several transactions and lands every lease as a
+/// reservation (no etcd lease), upstream's value byte for byte.
+#[tokio::test]
+async fn import_puts_many_leases_in_transactions() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd).await;
+    let n = flannel_store::etcd::IMPORT_TXN_OPS * 2 + 5;
+    let leases: Vec<Lease> = (0..n)
+        .map(|i| Lease {
+            key: key(&format!("10.{}.{}.0-24", i / 256, i % 256)),
+            attrs: attrs((i % 250) as u8 + 1),
+            expiration: None,
+        })
+        .collect();
+    store.import(&leases).await.unwrap();
+    store
+        .put_network_config(r#"{"Network":"10.0.0.0/8"}"#)
+        .await
+        .unwrap();
+    let mut got = store.list_leases().await.unwrap().leases;
+    got.sort_by_key(|l| l.key);
+    let mut want = leases.clone();
+    want.sort_by_key(|l| l.key);
+    assert_eq!(got, want);
+    let mut c = raw(&etcd).await;
+    let kv = raw_get(&mut c, &store.lease_key(&key("10.0.5.0-24")))
+        .await
+        .unwrap();
+    assert_eq!(kv.lease(), 0, "a reservation");
+    assert_eq!(kv.value(), leases[5].attrs.to_json().as_bytes());
+    assert_eq!(
+        store.get_network_config().await.unwrap().as_deref(),
+        Some(r#"{"Network":"10.0.0.0/8"}"#)
+    );
+}

@@ -512,3 +512,38 @@ async fn fifo_directory_and_symlink_in_subnets_are_skipped_without_blocking() {
     assert!(subnets.join("10.244.9.0-24").exists());
     assert!(subnets.join("10.244.8.0-24").is_dir());
 }
+
+#[tokio::test]
+async fn import_writes_many_leases_as_they_are() {
+    let dir = TempDir::new("import");
+    let store = LocalStore::open(dir.path()).unwrap();
+    let rev = store.list_leases().await.unwrap().revision;
+    let later = SystemTime::UNIX_EPOCH + Duration::from_secs(4_000_000_000);
+    let mut leases: Vec<Lease> = (1..=200u8)
+        .map(|i| lease(&format!("10.{i}.0.0-24"), i))
+        .collect();
+    leases[0].expiration = Some(later);
+    store.import(leases.clone(), true).await.unwrap();
+    let mut got = store.list_leases().await.unwrap();
+    got.leases.sort_by_key(|l| l.key);
+    leases.sort_by_key(|l| l.key);
+    assert_eq!(got.leases, leases, "every lease, expiration included");
+    assert_eq!(got.revision, rev + 1, "one revision bump for all");
+    // No temp file left; an import over existing keys replaces them.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("subnets"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    let mut again = lease("10.1.0.0-24", 9);
+    again.expiration = None;
+    store.import(vec![again.clone()], false).await.unwrap();
+    let list = store.list_leases().await.unwrap();
+    assert!(list.leases.contains(&again));
+    assert_eq!(list.leases.len(), 200);
+    assert_eq!(
+        list.revision,
+        rev + 1,
+        "a throwaway import leaves the revision"
+    );
+}

@@ -26,27 +26,14 @@ enum Command {
     #[command(subcommand)]
     Lab(LabCommand),
     /// Throughput and latency of the underlay and of pod-to-pod traffic over
-    /// vxlan, host-gw and udp, in a two-worker lab, as ratios to the underlay.
+    /// vxlan, host-gw and udp, in a two-worker lab, as ratios to the underlay;
+    /// `bench scale`: the control plane at N leases.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
-        /// Name of the lab the bench builds (and removes).
-        #[arg(long, default_value = "bench")]
-        name: String,
-        /// Directory holding flanneld and flannel (default: next to flannelctl).
-        #[arg(long, env = lab::BIN_DIR_ENV, value_name = "DIR")]
-        bin_dir: Option<PathBuf>,
-        /// Seconds per throughput measurement.
-        #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
-        seconds: u64,
-        /// Rounds of throughput measurements per lab (medians are printed;
-        /// ratios are the median of the per-round ratios to the underlay, and
-        /// a target is judged on that median's confidence interval: more
-        /// rounds narrow it).
-        #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
-        repeat: u32,
-        /// Only these backends (repeatable): `vxlan`, `host-gw`, `udp`
-        /// (default: all three, which the targets need).
-        #[arg(long = "backend", value_name = "BACKEND")]
-        backends: Vec<lab::Backend>,
+        #[command(subcommand)]
+        kind: Option<BenchKind>,
+        #[command(flatten)]
+        net: NetBenchArgs,
     },
     /// The path a packet to DST takes through this node, as its kernel routes
     /// it now: the route, and on flannel.1 the neighbour, the FDB entry and
@@ -104,6 +91,61 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Args)]
+struct NetBenchArgs {
+    /// Name of the lab the bench builds (and removes).
+    #[arg(long, default_value = "bench")]
+    name: String,
+    /// Directory holding flanneld and flannel (default: next to flannelctl).
+    #[arg(long, env = lab::BIN_DIR_ENV, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = lab::bench::DEFAULT_SECONDS)]
+    seconds: u64,
+    /// Rounds of throughput measurements per lab (medians are printed;
+    /// ratios are the median of the per-round ratios to the underlay, and
+    /// a target is judged on that median's confidence interval: more
+    /// rounds narrow it).
+    #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
+    repeat: u32,
+    /// Only these backends (repeatable): `vxlan`, `host-gw`, `udp`
+    /// (default: all three, which the targets need).
+    #[arg(long = "backend", value_name = "BACKEND")]
+    backends: Vec<lab::Backend>,
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// The control plane at scale: one vxlan node with N peer leases, on the
+    /// local store and on etcd, in namespaces of its own: cold start until
+    /// every route, neighbour and FDB entry is in the kernel, one-lease
+    /// event latency (p50/p99 of adds and removals), repair of deleted
+    /// routes, RSS. Upstream flanneld (Debian package `flannel`) is measured
+    /// the same way on etcd when installed, with the ratios ours/upstream.
+    /// Exits 1 when our flanneld does not converge.
+    Scale {
+        /// Numbers of peer leases (comma-separated or repeated).
+        #[arg(long = "n", value_delimiter = ',', default_values_t = lab::scale::DEFAULT_SIZES)]
+        sizes: Vec<usize>,
+        /// Stores (repeatable): `local`, `etcd` (default: both).
+        #[arg(long = "store", value_name = "STORE")]
+        stores: Vec<lab::scale::ScaleStore>,
+        /// Single-lease adds (and as many removals) per run.
+        #[arg(long, default_value_t = lab::scale::DEFAULT_EVENTS)]
+        events: usize,
+        /// Routes deleted for the repair measurement.
+        #[arg(long, default_value_t = lab::scale::DEFAULT_REPAIR)]
+        repair: usize,
+        /// Directory holding our flanneld (default: next to flannelctl).
+        #[arg(long, env = lab::BIN_DIR_ENV, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
+        /// Upstream's flanneld (default: from Debian's `flannel` package;
+        /// also $FLANNEL_BENCH_UPSTREAM).
+        #[arg(long, value_name = "PATH")]
+        upstream: Option<PathBuf>,
     },
 }
 
@@ -315,11 +357,53 @@ fn print_check(lab: &Lab) -> anyhow::Result<ExitCode> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Bench {
-            name,
-            bin_dir,
-            seconds,
-            repeat,
-            backends,
+            kind:
+                Some(BenchKind::Scale {
+                    sizes,
+                    stores,
+                    events,
+                    repair,
+                    bin_dir,
+                    upstream,
+                }),
+            ..
+        } => {
+            use lab::scale::{self, ScaleStore};
+            let opts = scale::ScaleOptions {
+                sizes,
+                stores: if stores.is_empty() {
+                    vec![ScaleStore::Local, ScaleStore::Etcd]
+                } else {
+                    stores
+                },
+                events,
+                repair,
+                bin_dir: lab::resolve_bin_dir(bin_dir.as_deref())?,
+                upstream: scale::find_upstream(upstream.as_deref()),
+                progress: true,
+            };
+            // Ctrl-C ends the bench at its next step and removes what it built.
+            let report = {
+                let _interrupts = lab::InterruptGuard::install()?;
+                scale::run(&opts)?
+            };
+            print!("{}", report.render());
+            Ok(if report.ours_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Bench {
+            kind: None,
+            net:
+                NetBenchArgs {
+                    name,
+                    bin_dir,
+                    seconds,
+                    repeat,
+                    backends,
+                },
         } => {
             let backends = if backends.is_empty() {
                 lab::bench::ALL_BACKENDS.to_vec()

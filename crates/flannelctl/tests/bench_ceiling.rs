@@ -2,6 +2,8 @@
 //! topology, runs for real: one short round (with flanneld's rules, the
 //! longer code path) measures every path and leaves no namespace behind. Needs root and iperf3 (scripts/test installs it).
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -35,11 +37,6 @@ fn bench_ceiling_measures_every_path_and_removes_its_namespaces() {
         assert!(gbit > 0.0, "{row}");
         assert!(row.contains("ratio ") && row.contains("interval "), "{row}");
     }
-    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
-    let left: Vec<String> = String::from_utf8_lossy(&netns.stdout)
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
+    let left = common::namespaces_with_prefix(&prefix);
     assert!(left.is_empty(), "bench-ceiling left {left:?}");
 }

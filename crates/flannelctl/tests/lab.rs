@@ -143,7 +143,7 @@ fn drift_is_repaired_within_seconds() {
         node,
         "the route",
         |nl| nl.del_route(&route).unwrap(),
-        |n| matches!(n, Notification::Route { dst, deleted: true } if *dst == route.dst),
+        |n| matches!(n, Notification::Route { dst, deleted: true, .. } if *dst == route.dst),
     );
     wait_tables(&lab, node, &macs, within);
 
@@ -270,7 +270,7 @@ fn daemon_restart_keeps_subnet_and_mac_and_loses_no_ping() {
         }
         deletions.extend(batch.into_iter().filter(|n| match n {
             Notification::Link { index, deleted, .. } => *deleted && *index == before.ifindex,
-            Notification::Route { dst, deleted } => {
+            Notification::Route { dst, deleted, .. } => {
                 *deleted && matches!(dst, IpNet::V4(d) if cluster.contains(d))
             }
             Notification::Neighbour {

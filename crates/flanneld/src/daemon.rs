@@ -10,11 +10,12 @@
 //! startup happen on the main thread before the runtime exists, and every
 //! kernel write happens on the reconciler's own thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use flannel_core::admit::{self, ClusterNets, Reason, Rejection};
+use flannel_core::admit::{AdmissionDelta, Admitter, ClusterNets};
 use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
 use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::mac::MacAddr;
@@ -552,11 +553,13 @@ struct State<S: Store> {
     published: LeaseAttrs,
     /// The VtepMAC of each enabled family (vxlan only).
     mac: PerFamily<Option<MacAddr>>,
-    leases: BTreeMap<LeaseKey, Lease>,
-    /// The leases [`admit`] keeps out of the datapath, as of the last
-    /// lease set pushed (each is logged when it appears or its reason
-    /// changes, not on every pass).
-    rejected: BTreeMap<LeaseKey, Reason>,
+    /// Every lease of the store as the datapath sees it (see
+    /// [`State::datapath_view`]), shared with the reconciler.
+    leases: BTreeMap<LeaseKey, Arc<Lease>>,
+    /// Which of `leases` the datapath may program
+    /// (`flannel_core::admit`), kept up to date event by event; each
+    /// rejection is logged when it appears or its reason changes.
+    admission: Admitter,
     mtu: u32,
     reconciler: Option<Reconciler>,
     /// Masquerade/forward rules (crate::rules), started once the lease is held.
@@ -582,6 +585,9 @@ async fn run_async<S: Store>(
     signals: &mut Signals,
 ) -> Result<(), DaemonError> {
     let mut mac: PerFamily<Option<MacAddr>> = PerFamily::default();
+    // With vxlan, the leases as the store has them now, when it cannot name
+    // ours otherwise (see below); acquisition plans on the same list.
+    let mut snapshot = None;
     let attrs = match &s.backend {
         Backend::Vxlan(vx) => {
             // Each VtepMAC: the existing device's, else our previous lease's,
@@ -589,10 +595,9 @@ async fn run_async<S: Store>(
             // ours (Kubernetes: our Node's annotations), else the one that
             // names our public address(es).
             let published = store.own_published_attrs().await?;
-            let snapshot = match published {
-                Some(_) => None,
-                None => Some(store.list_leases().await?),
-            };
+            if published.is_none() {
+                snapshot = Some(store.list_leases().await?);
+            }
             let ours = |l: &&Lease| {
                 families(&s.cfg).all(|f| l.attrs.public_ip_of(f) == s.ext.public_ip_of(f))
             };
@@ -624,7 +629,26 @@ async fn run_async<S: Store>(
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
     };
-    let acquire = store.acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl());
+    let acquire = async {
+        match snapshot {
+            Some(first) => {
+                flannel_store::acquire_lease_from(
+                    &store,
+                    &s.cfg,
+                    &attrs,
+                    s.previous,
+                    flags.lease_ttl(),
+                    Some(first),
+                )
+                .await
+            }
+            None => {
+                store
+                    .acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl())
+                    .await
+            }
+        }
+    };
     let Some(own) = signals.during("acquiring a lease", acquire).await? else {
         return Ok(());
     };
@@ -649,24 +673,29 @@ async fn run_async<S: Store>(
         return Ok(());
     };
     let mtu = pod_mtu(&s.cfg, s.ext.mtu);
+    let admission = Admitter::new(ClusterNets::from_config(&s.cfg), own.key, attrs.clone());
     let mut st = State {
         flags,
         s,
         store,
         attrs,
         published: own.attrs.clone(),
+        admission,
         own,
         mac,
-        leases,
-        rejected: BTreeMap::new(),
+        leases: BTreeMap::new(),
         mtu,
         reconciler: None,
         rules: None,
         store_expires_leases,
         health,
     };
+    st.leases = leases
+        .into_values()
+        .map(|l| (l.key, st.datapath_view(l)))
+        .collect();
     let settings = st.settings();
-    let admitted = st.admitted_leases();
+    let admitted = st.admit_all();
     let rec = Reconciler::start_with(settings, admitted, st.health.datapath.clone())?;
     let report = rec.pass_now().await?;
     if let Some(e) = report.device_error {
@@ -782,19 +811,13 @@ impl<S: Store> State<S> {
         }
     }
 
-    /// The leases as the datapath sees them; with a store that expires
-    /// leases itself, without expiry (see [`State::store_expires_leases`]).
-    fn lease_vec(&self) -> Vec<Lease> {
-        self.leases
-            .values()
-            .cloned()
-            .map(|mut l| {
-                if self.store_expires_leases {
-                    l.expiration = None;
-                }
-                l
-            })
-            .collect()
+    /// A lease as the datapath sees it: with a store that expires leases
+    /// itself, without expiry (see [`State::store_expires_leases`]).
+    fn datapath_view(&self, mut l: Lease) -> Arc<Lease> {
+        if self.store_expires_leases {
+            l.expiration = None;
+        }
+        Arc::new(l)
     }
 
     fn write_subnet_env(&self) -> Result<(), DaemonError> {
@@ -805,56 +828,63 @@ impl<S: Store> State<S> {
         Ok(())
     }
 
-    /// The leases the datapath may program: [`admit`] applied to the
-    /// current set, so that a hostile or conflicting entry of any store
-    /// reaches neither the kernel nor the udp peer table. A rejection is
-    /// logged once, when it appears or its reason changes, and a lease that
-    /// is programmed again says so.
-    fn admitted_leases(&mut self) -> Vec<Lease> {
-        let all = self.lease_vec();
-        let a = admit::admit(
-            &ClusterNets::from_config(&self.s.cfg),
-            &self.own.key,
-            &self.attrs,
-            &all,
-            SystemTime::now(),
-        );
-        let rejected: BTreeMap<LeaseKey, Reason> =
-            a.rejected.into_iter().map(|r| (r.key, r.reason)).collect();
-        let mut changed = false;
-        for (key, reason) in &rejected {
-            if self.rejected.get(key) != Some(reason) {
-                changed = true;
-                let r = Rejection {
-                    key: *key,
-                    reason: reason.clone(),
-                };
-                tracing::warn!(lease = %key, "{r}");
-            }
+    /// Every admitted lease (`flannel_core::admit` over the whole set,
+    /// from scratch), logging what changed.
+    fn admit_all(&mut self) -> Vec<Arc<Lease>> {
+        let d = self.admission.reset(&self.leases, SystemTime::now());
+        self.log_admission(&d);
+        self.admission.admitted().values().cloned().collect()
+    }
+
+    /// Logs the rejections that appeared or changed, and the leases
+    /// programmed again: each once, not on every pass.
+    fn log_admission(&self, d: &AdmissionDelta) {
+        for r in &d.rejected {
+            tracing::warn!(lease = %r.key, "{r}");
         }
-        for key in self.rejected.keys().filter(|k| !rejected.contains_key(k)) {
-            changed = true;
-            if self.leases.contains_key(key) {
+        for key in &d.cleared {
+            if self.admission.admitted().contains_key(key) {
                 tracing::info!(lease = %key, "lease {key} is no longer in conflict: programming it");
             }
         }
-        if changed {
+        if !d.rejected.is_empty() || !d.cleared.is_empty() {
             tracing::info!(
-                rejected = rejected.len(),
-                admitted = a.admitted.len(),
+                rejected = self.admission.rejected().len(),
+                admitted = self.admission.admitted().len(),
                 "lease admission changed"
             );
         }
-        self.rejected = rejected;
-        a.admitted
     }
 
+    /// Sends the whole admitted lease set: the reconciler runs a full pass.
     fn push_leases(&mut self) {
         if self.reconciler.is_some() {
-            let leases = self.admitted_leases();
+            let leases = self.admit_all();
             if let Some(r) = &self.reconciler {
                 let _ = r.send(Request::Leases(leases));
             }
+        }
+    }
+
+    /// Sends what changed among the admitted leases after `changed` changed
+    /// in the lease set: the reconciler runs an event pass that writes only
+    /// what these leases concern.
+    fn push_changes(&mut self, changed: Vec<LeaseKey>) {
+        if changed.is_empty() {
+            return;
+        }
+        let d = self
+            .admission
+            .update(&self.leases, changed, SystemTime::now());
+        self.log_admission(&d);
+        if d.upserts.is_empty() && d.removed.is_empty() {
+            return;
+        }
+        if let Some(r) = &self.reconciler {
+            let _ = r.send(Request::Changes {
+                upserts: d.upserts,
+                removed: d.removed,
+            });
         }
     }
 
@@ -894,7 +924,18 @@ impl<S: Store> State<S> {
             tokio::select! {
                 name = signals.recv() => { tracing::info!("{name}: exiting, leaving lease, device, routes and subnet.env in place"); return Ok(()); }
                 _ = resync.tick() => {
-                    if let Some(r) = &self.reconciler { r.send(Request::Resync)?; }
+                    // Admission is decided again from scratch (leases may
+                    // have expired since); the reconciler's pass is full
+                    // either way.
+                    let d = self.admission.reset(&self.leases, SystemTime::now());
+                    self.log_admission(&d);
+                    if let Some(r) = &self.reconciler {
+                        if d.upserts.is_empty() && d.removed.is_empty() {
+                            r.send(Request::Resync)?;
+                        } else {
+                            r.send(Request::Leases(self.admission.admitted().values().cloned().collect()))?;
+                        }
+                    }
                 }
                 _ = renew_sleep => {
                     renew_due = match self.renew().await? {
@@ -1003,7 +1044,16 @@ impl<S: Store> State<S> {
         }
         self.published = lease.attrs.clone();
         self.own = lease.clone();
-        self.leases.insert(lease.key, lease);
+        if changed {
+            // Another own lease: conflicts are settled around it.
+            self.admission = Admitter::new(
+                ClusterNets::from_config(&self.s.cfg),
+                lease.key,
+                self.attrs.clone(),
+            );
+        }
+        let view = self.datapath_view(lease);
+        self.leases.insert(view.key, view);
         if let Err(e) = self.store.complete_lease(&self.own).await {
             tracing::warn!(error = %e, "completing the lease in the store failed");
         }
@@ -1025,30 +1075,65 @@ impl<S: Store> State<S> {
     }
 
     /// Applies a watch message; says what happened to our own lease.
+    ///
+    /// A snapshot replaces the lease set and the reconciler runs a full
+    /// pass; events send it only the admitted leases that changed. Lease
+    /// changes are logged one line each at INFO when there are few, else as
+    /// one summary line at INFO with each lease at DEBUG (a snapshot of
+    /// 5,000 nodes is one line).
     fn on_watch(&mut self, ev: WatchEvent) -> OwnLease {
         let mut own_lost = false;
         let mut own_changed = false;
         match ev {
             WatchEvent::Snapshot(s) => {
-                let new: BTreeMap<LeaseKey, Lease> =
-                    s.leases.into_iter().map(|l| (l.key, l)).collect();
-                for k in self.leases.keys().filter(|k| !new.contains_key(k)) {
-                    tracing::info!(subnet = %k, "lease removed (resync)");
+                let mut new: BTreeMap<LeaseKey, Arc<Lease>> = BTreeMap::new();
+                for l in s.leases {
+                    if l.key == self.own.key {
+                        if same_holder(&l.attrs, &self.own.attrs) {
+                            own_changed = l.expiration != self.own.expiration;
+                            self.own = l.clone();
+                        } else {
+                            own_lost = true;
+                        }
+                    }
+                    let view = self.datapath_view(l);
+                    new.insert(view.key, view);
                 }
-                for (k, l) in new.iter().filter(|(k, l)| self.leases.get(k) != Some(l)) {
-                    tracing::info!(subnet = %k, public_ip = ?l.attrs.public_ip, "lease added or changed (resync)");
+                if !new.contains_key(&self.own.key) {
+                    own_lost = true;
+                }
+                let removed: Vec<LeaseKey> = self
+                    .leases
+                    .keys()
+                    .filter(|k| !new.contains_key(k))
+                    .copied()
+                    .collect();
+                let changed: Vec<&Arc<Lease>> = new
+                    .values()
+                    .filter(|l| self.leases.get(&l.key) != Some(l))
+                    .collect();
+                let verbose = removed.len() + changed.len() <= LEASE_LINES;
+                for k in &removed {
+                    log_lease(verbose, "lease removed (resync)", k, None);
+                }
+                for l in &changed {
+                    log_lease(verbose, "lease added or changed (resync)", &l.key, Some(l));
+                }
+                if !verbose {
+                    tracing::info!(
+                        leases = new.len(),
+                        added_or_changed = changed.len(),
+                        removed = removed.len(),
+                        "lease snapshot"
+                    );
                 }
                 self.leases = new;
-                match self.leases.get(&self.own.key) {
-                    None => own_lost = true,
-                    Some(l) if !same_holder(&l.attrs, &self.own.attrs) => own_lost = true,
-                    Some(l) => {
-                        own_changed = l.expiration != self.own.expiration;
-                        self.own = l.clone();
-                    }
-                }
+                self.push_leases();
             }
             WatchEvent::Events { events, .. } => {
+                let verbose = events.len() <= LEASE_LINES;
+                let mut changed: BTreeSet<LeaseKey> = BTreeSet::new();
+                let (mut upserted, mut removed) = (0usize, 0usize);
                 for e in events {
                     match e {
                         LeaseEvent::Upsert(l) => {
@@ -1060,24 +1145,47 @@ impl<S: Store> State<S> {
                                     own_changed |= l.expiration != self.own.expiration;
                                     self.own = l.clone();
                                 }
-                            } else if self.leases.get(&l.key) != Some(&l) {
-                                tracing::info!(subnet = %l.key, public_ip = ?l.attrs.public_ip, "peer lease added or changed");
                             }
-                            self.leases.insert(l.key, l);
+                            let view = self.datapath_view(l);
+                            if self.leases.get(&view.key) == Some(&view) {
+                                continue;
+                            }
+                            if view.key != self.own.key {
+                                log_lease(
+                                    verbose,
+                                    "peer lease added or changed",
+                                    &view.key,
+                                    Some(&view),
+                                );
+                            }
+                            upserted += 1;
+                            changed.insert(view.key);
+                            self.leases.insert(view.key, view);
                         }
                         LeaseEvent::Removed(k) => {
                             if k == self.own.key {
                                 own_lost = true;
-                            } else {
-                                tracing::info!(subnet = %k, "peer lease removed");
+                            } else if self.leases.contains_key(&k) {
+                                log_lease(verbose, "peer lease removed", &k, None);
                             }
-                            self.leases.remove(&k);
+                            if self.leases.remove(&k).is_some() {
+                                removed += 1;
+                                changed.insert(k);
+                            }
                         }
                     }
                 }
+                if !verbose {
+                    tracing::info!(
+                        added_or_changed = upserted,
+                        removed,
+                        leases = self.leases.len(),
+                        "lease events"
+                    );
+                }
+                self.push_changes(changed.into_iter().collect());
             }
         }
-        self.push_leases();
         if own_lost {
             OwnLease::Lost
         } else if self.own.attrs != self.published {
@@ -1087,6 +1195,20 @@ impl<S: Store> State<S> {
         } else {
             OwnLease::Unchanged
         }
+    }
+}
+
+/// Up to this many lease changes in one watch message are logged one line
+/// each at INFO; more give one summary line.
+const LEASE_LINES: usize = 8;
+
+/// One lease change, at INFO or (in a large batch) DEBUG.
+fn log_lease(info: bool, what: &str, key: &LeaseKey, lease: Option<&Lease>) {
+    let ip = lease.and_then(|l| l.attrs.public_ip);
+    if info {
+        tracing::info!(subnet = %key, public_ip = ?ip, "{what}");
+    } else {
+        tracing::debug!(subnet = %key, public_ip = ?ip, "{what}");
     }
 }
 

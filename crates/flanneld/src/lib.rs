@@ -8,12 +8,14 @@
 //! - [`daemon`]: startup, the lease watch, renewal and signals.
 //! - [`health`]: the `--healthz-port` endpoint (`/healthz`, `/readyz`, `/metrics`).
 //! - [`subnet_file`]: atomic subnet.env writes.
+//! - [`mem`]: malloc arenas capped, freed memory returned after full passes.
 
 pub mod backend;
 pub mod daemon;
 pub mod flags;
 pub mod health;
 pub mod iface;
+pub mod mem;
 pub mod reconcile;
 pub mod rules;
 pub mod subnet_file;

@@ -6,6 +6,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    flanneld::mem::limit_arenas();
     let flags = flanneld::flags::Flags::parse();
     // RUST_LOG, when set, wins over --log-level. kube-rs's request layer
     // logs every failed attempt at ERROR (each retry of the watch while the

@@ -23,11 +23,13 @@
 //! added before the route that uses them, and a route is deleted before the
 //! neighbour and FDB entry it used.
 
-use std::sync::mpsc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use flannel_core::datapath::{self, DesiredState, DirectRouting, HostGwPeer, Op, Route, Scope};
+use flannel_core::incremental::{self, DesiredIndex, Recipe};
 use flannel_core::lease::{IpFamily, Lease, LeaseKey};
 use flannel_netlink::{Monitor, Netlink, Notification};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -183,63 +185,59 @@ impl Settings {
         })
     }
 
-    /// The state the kernel should hold in `family` for `leases`, with our
-    /// vxlan device of that family at `device_ifindex` (None with host-gw).
-    pub fn desired(
-        &self,
-        family: IpFamily,
-        device_ifindex: Option<u32>,
-        leases: &[Lease],
-        now: SystemTime,
-    ) -> Desired {
+    /// How the backend turns leases into kernel objects in `family`, with
+    /// our vxlan device of that family at `device_ifindex` (None with
+    /// host-gw, or while the device is not set up).
+    pub fn recipe(&self, family: IpFamily, device_ifindex: Option<u32>) -> Recipe<'_> {
         if self.network_of(family).is_none() {
-            return Desired::default();
+            return Recipe::Nothing;
         }
         match &self.backend {
             BackendSettings::Vxlan { direct_routing, .. } => {
-                let (Some(ifindex), Some(spec)) =
-                    (device_ifindex, self.backend.device_spec(family))
-                else {
-                    return Desired::default();
-                };
-                let peers =
-                    datapath::vxlan_peers(leases, Some(&self.own), spec.device.vni, family, now);
-                let direct = direct_routing.then(|| DirectRouting {
-                    external_ifindex: self.external.ifindex,
-                    connected: &self.external.connected,
-                });
-                Desired {
-                    peers: peers.len(),
-                    state: datapath::desired_vxlan_with(ifindex, &peers, direct.as_ref()),
-                    unreachable: Vec::new(),
+                match (device_ifindex, self.backend.device_spec(family)) {
+                    (Some(ifindex), Some(spec)) => Recipe::Vxlan {
+                        ifindex,
+                        vni: spec.device.vni,
+                        direct: direct_routing.then_some(DirectRouting {
+                            external_ifindex: self.external.ifindex,
+                            connected: &self.external.connected,
+                        }),
+                    },
+                    _ => Recipe::Nothing,
                 }
             }
-            BackendSettings::HostGw => {
-                let peers = datapath::host_gw_peers(leases, Some(&self.own), family, now);
-                match datapath::desired_host_gw(
-                    self.external.ifindex,
-                    &peers,
-                    &self.external.connected,
-                ) {
-                    Ok(state) => Desired {
-                        peers: peers.len(),
-                        state,
-                        unreachable: Vec::new(),
-                    },
-                    Err(e) => Desired {
-                        peers: peers.len() - e.not_connected.len(),
-                        state: e.partial,
-                        unreachable: e.not_connected,
-                    },
-                }
-            }
+            BackendSettings::HostGw => Recipe::HostGw {
+                external_ifindex: self.external.ifindex,
+                connected: &self.external.connected,
+            },
             // Peers live in the datapath's table, not in the kernel: no
             // per-peer route, so any route of ours inside the network
             // (host-gw or vxlan leftovers) is stale.
-            BackendSettings::Udp(_) => Desired {
-                peers: flannel_core::udp::udp_peers(leases, Some(&self.own), now).len(),
-                ..Desired::default()
-            },
+            BackendSettings::Udp(_) => Recipe::Udp,
+        }
+    }
+
+    /// The state the kernel should hold in `family` for `leases`, with our
+    /// vxlan device of that family at `device_ifindex` (None with host-gw):
+    /// the full recomputation ([`incremental::desired_for`]).
+    pub fn desired<'l>(
+        &self,
+        family: IpFamily,
+        device_ifindex: Option<u32>,
+        leases: impl IntoIterator<Item = &'l Lease>,
+        now: SystemTime,
+    ) -> Desired {
+        let c = incremental::desired_for(
+            &self.recipe(family, device_ifindex),
+            leases,
+            Some(&self.own),
+            family,
+            now,
+        );
+        Desired {
+            peers: c.peers,
+            state: c.state,
+            unreachable: c.unreachable,
         }
     }
 
@@ -279,8 +277,20 @@ pub struct PassReport {
     pub ifindex_v6: Option<u32>,
     /// Number of peers programmed.
     pub peers: usize,
-    /// Number of kernel writes made.
+    /// Number of kernel writes made (`added + removed + repaired`, and
+    /// device, address and blackhole changes).
     pub changes: usize,
+    /// Objects written that were not wanted before this pass (new peers,
+    /// changed ones).
+    pub added: usize,
+    /// Stale objects deleted.
+    pub removed: usize,
+    /// Objects written again that were wanted already but missing or
+    /// different in the kernel (someone deleted or changed them).
+    pub repaired: usize,
+    /// A full pass (devices, every lease, the kernel read back); else an
+    /// event pass that wrote only what the changed leases concern.
+    pub full: bool,
     /// Every failure; the pass went on after each.
     pub errors: Vec<String>,
     /// Set when the device itself could not be set up.
@@ -288,12 +298,39 @@ pub struct PassReport {
 }
 
 impl PassReport {
-    /// Logs and counts the kernel writes a step made.
+    /// Logs and counts the kernel writes a step made (device, address,
+    /// blackhole: rare, at INFO).
     fn applied(&mut self, changes: &[String]) {
         for c in changes {
             tracing::info!("{c}");
         }
         self.changes += changes.len();
+    }
+
+    /// The one line a pass logs: at INFO when it wrote or failed, else at
+    /// DEBUG.
+    fn log(&self, started: Instant) {
+        let took_ms = started.elapsed().as_millis() as u64;
+        let kind = if self.full { "full" } else { "event" };
+        if self.changes > 0 || !self.errors.is_empty() {
+            tracing::info!(
+                pass = kind,
+                added = self.added,
+                removed = self.removed,
+                repaired = self.repaired,
+                errors = self.errors.len(),
+                peers = self.peers,
+                took_ms,
+                "datapath pass"
+            );
+        } else {
+            tracing::debug!(
+                pass = kind,
+                peers = self.peers,
+                took_ms,
+                "datapath pass: nothing to do"
+            );
+        }
     }
 
     /// Records a failed step; the pass goes on and the next one retries.
@@ -314,8 +351,15 @@ impl PassReport {
 /// Requests to the reconciler thread.
 #[derive(Debug)]
 pub enum Request {
-    /// The complete current lease set; a pass follows.
-    Leases(Vec<Lease>),
+    /// The complete current lease set (a store snapshot); a full pass follows.
+    Leases(Vec<Arc<Lease>>),
+    /// Some leases changed (a watch event): `upserts` are their new
+    /// versions, `removed` the keys gone. An event pass follows, which
+    /// writes only what these leases concern.
+    Changes {
+        upserts: Vec<Arc<Lease>>,
+        removed: Vec<LeaseKey>,
+    },
     /// Our lease or device changed (re-acquired another subnet); a pass follows.
     Settings(Box<Settings>),
     /// Run a pass (timer).
@@ -338,7 +382,7 @@ impl Reconciler {
     /// Starts the kernel thread (which opens its own `Netlink` handle in the
     /// process's namespace) and the monitor thread. No pass runs until a
     /// request arrives.
-    pub fn start(settings: Settings, leases: Vec<Lease>) -> Result<Self, ReconcileError> {
+    pub fn start(settings: Settings, leases: Vec<Arc<Lease>>) -> Result<Self, ReconcileError> {
         Reconciler::start_with(settings, leases, DatapathMetrics::default())
     }
 
@@ -346,7 +390,7 @@ impl Reconciler {
     /// health endpoint's `/metrics`).
     pub fn start_with(
         settings: Settings,
-        leases: Vec<Lease>,
+        leases: Vec<Arc<Lease>>,
         metrics: DatapathMetrics,
     ) -> Result<Self, ReconcileError> {
         let (tx, rx) = mpsc::channel();
@@ -355,11 +399,12 @@ impl Reconciler {
             .name("reconcile".into())
             .spawn(move || match Netlink::open() {
                 Ok(nl) => {
-                    let _ = ready_tx.send(Ok(()));
+                    let _ = ready_tx.send(Ok(nl.port_id()));
                     Worker {
                         nl,
                         settings,
-                        leases,
+                        leases: leases.into_iter().map(|l| (l.key, l)).collect(),
+                        index: PerFamily::default(),
                         ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
                         udp: None,
@@ -375,15 +420,15 @@ impl Reconciler {
                 what: "reconcile",
                 source,
             })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => {}
+        let port = match ready_rx.recv() {
+            Ok(Ok(port)) => port,
             Ok(Err(e)) => return Err(ReconcileError::Open(e)),
             Err(_) => return Err(ReconcileError::Stopped),
-        }
+        };
         let mon_tx = tx.clone();
         std::thread::Builder::new()
             .name("netlink-monitor".into())
-            .spawn(move || monitor_loop(mon_tx))
+            .spawn(move || monitor_loop(mon_tx, port))
             .map_err(|source| ReconcileError::Spawn {
                 what: "netlink monitor",
                 source,
@@ -416,12 +461,17 @@ impl Reconciler {
     }
 }
 
-/// Forwards kernel notifications to the reconciler; reopens the socket after
-/// an error (ENOBUFS included: the reconciler is told to resync).
-fn monitor_loop(tx: mpsc::Sender<Request>) {
+/// Forwards kernel notifications to the reconciler, except the echoes of
+/// its own route and neighbour writes (stamped with the port id `own` of
+/// its socket); reopens the socket after an error (ENOBUFS included: the
+/// reconciler is told to resync).
+fn monitor_loop(tx: mpsc::Sender<Request>, own: u32) {
     loop {
         let mut mon = match Monitor::open() {
-            Ok(m) => m,
+            Ok(mut m) => {
+                m.ignore_port(own);
+                m
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "netlink monitor unavailable; relying on the resync timer, retrying in 5 s");
                 std::thread::sleep(Duration::from_secs(5));
@@ -451,7 +501,11 @@ fn monitor_loop(tx: mpsc::Sender<Request>) {
 struct Worker {
     nl: Netlink,
     settings: Settings,
-    leases: Vec<Lease>,
+    leases: BTreeMap<LeaseKey, Arc<Lease>>,
+    /// Each family's desired state lease by lease, as of the last full pass
+    /// and the event passes since; `None` until a full pass built it (for
+    /// the devices in `ifindex`).
+    index: PerFamily<Option<DesiredIndex>>,
     /// The devices' indexes as of the last pass.
     ifindex: PerFamily<Option<u32>>,
     /// host-gw peers without a route as of the last pass (logged on change).
@@ -463,20 +517,41 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Request>) {
-        // When a pass is due; None: idle.
+        // When a full pass is due; None: none wanted.
         let mut due: Option<Instant> = None;
+        // Leases changed since the last pass, for the event pass.
+        let mut touched: BTreeSet<LeaseKey> = BTreeSet::new();
         let mut waiters: Vec<oneshot::Sender<PassReport>> = Vec::new();
         loop {
-            let msg = match due {
-                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+            // Changed leases are applied as soon as the queue is empty, so
+            // that a burst of watch events gives one event pass.
+            let msg = if !touched.is_empty() {
+                rx.try_recv().map_err(|e| match e {
+                    mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                    mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+                })
+            } else {
+                match due {
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
+                }
             };
             let now = Instant::now();
             match msg {
                 Ok(Request::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Ok(Request::Leases(l)) => {
-                    self.leases = l;
+                    self.leases = l.into_iter().map(|l| (l.key, l)).collect();
                     due = Some(now);
+                }
+                Ok(Request::Changes { upserts, removed }) => {
+                    for k in removed {
+                        self.leases.remove(&k);
+                        touched.insert(k);
+                    }
+                    for l in upserts {
+                        touched.insert(l.key);
+                        self.leases.insert(l.key, l);
+                    }
                 }
                 Ok(Request::Settings(s)) => {
                     self.settings = *s;
@@ -497,27 +572,59 @@ impl Worker {
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let report = self.pass();
+                    let report = if due.is_some_and(|d| d <= now) {
+                        // A full pass covers the changed leases too.
+                        touched.clear();
+                        due = None;
+                        let report = self.pass();
+                        // The pass's transient structures were of the
+                        // cluster's size.
+                        crate::mem::release_freed();
+                        report
+                    } else {
+                        let keys = std::mem::take(&mut touched);
+                        let report = self.event_pass(&keys);
+                        if !report.errors.is_empty() {
+                            // The kernel is not what the event pass assumed:
+                            // read it back soon.
+                            let at = now + DEBOUNCE;
+                            due = Some(due.map_or(at, |d| d.min(at)));
+                        }
+                        report
+                    };
                     let udp = self.udp.as_ref().map(UdpDatapath::counters_reader);
                     self.metrics.record_pass(&report, udp);
-                    for w in waiters.drain(..) {
-                        let _ = w.send(report.clone());
+                    if report.full {
+                        for w in waiters.drain(..) {
+                            let _ = w.send(report.clone());
+                        }
                     }
-                    due = None;
                 }
             }
         }
     }
 
+    /// Whether a notification needs a full pass: it concerns our datapath
+    /// ([`is_relevant`]) and does not show the kernel exactly as the desired
+    /// state has it.
     fn relevant(&self, n: &Notification) -> bool {
         is_relevant(n, &self.settings, self.ifindex)
+            && !matches_desired(n, &self.settings, self.ifindex, &self.index)
     }
+}
 
+impl Worker {
     /// One full reconciliation pass: the devices, then per enabled family
     /// the desired state, the kernel's, and the writes between them.
     fn pass(&mut self) -> PassReport {
         let started = Instant::now();
-        let mut report = PassReport::default();
+        let mut report = PassReport {
+            full: true,
+            ..PassReport::default()
+        };
+        // Whatever fails below, event passes wait for a full pass that
+        // rebuilds the index.
+        let previous = std::mem::take(&mut self.index);
         if !matches!(self.settings.backend, BackendSettings::Udp(_)) {
             self.udp = None;
             report.record(udp::remove_udp_leftovers(&mut self.nl));
@@ -545,6 +652,7 @@ impl Worker {
                             report.device_error = Some(e.to_string());
                             report.errors.push(e.to_string());
                             self.ifindex = PerFamily::default();
+                            report.log(started);
                             return report;
                         }
                     }
@@ -561,20 +669,7 @@ impl Worker {
                     Ok((ifindex, changes)) => {
                         report.applied(&changes);
                         let dp = self.udp.as_ref().expect("ensured");
-                        let table = udp::peer_table(
-                            spec.network,
-                            &self.leases,
-                            &self.settings.own,
-                            SystemTime::now(),
-                        );
-                        if dp.set_peers(table) {
-                            let peers: Vec<String> = dp
-                                .peers()
-                                .iter()
-                                .map(|p| format!("{} via {}", p.subnet, p.public_ip))
-                                .collect();
-                            tracing::info!(peers = ?peers, "udp peer table updated");
-                        }
+                        update_udp_peers(dp, spec, &self.leases, &self.settings.own);
                         *devices.get_mut(IpFamily::V4) = Some(ifindex);
                     }
                     Err(e) => {
@@ -582,6 +677,7 @@ impl Worker {
                         report.device_error = Some(e.to_string());
                         report.errors.push(e.to_string());
                         self.ifindex = PerFamily::default();
+                        report.log(started);
                         return report;
                     }
                 }
@@ -597,6 +693,7 @@ impl Worker {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the routes back; retrying on the next pass");
                 report.errors.push(e.to_string());
+                report.log(started);
                 return report;
             }
         };
@@ -606,9 +703,15 @@ impl Worker {
         let families: Vec<IpFamily> = self.settings.families().collect();
         for family in families {
             let device = *devices.get(family);
-            let want = self.settings.desired(family, device, &self.leases, now);
-            unreachable.extend(want.unreachable);
-            npeers += want.peers;
+            let index = DesiredIndex::build(
+                &self.settings.recipe(family, device),
+                self.leases.values().map(|l| &**l),
+                Some(&self.settings.own),
+                family,
+                now,
+            );
+            unreachable.extend(index.unreachable());
+            npeers += index.peers();
             let actual = match self.read_actual(family, device, &routes) {
                 Ok(a) => a,
                 Err(e) => {
@@ -617,28 +720,82 @@ impl Worker {
                     continue;
                 }
             };
-            let plan = datapath::plan_reconcile(&want.state, &actual);
-            self.apply(family, device, &plan, &mut report);
+            let plan = datapath::plan_reconcile(&index.desired(), &actual);
+            self.apply(
+                family,
+                device,
+                &plan,
+                previous.get(family).as_ref(),
+                &mut report,
+            );
+            *self.index.get_mut(family) = Some(index);
         }
+        unreachable.sort_by_key(|p| (p.subnet, p.key));
         report.peers = npeers;
         self.note_unreachable(&unreachable, &mut report);
         self.reconcile_blackholes(&mut report);
-        tracing::debug!(
-            peers = npeers,
-            changes = report.changes,
-            errors = report.errors.len(),
-            took_ms = started.elapsed().as_millis() as u64,
-            "reconciliation pass done"
-        );
+        report.log(started);
+        report
+    }
+
+    /// An event pass: only the leases in `keys` changed since the last
+    /// pass. Each family's index replaces their parts and yields the writes
+    /// between the desired state before and after (with replace semantics,
+    /// deleting what the old versions had and the new ones do not), applied
+    /// without reading the kernel back: the full passes (timer, kernel
+    /// notifications, snapshots) stay the ground truth. Without an index
+    /// (no full pass yet, or the last one failed part-way) this is a full
+    /// pass.
+    fn event_pass(&mut self, keys: &BTreeSet<LeaseKey>) -> PassReport {
+        let families: Vec<IpFamily> = self.settings.families().collect();
+        if families.iter().any(|f| self.index.get(*f).is_none()) {
+            return self.pass();
+        }
+        let started = Instant::now();
+        let mut report = PassReport::default();
+        let now = SystemTime::now();
+        let mut unreachable = Vec::new();
+        for family in families {
+            let device = *self.ifindex.get(family);
+            let recipe = self.settings.recipe(family, device);
+            let own = Some(&self.settings.own);
+            let parts = keys.iter().map(|k| {
+                let part = self
+                    .leases
+                    .get(k)
+                    .map(|l| incremental::desired_for(&recipe, [&**l], own, family, now))
+                    .unwrap_or_default();
+                (*k, part)
+            });
+            let index = self.index.get_mut(family).as_mut().expect("checked above");
+            let plan = index.update(parts);
+            report.peers += index.peers();
+            // Only host-gw leaves peers without a route (and listing them
+            // visits every lease).
+            if matches!(self.settings.backend, BackendSettings::HostGw) {
+                unreachable.extend(index.unreachable());
+            }
+            self.apply(family, device, &plan, None, &mut report);
+        }
+        if let (BackendSettings::Udp(spec), Some(dp)) = (&self.settings.backend, &self.udp) {
+            update_udp_peers(dp, spec, &self.leases, &self.settings.own);
+        }
+        unreachable.sort_by_key(|p| (p.subnet, p.key));
+        self.note_unreachable(&unreachable, &mut report);
+        report.log(started);
         report
     }
 
     /// Carries out one family's plan in order, going on after a failure.
+    /// Each write is logged at DEBUG and counted: an add of an object that
+    /// `wanted_before` (the index of the previous full pass) already held
+    /// is a repair.
     fn apply(
         &mut self,
         family: IpFamily,
         device: Option<u32>,
         plan: &datapath::ReconcilePlan,
+        wanted_before: Option<&DesiredIndex>,
         report: &mut PassReport,
     ) {
         let name = self.settings.device_name(family).unwrap_or("-").to_string();
@@ -672,10 +829,16 @@ impl Worker {
             };
             match r {
                 Ok(()) => {
-                    tracing::info!("{what}");
+                    tracing::debug!("{what}");
                     report.changes += 1;
-                    if let Op::DelRoute(r) = &op {
-                        self.restore_underlay_route(family, device, r, report);
+                    match &op {
+                        Op::DelRoute(r) => {
+                            report.removed += 1;
+                            self.restore_underlay_route(family, device, r, report);
+                        }
+                        Op::DelNeighbour(_) | Op::DelFdb(_) => report.removed += 1,
+                        _ if wanted_before.is_some_and(|w| w.holds(&op)) => report.repaired += 1,
+                        _ => report.added += 1,
                     }
                 }
                 Err(e) => {
@@ -794,6 +957,139 @@ impl Worker {
             all.fdb = self.nl.list_fdb(ifindex)?;
         }
         Ok(scope.filter(all))
+    }
+}
+
+/// Swaps the udp datapath's peer table for the one of `leases`; logs the
+/// new count at INFO and the peers at DEBUG when they changed.
+fn update_udp_peers(
+    dp: &UdpDatapath,
+    spec: &UdpSpec,
+    leases: &BTreeMap<LeaseKey, Arc<Lease>>,
+    own: &LeaseKey,
+) {
+    let table = udp::peer_table(
+        spec.network,
+        leases.values().map(|l| &**l),
+        own,
+        SystemTime::now(),
+    );
+    if dp.set_peers(table) {
+        let peers = dp.peers();
+        tracing::info!(count = peers.len(), "udp peer table updated");
+        let list: Vec<String> = peers
+            .iter()
+            .map(|p| format!("{} via {}", p.subnet, p.public_ip))
+            .collect();
+        tracing::debug!(peers = ?list, "udp peer table updated: peers");
+    }
+}
+
+/// Whether a notification about a route, neighbour or FDB entry shows
+/// nothing to repair: a write of an object we want exactly as we want
+/// it (the echo of our own write, above all the vxlan driver's FDB
+/// notifications, which carry no sender), the deletion of an object we
+/// do not want, or a change to an object that is not ours. Everything
+/// else, and everything while no full pass has built the index, needs
+/// a pass. The udp backend's cluster route is not in the index: with
+/// udp every route notification inside the network needs a pass.
+pub fn matches_desired(
+    n: &Notification,
+    settings: &Settings,
+    devices: PerFamily<Option<u32>>,
+    index: &PerFamily<Option<DesiredIndex>>,
+) -> bool {
+    if matches!(settings.backend, BackendSettings::Udp(_)) {
+        return false;
+    }
+    let family_of = |ip: &std::net::IpAddr| {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    };
+    match n {
+        Notification::Route {
+            dst,
+            deleted,
+            route,
+        } => {
+            let family = family_of(&dst.addr());
+            let Some(idx) = index.get(family) else {
+                return false;
+            };
+            match (route, deleted) {
+                // A blackhole or multipath route: the pass decides.
+                (None, _) => false,
+                (Some(_), true) => !idx.wants_route_to(dst),
+                (Some(r), false) => {
+                    idx.holds(&Op::AddRoute(r.clone()))
+                        || settings
+                            .scope(family, *devices.get(family))
+                            .is_none_or(|s| !s.owns_route(r))
+                }
+            }
+        }
+        Notification::Neighbour {
+            ifindex,
+            ip,
+            deleted,
+            mac,
+            permanent,
+        } => {
+            let Some(idx) = index.get(family_of(ip)) else {
+                return false;
+            };
+            if *deleted || !*permanent {
+                // Gone, or no longer permanent (`ip neigh del` first
+                // marks it failed): a repair if we want one there.
+                !idx.wants_neighbour_at(*ifindex, *ip)
+            } else {
+                mac.is_some_and(|mac| {
+                    idx.holds(&Op::AddNeighbour(datapath::Neighbour {
+                        ifindex: *ifindex,
+                        ip: *ip,
+                        mac,
+                    }))
+                })
+            }
+        }
+        Notification::Fdb {
+            ifindex,
+            mac,
+            deleted,
+            dst,
+        } => {
+            let family = if devices.v6 == Some(*ifindex) {
+                IpFamily::V6
+            } else {
+                IpFamily::V4
+            };
+            let Some(idx) = index.get(family) else {
+                return false;
+            };
+            // The device's own and flooding entries: not ours to keep.
+            if mac.0 == [0; 6] || mac.0[0] & 1 != 0 {
+                return true;
+            }
+            match dst {
+                None => !idx.wants_fdb_for(*ifindex, *mac),
+                Some(dst) => {
+                    let held = idx.holds(&Op::AddFdb(datapath::FdbEntry {
+                        ifindex: *ifindex,
+                        mac: *mac,
+                        dst: *dst,
+                    }));
+                    if *deleted {
+                        !held
+                    } else {
+                        held
+                    }
+                }
+            }
+        }
+        _ => false,
     }
 }
 
@@ -1110,25 +1406,32 @@ mod tests {
         yes(Notification::Route {
             dst: "10.244.2.0/24".parse().unwrap(),
             deleted: true,
+            route: None,
         });
         no(Notification::Route {
             dst: "192.168.0.0/24".parse().unwrap(),
             deleted: true,
+            route: None,
         });
         yes(Notification::Neighbour {
             ifindex: 4,
             ip: "10.244.2.0".parse().unwrap(),
             deleted: true,
+            mac: None,
+            permanent: false,
         });
         no(Notification::Neighbour {
             ifindex: 2,
             ip: "172.16.1.1".parse().unwrap(),
             deleted: false,
+            mac: None,
+            permanent: false,
         });
         yes(Notification::Fdb {
             ifindex: 4,
             mac: Default::default(),
             deleted: true,
+            dst: None,
         });
         yes(Notification::Address {
             index: 4,
@@ -1139,6 +1442,131 @@ mod tests {
             deleted: true,
         });
         yes(Notification::Overrun);
+    }
+
+    #[test]
+    fn notifications_matching_the_desired_state_need_no_pass() {
+        let s = settings();
+        let devs = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        let ls: Vec<Arc<Lease>> = leases().into_iter().map(Arc::new).collect();
+        let idx = DesiredIndex::build(
+            &s.recipe(IpFamily::V4, Some(4)),
+            ls.iter().map(|l| &**l),
+            Some(&s.own),
+            IpFamily::V4,
+            SystemTime::now(),
+        );
+        let index = PerFamily {
+            v4: Some(idx.clone()),
+            v6: None,
+        };
+        let want = idx.desired();
+        let needs =
+            |n: Notification| is_relevant(&n, &s, devs) && !matches_desired(&n, &s, devs, &index);
+        let route = want.routes[0].clone();
+        let neigh = want.neighbours[0].clone();
+        let fdb = want.fdb[0].clone();
+        // Echoes of our own writes: nothing to do.
+        assert!(!needs(Notification::Route {
+            dst: route.dst,
+            deleted: false,
+            route: Some(route.clone()),
+        }));
+        assert!(!needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: false,
+            dst: Some(fdb.dst),
+        }));
+        assert!(!needs(Notification::Neighbour {
+            ifindex: 4,
+            ip: neigh.ip,
+            deleted: false,
+            mac: Some(neigh.mac),
+            permanent: true,
+        }));
+        // Our deletions of stale objects: nothing to do.
+        let stale = Route {
+            dst: "10.244.9.0/24".parse().unwrap(),
+            gateway: Some("10.244.9.0".parse().unwrap()),
+            oif: 4,
+            onlink: true,
+        };
+        assert!(!needs(Notification::Route {
+            dst: stale.dst,
+            deleted: true,
+            route: Some(stale.clone()),
+        }));
+        // A route to our own subnet (cni0's) is not ours either way.
+        let cni0 = Route {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            gateway: None,
+            oif: 7,
+            onlink: false,
+        };
+        assert!(!needs(Notification::Route {
+            dst: cni0.dst,
+            deleted: false,
+            route: Some(cni0),
+        }));
+        // Someone deleted or changed what we want, or added what we do not:
+        // a pass.
+        assert!(needs(Notification::Route {
+            dst: route.dst,
+            deleted: true,
+            route: Some(route.clone()),
+        }));
+        assert!(needs(Notification::Route {
+            dst: stale.dst,
+            deleted: false,
+            route: Some(stale),
+        }));
+        let mut moved = route.clone();
+        moved.gateway = Some("10.244.2.9".parse().unwrap());
+        assert!(needs(Notification::Route {
+            dst: moved.dst,
+            deleted: false,
+            route: Some(moved),
+        }));
+        assert!(needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: true,
+            dst: Some(fdb.dst),
+        }));
+        assert!(needs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: false,
+            dst: Some("172.16.1.99".parse().unwrap()),
+        }));
+        assert!(needs(Notification::Neighbour {
+            ifindex: 4,
+            ip: neigh.ip,
+            deleted: false,
+            mac: Some(neigh.mac),
+            permanent: false,
+        }));
+        // A blackhole (no Route): the pass decides.
+        assert!(needs(Notification::Route {
+            dst: "10.244.1.0/24".parse().unwrap(),
+            deleted: true,
+            route: None,
+        }));
+        // Without an index (no full pass yet) everything of ours counts.
+        assert!(!matches_desired(
+            &Notification::Route {
+                dst: route.dst,
+                deleted: false,
+                route: Some(route),
+            },
+            &s,
+            devs,
+            &PerFamily::default()
+        ));
     }
 
     fn dual_settings(direct_routing: bool) -> Settings {
@@ -1339,6 +1767,7 @@ mod tests {
         let route = |dst: &str| Notification::Route {
             dst: dst.parse().unwrap(),
             deleted: true,
+            route: None,
         };
         assert!(is_relevant(&route("fd00:10:244:2::/64"), &s, devs));
         assert!(is_relevant(&route("10.244.2.0/24"), &s, devs));
@@ -1347,7 +1776,9 @@ mod tests {
             &Notification::Neighbour {
                 ifindex: 5,
                 ip: "fd00:10:244:2::".parse().unwrap(),
-                deleted: true
+                deleted: true,
+                mac: None,
+                permanent: false,
             },
             &s,
             devs

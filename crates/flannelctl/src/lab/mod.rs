@@ -29,6 +29,7 @@ mod check; // Lab::check: the connectivity matrix and its expected TTLs
 mod down; // `lab down`: stops the daemons and removes everything of a lab
 mod exec; // `lab exec`: a command inside one of the lab's namespaces
 mod masq; // Lab::check_masq: the source address masqueraded packets carry
+pub mod scale; // `flannelctl bench scale`: control-plane cost at N leases, ours and upstream
 mod status; // `lab status`: nodes, daemons, leases and pods
 mod switch_backend; // Lab::switch_backend: every daemon restarted on another backend
 mod up; // `lab up`: plans, builds and starts a lab

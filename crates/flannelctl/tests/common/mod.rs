@@ -386,7 +386,7 @@ pub fn deletions(lab: &Lab, mons: &mut [(String, Monitor)]) -> Vec<(String, Noti
                     .into_iter()
                     .filter(|n| match n {
                         Notification::Link { index, deleted, .. } => *deleted && *index == ifindex,
-                        Notification::Route { dst, deleted } => {
+                        Notification::Route { dst, deleted, .. } => {
                             *deleted && matches!(dst, IpNet::V4(d) if cluster.contains(d))
                         }
                         Notification::Neighbour {
@@ -432,4 +432,18 @@ pub fn ping_loop(
         }
         (sent, lost)
     })
+}
+
+/// The network namespaces whose names start with `prefix` (`ip netns
+/// list`): what a bench or test run left behind.
+pub fn namespaces_with_prefix(prefix: &str) -> Vec<String> {
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    String::from_utf8_lossy(&netns.stdout)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
 }

@@ -665,9 +665,9 @@ impl Drop for UdpDatapath {
 }
 
 /// The peer table for `leases`.
-pub fn peer_table(
+pub fn peer_table<'l>(
     network: Ipv4Net,
-    leases: &[Lease],
+    leases: impl IntoIterator<Item = &'l Lease>,
     own: &LeaseKey,
     now: SystemTime,
 ) -> PeerTable {
