@@ -900,6 +900,7 @@ impl Store for KubeStore {
         attrs: &LeaseAttrs,
         _previous: Option<LeaseKey>,
         _ttl: Duration,
+        _listed: Option<LeaseSnapshot>,
     ) -> std::result::Result<Lease, AcquireError> {
         self.acquire_node_lease(attrs)
             .await

@@ -114,19 +114,21 @@ pub trait Store: Send + Sync + 'static {
 
     /// Acquires this node's lease with `attrs`. The default is upstream's
     /// order over [`Store::list_leases`] and [`Store::create_lease`]
-    /// ([`acquire_lease`]); the Kubernetes store takes the Node's podCIDR
-    /// instead and publishes `attrs` as annotations.
+    /// ([`acquire_lease_from`], planning first on `listed` when the caller
+    /// has just read the leases); the Kubernetes store takes the Node's
+    /// podCIDR instead and publishes `attrs` as annotations.
     fn acquire(
         &self,
         cfg: &NetConfig,
         attrs: &LeaseAttrs,
         previous: Option<LeaseKey>,
         ttl: Duration,
+        listed: Option<LeaseSnapshot>,
     ) -> impl Future<Output = Result<Lease, AcquireError>> + Send
     where
         Self: Sized,
     {
-        acquire_lease(self, cfg, attrs, previous, ttl)
+        acquire_lease_from(self, cfg, attrs, previous, ttl, listed)
     }
 
     /// What this node published before, for stores that know the node by

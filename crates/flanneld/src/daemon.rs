@@ -629,26 +629,7 @@ async fn run_async<S: Store>(
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
     };
-    let acquire = async {
-        match snapshot {
-            Some(first) => {
-                flannel_store::acquire_lease_from(
-                    &store,
-                    &s.cfg,
-                    &attrs,
-                    s.previous,
-                    flags.lease_ttl(),
-                    Some(first),
-                )
-                .await
-            }
-            None => {
-                store
-                    .acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl())
-                    .await
-            }
-        }
-    };
+    let acquire = store.acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl(), snapshot);
     let Some(own) = signals.during("acquiring a lease", acquire).await? else {
         return Ok(());
     };
@@ -1025,7 +1006,13 @@ impl<S: Store> State<S> {
         let lease = loop {
             match self
                 .store
-                .acquire(&self.s.cfg, &self.attrs, previous, self.flags.lease_ttl())
+                .acquire(
+                    &self.s.cfg,
+                    &self.attrs,
+                    previous,
+                    self.flags.lease_ttl(),
+                    None,
+                )
                 .await
             {
                 Ok(l) => break l,
