@@ -147,6 +147,11 @@ pub fn check_supported(cfg: &NetConfig) -> Result<Backend, DaemonError> {
             }
             Backend::Udp(u.clone())
         }
+        BackendConfig::Wireguard(_) => {
+            return Err(DaemonError::BackendNotImplemented {
+                backend: wire::BACKEND_TYPE_WIREGUARD,
+            })
+        }
     };
     Ok(backend)
 }
