@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
+use crate::backend::wireguard::{self, WgDatapath, WgDeviceSpec};
 use crate::health::DatapathMetrics;
 
 /// How long a burst of netlink notifications is collected before one pass.
@@ -117,6 +118,52 @@ pub enum BackendSettings {
     HostGw,
     /// The TUN device `flannel0` and the userspace datapath (backend/udp.rs).
     Udp(UdpSpec),
+    /// `flannel-wg` / `flannel-wg-v6` and their userspace WireGuard
+    /// datapaths (backend/wireguard.rs).
+    Wireguard(WgSettings),
+}
+
+/// The wireguard backend's devices and what its peer selection needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgSettings {
+    /// One per device (`Mode` separate: one per enabled family).
+    pub devices: Vec<WgDeviceSpec>,
+    /// Our public addresses (`Mode` auto picks peer endpoints with them).
+    pub local: flannel_core::wireguard::LocalAddrs,
+}
+
+impl WgSettings {
+    /// The device carrying `family`.
+    pub fn device_for(&self, family: IpFamily) -> Option<&WgDeviceSpec> {
+        self.devices.iter().find(|d| match d.role {
+            flannel_core::wireguard::DeviceRole::Separate(f) => f == family,
+            flannel_core::wireguard::DeviceRole::Single(_) => d.networks.iter().any(|n| {
+                matches!(
+                    (n, family),
+                    (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+                )
+            }),
+        })
+    }
+
+    /// The peers of `dev` among `leases`.
+    pub fn peers(
+        &self,
+        dev: &WgDeviceSpec,
+        leases: &[Lease],
+        own: &LeaseKey,
+        now: SystemTime,
+    ) -> Vec<flannel_core::wireguard::WgPeer> {
+        flannel_core::wireguard::wireguard_peers(
+            leases,
+            Some(own),
+            Some(&dev.keys.public),
+            dev.role,
+            &self.local,
+            dev.port,
+            now,
+        )
+    }
 }
 
 impl BackendSettings {
@@ -127,7 +174,9 @@ impl BackendSettings {
                 IpFamily::V4 => v4.as_ref(),
                 IpFamily::V6 => v6.as_ref(),
             },
-            BackendSettings::HostGw | BackendSettings::Udp(_) => None,
+            BackendSettings::HostGw | BackendSettings::Udp(_) | BackendSettings::Wireguard(_) => {
+                None
+            }
         }
     }
 }
@@ -240,6 +289,27 @@ impl Settings {
                 peers: flannel_core::udp::udp_peers(leases, Some(&self.own), now).len(),
                 ..Desired::default()
             },
+            // Peers live in the datapath's table too: any route of ours
+            // inside the network is a leftover. A device carrying both
+            // families counts its peers once, under the first.
+            BackendSettings::Wireguard(wg) => {
+                let peers = match wg.device_for(family) {
+                    Some(d)
+                        if wg
+                            .device_for(IpFamily::V4)
+                            .is_some_and(|d4| d4.device == d.device)
+                            && family == IpFamily::V6 =>
+                    {
+                        0
+                    }
+                    Some(d) => wg.peers(d, leases, &self.own, now).len(),
+                    None => 0,
+                };
+                Desired {
+                    peers,
+                    ..Desired::default()
+                }
+            }
         }
     }
 
@@ -248,6 +318,7 @@ impl Settings {
     fn device_name(&self, family: IpFamily) -> Option<&str> {
         match &self.backend {
             BackendSettings::Udp(spec) => (family == IpFamily::V4).then_some(spec.device.as_str()),
+            BackendSettings::Wireguard(wg) => wg.device_for(family).map(|d| d.device.as_str()),
             _ => self
                 .backend
                 .device_spec(family)
@@ -363,6 +434,7 @@ impl Reconciler {
                         ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
                         udp: None,
+                        wireguard: Vec::new(),
                         metrics,
                     }
                     .run(rx);
@@ -458,6 +530,8 @@ struct Worker {
     unreachable: Vec<HostGwPeer>,
     /// The udp backend's running datapath (threads stop when it drops).
     udp: Option<UdpDatapath>,
+    /// The wireguard backend's running datapaths, one per device.
+    wireguard: Vec<WgDatapath>,
     metrics: DatapathMetrics,
 }
 
@@ -522,6 +596,14 @@ impl Worker {
             self.udp = None;
             report.record(udp::remove_udp_leftovers(&mut self.nl));
         }
+        let keep: Vec<String> = match &self.settings.backend {
+            BackendSettings::Wireguard(wg) => wg.devices.iter().map(|d| d.device.clone()).collect(),
+            _ => Vec::new(),
+        };
+        self.wireguard
+            .retain(|dp| keep.iter().any(|k| k == dp.device()));
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        report.record(wireguard::remove_leftovers(&mut self.nl, &keep));
         let mut devices: PerFamily<Option<u32>> = PerFamily::default();
         match &self.settings.backend {
             BackendSettings::Vxlan { .. } => {
@@ -583,6 +665,60 @@ impl Worker {
                         report.errors.push(e.to_string());
                         self.ifindex = PerFamily::default();
                         return report;
+                    }
+                }
+            }
+            BackendSettings::Wireguard(wg) => {
+                report.record(hostgw::remove_vxlan_leftovers(&mut self.nl));
+                let now = SystemTime::now();
+                for spec in &wg.devices {
+                    let at = self
+                        .wireguard
+                        .iter()
+                        .position(|d| d.device() == spec.device);
+                    let mut slot = at.map(|i| self.wireguard.swap_remove(i));
+                    let r = WgDatapath::ensure(&mut slot, &mut self.nl, spec);
+                    if let Some(dp) = slot {
+                        self.wireguard.push(dp);
+                    }
+                    match r {
+                        Ok((ifindex, changes)) => {
+                            report.applied(&changes);
+                            let dp = self
+                                .wireguard
+                                .iter()
+                                .find(|d| d.device() == spec.device)
+                                .expect("ensured");
+                            if dp.set_peers(wg.peers(spec, &self.leases, &self.settings.own, now)) {
+                                let peers: Vec<String> = dp
+                                    .peers()
+                                    .iter()
+                                    .map(|p| {
+                                        let ips: Vec<String> =
+                                            p.allowed_ips.iter().map(|n| n.to_string()).collect();
+                                        format!(
+                                            "{} at {} allowed {}",
+                                            p.public_key,
+                                            p.endpoint,
+                                            ips.join(",")
+                                        )
+                                    })
+                                    .collect();
+                                tracing::info!(device = %spec.device, peers = ?peers, "wireguard peers updated");
+                            }
+                            for f in FAMILIES {
+                                if wg.device_for(f).is_some_and(|d| d.device == spec.device) {
+                                    *devices.get_mut(f) = Some(ifindex);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %spec.device, error = %e, "cannot set up the wireguard datapath; retrying on the next pass");
+                            report.device_error = Some(e.to_string());
+                            report.errors.push(e.to_string());
+                            self.ifindex = PerFamily::default();
+                            return report;
+                        }
                     }
                 }
             }
@@ -796,7 +932,10 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: PerFamily<Option<u32
                     BackendSettings::Udp(spec) => {
                         *name == spec.device || hostgw::may_be_leftover_name(name)
                     }
+                    BackendSettings::Wireguard(_) => hostgw::may_be_leftover_name(name),
                 }
+                // Our wireguard devices, or their leftovers.
+                || wireguard::is_wireguard_device_name(name)
                 // A udp leftover to remove.
                 || (!matches!(s.backend, BackendSettings::Udp(_)) && name == flannel_core::wire::UDP_TUN_DEVICE)
         }
