@@ -23,9 +23,10 @@
 //! ChaCha20-Poly1305 transport) is boringtun's (`boringtun::noise`), one
 //! `Tunn` per peer. The packet path is the udp backend's:
 //! - the device is multi-queue with offloads: one read returns a 64 KiB
-//!   TCP super-packet, split at MTU stride (tun-rs); received packets are
-//!   coalesced back into super-packets before they are written (tun-rs's
-//!   GRO table), IPv4 and IPv6;
+//!   TCP super-packet, split at MTU stride (tun-rs); received IPv4 TCP
+//!   segments of a flow are written back as one super-packet straight from
+//!   where they were decrypted (the udp backend's coalescer), anything else
+//!   on its own;
 //! - the packets of one read that go to one peer are encrypted under one
 //!   lock of its `Tunn`, back to back at a fixed stride, and leave in one
 //!   UDP GSO `sendmsg`; receiving is `recvmmsg` with UDP GRO (quinn-udp),
@@ -84,11 +85,11 @@ use flannel_core::wireguard::{
 use flannel_netlink::{Link, Netlink};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::fastpath::{
-    device_gone, open_tun, queue_count, udp_socket, wait_ready, write_stats, RateLimited,
-    SharedCounters, SocketError, TunError, IDLE_POLL,
+    device_gone, open_tun, queue_count, udp_socket, wait_ready, write_stats, Coalescer,
+    RateLimited, SharedCounters, SocketError, TunError, IDLE_POLL,
 };
 
 /// The backend's `Type` and lease `BackendType`.
@@ -105,8 +106,6 @@ const GSO_MAX_BYTES: usize = 65_507;
 const RX_SLOTS: usize = 32;
 /// Bytes per receive buffer: the largest UDP GRO aggregate.
 const RX_SLOT_BYTES: usize = 65_536;
-/// Packets written to the device per batch.
-const TUN_WRITE_SLOTS: usize = 128;
 /// How often every peer's WireGuard timers run (handshake retries,
 /// keepalives, rekeying); boringtun's own device uses 250 ms.
 const TIMER_TICK: Duration = Duration::from_millis(100);
@@ -1347,31 +1346,30 @@ fn flow_hash(p: &[u8]) -> u32 {
 }
 
 /// Peers -> device for one queue.
+///
+/// Each data message is decrypted into the next free part of one buffer,
+/// and with offloads the decrypted TCP segments of a flow are written as
+/// one super-packet straight from there (see [`Coalescer`]): nothing is
+/// copied after the decryption and nothing allocated.
 struct Ingress {
     rx: Vec<Vec<u8>>,
     meta: Vec<RecvMeta>,
-    wbufs: Vec<Vec<u8>>,
+    /// Plaintext of one batch (never more than the batch's ciphertext).
+    plain: Vec<u8>,
     control: Vec<u8>,
-    gro: GROTable,
     warn: RateLimited,
-    offset: usize,
+    offload: bool,
 }
 
 impl Ingress {
     fn new(dev: &SyncDevice) -> Ingress {
-        // With offloads every write carries a virtio header first.
-        let offset = if dev.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
         Ingress {
             rx: (0..RX_SLOTS).map(|_| vec![0u8; RX_SLOT_BYTES]).collect(),
             meta: vec![RecvMeta::default(); RX_SLOTS],
-            // Each write buffer can grow to a coalesced 64 KiB super-packet.
-            wbufs: (0..TUN_WRITE_SLOTS)
-                .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
-                .collect(),
+            plain: vec![0u8; RX_SLOTS * RX_SLOT_BYTES],
             control: vec![0u8; CONTROL_BYTES],
-            gro: GROTable::default(),
             warn: RateLimited::default(),
-            offset,
+            offload: dev.tcp_gso(),
         }
     }
 
@@ -1387,13 +1385,11 @@ impl Ingress {
         let Ingress {
             rx,
             meta,
-            wbufs,
+            plain,
             control,
-            gro,
             warn,
-            offset,
+            offload,
         } = self;
-        let offset = *offset;
         let got = {
             let mut it = rx.iter_mut();
             let mut iovs: [IoSliceMut<'_>; RX_SLOTS] =
@@ -1414,7 +1410,8 @@ impl Ingress {
         };
         let table = sh.table.load();
         let mut c = Counters::default();
-        let mut w = 0;
+        let mut co = Coalescer::new();
+        let mut rest: &mut [u8] = &mut plain[..];
         // The peer whose lock is held across consecutive data messages.
         let mut held: Option<(usize, MutexGuard<'_, Tunn>)> = None;
         for mi in 0..msgs {
@@ -1422,74 +1419,97 @@ impl Ingress {
             let from = canonical(m.addr);
             let stride = m.stride.max(1);
             for d in rx[mi][..m.len].chunks(stride) {
-                if d.len() >= 16 && d[0] == 4 && d[1..4] == [0, 0, 0] {
-                    let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
-                    let Some(pos) = table
-                        .by_index
-                        .binary_search_by_key(&(idx >> 8), |e| e.0)
-                        .ok()
-                    else {
-                        c.dropped_invalid += 1;
-                        continue;
-                    };
-                    let ei = table.by_index[pos].1;
-                    let e = &table.entries[ei];
-                    if held.as_ref().is_none_or(|(h, _)| *h != ei) {
-                        // One lock at a time: release the previous peer's first.
-                        drop(held.take());
-                        held = Some((ei, e.peer.lock()));
-                    }
-                    let t = &mut held.as_mut().expect("held").1;
-                    let b = &mut wbufs[w];
-                    b.clear();
-                    b.resize(offset + d.len(), 0);
-                    let len = match t.decapsulate(Some(from.ip()), d, &mut b[offset..]) {
-                        TunnResult::WriteToTunnelV4(p, src)
-                            if allows(&e.spec.allowed_ips, src.into()) =>
-                        {
-                            p.len()
-                        }
-                        TunnResult::WriteToTunnelV6(p, src)
-                            if allows(&e.spec.allowed_ips, src.into()) =>
-                        {
-                            p.len()
-                        }
-                        TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
-                            c.dropped_not_allowed += 1;
-                            continue;
-                        }
-                        // A keepalive.
-                        TunnResult::Done => continue,
-                        TunnResult::WriteToNetwork(msg) => {
-                            sh.send_control(from, msg, &mut c);
-                            continue;
-                        }
-                        TunnResult::Err(_) => {
-                            c.dropped_invalid += 1;
-                            continue;
-                        }
-                    };
-                    b.truncate(offset + len);
-                    c.rx_packets += 1;
-                    c.rx_bytes += len as u64;
-                    w += 1;
-                    if w == TUN_WRITE_SLOTS {
-                        flush(dev, gro, &mut wbufs[..w], offset, sh, &mut c, warn)?;
-                        w = 0;
-                    }
-                } else {
+                if !(d.len() >= 16 && d[0] == 4 && d[1..4] == [0, 0, 0]) {
                     drop(held.take());
                     handshake(control, &table, d, from, sh, &mut c);
+                    continue;
+                }
+                let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+                let Some(pos) = table
+                    .by_index
+                    .binary_search_by_key(&(idx >> 8), |e| e.0)
+                    .ok()
+                else {
+                    c.dropped_invalid += 1;
+                    continue;
+                };
+                let ei = table.by_index[pos].1;
+                let e = &table.entries[ei];
+                if held.as_ref().is_none_or(|(h, _)| *h != ei) {
+                    // One lock at a time: release the previous peer's first.
+                    drop(held.take());
+                    held = Some((ei, e.peer.lock()));
+                }
+                let t = &mut held.as_mut().expect("held").1;
+                // The plaintext is shorter than the message: it fits.
+                let (cur, tail) = std::mem::take(&mut rest).split_at_mut(d.len());
+                rest = tail;
+                let p: &[u8] = match t.decapsulate(Some(from.ip()), d, cur) {
+                    TunnResult::WriteToTunnelV4(p, src)
+                        if allows(&e.spec.allowed_ips, src.into()) =>
+                    {
+                        p
+                    }
+                    TunnResult::WriteToTunnelV6(p, src)
+                        if allows(&e.spec.allowed_ips, src.into()) =>
+                    {
+                        p
+                    }
+                    TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                        c.dropped_not_allowed += 1;
+                        continue;
+                    }
+                    // A keepalive.
+                    TunnResult::Done => continue,
+                    TunnResult::WriteToNetwork(msg) => {
+                        sh.send_control(from, msg, &mut c);
+                        continue;
+                    }
+                    TunnResult::Err(_) => {
+                        c.dropped_invalid += 1;
+                        continue;
+                    }
+                };
+                c.rx_packets += 1;
+                c.rx_bytes += p.len() as u64;
+                let r = if *offload {
+                    co.push(dev, p, &mut c.tun_write_errors)
+                } else {
+                    dev.send(p).map(drop).or_else(|e| {
+                        if device_gone(&e) {
+                            return Err(e);
+                        }
+                        c.tun_write_errors += 1;
+                        Ok(())
+                    })
+                };
+                if let Err(e) = r {
+                    return Err(gone(sh, &mut c, &e));
                 }
             }
         }
         drop(held);
-        if w > 0 {
-            flush(dev, gro, &mut wbufs[..w], offset, sh, &mut c, warn)?;
+        if let Err(e) = co.flush(dev, &mut c.tun_write_errors) {
+            return Err(gone(sh, &mut c, &e));
+        }
+        if c.tun_write_errors > 0 && warn.ready() {
+            tracing::warn!(
+                errors = c.tun_write_errors,
+                "wireguard ingress: writing to the TUN device failed"
+            );
         }
         sh.add(&mut c);
         Ok(true)
     }
+}
+
+/// The device is gone under the ingress path: counts what was done and
+/// marks the datapath failed (the next pass restarts it).
+fn gone(sh: &Shared, c: &mut Counters, e: &io::Error) -> Stopped {
+    sh.add(c);
+    tracing::warn!(error = %e, "wireguard ingress: the TUN device is gone; the next pass recreates it");
+    sh.failed.store(true, Ordering::Relaxed);
+    Stopped
 }
 
 /// A handshake initiation (the peer found by its static key, decrypted
@@ -1540,46 +1560,6 @@ fn handshake(
         c.tx_packets += 1;
         c.tx_bytes += msg.len().saturating_sub(DATA_OVERHEAD) as u64;
         sh.send_control(e.spec.endpoint, msg, c);
-    }
-}
-
-/// Writes the first `w` write buffers to the device (TCP and UDP
-/// segments coalesced by tun-rs when offloads are on).
-fn flush(
-    dev: &SyncDevice,
-    gro: &mut GROTable,
-    bufs: &mut [Vec<u8>],
-    offset: usize,
-    sh: &Shared,
-    c: &mut Counters,
-    warn: &mut RateLimited,
-) -> Result<(), Stopped> {
-    let r = if offset > 0 {
-        dev.send_multiple(gro, bufs, offset)
-    } else {
-        let mut r = Ok(0);
-        for b in bufs.iter() {
-            if let Err(e) = dev.send(b) {
-                r = Err(e);
-            }
-        }
-        r
-    };
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) if device_gone(&e) => {
-            sh.add(c);
-            tracing::warn!(error = %e, "wireguard ingress: the TUN device is gone; the next pass recreates it");
-            sh.failed.store(true, Ordering::Relaxed);
-            Err(Stopped)
-        }
-        Err(e) => {
-            c.tun_write_errors += 1;
-            if warn.ready() {
-                tracing::warn!(error = %e, "wireguard ingress: writing to the TUN device failed");
-            }
-            Ok(())
-        }
     }
 }
 
