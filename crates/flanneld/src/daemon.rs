@@ -1158,6 +1158,17 @@ mod tests {
         ] {
             check_supported(&config::parse(cfg).unwrap()).unwrap();
         }
+        // wireguard: every family, every Mode.
+        for cfg in [
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#,
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#,
+        ] {
+            assert!(matches!(
+                check_supported(&config::parse(cfg).unwrap()).unwrap(),
+                Backend::Wireguard(_)
+            ));
+        }
         let b = check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
         assert_eq!(
             b,
@@ -1190,6 +1201,17 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1300}}"#
             ),
             (1300, 1300, 1300)
+        );
+        // wireguard: 80 bytes in both families, as upstream; its MTU is the underlay's.
+        assert_eq!(
+            mtu(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#
+            ),
+            (1420, 1420, 1420)
+        );
+        assert_eq!(
+            mtu(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","MTU":1400}}"#).0,
+            1320
         );
         // host-gw: no overhead in either family.
         assert_eq!(

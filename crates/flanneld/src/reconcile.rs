@@ -1239,6 +1239,103 @@ mod tests {
         yes(Notification::Overrun);
     }
 
+    fn wg_settings(mode: flannel_core::config::WireguardMode) -> Settings {
+        use crate::backend::wireguard::{device_specs, public_key, KeyPair};
+        use flannel_core::wireguard::SecretKey;
+        let private = SecretKey(
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+                .parse()
+                .unwrap(),
+        );
+        let keys = KeyPair {
+            public: public_key(&private),
+            private,
+        };
+        let cfg = flannel_core::config::WireguardConfig {
+            mode,
+            ..Default::default()
+        };
+        let mut s = dual_settings(false);
+        s.backend = BackendSettings::Wireguard(WgSettings {
+            devices: device_specs(
+                &cfg,
+                s.own.ipv4,
+                s.own.ipv6,
+                s.network,
+                s.ipv6_network,
+                1420,
+                &keys,
+                None,
+            ),
+            local: Default::default(),
+        });
+        s
+    }
+
+    #[test]
+    fn wireguard_counts_peers_per_device_and_owns_no_route_inside_the_network() {
+        use flannel_core::config::WireguardMode;
+        let key = |k: &str| k.parse::<flannel_core::wireguard::WgKey>().unwrap();
+        let lease = |subnets: &str, ip: &str, ip6: &str, k: &str| Lease {
+            key: subnets.parse().unwrap(),
+            attrs: flannel_core::wireguard::lease_attrs(
+                Some(ip.parse().unwrap()),
+                Some(ip6.parse().unwrap()),
+                &key(k),
+                Some(51820),
+                Some(51821),
+            ),
+            expiration: None,
+        };
+        let ls = vec![
+            lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+                "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=",
+            ),
+            lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "172.16.1.3",
+                "fd00:1::3",
+                "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+            ),
+        ];
+        let now = SystemTime::now();
+        let sep = wg_settings(WireguardMode::Separate);
+        assert_eq!(sep.device_name(IpFamily::V4), Some("flannel-wg"));
+        assert_eq!(sep.device_name(IpFamily::V6), Some("flannel-wg-v6"));
+        let (v4, v6) = (
+            sep.desired(IpFamily::V4, Some(7), &ls, now),
+            sep.desired(IpFamily::V6, Some(8), &ls, now),
+        );
+        assert_eq!((v4.peers, v6.peers), (2, 2));
+        assert!(
+            v4.state.is_empty() && v6.state.is_empty(),
+            "peers live in the datapath"
+        );
+        // One device for both families: its peers are counted once.
+        let auto = wg_settings(WireguardMode::Auto);
+        assert_eq!(auto.device_name(IpFamily::V6), Some("flannel-wg"));
+        let (v4, v6) = (
+            auto.desired(IpFamily::V4, Some(7), &ls, now),
+            auto.desired(IpFamily::V6, Some(7), &ls, now),
+        );
+        assert_eq!((v4.peers, v6.peers), (2, 0));
+        // Our devices and their leftovers are watched, with every backend.
+        for s in [&sep, &settings(), &host_gw_settings()] {
+            assert!(is_relevant(
+                &Notification::Link {
+                    index: 99,
+                    name: "flannel-wg-v6".into(),
+                    deleted: true
+                },
+                s,
+                PerFamily::default()
+            ));
+        }
+    }
+
     fn dual_settings(direct_routing: bool) -> Settings {
         let mut s = settings();
         let v4 = s.backend.device_spec(IpFamily::V4).cloned();
