@@ -232,6 +232,97 @@ impl RateLimited {
     }
 }
 
+/// Packets one egress batch holds (tun-rs's ideal batch is 128).
+pub const TX_SLOTS: usize = 256;
+/// A TUN read is attempted only while this many slots are free: a 64 KiB
+/// super-packet with a small MSS splits into up to this many packets.
+pub const TX_READ_ROOM: usize = 128;
+
+/// A sending socket (its own ephemeral port) and its quinn-udp state.
+pub struct TxSocket {
+    pub sock: UdpSocket,
+    pub state: quinn_udp::UdpSocketState,
+}
+
+impl TxSocket {
+    /// Sends `t` (one datagram, or a GSO train of them): waits while the
+    /// socket's buffer is full unless `stop` is set (then it is dropped),
+    /// retries on EINTR; any other error is returned.
+    pub fn send(
+        &self,
+        t: &quinn_udp::Transmit<'_>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> io::Result<()> {
+        loop {
+            match self
+                .state
+                .try_send(quinn_udp::UdpSockRef::from(&self.sock), t)
+            {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    wait_ready(&self.sock, nix::poll::PollFlags::POLLOUT);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reads what a TUN queue holds into `packets` at stride `slot` (their
+/// lengths into `sizes`), from packet `*n` on, while [`TX_READ_ROOM`]
+/// slots are free: with offloads a TSO super-packet is split into
+/// MTU-sized packets (tun-rs), which then lie back to back. Stops when the
+/// queue is empty. A packet tun-rs cannot split (odd GSO metadata, larger
+/// than the MTU) is dropped and counted in `invalid` (logged at most every
+/// ten seconds, `what` naming the datapath). An error means the device is gone.
+#[allow(clippy::too_many_arguments)]
+pub fn read_batch(
+    dev: &SyncDevice,
+    offload: bool,
+    raw: &mut [u8],
+    packets: &mut [u8],
+    sizes: &mut [usize],
+    slot: usize,
+    n: &mut usize,
+    invalid: &mut u64,
+    warn: &mut RateLimited,
+    what: &str,
+) -> io::Result<()> {
+    while *n + TX_READ_ROOM <= sizes.len() {
+        let at = *n;
+        let r = {
+            let mut it = packets[at * slot..].chunks_exact_mut(slot);
+            let mut bufs: [&mut [u8]; TX_READ_ROOM] =
+                std::array::from_fn(|_| it.next().expect("room checked"));
+            if offload {
+                dev.recv_multiple(raw, &mut bufs, &mut sizes[at..at + TX_READ_ROOM], 0)
+            } else {
+                dev.recv(bufs[0]).map(|len| {
+                    sizes[at] = len;
+                    1
+                })
+            }
+        };
+        match r {
+            Ok(k) => *n += k,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if device_gone(&e) => return Err(e),
+            Err(e) => {
+                *invalid += 1;
+                if warn.ready() {
+                    tracing::warn!(error = %e, "{what} egress: dropped a packet read from the TUN device");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `c` as JSON to `path`, atomically (a temporary file renamed).
 pub fn write_stats<T: serde::Serialize>(path: &std::path::Path, c: &T) -> io::Result<()> {
     if let Some(dir) = path.parent() {

@@ -68,8 +68,8 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::fastpath::{
-    device_gone, open_tun, queue_count, udp_socket, wait_ready, write_stats, Coalescer,
-    RateLimited, SharedCounters, SocketError, TunError, IDLE_POLL,
+    device_gone, open_tun, queue_count, read_batch, udp_socket, write_stats, Coalescer,
+    RateLimited, SharedCounters, SocketError, TunError, TxSocket, IDLE_POLL, TX_SLOTS,
 };
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
@@ -91,11 +91,6 @@ pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 /// (`/run/flannel/udp-stats.json`).
 pub const STATS_FILE_NAME: &str = "udp-stats.json";
 
-/// Packets one egress batch holds (tun-rs's ideal batch is 128).
-const TX_SLOTS: usize = 256;
-/// A read is attempted only while this many slots are free: a 64 KiB
-/// super-packet with a small MSS splits into up to this many packets.
-const TX_READ_ROOM: usize = 128;
 /// Largest UDP payload a GSO send may carry in total (64 KiB less the
 /// outer IPv4 and UDP headers).
 const GSO_MAX_BYTES: usize = 65_507;
@@ -573,12 +568,6 @@ pub fn peer_table(
     PeerTable::from_leases(network, leases, Some(own), now)
 }
 
-/// A sending socket (its own ephemeral port) and its quinn-udp state.
-struct TxSocket {
-    sock: UdpSocket,
-    state: UdpSocketState,
-}
-
 /// One queue's thread: both directions of `dev`'s queue.
 ///
 /// One thread per queue carries both directions on purpose: the kernel's
@@ -691,45 +680,30 @@ impl TunToUdp {
     fn pump(&mut self, dev: &SyncDevice, tx: &[TxSocket], sh: &Shared) -> Result<bool, Stopped> {
         let slot = self.slot;
         let mut n = 0;
-        while n + TX_READ_ROOM <= TX_SLOTS {
-            let r = {
-                let mut it = self.packets[n * slot..].chunks_exact_mut(slot);
-                let mut bufs: [&mut [u8]; TX_READ_ROOM] =
-                    std::array::from_fn(|_| it.next().expect("room checked"));
-                if self.offload {
-                    dev.recv_multiple(
-                        &mut self.raw,
-                        &mut bufs,
-                        &mut self.sizes[n..n + TX_READ_ROOM],
-                        0,
-                    )
-                } else {
-                    dev.recv(bufs[0]).map(|len| {
-                        self.sizes[n] = len;
-                        1
-                    })
-                }
+        let mut invalid = 0;
+        let r = read_batch(
+            dev,
+            self.offload,
+            &mut self.raw,
+            &mut self.packets,
+            &mut self.sizes,
+            slot,
+            &mut n,
+            &mut invalid,
+            &mut self.warn,
+            "udp",
+        );
+        if invalid > 0 {
+            let c = Counters {
+                dropped_tun_invalid: invalid,
+                ..Counters::default()
             };
-            match r {
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if device_gone(&e) => {
-                    tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
-                    sh.failed.store(true, Ordering::Relaxed);
-                    return Err(Stopped);
-                }
-                Err(e) => {
-                    // A packet tun-rs could not split (odd GSO metadata) or
-                    // larger than the MTU: dropped.
-                    let mut c = Counters::default();
-                    c.dropped_tun_invalid += 1;
-                    sh.counters.add(c.to_array());
-                    if self.warn.ready() {
-                        tracing::warn!(error = %e, "udp egress: dropped a packet read from the TUN device");
-                    }
-                }
-            }
+            sh.counters.add(c.to_array());
+        }
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
+            sh.failed.store(true, Ordering::Relaxed);
+            return Err(Stopped);
         }
         if n == 0 {
             return Ok(false);
@@ -853,26 +827,13 @@ impl Group {
             segment_size: (self.count > 1).then_some(slot),
             src_ip: None,
         };
-        loop {
-            match tx.state.try_send(UdpSockRef::from(&tx.sock), &t) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if sh.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    wait_ready(&tx.sock, nix::poll::PollFlags::POLLOUT);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let n = self.count as u64;
-                    c.send_errors += n;
-                    c.tx_packets = c.tx_packets.saturating_sub(n);
-                    c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
-                    if warn.ready() {
-                        tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
-                    }
-                    return;
-                }
+        if let Err(e) = tx.send(&t, &sh.stop) {
+            let n = self.count as u64;
+            c.send_errors += n;
+            c.tx_packets = c.tx_packets.saturating_sub(n);
+            c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
+            if warn.ready() {
+                tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
             }
         }
     }

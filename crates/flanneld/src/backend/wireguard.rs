@@ -88,18 +88,13 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::fastpath::{
-    device_gone, open_tun, queue_count, udp_socket, wait_ready, write_stats, Coalescer,
-    RateLimited, SharedCounters, SocketError, TunError, IDLE_POLL,
+    device_gone, open_tun, queue_count, read_batch, udp_socket, write_stats, Coalescer,
+    RateLimited, SharedCounters, SocketError, TunError, TxSocket, IDLE_POLL, TX_SLOTS,
 };
 
 /// The backend's `Type` and lease `BackendType`.
 pub const BACKEND_TYPE: &str = wire::BACKEND_TYPE_WIREGUARD;
 
-/// Packets one egress batch holds.
-const TX_SLOTS: usize = 256;
-/// A read is attempted only while this many slots are free (a 64 KiB
-/// super-packet with a small MSS splits into up to this many packets).
-const TX_READ_ROOM: usize = 128;
 /// Largest UDP payload one GSO send carries in total.
 const GSO_MAX_BYTES: usize = 65_507;
 /// Datagram buffers per `recvmmsg`.
@@ -109,8 +104,9 @@ const RX_SLOT_BYTES: usize = 65_536;
 /// How often every peer's WireGuard timers run (handshake retries,
 /// keepalives, rekeying); boringtun's own device uses 250 ms.
 const TIMER_TICK: Duration = Duration::from_millis(100);
-/// Handshakes per second before boringtun asks for cookies (under load).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Handshake messages per second (each is counted twice: our MAC1 check
+/// and the peer's `Tunn`) before boringtun asks for cookies (under load).
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
 /// How often the stats file is refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// Scratch for handshake messages and queued packets: a whole packet plus
@@ -659,13 +655,6 @@ impl std::fmt::Debug for CountersReader {
 // ---------------------------------------------------------------------------
 // The datapath
 
-/// A sending socket (its own ephemeral port) and its quinn-udp state; its
-/// queue's thread also reads it (peers answer to the port they saw).
-struct TxSocket {
-    sock: UdpSocket,
-    state: UdpSocketState,
-}
-
 /// One device's running datapath: the TUN queues, the sockets, the
 /// threads. Dropping it stops and joins the threads; the device
 /// (persistent) stays.
@@ -1065,6 +1054,13 @@ fn queue_loop(
         }
     };
     let mut inn = Ingress::new(dev);
+    // The ephemeral socket only hears from peers that answer to the port
+    // they saw (the kernel's and wireguard-go, not flannel-rs's, which send
+    // to ListenPort): it is read when poll says so, and every
+    // EPHEMERAL_EVERY rounds of a busy loop, saving a syscall a round.
+    const EPHEMERAL_EVERY: u32 = 16;
+    let mut round = 0u32;
+    let mut ephemeral_ready = false;
     while !sh.stop.load(Ordering::Relaxed) {
         let Ok(sent) = out.pump(dev, tx, sh) else {
             return;
@@ -1072,9 +1068,15 @@ fn queue_loop(
         let Ok(r1) = inn.pump(dev, rx, &rx_state, sh) else {
             return;
         };
-        let Ok(r2) = inn.pump(dev, &tx[q].sock, &tx[q].state, sh) else {
-            return;
-        };
+        round = round.wrapping_add(1);
+        let mut r2 = false;
+        if ephemeral_ready || round.is_multiple_of(EPHEMERAL_EVERY) {
+            let Ok(r) = inn.pump(dev, &tx[q].sock, &tx[q].state, sh) else {
+                return;
+            };
+            r2 = r;
+            ephemeral_ready = r;
+        }
         if !sent && !r1 && !r2 {
             use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
             let mut fds = [
@@ -1083,6 +1085,9 @@ fn queue_loop(
                 PollFd::new(tx[q].sock.as_fd(), PollFlags::POLLIN),
             ];
             let _ = poll(&mut fds, PollTimeout::from(IDLE_POLL.as_millis() as u16));
+            ephemeral_ready = fds[2]
+                .revents()
+                .is_some_and(|r| r.contains(PollFlags::POLLIN));
         }
     }
 }
@@ -1142,41 +1147,23 @@ impl Egress {
         let slot = self.slot;
         let mut n = 0;
         let mut c = Counters::default();
-        while n + TX_READ_ROOM <= TX_SLOTS {
-            let r = {
-                let mut it = self.plain[n * slot..].chunks_exact_mut(slot);
-                let mut bufs: [&mut [u8]; TX_READ_ROOM] =
-                    std::array::from_fn(|_| it.next().expect("room checked"));
-                if dev.tcp_gso() {
-                    dev.recv_multiple(
-                        &mut self.raw,
-                        &mut bufs,
-                        &mut self.sizes[n..n + TX_READ_ROOM],
-                        0,
-                    )
-                } else {
-                    dev.recv(bufs[0]).map(|len| {
-                        self.sizes[n] = len;
-                        1
-                    })
-                }
-            };
-            match r {
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if device_gone(&e) => {
-                    tracing::warn!(error = %e, "wireguard egress: the TUN device is gone; the next pass recreates it");
-                    sh.failed.store(true, Ordering::Relaxed);
-                    return Err(Stopped);
-                }
-                Err(e) => {
-                    c.dropped_tun_invalid += 1;
-                    if self.warn.ready() {
-                        tracing::warn!(error = %e, "wireguard egress: dropped a packet read from the TUN device");
-                    }
-                }
-            }
+        let r = read_batch(
+            dev,
+            dev.tcp_gso(),
+            &mut self.raw,
+            &mut self.plain,
+            &mut self.sizes,
+            slot,
+            &mut n,
+            &mut c.dropped_tun_invalid,
+            &mut self.warn,
+            "wireguard",
+        );
+        if let Err(e) = r {
+            sh.add(&mut c);
+            tracing::warn!(error = %e, "wireguard egress: the TUN device is gone; the next pass recreates it");
+            sh.failed.store(true, Ordering::Relaxed);
+            return Err(Stopped);
         }
         if n == 0 {
             sh.add(&mut c);
@@ -1288,25 +1275,12 @@ impl Egress {
             segment_size: (data > 1).then_some(cslot),
             src_ip: None,
         };
-        loop {
-            match sock.state.try_send(UdpSockRef::from(&sock.sock), &t) {
-                Ok(()) => return,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    if sh.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    wait_ready(&sock.sock, nix::poll::PollFlags::POLLOUT);
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => {
-                    c.send_errors += data as u64;
-                    c.tx_packets = c.tx_packets.saturating_sub(data as u64);
-                    c.tx_bytes = c.tx_bytes.saturating_sub(plain_bytes);
-                    if self.warn.ready() {
-                        tracing::warn!(peer = %e.spec.endpoint, error = %err, packets = data, "wireguard egress: send failed");
-                    }
-                    return;
-                }
+        if let Err(err) = sock.send(&t, &sh.stop) {
+            c.send_errors += data as u64;
+            c.tx_packets = c.tx_packets.saturating_sub(data as u64);
+            c.tx_bytes = c.tx_bytes.saturating_sub(plain_bytes);
+            if self.warn.ready() {
+                tracing::warn!(peer = %e.spec.endpoint, error = %err, packets = data, "wireguard egress: send failed");
             }
         }
     }
@@ -1524,16 +1498,27 @@ fn handshake(
     sh: &Shared,
     c: &mut Counters,
 ) {
-    let entry = match Tunn::parse_incoming_packet(d) {
-        Ok(Packet::HandshakeInit(init)) => {
-            match parse_handshake_anon(&sh.secret, &sh.public, &init) {
-                Ok(half) => table.by_key(&WgKey(half.peer_static_public)),
-                Err(_) => None,
-            }
+    // MAC1 first (cheap; and under load a cookie reply instead of the
+    // Diffie-Hellman work), as WireGuard does before anything else.
+    let packet = match sh.rate_limiter.verify_packet(Some(from.ip()), d, control) {
+        Ok(p) => p,
+        Err(TunnResult::WriteToNetwork(reply)) => {
+            sh.send_control(from, reply, c);
+            return;
         }
-        Ok(Packet::HandshakeResponse(r)) => table.by_index(r.receiver_idx),
-        Ok(Packet::PacketCookieReply(r)) => table.by_index(r.receiver_idx),
-        _ => None,
+        Err(_) => {
+            c.dropped_invalid += 1;
+            return;
+        }
+    };
+    let entry = match packet {
+        Packet::HandshakeInit(init) => match parse_handshake_anon(&sh.secret, &sh.public, &init) {
+            Ok(half) => table.by_key(&WgKey(half.peer_static_public)),
+            Err(_) => None,
+        },
+        Packet::HandshakeResponse(r) => table.by_index(r.receiver_idx),
+        Packet::PacketCookieReply(r) => table.by_index(r.receiver_idx),
+        Packet::PacketData(_) => None,
     };
     let Some(e) = entry else {
         c.dropped_invalid += 1;
