@@ -629,29 +629,6 @@ impl Shared {
     }
 }
 
-/// Reads a running datapath's counters from any thread (the metrics
-/// endpoint) from the same relaxed atomics the stats file is written from.
-#[derive(Clone)]
-pub struct CountersReader {
-    base: Counters,
-    shared: Arc<Shared>,
-}
-
-impl CountersReader {
-    /// The counters now.
-    pub fn read(&self) -> Counters {
-        let mut c = self.base;
-        c.add(&self.shared.counters_now());
-        c
-    }
-}
-
-impl std::fmt::Debug for CountersReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("CountersReader").field(&self.read()).finish()
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The datapath
 
@@ -818,14 +795,6 @@ impl WgDatapath {
         let mut c = self.base;
         c.add(&self.shared.counters_now());
         c
-    }
-
-    /// A handle reading [`WgDatapath::counters`] from another thread.
-    pub fn counters_reader(&self) -> CountersReader {
-        CountersReader {
-            base: self.base,
-            shared: self.shared.clone(),
-        }
     }
 
     /// Swaps in the peer set; returns whether it changed. Peers whose key
