@@ -25,6 +25,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Map, Value};
 
 use crate::wire;
+use crate::wireguard::{SecretKey, WgKey};
 
 /// A validated net-conf.json with every default filled in.
 ///
@@ -68,6 +69,57 @@ pub enum BackendConfig {
     HostGw,
     /// `"Type": "udp"`: TUN device `flannel0`, userspace encapsulation.
     Udp(UdpConfig),
+    /// `"Type": "wireguard"`: devices `flannel-wg` / `flannel-wg-v6`,
+    /// encrypted WireGuard tunnels between nodes.
+    Wireguard(WireguardConfig),
+}
+
+/// wireguard `Mode`: which device carries which family, and which address
+/// of a peer is its endpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WireguardMode {
+    /// `separate` (default): `flannel-wg` for IPv4 over IPv4 endpoints,
+    /// `flannel-wg-v6` for IPv6 over IPv6 endpoints.
+    #[default]
+    Separate,
+    /// `auto`: `flannel-wg` for both families; each peer's endpoint family
+    /// is picked from the addresses (see `wireguard::auto_family`).
+    Auto,
+    /// `ipv4`: `flannel-wg` for both families over IPv4 endpoints.
+    Ipv4,
+    /// `ipv6`: `flannel-wg` for both families over IPv6 endpoints.
+    Ipv6,
+}
+
+impl WireguardMode {
+    /// Upstream's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireguardMode::Separate => "separate",
+            WireguardMode::Auto => "auto",
+            WireguardMode::Ipv4 => "ipv4",
+            WireguardMode::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// wireguard backend options (upstream's names and defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort`, default 51820: `flannel-wg`'s UDP port.
+    pub listen_port: u16,
+    /// `ListenPortV6`, default 51821: `flannel-wg-v6`'s UDP port (and the
+    /// port published in `BackendV6Data` in every mode, as upstream).
+    pub listen_port_v6: u16,
+    /// `PSK`: a preshared key (base64, `wg genpsk`) mixed into every handshake.
+    pub psk: Option<SecretKey>,
+    /// `PersistentKeepaliveInterval` in seconds, 0 (default) = off.
+    pub persistent_keepalive: u16,
+    /// `Mode`, default separate.
+    pub mode: WireguardMode,
+    /// `MTU`: the underlay MTU to plan for instead of the external
+    /// interface's; as upstream, the devices and pods get this minus 80.
+    pub mtu: Option<u32>,
 }
 
 /// vxlan backend options.
@@ -113,6 +165,19 @@ impl Default for UdpConfig {
     fn default() -> Self {
         UdpConfig {
             port: wire::UDP_DEFAULT_PORT,
+            mtu: None,
+        }
+    }
+}
+
+impl Default for WireguardConfig {
+    fn default() -> Self {
+        WireguardConfig {
+            listen_port: wire::WIREGUARD_DEFAULT_PORT,
+            listen_port_v6: wire::WIREGUARD_DEFAULT_PORT_V6,
+            psk: None,
+            persistent_keepalive: 0,
+            mode: WireguardMode::Separate,
             mtu: None,
         }
     }
@@ -219,10 +284,14 @@ pub enum ConfigError {
         min: String,
         max: String,
     },
-    #[error("Backend.Type {value:?} is not supported by flannel-rs yet; set \"Backend\": {{\"Type\": \"vxlan\"}} (or \"host-gw\" or \"udp\")")]
+    #[error("Backend.Type {value:?} is not supported by flannel-rs yet; set \"Backend\": {{\"Type\": \"vxlan\"}} (or \"host-gw\", \"udp\" or \"wireguard\")")]
     BackendNotSupportedYet { value: String },
-    #[error("Backend.Type {value:?} is unknown; set \"Backend\": {{\"Type\": ...}} to one of \"vxlan\", \"host-gw\", \"udp\"")]
+    #[error("Backend.Type {value:?} is unknown; set \"Backend\": {{\"Type\": ...}} to one of \"vxlan\", \"host-gw\", \"udp\", \"wireguard\"")]
     UnknownBackend { value: String },
+    #[error("{field} {value:?} is not one of \"separate\", \"auto\", \"ipv4\", \"ipv6\"; set \"{field}\" to one of them or omit it (separate)")]
+    InvalidMode { field: String, value: String },
+    #[error("{field} is not a WireGuard key: {detail}; set \"{field}\" to the output of `wg genpsk` or omit it")]
+    InvalidKey { field: String, detail: String },
     #[error("{field} {value} is out of range: it must be between {min} and {max}; set \"{field}\" accordingly or omit it")]
     OutOfRange {
         field: String,
@@ -251,7 +320,9 @@ impl ConfigError {
             | ConfigError::OutsideNetwork { field, .. }
             | ConfigError::Unaligned { field, .. }
             | ConfigError::MinAboveMax { field, .. }
-            | ConfigError::OutOfRange { field, .. } => field,
+            | ConfigError::OutOfRange { field, .. }
+            | ConfigError::InvalidMode { field, .. }
+            | ConfigError::InvalidKey { field, .. } => field,
         }
     }
 }
@@ -371,7 +442,7 @@ impl FromStr for NetConfig {
 }
 
 impl NetConfig {
-    /// The backend's `Type` as upstream spells it: "vxlan", "host-gw" or "udp".
+    /// The backend's `Type` as upstream spells it: "vxlan", "host-gw", "udp" or "wireguard".
     pub fn backend_type(&self) -> &'static str {
         self.backend.type_name()
     }
@@ -406,15 +477,18 @@ impl BackendConfig {
             BackendConfig::Vxlan(_) => wire::BACKEND_TYPE_VXLAN,
             BackendConfig::HostGw => wire::BACKEND_TYPE_HOST_GW,
             BackendConfig::Udp(_) => wire::BACKEND_TYPE_UDP,
+            BackendConfig::Wireguard(_) => wire::BACKEND_TYPE_WIREGUARD,
         }
     }
 
-    /// The backend's `MTU` option, if set.
+    /// The backend's `MTU` option as the pods' MTU, if set. wireguard's
+    /// `MTU` is the underlay's instead (upstream subtracts the overhead
+    /// from it too), see [`pod_mtu`].
     pub fn mtu_override(&self) -> Option<u32> {
         match self {
             BackendConfig::Vxlan(v) => v.mtu,
             BackendConfig::Udp(u) => u.mtu,
-            BackendConfig::HostGw => None,
+            BackendConfig::HostGw | BackendConfig::Wireguard(_) => None,
         }
     }
 
@@ -425,6 +499,7 @@ impl BackendConfig {
             BackendConfig::Vxlan(_) => VXLAN_OVERHEAD_V4,
             BackendConfig::Udp(_) => UDP_OVERHEAD,
             BackendConfig::HostGw => 0,
+            BackendConfig::Wireguard(_) => crate::wireguard::OVERHEAD,
         }
     }
 }
@@ -432,8 +507,15 @@ impl BackendConfig {
 /// The MTU written to subnet.env (`FLANNEL_MTU`) and given to pods: the
 /// backend's `MTU` option when set, else the external interface's MTU minus
 /// the encapsulation overhead (vxlan 50, or 70 over an IPv6 underlay; udp 28;
-/// host-gw 0). Saturates at 0 for absurdly small external MTUs.
+/// host-gw 0). wireguard, as upstream: its `MTU` option (else the external
+/// MTU) minus 80. Saturates at 0 for absurdly small external MTUs.
 pub fn pod_mtu(backend: &BackendConfig, external_mtu: u32, underlay_is_ipv6: bool) -> u32 {
+    if let BackendConfig::Wireguard(w) = backend {
+        return w
+            .mtu
+            .unwrap_or(external_mtu)
+            .saturating_sub(crate::wireguard::OVERHEAD);
+    }
     backend
         .mtu_override()
         .unwrap_or_else(|| external_mtu.saturating_sub(backend.overhead(underlay_is_ipv6)))
@@ -492,11 +574,79 @@ fn parse_backend(root: &Obj<'_>) -> Result<BackendConfig, ConfigError> {
                 mtu: be.mtu("MTU")?,
             }))
         }
-        wire::BACKEND_TYPE_WIREGUARD | wire::BACKEND_TYPE_IPIP => {
-            Err(ConfigError::BackendNotSupportedYet { value: ty })
-        }
+        wire::BACKEND_TYPE_WIREGUARD => parse_wireguard(&be).map(BackendConfig::Wireguard),
+        wire::BACKEND_TYPE_IPIP => Err(ConfigError::BackendNotSupportedYet { value: ty }),
         _ => Err(ConfigError::UnknownBackend { value: ty }),
     }
+}
+
+/// The wireguard options, upstream's names and defaults. A port of 0 is
+/// "not set" (upstream would hand 0 to the kernel, which then picks a random
+/// port nobody can know; a peer would dial the default).
+fn parse_wireguard(be: &Obj<'_>) -> Result<WireguardConfig, ConfigError> {
+    let d = WireguardConfig::default();
+    let mode = match be.string("Mode")? {
+        None => d.mode,
+        Some(m) => match m.as_str() {
+            "separate" => WireguardMode::Separate,
+            "auto" => WireguardMode::Auto,
+            "ipv4" => WireguardMode::Ipv4,
+            "ipv6" => WireguardMode::Ipv6,
+            _ => {
+                return Err(ConfigError::InvalidMode {
+                    field: be.field("Mode"),
+                    value: m,
+                })
+            }
+        },
+    };
+    let psk = match be.string("PSK")? {
+        // Go's zero value: no PSK.
+        None => None,
+        Some(s) if s.is_empty() => None,
+        Some(s) => Some(SecretKey(WgKey::parse(&s).map_err(|e| {
+            ConfigError::InvalidKey {
+                field: be.field("PSK"),
+                detail: e.to_string(),
+            }
+        })?)),
+    };
+    let keepalive = match be.uint("PersistentKeepaliveInterval")? {
+        None => 0,
+        Some(k) => u16::try_from(k).map_err(|_| ConfigError::OutOfRange {
+            field: be.field("PersistentKeepaliveInterval"),
+            value: k.to_string(),
+            min: 0,
+            max: u64::from(u16::MAX),
+        })?,
+    };
+    // The devices get MTU - 80, which must stay a usable IPv4 MTU.
+    let min_mtu = MIN_MTU + crate::wireguard::OVERHEAD;
+    let mtu = match be.mtu("MTU")? {
+        Some(m) if m < min_mtu => {
+            return Err(ConfigError::OutOfRange {
+                field: be.field("MTU"),
+                value: m.to_string(),
+                min: u64::from(min_mtu),
+                max: u64::from(MAX_MTU),
+            })
+        }
+        m => m,
+    };
+    Ok(WireguardConfig {
+        listen_port: be
+            .port("ListenPort")?
+            .filter(|&p| p != 0)
+            .unwrap_or(d.listen_port),
+        listen_port_v6: be
+            .port("ListenPortV6")?
+            .filter(|&p| p != 0)
+            .unwrap_or(d.listen_port_v6),
+        psk,
+        persistent_keepalive: keepalive,
+        mode,
+        mtu,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1273,15 +1423,109 @@ mod tests {
     }
 
     #[test]
-    fn backend_errors() {
+    fn wireguard_options() {
+        let c = ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#);
+        assert_eq!(
+            c.backend,
+            BackendConfig::Wireguard(WireguardConfig::default())
+        );
+        assert_eq!(c.backend_type(), "wireguard");
+        let BackendConfig::Wireguard(d) = &c.backend else {
+            unreachable!()
+        };
+        assert_eq!((d.listen_port, d.listen_port_v6), (51820, 51821));
+        assert_eq!(d.mode, WireguardMode::Separate);
+        let psk = "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=";
+        let c = ok(&format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","ListenPort":5000,"ListenPortV6":5001,"PSK":"{psk}","PersistentKeepaliveInterval":25,"Mode":"auto","MTU":1400}}}}"#
+        ));
+        assert_eq!(
+            c.backend,
+            BackendConfig::Wireguard(WireguardConfig {
+                listen_port: 5000,
+                listen_port_v6: 5001,
+                psk: Some(SecretKey(psk.parse().unwrap())),
+                persistent_keepalive: 25,
+                mode: WireguardMode::Auto,
+                mtu: Some(1400),
+            })
+        );
+        // MTU is the underlay's: pods and devices get 80 less, as upstream.
+        assert_eq!(c.pod_mtu(9000, false), 1320);
+        let c = ok(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"","ListenPort":0}}"#,
+        );
+        assert_eq!(
+            c.backend,
+            BackendConfig::Wireguard(WireguardConfig::default())
+        );
+        assert_eq!(c.pod_mtu(1500, false), 1420);
+        assert_eq!(
+            c.pod_mtu(1500, true),
+            1420,
+            "80 for both underlays, as upstream"
+        );
+        for m in ["separate", "auto", "ipv4", "ipv6"] {
+            let c = ok(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","Mode":"{m}"}}}}"#
+            ));
+            let BackendConfig::Wireguard(w) = c.backend else {
+                unreachable!()
+            };
+            assert_eq!(w.mode.as_str(), m);
+        }
+        // The PSK is never printed.
+        let c = ok(&format!(
+            r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","PSK":"{psk}"}}}}"#
+        ));
+        assert!(!format!("{c:?}").contains(psk));
+    }
+
+    #[test]
+    fn wireguard_errors_name_the_field() {
         let e = err(
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
-            "Backend.Type",
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"both"}}"#,
+            "Backend.Mode",
         );
-        assert!(
-            e.to_string().contains("not supported by flannel-rs yet"),
-            "{e}"
+        assert!(e.to_string().contains("\"separate\", \"auto\""), "{e}");
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"Separate"}}"#,
+            "Backend.Mode",
         );
+        let e = err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"secret"}}"#,
+            "Backend.PSK",
+        );
+        assert!(e.to_string().contains("wg genpsk"), "{e}");
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":42}}"#,
+            "Backend.PSK",
+        );
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPort":70000}}"#,
+            "Backend.ListenPort",
+        );
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","ListenPortV6":-1}}"#,
+            "Backend.ListenPortV6",
+        );
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":65536}}"#,
+            "Backend.PersistentKeepaliveInterval",
+        );
+        err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":"25s"}}"#,
+            "Backend.PersistentKeepaliveInterval",
+        );
+        let e = err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","MTU":100}}"#,
+            "Backend.MTU",
+        );
+        assert!(e.to_string().contains("148"), "{e}");
+    }
+
+    #[test]
+    fn backend_errors() {
         let e = err(
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"ipip"}}"#,
             "Backend.Type",

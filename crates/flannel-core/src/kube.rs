@@ -355,7 +355,7 @@ impl NodeView<'_> {
 /// `null` when there is none.
 fn backend_json(v: &Option<serde_json::Value>) -> String {
     v.as_ref()
-        .map_or_else(|| "null".to_string(), |v| v.to_string())
+        .map_or_else(|| "null".to_string(), crate::lease::backend_data_json)
 }
 
 /// The annotations flanneld owns on its Node for `attrs`, as upstream

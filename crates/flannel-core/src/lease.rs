@@ -31,19 +31,69 @@ pub struct LeaseAttrs {
         skip_serializing_if = "String::is_empty"
     )]
     pub backend_type: String,
-    /// Backend-specific data; for vxlan a [`VxlanBackendData`].
+    /// Backend-specific data; for vxlan a [`VxlanBackendData`], for
+    /// wireguard a `wireguard::WireguardBackendData`. Written with
+    /// upstream's field order ([`backend_data_json`]).
     #[serde(
         rename = "BackendData",
         default,
-        skip_serializing_if = "Option::is_none"
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "upstream_order"
     )]
     pub backend_data: Option<serde_json::Value>,
     #[serde(
         rename = "BackendV6Data",
         default,
-        skip_serializing_if = "Option::is_none"
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "upstream_order"
     )]
     pub backend_v6_data: Option<serde_json::Value>,
+}
+
+/// The fields of the backend data upstream writes, in the order of its Go
+/// structs (vxlan: `VNI`, `VtepMAC`; wireguard: `PublicKey`, `Port`).
+/// `serde_json::Value` keeps object keys sorted, which happens to be
+/// upstream's order for vxlan but not for wireguard.
+const UPSTREAM_DATA_FIELDS: [&str; 4] = ["VNI", "VtepMAC", "PublicKey", "Port"];
+
+/// A backend data value serialised with upstream's field order: the
+/// fields of [`UPSTREAM_DATA_FIELDS`] first, in that order, then any other
+/// key as the value holds it.
+struct UpstreamOrder<'a>(&'a serde_json::Value);
+
+impl Serialize for UpstreamOrder<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let serde_json::Value::Object(m) = self.0 else {
+            return self.0.serialize(s);
+        };
+        let mut map = s.serialize_map(Some(m.len()))?;
+        for k in UPSTREAM_DATA_FIELDS {
+            if let Some(v) = m.get(k) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in m
+            .iter()
+            .filter(|(k, _)| !UPSTREAM_DATA_FIELDS.contains(&k.as_str()))
+        {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+fn upstream_order<S: serde::Serializer>(
+    v: &Option<serde_json::Value>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    v.as_ref().map(UpstreamOrder).serialize(s)
+}
+
+/// Backend data as compact JSON with upstream's field order (what the
+/// Kubernetes `backend-data` annotations hold).
+pub fn backend_data_json(v: &serde_json::Value) -> String {
+    serde_json::to_string(&UpstreamOrder(v)).expect("a JSON value serialises")
 }
 
 /// The vxlan backend's data: `{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}`.

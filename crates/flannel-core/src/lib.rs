@@ -19,6 +19,7 @@
 //! - [`rules`]: masquerade and forward rules (iptables, and nftables with the
 //!   feature `nft`), desired and parsed.
 //! - [`udp`]: the udp backend's packet checks, peer table and counters.
+//! - [`wireguard`]: the wireguard backend's keys, lease data, peers per device, allowed-IPs lookup and counters.
 //!
 //! Nothing here reads a clock, a file or a random source on its own: callers
 //! pass `now: SystemTime` and an `rng`, so every decision is reproducible in
@@ -44,3 +45,4 @@ pub mod rules;
 pub mod subnet_env;
 pub mod udp;
 pub mod wire;
+pub mod wireguard;

@@ -88,6 +88,20 @@ pub const UDP_TUN_DEVICE: &str = "flannel0";
 pub const UDP_DEFAULT_PORT: u16 = 8285;
 /// Kernel default vxlan port used by flannel (`Port: 0`).
 pub const VXLAN_DEFAULT_PORT: u16 = 8472;
+/// Device of the wireguard backend: IPv4 in `Mode` separate, both families
+/// in the other modes.
+pub const WIREGUARD_DEVICE: &str = "flannel-wg";
+/// IPv6 device of the wireguard backend in `Mode` separate.
+pub const WIREGUARD_DEVICE_V6: &str = "flannel-wg-v6";
+/// Default `ListenPort` of the wireguard backend.
+pub const WIREGUARD_DEFAULT_PORT: u16 = 51820;
+/// Default `ListenPortV6` of the wireguard backend.
+pub const WIREGUARD_DEFAULT_PORT_V6: u16 = 51821;
+/// Where the wireguard backend keeps its private key (base64, as `wg genkey`
+/// prints it), created once; `WIREGUARD_KEY_FILE` overrides it.
+pub const WIREGUARD_DEFAULT_KEY_FILE: &str = "/run/flannel/wgkey";
+/// Environment variable naming the wireguard private key file.
+pub const ENV_WIREGUARD_KEY_FILE: &str = "WIREGUARD_KEY_FILE";
 
 /// Bridge the CNI plugin attaches pods to.
 pub const CNI_BRIDGE: &str = "cni0";
@@ -137,7 +151,7 @@ pub const BACKEND_TYPE_VXLAN: &str = "vxlan";
 pub const BACKEND_TYPE_HOST_GW: &str = "host-gw";
 /// `Backend.Type` / lease `BackendType` of the udp backend.
 pub const BACKEND_TYPE_UDP: &str = "udp";
-/// `Backend.Type` of upstream's wireguard backend (not supported yet).
+/// `Backend.Type` / lease `BackendType` of the wireguard backend.
 pub const BACKEND_TYPE_WIREGUARD: &str = "wireguard";
 /// `Backend.Type` of upstream's ipip backend (not supported yet).
 pub const BACKEND_TYPE_IPIP: &str = "ipip";

@@ -148,6 +148,34 @@ impl Netlink {
         self.t.request(msg, flags, op).map(drop)
     }
 
+    /// Whether this kernel has WireGuard: `ip link add NAME type wireguard`,
+    /// then `ip link del NAME`. `Ok(false)` when the kernel does not know
+    /// the link type (EOPNOTSUPP: no `wireguard` module, none loadable).
+    /// Creating the link makes the kernel try to load the module, as `ip`
+    /// does. `name` must not be in use.
+    pub fn has_wireguard(&mut self, name: &str) -> Result<bool> {
+        let op = format!("ip link add {name} type wireguard");
+        check_ifname(&op, "probe link name", name)?;
+        let mut m = link_msg(0);
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Wireguard,
+            )]));
+        match self.link_write(
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &op,
+        ) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
+            r => r?,
+        }
+        if let Some(l) = self.link_by_name(name)? {
+            self.del_link(l.index)?;
+        }
+        Ok(true)
+    }
+
     /// `ip link show NAME`; `Ok(None)` when absent.
     pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
         let op = format!("ip link show {name}");

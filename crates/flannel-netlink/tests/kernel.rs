@@ -1254,3 +1254,42 @@ fn open_in_binds_the_socket_to_another_namespace() {
     assert_eq!(names, vec!["lo".to_string(), "ul0".to_string()]);
     assert!(ul > 0);
 }
+
+#[test]
+fn wireguard_probe_agrees_with_ip_and_leaves_nothing() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-wg").unwrap();
+    let (ours, theirs) = ns
+        .run(|| {
+            let mut nl = Netlink::open().unwrap();
+            let ours = nl.has_wireguard("wgprobe0").unwrap();
+            assert_eq!(
+                nl.link_by_name("wgprobe0").unwrap(),
+                None,
+                "probe link left behind"
+            );
+            // `ip` on the same kernel: the link type exists iff it can add one.
+            let theirs = std::process::Command::new("ip")
+                .args(["link", "add", "wgprobe1", "type", "wireguard"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success();
+            (ours, theirs)
+        })
+        .unwrap();
+    assert_eq!(
+        ours, theirs,
+        "has_wireguard vs `ip link add type wireguard`"
+    );
+    // A bad name is refused before anything is sent.
+    let e = ns
+        .run(|| {
+            Netlink::open()
+                .unwrap()
+                .has_wireguard("name-far-too-long-for-a-link")
+        })
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(e, Error::Invalid { .. }), "{e}");
+}

@@ -257,6 +257,24 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     }
                 }
             }
+            DevKind::Tun
+                if r.dev == flannel_core::wire::WIREGUARD_DEVICE
+                    || r.dev == flannel_core::wire::WIREGUARD_DEVICE_V6 =>
+            {
+                // The walk does not follow WireGuard: which peer flanneld
+                // encrypts for is its datapath's choice (allowed IPs).
+                lines.push(format!(
+                    "{} is flanneld's WireGuard TUN device: flanneld encrypts the packet for the peer whose allowed IPs hold {dst} and sends it in UDP to that peer's endpoint",
+                    r.dev
+                ));
+                return left(
+                    hops,
+                    lines,
+                    place,
+                    "flanneld's wireguard datapath".to_string(),
+                    end,
+                );
+            }
             DevKind::Tun => {
                 let peer = match view.udp_peer(dst) {
                     Ok(Some(peer)) => peer,
@@ -854,6 +872,23 @@ mod tests {
         t.udp.clear();
         let w = walk(&mut t, "ubuntu-1", ip("10.244.2.66"));
         assert!(matches!(&w.outcome, Outcome::Dropped { place, .. } if place == "k8s-node1"));
+    }
+
+    #[test]
+    fn wireguard_leaves_through_flanneld_without_guessing_a_udp_peer() {
+        let mut t = packet_walk();
+        t.route("k8s-node1", "10.244.2.66", "flannel-wg", DevKind::Tun, None);
+        let w = walk(&mut t, "ubuntu-1", ip("10.244.2.66"));
+        let text = w.render("x");
+        assert!(
+            matches!(&w.outcome, Outcome::Left { place, to } if place == "k8s-node1" && to == "flanneld's wireguard datapath"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flannel-wg is flanneld's WireGuard TUN device"),
+            "{text}"
+        );
+        assert!(!text.contains("udp"), "{text}");
     }
 
     /// The leases as flanneld reads them: upstream's udp lease (no

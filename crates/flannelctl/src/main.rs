@@ -26,7 +26,7 @@ enum Command {
     #[command(subcommand)]
     Lab(LabCommand),
     /// Throughput and latency of the underlay and of pod-to-pod traffic over
-    /// vxlan, host-gw and udp, in a two-worker lab, as ratios to the underlay;
+    /// vxlan, host-gw, udp and wireguard, in a two-worker lab, as ratios to the underlay;
     /// `bench scale`: the control plane at N leases.
     #[command(args_conflicts_with_subcommands = true)]
     Bench {
@@ -111,9 +111,10 @@ struct NetBenchArgs {
     /// rounds narrow it).
     #[arg(long, default_value_t = lab::bench::DEFAULT_REPEAT)]
     repeat: u32,
-    /// Only these backends (repeatable): `vxlan`, `host-gw`, `udp`
-    /// (default: all three, which the targets need).
-    #[arg(long = "backend", value_name = "BACKEND")]
+    /// Only these backends (repeatable, or comma-separated): `vxlan`,
+    /// `host-gw`, `udp`, `wireguard` (default: all four, which the
+    /// targets need; udp and wireguard are judged against vxlan).
+    #[arg(long = "backend", value_name = "BACKEND", value_delimiter = ',')]
     backends: Vec<lab::Backend>,
 }
 
@@ -203,7 +204,7 @@ enum LabCommand {
         /// renewed (their subnets stay deterministic through a seeded subnet.env).
         #[arg(long)]
         no_reservations: bool,
-        /// The flannel backend: `vxlan`, `host-gw` or `udp`.
+        /// The flannel backend: `vxlan`, `host-gw`, `udp` or `wireguard`.
         #[arg(long, default_value_t = lab::Backend::Vxlan)]
         backend: lab::Backend,
         /// vxlan `DirectRouting`: plain routes to peers on the node's own segment.
@@ -231,7 +232,7 @@ enum LabCommand {
     SwitchBackend {
         #[command(flatten)]
         name: NameArg,
-        /// The new backend: `vxlan`, `host-gw` or `udp`.
+        /// The new backend: `vxlan`, `host-gw`, `udp` or `wireguard`.
         backend: lab::Backend,
         /// vxlan `DirectRouting`.
         #[arg(long)]

@@ -581,3 +581,348 @@ fn dual_stack_two_segments_ip_masq_masquerades_both_families_to_the_outside() {
     assert!(r.all_ok(), "{}", r.render());
     down_leaves_nothing(&lab);
 }
+
+/// `tcpdump -i ens3` in a node's namespace, to a file (its messages to a
+/// file too: a closed pipe would kill it); `--immediate-mode` so that
+/// nothing waits in the kernel's buffer when it is stopped.
+struct Capture {
+    child: std::process::Child,
+    file: std::path::PathBuf,
+}
+
+impl Capture {
+    fn start(lab: &Lab, node: &str, file: std::path::PathBuf) -> Capture {
+        let log = file.with_extension("log");
+        let ns = lab.state.netns_of(node).unwrap();
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "tcpdump",
+                "-i",
+                "ens3",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-w",
+            ])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("tcpdump is installed");
+        wait_until(Duration::from_secs(10), || {
+            let l = std::fs::read_to_string(&log).unwrap_or_default();
+            l.contains("listening on").then_some(()).ok_or(l)
+        });
+        Capture { child, file }
+    }
+
+    /// Stops tcpdump (SIGTERM by PID); the capture's bytes.
+    fn finish(mut self) -> Vec<u8> {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        std::fs::read(&self.file).unwrap()
+    }
+}
+
+/// `tcpdump -n -r FILE FILTER`: one line per matching packet.
+fn pcap_lines(file: &std::path::Path, filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("tcpdump")
+        .args(["-n", "-r"])
+        .arg(file)
+        .arg(filter)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `payload` in UDP from pod `from` to pod `to` (port 7777); whether it arrived.
+fn pod_udp(lab: &Lab, from: &str, to: &str, to_ip: IpAddr, payload: &[u8]) -> bool {
+    let src = lab.netns(from).unwrap();
+    let dst = lab.netns(to).unwrap();
+    dst.run(|| {
+        let rx = std::net::UdpSocket::bind(std::net::SocketAddr::new(to_ip, 7777)).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 2048];
+        for _ in 0..5 {
+            src.run(|| {
+                let any: IpAddr = if to_ip.is_ipv4() {
+                    Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                let s = std::net::UdpSocket::bind(std::net::SocketAddr::new(any, 0)).unwrap();
+                s.send_to(payload, std::net::SocketAddr::new(to_ip, 7777))
+                    .unwrap();
+            })
+            .unwrap();
+            if let Ok((n, _)) = rx.recv_from(&mut buf) {
+                return &buf[..n] == payload;
+            }
+        }
+        false
+    })
+    .unwrap()
+}
+
+/// The public key `wg pubkey` derives from a lab node's key file.
+fn wg_pubkey(lab: &Lab, node: &str) -> String {
+    use std::io::Write;
+    let key = std::fs::read(lab.node_dir(node).join("wgkey")).unwrap();
+    let mut c = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("wg (wireguard-tools) is installed");
+    c.stdin.take().unwrap().write_all(&key).unwrap();
+    String::from_utf8(c.wait_with_output().unwrap().stdout)
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The public key in node's lease (`BackendData`, else `BackendV6Data`).
+fn published_key(lab: &Lab, node: &str) -> String {
+    let n = lab.node(node).unwrap().clone();
+    let l = lab
+        .leases()
+        .unwrap()
+        .into_iter()
+        .find(|l| {
+            l.attrs.public_ip == Some(n.underlay_ip)
+                || (l.attrs.public_ipv6.is_some() && l.attrs.public_ipv6 == n.underlay_ipv6)
+        })
+        .unwrap_or_else(|| panic!("no lease of {node}"));
+    let f = if l.attrs.backend_data.is_some() {
+        flannel_core::lease::IpFamily::V4
+    } else {
+        flannel_core::lease::IpFamily::V6
+    };
+    flannel_core::wireguard::lease_data(&l.attrs, f)
+        .unwrap_or_else(|| panic!("no wireguard data in {l:?}"))
+        .0
+        .to_string()
+}
+
+/// Waits until the whole matrix passes (peers may take a pass to update).
+fn wait_matrix_ok(lab: &Lab) {
+    wait_until(Duration::from_secs(20), || {
+        let m = lab.check().unwrap();
+        m.all_ok().then_some(()).ok_or_else(|| m.render())
+    });
+}
+
+#[test]
+fn wireguard_encrypts_pod_traffic_keeps_its_key_on_restart_and_re_peers_a_new_key() {
+    let lab = up_with(opts(Backend::Wireguard, 2));
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+    // 80 bytes for WireGuard, as upstream.
+    assert_eq!(mtu(&lab, "ubuntu-1", "eth0"), 1420);
+    assert_eq!(mtu(&lab, "k8s-node1", "flannel-wg"), 1420);
+    for n in &lab.state.nodes {
+        assert_eq!(
+            published_key(&lab, &n.name),
+            wg_pubkey(&lab, &n.name),
+            "{}",
+            n.name
+        );
+        assert!(ifindex(&lab, &n.name, "flannel-wg").is_some());
+    }
+    for l in lab.leases().unwrap() {
+        assert_eq!(
+            flannelctl::leases::LeaseRow::from_lease(&l).backend_type,
+            "wireguard"
+        );
+    }
+    // The underlay between the nodes carries WireGuard only: UDP 51820,
+    // and no byte of a pod's payload in clear.
+    let cap = Capture::start(&lab, "k8s-node1", lab.dir().join("wg.pcap"));
+    let marker = format!("WG-LAB-MARKER-{}", std::process::id());
+    let pod2 = IpAddr::V4(lab.pod("ubuntu-2").unwrap().ip.unwrap().addr());
+    let pod1 = IpAddr::V4(lab.pod("ubuntu-1").unwrap().ip.unwrap().addr());
+    assert!(pod_udp(
+        &lab,
+        "ubuntu-1",
+        "ubuntu-2",
+        pod2,
+        marker.as_bytes()
+    ));
+    assert!(pod_udp(
+        &lab,
+        "ubuntu-2",
+        "ubuntu-1",
+        pod1,
+        marker.as_bytes()
+    ));
+    // Pod-to-pod pings too (the matrix would add the nodes' own pings).
+    let ping = lab
+        .netns("ubuntu-1")
+        .unwrap()
+        .run(|| {
+            std::process::Command::new("ping")
+                .args(["-c", "5", "-i", "0.2", "-W", "1"])
+                .arg(pod2.to_string())
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(ping.success());
+    let pcap = cap.finish();
+    let (a, b) = (
+        lab.node("k8s-node1").unwrap().underlay_ip,
+        lab.node("k8s-node2").unwrap().underlay_ip,
+    );
+    let between = format!("ip and host {a} and host {b}");
+    let file = lab.dir().join("wg.pcap");
+    let wg = pcap_lines(&file, &format!("{between} and udp port 51820"));
+    // The nodes' own pings of each other's underlay address (the matrix's,
+    // still in flight) are no pod traffic.
+    let other = pcap_lines(
+        &file,
+        &format!("{between} and not (udp port 51820) and not icmp"),
+    );
+    let pods = pcap_lines(&file, &format!("net {}", lab::CLUSTER_NETWORK));
+    assert!(
+        wg.len() >= 10,
+        "WireGuard packets between the nodes: {wg:?}"
+    );
+    assert!(
+        other.is_empty(),
+        "non-WireGuard traffic between the nodes: {other:?}"
+    );
+    assert!(pods.is_empty(), "pod addresses on the underlay: {pods:?}");
+    assert!(
+        !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "a pod's payload crossed the underlay in clear"
+    );
+
+    // Restart: the key file is kept, so is the lease; traffic flows.
+    let key1 = published_key(&lab, "k8s-node1");
+    let file1 = std::fs::read_to_string(lab.node_dir("k8s-node1").join("wgkey")).unwrap();
+    assert!(lab
+        .stop_daemon("k8s-node1", Duration::from_secs(15))
+        .unwrap());
+    lab.start_daemon("k8s-node1").unwrap();
+    lab.wait_daemon_ready("k8s-node1", Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(lab.node_dir("k8s-node1").join("wgkey")).unwrap(),
+        file1
+    );
+    assert_eq!(published_key(&lab, "k8s-node1"), key1);
+    wait_matrix_ok(&lab);
+
+    // A node with a new key (its key file gone) is re-peered by the others.
+    let key2 = published_key(&lab, "k8s-node2");
+    assert!(lab
+        .stop_daemon("k8s-node2", Duration::from_secs(15))
+        .unwrap());
+    std::fs::remove_file(lab.node_dir("k8s-node2").join("wgkey")).unwrap();
+    lab.start_daemon("k8s-node2").unwrap();
+    lab.wait_daemon_ready("k8s-node2", Instant::now() + Duration::from_secs(30))
+        .unwrap();
+    wait_until(Duration::from_secs(10), || {
+        let k = published_key(&lab, "k8s-node2");
+        (k != key2).then_some(()).ok_or(k)
+    });
+    assert_eq!(
+        published_key(&lab, "k8s-node2"),
+        wg_pubkey(&lab, "k8s-node2")
+    );
+    wait_matrix_ok(&lab);
+    let m = assert_matrix_ok(&lab);
+    assert_pod_pairs_ttl_62(&lab, &m, "");
+
+    // Switching to vxlan leaves nothing of wireguard.
+    let mut lab = lab;
+    lab.switch_backend(Backend::Vxlan, false, Duration::from_secs(30))
+        .unwrap();
+    for n in &lab.state.nodes {
+        wait_until(Duration::from_secs(10), || {
+            match ifindex(&lab, &n.name, "flannel-wg") {
+                None => Ok(()),
+                Some(_) => Err(format!("{}: flannel-wg left behind", n.name)),
+            }
+        });
+    }
+    assert_matrix_ok(&lab);
+}
+
+#[test]
+fn wireguard_ipv6_only_and_dual_stack_ping_over_their_devices() {
+    for family in [Family::V6, Family::Dual] {
+        let lab = up_with(LabOptions {
+            family,
+            ..opts(Backend::Wireguard, 2)
+        });
+        let m = assert_matrix_ok(&lab);
+        assert_pod_pairs_ttl_62(&lab, &m, "@v6");
+        if family == Family::Dual {
+            assert_pod_pairs_ttl_62(&lab, &m, "");
+        }
+        for n in &lab.state.nodes {
+            assert!(
+                ifindex(&lab, &n.name, "flannel-wg-v6").is_some(),
+                "{}",
+                n.name
+            );
+            assert_eq!(
+                ifindex(&lab, &n.name, "flannel-wg").is_some(),
+                family == Family::Dual,
+                "{}",
+                n.name
+            );
+            assert_eq!(published_key(&lab, &n.name), wg_pubkey(&lab, &n.name));
+        }
+        // IPv6 pod traffic over IPv6 endpoints on ListenPortV6.
+        let cap = Capture::start(&lab, "k8s-node1", lab.dir().join("wg6.pcap"));
+        let pod2 = IpAddr::V6(lab.pod("ubuntu-2").unwrap().ipv6.unwrap().addr());
+        let marker = format!("WG6-LAB-MARKER-{}", std::process::id());
+        assert!(pod_udp(
+            &lab,
+            "ubuntu-1",
+            "ubuntu-2",
+            pod2,
+            marker.as_bytes()
+        ));
+        let pcap = cap.finish();
+        let (a, b) = (
+            lab.node("k8s-node1").unwrap().underlay_ipv6.unwrap(),
+            lab.node("k8s-node2").unwrap().underlay_ipv6.unwrap(),
+        );
+        let wg = pcap_lines(
+            &lab.dir().join("wg6.pcap"),
+            &format!("ip6 host {a} and host {b} and udp port 51821"),
+        );
+        assert!(!wg.is_empty(), "no WireGuard over IPv6 between the nodes");
+        let pods = pcap_lines(
+            &lab.dir().join("wg6.pcap"),
+            &format!("ip6 net {}", lab::CLUSTER_NETWORK_V6),
+        );
+        assert!(pods.is_empty(), "pod addresses on the underlay: {pods:?}");
+        assert!(
+            !pcap.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "a pod's payload crossed the underlay in clear"
+        );
+    }
+}

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flannel_core::admit::{AdmissionDelta, Admitter, ClusterNets};
-use flannel_core::config::{self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig};
+use flannel_core::config::{
+    self, BackendConfig, ConfigError, NetConfig, UdpConfig, VxlanConfig, WireguardConfig,
+    WireguardMode,
+};
 use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseEvent, LeaseKey};
 use flannel_core::mac::MacAddr;
 use flannel_core::subnet_env::SubnetEnv;
@@ -32,12 +35,13 @@ use tokio::sync::mpsc;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
+use crate::backend::wireguard::{self, KeyPair, WireguardError};
 use crate::flags::{Flags, FlagsError, KubeEnv};
 use crate::health::{Health, HealthError, HealthServer};
 use crate::iface::{self, ExternalInterface, IfaceError};
 use crate::reconcile::{
     BackendSettings, ExternalSettings, PerFamily, ReconcileError, Reconciler, Request, Settings,
-    FAMILIES,
+    WgSettings, FAMILIES,
 };
 use crate::subnet_file::{self, SubnetFileError};
 
@@ -58,7 +62,7 @@ pub enum DaemonError {
         #[source]
         source: Box<ConfigError>,
     },
-    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\", \"host-gw\" or \"udp\"")]
+    #[error("network config: Backend.Type {backend:?} is not implemented yet in flannel-rs; use \"vxlan\", \"host-gw\", \"udp\" or \"wireguard\"")]
     BackendNotImplemented { backend: &'static str },
     #[error("network config: Backend.Type \"udp\" carries IPv4 only (as upstream's); set \"EnableIPv4\": true and \"EnableIPv6\": false, or use \"vxlan\" or \"host-gw\" for IPv6")]
     UdpIpv4Only,
@@ -90,6 +94,8 @@ pub enum DaemonError {
     WatchLost(String),
     #[error("starting the health endpoint: {0}")]
     Health(#[from] HealthError),
+    #[error("wireguard backend: {0}")]
+    Wireguard(#[from] WireguardError),
 }
 
 /// The backends this version runs, with their options.
@@ -98,6 +104,7 @@ pub enum Backend {
     Vxlan(VxlanConfig),
     HostGw,
     Udp(UdpConfig),
+    Wireguard(WireguardConfig),
 }
 
 /// What startup learns before the runtime starts.
@@ -151,6 +158,7 @@ pub fn check_supported(cfg: &NetConfig) -> Result<Backend, DaemonError> {
             }
             Backend::Udp(u.clone())
         }
+        BackendConfig::Wireguard(w) => Backend::Wireguard(w.clone()),
     };
     Ok(backend)
 }
@@ -515,9 +523,13 @@ async fn run_with_store<S: Store>(
             *dev_names.get_mut(f) = Some(vxlan::device_name(vx.vni, f));
         }
     }
+    let probe_wireguard = matches!(backend, Backend::Wireguard(_));
     let (ext, existing_devices) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
         let ext = iface::lookup(&mut nl, &req)?;
+        if probe_wireguard {
+            wireguard::log_kernel_support(&mut nl);
+        }
         let mut devs: PerFamily<Option<Link>> = PerFamily::default();
         for f in FAMILIES {
             if let Some(n) = dev_names.get(f) {
@@ -553,6 +565,8 @@ struct State<S: Store> {
     published: LeaseAttrs,
     /// The VtepMAC of each enabled family (vxlan only).
     mac: PerFamily<Option<MacAddr>>,
+    /// This node's WireGuard keys (wireguard only).
+    wg_keys: Option<KeyPair>,
     /// Every lease of the store as the datapath sees it (see
     /// [`State::datapath_view`]), shared with the reconciler.
     leases: BTreeMap<LeaseKey, Arc<Lease>>,
@@ -588,6 +602,7 @@ async fn run_async<S: Store>(
     // With vxlan, the leases as the store has them now, when it cannot name
     // ours otherwise (see below); acquisition plans on the same list.
     let mut snapshot = None;
+    let mut wg_keys = None;
     let attrs = match &s.backend {
         Backend::Vxlan(vx) => {
             // Each VtepMAC: the existing device's, else our previous lease's,
@@ -628,6 +643,36 @@ async fn run_async<S: Store>(
         Backend::Udp(_) => udp::lease_attrs(s.ext.public_ip.ok_or_else(|| {
             DaemonError::Device("the udp backend needs an IPv4 public address".into())
         })?),
+        Backend::Wireguard(w) => {
+            let path = wireguard::key_file_path();
+            let (keys, source) = wireguard::load_or_create_key(&path)?;
+            tracing::info!(path = %path.display(), public_key = %keys.public, source = ?source, "WireGuard key");
+            if w.mode != WireguardMode::Separate
+                && s.cfg.enable_ipv6
+                && w.listen_port_v6 != w.listen_port
+            {
+                // As upstream: the one device listens on ListenPort while
+                // BackendV6Data publishes ListenPortV6, which peers dial
+                // for an IPv6 endpoint.
+                tracing::warn!(
+                    mode = w.mode.as_str(),
+                    listen_port = w.listen_port,
+                    listen_port_v6 = w.listen_port_v6,
+                    "Mode {} listens on ListenPort only but publishes ListenPortV6 for IPv6 (as upstream): IPv6 endpoints work only when both ports are equal",
+                    w.mode.as_str()
+                );
+            }
+            let attrs = wireguard::lease_attrs(
+                s.ext.public_ip,
+                s.ext.public_ipv6,
+                &keys.public,
+                w,
+                s.cfg.enable_ipv4,
+                s.cfg.enable_ipv6,
+            );
+            wg_keys = Some(keys);
+            attrs
+        }
     };
     let acquire = store.acquire(&s.cfg, &attrs, s.previous, flags.lease_ttl(), snapshot);
     let Some(own) = signals.during("acquiring a lease", acquire).await? else {
@@ -664,6 +709,7 @@ async fn run_async<S: Store>(
         admission,
         own,
         mac,
+        wg_keys,
         leases: BTreeMap::new(),
         mtu,
         reconciler: None,
@@ -776,6 +822,30 @@ impl<S: Store> State<S> {
                     self.s.ext.iface_addr.expect(v4),
                     Some(self.flags.udp_stats_file()),
                 ))
+            }
+            Backend::Wireguard(w) => {
+                let keys = self
+                    .wg_keys
+                    .as_ref()
+                    .expect("wireguard keys are loaded before the lease");
+                let network = self.s.cfg.network.filter(|_| self.s.cfg.enable_ipv4);
+                let ipv6_network = self.s.cfg.ipv6_network.filter(|_| self.s.cfg.enable_ipv6);
+                BackendSettings::Wireguard(WgSettings {
+                    devices: wireguard::device_specs(
+                        w,
+                        self.own.key.ipv4.filter(|_| network.is_some()),
+                        self.own.key.ipv6.filter(|_| ipv6_network.is_some()),
+                        network,
+                        ipv6_network,
+                        self.mtu,
+                        keys,
+                        self.flags.subnet_file.parent(),
+                    ),
+                    local: flannel_core::wireguard::LocalAddrs {
+                        v4: self.s.ext.public_ip,
+                        v6: self.s.ext.public_ipv6,
+                    },
+                })
             }
         };
         Settings {
@@ -1351,6 +1421,17 @@ mod tests {
         ] {
             check_supported(&config::parse(cfg).unwrap()).unwrap();
         }
+        // wireguard: every family, every Mode.
+        for cfg in [
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#,
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#,
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard","Mode":"auto"}}"#,
+        ] {
+            assert!(matches!(
+                check_supported(&config::parse(cfg).unwrap()).unwrap(),
+                Backend::Wireguard(_)
+            ));
+        }
         let b = check_supported(&config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
         assert_eq!(
             b,
@@ -1383,6 +1464,17 @@ mod tests {
                 r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","MTU":1300}}"#
             ),
             (1300, 1300, 1300)
+        );
+        // wireguard: 80 bytes in both families, as upstream; its MTU is the underlay's.
+        assert_eq!(
+            mtu(
+                r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"wireguard"}}"#
+            ),
+            (1420, 1420, 1420)
+        );
+        assert_eq!(
+            mtu(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","MTU":1400}}"#).0,
+            1320
         );
         // host-gw: no overhead in either family.
         assert_eq!(

@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
+use crate::backend::wireguard::{self, WgDatapath, WgDeviceSpec};
 use crate::health::DatapathMetrics;
 
 /// How long a burst of netlink notifications is collected before one pass.
@@ -119,6 +120,75 @@ pub enum BackendSettings {
     HostGw,
     /// The TUN device `flannel0` and the userspace datapath (backend/udp.rs).
     Udp(UdpSpec),
+    /// `flannel-wg` / `flannel-wg-v6` and their userspace WireGuard
+    /// datapaths (backend/wireguard.rs).
+    Wireguard(WgSettings),
+}
+
+/// The wireguard backend's devices and what its peer selection needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgSettings {
+    /// One per device (`Mode` separate: one per enabled family).
+    pub devices: Vec<WgDeviceSpec>,
+    /// Our public addresses (`Mode` auto picks peer endpoints with them).
+    pub local: flannel_core::wireguard::LocalAddrs,
+}
+
+impl WgSettings {
+    /// The device carrying `family`.
+    pub fn device_for(&self, family: IpFamily) -> Option<&WgDeviceSpec> {
+        self.devices.iter().find(|d| match d.role {
+            flannel_core::wireguard::DeviceRole::Separate(f) => f == family,
+            flannel_core::wireguard::DeviceRole::Single(_) => d.networks.iter().any(|n| {
+                matches!(
+                    (n, family),
+                    (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+                )
+            }),
+        })
+    }
+
+    /// The peers of `dev` among `leases`.
+    pub fn peers<'l>(
+        &self,
+        dev: &WgDeviceSpec,
+        leases: impl IntoIterator<Item = &'l Lease>,
+        own: &LeaseKey,
+        now: SystemTime,
+    ) -> Vec<flannel_core::wireguard::WgPeer> {
+        flannel_core::wireguard::wireguard_peers(
+            leases,
+            Some(own),
+            Some(&dev.keys.public),
+            dev.role,
+            &self.local,
+            dev.port,
+            now,
+        )
+    }
+
+    /// The peers `family` counts: those of its device; a device carrying
+    /// both families counts them once, under IPv4.
+    pub fn peer_count(
+        &self,
+        family: IpFamily,
+        leases: Vec<&Lease>,
+        own: &LeaseKey,
+        now: SystemTime,
+    ) -> usize {
+        match self.device_for(family) {
+            Some(d)
+                if family == IpFamily::V6
+                    && self
+                        .device_for(IpFamily::V4)
+                        .is_some_and(|d4| d4.device == d.device) =>
+            {
+                0
+            }
+            Some(d) => self.peers(d, leases, own, now).len(),
+            None => 0,
+        }
+    }
 }
 
 impl BackendSettings {
@@ -129,7 +199,9 @@ impl BackendSettings {
                 IpFamily::V4 => v4.as_ref(),
                 IpFamily::V6 => v6.as_ref(),
             },
-            BackendSettings::HostGw | BackendSettings::Udp(_) => None,
+            BackendSettings::HostGw | BackendSettings::Udp(_) | BackendSettings::Wireguard(_) => {
+                None
+            }
         }
     }
 }
@@ -214,6 +286,9 @@ impl Settings {
             // per-peer route, so any route of ours inside the network
             // (host-gw or vxlan leftovers) is stale.
             BackendSettings::Udp(_) => Recipe::Udp,
+            // The same for wireguard's devices: its peers are counted by
+            // `desired` from the datapath's own selection.
+            BackendSettings::Wireguard(_) => Recipe::Nothing,
         }
     }
 
@@ -227,15 +302,20 @@ impl Settings {
         leases: impl IntoIterator<Item = &'l Lease>,
         now: SystemTime,
     ) -> Desired {
+        let leases: Vec<&Lease> = leases.into_iter().collect();
         let c = incremental::desired_for(
             &self.recipe(family, device_ifindex),
-            leases,
+            leases.iter().copied(),
             Some(&self.own),
             family,
             now,
         );
+        let peers = match &self.backend {
+            BackendSettings::Wireguard(wg) => wg.peer_count(family, leases, &self.own, now),
+            _ => c.peers,
+        };
         Desired {
-            peers: c.peers,
+            peers,
             state: c.state,
             unreachable: c.unreachable,
         }
@@ -246,6 +326,7 @@ impl Settings {
     fn device_name(&self, family: IpFamily) -> Option<&str> {
         match &self.backend {
             BackendSettings::Udp(spec) => (family == IpFamily::V4).then_some(spec.device.as_str()),
+            BackendSettings::Wireguard(wg) => wg.device_for(family).map(|d| d.device.as_str()),
             _ => self
                 .backend
                 .device_spec(family)
@@ -408,6 +489,7 @@ impl Reconciler {
                         ifindex: PerFamily::default(),
                         unreachable: Vec::new(),
                         udp: None,
+                        wireguard: Vec::new(),
                         metrics,
                     }
                     .run(rx);
@@ -512,6 +594,8 @@ struct Worker {
     unreachable: Vec<HostGwPeer>,
     /// The udp backend's running datapath (threads stop when it drops).
     udp: Option<UdpDatapath>,
+    /// The wireguard backend's running datapaths, one per device.
+    wireguard: Vec<WgDatapath>,
     metrics: DatapathMetrics,
 }
 
@@ -629,6 +713,14 @@ impl Worker {
             self.udp = None;
             report.record(udp::remove_udp_leftovers(&mut self.nl));
         }
+        let keep: Vec<String> = match &self.settings.backend {
+            BackendSettings::Wireguard(wg) => wg.devices.iter().map(|d| d.device.clone()).collect(),
+            _ => Vec::new(),
+        };
+        self.wireguard
+            .retain(|dp| keep.iter().any(|k| k == dp.device()));
+        let keep: Vec<&str> = keep.iter().map(String::as_str).collect();
+        report.record(wireguard::remove_leftovers(&mut self.nl, &keep));
         let mut devices: PerFamily<Option<u32>> = PerFamily::default();
         match &self.settings.backend {
             BackendSettings::Vxlan { .. } => {
@@ -679,6 +771,44 @@ impl Worker {
                         self.ifindex = PerFamily::default();
                         report.log(started);
                         return report;
+                    }
+                }
+            }
+            BackendSettings::Wireguard(wg) => {
+                report.record(hostgw::remove_vxlan_leftovers(&mut self.nl));
+                let now = SystemTime::now();
+                for spec in &wg.devices {
+                    let at = self
+                        .wireguard
+                        .iter()
+                        .position(|d| d.device() == spec.device);
+                    let mut slot = at.map(|i| self.wireguard.swap_remove(i));
+                    let r = WgDatapath::ensure(&mut slot, &mut self.nl, spec);
+                    if let Some(dp) = slot {
+                        self.wireguard.push(dp);
+                    }
+                    match r {
+                        Ok((ifindex, changes)) => {
+                            report.applied(&changes);
+                            let dp = self
+                                .wireguard
+                                .iter()
+                                .find(|d| d.device() == spec.device)
+                                .expect("ensured");
+                            update_wg_peers(dp, wg, spec, &self.leases, &self.settings.own, now);
+                            for f in FAMILIES {
+                                if wg.device_for(f).is_some_and(|d| d.device == spec.device) {
+                                    *devices.get_mut(f) = Some(ifindex);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(device = %spec.device, error = %e, "cannot set up the wireguard datapath; retrying on the next pass");
+                            report.device_error = Some(e.to_string());
+                            report.errors.push(e.to_string());
+                            self.ifindex = PerFamily::default();
+                            return report;
+                        }
                     }
                 }
             }
@@ -779,6 +909,18 @@ impl Worker {
         }
         if let (BackendSettings::Udp(spec), Some(dp)) = (&self.settings.backend, &self.udp) {
             update_udp_peers(dp, spec, &self.leases, &self.settings.own);
+        }
+        if let BackendSettings::Wireguard(wg) = &self.settings.backend {
+            for dp in &self.wireguard {
+                if let Some(spec) = wg.devices.iter().find(|d| d.device == dp.device()) {
+                    update_wg_peers(dp, wg, spec, &self.leases, &self.settings.own, now);
+                }
+            }
+            let leases: Vec<&Lease> = self.leases.values().map(|l| &**l).collect();
+            report.peers = FAMILIES
+                .into_iter()
+                .map(|f| wg.peer_count(f, leases.clone(), &self.settings.own, now))
+                .sum();
         }
         unreachable.sort_by_key(|p| (p.subnet, p.key));
         self.note_unreachable(&unreachable, &mut report);
@@ -985,6 +1127,35 @@ fn update_udp_peers(
     }
 }
 
+/// Hands one wireguard device's datapath its peers among `leases` (a
+/// summary at INFO when they changed, the list at DEBUG).
+fn update_wg_peers(
+    dp: &WgDatapath,
+    wg: &WgSettings,
+    spec: &WgDeviceSpec,
+    leases: &BTreeMap<LeaseKey, Arc<Lease>>,
+    own: &LeaseKey,
+    now: SystemTime,
+) {
+    if dp.set_peers(wg.peers(spec, leases.values().map(|l| &**l), own, now)) {
+        let peers = dp.peers();
+        tracing::info!(device = %spec.device, count = peers.len(), "wireguard peers updated");
+        let list: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+                format!(
+                    "{} at {} allowed {}",
+                    p.public_key,
+                    p.endpoint,
+                    ips.join(",")
+                )
+            })
+            .collect();
+        tracing::debug!(device = %spec.device, peers = ?list, "wireguard peers updated: peers");
+    }
+}
+
 /// Whether a notification about a route, neighbour or FDB entry shows
 /// nothing to repair: a write of an object we want exactly as we want
 /// it (the echo of our own write, above all the vxlan driver's FDB
@@ -1133,7 +1304,10 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: PerFamily<Option<u32
                     BackendSettings::Udp(spec) => {
                         *name == spec.device || hostgw::may_be_leftover_name(name)
                     }
+                    BackendSettings::Wireguard(_) => hostgw::may_be_leftover_name(name),
                 }
+                // Our wireguard devices, or their leftovers.
+                || wireguard::is_wireguard_device_name(name)
                 // A udp leftover to remove.
                 || (!matches!(s.backend, BackendSettings::Udp(_)) && name == flannel_core::wire::UDP_TUN_DEVICE)
         }
@@ -1567,6 +1741,103 @@ mod tests {
             devs,
             &PerFamily::default()
         ));
+    }
+
+    fn wg_settings(mode: flannel_core::config::WireguardMode) -> Settings {
+        use crate::backend::wireguard::{device_specs, public_key, KeyPair};
+        use flannel_core::wireguard::SecretKey;
+        let private = SecretKey(
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+                .parse()
+                .unwrap(),
+        );
+        let keys = KeyPair {
+            public: public_key(&private),
+            private,
+        };
+        let cfg = flannel_core::config::WireguardConfig {
+            mode,
+            ..Default::default()
+        };
+        let mut s = dual_settings(false);
+        s.backend = BackendSettings::Wireguard(WgSettings {
+            devices: device_specs(
+                &cfg,
+                s.own.ipv4,
+                s.own.ipv6,
+                s.network,
+                s.ipv6_network,
+                1420,
+                &keys,
+                None,
+            ),
+            local: Default::default(),
+        });
+        s
+    }
+
+    #[test]
+    fn wireguard_counts_peers_per_device_and_owns_no_route_inside_the_network() {
+        use flannel_core::config::WireguardMode;
+        let key = |k: &str| k.parse::<flannel_core::wireguard::WgKey>().unwrap();
+        let lease = |subnets: &str, ip: &str, ip6: &str, k: &str| Lease {
+            key: subnets.parse().unwrap(),
+            attrs: flannel_core::wireguard::lease_attrs(
+                Some(ip.parse().unwrap()),
+                Some(ip6.parse().unwrap()),
+                &key(k),
+                Some(51820),
+                Some(51821),
+            ),
+            expiration: None,
+        };
+        let ls = vec![
+            lease(
+                "10.244.2.0-24&fd00:10:244:2::-64",
+                "172.16.1.13",
+                "fd00:1::13",
+                "FpCyhws9cxwWoV4xELtfJvjJN+zQVRPISllRWgeopVE=",
+            ),
+            lease(
+                "10.244.3.0-24&fd00:10:244:3::-64",
+                "172.16.1.3",
+                "fd00:1::3",
+                "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=",
+            ),
+        ];
+        let now = SystemTime::now();
+        let sep = wg_settings(WireguardMode::Separate);
+        assert_eq!(sep.device_name(IpFamily::V4), Some("flannel-wg"));
+        assert_eq!(sep.device_name(IpFamily::V6), Some("flannel-wg-v6"));
+        let (v4, v6) = (
+            sep.desired(IpFamily::V4, Some(7), &ls, now),
+            sep.desired(IpFamily::V6, Some(8), &ls, now),
+        );
+        assert_eq!((v4.peers, v6.peers), (2, 2));
+        assert!(
+            v4.state.is_empty() && v6.state.is_empty(),
+            "peers live in the datapath"
+        );
+        // One device for both families: its peers are counted once.
+        let auto = wg_settings(WireguardMode::Auto);
+        assert_eq!(auto.device_name(IpFamily::V6), Some("flannel-wg"));
+        let (v4, v6) = (
+            auto.desired(IpFamily::V4, Some(7), &ls, now),
+            auto.desired(IpFamily::V6, Some(7), &ls, now),
+        );
+        assert_eq!((v4.peers, v6.peers), (2, 0));
+        // Our devices and their leftovers are watched, with every backend.
+        for s in [&sep, &settings(), &host_gw_settings()] {
+            assert!(is_relevant(
+                &Notification::Link {
+                    index: 99,
+                    name: "flannel-wg-v6".into(),
+                    deleted: true
+                },
+                s,
+                PerFamily::default()
+            ));
+        }
     }
 
     fn dual_settings(direct_routing: bool) -> Settings {

@@ -129,13 +129,15 @@ pub fn input_from(flags: &Flags, cfg: &NetConfig, own: &LeaseKey) -> RulesInput 
 }
 
 /// The UDP port the backend encapsulates in, for the encapsulation guard:
-/// vxlan's `Port` (0: the kernel's 8472), udp's `Port`; none for host-gw.
+/// vxlan's `Port` (0: the kernel's 8472), udp's `Port`; none for host-gw,
+/// and none for wireguard, whose datagrams a pod cannot forge (each is
+/// authenticated with the peers' keys, and one that is not is dropped).
 pub fn encap_port(backend: &BackendConfig) -> Option<u16> {
     match backend {
         BackendConfig::Vxlan(v) if v.port == 0 => Some(wire::VXLAN_DEFAULT_PORT),
         BackendConfig::Vxlan(v) => Some(v.port),
         BackendConfig::Udp(u) => Some(u.port),
-        BackendConfig::HostGw => None,
+        BackendConfig::HostGw | BackendConfig::Wireguard(_) => None,
     }
 }
 

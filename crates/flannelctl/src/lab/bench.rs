@@ -5,8 +5,8 @@
 //! cluster). In each lab the bench measures, side by side:
 //! - `underlay`: k8s-node1's ens3 to k8s-node2's ens3, the lab's "wire";
 //! - `pod-pod`: ubuntu-1 to ubuntu-2, the path the targets are about;
-//! - `node-node` (vxlan, udp): k8s-node1 to k8s-node2's overlay address
-//!   (`flannel.1` / `flannel0`): the backend's encapsulation without the
+//! - `node-node` (vxlan, udp, wireguard): k8s-node1 to k8s-node2's overlay
+//!   address (`flannel.1` / `flannel0` / `flannel-wg`): the backend's encapsulation without the
 //!   pods' veth and cni0 bridge, which tells the two costs apart.
 //!
 //! Throughput is TCP with one stream and with four (Debian's `iperf3` when
@@ -43,14 +43,20 @@ pub const DEFAULT_REPEAT: u32 = 9;
 /// The confidence the intervals of the ratios aim at.
 pub const CONFIDENCE: f64 = 0.95;
 /// The backends a bench measures by default, in this order.
-pub const ALL_BACKENDS: [Backend; 3] = [Backend::Vxlan, Backend::HostGw, Backend::Udp];
+pub const ALL_BACKENDS: [Backend; 4] = [
+    Backend::Vxlan,
+    Backend::HostGw,
+    Backend::Udp,
+    Backend::Wireguard,
+];
 
 /// The targets: pod-to-pod single-stream throughput of `.0` relative to `.1`
 /// (`underlay`: the same lab's underlay), at least `.2`.
-pub const TARGETS: [(Backend, Option<Backend>, f64); 3] = [
+pub const TARGETS: [(Backend, Option<Backend>, f64); 4] = [
     (Backend::HostGw, None, 0.95),
     (Backend::Vxlan, None, 0.85),
     (Backend::Udp, Some(Backend::Vxlan), 0.5),
+    (Backend::Wireguard, Some(Backend::Vxlan), 0.5),
 ];
 
 /// One path's measurements: a throughput sample per round, and latency.

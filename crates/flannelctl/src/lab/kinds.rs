@@ -29,6 +29,8 @@ pub enum Backend {
     HostGw,
     #[serde(rename = "udp")]
     Udp,
+    #[serde(rename = "wireguard")]
+    Wireguard,
 }
 
 impl Backend {
@@ -39,15 +41,17 @@ impl Backend {
             Backend::Vxlan => flannel_core::wire::BACKEND_TYPE_VXLAN,
             Backend::HostGw => flannel_core::wire::BACKEND_TYPE_HOST_GW,
             Backend::Udp => flannel_core::wire::BACKEND_TYPE_UDP,
+            Backend::Wireguard => flannel_core::wire::BACKEND_TYPE_WIREGUARD,
         }
     }
 
     /// The device holding a node's overlay address when the node has no
-    /// pod (hence no cni0): `flannel.1`, `flannel0`; host-gw has none.
+    /// pod (hence no cni0): `flannel.1`, `flannel0`, `flannel-wg`; host-gw has none.
     pub fn overlay_device(self) -> Option<String> {
         match self {
             Backend::Vxlan => Some(flannel_core::wire::vxlan_device_name(super::VNI)),
             Backend::Udp => Some(flannel_core::wire::UDP_TUN_DEVICE.to_string()),
+            Backend::Wireguard => Some(flannel_core::wire::WIREGUARD_DEVICE.to_string()),
             Backend::HostGw => None,
         }
     }
@@ -60,8 +64,9 @@ impl std::str::FromStr for Backend {
             "vxlan" => Ok(Backend::Vxlan),
             "host-gw" => Ok(Backend::HostGw),
             "udp" => Ok(Backend::Udp),
+            "wireguard" => Ok(Backend::Wireguard),
             other => Err(format!(
-                "unknown backend {other:?}: use `vxlan`, `host-gw` or `udp`"
+                "unknown backend {other:?}: use `vxlan`, `host-gw`, `udp` or `wireguard`"
             )),
         }
     }
@@ -243,6 +248,7 @@ pub fn net_conf(backend: Backend, direct_routing: bool, family: Family) -> serde
         Backend::Vxlan => serde_json::json!({ "Type": "vxlan", "VNI": super::VNI }),
         Backend::HostGw => serde_json::json!({ "Type": "host-gw" }),
         Backend::Udp => serde_json::json!({ "Type": "udp" }),
+        Backend::Wireguard => serde_json::json!({ "Type": "wireguard" }),
     };
     let mut v = serde_json::Map::new();
     if family.has_v4() {
@@ -280,7 +286,12 @@ mod tests {
 
     #[test]
     fn net_conf_per_choice_parses_with_the_core() {
-        for backend in [Backend::Vxlan, Backend::HostGw, Backend::Udp] {
+        for backend in [
+            Backend::Vxlan,
+            Backend::HostGw,
+            Backend::Udp,
+            Backend::Wireguard,
+        ] {
             for family in [Family::V4, Family::V6, Family::Dual] {
                 let dr = backend == Backend::Vxlan;
                 let json = net_conf(backend, dr, family).to_string();
@@ -303,7 +314,7 @@ mod tests {
 
     #[test]
     fn names_parse_and_print() {
-        for b in ["vxlan", "host-gw", "udp"] {
+        for b in ["vxlan", "host-gw", "udp", "wireguard"] {
             assert_eq!(b.parse::<Backend>().unwrap().to_string(), b);
         }
         assert!("ipip".parse::<Backend>().unwrap_err().contains("host-gw"));

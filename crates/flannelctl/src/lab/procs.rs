@@ -26,6 +26,8 @@ pub const BIN_DIR_ENV: &str = "FLANNEL_LAB_BIN_DIR";
 pub(crate) const PID_FILE: &str = "flanneld.pid";
 /// Per node: the daemon's stdout and stderr.
 pub(crate) const LOG_FILE: &str = "flanneld.log";
+/// A lab node's WireGuard private key, in its directory (`WIREGUARD_KEY_FILE`).
+pub(crate) const WIREGUARD_KEY_FILE: &str = "wgkey";
 
 /// Where `flanneld` and `flannel` are: `explicit` (`--bin-dir`), else
 /// `$FLANNEL_LAB_BIN_DIR`, else the directory of the running executable
@@ -106,6 +108,12 @@ pub(crate) fn spawn_flanneld(
     cmd.envs(env.iter().map(|(k, v)| (k, v)));
     // The log is a file: no terminal colours (honoured by tracing-subscriber).
     cmd.env("NO_COLOR", "1");
+    // Each node its own WireGuard key (the default /run/flannel/wgkey
+    // would be every lab node's).
+    cmd.env(
+        flannel_core::wire::ENV_WIREGUARD_KEY_FILE,
+        node_dir.join(WIREGUARD_KEY_FILE),
+    );
     // `store_args` carries --ip-masq unless the lab was made without it
     // (see `LabOptions::ip_masq`).
     cmd.args(store_args)

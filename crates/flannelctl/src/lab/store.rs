@@ -12,8 +12,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
+use flannel_core::lease::{IpFamily, Lease, LeaseAttrs, LeaseKey, VxlanBackendData};
 use flannel_core::mac::MacAddr;
+use flannel_core::wireguard;
 use flannel_netlink::netns::NetNs;
 use ipnet::Ipv4Net;
 
@@ -269,7 +270,7 @@ impl Lab {
 
     /// Whether `l` is `n`'s lease as its daemon publishes it: the node's
     /// subnet(s), its public address(es), the lab's backend and, for vxlan,
-    /// the VtepMAC of each family.
+    /// the VtepMAC of each family (for wireguard, the public key).
     pub fn is_published(&self, n: &NodeState, l: &Lease) -> bool {
         let fam = self.state.family;
         l.key == self.state.lease_key(n)
@@ -279,6 +280,10 @@ impl Lab {
             && (self.state.backend != Backend::Vxlan
                 || ((!fam.has_v4() || vxlan_data(&l.attrs).is_some())
                     && (!fam.has_v6() || l.attrs.vxlan_v6_data().is_some())))
+            && (self.state.backend != Backend::Wireguard
+                || [(fam.has_v4(), IpFamily::V4), (fam.has_v6(), IpFamily::V6)]
+                    .into_iter()
+                    .all(|(on, f)| !on || wireguard::lease_data(&l.attrs, f).is_some()))
     }
 
     pub(super) fn master(&self) -> Result<&NodeState> {

@@ -16,7 +16,7 @@
 //!   TSO/USO): one read returns a 64 KiB TCP super-packet, split into
 //!   MTU-sized packets in userspace (tun-rs); received TCP segments of one
 //!   flow are coalesced back into one super-packet written with `writev`
-//!   from the receive buffers, without copying payloads ([`Coalescer`]);
+//!   from the receive buffers, without copying payloads ([`super::fastpath::Coalescer`]);
 //! - the packets of one read that go to the same peer leave in one
 //!   `sendmsg` with UDP GSO, and receiving uses `recvmmsg` with UDP GRO
 //!   (quinn-udp);
@@ -56,16 +56,21 @@
 //! The counters are written as JSON to `--udp-stats-file` every second
 //! when they change and logged periodically.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
+
+use super::fastpath::{
+    device_gone, open_tun, queue_count, read_batch, udp_socket, write_stats, Coalescer,
+    RateLimited, SharedCounters, SocketError, TunError, TxSocket, IDLE_POLL, TX_SLOTS,
+};
 use flannel_core::datapath::Route;
 use flannel_core::lease::{Lease, LeaseAttrs, LeaseKey};
 use flannel_core::udp::{
@@ -76,9 +81,7 @@ use flannel_core::wire;
 use flannel_netlink::{Link, Netlink};
 use ipnet::{IpNet, Ipv4Net};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tun_rs::{
-    DeviceBuilder, GROTable, SyncDevice, VirtioNetHdr, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_LEN,
-};
+use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
 /// The backend's `Type`. The lease carries no `BackendType` (as
 /// upstream's); peers read a missing one as udp ([`lease_attrs`]).
@@ -88,13 +91,6 @@ pub const BACKEND_TYPE: &str = flannel_core::lease::BACKEND_UDP;
 /// (`/run/flannel/udp-stats.json`).
 pub const STATS_FILE_NAME: &str = "udp-stats.json";
 
-/// Most queues (and thread pairs) used.
-const MAX_QUEUES: usize = 4;
-/// Packets one egress batch holds (tun-rs's ideal batch is 128).
-const TX_SLOTS: usize = 256;
-/// A read is attempted only while this many slots are free: a 64 KiB
-/// super-packet with a small MSS splits into up to this many packets.
-const TX_READ_ROOM: usize = 128;
 /// Largest UDP payload a GSO send may carry in total (64 KiB less the
 /// outer IPv4 and UDP headers).
 const GSO_MAX_BYTES: usize = 65_507;
@@ -104,8 +100,6 @@ const RX_SLOTS: usize = 32;
 const RX_SLOT_BYTES: usize = 65_536;
 /// Packets written to the TUN device per batch.
 const TUN_WRITE_SLOTS: usize = 128;
-/// How long an idle thread sleeps in poll(2) before checking for shutdown.
-const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How often the stats file is refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// How often the counters are logged (when they changed).
@@ -114,20 +108,10 @@ const STATS_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Errors of the udp backend, each naming what failed and what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum UdpError {
-    #[error("creating the TUN device {device} (ip tuntap add {device} mode tun multi_queue): {source}; is /dev/net/tun available (modprobe tun)?")]
-    Tun {
-        device: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("binding the udp backend socket to {addr} (Backend.Port): {source}; is another process using the port?")]
-    Bind {
-        addr: SocketAddrV4,
-        #[source]
-        source: io::Error,
-    },
-    #[error("setting up the udp backend socket: {0}")]
-    Socket(#[source] io::Error),
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error("spawning the {what} thread: {source}")]
     Spawn {
         what: String,
@@ -228,32 +212,10 @@ pub fn remove_udp_leftovers(nl: &mut Netlink) -> Result<Vec<String>, UdpError> {
     )])
 }
 
-/// The counters shared by the threads: relaxed atomics, added once per batch.
-#[derive(Debug, Default)]
-struct SharedCounters([AtomicU64; COUNTERS]);
-
-impl SharedCounters {
-    fn add(&self, c: &Counters) {
-        for (slot, v) in self.0.iter().zip(c.to_array()) {
-            if v != 0 {
-                slot.fetch_add(v, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Counters {
-        let mut a = [0u64; COUNTERS];
-        for (v, slot) in a.iter_mut().zip(self.0.iter()) {
-            *v = slot.load(Ordering::Relaxed);
-        }
-        Counters::from_array(a)
-    }
-}
-
 /// State shared between the datapath handle and its threads.
 struct Shared {
     peers: ArcSwap<PeerTable>,
-    counters: SharedCounters,
+    counters: SharedCounters<COUNTERS>,
     stop: AtomicBool,
     /// Set by a thread that stopped on a fatal error (the device is gone).
     failed: AtomicBool,
@@ -261,6 +223,13 @@ struct Shared {
     /// flannel0's address (`<own subnet network>`): the source of our ICMP
     /// errors; follows the spec when the subnet changes.
     address: AtomicU32,
+}
+
+impl Shared {
+    /// The counters the threads have added so far.
+    fn counters_now(&self) -> Counters {
+        Counters::from_array(self.counters.snapshot())
+    }
 }
 
 /// Reads a running datapath's counters from any thread (the metrics
@@ -276,7 +245,7 @@ impl CountersReader {
     /// The counters now.
     pub fn read(&self) -> Counters {
         let mut c = self.base;
-        c.add(&self.shared.counters.snapshot());
+        c.add(&self.shared.counters_now());
         c
     }
 
@@ -287,7 +256,7 @@ impl CountersReader {
             base,
             shared: Arc::new(Shared {
                 peers: ArcSwap::from_pointee(PeerTable::default()),
-                counters: SharedCounters::default(),
+                counters: SharedCounters::<COUNTERS>::default(),
                 stop: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
                 port: 0,
@@ -299,7 +268,7 @@ impl CountersReader {
     /// Counts as the datapath threads do.
     #[cfg(test)]
     pub(crate) fn add_for_test(&self, c: &Counters) {
-        self.shared.counters.add(c);
+        self.shared.counters.add(c.to_array());
     }
 }
 
@@ -328,54 +297,6 @@ impl std::fmt::Debug for UdpDatapath {
             .field("queues", &self.queues)
             .finish()
     }
-}
-
-/// Opens `flannel0` with `queues` queues, multi-queue with offloads, and
-/// makes it persistent. An existing `flannel0` that cannot be attached to
-/// (a TUN of other flags, left by another program) is deleted and created
-/// anew.
-fn open_tun(nl: &mut Netlink, name: &str, queues: usize) -> Result<Vec<SyncDevice>, UdpError> {
-    let tun_err = |source| UdpError::Tun {
-        device: name.to_string(),
-        source,
-    };
-    let build = || {
-        DeviceBuilder::new()
-            .name(name)
-            .with(|b| {
-                b.multi_queue(true);
-                b.offload(true);
-            })
-            .build_sync()
-    };
-    let first = match build() {
-        Ok(d) => d,
-        Err(e)
-            if e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EBUSY) =>
-        {
-            // Another kind of device, or a TUN of other flags: ours to replace.
-            let k = |source| UdpError::Kernel {
-                device: name.to_string(),
-                source,
-            };
-            if let Some(l) = nl.link_by_name(name).map_err(k)? {
-                tracing::warn!(device = name, kind = ?l.kind, error = %e, "cannot attach to the existing device; recreating it");
-                nl.del_link(l.index).map_err(k)?;
-            }
-            build().map_err(tun_err)?
-        }
-        Err(e) => return Err(tun_err(e)),
-    };
-    first.persist().map_err(tun_err)?;
-    let mut devs = Vec::with_capacity(queues);
-    for _ in 1..queues {
-        devs.push(first.try_clone().map_err(tun_err)?);
-    }
-    devs.insert(0, first);
-    for d in &devs {
-        d.set_nonblocking(true).map_err(tun_err)?;
-    }
-    Ok(devs)
 }
 
 /// The socket our ICMP errors leave by: `socket(AF_INET, SOCK_RAW,
@@ -413,50 +334,6 @@ fn send_icmp(sock: &OwnedFd, pkt: &[u8], to: Ipv4Addr) {
     );
 }
 
-fn udp_socket(addr: SocketAddrV4, reuse_port: bool) -> Result<UdpSocket, UdpError> {
-    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let fd: OwnedFd = socket::socket(
-        AddressFamily::Inet,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| UdpError::Socket(e.into()))?;
-    if reuse_port {
-        socket::setsockopt(&fd, sockopt::ReusePort, &true)
-            .map_err(|e| UdpError::Socket(e.into()))?;
-    }
-    // Deep buffers absorb bursts while a thread is descheduled; the
-    // *FORCE options (CAP_NET_ADMIN) pass net.core.[rw]mem_max, whose
-    // default (208 KiB) drops datagrams at a few Gbit/s.
-    const BUF: usize = 4 << 20;
-    if socket::setsockopt(&fd, sockopt::RcvBufForce, &BUF).is_err() {
-        let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &BUF);
-    }
-    if socket::setsockopt(&fd, sockopt::SndBufForce, &BUF).is_err() {
-        let _ = socket::setsockopt(&fd, sockopt::SndBuf, &BUF);
-    }
-    socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(|e| UdpError::Bind {
-        addr,
-        source: e.into(),
-    })?;
-    Ok(UdpSocket::from(fd))
-}
-
-/// How many queues: `FLANNELD_UDP_QUEUES` (a tuning knob), else one per
-/// core, at most [`MAX_QUEUES`].
-fn queue_count() -> usize {
-    std::env::var("FLANNELD_UDP_QUEUES")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .clamp(1, MAX_QUEUES)
-}
-
 impl UdpDatapath {
     /// Opens `flannel0`, binds the sockets and starts the threads. The
     /// device's address, MTU, up state and route are [`UdpDatapath::ensure`]'s.
@@ -470,24 +347,41 @@ impl UdpDatapath {
         base: Counters,
         peers: PeerTable,
     ) -> Result<UdpDatapath, UdpError> {
-        let queues = queue_count();
+        let queues = queue_count("FLANNELD_UDP_QUEUES");
         // Sockets first: a port in use fails before the device is touched.
         let listen = SocketAddrV4::new(spec.bind, spec.port);
         let mut rx = Vec::with_capacity(queues);
         for _ in 0..queues {
-            rx.push(udp_socket(listen, true)?);
+            rx.push(udp_socket(
+                listen.into(),
+                true,
+                false,
+                "udp backend",
+                "Backend.Port",
+            )?);
         }
         let mut tx = Vec::with_capacity(queues);
         for _ in 0..queues {
-            let sock = udp_socket(SocketAddrV4::new(spec.bind, 0), false)?;
-            let state = UdpSocketState::new(UdpSockRef::from(&sock)).map_err(UdpError::Socket)?;
+            let sock = udp_socket(
+                SocketAddrV4::new(spec.bind, 0).into(),
+                false,
+                false,
+                "udp backend",
+                "Backend.Port",
+            )?;
+            let state = UdpSocketState::new(UdpSockRef::from(&sock)).map_err(|source| {
+                SocketError::Setup {
+                    what: "udp backend",
+                    source,
+                }
+            })?;
             tx.push(TxSocket { sock, state });
         }
         let tx: Arc<[TxSocket]> = tx.into();
         let devs = open_tun(nl, &spec.device, queues)?;
         let shared = Arc::new(Shared {
             peers: ArcSwap::from_pointee(peers),
-            counters: SharedCounters::default(),
+            counters: SharedCounters::<COUNTERS>::default(),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             port: spec.port,
@@ -532,7 +426,7 @@ impl UdpDatapath {
     /// The counters so far.
     pub fn counters(&self) -> Counters {
         let mut c = self.base;
-        c.add(&self.shared.counters.snapshot());
+        c.add(&self.shared.counters_now());
         c
     }
 
@@ -674,44 +568,6 @@ pub fn peer_table<'l>(
     PeerTable::from_leases(network, leases, Some(own), now)
 }
 
-/// Waits until `fd` is ready for `events` or [`IDLE_POLL`] passes.
-fn wait_ready(fd: impl AsFd, events: nix::poll::PollFlags) {
-    use nix::poll::{poll, PollFd, PollTimeout};
-    let mut fds = [PollFd::new(fd.as_fd(), events)];
-    let ms = IDLE_POLL.as_millis() as u16;
-    let _ = poll(&mut fds, PollTimeout::from(ms));
-}
-
-/// Whether a TUN error means the device is gone (deleted under us).
-fn device_gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EBADFD) | Some(libc::EBADF) | Some(libc::ENODEV) | Some(libc::ENXIO)
-    )
-}
-
-/// Logs a recurring error at most once per ten seconds per thread.
-struct RateLimited(Option<Instant>);
-
-impl RateLimited {
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        match self.0 {
-            Some(t) if now.duration_since(t) < Duration::from_secs(10) => false,
-            _ => {
-                self.0 = Some(now);
-                true
-            }
-        }
-    }
-}
-
-/// A sending socket (its own ephemeral port) and its quinn-udp state.
-struct TxSocket {
-    sock: UdpSocket,
-    state: UdpSocketState,
-}
-
 /// One queue's thread: both directions of `dev`'s queue.
 ///
 /// One thread per queue carries both directions on purpose: the kernel's
@@ -811,7 +667,7 @@ impl TunToUdp {
             raw: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
             packets: vec![0u8; TX_SLOTS * slot],
             sizes: vec![0usize; TX_SLOTS],
-            warn: RateLimited(None),
+            warn: RateLimited::default(),
             offload: dev.tcp_gso(),
             icmp: [0u8; NET_UNREACHABLE_MAX_LEN],
             icmp_sock,
@@ -824,45 +680,30 @@ impl TunToUdp {
     fn pump(&mut self, dev: &SyncDevice, tx: &[TxSocket], sh: &Shared) -> Result<bool, Stopped> {
         let slot = self.slot;
         let mut n = 0;
-        while n + TX_READ_ROOM <= TX_SLOTS {
-            let r = {
-                let mut it = self.packets[n * slot..].chunks_exact_mut(slot);
-                let mut bufs: [&mut [u8]; TX_READ_ROOM] =
-                    std::array::from_fn(|_| it.next().expect("room checked"));
-                if self.offload {
-                    dev.recv_multiple(
-                        &mut self.raw,
-                        &mut bufs,
-                        &mut self.sizes[n..n + TX_READ_ROOM],
-                        0,
-                    )
-                } else {
-                    dev.recv(bufs[0]).map(|len| {
-                        self.sizes[n] = len;
-                        1
-                    })
-                }
+        let mut invalid = 0;
+        let r = read_batch(
+            dev,
+            self.offload,
+            &mut self.raw,
+            &mut self.packets,
+            &mut self.sizes,
+            slot,
+            &mut n,
+            &mut invalid,
+            &mut self.warn,
+            "udp",
+        );
+        if invalid > 0 {
+            let c = Counters {
+                dropped_tun_invalid: invalid,
+                ..Counters::default()
             };
-            match r {
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if device_gone(&e) => {
-                    tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
-                    sh.failed.store(true, Ordering::Relaxed);
-                    return Err(Stopped);
-                }
-                Err(e) => {
-                    // A packet tun-rs could not split (odd GSO metadata) or
-                    // larger than the MTU: dropped.
-                    let mut c = Counters::default();
-                    c.dropped_tun_invalid += 1;
-                    sh.counters.add(&c);
-                    if self.warn.ready() {
-                        tracing::warn!(error = %e, "udp egress: dropped a packet read from the TUN device");
-                    }
-                }
-            }
+            sh.counters.add(c.to_array());
+        }
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "udp egress: the TUN device is gone; the next pass recreates it");
+            sh.failed.store(true, Ordering::Relaxed);
+            return Err(Stopped);
         }
         if n == 0 {
             return Ok(false);
@@ -921,7 +762,7 @@ impl TunToUdp {
         if let Some(g) = group.take() {
             g.send(&tx[g.sock], sh, &self.packets, slot, &mut c, &mut self.warn);
         }
-        sh.counters.add(&c);
+        sh.counters.add(c.to_array());
         Ok(true)
     }
 }
@@ -986,26 +827,13 @@ impl Group {
             segment_size: (self.count > 1).then_some(slot),
             src_ip: None,
         };
-        loop {
-            match tx.state.try_send(UdpSockRef::from(&tx.sock), &t) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if sh.stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    wait_ready(&tx.sock, nix::poll::PollFlags::POLLOUT);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let n = self.count as u64;
-                    c.send_errors += n;
-                    c.tx_packets = c.tx_packets.saturating_sub(n);
-                    c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
-                    if warn.ready() {
-                        tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
-                    }
-                    return;
-                }
+        if let Err(e) = tx.send(&t, &sh.stop) {
+            let n = self.count as u64;
+            c.send_errors += n;
+            c.tx_packets = c.tx_packets.saturating_sub(n);
+            c.tx_bytes = c.tx_bytes.saturating_sub(self.bytes as u64);
+            if warn.ready() {
+                tracing::warn!(peer = %self.peer, error = %e, packets = n, "udp egress: send failed");
             }
         }
     }
@@ -1033,7 +861,7 @@ impl UdpToTun {
                 .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
                 .collect(),
             gro: GROTable::default(),
-            warn: RateLimited(None),
+            warn: RateLimited::default(),
             // With offloads, TCP segments are coalesced by [`Coalescer`] and
             // written without copying; without, packets go through tun-rs
             // one by one.
@@ -1086,7 +914,7 @@ impl UdpToTun {
                     continue;
                 };
                 if self.offload {
-                    if let Err(e) = co.push(dev, &d[..len], &mut c) {
+                    if let Err(e) = co.push(dev, &d[..len], &mut c.tun_write_errors) {
                         gone(sh, &mut c, &e);
                         return Err(Stopped);
                     }
@@ -1112,7 +940,7 @@ impl UdpToTun {
                 }
             }
         }
-        if let Err(e) = co.flush(dev, &mut c) {
+        if let Err(e) = co.flush(dev, &mut c.tun_write_errors) {
             gone(sh, &mut c, &e);
             return Err(Stopped);
         }
@@ -1128,242 +956,14 @@ impl UdpToTun {
         {
             return Err(Stopped);
         }
-        sh.counters.add(&c);
+        sh.counters.add(c.to_array());
         Ok(true)
-    }
-}
-
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the kernel completes the TCP checksum
-/// from `csum_start`/`csum_offset` (the field holds the pseudo-header sum).
-const VNET_NEEDS_CSUM: u8 = 1;
-/// Largest IPv4 packet (the total length field is 16 bits).
-const IPV4_MAX: usize = 65_535;
-/// TCP flags a coalesced segment may carry (ACK, and PSH on the last one).
-const TCP_ACK: u8 = 0x10;
-const TCP_PSH: u8 = 0x08;
-/// Most segments in one coalesced write.
-const MAX_COALESCE: usize = 64;
-
-/// Builds TCP super-packets for the TUN device straight from the received
-/// datagrams, without copying payloads: consecutive in-order segments of
-/// one IPv4 TCP flow (the pieces of one GSO send on the peer) become one
-/// `writev` of [virtio header + the first segment's headers, fixed up]
-/// followed by every segment's payload where it lies in the receive
-/// buffers. The kernel takes the write as one GSO packet (TSO), so the pod
-/// gets one large skb as with a local sender. Anything else (other
-/// protocols, options, fragments, flags other than ACK/PSH, a bad TCP
-/// checksum) is written on its own behind a zeroed virtio header, and the
-/// kernel checks it as usual.
-struct Coalescer<'a> {
-    /// Virtio header + the first segment's IPv4 and TCP headers.
-    head: [u8; VIRTIO_NET_HDR_LEN + 20 + 60],
-    head_len: usize,
-    /// The payloads (index 0 is `head`, filled in at flush).
-    parts: Vec<&'a [u8]>,
-    /// The open super-packet: its first segment, segment count, IP total
-    /// length, payload size of the first segment (the GSO size), the
-    /// expected next sequence number, and whether another may follow.
-    first: Option<&'a [u8]>,
-    count: usize,
-    total: usize,
-    gso_size: usize,
-    next_seq: u32,
-    open: bool,
-    psh: bool,
-}
-
-/// The TCP segment in `d` (a whole IPv4 packet) when it may be coalesced:
-/// IPv4 without options, not a fragment, DF set, TCP with only ACK/PSH and
-/// a payload. Returns the TCP header length and payload length.
-fn tcp_candidate(d: &[u8]) -> Option<(usize, usize)> {
-    if d.len() < 40 || d[0] != 0x45 || d[9] != 6 {
-        return None;
-    }
-    let frag = u16::from_be_bytes([d[6], d[7]]);
-    if frag != 0x4000 {
-        return None; // DF only: no MF, no offset, DF set
-    }
-    let thl = usize::from(d[32] >> 4) * 4;
-    let flags = d[33];
-    if thl < 20 || 20 + thl >= d.len() || flags & !(TCP_ACK | TCP_PSH) != 0 || flags & TCP_ACK == 0
-    {
-        return None;
-    }
-    Some((thl, d.len() - 20 - thl))
-}
-
-/// Whether the TCP checksum of the IPv4 packet `d` (header length 20) is right.
-fn tcp_checksum_ok(d: &[u8]) -> bool {
-    let Ok(tcp_len) = u16::try_from(d.len() - 20) else {
-        return false;
-    };
-    let mut pseudo = [0u8; 12];
-    pseudo[..8].copy_from_slice(&d[12..20]);
-    pseudo[9] = 6;
-    pseudo[10..12].copy_from_slice(&tcp_len.to_be_bytes());
-    let sum = tun_rs::checksum_no_fold(&pseudo, 0);
-    !tun_rs::checksum(&d[20..], sum) == 0
-}
-
-impl<'a> Coalescer<'a> {
-    fn new() -> Coalescer<'a> {
-        Coalescer {
-            head: [0; VIRTIO_NET_HDR_LEN + 20 + 60],
-            head_len: 0,
-            parts: Vec::with_capacity(MAX_COALESCE + 1),
-            first: None,
-            count: 0,
-            total: 0,
-            gso_size: 0,
-            next_seq: 0,
-            open: false,
-            psh: false,
-        }
-    }
-
-    /// Whether `d` continues the open super-packet.
-    fn continues(&self, d: &[u8], thl: usize, payload: usize) -> bool {
-        let Some(f) = self.first else {
-            return false;
-        };
-        self.open
-            && self.count < MAX_COALESCE
-            && payload <= self.gso_size
-            && self.total + payload <= IPV4_MAX
-            && u32::from_be_bytes([d[24], d[25], d[26], d[27]]) == self.next_seq
-            // same TOS, DF, TTL, protocol, addresses
-            && d[1] == f[1]
-            && d[6..10] == f[6..10]
-            && d[12..24] == f[12..24]
-            // same ack, header length, window, urgent pointer, options;
-            // flags may differ only in PSH
-            && d[28..33] == f[28..33]
-            && d[33] & !TCP_PSH == f[33] & !TCP_PSH
-            && d[34..36] == f[34..36]
-            && d[38..20 + thl] == f[38..20 + thl]
-    }
-
-    /// Adds a delivered packet; flushes first when it does not continue the
-    /// open super-packet. An error means the device is gone.
-    fn push(&mut self, dev: &SyncDevice, d: &'a [u8], c: &mut Counters) -> io::Result<()> {
-        let cand = tcp_candidate(d);
-        if let Some((thl, payload)) = cand {
-            if self.continues(d, thl, payload) && tcp_checksum_ok(d) {
-                if self.count == 1 && !tcp_checksum_ok(self.first.expect("open")) {
-                    // The first one cannot head a super-packet after all.
-                    self.flush(dev, c)?;
-                } else {
-                    self.parts.push(&d[20 + thl..]);
-                    self.count += 1;
-                    self.total += payload;
-                    self.next_seq = self.next_seq.wrapping_add(payload as u32);
-                    self.psh = d[33] & TCP_PSH != 0;
-                    self.open = payload == self.gso_size && !self.psh;
-                    return Ok(());
-                }
-            }
-        }
-        self.flush(dev, c)?;
-        self.first = Some(d);
-        self.count = 1;
-        self.total = d.len();
-        self.parts.clear();
-        self.parts.push(&[]);
-        match cand {
-            Some((thl, payload)) => {
-                self.parts.push(&d[20 + thl..]);
-                self.gso_size = payload;
-                let seq = u32::from_be_bytes([d[24], d[25], d[26], d[27]]);
-                self.next_seq = seq.wrapping_add(payload as u32);
-                self.psh = d[33] & TCP_PSH != 0;
-                self.open = !self.psh;
-                self.head_len = 20 + thl;
-            }
-            None => {
-                self.parts.push(d);
-                self.open = false;
-                self.head_len = 0;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes the open packet, if any.
-    fn flush(&mut self, dev: &SyncDevice, c: &mut Counters) -> io::Result<()> {
-        let Some(f) = self.first.take() else {
-            return Ok(());
-        };
-        let h = &mut self.head;
-        h[..VIRTIO_NET_HDR_LEN].fill(0);
-        let hl = self.head_len;
-        let vlen;
-        if self.count == 1 {
-            // As received, behind a zeroed virtio header (checksum complete).
-            vlen = VIRTIO_NET_HDR_LEN;
-            if hl > 0 {
-                h[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + hl].copy_from_slice(&f[..hl]);
-            }
-        } else {
-            let ip = VIRTIO_NET_HDR_LEN;
-            h[ip..ip + hl].copy_from_slice(&f[..hl]);
-            // IPv4 total length and header checksum.
-            h[ip + 2..ip + 4].copy_from_slice(&(self.total as u16).to_be_bytes());
-            h[ip + 10..ip + 12].fill(0);
-            let ipsum = !tun_rs::checksum(&h[ip..ip + 20], 0);
-            h[ip + 10..ip + 12].copy_from_slice(&ipsum.to_be_bytes());
-            if self.psh {
-                h[ip + 33] |= TCP_PSH;
-            }
-            // The TCP checksum field holds the pseudo-header sum over the
-            // whole segment length; the kernel completes it per segment.
-            let mut pseudo = [0u8; 12];
-            pseudo[..8].copy_from_slice(&f[12..20]);
-            pseudo[9] = 6;
-            pseudo[10..12].copy_from_slice(&((self.total - 20) as u16).to_be_bytes());
-            let psum = tun_rs::checksum(&pseudo, 0);
-            h[ip + 36..ip + 38].copy_from_slice(&psum.to_be_bytes());
-            VirtioNetHdr {
-                flags: VNET_NEEDS_CSUM,
-                gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
-                hdr_len: hl as u16,
-                gso_size: self.gso_size as u16,
-                csum_start: 20,
-                csum_offset: 16,
-            }
-            .encode(&mut h[..VIRTIO_NET_HDR_LEN])?;
-            vlen = VIRTIO_NET_HDR_LEN;
-        }
-        let head = &self.head[..vlen + hl];
-        let mut iov = [IoSlice::new(&[]); MAX_COALESCE + 1];
-        iov[0] = IoSlice::new(head);
-        for (v, p) in iov[1..].iter_mut().zip(&self.parts[1..]) {
-            *v = IoSlice::new(p);
-        }
-        let iov = &iov[..self.parts.len()];
-        let r = loop {
-            match nix::sys::uio::writev(dev, iov) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                r => break r,
-            }
-        };
-        self.parts.clear();
-        match r {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let e = io::Error::from(e);
-                if device_gone(&e) {
-                    return Err(e);
-                }
-                c.tun_write_errors += 1;
-                Ok(())
-            }
-        }
     }
 }
 
 /// Counts what was done and marks the datapath failed: the device is gone.
 fn gone(sh: &Shared, c: &mut Counters, e: &io::Error) {
-    sh.counters.add(c);
+    sh.counters.add(c.to_array());
     *c = Counters::default();
     tracing::warn!(error = %e, "udp ingress: the TUN device is gone; the next pass recreates it");
     sh.failed.store(true, Ordering::Relaxed);
@@ -1382,7 +982,7 @@ fn write_tun(
     match dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
         Ok(_) => true,
         Err(e) if device_gone(&e) => {
-            sh.counters.add(c);
+            sh.counters.add(c.to_array());
             *c = Counters::default();
             tracing::warn!(error = %e, "udp ingress: the TUN device is gone; the next pass recreates it");
             sh.failed.store(true, Ordering::Relaxed);
@@ -1406,7 +1006,7 @@ fn stats_loop(sh: &Shared, base: Counters, path: &std::path::Path) {
     let mut logged_at = Instant::now();
     while !sh.stop.load(Ordering::Relaxed) {
         let mut c = base;
-        c.add(&sh.counters.snapshot());
+        c.add(&sh.counters_now());
         if last_written != Some(c) {
             if let Err(e) = write_stats(path, &c) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the udp stats file");
@@ -1425,7 +1025,7 @@ fn stats_loop(sh: &Shared, base: Counters, path: &std::path::Path) {
         }
     }
     let mut c = base;
-    c.add(&sh.counters.snapshot());
+    c.add(&sh.counters_now());
     let _ = write_stats(path, &c);
 }
 
@@ -1444,15 +1044,6 @@ pub fn log_counters(c: &Counters) {
         tun_write_errors = c.tun_write_errors,
         "udp datapath counters"
     );
-}
-
-fn write_stats(path: &std::path::Path, c: &Counters) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(c).map_err(io::Error::other)?)?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -1510,121 +1101,5 @@ mod tests {
         l.kind = Some("tun".into());
         l.name = "tun0".into();
         assert!(!is_udp_leftover(&l));
-    }
-
-    /// An IPv4 TCP segment 10.244.1.2:40000 -> 10.244.2.2:5201 with the
-    /// timestamp option, DF, `payload` bytes, complete checksums.
-    fn segment(seq: u32, flags: u8, payload: usize) -> Vec<u8> {
-        let mut p = vec![0u8; 20 + 32 + payload];
-        let total = p.len() as u16;
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&total.to_be_bytes());
-        p[6] = 0x40;
-        p[8] = 64;
-        p[9] = 6;
-        p[12..16].copy_from_slice(&[10, 244, 1, 2]);
-        p[16..20].copy_from_slice(&[10, 244, 2, 2]);
-        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
-        p[24..28].copy_from_slice(&seq.to_be_bytes());
-        p[28..32].copy_from_slice(&7u32.to_be_bytes());
-        p[32] = 8 << 4;
-        p[33] = flags;
-        p[34..36].copy_from_slice(&512u16.to_be_bytes());
-        p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]);
-        for (i, b) in p[52..].iter_mut().enumerate() {
-            *b = (i as u32).wrapping_mul(seq | 1) as u8;
-        }
-        let ip = !tun_rs::checksum(&p[..20], 0);
-        p[10..12].copy_from_slice(&ip.to_be_bytes());
-        let mut pseudo = [0u8; 12];
-        pseudo[..8].copy_from_slice(&p[12..20]);
-        pseudo[9] = 6;
-        pseudo[10..12].copy_from_slice(&(total - 20).to_be_bytes());
-        let sum = tun_rs::checksum_no_fold(&pseudo, 0);
-        let tcp = !tun_rs::checksum(&p[20..], sum);
-        p[36..38].copy_from_slice(&tcp.to_be_bytes());
-        p
-    }
-
-    #[test]
-    fn tcp_candidates_are_plain_data_segments() {
-        assert_eq!(tcp_candidate(&segment(1, TCP_ACK, 100)), Some((32, 100)));
-        assert_eq!(
-            tcp_candidate(&segment(1, TCP_ACK | TCP_PSH, 100)),
-            Some((32, 100))
-        );
-        assert_eq!(tcp_candidate(&segment(1, TCP_ACK, 0)), None, "pure ACK");
-        assert_eq!(tcp_candidate(&segment(1, TCP_ACK | 0x01, 10)), None, "FIN");
-        assert_eq!(tcp_candidate(&segment(1, 0x02, 10)), None, "SYN");
-        let mut frag = segment(1, TCP_ACK, 100);
-        frag[6] = 0x20; // MF, no DF
-        assert_eq!(tcp_candidate(&frag), None);
-        let mut udp = segment(1, TCP_ACK, 100);
-        udp[9] = 17;
-        assert_eq!(tcp_candidate(&udp), None);
-        let mut opts = segment(1, TCP_ACK, 100);
-        opts[0] = 0x46; // IP options
-        assert_eq!(tcp_candidate(&opts), None);
-    }
-
-    #[test]
-    fn tcp_checksum_is_checked() {
-        let mut p = segment(9, TCP_ACK, 300);
-        assert!(tcp_checksum_ok(&p));
-        p[100] ^= 1;
-        assert!(!tcp_checksum_ok(&p));
-    }
-
-    #[test]
-    fn only_the_next_in_order_segment_of_the_flow_continues() {
-        let a = segment(1000, TCP_ACK, 1400);
-        let mut co = Coalescer::new();
-        co.first = Some(&a);
-        co.count = 1;
-        co.total = a.len();
-        co.gso_size = 1400;
-        co.next_seq = 2400;
-        co.open = true;
-        let next = segment(2400, TCP_ACK, 1400);
-        assert!(co.continues(&next, 32, 1400));
-        let last = segment(2400, TCP_ACK | TCP_PSH, 600);
-        assert!(co.continues(&last, 32, 600), "a shorter, PSH last one");
-        assert!(
-            !co.continues(&segment(2401, TCP_ACK, 1400), 32, 1400),
-            "gap"
-        );
-        assert!(
-            !co.continues(&segment(2400, TCP_ACK, 1401), 32, 1401),
-            "larger"
-        );
-        let mut other = segment(2400, TCP_ACK, 1400);
-        other[23] ^= 1; // another destination port
-        assert!(!co.continues(&other, 32, 1400));
-        let mut ack = segment(2400, TCP_ACK, 1400);
-        ack[31] ^= 1; // another ACK number
-        assert!(!co.continues(&ack, 32, 1400));
-        let mut ts = segment(2400, TCP_ACK, 1400);
-        ts[47] ^= 1; // another timestamp
-        assert!(!co.continues(&ts, 32, 1400));
-        co.open = false; // after a short or PSH segment
-        assert!(!co.continues(&next, 32, 1400));
-        co.open = true;
-        co.total = IPV4_MAX - 1000;
-        assert!(!co.continues(&next, 32, 1400), "past 64 KiB");
-    }
-
-    #[test]
-    fn shared_counters_sum() {
-        let s = SharedCounters::default();
-        let c = Counters {
-            rx_packets: 2,
-            dropped_spoofed: 1,
-            ..Counters::default()
-        };
-        s.add(&c);
-        s.add(&c);
-        assert_eq!(s.snapshot().rx_packets, 4);
-        assert_eq!(s.snapshot().dropped_spoofed, 2);
     }
 }
