@@ -433,105 +433,118 @@ fn decide<'a>(
     (admitted, rejected)
 }
 
-/// Who claims which PublicIP, VtepMAC and subnet, over every lease an
-/// [`Admitter`] holds (rejected and expired ones included): tells whether
-/// a lease's admission can involve any other lease.
+/// How many leases claim each PublicIP, VtepMAC and subnet, over every
+/// lease an [`Admitter`] holds (rejected and expired ones included): tells
+/// whether a lease's admission can involve any other lease. Counts, not key
+/// sets: a few bytes per lease even at 20,000 leases.
 #[derive(Debug, Default)]
 struct Claims {
-    ips: HashMap<IpAddr, BTreeSet<LeaseKey>>,
-    vteps: HashMap<(usize, u32, MacAddr), BTreeSet<LeaseKey>>,
+    ips: HashMap<IpAddr, u32>,
+    vteps: HashMap<(usize, u32, MacAddr), u32>,
     /// Per family, by (network address, prefix length); may overlap.
-    subnets: [BTreeMap<(IpAddr, u8), BTreeSet<LeaseKey>>; 2],
+    subnets: [BTreeMap<(IpAddr, u8), u32>; 2],
+}
+
+fn count_up<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
+    *m.entry(k).or_insert(0) += 1;
+}
+
+fn count_down<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
+    if let std::collections::btree_map::Entry::Occupied(mut e) = m.entry(k) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
+}
+
+fn hcount_up<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
+    *m.entry(k).or_insert(0) += 1;
+}
+
+fn hcount_down<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
+    if let std::collections::hash_map::Entry::Occupied(mut e) = m.entry(k) {
+        *e.get_mut() -= 1;
+        if *e.get() == 0 {
+            e.remove();
+        }
+    }
 }
 
 impl Claims {
-    fn add(&mut self, key: LeaseKey, f: &[FamilyFacts; 2]) {
+    fn add(&mut self, f: &[FamilyFacts; 2]) {
         for family in FAMILIES {
             let ff = &f[idx(family)];
             if let Some(s) = ff.subnet {
-                self.subnets[idx(family)]
-                    .entry((s.network(), s.prefix_len()))
-                    .or_default()
-                    .insert(key);
+                count_up(&mut self.subnets[idx(family)], (s.network(), s.prefix_len()));
             }
             if let Some(ip) = ff.public_ip {
-                self.ips.entry(ip).or_default().insert(key);
+                hcount_up(&mut self.ips, ip);
             }
             if let Some((vni, mac)) = ff.vtep {
-                self.vteps
-                    .entry((idx(family), vni, mac))
-                    .or_default()
-                    .insert(key);
+                hcount_up(&mut self.vteps, (idx(family), vni, mac));
             }
         }
     }
 
-    fn remove(&mut self, key: LeaseKey, f: &[FamilyFacts; 2]) {
-        fn take<K: std::hash::Hash + Eq>(
-            m: &mut HashMap<K, BTreeSet<LeaseKey>>,
-            k: K,
-            key: &LeaseKey,
-        ) {
-            if let Some(set) = m.get_mut(&k) {
-                set.remove(key);
-                if set.is_empty() {
-                    m.remove(&k);
-                }
-            }
-        }
+    fn remove(&mut self, f: &[FamilyFacts; 2]) {
         for family in FAMILIES {
             let ff = &f[idx(family)];
             if let Some(s) = ff.subnet {
-                let map = &mut self.subnets[idx(family)];
-                let k = (s.network(), s.prefix_len());
-                if let Some(set) = map.get_mut(&k) {
-                    set.remove(&key);
-                    if set.is_empty() {
-                        map.remove(&k);
-                    }
-                }
+                count_down(&mut self.subnets[idx(family)], (s.network(), s.prefix_len()));
             }
             if let Some(ip) = ff.public_ip {
-                take(&mut self.ips, ip, &key);
+                hcount_down(&mut self.ips, ip);
             }
             if let Some((vni, mac)) = ff.vtep {
-                take(&mut self.vteps, (idx(family), vni, mac), &key);
+                hcount_down(&mut self.vteps, (idx(family), vni, mac));
             }
         }
     }
 
-    /// Whether a lease other than `key` claims a PublicIP or VtepMAC of
-    /// `f`, or a subnet overlapping one of `f`'s: the supernets of each
-    /// subnet (one look-up per shorter prefix) and the subnets inside it
-    /// (a range of network addresses).
-    fn meet(&self, key: LeaseKey, f: &[FamilyFacts; 2]) -> bool {
-        let other =
-            |set: Option<&BTreeSet<LeaseKey>>| set.is_some_and(|s| s.iter().any(|k| *k != key));
+    /// Whether another lease claims a PublicIP or VtepMAC of `f`, or a
+    /// subnet overlapping one of `f`'s: the supernets of each subnet (one
+    /// look-up per shorter prefix) and the subnets inside it (a range of
+    /// network addresses). `mine` are the claims the asking lease holds
+    /// itself right now (counted here, but not another lease's).
+    fn meet(&self, f: &[FamilyFacts; 2], mine: Option<&[FamilyFacts; 2]>) -> bool {
+        let others = |n: u32, claimed_by_me: bool| n > u32::from(claimed_by_me);
         for family in FAMILIES {
             let ff = &f[idx(family)];
-            if ff.public_ip.is_some_and(|ip| other(self.ips.get(&ip))) {
-                return true;
+            let own = mine.map(|m| &m[idx(family)]);
+            if let Some(ip) = ff.public_ip {
+                let n = self.ips.get(&ip).copied().unwrap_or(0);
+                if others(n, own.is_some_and(|o| o.public_ip == Some(ip))) {
+                    return true;
+                }
             }
-            if ff
-                .vtep
-                .is_some_and(|(vni, mac)| other(self.vteps.get(&(idx(family), vni, mac))))
-            {
-                return true;
+            if let Some((vni, mac)) = ff.vtep {
+                let n = self
+                    .vteps
+                    .get(&(idx(family), vni, mac))
+                    .copied()
+                    .unwrap_or(0);
+                if others(n, own.is_some_and(|o| o.vtep == Some((vni, mac)))) {
+                    return true;
+                }
             }
             let Some(s) = ff.subnet else { continue };
             let map = &self.subnets[idx(family)];
+            let mine_is = |net: IpAddr, len: u8| {
+                own.and_then(|o| o.subnet)
+                    .is_some_and(|m| m.network() == net && m.prefix_len() == len)
+            };
             for len in 0..=s.prefix_len() {
-                let sup = IpNet::new(s.network(), len)
-                    .expect("shorter prefix")
-                    .trunc();
-                if other(map.get(&(sup.network(), len))) {
+                let sup = IpNet::new(s.network(), len).expect("shorter prefix").trunc();
+                let n = map.get(&(sup.network(), len)).copied().unwrap_or(0);
+                if others(n, mine_is(sup.network(), len)) {
                     return true;
                 }
             }
             let (lo, hi) = (s.network(), s.broadcast());
             if map
                 .range((lo, 0)..=(hi, u8::MAX))
-                .any(|((_, len), set)| *len >= s.prefix_len() && other(Some(set)))
+                .any(|(&(net, len), &n)| len >= s.prefix_len() && others(n, mine_is(net, len)))
             {
                 return true;
             }
@@ -619,7 +632,7 @@ impl Admitter {
         for (k, l) in all {
             if *k != self.own_key {
                 let f = facts(&self.nets, k, &l.attrs);
-                self.claims.add(*k, &f);
+                self.claims.add(&f);
                 self.facts.insert(*k, f);
             }
         }
@@ -638,7 +651,7 @@ impl Admitter {
         let mut old = Vec::new();
         for k in &changed {
             if let Some(f) = self.facts.remove(k) {
-                self.claims.remove(*k, &f);
+                self.claims.remove(&f);
                 old.push((*k, f));
             }
             if *k == self.own_key {
@@ -646,16 +659,16 @@ impl Admitter {
             }
             if let Some(l) = all.get(k) {
                 let f = facts(&self.nets, k, &l.attrs);
-                self.claims.add(*k, &f);
+                self.claims.add(&f);
                 self.facts.insert(*k, f);
             }
         }
         let involved = changed.contains(&self.own_key)
-            || old.iter().any(|(k, f)| self.claims.meet(*k, f))
+            || old.iter().any(|(k, f)| self.claims.meet(f, self.facts.get(k)))
             || changed.iter().any(|k| {
                 self.facts
                     .get(k)
-                    .is_some_and(|f| self.claims.meet(*k, f) || self.meets_own(f))
+                    .is_some_and(|f| self.claims.meet(f, Some(f)) || self.meets_own(f))
             });
         if involved {
             return self.recompute(all, now);
@@ -679,14 +692,8 @@ impl Admitter {
 
     fn meets_own(&self, f: &[FamilyFacts; 2]) -> bool {
         let mut own = Claims::default();
-        own.add(self.own_key, &self.own_facts);
-        own.meet(
-            LeaseKey {
-                ipv4: None,
-                ipv6: None,
-            },
-            f,
-        )
+        own.add(&self.own_facts);
+        own.meet(f, None)
     }
 
     /// Records one lease's decision (`None`: neither admitted nor rejected).
