@@ -476,7 +476,10 @@ impl Claims {
         for family in FAMILIES {
             let ff = &f[idx(family)];
             if let Some(s) = ff.subnet {
-                count_up(&mut self.subnets[idx(family)], (s.network(), s.prefix_len()));
+                count_up(
+                    &mut self.subnets[idx(family)],
+                    (s.network(), s.prefix_len()),
+                );
             }
             if let Some(ip) = ff.public_ip {
                 hcount_up(&mut self.ips, ip);
@@ -491,7 +494,10 @@ impl Claims {
         for family in FAMILIES {
             let ff = &f[idx(family)];
             if let Some(s) = ff.subnet {
-                count_down(&mut self.subnets[idx(family)], (s.network(), s.prefix_len()));
+                count_down(
+                    &mut self.subnets[idx(family)],
+                    (s.network(), s.prefix_len()),
+                );
             }
             if let Some(ip) = ff.public_ip {
                 hcount_down(&mut self.ips, ip);
@@ -535,7 +541,9 @@ impl Claims {
                     .is_some_and(|m| m.network() == net && m.prefix_len() == len)
             };
             for len in 0..=s.prefix_len() {
-                let sup = IpNet::new(s.network(), len).expect("shorter prefix").trunc();
+                let sup = IpNet::new(s.network(), len)
+                    .expect("shorter prefix")
+                    .trunc();
                 let n = map.get(&(sup.network(), len)).copied().unwrap_or(0);
                 if others(n, mine_is(sup.network(), len)) {
                     return true;
@@ -664,7 +672,9 @@ impl Admitter {
             }
         }
         let involved = changed.contains(&self.own_key)
-            || old.iter().any(|(k, f)| self.claims.meet(f, self.facts.get(k)))
+            || old
+                .iter()
+                .any(|(k, f)| self.claims.meet(f, self.facts.get(k)))
             || changed.iter().any(|k| {
                 self.facts
                     .get(k)
@@ -913,8 +923,9 @@ mod tests {
         );
         // Another VNI is another device: no conflict.
         let mut other_vni = a2.clone();
-        other_vni.attrs.backend_data =
-            Some(serde_json::json!({"VNI": 2, "VtepMAC": "52:17:43:ba:2e:56"}));
+        other_vni.attrs.backend_data = Some(crate::lease::BackendData::new(
+            &serde_json::json!({"VNI": 2, "VtepMAC": "52:17:43:ba:2e:56"}),
+        ));
         assert!(run(&nets(), &[own(), a1, other_vni]).rejected.is_empty());
     }
 

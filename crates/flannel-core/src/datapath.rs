@@ -731,7 +731,9 @@ mod tests {
         hg.attrs.backend_type = "host-gw".into();
         leases.push(hg);
         let mut bad = vx_lease("10.244.5.0-24", "172.16.1.5", 1, "02:00:00:00:00:05");
-        bad.attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "garbage"}));
+        bad.attrs.backend_data = Some(crate::lease::BackendData::new(
+            &serde_json::json!({"VNI": 1, "VtepMAC": "garbage"}),
+        ));
         leases.push(bad);
         let mut old = vx_lease("10.244.6.0-24", "172.16.1.6", 1, "02:00:00:00:00:06");
         old.expiration = Some(t0() - Duration::from_secs(1));
@@ -842,8 +844,9 @@ mod tests {
             "02:00:00:00:00:02",
         );
         l.attrs.public_ipv6 = Some("fd00::13".parse().unwrap());
-        l.attrs.backend_v6_data =
-            Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:06:02"}));
+        l.attrs.backend_v6_data = Some(crate::lease::BackendData::new(
+            &serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:06:02"}),
+        ));
         let peers = vxlan_peers(&[l.clone()], Some(&own), 1, IpFamily::V6, t0());
         assert_eq!(peers.len(), 1);
         assert_eq!(peers[0].subnet, net("fd00:10:244:2::/64"));
@@ -870,7 +873,9 @@ mod tests {
                 "02:00:00:00:00:02",
             );
             l.attrs.public_ipv6 = Some(ip6.parse().unwrap());
-            l.attrs.backend_v6_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": mac6}));
+            l.attrs.backend_v6_data = Some(crate::lease::BackendData::new(
+                &serde_json::json!({"VNI": 1, "VtepMAC": mac6}),
+            ));
             l
         };
         let state = |l: &Lease, f| {

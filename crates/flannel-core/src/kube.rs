@@ -23,7 +23,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Serialize;
 
 use crate::config::NetConfig;
-use crate::lease::{Lease, LeaseAttrs, LeaseKey};
+use crate::lease::{BackendData, Lease, LeaseAttrs, LeaseKey};
 use crate::wire;
 
 /// Why a Node, an annotation or the prefix cannot be used. Each message names
@@ -339,23 +339,21 @@ impl NodeView<'_> {
         }
     }
 
-    fn json(&self, annotation: &str) -> Result<Option<serde_json::Value>, KubeError> {
-        match self.annotation(annotation) {
-            None | Some("") => Ok(None),
-            Some(v) => match serde_json::from_str::<serde_json::Value>(v) {
-                Ok(serde_json::Value::Null) => Ok(None),
-                Ok(j) => Ok(Some(j)),
-                Err(e) => Err(self.bad(annotation, &format!("is not JSON: {e}"))),
-            },
+    fn json(&self, annotation: &str) -> Result<Option<BackendData>, KubeError> {
+        match self.annotation(annotation).map(str::trim) {
+            None | Some("") | Some("null") => Ok(None),
+            Some(v) => BackendData::from_json(v)
+                .map(Some)
+                .map_err(|e| self.bad(annotation, &format!("is not JSON: {e}"))),
         }
     }
 }
 
 /// `BackendData` as upstream writes it into the annotation: compact JSON,
 /// `null` when there is none.
-fn backend_json(v: &Option<serde_json::Value>) -> String {
+fn backend_json(v: &Option<BackendData>) -> String {
     v.as_ref()
-        .map_or_else(|| "null".to_string(), crate::lease::backend_data_json)
+        .map_or_else(|| "null".to_string(), |d| d.as_json().to_string())
 }
 
 /// The annotations flanneld owns on its Node for `attrs`, as upstream

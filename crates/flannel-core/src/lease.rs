@@ -32,68 +32,78 @@ pub struct LeaseAttrs {
     )]
     pub backend_type: String,
     /// Backend-specific data; for vxlan a [`VxlanBackendData`], for
-    /// wireguard a `wireguard::WireguardBackendData`. Written with
-    /// upstream's field order ([`backend_data_json`]).
+    /// wireguard a `wireguard::WireguardBackendData`.
     #[serde(
         rename = "BackendData",
         default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "upstream_order"
+        skip_serializing_if = "Option::is_none"
     )]
-    pub backend_data: Option<serde_json::Value>,
+    pub backend_data: Option<BackendData>,
     #[serde(
         rename = "BackendV6Data",
         default,
-        skip_serializing_if = "Option::is_none",
-        serialize_with = "upstream_order"
+        skip_serializing_if = "Option::is_none"
     )]
-    pub backend_v6_data: Option<serde_json::Value>,
+    pub backend_v6_data: Option<BackendData>,
 }
 
-/// The fields of the backend data upstream writes, in the order of its Go
-/// structs (vxlan: `VNI`, `VtepMAC`; wireguard: `PublicKey`, `Port`).
-/// `serde_json::Value` keeps object keys sorted, which happens to be
-/// upstream's order for vxlan but not for wireguard.
-const UPSTREAM_DATA_FIELDS: [&str; 4] = ["VNI", "VtepMAC", "PublicKey", "Port"];
+/// A lease's backend data (`BackendData`, `BackendV6Data`), kept as its
+/// JSON text: exactly what was read (a peer's value is written back byte for
+/// byte, whatever its field order or numbers) or what our structs serialise
+/// to (upstream's field order: vxlan `VNI`, `VtepMAC`; wireguard
+/// `PublicKey`, `Port`). A few dozen bytes per lease, where a parsed
+/// `serde_json::Value` object costs a B-tree node (about 700 bytes); it is
+/// parsed when read ([`BackendData::parse`]).
+#[derive(Clone)]
+pub struct BackendData(Box<serde_json::value::RawValue>);
 
-/// A backend data value serialised with upstream's field order: the
-/// fields of [`UPSTREAM_DATA_FIELDS`] first, in that order, then any other
-/// key as the value holds it.
-struct UpstreamOrder<'a>(&'a serde_json::Value);
+impl BackendData {
+    /// `value` as backend data.
+    pub fn new<T: Serialize>(value: &T) -> BackendData {
+        BackendData(serde_json::value::to_raw_value(value).expect("backend data serialises"))
+    }
 
-impl Serialize for UpstreamOrder<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let serde_json::Value::Object(m) = self.0 else {
-            return self.0.serialize(s);
-        };
-        let mut map = s.serialize_map(Some(m.len()))?;
-        for k in UPSTREAM_DATA_FIELDS {
-            if let Some(v) = m.get(k) {
-                map.serialize_entry(k, v)?;
-            }
-        }
-        for (k, v) in m
-            .iter()
-            .filter(|(k, _)| !UPSTREAM_DATA_FIELDS.contains(&k.as_str()))
-        {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
+    /// JSON text as backend data (checked to be JSON; surrounding blanks
+    /// dropped).
+    pub fn from_json(text: &str) -> Result<BackendData, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text.trim().to_string()).map(BackendData)
+    }
+
+    /// The JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The data as `T`; `None` when it is not one.
+    pub fn parse<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_str(self.0.get()).ok()
     }
 }
 
-fn upstream_order<S: serde::Serializer>(
-    v: &Option<serde_json::Value>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    v.as_ref().map(UpstreamOrder).serialize(s)
+impl PartialEq for BackendData {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.get() == other.0.get()
+    }
 }
 
-/// Backend data as compact JSON with upstream's field order (what the
-/// Kubernetes `backend-data` annotations hold).
-pub fn backend_data_json(v: &serde_json::Value) -> String {
-    serde_json::to_string(&UpstreamOrder(v)).expect("a JSON value serialises")
+impl Eq for BackendData {}
+
+impl fmt::Debug for BackendData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.get())
+    }
+}
+
+impl Serialize for BackendData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(BackendData)
+    }
 }
 
 /// The vxlan backend's data: `{"VNI":1,"VtepMAC":"26:62:24:f0:61:01"}`.
@@ -348,25 +358,23 @@ impl LeaseAttrs {
         public_ipv6: Option<Ipv6Addr>,
         v6: Option<VxlanBackendData>,
     ) -> Self {
-        let to_value =
-            |d: VxlanBackendData| serde_json::to_value(d).expect("VxlanBackendData serialises");
         LeaseAttrs {
             public_ip,
             public_ipv6,
             backend_type: BACKEND_VXLAN.to_string(),
-            backend_data: v4.map(to_value),
-            backend_v6_data: v6.map(to_value),
+            backend_data: v4.as_ref().map(BackendData::new),
+            backend_v6_data: v6.as_ref().map(BackendData::new),
         }
     }
 
     /// `BackendData` as vxlan data; `None` when absent or malformed.
     pub fn vxlan_data(&self) -> Option<VxlanBackendData> {
-        serde_json::from_value(self.backend_data.clone()?).ok()
+        self.backend_data.as_ref()?.parse()
     }
 
     /// `BackendV6Data` as vxlan data; `None` when absent or malformed.
     pub fn vxlan_v6_data(&self) -> Option<VxlanBackendData> {
-        serde_json::from_value(self.backend_v6_data.clone()?).ok()
+        self.backend_v6_data.as_ref()?.parse()
     }
 
     /// The public IP of one family.
@@ -382,8 +390,15 @@ impl LeaseAttrs {
         serde_json::to_string(self).expect("LeaseAttrs serialises")
     }
 
-    /// Parses the upstream JSON.
+    /// Parses the upstream JSON: an object. (serde alone would also take a
+    /// JSON array of the fields in order; Go's decoding into upstream's
+    /// struct does not, and neither does this.)
     pub fn from_json(s: &str) -> Result<Self, serde_json::Error> {
+        if !s.trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom(format!(
+                "a lease value is a JSON object like {{\"PublicIP\":\"172.16.1.14\",...}}, not {s:?}"
+            )));
+        }
         serde_json::from_str(s)
     }
 }
@@ -673,7 +688,7 @@ mod tests {
         );
         // A null BackendData is no vxlan data (and so no vxlan peer).
         let mut null = kube;
-        null.backend_data = Some(serde_json::Value::Null);
+        null.backend_data = Some(BackendData::from_json("null").unwrap());
         assert_eq!(null.vxlan_data(), None);
     }
 

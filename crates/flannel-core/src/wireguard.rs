@@ -38,7 +38,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::config::WireguardMode;
-use crate::lease::{IpFamily, Lease, LeaseAttrs, LeaseKey};
+use crate::lease::{BackendData, IpFamily, Lease, LeaseAttrs, LeaseKey};
 use crate::wire;
 
 /// `BackendType` of the wireguard backend.
@@ -141,11 +141,10 @@ pub fn lease_attrs(
     v6_port: Option<u16>,
 ) -> LeaseAttrs {
     let data = |port: u16| {
-        serde_json::to_value(WireguardBackendData {
+        BackendData::new(&WireguardBackendData {
             public_key: public_key.to_base64(),
             port,
         })
-        .expect("WireguardBackendData serialises")
     };
     LeaseAttrs {
         public_ip,
@@ -163,7 +162,7 @@ pub fn lease_data(attrs: &LeaseAttrs, family: IpFamily) -> Option<(WgKey, u16)> 
         IpFamily::V4 => attrs.backend_data.as_ref()?,
         IpFamily::V6 => attrs.backend_v6_data.as_ref()?,
     };
-    let d: WireguardBackendData = serde_json::from_value(v.clone()).ok()?;
+    let d: WireguardBackendData = v.parse()?;
     Some((WgKey::parse(&d.public_key).ok()?, d.port))
 }
 
@@ -660,7 +659,7 @@ pub(crate) mod tests {
             r#"{"PublicKey":"AAAA","Port":1}"#,
         ] {
             let mut a = old.clone();
-            a.backend_data = Some(serde_json::from_str(bad).unwrap());
+            a.backend_data = Some(crate::lease::BackendData::from_json(bad).unwrap());
             assert_eq!(lease_data(&a, IpFamily::V4), None, "{bad}");
         }
     }
@@ -908,7 +907,9 @@ pub(crate) mod tests {
         );
         // A missing Port is the fallback (our listen port).
         let mut old = wg_lease("10.244.6.0-24", Some("172.16.1.6"), None, KEY_A);
-        old.attrs.backend_data = Some(serde_json::json!({ "PublicKey": KEY_A }));
+        old.attrs.backend_data = Some(crate::lease::BackendData::new(
+            &serde_json::json!({ "PublicKey": KEY_A }),
+        ));
         let p = wireguard_peers(
             &[old],
             Some(&own),

@@ -1282,11 +1282,7 @@ fn ttl_secs(ttl: Duration) -> i64 {
 /// a JSON array for a struct; a lease value never is one.)
 fn parse_attrs(value: &[u8]) -> Result<LeaseAttrs, String> {
     let text = std::str::from_utf8(value).map_err(|e| format!("not UTF-8: {e}"))?;
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    if !v.is_object() {
-        return Err(format!("expected a JSON object, found {text:?}"));
-    }
-    serde_json::from_value(v).map_err(|e| e.to_string())
+    LeaseAttrs::from_json(text).map_err(|e| e.to_string())
 }
 
 /// The end of the key range of a prefix (etcd's "prefix end": the prefix

@@ -139,7 +139,9 @@ async fn own_reservation_is_reused_and_stays_a_reservation() {
         .unwrap()
         .unwrap();
     let mut newer = attrs(42);
-    newer.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:42:42:42:42:42"}));
+    newer.backend_data = Some(flannel_core::lease::BackendData::new(
+        &serde_json::json!({"VNI": 1, "VtepMAC": "02:42:42:42:42:42"}),
+    ));
     let got = acquire_lease(&store, &cfg, &newer, None, TTL)
         .await
         .unwrap();

@@ -1319,9 +1319,9 @@ async fn watcher_that_falls_behind_a_compaction_gets_a_snapshot() {
     // stream, the HTTP/2 window and etcd's buffers fill, and etcd sets the
     // watcher aside as a slow one. Large values fill the buffers quickly.
     let mut big = attrs(1);
-    big.backend_data = Some(
-        serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:01", "Pad": "x".repeat(16 * 1024)}),
-    );
+    big.backend_data = Some(flannel_core::lease::BackendData::new(
+        &serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:01", "Pad": "x".repeat(16 * 1024)}),
+    ));
     let big = big.to_json();
     for i in 0..700u32 {
         let k = format!("10.{}.{}.0-24", 100 + i / 256, i % 256);

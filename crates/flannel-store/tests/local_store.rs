@@ -52,8 +52,9 @@ async fn round_trip_create_list_update_delete() {
 
     // Update with new attributes (same owner) and a longer TTL.
     let mut changed = created.clone();
-    changed.attrs.backend_data =
-        Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:aa:bb:cc:dd:ee"}));
+    changed.attrs.backend_data = Some(flannel_core::lease::BackendData::new(
+        &serde_json::json!({"VNI": 1, "VtepMAC": "02:aa:bb:cc:dd:ee"}),
+    ));
     let updated = store
         .update_lease(&changed, Some(Duration::from_secs(120)))
         .await

@@ -227,7 +227,9 @@ async fn burst_of_fifty_writes_converges() {
     }
     for l in &created[..10] {
         let mut l = l.clone();
-        l.attrs.backend_data = Some(serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}));
+        l.attrs.backend_data = Some(flannel_core::lease::BackendData::new(
+            &serde_json::json!({"VNI": 1, "VtepMAC": "02:00:00:00:00:99"}),
+        ));
         other.update_lease(&l, ttl).await.unwrap();
     }
     for l in &created[20..30] {

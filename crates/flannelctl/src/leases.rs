@@ -64,11 +64,7 @@ impl LeaseRow {
         if let Some(v6) = l.key.ipv6 {
             subnet.push(v6.to_string());
         }
-        let vx: Option<VxlanBackendData> = l
-            .attrs
-            .backend_data
-            .as_ref()
-            .and_then(|v| serde_json::from_value(v.clone()).ok());
+        let vx: Option<VxlanBackendData> = l.attrs.backend_data.as_ref().and_then(|d| d.parse());
         LeaseRow {
             subnet: subnet.join(" "),
             public_ip: l.attrs.public_ip,
@@ -253,6 +249,7 @@ mod tests {
     use flannel_core::lease::{LeaseAttrs, LeaseKey};
 
     fn lease(subnet: &str, exp: Option<SystemTime>, data: Option<serde_json::Value>) -> Lease {
+        let data = data.map(|d| flannel_core::lease::BackendData::new(&d));
         Lease {
             key: LeaseKey {
                 ipv4: Some(subnet.parse().unwrap()),

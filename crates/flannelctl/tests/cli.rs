@@ -190,7 +190,10 @@ fn backend_and_topology_options_through_the_binary() {
     let out = flannelctl(&["lab", "up", "--backend", "ipip"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`vxlan`, `host-gw`, `udp` or `wireguard`"), "{err}");
+    assert!(
+        err.contains("`vxlan`, `host-gw`, `udp` or `wireguard`"),
+        "{err}"
+    );
 
     let name = unique_name();
     let _down = Down(name.clone());

@@ -577,13 +577,11 @@ fn vxlan_dual_stack_two_devices_and_a_v6_only_update_is_applied() {
     let orig = c.lease_of_v6(keys[1].ipv6.unwrap());
     let new_mac: MacAddr = "02:aa:00:00:06:99".parse().unwrap();
     let mut changed = orig.clone();
-    changed.attrs.backend_v6_data = Some(
-        serde_json::to_value(VxlanBackendData {
+    changed.attrs.backend_v6_data =
+        Some(flannel_core::lease::BackendData::new(&VxlanBackendData {
             vni: 1,
             vtep_mac: new_mac,
-        })
-        .unwrap(),
-    );
+        }));
     c.update_lease(&changed);
     let want6 = vec![Peer {
         subnet: s6[1],

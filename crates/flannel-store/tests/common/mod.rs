@@ -53,10 +53,10 @@ pub fn attrs_ip(ip: Ipv4Addr) -> LeaseAttrs {
         public_ip: Some(ip),
         public_ipv6: None,
         backend_type: "vxlan".into(),
-        backend_data: Some(serde_json::json!({
+        backend_data: Some(flannel_core::lease::BackendData::new(&serde_json::json!({
             "VNI": 1,
             "VtepMAC": format!("02:00:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]),
-        })),
+        }))),
         backend_v6_data: None,
     }
 }

@@ -533,10 +533,7 @@ pub(super) fn stop_servers(name: &str, dir: &Path, errors: &mut Vec<String>) {
 }
 
 pub(crate) fn vxlan_data(attrs: &LeaseAttrs) -> Option<VxlanBackendData> {
-    attrs
-        .backend_data
-        .as_ref()
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
+    attrs.backend_data.as_ref()?.parse()
 }
 
 /// The lab's store, whichever it is (the [`flannel_store::Store`] trait is
