@@ -508,6 +508,34 @@ pub fn underlay_route_to_restore(
         })
 }
 
+/// The kernel's prefix route of the CNI bridge for our own subnet, to add
+/// back when it is missing: the bridge (`cni0`) holds the subnet's gateway
+/// address (`10.244.1.1/24` in `10.244.1.0/24`), but no route to the subnet
+/// leaves through it, as after `ip route del 10.244.1.0/24 dev cni0`.
+/// Without it the node can no longer reach its own pods, and nothing else
+/// puts it back: the kernel adds it only with the address, and the CNI
+/// plugin finds the address in place on the next pod's ADD. `routes` are
+/// the kernel's, `bridge_addrs` the bridge's addresses with their prefixes.
+pub fn bridge_route_to_restore(
+    own: IpNet,
+    bridge_ifindex: u32,
+    bridge_addrs: &[IpNet],
+    routes: &[Route],
+) -> Option<PrefixRoute> {
+    let addr = bridge_addrs.iter().find(|a| a.trunc() == own)?;
+    if routes
+        .iter()
+        .any(|r| r.dst == own && r.oif == bridge_ifindex)
+    {
+        return None;
+    }
+    Some(PrefixRoute {
+        dst: own,
+        oif: bridge_ifindex,
+        src: addr.addr(),
+    })
+}
+
 /// One kernel write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -1108,6 +1136,41 @@ mod tests {
         assert_eq!(underlay_route_to_restore(&s, &far, EXT, &connected), None);
         let peer = route("10.244.2.0/24", Some("10.244.2.0"), VX, true);
         assert_eq!(underlay_route_to_restore(&s, &peer, EXT, &connected), None);
+    }
+
+    #[test]
+    fn the_bridge_route_to_our_subnet_comes_back_only_when_missing() {
+        const BR: u32 = 9;
+        let own = net("10.244.1.0/24");
+        let addrs = [net("10.244.1.1/24"), net("fd00:10:244:1::1/64")];
+        let kernel = route("10.244.1.0/24", None, BR, false);
+        assert_eq!(
+            bridge_route_to_restore(own, BR, &addrs, std::slice::from_ref(&kernel)),
+            None
+        );
+        assert_eq!(
+            bridge_route_to_restore(own, BR, &addrs, &[]),
+            Some(PrefixRoute {
+                dst: own,
+                oif: BR,
+                src: ip("10.244.1.1"),
+            })
+        );
+        // A route to the subnet through another device does not count.
+        let elsewhere = route("10.244.1.0/24", None, 3, false);
+        assert!(bridge_route_to_restore(own, BR, &addrs, &[elsewhere]).is_some());
+        // No address of our subnet on the bridge (not set up yet, or
+        // another subnet's from an earlier lease): nothing to restore.
+        assert_eq!(
+            bridge_route_to_restore(own, BR, &[net("10.244.7.1/24")], &[]),
+            None
+        );
+        assert_eq!(bridge_route_to_restore(own, BR, &[], &[]), None);
+        let own6 = net("fd00:10:244:1::/64");
+        assert_eq!(
+            bridge_route_to_restore(own6, BR, &addrs, &[kernel]).map(|p| p.src),
+            Some(ip("fd00:10:244:1::1"))
+        );
     }
 
     #[test]

@@ -260,6 +260,41 @@ enum LabCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Remove a worker (k8s-nodeI) and its pods from the running lab: its
+    /// flanneld stopped, CNI DEL for its pods, its lease (or Node) deleted,
+    /// its namespaces removed; waits until no node routes its subnet.
+    RemoveNode {
+        #[command(flatten)]
+        name: NameArg,
+        /// The worker to remove (`k8s-node<i>`; never the master).
+        node: String,
+        /// How long to wait for the peers to drop its routes (seconds).
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
+    /// A chaos soak of the running lab: a seeded random series of faults
+    /// (printed first) while every pod pings every other pod each 100 ms:
+    /// kill -9 and restart of a flanneld, a rolling restart, deletion of
+    /// flannel.1 / one route / one neighbour / one FDB entry / every FDB
+    /// entry / cni0's route on a node, a store outage (etcd stopped, or the
+    /// local store read-only), a node added and one removed, a backend
+    /// switch vxlan <-> host-gw (flat topology). Per fault: pings lost,
+    /// time until every node's kernel holds the expected routes,
+    /// neighbours and FDB entries again, verdict. Exits 1 when a fault is
+    /// not repaired within its bound or loses pings where none may be lost
+    /// (restarts, store outage, one entry's drift, a new node), or more
+    /// than its bound. IPv4 labs with vxlan (no DirectRouting) or host-gw
+    /// on --store local or etcd; the lab is left running, changed by the faults.
+    Chaos {
+        #[command(flatten)]
+        name: NameArg,
+        /// Planned length of the run in minutes (the plan's faults fill it).
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Seed of the fault series (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// The leases of the lab's store (whichever it is).
     Leases {
         #[command(flatten)]
@@ -537,6 +572,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::RemoveNode {
+            name,
+            node,
+            timeout,
+        }) => {
+            let mut lab = Lab::open(&name.name)?;
+            lab.remove_node(&node, std::time::Duration::from_secs(timeout))?;
+            println!("{node} left lab {}", lab.name());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Lab(LabCommand::Chaos {
+            name,
+            minutes,
+            seed,
+        }) => {
+            let mut lab = Lab::open(&name.name)?;
+            // Ctrl-C ends the run after the fault under way.
+            let report = {
+                let _interrupts = lab::InterruptGuard::install()?;
+                lab.chaos(&lab::ChaosOptions { minutes, seed }, &mut |line| {
+                    use std::io::Write;
+                    print!("{line}");
+                    let _ = std::io::stdout().flush();
+                })?
+            };
+            print!("{}", report.summary());
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Lab(LabCommand::Leases { name, json }) => {
             let lab = Lab::open(&name.name)?;

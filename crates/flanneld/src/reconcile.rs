@@ -864,6 +864,7 @@ impl Worker {
         report.peers = npeers;
         self.note_unreachable(&unreachable, &mut report);
         self.reconcile_blackholes(&mut report);
+        self.restore_bridge_route(&routes, &mut report);
         report.log(started);
         report
     }
@@ -1026,6 +1027,50 @@ impl Worker {
             }
             Ok(false) => {}
             Err(e) => report.failed(format!("{what}: {e}")),
+        }
+    }
+
+    /// Puts back the CNI bridge's route to our own subnet when someone
+    /// deleted it (flannel-core's `bridge_route_to_restore`); `routes` is
+    /// the pass's route dump. Nothing while the node has no bridge.
+    fn restore_bridge_route(&mut self, routes: &[Route], report: &mut PassReport) {
+        let bridge = match self.nl.link_by_name(flannel_core::wire::CNI_BRIDGE) {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(e) => return report.failed(e),
+        };
+        let addrs = match self.nl.list_addresses(bridge.index) {
+            Ok(a) => a,
+            Err(e) => return report.failed(e),
+        };
+        let owns: Vec<IpNet> = self
+            .settings
+            .families()
+            .filter_map(|f| self.settings.own.subnet(f))
+            .collect();
+        for own in owns {
+            let Some(p) = datapath::bridge_route_to_restore(own, bridge.index, &addrs, routes)
+            else {
+                continue;
+            };
+            let what = format!(
+                "ip route add {} dev {} proto kernel scope link src {}",
+                p.dst,
+                flannel_core::wire::CNI_BRIDGE,
+                p.src
+            );
+            match self.nl.add_prefix_route(&p) {
+                Ok(true) => {
+                    tracing::warn!(
+                        "restored the route {} dev {} to our own subnet, which someone had deleted",
+                        p.dst,
+                        flannel_core::wire::CNI_BRIDGE
+                    );
+                    report.applied(&[what]);
+                }
+                Ok(false) => {}
+                Err(e) => report.failed(format!("{what}: {e}")),
+            }
         }
     }
 
@@ -1193,7 +1238,11 @@ pub fn matches_desired(
             match (route, deleted) {
                 // A blackhole or multipath route: the pass decides.
                 (None, _) => false,
-                (Some(_), true) => !idx.wants_route_to(dst),
+                // Our own subnet's route (cni0's) is the kernel's, but
+                // its deletion cuts our pods off: a pass puts it back.
+                (Some(_), true) => {
+                    !idx.wants_route_to(dst) && settings.own.subnet(family) != Some(*dst)
+                }
                 (Some(r), false) => {
                     idx.holds(&Op::AddRoute(r.clone()))
                         || settings
@@ -1684,6 +1733,12 @@ mod tests {
         assert!(!needs(Notification::Route {
             dst: cni0.dst,
             deleted: false,
+            route: Some(cni0.clone()),
+        }));
+        // Its deletion cuts our pods off: a pass restores it.
+        assert!(needs(Notification::Route {
+            dst: cni0.dst,
+            deleted: true,
             route: Some(cni0),
         }));
         // Someone deleted or changed what we want, or added what we do not:

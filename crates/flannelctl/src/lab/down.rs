@@ -99,7 +99,11 @@ pub fn down(name: &str) -> Result<()> {
         }
     }
 
-    // 4. The lab directory.
+    // 4. The lab directory, after the read-only mount of a store outage
+    //    (`lab chaos` on --store local) that an interrupted run left.
+    if let Err(e) = store::unmount_store(&dir.join("store")) {
+        errors.push(format!("umount {}: {e}", dir.join("store").display()));
+    }
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

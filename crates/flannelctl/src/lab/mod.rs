@@ -25,10 +25,13 @@
 // Verbs: one `lab` command (or `Lab` method family) each.
 mod add_node; // Lab::add_node: a new worker and its pod join the running lab
 pub mod bench; // `flannelctl bench`: throughput and latency of each backend
+pub mod chaos; // `lab chaos`: the fault plan, the loss each fault may cost, the verdict (pure)
+mod chaos_run; // Lab::chaos: the plan applied to a running lab under the prober
 mod check; // Lab::check: the connectivity matrix and its expected TTLs
 mod down; // `lab down`: stops the daemons and removes everything of a lab
 mod exec; // `lab exec`: a command inside one of the lab's namespaces
 mod masq; // Lab::check_masq: the source address masqueraded packets carry
+mod remove_node; // Lab::remove_node: a worker and its pods leave the running lab
 pub mod scale; // `flannelctl bench scale`: control-plane cost at N leases, ours and upstream
 mod status; // `lab status`: nodes, daemons, leases and pods
 mod switch_backend; // Lab::switch_backend: every daemon restarted on another backend
@@ -42,8 +45,10 @@ mod kinds; // the lab's choices (backend, families, topology) and address plan
 pub mod kube; // the Kubernetes API of `--store kube`: kube-apiserver, certificates, Nodes
 mod ping; // ICMP echo from a raw socket inside a namespace
 mod pods; // the pods: the flannel CNI plugin invoked as a runtime does
+pub mod probe; // the chaos soak's prober: every pod pings every pod each 100 ms
 mod procs; // the lab's processes: binaries, spawning, stopping by checked pid
 mod store; // the lease store (local dir, etcd or Kubernetes): the one place StoreKind is dispatched
+pub mod tables; // what flannel holds in a node's kernel, and what it must hold
 mod topology; // the underlay: switches, router, outside host, node veths
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -55,6 +60,8 @@ use flannel_netlink::netns::{NetNs, NetNsError};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+pub use chaos::{ChaosReport, Fault};
+pub use chaos_run::ChaosOptions;
 pub use check::{Matrix, Outcome, Target, TargetKind};
 pub use down::down;
 pub use etcd::{

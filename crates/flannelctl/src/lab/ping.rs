@@ -213,11 +213,7 @@ impl<A: IcmpFamily> Pinger<A> {
                 A::NAME
             )))?
             .map_err(io_err(format!("{} in {}", A::SOCKET_CALL, ns.name)))?;
-        // Distinct identifiers per pinger so that pingers sharing a namespace
-        // (the raw socket sees every ICMP packet of it) tell their replies apart.
-        let id = (std::process::id() as u16)
-            .wrapping_mul(31)
-            .wrapping_add(NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = next_id();
         Ok(Pinger {
             fd,
             id,
@@ -320,7 +316,7 @@ impl<A: IcmpFamily> Pinger<A> {
 }
 
 /// `addr` in a `sockaddr_storage` (what `sendto` takes), and its length.
-fn storage_of<A: IcmpFamily>(addr: A) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(super) fn storage_of<A: IcmpFamily>(addr: A) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data: zero is a valid value.
     let mut s: libc::sockaddr_storage = unsafe { zeroed() };
     // SAFETY: sockaddr_storage is large and aligned enough for every socket
@@ -361,7 +357,7 @@ unsafe fn hop_limit_of(msg: &libc::msghdr) -> Option<u8> {
     None
 }
 
-fn open_raw<A: IcmpFamily>() -> io::Result<OwnedFd> {
+pub(super) fn open_raw<A: IcmpFamily>() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2) call; the fd is owned right away.
     let fd = unsafe { libc::socket(A::DOMAIN, libc::SOCK_RAW | libc::SOCK_CLOEXEC, A::PROTOCOL) };
     if fd < 0 {
@@ -391,7 +387,7 @@ fn checksum(data: &[u8]) -> u16 {
 }
 
 /// The request; an ICMPv6 checksum stays 0 for the kernel to fill in.
-fn echo_request<A: IcmpFamily>(id: u16, seq: u16) -> Vec<u8> {
+pub(super) fn echo_request<A: IcmpFamily>(id: u16, seq: u16) -> Vec<u8> {
     let mut p = Vec::with_capacity(8 + PAYLOAD.len());
     p.extend_from_slice(&[A::ECHO_REQUEST, 0, 0, 0]);
     p.extend_from_slice(&id.to_be_bytes());
@@ -413,13 +409,25 @@ fn parse_reply<A: IcmpFamily>(
     seq: u16,
     dst: A,
 ) -> Option<EchoReply<A>> {
+    reply_of(datagram, sender, hop_limit, id).filter(|r| r.seq == seq && r.from == dst)
+}
+
+/// Any echo reply to our identifier `id` in a received datagram, whatever
+/// its sequence number and source (RTT left zero): the prober of `lab
+/// chaos` keeps many requests in flight and matches them itself.
+pub(super) fn reply_of<A: IcmpFamily>(
+    datagram: &[u8],
+    sender: Option<A>,
+    hop_limit: Option<u8>,
+    id: u16,
+) -> Option<EchoReply<A>> {
     let (src, ttl, icmp) = A::split_reply(datagram, sender, hop_limit)?;
     if icmp.len() < 8 || icmp[0] != A::ECHO_REPLY || icmp[1] != 0 {
         return None;
     }
     let rid = u16::from_be_bytes([icmp[4], icmp[5]]);
     let rseq = u16::from_be_bytes([icmp[6], icmp[7]]);
-    if rid != id || rseq != seq || src != dst || &icmp[8..] != PAYLOAD {
+    if rid != id || &icmp[8..] != PAYLOAD {
         return None;
     }
     Some(EchoReply {
@@ -428,6 +436,15 @@ fn parse_reply<A: IcmpFamily>(
         seq: rseq,
         rtt: Duration::ZERO,
     })
+}
+
+/// A fresh ICMP identifier: distinct per pinger of this process, so that
+/// pingers sharing a namespace (a raw socket sees every ICMP packet of it)
+/// tell their replies apart.
+pub(super) fn next_id() -> u16 {
+    (std::process::id() as u16)
+        .wrapping_mul(31)
+        .wrapping_add(NEXT_ID.fetch_add(1, Ordering::Relaxed))
 }
 
 #[cfg(test)]

@@ -201,6 +201,59 @@ impl Lab {
         self.store_block_on(|store| async move { store.delete_lease(&key).await })
     }
 
+    /// Deletes a node's lease, its reservation included (`etcdctl del
+    /// /coreos.com/network/subnets/10.244.I.0-24`, the local store's file;
+    /// Kubernetes: `kubectl delete node`).
+    pub fn delete_node_lease(&self, n: &NodeState) -> Result<()> {
+        let key = self.state.lease_key(n);
+        if self.state.store == StoreKind::Kube {
+            return self.kube_delete_node_of(&key);
+        }
+        self.store_block_on(|store| async move { store.delete_lease(&key).await })
+    }
+
+    /// The store outage of `--store local`: makes the store's directory
+    /// read-only (`mount --bind DIR DIR && mount -o remount,bind,ro DIR`),
+    /// or writable again (`umount DIR`). A mode change would not do: the
+    /// daemons run as root, which ignores permission bits. The mount lives
+    /// below the labdir only; `lab down` undoes it too.
+    pub fn set_local_store_read_only(&self, read_only: bool) -> Result<()> {
+        use nix::mount::{mount, MsFlags};
+        if self.state.store != StoreKind::Local {
+            return Err(LabError::InvalidOption {
+                option: "set_local_store_read_only",
+                reason: format!(
+                    "lab {} uses the {} store, not a local directory",
+                    self.name(),
+                    self.state.store
+                ),
+            });
+        }
+        let dir = self.store_dir();
+        let fail = |what: &str, e: nix::Error| LabError::Io {
+            context: format!("{what} {}", dir.display()),
+            source: std::io::Error::from(e),
+        };
+        if read_only {
+            mount(
+                Some(&dir),
+                &dir,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| fail("mount --bind", e))?;
+            let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            if let Err(e) = mount(None::<&str>, &dir, None::<&str>, ro, None::<&str>) {
+                let _ = unmount_store(&dir);
+                return Err(fail("mount -o remount,bind,ro", e));
+            }
+            Ok(())
+        } else {
+            unmount_store(&dir).map_err(|e| fail("umount", e))
+        }
+    }
+
     /// Whether the store answers: a read of every lease (for etcd, from
     /// inside the master's namespace).
     pub fn store_health(&self) -> Result<()> {
@@ -529,6 +582,15 @@ pub(super) fn stop_servers(name: &str, dir: &Path, errors: &mut Vec<String>) {
                 errors.push(err.to_string());
             }
         }
+    }
+}
+
+/// Undoes [`Lab::set_local_store_read_only`] (`umount DIR`); nothing
+/// mounted there is no error.
+pub(super) fn unmount_store(dir: &Path) -> nix::Result<()> {
+    match nix::mount::umount(dir) {
+        Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

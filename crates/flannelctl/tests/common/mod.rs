@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -169,43 +169,20 @@ pub struct Tables {
     pub fdb: BTreeSet<FdbEntry>,
 }
 
-/// Reads flannel.1 and everything of ours: routes into the cluster network
-/// other than the node's own subnet, every route via flannel.1 (but the
-/// kernel's IPv6 link-local one), permanent
-/// neighbours and FDB entries on flannel.1. `None` when flannel.1 is missing.
+/// Reads flannel.1 and everything of ours (the lab library's
+/// [`lab::tables::read`]): routes into the cluster network other than the
+/// node's own subnet, every IPv4 route via flannel.1, permanent neighbours
+/// and FDB entries on flannel.1. `None` when flannel.1 is missing.
 pub fn read_tables(lab: &Lab, node: &str) -> Option<Tables> {
-    let own = lab.node(node).unwrap().subnet;
-    let cluster = lab::cluster_network();
-    lab.netns(node)
-        .unwrap()
-        .run(|| {
-            let mut nl = Netlink::open().unwrap();
-            let link = nl.link_by_name("flannel.1").unwrap()?;
-            let routes = nl
-                .list_routes()
-                .unwrap()
-                .into_iter()
-                .filter(|r| match r.dst {
-                    IpNet::V4(d) => r.oif == link.index || (cluster.contains(&d) && d != own),
-                    // The kernel's own fe80::/64 on every up device is not flannel's.
-                    IpNet::V6(d) => {
-                        r.oif == link.index && d.addr().segments()[0] & 0xffc0 != 0xfe80
-                    }
-                })
-                .collect();
-            Some(Tables {
-                ifindex: link.index,
-                mac: link.mac.expect("flannel.1 has a MAC"),
-                routes,
-                neighbours: nl
-                    .list_neighbours(link.index)
-                    .unwrap()
-                    .into_iter()
-                    .collect(),
-                fdb: nl.list_fdb(link.index).unwrap().into_iter().collect(),
-            })
-        })
-        .unwrap()
+    let t = lab::tables::read(lab, node).unwrap();
+    let (ifindex, mac) = t.device?;
+    Some(Tables {
+        ifindex,
+        mac,
+        routes: t.routes,
+        neighbours: t.neighbours,
+        fdb: t.fdb,
+    })
 }
 
 /// The exact triple per peer (packet-walk.txt): neighbour subnet-address ->
@@ -217,30 +194,7 @@ pub fn expected(
     peers: &[(&str, MacAddr)],
 ) -> (BTreeSet<Route>, BTreeSet<Neighbour>, BTreeSet<FdbEntry>) {
     assert!(peers.iter().all(|(p, _)| *p != node));
-    let mut r = BTreeSet::new();
-    let mut n = BTreeSet::new();
-    let mut f = BTreeSet::new();
-    for (peer, mac) in peers {
-        let p = lab.node(peer).unwrap();
-        let gw = IpAddr::V4(p.subnet.network());
-        r.insert(Route {
-            dst: IpNet::V4(p.subnet),
-            gateway: Some(gw),
-            oif: ifindex,
-            onlink: true,
-        });
-        n.insert(Neighbour {
-            ifindex,
-            ip: gw,
-            mac: *mac,
-        });
-        f.insert(FdbEntry {
-            ifindex,
-            mac: *mac,
-            dst: IpAddr::V4(p.underlay_ip),
-        });
-    }
-    (r, n, f)
+    lab::tables::expected_vxlan(lab, ifindex, peers).unwrap()
 }
 
 /// Each node's VtepMAC as its own kernel holds it, checked against the lease it published.
