@@ -354,6 +354,21 @@ impl DesiredIndex {
         self.fdb.by_key.contains_key(&(ifindex, mac))
     }
 
+    /// The wanted routes to `dst` (one, unless leases conflict).
+    pub fn routes_to(&self, dst: &IpNet) -> Vec<Route> {
+        self.routes.with_key(dst)
+    }
+
+    /// The wanted neighbour entries for `ip` on `ifindex`.
+    pub fn neighbours_at(&self, ifindex: u32, ip: IpAddr) -> Vec<Neighbour> {
+        self.neighbours.with_key(&(ifindex, ip))
+    }
+
+    /// The wanted FDB entries for `mac` on `ifindex`.
+    pub fn fdb_for(&self, ifindex: u32, mac: MacAddr) -> Vec<FdbEntry> {
+        self.fdb.with_key(&(ifindex, mac))
+    }
+
     /// Number of kernel objects wanted (routes + neighbours + FDB entries).
     pub fn objects(&self) -> usize {
         self.routes.len() + self.neighbours.len() + self.fdb.len()

@@ -647,6 +647,7 @@ impl Worker {
                     due = Some(now);
                 }
                 Ok(Request::Kernel(ns)) => {
+                    self.repair_now(&ns);
                     if let Some(n) = ns.iter().find(|n| self.relevant(n)) {
                         tracing::debug!(notification = ?n, "kernel change on our datapath");
                         // The first notification of a burst starts the clock;
@@ -684,6 +685,55 @@ impl Worker {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Puts back at once what a batch of notifications shows deleted of the
+    /// desired state ([`immediate_repairs`]), without waiting for the
+    /// debounced full pass that follows anyway: the drift of one entry then
+    /// costs a packet of the gap between the deletion and this write, not
+    /// of the debounce and a pass. A batch that deletes a device (which
+    /// takes its objects along), or more than [`MAX_IMMEDIATE`] objects,
+    /// waits for the pass.
+    fn repair_now(&mut self, ns: &[Notification]) {
+        if ns
+            .iter()
+            .any(|n| matches!(n, Notification::Link { deleted: true, .. }))
+        {
+            return;
+        }
+        let mut ops: Vec<Op> = ns
+            .iter()
+            .flat_map(|n| immediate_repairs(n, &self.settings, self.ifindex, &self.index))
+            .collect();
+        ops.dedup();
+        if ops.len() > MAX_IMMEDIATE {
+            return;
+        }
+        for op in ops {
+            let (what, r) = match &op {
+                Op::AddRoute(r) => (
+                    format!("route {} via {:?} dev index {}", r.dst, r.gateway, r.oif),
+                    self.nl.replace_route(r),
+                ),
+                Op::AddNeighbour(n) => (
+                    format!(
+                        "neighbour {} lladdr {} dev index {}",
+                        n.ip, n.mac, n.ifindex
+                    ),
+                    self.nl.replace_neighbour(n),
+                ),
+                Op::AddFdb(f) => (
+                    format!("fdb {} dst {} dev index {}", f.mac, f.dst, f.ifindex),
+                    self.nl.replace_fdb(f),
+                ),
+                _ => continue,
+            };
+            match r {
+                Ok(()) => tracing::info!("put back the deleted {what} at once"),
+                // The pass that follows retries and reports it.
+                Err(e) => tracing::debug!(error = %e, "putting back {what} at once failed"),
             }
         }
     }
@@ -1313,6 +1363,83 @@ pub fn matches_desired(
     }
 }
 
+/// Most objects one batch of notifications is repaired of at once
+/// ([`Worker::repair_now`]); more wait for the pass.
+pub const MAX_IMMEDIATE: usize = 16;
+
+/// The writes that put back what a kernel notification shows deleted of
+/// the desired state: every wanted route to the deleted route's
+/// destination, the wanted neighbour at a deleted (or no longer permanent)
+/// neighbour's address, the wanted FDB entry of a deleted one's MAC. Empty
+/// for anything else, for udp (whose route is not in the index) and while
+/// no full pass has built the index.
+pub fn immediate_repairs(
+    n: &Notification,
+    settings: &Settings,
+    devices: PerFamily<Option<u32>>,
+    index: &PerFamily<Option<DesiredIndex>>,
+) -> Vec<Op> {
+    if matches!(settings.backend, BackendSettings::Udp(_)) {
+        return Vec::new();
+    }
+    let family_of = |ip: &std::net::IpAddr| {
+        if ip.is_ipv4() {
+            IpFamily::V4
+        } else {
+            IpFamily::V6
+        }
+    };
+    match n {
+        Notification::Route {
+            dst,
+            deleted: true,
+            route: Some(_),
+        } => index
+            .get(family_of(&dst.addr()))
+            .as_ref()
+            .map(|idx| idx.routes_to(dst).into_iter().map(Op::AddRoute).collect())
+            .unwrap_or_default(),
+        Notification::Neighbour {
+            ifindex,
+            ip,
+            deleted,
+            permanent,
+            ..
+        } if *deleted || !*permanent => index
+            .get(family_of(ip))
+            .as_ref()
+            .map(|idx| {
+                idx.neighbours_at(*ifindex, *ip)
+                    .into_iter()
+                    .map(Op::AddNeighbour)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Notification::Fdb {
+            ifindex,
+            mac,
+            deleted: true,
+            dst,
+        } if mac.0 != [0; 6] && mac.0[0] & 1 == 0 => {
+            let family = if devices.v6 == Some(*ifindex) {
+                IpFamily::V6
+            } else {
+                IpFamily::V4
+            };
+            let Some(idx) = index.get(family) else {
+                return Vec::new();
+            };
+            let wanted = idx.fdb_for(*ifindex, *mac);
+            // The deletion of an entry we did not want (another dst) needs no repair.
+            if dst.is_some_and(|d| !wanted.iter().any(|w| w.dst == d)) {
+                return Vec::new();
+            }
+            wanted.into_iter().map(Op::AddFdb).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// A route as `ip route` prints it, with our devices named.
 fn show_route(r: &Route, s: &Settings, family: IpFamily, device: Option<u32>) -> String {
     let mut out = r.dst.to_string();
@@ -1665,6 +1792,100 @@ mod tests {
             deleted: true,
         });
         yes(Notification::Overrun);
+    }
+
+    #[test]
+    fn deletions_of_wanted_objects_are_put_back_at_once() {
+        let s = settings();
+        let devs = PerFamily {
+            v4: Some(4),
+            v6: None,
+        };
+        let ls: Vec<Arc<Lease>> = leases().into_iter().map(Arc::new).collect();
+        let idx = DesiredIndex::build(
+            &s.recipe(IpFamily::V4, Some(4)),
+            ls.iter().map(|l| &**l),
+            Some(&s.own),
+            IpFamily::V4,
+            SystemTime::now(),
+        );
+        let want = idx.desired();
+        let index = PerFamily {
+            v4: Some(idx),
+            v6: None,
+        };
+        let repairs = |n: Notification| immediate_repairs(&n, &s, devs, &index);
+        let route = want.routes[0].clone();
+        let neigh = want.neighbours[0].clone();
+        let fdb = want.fdb[0].clone();
+        assert_eq!(
+            repairs(Notification::Route {
+                dst: route.dst,
+                deleted: true,
+                route: Some(route.clone()),
+            }),
+            [Op::AddRoute(route.clone())]
+        );
+        assert_eq!(
+            repairs(Notification::Neighbour {
+                ifindex: 4,
+                ip: neigh.ip,
+                deleted: true,
+                mac: Some(neigh.mac),
+                permanent: true,
+            }),
+            [Op::AddNeighbour(neigh.clone())]
+        );
+        assert_eq!(
+            repairs(Notification::Fdb {
+                ifindex: 4,
+                mac: fdb.mac,
+                deleted: true,
+                dst: Some(fdb.dst),
+            }),
+            [Op::AddFdb(fdb.clone())]
+        );
+        // Our own writes' echoes, deletions of what we do not want, and
+        // the device's flooding entry: nothing.
+        assert!(repairs(Notification::Route {
+            dst: route.dst,
+            deleted: false,
+            route: Some(route.clone()),
+        })
+        .is_empty());
+        assert!(repairs(Notification::Route {
+            dst: "10.244.99.0/24".parse().unwrap(),
+            deleted: true,
+            route: Some(route.clone()),
+        })
+        .is_empty());
+        assert!(repairs(Notification::Fdb {
+            ifindex: 4,
+            mac: fdb.mac,
+            deleted: true,
+            dst: Some("192.0.2.99".parse().unwrap()),
+        })
+        .is_empty());
+        assert!(repairs(Notification::Fdb {
+            ifindex: 4,
+            mac: flannel_core::mac::MacAddr([0; 6]),
+            deleted: true,
+            dst: Some(fdb.dst),
+        })
+        .is_empty());
+        // Without an index (no full pass yet): the pass decides.
+        let none = PerFamily::default();
+        assert!(immediate_repairs(
+            &Notification::Route {
+                dst: route.dst,
+                deleted: true,
+                route: Some(route),
+            },
+            &s,
+            devs,
+            &none
+        )
+        .is_empty());
     }
 
     #[test]

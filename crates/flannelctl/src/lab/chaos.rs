@@ -160,16 +160,18 @@ impl Fault {
         }
     }
 
-    /// A rough cost in wall time, for planning a run of M minutes.
+    /// A rough cost in wall time, for planning a run of M minutes: what
+    /// each took in a two-worker lab on the local store, debug build, on
+    /// two cores (the window's half second of calm included).
     pub fn estimated_cost(&self, nodes: usize) -> Duration {
         let secs = match self {
-            Fault::KillRestart { .. } => 3.0,
-            Fault::RollingRestart => 1.0 + 1.5 * nodes as f64,
-            Fault::StoreOutage { millis } => *millis as f64 / 1000.0 + 3.0,
-            Fault::AddNode { .. } => 6.0,
-            Fault::RemoveNode { .. } => 3.0,
-            Fault::SwitchBackend { .. } => 8.0,
-            _ => 2.0,
+            Fault::KillRestart { .. } => 1.0,
+            Fault::RollingRestart => 0.5 + 0.4 * nodes as f64,
+            Fault::StoreOutage { millis } => *millis as f64 / 1000.0 + 1.5,
+            Fault::AddNode { .. } => 2.5,
+            Fault::RemoveNode { .. } => 1.0,
+            Fault::SwitchBackend { .. } => 3.5,
+            _ => 0.8,
         };
         Duration::from_secs_f64(secs)
     }
@@ -414,7 +416,13 @@ pub struct WindowResult {
     /// Time from the fault to every node's kernel state being the expected
     /// one; `Err` says what still differed when the bound passed.
     pub repair: Result<Duration, String>,
+    /// For a repair slower than [`SLOW_REPAIR`]: the last difference seen
+    /// while waiting for it.
+    pub slow_because: Option<String>,
 }
+
+/// A repair that takes longer than this is shown with what kept it.
+pub const SLOW_REPAIR: Duration = Duration::from_secs(2);
 
 impl WindowResult {
     /// What is wrong with this window: pings lost where none may be, more
@@ -427,9 +435,15 @@ impl WindowResult {
             .map(Fault::expected_loss)
             .unwrap_or(Loss::None);
         match loss {
-            Loss::None if self.tally.lost > 0 => {
-                v.push(format!("{} pings lost where none may be", self.tally.lost))
-            }
+            Loss::None if self.tally.lost > 0 => v.push(format!(
+                "{} pings lost where none may be{}",
+                self.tally.lost,
+                self.tally
+                    .worst
+                    .as_ref()
+                    .map(|(a, b, n)| format!(" (most {a} -> {b}: {n})"))
+                    .unwrap_or_default()
+            )),
             Loss::AtMost(_) => {
                 if let Some((a, b, n)) = &self.tally.worst {
                     if *n > loss.max_per_pair() {
@@ -475,8 +489,13 @@ impl WindowResult {
             Err(_) => "NOT repaired".to_string(),
         };
         let problems = self.problems();
+        let slow = self
+            .slow_because
+            .as_ref()
+            .map(|why| format!("\n       slow repair, last difference: {why}"))
+            .unwrap_or_default();
         format!(
-            "{number:>3}  {what:<62}  lost {:>4}/{:<6} (may: {expected:<15})  {repair:<20}  {}",
+            "{number:>3}  {what:<68}  lost {:>4}/{:<6} (may {expected:<15})  {repair:<20}  {}{slow}",
             self.tally.lost,
             self.tally.sent,
             if problems.is_empty() {
@@ -726,6 +745,7 @@ mod tests {
             fault: Some(f),
             tally: lost(n),
             repair,
+            slow_because: None,
         };
         let fast = Ok(Duration::from_millis(300));
         let restart = Fault::KillRestart {

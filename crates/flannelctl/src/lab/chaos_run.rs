@@ -100,7 +100,7 @@ impl Lab {
         let plan = chaos::plan(seed, opts.minutes, &ctx);
         print(&chaos::render_plan(seed, &plan));
         let start = Instant::now();
-        if let Err(e) = wait_converged(self, Instant::now(), START_BOUND) {
+        if let (Err(e), _) = wait_converged(self, Instant::now(), START_BOUND) {
             return Err(LabError::InvalidOption {
                 option: "lab chaos",
                 reason: format!(
@@ -121,12 +121,12 @@ impl Lab {
         let mut windows = Vec::new();
         let mut window_start = Instant::now();
         std::thread::sleep(BASELINE);
-        let mut pending = Some((None, window_start, Instant::now(), Ok(Duration::ZERO)));
+        let mut pending = Some((None, window_start, Instant::now(), Ok(Duration::ZERO), None));
         for fault in &plan {
             check_interrupted()?;
             window_start = pending.as_ref().map(|p| p.2).unwrap_or_else(Instant::now);
             let since = self.apply(fault, &mut prober)?;
-            let repair = wait_converged(self, since, fault.repair_bound());
+            let (repair, slow) = wait_converged(self, since, fault.repair_bound());
             if let Fault::AddNode { node } = fault {
                 // Probed from now on, not before its peers route it.
                 for p in self.state.pods.iter().filter(|p| p.node == *node) {
@@ -143,7 +143,7 @@ impl Lab {
             if let Some(w) = pending.take() {
                 windows.push(judge(&prober, w, windows.len(), print));
             }
-            pending = Some((Some(fault.clone()), window_start, window_end, repair));
+            pending = Some((Some(fault.clone()), window_start, window_end, repair, slow));
         }
         std::thread::sleep(PROBE_TIMEOUT + Duration::from_millis(200));
         if let Some(w) = pending.take() {
@@ -308,16 +308,18 @@ fn find<T: Clone>(found: Option<&T>, node: &str, what: &str, peer: &str) -> Resu
     })
 }
 
+/// A window waiting for its last probes: fault, start, end, repair, why slow.
 type Pending = (
     Option<Fault>,
     Instant,
     Instant,
     std::result::Result<Duration, String>,
+    Option<String>,
 );
 
 fn judge(
     prober: &Prober,
-    (fault, start, end, repair): Pending,
+    (fault, start, end, repair, slow_because): Pending,
     number: usize,
     print: &mut dyn FnMut(&str),
 ) -> WindowResult {
@@ -325,28 +327,35 @@ fn judge(
         fault,
         tally: chaos::tally(&prober.records(), &prober.names(), start, end),
         repair,
+        slow_because,
     };
     print(&format!("{}\n", w.render(number)));
     w
 }
 
-/// Polls until [`converged`], returning the time since `since`; `Err` with
-/// the last difference after `bound`.
+/// Polls until [`converged`], returning the time since `since` (`Err` with
+/// the last difference after `bound`) and, for a repair slower than
+/// [`chaos::SLOW_REPAIR`], the last difference seen before it was over.
 fn wait_converged(
     lab: &Lab,
     since: Instant,
     bound: Duration,
-) -> std::result::Result<Duration, String> {
+) -> (std::result::Result<Duration, String>, Option<String>) {
     let deadline = Instant::now() + bound;
+    let mut last = None;
     loop {
-        let last = match converged(lab) {
-            Ok(Ok(())) => return Ok(since.elapsed()),
+        let diff = match converged(lab) {
+            Ok(Ok(())) => {
+                let took = since.elapsed();
+                return (Ok(took), last.filter(|_| took > chaos::SLOW_REPAIR));
+            }
             Ok(Err(e)) => e,
             Err(e) => e.to_string(),
         };
         if Instant::now() >= deadline {
-            return Err(last);
+            return (Err(diff), None);
         }
+        last = Some(diff);
         std::thread::sleep(Duration::from_millis(50));
     }
 }
