@@ -577,7 +577,7 @@ fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
     );
     c.wait_ping(0, subnets[0], subnets[1]);
     // A deleted route comes back naming its object.
-    let e = entries[0];
+    let e = &entries[0];
     node.nl(|nl| nl.del_route_nhid(e.route.dst, e.nhid.unwrap()).unwrap());
     wait_for("the route back", Duration::from_secs(10), consistent);
     // A lease's removal takes its route and its object.
