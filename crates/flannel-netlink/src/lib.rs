@@ -16,6 +16,7 @@ mod links;
 mod monitor;
 mod neigh;
 pub mod netns;
+mod nexthop;
 mod routes;
 mod transport;
 pub mod tun;
@@ -27,6 +28,7 @@ use ipnet::IpNet;
 
 pub use links::VethPair;
 pub use monitor::Monitor;
+pub use nexthop::{is_unsupported as nexthops_unsupported, Nexthop, RouteEntry};
 pub use routes::RouteLookup;
 
 /// Errors of the kernel layer, each with the operation that failed.
@@ -148,6 +150,13 @@ pub enum Notification {
     },
     Address {
         index: u32,
+        deleted: bool,
+    },
+    /// A nexthop object (`ip monitor nexthop`). Deleting one deletes the
+    /// IPv4 routes that use it without a route notification: this is the
+    /// only sign of that.
+    Nexthop {
+        id: u32,
         deleted: bool,
     },
     /// Notifications were lost (the socket buffer overflowed with ENOBUFS,

@@ -1,4 +1,4 @@
-//! Kernel change notifications: `ip monitor link address route neigh`.
+//! Kernel change notifications: `ip monitor link address route neigh nexthop`.
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 
 use crate::neigh::{dst_of, mac_of};
+use crate::nexthop::nexthop_notification;
 use crate::routes::{route_dst, route_from_msg};
 use crate::transport::{split, Transport};
 use crate::{Error, Notification, Result};
@@ -22,6 +23,7 @@ const RTNLGRP_IPV4_IFADDR: u32 = 5;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 const RTNLGRP_IPV6_IFADDR: u32 = 9;
 const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_NEXTHOP: u32 = 32;
 
 /// A burst of changes (hundreds of pods or nodes at once) must fit, or the
 /// kernel drops notifications and we must resync.
@@ -117,10 +119,13 @@ impl Monitor {
             RTNLGRP_IPV6_IFADDR,
             RTNLGRP_IPV6_ROUTE,
         ];
-        let t = Transport::open(&groups, MONITOR_RCVBUF).map_err(|source| Error::Kernel {
+        let mut t = Transport::open(&groups, MONITOR_RCVBUF).map_err(|source| Error::Kernel {
             op: "ip monitor link address route neigh".into(),
             source,
         })?;
+        // Kernels without nexthop objects (before 5.3) have no such group;
+        // they have no nexthop to watch either.
+        let _ = t.join(RTNLGRP_NEXTHOP);
         Ok(Monitor { t, ignore: None })
     }
 
@@ -209,6 +214,17 @@ impl Monitor {
                 .is_some_and(|p| netlink_packet_core::NetlinkBuffer::new(raw).port_number() == p)
             {
                 continue;
+            }
+            match nexthop_notification(raw) {
+                Some(Ok((id, deleted))) => {
+                    out.push(Notification::Nexthop { id, deleted });
+                    continue;
+                }
+                Some(Err(())) => {
+                    out.push(Notification::Overrun);
+                    continue;
+                }
+                None => {}
             }
             match NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw) {
                 Ok(msg) => match msg.payload {

@@ -34,7 +34,12 @@ pub(crate) fn route_cmd(verb: &str, r: &Route) -> String {
 /// main`): for a delete, any protocol and scope match, as `ip route del`
 /// does (the kernel compares them only when set); for an add, protocol boot
 /// and scope universe. A `dst` with host bits set is refused with the fix.
-fn main_route_msg(dst: IpNet, kind: RouteType, op: &str, delete: bool) -> Result<RouteMessage> {
+pub(crate) fn main_route_msg(
+    dst: IpNet,
+    kind: RouteType,
+    op: &str,
+    delete: bool,
+) -> Result<RouteMessage> {
     if dst != dst.trunc() {
         return Err(Error::Invalid {
             op: op.to_string(),
@@ -199,7 +204,7 @@ impl Netlink {
     pub fn replace_route(&mut self, route: &Route) -> Result<()> {
         let op = route_cmd("replace", route);
         let m = route_msg(route, &op, false)?;
-        self.new_route(m, &op)
+        self.new_route_msg(m, &op)
     }
 
     /// `ip route add DST dev OIF proto kernel scope link src SRC`: the
@@ -230,7 +235,7 @@ impl Netlink {
     }
 
     /// RTM_NEWROUTE with replace semantics.
-    fn new_route(&mut self, m: RouteMessage, op: &str) -> Result<()> {
+    pub(crate) fn new_route_msg(&mut self, m: RouteMessage, op: &str) -> Result<()> {
         self.t
             .request(
                 RouteNetlinkMessage::NewRoute(m),
@@ -241,7 +246,7 @@ impl Netlink {
     }
 
     /// RTM_DELROUTE; absent is success.
-    fn delete_route(&mut self, m: RouteMessage, op: &str) -> Result<()> {
+    pub(crate) fn delete_route_msg(&mut self, m: RouteMessage, op: &str) -> Result<()> {
         match self.t.request(RouteNetlinkMessage::DelRoute(m), 0, op) {
             Err(e) if is_absent(&e) => Ok(()),
             r => r.map(drop),
@@ -249,7 +254,7 @@ impl Netlink {
     }
 
     /// Every route message of a dump of all tables and both families.
-    fn dump_routes(&mut self, op: &str) -> Result<Vec<RouteMessage>> {
+    pub(crate) fn dump_routes(&mut self, op: &str) -> Result<Vec<RouteMessage>> {
         let replies = self.t.request(
             RouteNetlinkMessage::GetRoute(RouteMessage::default()),
             DUMP,
@@ -269,7 +274,7 @@ impl Netlink {
     pub fn del_route(&mut self, route: &Route) -> Result<()> {
         let op = route_cmd("del", route);
         let m = route_msg(route, &op, true)?;
-        self.delete_route(m, &op)
+        self.delete_route_msg(m, &op)
     }
 
     /// `ip route get DST`: the route the kernel would use for a packet to
@@ -319,14 +324,14 @@ impl Netlink {
     pub fn replace_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
         let op = blackhole_cmd("replace", b);
         let m = blackhole_msg(b, &op, false)?;
-        self.new_route(m, &op)
+        self.new_route_msg(m, &op)
     }
 
     /// `ip route del blackhole DST metric METRIC`; absent is success.
     pub fn del_blackhole_route(&mut self, b: &BlackholeRoute) -> Result<()> {
         let op = blackhole_cmd("del", b);
         let m = blackhole_msg(b, &op, true)?;
-        self.delete_route(m, &op)
+        self.delete_route_msg(m, &op)
     }
 
     /// `ip route show table main type blackhole`, IPv4 and IPv6, with each

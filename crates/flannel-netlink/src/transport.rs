@@ -5,10 +5,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK,
-    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, NlasIterator, NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
 };
-use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::protocols::NETLINK_ROUTE;
 use netlink_sys::Socket;
 
@@ -58,6 +57,11 @@ impl Transport {
         })
     }
 
+    /// Joins one more multicast group.
+    pub(crate) fn join(&mut self, group: u32) -> io::Result<()> {
+        self.sock.add_membership(group)
+    }
+
     /// The port id the kernel assigned at bind.
     pub(crate) fn port_id(&self) -> u32 {
         self.port
@@ -71,7 +75,7 @@ impl Transport {
         &self.sock
     }
 
-    fn send(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<u32> {
+    fn send<M: NetlinkSerializable>(&mut self, msg: M, flags: u16) -> io::Result<u32> {
         self.seq = self.seq.wrapping_add(1).max(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -130,13 +134,13 @@ impl Transport {
 
     /// Sends a request and collects the replies. Non-dump requests are sent
     /// with `NLM_F_ACK` and end at the ACK; dumps end at `NLMSG_DONE` and are
-    /// redone when the kernel flags them as interrupted.
-    pub(crate) fn request(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        op: &str,
-    ) -> Result<Vec<RouteNetlinkMessage>> {
+    /// redone when the kernel flags them as interrupted. `M` is the message
+    /// family: rtnetlink's (`RouteNetlinkMessage`) or the nexthop messages
+    /// netlink-packet-route lacks ([`crate::nexthop`]).
+    pub(crate) fn request<M>(&mut self, msg: M, flags: u16, op: &str) -> Result<Vec<M>>
+    where
+        M: NetlinkSerializable + NetlinkDeserializable + Clone,
+    {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         if !dump {
             return self.exchange(msg, flags, false, op).map(|(out, _)| out);
@@ -159,13 +163,10 @@ impl Transport {
         }
     }
 
-    fn exchange(
-        &mut self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-        dump: bool,
-        op: &str,
-    ) -> Result<(Vec<RouteNetlinkMessage>, bool)> {
+    fn exchange<M>(&mut self, msg: M, flags: u16, dump: bool, op: &str) -> Result<(Vec<M>, bool)>
+    where
+        M: NetlinkSerializable + NetlinkDeserializable,
+    {
         let flags = if dump { flags } else { flags | NLM_F_ACK };
         let seq = self.send(msg, flags).map_err(|source| Error::Kernel {
             op: op.to_string(),
@@ -185,7 +186,7 @@ impl Transport {
                 if NetlinkBuffer::new(raw).sequence_number() != seq {
                     continue;
                 }
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw)
+                let msg = NetlinkMessage::<M>::deserialize(raw)
                     .map_err(|e| protocol(op, e.to_string()))?;
                 if msg.header.flags & NLM_F_DUMP_INTR != 0 {
                     interrupted = true;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use flannel_core::datapath::{BlackholeRoute, FdbEntry, Neighbour, Route, BLACKHOLE_METRIC};
 use flannel_core::mac::MacAddr;
 use flannel_netlink::netns::{get_sysctl, set_sysctl, NetNs, ScopedNetNs};
-use flannel_netlink::{Error, Monitor, Netlink, Notification, VxlanDevice};
+use flannel_netlink::{Error, Monitor, Netlink, Nexthop, Notification, RouteEntry, VxlanDevice};
 use ipnet::IpNet;
 
 /// Fails (never skips) when not root.
@@ -407,6 +407,106 @@ fn routes_round_trip() {
         );
         eprintln!("kernel refusal reads: {err}");
         assert!(err.raw_os_error().is_some(), "{err:?}");
+        Ok(())
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn nexthops_and_routes_that_name_them() {
+    need_root();
+    let a = ScopedNetNs::unique("fnl-nha").unwrap();
+    let b = ScopedNetNs::unique("fnl-nhb").unwrap();
+    let ul = underlay(&a, &b);
+    a.run(|| -> Result<_, Error> {
+        let mut nl = Netlink::open()?;
+        let vx = nl.add_vxlan(&vxlan_dev(ul))?;
+        nl.set_link_up(vx.index)?;
+        nl.add_address(vx.index, net("10.244.1.0/32"))?;
+        let mut mon = Monitor::open()?;
+        let nh = Nexthop {
+            id: 0x0f1a_0007,
+            gateway: Some(ip("10.244.2.0")),
+            oif: vx.index,
+            onlink: true,
+            protocol: 241,
+        };
+        // Replace is idempotent and rewrites in place.
+        for _ in 0..2 {
+            nl.replace_nexthop(&nh)?;
+        }
+        assert_eq!(nl.list_nexthops()?, vec![nh]);
+        let shown = iproute2(&["ip", "nexthop", "show", "id", "253362183"]);
+        assert!(
+            shown.contains("via 10.244.2.0 dev flannel.1") && shown.contains("onlink"),
+            "{shown}"
+        );
+        let dst = net("10.244.2.0/24");
+        for _ in 0..2 {
+            nl.replace_route_nhid(dst, nh.id)?;
+        }
+        let entry = RouteEntry {
+            route: Route {
+                dst,
+                gateway: Some(ip("10.244.2.0")),
+                oif: vx.index,
+                onlink: true,
+            },
+            nhid: Some(nh.id),
+        };
+        let entries = nl.list_route_entries()?;
+        assert_eq!(
+            entries
+                .iter()
+                .filter(|e| e.route.dst == dst)
+                .collect::<Vec<_>>(),
+            vec![&entry]
+        );
+        assert!(iproute2(&["ip", "route", "show", "10.244.2.0/24"])
+            .starts_with("10.244.2.0/24 nhid 253362183 via 10.244.2.0 dev flannel.1"));
+        // A plain route replaces the nhid one in place, and back.
+        nl.replace_route(&entry.route)?;
+        let plain = nl.list_route_entries()?;
+        assert!(plain
+            .iter()
+            .any(|e| e.route == entry.route && e.nhid.is_none()));
+        nl.replace_route_nhid(dst, nh.id)?;
+        // Delete by nhid; absent is success.
+        for _ in 0..2 {
+            nl.del_route_nhid(dst, nh.id)?;
+        }
+        assert!(!nl.list_route_entries()?.iter().any(|e| e.route.dst == dst));
+        // Deleting the nexthop takes its routes with it, and is announced.
+        nl.replace_route_nhid(dst, nh.id)?;
+        let other = Netlink::open()?.del_nexthop(nh.id);
+        other?;
+        let want = Notification::Nexthop {
+            id: nh.id,
+            deleted: true,
+        };
+        let mut seen = Vec::new();
+        while !seen.contains(&want) {
+            let n = mon.recv_timeout(Duration::from_secs(2))?;
+            assert!(!n.is_empty(), "no deletion announced; saw {seen:?}");
+            seen.extend(n);
+        }
+        assert!(!nl.list_route_entries()?.iter().any(|e| e.route.dst == dst));
+        nl.del_nexthop(nh.id)?;
+        assert!(nl.list_nexthops()?.is_empty());
+        // The kernel's refusal reads like the ip command.
+        let err = nl
+            .replace_nexthop(&Nexthop {
+                gateway: Some(ip("10.99.0.1")),
+                onlink: false,
+                ..nh
+            })
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("ip nexthop replace id 253362183 via 10.99.0.1"),
+            "{err}"
+        );
         Ok(())
     })
     .unwrap()

@@ -4,6 +4,7 @@
 //! - [`iface`]: choosing the external interface.
 //! - [`backend`]: the vxlan devices (`flannel.<VNI>`, `flannel-v6.<VNI>`) and VtepMACs; host-gw.
 //! - [`reconcile`]: the kernel thread that makes the datapath match the leases.
+//! - [`nexthops`]: peer routes through nexthop objects above a cluster size (kernel O(N²) otherwise).
 //! - [`rules`]: masquerade and forward rules (iptables or nftables), kept in line on a thread.
 //! - [`daemon`]: startup, the lease watch, renewal and signals.
 //! - [`health`]: the `--healthz-port` endpoint (`/healthz`, `/readyz`, `/metrics`).
@@ -16,6 +17,7 @@ pub mod flags;
 pub mod health;
 pub mod iface;
 pub mod mem;
+pub mod nexthops;
 pub mod reconcile;
 pub mod rules;
 pub mod subnet_file;

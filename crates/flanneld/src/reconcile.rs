@@ -23,7 +23,7 @@
 //! added before the route that uses them, and a route is deleted before the
 //! neighbour and FDB entry it used.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -40,6 +40,7 @@ use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
 use crate::backend::wireguard::{self, WgDatapath, WgDeviceSpec};
 use crate::health::DatapathMetrics;
+use crate::nexthops::{self, Nexthops};
 
 /// How long a burst of netlink notifications is collected before one pass.
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
@@ -60,6 +61,9 @@ pub enum ReconcileError {
     },
     #[error("the reconciler thread has stopped")]
     Stopped,
+    /// A setting from the environment that does not parse.
+    #[error("{0}")]
+    Setting(String),
 }
 
 /// One value per address family.
@@ -474,6 +478,7 @@ impl Reconciler {
         leases: Vec<Arc<Lease>>,
         metrics: DatapathMetrics,
     ) -> Result<Self, ReconcileError> {
+        let threshold = nexthops::threshold_from_env().map_err(ReconcileError::Setting)?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -491,6 +496,7 @@ impl Reconciler {
                         udp: None,
                         wireguard: Vec::new(),
                         metrics,
+                        nh: Nexthops::new(threshold),
                     }
                     .run(rx);
                 }
@@ -597,6 +603,8 @@ struct Worker {
     /// The wireguard backend's running datapaths, one per device.
     wireguard: Vec<WgDatapath>,
     metrics: DatapathMetrics,
+    /// Peer routes through nexthop objects in large clusters.
+    nh: Nexthops,
 }
 
 impl Worker {
@@ -868,7 +876,7 @@ impl Worker {
         report.ifindex_v6 = devices.v6;
 
         // One route dump serves both families.
-        let routes = match self.nl.list_routes() {
+        let entries = match self.nl.list_route_entries() {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the routes back; retrying on the next pass");
@@ -879,20 +887,39 @@ impl Worker {
         };
         let now = SystemTime::now();
         let mut unreachable = Vec::new();
-        let mut npeers = 0;
         let families: Vec<IpFamily> = self.settings.families().collect();
-        for family in families {
+        let indexes: Vec<(IpFamily, DesiredIndex)> = families
+            .iter()
+            .map(|&family| {
+                let index = DesiredIndex::build(
+                    &self.settings.recipe(family, *devices.get(family)),
+                    self.leases.values().map(|l| &**l),
+                    Some(&self.settings.own),
+                    family,
+                    now,
+                );
+                (family, index)
+            })
+            .collect();
+        let npeers: usize = indexes.iter().map(|(_, i)| i.peers()).sum();
+        // Without our nexthops read back, nothing of them is written or
+        // deleted this pass.
+        let nh_known = match self.nh.sync(&mut self.nl, npeers, &entries) {
+            Ok(()) => true,
+            Err(e) => {
+                report.failed(format!("cannot read the nexthop objects back: {e}"));
+                false
+            }
+        };
+        let nhid_of: HashMap<IpNet, u32> = entries
+            .iter()
+            .filter_map(|e| e.nhid.map(|id| (e.route.dst, id)))
+            .collect();
+        let routes: Vec<Route> = entries.into_iter().map(|e| e.route).collect();
+        for (family, index) in indexes {
             let device = *devices.get(family);
-            let index = DesiredIndex::build(
-                &self.settings.recipe(family, device),
-                self.leases.values().map(|l| &**l),
-                Some(&self.settings.own),
-                family,
-                now,
-            );
             unreachable.extend(index.unreachable());
-            npeers += index.peers();
-            let actual = match self.read_actual(family, device, &routes) {
+            let mut actual = match self.read_actual(family, device, &routes) {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the datapath back; retrying on the next pass");
@@ -900,6 +927,15 @@ impl Worker {
                     continue;
                 }
             };
+            // A wanted route in the other form (plain while the mode wants
+            // a nexthop object, or the reverse, or naming another object)
+            // counts as missing: the plan replaces it in place.
+            if nh_known {
+                actual.routes.retain(|r| {
+                    !index.holds(&Op::AddRoute(r.clone()))
+                        || self.nh.has_wanted_form(r, nhid_of.get(&r.dst).copied())
+                });
+            }
             let plan = datapath::plan_reconcile(&index.desired(), &actual);
             self.apply(
                 family,
@@ -909,6 +945,9 @@ impl Worker {
                 &mut report,
             );
             *self.index.get_mut(family) = Some(index);
+        }
+        if nh_known {
+            self.collect_nexthops(true, &mut report);
         }
         unreachable.sort_by_key(|p| (p.subnet, p.key));
         report.peers = npeers;
@@ -958,6 +997,13 @@ impl Worker {
             }
             self.apply(family, device, &plan, None, &mut report);
         }
+        self.collect_nexthops(false, &mut report);
+        if self.nh.wants(report.peers) != self.nh.enabled {
+            // Across the threshold: the full pass rewrites every route
+            // in the other form, one replace at a time.
+            report.log(started);
+            return self.pass();
+        }
         if let (BackendSettings::Udp(spec), Some(dp)) = (&self.settings.backend, &self.udp) {
             update_udp_peers(dp, spec, &self.leases, &self.settings.own);
         }
@@ -997,7 +1043,7 @@ impl Worker {
             let (what, r) = match &op {
                 Op::DelRoute(r) => (
                     format!("deleted stale route {}", show(r)),
-                    self.nl.del_route(r),
+                    self.nh.del_route(&mut self.nl, r),
                 ),
                 Op::AddFdb(f) => (
                     format!("added fdb {} dst {} dev {name}", f.mac, f.dst),
@@ -1007,7 +1053,11 @@ impl Worker {
                     format!("added neighbour {} lladdr {} dev {name}", n.ip, n.mac),
                     self.nl.replace_neighbour(n),
                 ),
-                Op::AddRoute(r) => (format!("added route {}", show(r)), self.nl.replace_route(r)),
+                Op::AddRoute(r) => match self.nh.replace_route(&mut self.nl, r) {
+                    Ok(Some(id)) => (format!("added route {} nhid {id}", show(r)), Ok(())),
+                    Ok(None) => (format!("added route {}", show(r)), Ok(())),
+                    Err(e) => (format!("added route {}", show(r)), Err(e)),
+                },
                 Op::DelNeighbour(n) => (
                     format!(
                         "deleted stale neighbour {} lladdr {} dev {name}",
@@ -1039,6 +1089,21 @@ impl Worker {
                     report.errors.push(format!("{what}: {e}"));
                 }
             }
+        }
+    }
+
+    /// Deletes our nexthop objects that no route names any more: all of
+    /// them in a full pass, those whose last route an event pass removed
+    /// otherwise. Counted as removed objects.
+    fn collect_nexthops(&mut self, full: bool, report: &mut PassReport) {
+        let (done, failed) = self.nh.collect_unused(&mut self.nl, full);
+        for d in &done {
+            tracing::debug!("{d}");
+        }
+        report.changes += done.len();
+        report.removed += done.len();
+        for f in failed {
+            report.failed(f);
         }
     }
 
@@ -1494,6 +1559,10 @@ pub fn is_relevant(n: &Notification, s: &Settings, ifindex: PerFamily<Option<u32
             ours(ifindex)
         }
         Notification::Address { index, .. } => ours(index),
+        // Our own writes' echoes are dropped by port; this is someone
+        // else's change to an object of ours (a deleted one took its
+        // routes without a route notification).
+        Notification::Nexthop { id, .. } => nexthops::owns_id(*id),
         // Anything else (e.g. a lost-notifications overrun) may hide a
         // change of ours: resync.
         _ => true,

@@ -496,3 +496,114 @@ fn iface_can_reach_picks_the_interface_of_the_route_to_the_target() {
     );
     c.stop(0, d);
 }
+
+/// Node `i`'s routes inside the cluster network with the nexthop object
+/// each names, sorted.
+fn route_entries(node: &Node) -> Vec<flannel_netlink::RouteEntry> {
+    let net: IpNet = NETWORK.parse().unwrap();
+    let mut v: Vec<_> = node
+        .nl(|nl| nl.list_route_entries().unwrap())
+        .into_iter()
+        .filter(|e| net.contains(&e.route.dst) && e.route.gateway.is_some())
+        .collect();
+    v.sort();
+    v
+}
+
+/// With `FLANNELD_NEXTHOP_THRESHOLD=0` (the nexthop path forced at any
+/// size) node 1's peer routes name nexthop objects of ours that carry
+/// the traffic; a deleted object or route is put back, and a lease's
+/// removal takes both. The other nodes keep plain routes.
+#[test]
+fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
+    use flanneld::nexthops::{owns_id, PROTOCOL, THRESHOLD_ENV};
+    let c = Cluster::new("nh", 3, HOST_GW);
+    let node = &c.nodes[0];
+    let mut cmd = flanneld_in(&node.ns, &node.log());
+    cmd.args(local_store_flags(&c.store, &c.config, &node.subnet_file()))
+        .args(["--iface", "eth0", "--resync-interval", "30"])
+        .env(THRESHOLD_ENV, "0");
+    let mut d = vec![Daemon(Some(cmd.spawn().expect("spawn flanneld")))];
+    d.extend((1..3).map(|i| c.start(i)));
+    let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.wait_subnet(i, &mut d[i])).collect();
+    for i in 0..3 {
+        c.wait_routes(i, &c.expected(i, &subnets));
+        c.nodes[i].add_target(subnets[i]);
+    }
+    let eth0 = node.eth0();
+    // Each peer route names the object of ours for its gateway.
+    let objects = |n: &Node| -> Vec<flannel_netlink::Nexthop> {
+        let mut v: Vec<_> = n
+            .nl(|nl| nl.list_nexthops().unwrap())
+            .into_iter()
+            .filter(|h| owns_id(h.id) && h.protocol == PROTOCOL)
+            .collect();
+        v.sort_by_key(|h| h.gateway);
+        v
+    };
+    let consistent = || {
+        let (entries, nhs) = (route_entries(node), objects(node));
+        let ok = entries.len() == 2
+            && nhs.len() == 2
+            && entries.iter().all(|e| {
+                nhs.iter().any(|h| {
+                    Some(h.id) == e.nhid
+                        && h.gateway == e.route.gateway
+                        && h.oif == eth0
+                        && !h.onlink
+                })
+            });
+        ok.then_some((entries, nhs))
+    };
+    let (entries, nhs) = wait_for(
+        "node1 routes through nexthops",
+        Duration::from_secs(10),
+        consistent,
+    );
+    for i in 1..3 {
+        assert!(
+            route_entries(&c.nodes[i]).iter().all(|e| e.nhid.is_none()),
+            "node{} is below the threshold",
+            i + 1
+        );
+    }
+    c.wait_ping(0, subnets[0], subnets[1]);
+    // A deleted object (its route goes with it, silently) is put back.
+    node.nl(|nl| nl.del_nexthop(nhs[0].id).unwrap());
+    wait_for(
+        "the nexthop and its route back",
+        Duration::from_secs(10),
+        consistent,
+    );
+    c.wait_ping(0, subnets[0], subnets[1]);
+    // A deleted route comes back naming its object.
+    let e = &entries[0];
+    node.nl(|nl| nl.del_route_nhid(e.route.dst, e.nhid.unwrap()).unwrap());
+    wait_for("the route back", Duration::from_secs(10), consistent);
+    // A lease's removal takes its route and its object.
+    let gone = d.pop().unwrap();
+    c.stop(2, gone);
+    let key: LeaseKey = format!("{}-{}", subnets[2].network(), subnets[2].prefix_len())
+        .parse()
+        .unwrap();
+    block_on(async {
+        let store = LocalStore::open(&c.store).unwrap();
+        store.delete_lease(&key).await.unwrap();
+    });
+    let peer = c.nodes[1].ip;
+    wait_for(
+        "only node2's route and object",
+        Duration::from_secs(10),
+        || {
+            let (entries, nhs) = (route_entries(node), objects(node));
+            (entries.len() == 1
+                && nhs.len() == 1
+                && nhs[0].gateway == Some(IpAddr::V4(peer))
+                && entries[0].nhid == Some(nhs[0].id))
+            .then_some(())
+        },
+    );
+    for (i, daemon) in d.into_iter().enumerate() {
+        c.stop(i, daemon);
+    }
+}

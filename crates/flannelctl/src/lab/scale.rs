@@ -695,16 +695,24 @@ fn measure_inside(
 
     // Repair: delete some routes, time until all are back.
     let k = opts.repair.min(n);
-    let victims: Vec<Route> = nl
-        .list_routes()
+    // Above flanneld's nexthop threshold the routes name nexthop objects,
+    // and a delete that names a gateway does not match those: delete by id.
+    let victims: Vec<(Route, Option<u32>)> = nl
+        .list_route_entries()
         .map_err(nl_err("ip route show"))?
         .into_iter()
-        .filter(|r| r.oif == ifindex && r.gateway.is_some())
+        .filter(|e| e.route.oif == ifindex && e.route.gateway.is_some())
         .take(k)
+        .map(|e| (e.route, e.nhid))
         .collect();
-    for r in &victims {
-        nl.del_route(r).map_err(nl_err("ip route del"))?;
+    for (r, nhid) in &victims {
+        match nhid {
+            Some(id) => nl.del_route_nhid(r.dst, *id),
+            None => nl.del_route(r),
+        }
+        .map_err(nl_err("ip route del"))?;
     }
+    let victims: Vec<Route> = victims.into_iter().map(|(r, _)| r).collect();
     let t = Instant::now();
     let repaired = time_until(t, REPAIR_TIMEOUT, Duration::from_millis(5), || {
         Ok(victims
