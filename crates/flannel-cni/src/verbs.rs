@@ -19,19 +19,29 @@ use ipam::IpamStore;
 use spec::{code, AddResult, CniError, Interface, IpConfig, Version};
 
 /// The `CNI_*` environment of one call.
-struct CniEnv {
-    command: String,
-    container_id: String,
-    netns: String,
-    ifname: String,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniEnv {
+    pub command: String,
+    /// `CNI_CONTAINERID`: letters, digits, `_`, `.`, `-`, starting with a
+    /// letter or digit (it names files under dataDir and the IPAM dir).
+    pub container_id: String,
+    /// `CNI_NETNS`.
+    pub netns: String,
+    /// `CNI_IFNAME`: a valid interface name (at most 15 bytes, no `/`, `:`
+    /// or blanks, not `.` or `..`).
+    pub ifname: String,
 }
 
 pub fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn required(name: &str, command: &str) -> Result<String, CniError> {
-    env_var(name).ok_or_else(|| {
+fn required(
+    var: &impl Fn(&str) -> Option<String>,
+    name: &str,
+    command: &str,
+) -> Result<String, CniError> {
+    var(name).filter(|v| !v.is_empty()).ok_or_else(|| {
         CniError::new(
             code::INVALID_ENV,
             format!(
@@ -42,9 +52,20 @@ fn required(name: &str, command: &str) -> Result<String, CniError> {
 }
 
 impl CniEnv {
-    /// Reads and validates the variables `command` needs. The container ID and
-    /// interface name end up in file and link names, hence the strict checks.
+    /// Reads and validates the variables `command` needs from the process
+    /// environment (see [`CniEnv::from_vars`]).
     fn load(command: &str) -> Result<CniEnv, CniError> {
+        CniEnv::from_vars(command, env_var)
+    }
+
+    /// Reads and validates the variables `command` needs through `var` (an
+    /// empty value counts as unset). The container ID and interface name end
+    /// up in file and link names, hence the strict checks; every error has
+    /// the spec code 4 (invalid environment variables).
+    pub fn from_vars(
+        command: &str,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Result<CniEnv, CniError> {
         let (need_id, need_netns) = match command {
             "ADD" | "CHECK" => (true, true),
             "DEL" => (true, false),
@@ -53,12 +74,12 @@ impl CniEnv {
         let mut env = CniEnv {
             command: command.to_string(),
             container_id: String::new(),
-            netns: env_var("CNI_NETNS").unwrap_or_default(),
+            netns: var("CNI_NETNS").unwrap_or_default(),
             ifname: String::new(),
         };
         if need_id {
-            env.container_id = required("CNI_CONTAINERID", command)?;
-            env.ifname = required("CNI_IFNAME", command)?;
+            env.container_id = required(&var, "CNI_CONTAINERID", command)?;
+            env.ifname = required(&var, "CNI_IFNAME", command)?;
             let id_ok = env
                 .container_id
                 .chars()
@@ -92,7 +113,7 @@ impl CniEnv {
             }
         }
         if need_netns && env.netns.is_empty() {
-            required("CNI_NETNS", command)?;
+            required(&var, "CNI_NETNS", command)?;
         }
         Ok(env)
     }

@@ -9,9 +9,12 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::mac::MacAddr;
+
+mod record;
+pub use record::{from_unix_ms, to_unix_ms, LeaseRecord};
 
 /// The attributes a node publishes with its lease (upstream's `LeaseAttrs`).
 ///
@@ -20,6 +23,9 @@ use crate::mac::MacAddr;
 /// upstream. A missing IPv4 `PublicIP` (IPv6-only node) is written as
 /// `"0.0.0.0"`, as upstream does, and `"0.0.0.0"` or `null` read back as `None`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+// The derives become inherent functions, which the trait impls of
+// `object_only!` call (after checking that the value is a JSON object).
+#[serde(remote = "Self")]
 pub struct LeaseAttrs {
     #[serde(rename = "PublicIP", default, with = "public_ip_v4")]
     pub public_ip: Option<Ipv4Addr>,
@@ -46,6 +52,47 @@ pub struct LeaseAttrs {
     )]
     pub backend_v6_data: Option<BackendData>,
 }
+
+/// `Serialize` and `Deserialize` for a struct derived with
+/// `#[serde(remote = "Self")]`, deserialized from a map only. serde's derive
+/// also takes a sequence of the fields in order (`["1.2.3.4",null,"vxlan"]`),
+/// which Go's decoding into upstream's struct refuses; so does every reader
+/// of a lease value (etcd values, local store files, `flannelctl`).
+macro_rules! object_only {
+    ($ty:ident, $expecting:expr) => {
+        impl Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                // The derived (inherent) function: inherent items win over the trait's.
+                $ty::serialize(self, s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct ObjectOnly;
+                impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        map: A,
+                    ) -> Result<$ty, A::Error> {
+                        $ty::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    }
+                }
+                d.deserialize_map(ObjectOnly)
+            }
+        }
+    };
+}
+pub(crate) use object_only;
+
+object_only!(
+    LeaseAttrs,
+    "a lease value: a JSON object like {\"PublicIP\":\"172.16.1.14\",...}"
+);
 
 /// A lease's backend data (`BackendData`, `BackendV6Data`), kept as its
 /// JSON text: exactly what was read (a peer's value is written back byte for
@@ -223,7 +270,11 @@ impl fmt::Display for LeaseKey {
 
 /// Parses upstream's store key (see [`LeaseKey`]'s `Display`). An IPv4 part
 /// of `0.0.0.0-0` means IPv6 only; a bare IPv6 part (`fd00::-64`) is
-/// accepted as IPv6 only too. Host bits must be clear.
+/// accepted as IPv6 only too. Host bits must be clear, and the key must be
+/// spelt as `Display` writes it (no `010.244.1.0`, `-024`, `-+24`,
+/// `FD00::` or `fd00:0::`): another spelling of the same subnet is another
+/// etcd key, so a renewal or delete would miss the key that was read, and
+/// two keys could hand out one subnet.
 impl FromStr for LeaseKey {
     type Err = ParseLeaseKeyError;
 
@@ -279,6 +330,13 @@ impl FromStr for LeaseKey {
         }
         if key.is_empty() {
             return Err(err("it names no subnet"));
+        }
+        let canonical = key.to_string();
+        let bare_v6 = v4_part.is_none() && canonical.strip_prefix("0.0.0.0-0&") == Some(s);
+        if canonical != s && !bare_v6 {
+            return Err(err(&format!(
+                "it is not in canonical form; write it as {canonical:?}"
+            )));
         }
         Ok(key)
     }
@@ -757,6 +815,14 @@ mod tests {
             "10.244.1.0-24&fd00::-129",
             "10.244.1.0-24&fd00::1-64",
             "10.244.1.0-24&10.0.0.0-8",
+            // Other spellings of canonical keys (found by fuzz/lease_key).
+            "10.244.1.0-024",
+            "10.244.1.0-+24",
+            "10.244.1.0-24&FD00::-64",
+            "10.244.1.0-24&fd00:0::-64",
+            "10.244.1.0-24&fd00:0:0:0:0:0:0:0-64",
+            "0.0.0.0-0&fd00::-064",
+            "fd00:0::-64",
         ] {
             let e = bad.parse::<LeaseKey>().expect_err(bad);
             assert!(e.to_string().contains("expected \"10.244.1.0-24\""), "{e}");

@@ -329,6 +329,9 @@ pub fn parse_iptables_save(text: &str) -> Result<BTreeMap<String, IptTable>, Rul
             continue;
         }
         if let Some(name) = line.strip_prefix('*') {
+            if name.is_empty() || name.contains(|c: char| c.is_ascii_whitespace()) {
+                return Err(bad());
+            }
             tables.entry(name.to_string()).or_default();
             current = Some(name.to_string());
         } else if line == "COMMIT" {
@@ -338,11 +341,25 @@ pub fn parse_iptables_save(text: &str) -> Result<BTreeMap<String, IptTable>, Rul
                 .as_ref()
                 .and_then(|t| tables.get_mut(t))
                 .ok_or_else(bad)?;
+            // A chain name is the first word, as iptables-save prints it
+            // (`:NAME POLICY [p:b]`, `-A NAME SPEC`); iptables allows no
+            // blank in one, and no empty one.
             if let Some(decl) = line.strip_prefix(':') {
-                let name = decl.split_whitespace().next().ok_or_else(bad)?;
+                let name = decl
+                    .split_ascii_whitespace()
+                    .next()
+                    .filter(|_| !decl.starts_with(|c: char| c.is_ascii_whitespace()))
+                    .ok_or_else(bad)?;
                 table.chains.entry(name.to_string()).or_default();
             } else if let Some(rule) = line.strip_prefix("-A ") {
-                let (chain, spec) = rule.split_once(' ').ok_or_else(bad)?;
+                // A rule without matches or target (`iptables -A CHAIN`, a
+                // counter) is printed as `-A CHAIN`: its spec is empty.
+                let (chain, spec) = rule
+                    .split_once(|c: char| c.is_ascii_whitespace())
+                    .unwrap_or((rule, ""));
+                if chain.is_empty() {
+                    return Err(bad());
+                }
                 table
                     .chains
                     .entry(chain.to_string())
@@ -392,10 +409,21 @@ pub fn iptables_plan(desired: &IptDesired, actual: Option<&IptTable>) -> Option<
             lines.extend(want.iter().map(|r| format!("-A {} {r}", id.chain)));
         }
         None => {
-            if chain.is_none() && jumps.is_empty() {
+            // `-X` fails while any rule of the table still jumps to the
+            // chain (iptables: "Too many links"), and with it the whole
+            // transaction, every pass: the references from every other
+            // chain go first, not only the jump from `from`.
+            let refs: Vec<(&String, &String)> = actual
+                .chains
+                .iter()
+                .filter(|(c, _)| c.as_str() != id.from && c.as_str() != id.chain)
+                .flat_map(|(c, rules)| rules.iter().filter(|s| id.is_jump(s)).map(move |s| (c, s)))
+                .collect();
+            if chain.is_none() && jumps.is_empty() && refs.is_empty() {
                 return None;
             }
             lines.extend(jumps.iter().map(|j| format!("-D {} {j}", id.from)));
+            lines.extend(refs.iter().map(|(c, j)| format!("-D {c} {j}")));
             if chain.is_some() {
                 lines.push(format!("-F {}", id.chain));
                 lines.push(format!("-X {}", id.chain));
@@ -669,6 +697,61 @@ mod tests {
             iptables_restore_input("nat", &["-F X".to_string()]),
             "*nat\n-F X\nCOMMIT\n"
         );
+    }
+
+    /// Found by fuzz/iptables_save: a foreign rule jumping to the chain
+    /// from another chain made `-X` (and the whole transaction) fail on
+    /// every pass.
+    #[test]
+    fn iptables_plan_removes_jumps_from_every_chain_before_the_chain() {
+        let d = iptables_desired(IpFamily::V4, Some(v4()), RuleOptions::default());
+        let jump = d[0].id.jump();
+        let mut text = save_text(&["-j MASQUERADE"], &[&jump]);
+        text = text.replace(
+            ":FLANNEL-POSTRTG - [0:0]\n",
+            ":FLANNEL-POSTRTG - [0:0]\n:OTHER - [0:0]\n-A OUTPUT -g FLANNEL-POSTRTG\n-A OTHER -s 10.0.0.0/8 -j FLANNEL-POSTRTG\n",
+        );
+        let t = parse_iptables_save(&text).unwrap();
+        assert_eq!(
+            iptables_plan(&d[0], t.get("nat")).unwrap(),
+            [
+                format!("-D POSTROUTING {jump}"),
+                "-D OTHER -s 10.0.0.0/8 -j FLANNEL-POSTRTG".to_string(),
+                "-D OUTPUT -g FLANNEL-POSTRTG".to_string(),
+                "-F FLANNEL-POSTRTG".to_string(),
+                "-X FLANNEL-POSTRTG".to_string()
+            ]
+        );
+        // Only references left (the chain already gone): they are removed too.
+        let t = parse_iptables_save(
+            "*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j FLANNEL-POSTRTG\nCOMMIT\n",
+        )
+        .unwrap();
+        assert_eq!(
+            iptables_plan(&d[0], t.get("nat")).unwrap(),
+            ["-D OUTPUT -j FLANNEL-POSTRTG".to_string()]
+        );
+    }
+
+    /// Found by fuzz/iptables_save: chain names are the first word, never
+    /// empty; a rule without matches or target (`iptables -A CHAIN`) is
+    /// printed `-A CHAIN` and has an empty spec.
+    #[test]
+    fn iptables_save_chain_names_and_empty_rules() {
+        let t = parse_iptables_save(
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n-A POSTROUTING\n-A POSTROUTING\t-j X\nCOMMIT\n",
+        )
+        .unwrap();
+        assert_eq!(t["nat"].chains["POSTROUTING"], ["", "-j X"]);
+        for bad in [
+            "*nat\n-A  -j X\nCOMMIT\n",
+            "*nat\n: ACCEPT [0:0]\nCOMMIT\n",
+            "*nat\n:\nCOMMIT\n",
+            "*\n:X - [0:0]\nCOMMIT\n",
+            "*n at\nCOMMIT\n",
+        ] {
+            assert!(parse_iptables_save(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

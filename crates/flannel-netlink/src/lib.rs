@@ -21,6 +21,9 @@ mod routes;
 mod transport;
 pub mod tun;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
 use std::net::IpAddr;
 
 use flannel_core::mac::MacAddr;

@@ -203,40 +203,43 @@ impl Monitor {
                 })
             }
         };
-        let buf = &self.t.buf()[..n];
-        let Ok(parts) = split(buf) else {
-            return Ok(vec![Notification::Overrun]);
-        };
-        let mut out = Vec::new();
-        for raw in parts {
-            if self
-                .ignore
-                .is_some_and(|p| netlink_packet_core::NetlinkBuffer::new(raw).port_number() == p)
-            {
+        Ok(decode_datagram(&self.t.buf()[..n], self.ignore))
+    }
+}
+
+/// The notifications of one datagram the kernel sent to the monitor
+/// socket, less those stamped with the port id `ignore`. A datagram or a
+/// message that cannot be decoded yields [`Notification::Overrun`]: a
+/// notification we cannot read is a lost one, and the caller must resync
+/// rather than silently miss it.
+pub(crate) fn decode_datagram(buf: &[u8], ignore: Option<u32>) -> Vec<Notification> {
+    let Ok(parts) = split(buf) else {
+        return vec![Notification::Overrun];
+    };
+    let mut out = Vec::new();
+    for raw in parts {
+        if ignore.is_some_and(|p| netlink_packet_core::NetlinkBuffer::new(raw).port_number() == p) {
+            continue;
+        }
+        match nexthop_notification(raw) {
+            Some(Ok((id, deleted))) => {
+                out.push(Notification::Nexthop { id, deleted });
                 continue;
             }
-            match nexthop_notification(raw) {
-                Some(Ok((id, deleted))) => {
-                    out.push(Notification::Nexthop { id, deleted });
-                    continue;
-                }
-                Some(Err(())) => {
-                    out.push(Notification::Overrun);
-                    continue;
-                }
-                None => {}
+            Some(Err(())) => {
+                out.push(Notification::Overrun);
+                continue;
             }
-            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw) {
-                Ok(msg) => match msg.payload {
-                    NetlinkPayload::InnerMessage(m) => out.extend(notification(m)),
-                    NetlinkPayload::Overrun(_) => out.push(Notification::Overrun),
-                    _ => {}
-                },
-                // A notification we cannot decode is a lost notification:
-                // tell the caller to resync rather than silently miss it.
-                Err(_) => out.push(Notification::Overrun),
-            }
+            None => {}
         }
-        Ok(out)
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(raw) {
+            Ok(msg) => match msg.payload {
+                NetlinkPayload::InnerMessage(m) => out.extend(notification(m)),
+                NetlinkPayload::Overrun(_) => out.push(Notification::Overrun),
+                _ => {}
+            },
+            Err(_) => out.push(Notification::Overrun),
+        }
     }
+    out
 }

@@ -66,7 +66,7 @@ pub(crate) fn main_route_msg(
     Ok(m)
 }
 
-fn route_msg(r: &Route, op: &str, delete: bool) -> Result<RouteMessage> {
+pub(crate) fn route_msg(r: &Route, op: &str, delete: bool) -> Result<RouteMessage> {
     let mut m = main_route_msg(r.dst, RouteType::Unicast, op, delete)?;
     let fam = m.header.address_family;
     if !delete && r.gateway.is_none() {
@@ -119,7 +119,9 @@ pub(crate) fn route_from_msg(m: &RouteMessage) -> Option<Route> {
             RouteAttribute::Gateway(g) => gateway = route_addr(g),
             RouteAttribute::Via(RouteVia::Inet(g)) => gateway = Some(IpAddr::V4(*g)),
             RouteAttribute::Via(RouteVia::Inet6(g)) => gateway = Some(IpAddr::V6(*g)),
-            RouteAttribute::Oif(i) => oif = Some(*i),
+            // RTA_OIF 0 names no device: such a route cannot be written
+            // back (`Route` with oif 0 omits RTA_OIF), so it is not one.
+            RouteAttribute::Oif(i) => oif = Some(*i).filter(|&i| i != 0),
             RouteAttribute::MultiPath(_) => return None,
             _ => {}
         }
@@ -152,7 +154,7 @@ fn blackhole_cmd(verb: &str, b: &BlackholeRoute) -> String {
     format!("ip route {verb} blackhole {} metric {}", b.dst, b.metric)
 }
 
-fn blackhole_msg(b: &BlackholeRoute, op: &str, delete: bool) -> Result<RouteMessage> {
+pub(crate) fn blackhole_msg(b: &BlackholeRoute, op: &str, delete: bool) -> Result<RouteMessage> {
     let mut m = main_route_msg(b.dst, RouteType::BlackHole, op, delete)?;
     m.attributes.push(RouteAttribute::Priority(b.metric));
     Ok(m)
@@ -348,5 +350,38 @@ impl Netlink {
     pub fn list_routes(&mut self) -> Result<Vec<Route>> {
         let all = self.dump_routes("ip route show table main")?;
         Ok(all.iter().filter_map(route_from_msg).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unicast(oif: u32) -> RouteMessage {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = 24;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.kind = RouteType::Unicast;
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(
+                Ipv4Addr::new(10, 244, 2, 0),
+            )));
+        m.attributes.push(RouteAttribute::Oif(oif));
+        m
+    }
+
+    /// Found by fuzz/netlink: RTA_OIF 0 was read as a route on device 0,
+    /// which `ip route replace` of the same route cannot express (it omits
+    /// RTA_OIF), so reading and writing back did not agree.
+    #[test]
+    fn route_with_oif_zero_is_device_less() {
+        assert_eq!(route_from_msg(&unicast(0)), None);
+        let r = route_from_msg(&unicast(5)).unwrap();
+        assert_eq!(r.oif, 5);
+        assert_eq!(
+            route_from_msg(&route_msg(&r, "test", false).unwrap()),
+            Some(r)
+        );
     }
 }

@@ -251,7 +251,7 @@ pub(crate) fn split(buf: &[u8]) -> std::result::Result<Vec<&[u8]>, String> {
 }
 
 /// The kernel's text reason from an NLMSG_ERROR's extended ack, if any.
-fn extack_message(flags: u16, payload: &[u8]) -> Option<String> {
+pub(crate) fn extack_message(flags: u16, payload: &[u8]) -> Option<String> {
     if flags & NLM_F_ACK_TLVS == 0 || payload.len() < NLMSG_HDRLEN {
         return None;
     }

@@ -61,15 +61,16 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use flannel_core::lease::{Lease, LeaseAttrs, LeaseEvent, LeaseKey};
+use flannel_core::lease::{
+    from_unix_ms, to_unix_ms, Lease, LeaseAttrs, LeaseEvent, LeaseKey, LeaseRecord,
+};
 use flannel_core::wire;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::{LeaseSnapshot, Result, Store, StoreError, WatchEvent};
@@ -115,15 +116,6 @@ struct Layout {
     lock: PathBuf,
     revision: PathBuf,
     config: PathBuf,
-}
-
-/// A lease file as stored.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    #[serde(rename = "LeaseAttrs")]
-    attrs: LeaseAttrs,
-    #[serde(rename = "ExpiresUnixMs", default)]
-    expires_unix_ms: Option<u64>,
 }
 
 /// What reading one file of `subnets/` gave.
@@ -213,7 +205,7 @@ impl LocalStore {
                 let tmp = l
                     .subnets
                     .join(format!("{TMP_PREFIX}import.{}.{i}", std::process::id()));
-                fs::write(&tmp, record_json(&name, lease)?).map_err(|e| io_err(&tmp, e))?;
+                fs::write(&tmp, record_json(lease)).map_err(|e| io_err(&tmp, e))?;
                 staged.push((tmp, l.subnets.join(name)));
             }
             if durable {
@@ -483,7 +475,7 @@ impl Layout {
     }
 
     fn write_lease(&self, name: &str, lease: &Lease) -> Result<()> {
-        let json = record_json(name, lease)?;
+        let json = record_json(lease);
         self.write_atomic(&self.subnets, &self.subnets.join(name), &json)
     }
 
@@ -512,11 +504,11 @@ impl Layout {
             Err(e) if is_transient(&e) => return FileState::Unreadable(e),
             Err(e) => return FileState::Bad(format!("cannot read: {e}")),
         };
-        match serde_json::from_slice::<Record>(&data) {
+        match LeaseRecord::from_json(&data) {
             Ok(r) => FileState::Lease(Lease {
                 key,
+                expiration: r.expiration(),
                 attrs: r.attrs,
-                expiration: r.expires_unix_ms.map(from_unix_ms),
             }),
             Err(e) => FileState::Bad(format!(
                 "content is not a lease record ({e}); expected {{\"LeaseAttrs\":{{...}},\"ExpiresUnixMs\":<ms or null>}}"
@@ -1080,17 +1072,8 @@ impl Watcher {
 /// The lease as it will be stored: expiration = now + ttl, at the
 /// millisecond precision of the file so the caller and watchers agree.
 /// A lease file's content (see the module docs), newline-terminated.
-fn record_json(name: &str, lease: &Lease) -> Result<Vec<u8>> {
-    let record = Record {
-        attrs: lease.attrs.clone(),
-        expires_unix_ms: lease.expiration.map(to_unix_ms),
-    };
-    let mut json = serde_json::to_vec(&record).map_err(|e| StoreError::InvalidLease {
-        key: name.into(),
-        detail: format!("cannot encode: {e}"),
-    })?;
-    json.push(b'\n');
-    Ok(json)
+fn record_json(lease: &Lease) -> Vec<u8> {
+    LeaseRecord::new(lease.attrs.clone(), lease.expiration).to_json()
 }
 
 fn stamp(lease: &Lease, ttl: Option<Duration>, now: SystemTime) -> Lease {
@@ -1125,16 +1108,6 @@ fn file_name(key: &LeaseKey) -> Result<String> {
         });
     }
     Ok(key.to_string())
-}
-
-fn to_unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis().min(u64::MAX as u128) as u64)
-        .unwrap_or(0)
-}
-
-fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 /// Whether a failed read says nothing about the file: the process or the
