@@ -1863,8 +1863,8 @@ mod tests {
         yes(Notification::Overrun);
     }
 
-    #[test]
-    fn deletions_of_wanted_objects_are_put_back_at_once() {
+    /// Settings, the v4 device index 4 and the desired index of `leases()`.
+    fn v4_fixture() -> (Settings, PerFamily<Option<u32>>, DesiredIndex) {
         let s = settings();
         let devs = PerFamily {
             v4: Some(4),
@@ -1878,6 +1878,12 @@ mod tests {
             IpFamily::V4,
             SystemTime::now(),
         );
+        (s, devs, idx)
+    }
+
+    #[test]
+    fn deletions_of_wanted_objects_are_put_back_at_once() {
+        let (s, devs, idx) = v4_fixture();
         let want = idx.desired();
         let index = PerFamily {
             v4: Some(idx),
@@ -1959,19 +1965,7 @@ mod tests {
 
     #[test]
     fn notifications_matching_the_desired_state_need_no_pass() {
-        let s = settings();
-        let devs = PerFamily {
-            v4: Some(4),
-            v6: None,
-        };
-        let ls: Vec<Arc<Lease>> = leases().into_iter().map(Arc::new).collect();
-        let idx = DesiredIndex::build(
-            &s.recipe(IpFamily::V4, Some(4)),
-            ls.iter().map(|l| &**l),
-            Some(&s.own),
-            IpFamily::V4,
-            SystemTime::now(),
-        );
+        let (s, devs, idx) = v4_fixture();
         let index = PerFamily {
             v4: Some(idx.clone()),
             v6: None,

@@ -6,8 +6,8 @@ use std::time::Duration;
 use flannel_netlink::netns::NetNs;
 
 use super::{
-    lab_dir, lab_namespaces, lab_processes, pods, procs, require_root, store, validate_name, Lab,
-    LabError, LabState, Result, CNI_BINARY,
+    absent_ok, lab_dir, lab_namespaces, lab_processes, pods, procs, require_root, store,
+    validate_name, Lab, LabError, LabState, Result, CNI_BINARY,
 };
 
 /// `flannelctl lab down`: stops the daemons (checking each pid is this lab's
@@ -104,10 +104,8 @@ pub fn down(name: &str) -> Result<()> {
     if let Err(e) = store::unmount_store(&dir.join("store")) {
         errors.push(format!("umount {}: {e}", dir.join("store").display()));
     }
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => errors.push(format!("removing {}: {e}", dir.display())),
+    if let Err(e) = absent_ok(std::fs::remove_dir_all(&dir)) {
+        errors.push(format!("removing {}: {e}", dir.display()));
     }
 
     if errors.is_empty() {

@@ -201,6 +201,15 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     move |source| LabError::Io { context, source }
 }
 
+/// A removal whose target is already gone has done its job: teardown and
+/// re-runs after an interrupted verb must not fail on it.
+pub(crate) fn absent_ok(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
 pub(crate) fn ns_err(context: impl Into<String>) -> impl FnOnce(NetNsError) -> LabError {
     let context = context.into();
     move |source| LabError::NetNs { context, source }

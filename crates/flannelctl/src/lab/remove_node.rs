@@ -10,7 +10,9 @@ use flannel_netlink::netns::NetNs;
 use flannel_netlink::Netlink;
 use ipnet::IpNet;
 
-use super::{io_err, nl_err, ns_err, pods, poll_until, require_root, Lab, LabError, Result};
+use super::{
+    absent_ok, io_err, nl_err, ns_err, pods, poll_until, require_root, Lab, LabError, Result,
+};
 
 impl Lab {
     /// Removes worker `node` (never the master, which runs the lab's
@@ -46,16 +48,10 @@ impl Lab {
         self.delete_node_lease(&n)?;
         // The veth goes with the namespace, its switch end with it.
         NetNs::delete(&n.netns).map_err(ns_err(format!("deleting the namespace of {node}")))?;
-        match std::fs::remove_dir_all(self.node_dir(node)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(io_err(format!(
-                    "removing {}",
-                    self.node_dir(node).display()
-                ))(e))
-            }
-        }
+        absent_ok(std::fs::remove_dir_all(self.node_dir(node))).map_err(io_err(format!(
+            "removing {}",
+            self.node_dir(node).display()
+        )))?;
         self.state.nodes.retain(|x| x.name != node);
         self.state.pods.retain(|p| p.node != node);
         self.state.save()?;

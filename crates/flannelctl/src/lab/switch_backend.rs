@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{io_err, masq, Backend, Lab, LabError, Result};
+use super::{absent_ok, io_err, masq, Backend, Lab, LabError, Result};
 
 impl Lab {
     /// Switches the running lab to another backend the way an operator
@@ -28,16 +28,10 @@ impl Lab {
             // The new daemon writes its own (another MTU); waiting for the
             // file must not be fooled by the old one. Its lease, which names
             // the node's address, still tells the daemon its subnet.
-            match std::fs::remove_file(self.subnet_file(n)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(io_err(format!(
-                        "removing {}",
-                        self.subnet_file(n).display()
-                    ))(e))
-                }
-            }
+            absent_ok(std::fs::remove_file(self.subnet_file(n))).map_err(io_err(format!(
+                "removing {}",
+                self.subnet_file(n).display()
+            )))?;
         }
         self.state.backend = backend;
         self.state.direct_routing = direct_routing;
