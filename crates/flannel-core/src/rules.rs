@@ -224,8 +224,10 @@ impl IptChainId {
     }
 
     fn is_jump(&self, spec: &str) -> bool {
-        spec.ends_with(&format!("-j {}", self.chain))
-            || spec.ends_with(&format!("-g {}", self.chain))
+        // By tokens, as iptables reads a rule: `-j  CHAIN` (any blanks) is
+        // the same jump as `-j CHAIN`, which is what iptables-save prints.
+        let mut tokens = spec.split_ascii_whitespace().rev();
+        tokens.next() == Some(self.chain) && matches!(tokens.next(), Some("-j" | "-g"))
     }
 }
 
@@ -460,6 +462,17 @@ pub fn iptables_save_lines(desired: &IptDesired) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jump_is_read_by_tokens() {
+        assert!(IPT_MASQ.is_jump("-j FLANNEL-POSTRTG"));
+        assert!(IPT_MASQ.is_jump("-m comment --comment \"x\" -j  FLANNEL-POSTRTG"));
+        assert!(IPT_MASQ.is_jump("-g\tFLANNEL-POSTRTG "));
+        assert!(!IPT_MASQ.is_jump("-j XFLANNEL-POSTRTG"));
+        assert!(!IPT_MASQ.is_jump("-j FLANNEL-POSTRTG-X"));
+        assert!(!IPT_MASQ.is_jump("--comment FLANNEL-POSTRTG"));
+        assert!(!IPT_MASQ.is_jump(""));
+    }
 
     pub(super) fn v4() -> FamilyNets {
         FamilyNets::v4(
