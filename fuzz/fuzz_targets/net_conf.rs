@@ -60,18 +60,19 @@ fn render(cfg: &NetConfig) -> String {
 
 /// Whether the document has a key spelt like `field` ("Backend.VNI": the
 /// key VNI of the Backend object), ignoring ASCII case as the parser does.
+/// Keys that differ only in case ("BackeNd" beside "Backend") are each
+/// followed: which one the parser reads is its own rule, not this check's.
 fn names_field(doc: &Value, field: &str) -> bool {
-    let mut v = doc;
-    for part in field.split('.') {
-        let Some(obj) = v.as_object() else {
-            return false;
+    fn follows(v: &Value, parts: &[&str]) -> bool {
+        let Some((part, rest)) = parts.split_first() else {
+            return true;
         };
-        match obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(part)) {
-            Some((_, next)) => v = next,
-            None => return false,
-        }
+        v.as_object().is_some_and(|obj| {
+            obj.iter()
+                .any(|(k, next)| k.eq_ignore_ascii_case(part) && follows(next, rest))
+        })
     }
-    true
+    follows(doc, &field.split('.').collect::<Vec<_>>())
 }
 
 fuzz_target!(|data: &[u8]| {
