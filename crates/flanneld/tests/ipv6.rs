@@ -571,6 +571,10 @@ fn vxlan_dual_stack_two_devices_and_a_v6_only_update_is_applied() {
 
     // An update of node2's lease that changes only its IPv6 side (another
     // BackendV6Data VtepMAC) is applied on node1; the IPv4 side stays.
+    // node2 is stopped first: a running holder sees its lease drift from
+    // what it published and writes its own back, racing the edit.
+    let d1 = d.remove(1);
+    c.stop(1, d1);
     let v4_before = c.nodes[0]
         .device_state(V4_DEV, NETWORK.parse().unwrap())
         .unwrap();
@@ -596,9 +600,15 @@ fn vxlan_dual_stack_two_devices_and_a_v6_only_update_is_applied() {
         v4_before,
         "IPv4 side untouched"
     );
-    // And back.
-    c.update_lease(&orig);
-    c.wait_vxlan(0, V6_DEV, NETWORK6, &vxlan_peers(&c, 0, true));
+    // And back: node2, started again, publishes its own VtepMACs.
+    let mut d1 = c.start(1);
+    c.wait_env(1, &mut d1, true, true);
+    d.push(d1);
+    let back6 = vec![Peer {
+        mac: orig.attrs.vxlan_v6_data().unwrap().vtep_mac,
+        ..want6[0]
+    }];
+    c.wait_vxlan(0, V6_DEV, NETWORK6, &back6);
     c.wait_ping(0, s6[0], s6[1]);
     c.wait_ping(0, s4[0], s4[1]);
 
