@@ -437,10 +437,10 @@ fn decide<'a>(
 /// lease an [`Admitter`] holds (rejected and expired ones included): tells
 /// whether a lease's admission can involve any other lease. Counts, not key
 /// sets: a few bytes per lease even at 20,000 leases.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Claims {
-    ips: HashMap<IpAddr, u32>,
-    vteps: HashMap<(usize, u32, MacAddr), u32>,
+    ips: BTreeMap<IpAddr, u32>,
+    vteps: BTreeMap<(usize, u32, MacAddr), u32>,
     /// Per family, by (network address, prefix length); may overlap.
     subnets: [BTreeMap<(IpAddr, u8), u32>; 2],
 }
@@ -458,20 +458,45 @@ fn count_down<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
     }
 }
 
-fn hcount_up<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
-    *m.entry(k).or_insert(0) += 1;
-}
-
-fn hcount_down<K: std::hash::Hash + Eq>(m: &mut HashMap<K, u32>, k: K) {
-    if let std::collections::hash_map::Entry::Occupied(mut e) = m.entry(k) {
-        *e.get_mut() -= 1;
-        if *e.get() == 0 {
-            e.remove();
+/// `keys` counted, as a map built at once: full nodes, where one grown
+/// by inserts in key order is about half empty.
+fn counts<K: Ord>(mut keys: Vec<K>) -> BTreeMap<K, u32> {
+    keys.sort_unstable();
+    let mut out: Vec<(K, u32)> = Vec::new();
+    for k in keys {
+        match out.last_mut() {
+            Some((last, n)) if *last == k => *n += 1,
+            _ => out.push((k, 1)),
         }
     }
+    out.into_iter().collect()
 }
 
 impl Claims {
+    /// The claims of all of `facts` (what [`Claims::add`] of each gives).
+    fn of<'f>(facts: impl IntoIterator<Item = &'f [FamilyFacts; 2]>) -> Claims {
+        let (mut ips, mut vteps) = (Vec::new(), Vec::new());
+        let mut subnets = [Vec::new(), Vec::new()];
+        for f in facts {
+            for family in FAMILIES {
+                let ff = &f[idx(family)];
+                if let Some(s) = ff.subnet {
+                    subnets[idx(family)].push((s.network(), s.prefix_len()));
+                }
+                ips.extend(ff.public_ip);
+                if let Some((vni, mac)) = ff.vtep {
+                    vteps.push((idx(family), vni, mac));
+                }
+            }
+        }
+        let [s4, s6] = subnets;
+        Claims {
+            ips: counts(ips),
+            vteps: counts(vteps),
+            subnets: [counts(s4), counts(s6)],
+        }
+    }
+
     fn add(&mut self, f: &[FamilyFacts; 2]) {
         for family in FAMILIES {
             let ff = &f[idx(family)];
@@ -482,10 +507,10 @@ impl Claims {
                 );
             }
             if let Some(ip) = ff.public_ip {
-                hcount_up(&mut self.ips, ip);
+                count_up(&mut self.ips, ip);
             }
             if let Some((vni, mac)) = ff.vtep {
-                hcount_up(&mut self.vteps, (idx(family), vni, mac));
+                count_up(&mut self.vteps, (idx(family), vni, mac));
             }
         }
     }
@@ -500,10 +525,10 @@ impl Claims {
                 );
             }
             if let Some(ip) = ff.public_ip {
-                hcount_down(&mut self.ips, ip);
+                count_down(&mut self.ips, ip);
             }
             if let Some((vni, mac)) = ff.vtep {
-                hcount_down(&mut self.vteps, (idx(family), vni, mac));
+                count_down(&mut self.vteps, (idx(family), vni, mac));
             }
         }
     }
@@ -597,7 +622,7 @@ pub struct Admitter {
     own_key: LeaseKey,
     own_attrs: LeaseAttrs,
     own_facts: [FamilyFacts; 2],
-    facts: HashMap<LeaseKey, [FamilyFacts; 2]>,
+    facts: BTreeMap<LeaseKey, [FamilyFacts; 2]>,
     claims: Claims,
     admitted: BTreeMap<LeaseKey, Arc<Lease>>,
     rejected: BTreeMap<LeaseKey, Reason>,
@@ -612,7 +637,7 @@ impl Admitter {
             nets,
             own_key,
             own_attrs,
-            facts: HashMap::new(),
+            facts: BTreeMap::new(),
             claims: Claims::default(),
             admitted: BTreeMap::new(),
             rejected: BTreeMap::new(),
@@ -635,15 +660,13 @@ impl Admitter {
         all: &BTreeMap<LeaseKey, Arc<Lease>>,
         now: SystemTime,
     ) -> AdmissionDelta {
-        self.facts.clear();
-        self.claims = Claims::default();
-        for (k, l) in all {
-            if *k != self.own_key {
-                let f = facts(&self.nets, k, &l.attrs);
-                self.claims.add(&f);
-                self.facts.insert(*k, f);
-            }
-        }
+        // Built at once (full nodes), not grown lease by lease.
+        self.facts = all
+            .iter()
+            .filter(|(k, _)| **k != self.own_key)
+            .map(|(k, l)| (*k, facts(&self.nets, k, &l.attrs)))
+            .collect();
+        self.claims = Claims::of(self.facts.values());
         self.recompute(all, now)
     }
 
@@ -1245,6 +1268,32 @@ mod tests {
                 assert_eq!(got_r, want.rejected, "round {round} step {step}");
             }
         }
+    }
+
+    #[test]
+    fn claims_built_at_once_equal_claims_added_one_by_one() {
+        let nets = dual_nets();
+        let leases = [
+            vx("10.244.1.0-24", "172.16.1.14", "02:00:00:00:00:02"),
+            vx("10.244.2.0-24", "172.16.1.14", "02:00:00:00:00:02"),
+            vx("10.244.2.0-25", "172.16.1.15", "02:00:00:00:00:03"),
+            vx("10.244.3.0-24", "172.16.1.16", "02:00:00:00:00:02"),
+        ];
+        let all: Vec<[FamilyFacts; 2]> = leases
+            .iter()
+            .map(|l| facts(&nets, &l.key, &l.attrs))
+            .collect();
+        let mut one_by_one = Claims::default();
+        for f in &all {
+            one_by_one.add(f);
+        }
+        let at_once = Claims::of(&all);
+        assert_eq!(at_once, one_by_one);
+        assert_eq!(at_once.ips[&"172.16.1.14".parse::<IpAddr>().unwrap()], 2);
+        for f in &all {
+            one_by_one.remove(f);
+        }
+        assert_eq!(one_by_one, Claims::default(), "counted out to nothing");
     }
 
     /// The delta of an update says exactly what moved in and out.

@@ -678,7 +678,7 @@ struct Cached {
 /// The watch's view of the directory: digests by file name, and the
 /// expirations in order, so that an event and the expiry timer cost what
 /// they concern, not the number of leases.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Cache {
     by_name: BTreeMap<String, Cached>,
     expiring: BTreeSet<(SystemTime, String)>,
@@ -695,6 +695,29 @@ fn digest(l: &Lease) -> u64 {
 }
 
 impl Cache {
+    /// The cache of a full read, built at once: a map grown by inserts in
+    /// key order leaves its nodes about half empty (20,000 leases).
+    fn of<'l>(leases: impl IntoIterator<Item = (&'l String, &'l Lease)> + Clone) -> Cache {
+        Cache {
+            by_name: leases
+                .clone()
+                .into_iter()
+                .map(|(name, l)| {
+                    let c = Cached {
+                        key: l.key,
+                        expiration: l.expiration,
+                        digest: digest(l),
+                    };
+                    (name.clone(), c)
+                })
+                .collect(),
+            expiring: leases
+                .into_iter()
+                .filter_map(|(name, l)| Some((l.expiration?, name.clone())))
+                .collect(),
+        }
+    }
+
     fn holds(&self, name: &str, l: &Lease) -> bool {
         self.by_name.get(name).is_some_and(|c| {
             c.key == l.key && c.expiration == l.expiration && c.digest == digest(l)
@@ -1018,11 +1041,7 @@ impl Watcher {
             )
         };
         self.next_resync = Instant::now() + self.resync_interval;
-        let mut cache = Cache::default();
-        for (name, l) in &leases {
-            cache.insert(name, l);
-        }
-        self.cache = cache;
+        self.cache = Cache::of(&leases);
         Ok(LeaseSnapshot {
             leases: leases.into_values().collect(),
             revision,
@@ -1216,6 +1235,45 @@ mod tests {
             ErrorKind::InvalidInput,
             "a FIFO"
         )));
+    }
+
+    #[test]
+    fn a_cache_built_at_once_equals_one_filled_lease_by_lease() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let leases: BTreeMap<String, Lease> = (1..=40u8)
+            .map(|i| {
+                let key: LeaseKey = format!("10.244.{i}.0-24").parse().unwrap();
+                let l = Lease {
+                    key,
+                    attrs: LeaseAttrs {
+                        public_ip: Some(Ipv4Addr::new(172, 16, 0, i)),
+                        public_ipv6: None,
+                        backend_type: "vxlan".into(),
+                        backend_data: None,
+                        backend_v6_data: None,
+                    },
+                    // Some without expiry, some expiring at the same time.
+                    expiration: (i % 3 != 0).then(|| t + Duration::from_secs(u64::from(i % 5))),
+                };
+                (key.to_string(), l)
+            })
+            .collect();
+        let mut one_by_one = Cache::default();
+        for (name, l) in &leases {
+            one_by_one.insert(name, l);
+        }
+        let mut at_once = Cache::of(&leases);
+        assert_eq!(at_once, one_by_one);
+        assert_eq!(at_once.nearest_expiration(), Some(t));
+        let by = t + Duration::from_secs(1);
+        let due = leases
+            .values()
+            .filter(|l| l.expiration.is_some_and(|e| e <= by))
+            .count();
+        assert!(due > 0);
+        assert_eq!(at_once.expire(by).len(), due);
+        assert_eq!(one_by_one.expire(by).len(), due);
+        assert_eq!(at_once, one_by_one);
     }
 
     #[test]

@@ -4,13 +4,18 @@
 //! the cluster's size (kernel dumps, the desired and actual state, the
 //! diff) and frees them again; glibc keeps freed memory in its arenas, one
 //! per thread by default, so without help the resident set stays at the
-//! peak of every thread. flanneld caps the arenas and hands freed memory
-//! back to the kernel after each full pass (`malloc_trim`). Both are glibc
+//! peak of every thread. flanneld caps the arenas, keeps big blocks out
+//! of them (a fixed mmap threshold) and hands freed memory back to the
+//! kernel after each full pass (`malloc_trim`). Both are glibc
 //! specifics; on other C libraries these are no-ops.
 
 /// Caps malloc's arenas at two (the main one and one shared by every
 /// other thread): flanneld's threads allocate little and rarely at the
-/// same time. Call first thing in `main`.
+/// same time. Also fixes the mmap threshold at 128 KiB: glibc raises it to
+/// the size of the largest block freed, so after the first big kernel dump
+/// every later one would come from the heap, where a freed buffer cannot
+/// go back to the kernel while a small live block sits above it. Call
+/// first thing in `main`.
 pub fn limit_arenas() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter.

@@ -25,7 +25,8 @@
 //! - repair: some routes are deleted with netlink, then the time until all
 //!   are back (none within the limit: "no repair", as upstream's vxlan does
 //!   not repair routes);
-//! - memory: VmRSS after all that, and the peak (VmHWM), from /proc.
+//! - memory: the steady VmRSS once the daemon is idle after all that (the
+//!   median of readings over a second), and the peak (VmHWM), from /proc.
 //!
 //! Upstream flanneld runs on etcd only (it has no local store), against the
 //! same etcd setup with the same N and the same lease values, measured the
@@ -503,6 +504,37 @@ fn memory(pid: u32) -> Result<(u64, u64, u64)> {
     Ok((field("VmRSS:"), field("VmHWM:"), field("RssAnon:")))
 }
 
+/// Samples of the steady resident set, and the pause between two.
+const RSS_SAMPLES: usize = 11;
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// [`memory`] once the daemon is idle: after a settling second, the median
+/// of [`RSS_SAMPLES`] readings over about a second (VmRSS and RssAnon each;
+/// VmHWM from the last). One reading can land in the debounced full pass
+/// that follows the repair, whose transient buffers are freed again a few
+/// milliseconds later.
+fn steady_memory(pid: u32) -> Result<(u64, u64, u64)> {
+    std::thread::sleep(Duration::from_secs(1));
+    let mut rss = Vec::with_capacity(RSS_SAMPLES);
+    let mut anon = Vec::with_capacity(RSS_SAMPLES);
+    let mut peak = 0;
+    for i in 0..RSS_SAMPLES {
+        if i > 0 {
+            std::thread::sleep(RSS_SAMPLE_EVERY);
+        }
+        let (r, p, a) = memory(pid)?;
+        rss.push(r);
+        anon.push(a);
+        peak = p;
+    }
+    Ok((median_kib(rss), peak, median_kib(anon)))
+}
+
+fn median_kib(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
 /// The store of a run, as the bench writes it.
 enum Writer {
     Local(LocalStore),
@@ -720,8 +752,7 @@ fn measure_inside(
             .all(|r| r.dst.addr().is_ipv4() && routed_net(&mut nl, ifindex, r.dst)))
     })?;
 
-    std::thread::sleep(Duration::from_millis(500));
-    let (rss_kib, peak_kib, anon_kib) = memory(pid)?;
+    let (rss_kib, peak_kib, anon_kib) = steady_memory(pid)?;
     Ok(Measurement {
         cold,
         add,
