@@ -666,22 +666,22 @@ impl Layout {
     }
 }
 
-/// What a watch remembers of one lease: enough to tell a change, to name
-/// it when it goes and to expire it, not the lease itself.
+/// What a watch remembers of one lease: enough to tell a change and to
+/// expire it, not the lease itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cached {
-    key: LeaseKey,
     expiration: Option<SystemTime>,
     digest: u64,
 }
 
-/// The watch's view of the directory: digests by file name, and the
-/// expirations in order, so that an event and the expiry timer cost what
-/// they concern, not the number of leases.
+/// The watch's view of the directory: digests by lease key (a lease file's
+/// name is its key's canonical form, [`Layout::read_lease`] refuses any
+/// other), and the expirations in order, so that an event and the expiry
+/// timer cost what they concern, not the number of leases.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Cache {
-    by_name: BTreeMap<String, Cached>,
-    expiring: BTreeSet<(SystemTime, String)>,
+    by_key: BTreeMap<LeaseKey, Cached>,
+    expiring: BTreeSet<(SystemTime, LeaseKey)>,
 }
 
 /// A digest of everything a lease says (key, expiration, attributes).
@@ -697,65 +697,69 @@ fn digest(l: &Lease) -> u64 {
 impl Cache {
     /// The cache of a full read, built at once: a map grown by inserts in
     /// key order leaves its nodes about half empty (20,000 leases).
-    fn of<'l>(leases: impl IntoIterator<Item = (&'l String, &'l Lease)> + Clone) -> Cache {
+    fn of<'l>(leases: impl IntoIterator<Item = &'l Lease> + Clone) -> Cache {
         Cache {
-            by_name: leases
+            by_key: leases
                 .clone()
                 .into_iter()
-                .map(|(name, l)| {
+                .map(|l| {
                     let c = Cached {
-                        key: l.key,
                         expiration: l.expiration,
                         digest: digest(l),
                     };
-                    (name.clone(), c)
+                    (l.key, c)
                 })
                 .collect(),
             expiring: leases
                 .into_iter()
-                .filter_map(|(name, l)| Some((l.expiration?, name.clone())))
+                .filter_map(|l| Some((l.expiration?, l.key)))
                 .collect(),
         }
     }
 
-    fn holds(&self, name: &str, l: &Lease) -> bool {
-        self.by_name.get(name).is_some_and(|c| {
-            c.key == l.key && c.expiration == l.expiration && c.digest == digest(l)
-        })
+    fn holds(&self, l: &Lease) -> bool {
+        self.by_key
+            .get(&l.key)
+            .is_some_and(|c| c.expiration == l.expiration && c.digest == digest(l))
     }
 
-    fn insert(&mut self, name: &str, l: &Lease) {
-        self.remove(name);
+    fn insert(&mut self, l: &Lease) {
+        self.remove(&l.key);
         if let Some(t) = l.expiration {
-            self.expiring.insert((t, name.to_owned()));
+            self.expiring.insert((t, l.key));
         }
-        self.by_name.insert(
-            name.to_owned(),
+        self.by_key.insert(
+            l.key,
             Cached {
-                key: l.key,
                 expiration: l.expiration,
                 digest: digest(l),
             },
         );
     }
 
-    /// Forgets a file; the key of the lease it held.
-    fn remove(&mut self, name: &str) -> Option<LeaseKey> {
-        let c = self.by_name.remove(name)?;
+    /// Forgets a lease; its key when it was known.
+    fn remove(&mut self, key: &LeaseKey) -> Option<LeaseKey> {
+        let c = self.by_key.remove(key)?;
         if let Some(t) = c.expiration {
-            self.expiring.remove(&(t, name.to_owned()));
+            self.expiring.remove(&(t, *key));
         }
-        Some(c.key)
+        Some(*key)
+    }
+
+    /// Forgets the lease of the file `name` (a name that is no lease key
+    /// never held one).
+    fn remove_file(&mut self, name: &str) -> Option<LeaseKey> {
+        self.remove(&name.parse().ok()?)
     }
 
     /// Forgets the leases expired by `now`; their keys.
     fn expire(&mut self, now: SystemTime) -> Vec<LeaseKey> {
         let mut gone = Vec::new();
-        while let Some((t, name)) = self.expiring.first().cloned() {
+        while let Some(&(t, key)) = self.expiring.first() {
             if t > now {
                 break;
             }
-            gone.extend(self.remove(&name));
+            gone.extend(self.remove(&key));
         }
         gone
     }
@@ -766,7 +770,7 @@ impl Cache {
 
     #[cfg(test)]
     fn keys(&self) -> Vec<LeaseKey> {
-        self.by_name.values().map(|c| c.key).collect()
+        self.by_key.keys().copied().collect()
     }
 }
 
@@ -992,15 +996,15 @@ impl Watcher {
     fn refresh(&mut self, name: &str, now: SystemTime) -> Option<LeaseEvent> {
         match self.layout.read_lease(name) {
             FileState::Lease(l) if !l.is_expired(now) => {
-                if self.cache.holds(name, &l) {
+                if self.cache.holds(&l) {
                     None
                 } else {
-                    self.cache.insert(name, &l);
+                    self.cache.insert(&l);
                     Some(LeaseEvent::Upsert(l))
                 }
             }
             FileState::Lease(_) | FileState::Absent => {
-                self.cache.remove(name).map(LeaseEvent::Removed)
+                self.cache.remove_file(name).map(LeaseEvent::Removed)
             }
             FileState::Unreadable(e) => {
                 // The receiver keeps what it knows; a full read soon
@@ -1013,7 +1017,7 @@ impl Watcher {
             FileState::Bad(why) => {
                 tracing::warn!(file = %self.layout.subnets.join(name).display(), problem = %why,
                     "skipping lease file");
-                self.cache.remove(name).map(LeaseEvent::Removed)
+                self.cache.remove_file(name).map(LeaseEvent::Removed)
             }
         }
     }
@@ -1041,7 +1045,7 @@ impl Watcher {
             )
         };
         self.next_resync = Instant::now() + self.resync_interval;
-        self.cache = Cache::of(&leases);
+        self.cache = Cache::of(leases.values());
         Ok(LeaseSnapshot {
             leases: leases.into_values().collect(),
             revision,
@@ -1056,13 +1060,13 @@ impl Watcher {
         let old = std::mem::take(&mut self.cache);
         let snapshot = self.full_read()?;
         let mut events = Vec::new();
-        for (name, c) in &old.by_name {
-            if !self.cache.by_name.contains_key(name) {
-                events.push(LeaseEvent::Removed(c.key));
+        for key in old.by_key.keys() {
+            if !self.cache.by_key.contains_key(key) {
+                events.push(LeaseEvent::Removed(*key));
             }
         }
         for l in snapshot.leases {
-            if !old.holds(&l.key.to_string(), &l) {
+            if !old.holds(&l) {
                 events.push(LeaseEvent::Upsert(l));
             }
         }
@@ -1259,10 +1263,10 @@ mod tests {
             })
             .collect();
         let mut one_by_one = Cache::default();
-        for (name, l) in &leases {
-            one_by_one.insert(name, l);
+        for l in leases.values() {
+            one_by_one.insert(l);
         }
-        let mut at_once = Cache::of(&leases);
+        let mut at_once = Cache::of(leases.values());
         assert_eq!(at_once, one_by_one);
         assert_eq!(at_once.nearest_expiration(), Some(t));
         let by = t + Duration::from_secs(1);
@@ -1354,7 +1358,7 @@ mod tests {
             other => panic!("expected a snapshot, got {other:?}"),
         }
         assert_eq!(w.cache.keys(), vec![lease.key]);
-        assert!(w.cache.holds(&key.to_string(), &lease));
+        assert!(w.cache.holds(&lease));
         // Re-reading the same file afterwards reports nothing new.
         let mut names = BTreeSet::new();
         names.insert(key.to_string());
@@ -1368,13 +1372,10 @@ mod tests {
         // inotify had dropped events).
         let phantom: LeaseKey = "10.244.2.0-24".parse().unwrap();
         w.cache = Cache::default();
-        w.cache.insert(
-            &phantom.to_string(),
-            &Lease {
-                key: phantom,
-                ..lease.clone()
-            },
-        );
+        w.cache.insert(&Lease {
+            key: phantom,
+            ..lease.clone()
+        });
         w.resync().unwrap();
         match rx.try_recv().unwrap() {
             WatchEvent::Events { events, .. } => assert_eq!(
