@@ -1607,3 +1607,122 @@ fn hostile_and_conflicting_leases_are_skipped_once_and_the_real_peer_kept() {
     assert!(d0.stop().success());
     assert!(d1.stop().success());
 }
+
+/// With `FLANNELD_NEXTHOP_THRESHOLD=0` (the nexthop path forced at any
+/// size) node 1's vxlan peer routes name nexthop objects of ours
+/// (`ip nexthop` `via <peer's VTEP address> dev flannel.1 onlink`) beside
+/// upstream's neighbour and FDB entries; traffic flows through them, a
+/// deleted object or route is put back, and a lease's removal takes its
+/// route, object, neighbour and FDB entry.
+#[test]
+fn vxlan_peer_routes_through_forced_nexthop_objects() {
+    use flannel_netlink::{Nexthop, RouteEntry};
+    use flanneld::nexthops::{owns_id, PROTOCOL, THRESHOLD_ENV};
+    let c = Cluster::new("vxnh", 3);
+    let node = &c.nodes[0];
+    let mut cmd = flanneld_in(&node.ns, &node.log());
+    cmd.args(c.args(0, &[])).env(THRESHOLD_ENV, "0");
+    let mut d = vec![Daemon {
+        child: Some(cmd.spawn().expect("spawn flanneld")),
+        log: node.log(),
+    }];
+    d.extend((1..3).map(|i| c.start(i, &[])));
+    let subnets: Vec<Ipv4Net> = (0..3).map(|i| c.nodes[i].wait_subnet(&mut d[i])).collect();
+    let all = c.peers_of(&subnets);
+    let net: Ipv4Net = NETWORK.parse().unwrap();
+
+    let entries = || -> Vec<RouteEntry> {
+        let mut v: Vec<RouteEntry> = node
+            .nl(|nl| nl.list_route_entries().unwrap())
+            .into_iter()
+            .filter(|e| matches!(e.route.dst, IpNet::V4(d) if net.contains(&d)))
+            .collect();
+        v.sort();
+        v
+    };
+    let objects = || -> Vec<Nexthop> {
+        let mut v: Vec<Nexthop> = node
+            .nl(|nl| nl.list_nexthops().unwrap())
+            .into_iter()
+            .filter(|h| owns_id(h.id) && h.protocol == PROTOCOL)
+            .collect();
+        v.sort_by_key(|h| h.gateway);
+        v
+    };
+    // Node 1 holds, for `peers`, upstream's neighbour and FDB entries and
+    // a route per peer naming the object for `via <VTEP address> onlink`.
+    let holds = |peers: &[(Ipv4Net, Ipv4Addr, MacAddr)]| {
+        let st = node.state()?;
+        let (routes, neighbours, fdb) = expected(st.link.index, peers);
+        let (es, nhs) = (entries(), objects());
+        let ok = st.neighbours == neighbours
+            && st.fdb == fdb
+            && es.len() == routes.len()
+            && nhs.len() == routes.len()
+            && routes.iter().all(|r| {
+                es.iter().any(|e| {
+                    e.route.dst == r.dst
+                        && nhs.iter().any(|h| {
+                            Some(h.id) == e.nhid
+                                && h.gateway == r.gateway
+                                && h.oif == st.link.index
+                                && h.onlink
+                        })
+                })
+            });
+        ok.then_some((es, nhs))
+    };
+    let (_, nhs) = wait_for(
+        "node1's peer routes through nexthops",
+        Duration::from_secs(10),
+        || holds(&all[1..]),
+    );
+    for i in 1..3 {
+        let plain = c.nodes[i].nl(|nl| nl.list_route_entries().unwrap());
+        assert!(
+            plain.iter().all(|e| e.nhid.is_none()),
+            "node{} is below the threshold: {plain:?}",
+            i + 1
+        );
+    }
+    for j in [1, 2] {
+        let dst = subnets[j].network().to_string();
+        wait_for(
+            &format!("ping {dst} from node1"),
+            Duration::from_secs(10),
+            || ping(node, &dst).then_some(()),
+        );
+    }
+    // A deleted object (its route goes with it, silently) is put back.
+    node.nl(|nl| nl.del_nexthop(nhs[0].id).unwrap());
+    let (es, _) = wait_for(
+        "the nexthop and its route back",
+        Duration::from_secs(10),
+        || holds(&all[1..]),
+    );
+    // A deleted route comes back naming its object.
+    let e = &es[0];
+    node.nl(|nl| nl.del_route_nhid(e.route.dst, e.nhid.unwrap()).unwrap());
+    wait_for("the route back", Duration::from_secs(10), || {
+        holds(&all[1..])
+    });
+    let dst = subnets[1].network().to_string();
+    wait_for("ping after the repairs", Duration::from_secs(10), || {
+        ping(node, &dst).then_some(())
+    });
+    // Node 3 leaves: its route, object, neighbour and FDB entry go.
+    let gone = d.pop().unwrap();
+    assert!(gone.stop().success());
+    c.delete_lease(
+        format!("{}-{}", subnets[2].network(), subnets[2].prefix_len())
+            .parse()
+            .unwrap(),
+    );
+    wait_for("only node2's entries", Duration::from_secs(10), || {
+        holds(&all[1..2])
+    });
+    for (i, dm) in d.drain(..).enumerate() {
+        let st = dm.stop();
+        assert!(st.success(), "node{} exit status {st:?}", i + 1);
+    }
+}
