@@ -16,7 +16,9 @@
 //! the threshold does not rewrite every route each time.
 //!
 //! Which nexthops are ours: ids in `[ID_BASE, ID_BASE + ID_SPAN)` with
-//! protocol [`PROTOCOL`]; every other nexthop is never touched. Ids are
+//! protocol [`PROTOCOL`]; every other nexthop is never touched (a stale
+//! route of ours that names another's object is deleted by that id, as the
+//! kernel matches such a route by id only; the object stays). Ids are
 //! allocated from the kernel's state (an existing object of ours with the
 //! right gateway, device and onlink flag is reused, so a restart rewrites
 //! nothing), and an object of ours that no route uses is deleted at the end
@@ -96,6 +98,10 @@ pub struct Nexthops {
     /// dst -> the object of ours the kernel's route to dst names.
     routes: HashMap<IpNet, u32>,
     users: HashMap<u32, u32>,
+    /// dst -> the object not of ours that the kernel's route to dst names
+    /// (someone else's route, or one left by another tool): deleting such a
+    /// route needs its id, the kernel matches a route with an object by id.
+    foreign: HashMap<IpNet, u32>,
     /// Objects whose last route went since the last collection.
     orphans: Vec<u32>,
     next: u32,
@@ -111,6 +117,7 @@ impl Nexthops {
             keys: HashMap::new(),
             routes: HashMap::new(),
             users: HashMap::new(),
+            foreign: HashMap::new(),
             orphans: Vec::new(),
             next: ID_BASE,
         }
@@ -186,10 +193,17 @@ impl Nexthops {
         self.routes.clear();
         self.users.clear();
         self.orphans.clear();
+        self.foreign.clear();
         for e in routes {
-            if let Some(id) = e.nhid.filter(|id| self.keys.contains_key(id)) {
-                self.routes.insert(e.route.dst, id);
-                *self.users.entry(id).or_default() += 1;
+            match e.nhid {
+                Some(id) if self.keys.contains_key(&id) => {
+                    self.routes.insert(e.route.dst, id);
+                    *self.users.entry(id).or_default() += 1;
+                }
+                Some(id) => {
+                    self.foreign.insert(e.route.dst, id);
+                }
+                None => {}
             }
         }
         let enabled = self.wants(peers);
@@ -227,6 +241,8 @@ impl Nexthops {
         nl: &mut Netlink,
         r: &Route,
     ) -> flannel_netlink::Result<Option<u32>> {
+        // The replace takes the route over, whatever object it named.
+        self.foreign.remove(&r.dst);
         let key = key_of(r).filter(|_| self.enabled);
         let Some(key) = key else {
             nl.replace_route(r)?;
@@ -254,12 +270,17 @@ impl Nexthops {
         Ok(Some(id))
     }
 
-    /// `ip route del` of `r`, by the object it names when it names one of ours.
+    /// `ip route del` of `r`, by the object it names when it names one
+    /// (ours or another's: a route with an object matches no `via`).
     pub fn del_route(&mut self, nl: &mut Netlink, r: &Route) -> flannel_netlink::Result<()> {
-        match self.route_nhid(&r.dst) {
+        match self
+            .route_nhid(&r.dst)
+            .or_else(|| self.foreign.get(&r.dst).copied())
+        {
             Some(id) => nl.del_route_nhid(r.dst, id)?,
             None => nl.del_route(r)?,
         }
+        self.foreign.remove(&r.dst);
         self.set_route(r.dst, None);
         Ok(())
     }

@@ -1710,6 +1710,32 @@ fn vxlan_peer_routes_through_forced_nexthop_objects() {
     wait_for("ping after the repairs", Duration::from_secs(10), || {
         ping(node, &dst).then_some(())
     });
+    // A stale route in the cluster network naming someone else's object
+    // is deleted (by that id: the kernel matches no `via` for it); the
+    // object is not ours and stays.
+    let dev = node.state().unwrap().link.index;
+    let foreign = Nexthop {
+        id: 77,
+        gateway: Some("10.244.250.0".parse().unwrap()),
+        oif: dev,
+        onlink: true,
+        protocol: 99,
+    };
+    let stale: IpNet = "10.244.250.0/24".parse().unwrap();
+    node.nl(|nl| {
+        nl.replace_nexthop(&foreign).unwrap();
+        nl.replace_route_nhid(stale, foreign.id).unwrap();
+    });
+    wait_for("the stale route gone", Duration::from_secs(10), || {
+        (!entries().iter().any(|e| e.route.dst == stale)).then_some(())
+    });
+    assert!(
+        node.nl(|nl| nl.list_nexthops().unwrap())
+            .iter()
+            .any(|h| h.id == foreign.id),
+        "someone else's object is left alone"
+    );
+    holds(&all[1..]).expect("node1's own entries untouched");
     // Node 3 leaves: its route, object, neighbour and FDB entry go.
     let gone = d.pop().unwrap();
     assert!(gone.stop().success());
