@@ -555,7 +555,7 @@ fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
             });
         ok.then_some((entries, nhs))
     };
-    let (entries, nhs) = wait_for(
+    let (_, nhs) = wait_for(
         "node1 routes through nexthops",
         Duration::from_secs(10),
         consistent,
@@ -570,7 +570,8 @@ fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
     c.wait_ping(0, subnets[0], subnets[1]);
     // A deleted object (its route goes with it, silently) is put back.
     node.nl(|nl| nl.del_nexthop(nhs[0].id).unwrap());
-    wait_for(
+    // The object comes back under a new id: the routes read again.
+    let (entries, _) = wait_for(
         "the nexthop and its route back",
         Duration::from_secs(10),
         consistent,
