@@ -563,6 +563,20 @@ impl DesiredIndex {
         self.fdb.with_key(&(ifindex, mac))
     }
 
+    /// One wanted route for each output interface that wanted routes use
+    /// (a walk over the wanted routes in memory; no kernel read).
+    pub fn one_route_per_oif(&self) -> Vec<Route> {
+        let mut out: Vec<Route> = Vec::new();
+        for slot in self.routes.by_key.values() {
+            for (r, _) in slot.entries() {
+                if !out.iter().any(|o| o.oif == r.oif) {
+                    out.push(r.clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Number of kernel objects wanted (routes + neighbours + FDB entries).
     pub fn objects(&self) -> usize {
         self.routes.len() + self.neighbours.len() + self.fdb.len()

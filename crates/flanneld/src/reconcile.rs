@@ -656,7 +656,11 @@ impl Worker {
                 }
                 Ok(Request::Kernel(ns)) => {
                     self.repair_now(&ns);
-                    if let Some(n) = ns.iter().find(|n| self.relevant(n)) {
+                    let mut intact = None;
+                    if let Some(n) = ns
+                        .iter()
+                        .find(|n| self.relevant(n) && !self.link_echo(n, &mut intact))
+                    {
                         tracing::debug!(notification = ?n, "kernel change on our datapath");
                         // The first notification of a burst starts the clock;
                         // later ones ride along.
@@ -744,6 +748,72 @@ impl Worker {
                 Err(e) => tracing::debug!(error = %e, "putting back {what} at once failed"),
             }
         }
+    }
+
+    /// Whether `n` is a link notification (not a deletion) of our vxlan
+    /// devices or the external interface that leaves the datapath as the
+    /// last full pass left it ([`Worker::links_intact`], read once per
+    /// batch into `intact`). The device setup of a pass notifies such links
+    /// (creation, up, the underlay's change); without this, each device
+    /// setup cost a second full pass, which a lease event then waited for.
+    fn link_echo(&mut self, n: &Notification, intact: &mut Option<bool>) -> bool {
+        let Notification::Link {
+            index,
+            deleted: false,
+            ..
+        } = n
+        else {
+            return false;
+        };
+        let ours = Some(*index) == self.ifindex.v4
+            || Some(*index) == self.ifindex.v6
+            || *index == self.settings.external.ifindex;
+        ours && *intact.get_or_insert_with(|| self.links_intact())
+    }
+
+    /// The vxlan backend's devices as the desired state has them (up, MTU,
+    /// MAC and the attributes fixed at creation), and on each output
+    /// interface of the wanted routes one wanted route still in place: the
+    /// kernel drops an IPv4 route silently when its device goes down, so a
+    /// device that went down and up again since the last pass is told by a
+    /// missing route. Other backends: never (a link change runs a pass).
+    fn links_intact(&mut self) -> bool {
+        if !matches!(self.settings.backend, BackendSettings::Vxlan { .. }) {
+            return false;
+        }
+        for family in FAMILIES {
+            let Some(spec) = self.settings.backend.device_spec(family) else {
+                continue;
+            };
+            let want = &spec.device;
+            let Some(index) = *self.ifindex.get(family) else {
+                return false;
+            };
+            let link = match self.nl.link_by_index(index) {
+                Ok(Some(l)) => l,
+                _ => return false,
+            };
+            if link.name != want.name
+                || !link.up
+                || link.mtu != want.mtu
+                || want.mac.is_some_and(|m| link.mac != Some(m))
+                || vxlan::mismatch(&link, want).is_some()
+            {
+                return false;
+            }
+            let Some(idx) = self.index.get(family).as_ref() else {
+                return false;
+            };
+            // Looked up at the route's own destination: its gateway may lie
+            // in a connected subnet (DirectRouting) that another route serves.
+            for r in idx.one_route_per_oif() {
+                match self.nl.get_route(r.dst.addr()) {
+                    Ok(l) if l.oif == r.oif => {}
+                    _ => return false,
+                }
+            }
+        }
+        true
     }
 
     /// Whether a notification needs a full pass: it concerns our datapath

@@ -756,6 +756,23 @@ fn direct_routing_routes_connected_peers_without_encapsulation() {
         let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
         routes.contains(&want).then_some(())
     });
+    // eth0 down and at once up again: the kernel dropped the direct route
+    // with it, silently; only eth0's link notifications tell.
+    let eth0 = want.oif;
+    c.nodes[0].nl(|nl| {
+        nl.set_link_down(eth0).unwrap();
+        nl.set_link_up(eth0).unwrap();
+    });
+
+    wait_for(
+        "direct route back after eth0 down and up",
+        Duration::from_secs(5),
+        || {
+            let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
+            routes.contains(&want).then_some(())
+        },
+    );
+
     let dst = s1.network().to_string();
     wait_for(
         "ping over the direct route",
@@ -1748,6 +1765,46 @@ fn vxlan_peer_routes_through_forced_nexthop_objects() {
         holds(&all[1..2])
     });
     for (i, dm) in d.drain(..).enumerate() {
+        let st = dm.stop();
+        assert!(st.success(), "node{} exit status {st:?}", i + 1);
+    }
+}
+
+/// The link notifications of flanneld's own device setup (creation, up,
+/// the underlay's change) run no second full pass; flannel.1 set down and
+/// at once up again by someone (the kernel drops its IPv4 routes without a
+/// route notification) gets its routes back from the link notifications,
+/// long before the 30 s resync.
+#[test]
+fn own_device_setup_costs_one_pass_and_a_device_down_and_up_gets_its_routes_back() {
+    let c = Cluster::new("updown", 2);
+    let (d0, d1, peers0) = c.start_two();
+    let full_passes = || {
+        read_log(&c.nodes[0].log())
+            .lines()
+            .filter(|l| l.contains("datapath pass") && l.contains("pass=\"full\""))
+            .count()
+    };
+    // Past the debounce (150 ms) and a pass of two peers.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        full_passes(),
+        1,
+        "one full pass at the start; log:\n{}",
+        read_log(&c.nodes[0].log())
+    );
+    let st = c.nodes[0].state().unwrap();
+    c.nodes[0].nl(|nl| {
+        nl.set_link_down(st.link.index).unwrap();
+        nl.set_link_up(st.link.index).unwrap();
+    });
+    assert!(
+        c.nodes[0].state().unwrap().routes.is_empty(),
+        "the kernel dropped the routes with the device"
+    );
+    c.wait_programmed(0, &peers0, Duration::from_secs(5));
+    assert!(full_passes() >= 2, "the repair was a full pass");
+    for (i, dm) in [d0, d1].into_iter().enumerate() {
         let st = dm.stop();
         assert!(st.success(), "node{} exit status {st:?}", i + 1);
     }
