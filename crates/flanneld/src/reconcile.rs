@@ -751,9 +751,9 @@ impl Worker {
     }
 
     /// Whether `n` is a link notification (not a deletion) of our vxlan
-    /// devices or the external interface that leaves the datapath as the
-    /// last full pass left it ([`Worker::links_intact`], read once per
-    /// batch into `intact`). The device setup of a pass notifies such links
+    /// devices or the external interface while the datapath is as the
+    /// desired state has it ([`Worker::links_intact`], read from the kernel
+    /// once per batch into `intact`). The device setup of a pass notifies such links
     /// (creation, up, the underlay's change); without this, each device
     /// setup cost a second full pass, which a lease event then waited for.
     fn link_echo(&mut self, n: &Notification, intact: &mut Option<bool>) -> bool {

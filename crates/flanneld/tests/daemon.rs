@@ -25,7 +25,7 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{flanneld_in, ping_in, read_log, require_root, wait_for, TempDir};
+use common::{flanneld_in, our_nexthops, ping_in, read_log, require_root, wait_for, TempDir};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -74,6 +74,14 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Stops node 1, 2, ... in turn (SIGTERM) and asserts each exits cleanly.
+fn stop_all(daemons: Vec<Daemon>) {
+    for (i, dm) in daemons.into_iter().enumerate() {
+        let st = dm.stop();
+        assert!(st.success(), "node{} exit status {st:?}", i + 1);
     }
 }
 
@@ -476,10 +484,7 @@ fn three_nodes_program_the_upstream_datapath_and_repair_drift() {
         || ping(&c.nodes[0], &dst).then_some(()),
     );
 
-    for (i, dm) in d.drain(..).enumerate() {
-        let st = dm.stop();
-        assert!(st.success(), "node{} exit status {st:?}", i + 1);
-    }
+    stop_all(d);
 }
 
 #[test]
@@ -1634,7 +1639,7 @@ fn hostile_and_conflicting_leases_are_skipped_once_and_the_real_peer_kept() {
 #[test]
 fn vxlan_peer_routes_through_forced_nexthop_objects() {
     use flannel_netlink::{Nexthop, RouteEntry};
-    use flanneld::nexthops::{owns_id, PROTOCOL, THRESHOLD_ENV};
+    use flanneld::nexthops::THRESHOLD_ENV;
     let c = Cluster::new("vxnh", 3);
     let node = &c.nodes[0];
     let mut cmd = flanneld_in(&node.ns, &node.log());
@@ -1657,15 +1662,7 @@ fn vxlan_peer_routes_through_forced_nexthop_objects() {
         v.sort();
         v
     };
-    let objects = || -> Vec<Nexthop> {
-        let mut v: Vec<Nexthop> = node
-            .nl(|nl| nl.list_nexthops().unwrap())
-            .into_iter()
-            .filter(|h| owns_id(h.id) && h.protocol == PROTOCOL)
-            .collect();
-        v.sort_by_key(|h| h.gateway);
-        v
-    };
+    let objects = || node.nl(our_nexthops);
     // Node 1 holds, for `peers`, upstream's neighbour and FDB entries and
     // a route per peer naming the object for `via <VTEP address> onlink`.
     let holds = |peers: &[(Ipv4Net, Ipv4Addr, MacAddr)]| {
@@ -1764,10 +1761,7 @@ fn vxlan_peer_routes_through_forced_nexthop_objects() {
     wait_for("only node2's entries", Duration::from_secs(10), || {
         holds(&all[1..2])
     });
-    for (i, dm) in d.drain(..).enumerate() {
-        let st = dm.stop();
-        assert!(st.success(), "node{} exit status {st:?}", i + 1);
-    }
+    stop_all(d);
 }
 
 /// The link notifications of flanneld's own device setup (creation, up,
@@ -1804,8 +1798,5 @@ fn own_device_setup_costs_one_pass_and_a_device_down_and_up_gets_its_routes_back
     );
     c.wait_programmed(0, &peers0, Duration::from_secs(5));
     assert!(full_passes() >= 2, "the repair was a full pass");
-    for (i, dm) in [d0, d1].into_iter().enumerate() {
-        let st = dm.stop();
-        assert!(st.success(), "node{} exit status {st:?}", i + 1);
-    }
+    stop_all(vec![d0, d1]);
 }

@@ -17,7 +17,8 @@ use ipnet::{IpNet, Ipv4Net};
 
 mod common;
 use common::{
-    block_on, flanneld_in, local_store_flags, ping_in, read_log, wait_for, Daemon, NodeNs, Testbed,
+    block_on, flanneld_in, local_store_flags, our_nexthops, ping_in, read_log, wait_for, Daemon,
+    NodeNs, Testbed,
 };
 
 const NETWORK: &str = "10.244.0.0/16";
@@ -516,7 +517,7 @@ fn route_entries(node: &Node) -> Vec<flannel_netlink::RouteEntry> {
 /// removal takes both. The other nodes keep plain routes.
 #[test]
 fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
-    use flanneld::nexthops::{owns_id, PROTOCOL, THRESHOLD_ENV};
+    use flanneld::nexthops::THRESHOLD_ENV;
     let c = Cluster::new("nh", 3, HOST_GW);
     let node = &c.nodes[0];
     let mut cmd = flanneld_in(&node.ns, &node.log());
@@ -532,15 +533,7 @@ fn forced_nexthop_objects_carry_routes_are_repaired_and_go_with_the_lease() {
     }
     let eth0 = node.eth0();
     // Each peer route names the object of ours for its gateway.
-    let objects = |n: &Node| -> Vec<flannel_netlink::Nexthop> {
-        let mut v: Vec<_> = n
-            .nl(|nl| nl.list_nexthops().unwrap())
-            .into_iter()
-            .filter(|h| owns_id(h.id) && h.protocol == PROTOCOL)
-            .collect();
-        v.sort_by_key(|h| h.gateway);
-        v
-    };
+    let objects = |n: &Node| n.nl(our_nexthops);
     let consistent = || {
         let (entries, nhs) = (route_entries(node), objects(node));
         let ok = entries.len() == 2

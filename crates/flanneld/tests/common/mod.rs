@@ -35,6 +35,20 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+/// flanneld's nexthop objects in `nl`'s namespace (`ip nexthop show`
+/// less every object not in our id range with our protocol), by gateway.
+pub fn our_nexthops(nl: &mut Netlink) -> Vec<flannel_netlink::Nexthop> {
+    use flanneld::nexthops::{owns_id, PROTOCOL};
+    let mut v: Vec<_> = nl
+        .list_nexthops()
+        .unwrap()
+        .into_iter()
+        .filter(|h| owns_id(h.id) && h.protocol == PROTOCOL)
+        .collect();
+    v.sort_by_key(|h| h.gateway);
+    v
+}
+
 pub fn read_log(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
