@@ -357,6 +357,11 @@ const MAX_COALESCE: usize = 64;
 /// protocols, options, fragments, flags other than ACK/PSH, a bad TCP
 /// checksum) is written on its own behind a zeroed virtio header, and the
 /// kernel checks it as usual.
+///
+/// A super-packet goes in with `VIRTIO_NET_HDR_F_NEEDS_CSUM`, which the
+/// receiving stack takes as a locally built packet and never verifies, so
+/// a segment's own checksum is checked before it joins one, unless the
+/// packets were authenticated on the way ([`Coalescer::authenticated`]).
 pub struct Coalescer<'a> {
     /// Virtio header + the first segment's IPv4 and TCP headers.
     head: [u8; VIRTIO_NET_HDR_LEN + 20 + 60],
@@ -373,6 +378,8 @@ pub struct Coalescer<'a> {
     next_seq: u32,
     open: bool,
     psh: bool,
+    /// Whether segments' TCP checksums are checked before they coalesce.
+    verify: bool,
 }
 
 /// The TCP segment in `d` (a whole IPv4 packet) when it may be coalesced:
@@ -409,7 +416,9 @@ fn tcp_checksum_ok(d: &[u8]) -> bool {
 }
 
 impl<'a> Coalescer<'a> {
-    /// An empty coalescer (its buffers are allocated here, once per batch).
+    /// An empty coalescer that checks each segment's TCP checksum before
+    /// it joins a super-packet (its buffers are allocated here, once per
+    /// batch).
     pub fn new() -> Coalescer<'a> {
         Coalescer {
             head: [0; VIRTIO_NET_HDR_LEN + 20 + 60],
@@ -422,6 +431,19 @@ impl<'a> Coalescer<'a> {
             next_seq: 0,
             open: false,
             psh: false,
+            verify: true,
+        }
+    }
+
+    /// An empty coalescer for packets whose integrity the datapath has
+    /// already proven (WireGuard's Poly1305 tag covers the whole inner
+    /// packet): their TCP checksums are not read again. The kernel's
+    /// WireGuard does the same, marking every decrypted packet
+    /// `CHECKSUM_UNNECESSARY`.
+    pub fn authenticated() -> Coalescer<'a> {
+        Coalescer {
+            verify: false,
+            ..Coalescer::new()
         }
     }
 
@@ -447,6 +469,17 @@ impl<'a> Coalescer<'a> {
             && d[38..20 + thl] == f[38..20 + thl]
     }
 
+    /// Whether `d` joins the open super-packet: it continues it and, when
+    /// checksums are verified, both it and (were it the second) the first
+    /// segment carry a right TCP checksum. The first one is checked only
+    /// then, as a segment written on its own is checked by the kernel.
+    fn joins(&self, d: &[u8], thl: usize, payload: usize) -> bool {
+        self.continues(d, thl, payload)
+            && (!self.verify
+                || (tcp_checksum_ok(d)
+                    && (self.count != 1 || self.first.is_some_and(tcp_checksum_ok))))
+    }
+
     /// Adds a delivered packet (IPv4 or IPv6; only IPv4 TCP coalesces);
     /// flushes first when it does not continue the open super-packet.
     /// Failed writes are counted in `errors`; an error means the device is
@@ -454,19 +487,14 @@ impl<'a> Coalescer<'a> {
     pub fn push(&mut self, dev: &SyncDevice, d: &'a [u8], errors: &mut u64) -> io::Result<()> {
         let cand = tcp_candidate(d);
         if let Some((thl, payload)) = cand {
-            if self.continues(d, thl, payload) && tcp_checksum_ok(d) {
-                if self.count == 1 && !tcp_checksum_ok(self.first.expect("open")) {
-                    // The first one cannot head a super-packet after all.
-                    self.flush(dev, errors)?;
-                } else {
-                    self.parts.push(&d[20 + thl..]);
-                    self.count += 1;
-                    self.total += payload;
-                    self.next_seq = self.next_seq.wrapping_add(payload as u32);
-                    self.psh = d[33] & TCP_PSH != 0;
-                    self.open = payload == self.gso_size && !self.psh;
-                    return Ok(());
-                }
+            if self.joins(d, thl, payload) {
+                self.parts.push(&d[20 + thl..]);
+                self.count += 1;
+                self.total += payload;
+                self.next_seq = self.next_seq.wrapping_add(payload as u32);
+                self.psh = d[33] & TCP_PSH != 0;
+                self.open = payload == self.gso_size && !self.psh;
+                return Ok(());
             }
         }
         self.flush(dev, errors)?;
@@ -640,6 +668,44 @@ mod tests {
         assert!(tcp_checksum_ok(&p));
         p[100] ^= 1;
         assert!(!tcp_checksum_ok(&p));
+    }
+
+    #[test]
+    fn a_bad_checksum_joins_only_when_authenticated() {
+        let a = segment(1000, TCP_ACK, 1400);
+        let good = segment(2400, TCP_ACK, 1400);
+        let mut bad = segment(2400, TCP_ACK, 1400);
+        bad[100] ^= 1;
+        let mut bad_first = a.clone();
+        bad_first[100] ^= 1;
+        for (verify, first) in [
+            (true, &a),
+            (false, &a),
+            (true, &bad_first),
+            (false, &bad_first),
+        ] {
+            let mut co = if verify {
+                Coalescer::new()
+            } else {
+                Coalescer::authenticated()
+            };
+            co.first = Some(first);
+            co.count = 1;
+            co.total = first.len();
+            co.gso_size = 1400;
+            co.next_seq = 2400;
+            co.open = true;
+            let first_ok = std::ptr::eq(first, &a);
+            assert_eq!(
+                co.joins(&good, 32, 1400),
+                !verify || first_ok,
+                "verify {verify}, first ok {first_ok}"
+            );
+            assert_eq!(co.joins(&bad, 32, 1400), !verify, "verify {verify}");
+            // Past the second segment the first is not checked again.
+            co.count = 2;
+            assert!(co.joins(&good, 32, 1400));
+        }
     }
 
     #[test]

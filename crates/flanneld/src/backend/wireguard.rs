@@ -1353,7 +1353,7 @@ impl Ingress {
         };
         let table = sh.table.load();
         let mut c = Counters::default();
-        let mut co = Coalescer::new();
+        let mut co = Coalescer::authenticated();
         let mut rest: &mut [u8] = &mut plain[..];
         // The peer whose lock is held across consecutive data messages.
         let mut held: Option<(usize, MutexGuard<'_, Tunn>)> = None;
