@@ -36,8 +36,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use flannel_core::udp::Counters;
+use flannel_core::udp::Counters as UdpCounters;
 use flannel_core::wire;
+use flannel_core::wireguard::Counters as WgCounters;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -51,7 +52,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 
-use crate::backend::udp::CountersReader;
+use crate::backend::{udp, wireguard};
 use crate::reconcile::PassReport;
 
 /// Path of the metrics (flannel-rs only; upstream has no metrics endpoint).
@@ -108,6 +109,17 @@ pub enum HealthError {
     },
 }
 
+/// Where the userspace datapaths' counters are read, as the last pass
+/// left them (a restarted datapath comes with new readers).
+#[derive(Debug, Clone, Default)]
+pub struct CounterSources {
+    /// The udp backend's datapath, when it runs.
+    pub udp: Option<udp::CountersReader>,
+    /// The wireguard backend's, one per device (`flannel-wg`,
+    /// `flannel-wg-v6`).
+    pub wireguard: Vec<(String, wireguard::CountersReader)>,
+}
+
 /// The reconciler's part of the metrics: cheap clones sharing the same
 /// atomics, updated by the reconciler thread once per pass.
 #[derive(Debug, Clone, Default)]
@@ -116,29 +128,18 @@ pub struct DatapathMetrics {
     changes: Counter,
     errors: Counter,
     peers: Gauge,
-    /// Where the udp datapath's counters are read (None: not the udp backend).
-    udp: Arc<Mutex<Option<CountersReader>>>,
+    sources: Arc<Mutex<CounterSources>>,
 }
 
 impl DatapathMetrics {
-    /// Records a finished reconciliation pass and, with the udp backend,
-    /// where its packet counters are read (a restarted datapath has a new
-    /// source).
-    pub fn record_pass(&self, report: &PassReport, udp: Option<CountersReader>) {
+    /// Records a finished reconciliation pass and where the userspace
+    /// datapaths' packet counters are read now.
+    pub fn record_pass(&self, report: &PassReport, sources: CounterSources) {
         self.passes.inc();
         self.changes.inc_by(report.changes as u64);
         self.errors.inc_by(report.errors.len() as u64);
         self.peers.set(report.peers as i64);
-        *self.udp.lock().unwrap_or_else(PoisonError::into_inner) = udp;
-    }
-
-    /// The udp datapath's counters now, when it runs.
-    pub fn udp_counters(&self) -> Option<Counters> {
-        self.udp
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(CountersReader::read)
+        *self.sources.lock().unwrap_or_else(PoisonError::into_inner) = sources;
     }
 }
 
@@ -232,71 +233,130 @@ impl Health {
             "Failed reads or writes of masquerade/forward rules",
             rl.failures.clone(),
         );
-        r.register_collector(Box::new(UdpCollector(d.udp.clone())));
+        r.register_collector(Box::new(DatapathCollector(d.sources.clone())));
         r
     }
 }
 
-/// The udp datapath's counters, read from its atomics at scrape time.
+/// The userspace datapaths' counters, read from their atomics at scrape
+/// time.
 #[derive(Debug)]
-struct UdpCollector(Arc<Mutex<Option<CountersReader>>>);
+struct DatapathCollector(Arc<Mutex<CounterSources>>);
 
-/// One counter family with one label.
-fn encode_counters(
+/// One counter family: a row per label set.
+fn encode_counters<const L: usize>(
     encoder: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
-    label: &str,
-    values: &[(&str, u64)],
+    rows: &[([(&str, &str); L], u64)],
 ) -> Result<(), std::fmt::Error> {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (value, n) in values {
-        let labels = [(label, *value)];
-        ConstCounter::new(*n).encode(metric.encode_family(&labels)?)?;
+    for (labels, n) in rows {
+        ConstCounter::new(*n).encode(metric.encode_family(labels)?)?;
     }
     Ok(())
 }
 
-impl Collector for UdpCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let Some(c) = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(CountersReader::read)
-        else {
-            return Ok(());
-        };
-        let e = &mut encoder;
-        encode_counters(
-            e,
-            "udp_packets",
-            "Packets carried by the udp backend (tx: flannel0 to a peer, rx: a peer to flannel0)",
+/// `flanneld_udp_*`: one row per direction or reason.
+fn encode_udp(e: &mut DescriptorEncoder<'_>, c: &UdpCounters) -> Result<(), std::fmt::Error> {
+    let dir = |d| [("direction", d)];
+    let reason = |r| [("reason", r)];
+    encode_counters(
+        e,
+        "udp_packets",
+        "Packets carried by the udp backend (tx: flannel0 to a peer, rx: a peer to flannel0)",
+        &[(dir("tx"), c.tx_packets), (dir("rx"), c.rx_packets)],
+    )?;
+    encode_counters(
+        e,
+        "udp_bytes",
+        "Bytes of inner packets carried by the udp backend",
+        &[(dir("tx"), c.tx_bytes), (dir("rx"), c.rx_bytes)],
+    )?;
+    encode_counters(
+        e,
+        "udp_dropped",
+        "Packets dropped by the udp backend, by reason",
+        &[
+            (reason("spoofed"), c.dropped_spoofed),
+            (reason("malformed"), c.dropped_malformed),
+            (reason("no_route"), c.dropped_no_route),
+            (reason("tun_invalid"), c.dropped_tun_invalid),
+            (reason("send_error"), c.send_errors),
+            (reason("tun_write_error"), c.tun_write_errors),
+        ],
+    )
+}
+
+/// `flanneld_wireguard_*`: one row per device and direction or reason.
+fn encode_wireguard(
+    e: &mut DescriptorEncoder<'_>,
+    devices: &[(&str, WgCounters)],
+) -> Result<(), std::fmt::Error> {
+    let rows = |f: &dyn Fn(&WgCounters) -> [(&'static str, u64); 2], label| {
+        devices
+            .iter()
+            .flat_map(|(dev, c)| f(c).map(|(v, n)| ([("device", *dev), (label, v)], n)))
+            .collect::<Vec<_>>()
+    };
+    encode_counters(
+        e,
+        "wireguard_packets",
+        "Packets carried by the wireguard backend (tx: device to a peer, encrypted; rx: from a peer, decrypted, to the device)",
+        &rows(&|c| [("tx", c.tx_packets), ("rx", c.rx_packets)], "direction"),
+    )?;
+    encode_counters(
+        e,
+        "wireguard_bytes",
+        "Bytes of inner packets carried by the wireguard backend",
+        &rows(&|c| [("tx", c.tx_bytes), ("rx", c.rx_bytes)], "direction"),
+    )?;
+    encode_counters(
+        e,
+        "wireguard_handshakes",
+        "WireGuard handshake messages (sent: initiations and responses; received: initiations, responses and cookie replies)",
+        &rows(
+            &|c| [("sent", c.handshakes_sent), ("received", c.handshakes_received)],
             "direction",
-            &[("tx", c.tx_packets), ("rx", c.rx_packets)],
-        )?;
-        encode_counters(
-            e,
-            "udp_bytes",
-            "Bytes of inner packets carried by the udp backend",
-            "direction",
-            &[("tx", c.tx_bytes), ("rx", c.rx_bytes)],
-        )?;
-        encode_counters(
-            e,
-            "udp_dropped",
-            "Packets dropped by the udp backend, by reason",
-            "reason",
-            &[
-                ("spoofed", c.dropped_spoofed),
-                ("malformed", c.dropped_malformed),
-                ("no_route", c.dropped_no_route),
+        ),
+    )?;
+    let dropped: Vec<_> = devices
+        .iter()
+        .flat_map(|(dev, c)| {
+            [
+                ("no_peer", c.dropped_no_peer),
                 ("tun_invalid", c.dropped_tun_invalid),
+                ("invalid", c.dropped_invalid),
+                ("not_allowed", c.dropped_not_allowed),
                 ("send_error", c.send_errors),
                 ("tun_write_error", c.tun_write_errors),
-            ],
-        )
+            ]
+            .map(|(r, n)| ([("device", *dev), ("reason", r)], n))
+        })
+        .collect();
+    encode_counters(
+        e,
+        "wireguard_dropped",
+        "Packets dropped by the wireguard backend, by reason (invalid: no valid WireGuard message for us; not_allowed: decrypted, but its source is outside the peer's allowed IPs)",
+        &dropped,
+    )
+}
+
+impl Collector for DatapathCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = &s.udp {
+            encode_udp(&mut encoder, &UdpCounters::from_array(r.read()))?;
+        }
+        if !s.wireguard.is_empty() {
+            let devices: Vec<(&str, WgCounters)> = s
+                .wireguard
+                .iter()
+                .map(|(d, r)| (d.as_str(), WgCounters::from_array(r.read())))
+                .collect();
+            encode_wireguard(&mut encoder, &devices)?;
+        }
+        Ok(())
     }
 }
 
@@ -544,6 +604,7 @@ impl Drop for HealthServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::fastpath::SharedCounters;
     use std::io::{Read, Write};
     use std::net::{Ipv4Addr, TcpStream};
 
@@ -615,14 +676,14 @@ mod tests {
                 errors: vec!["x".into(), "y".into()],
                 ..PassReport::default()
             },
-            None,
+            CounterSources::default(),
         );
         health.datapath.record_pass(
             &PassReport {
                 peers: 2,
                 ..PassReport::default()
             },
-            None,
+            CounterSources::default(),
         );
         let (code, m) = client(move || get(addr, METRICS_PATH)).await;
         assert_eq!(code, 200, "{m}");
@@ -743,9 +804,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn udp_counters_are_read_at_scrape_time() {
         let health = Health::default();
-        let reader = CountersReader::fixed(Counters {
-            tx_packets: 11,
-            tx_bytes: 1100,
+        // Counts of an earlier generation of threads, and the running one's.
+        let base = UdpCounters {
+            tx_packets: 10,
+            tx_bytes: 1000,
             rx_packets: 12,
             rx_bytes: 1200,
             dropped_spoofed: 1,
@@ -754,10 +816,21 @@ mod tests {
             dropped_tun_invalid: 4,
             send_errors: 5,
             tun_write_errors: 6,
-        });
-        health
-            .datapath
-            .record_pass(&PassReport::default(), Some(reader.clone()));
+        };
+        let running = Arc::new(SharedCounters::default());
+        running.add(
+            UdpCounters {
+                tx_packets: 1,
+                tx_bytes: 100,
+                ..UdpCounters::default()
+            }
+            .to_array(),
+        );
+        let sources = CounterSources {
+            udp: Some(udp::CountersReader::new(base.to_array(), running.clone())),
+            wireguard: Vec::new(),
+        };
+        health.datapath.record_pass(&PassReport::default(), sources);
         let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
             .await
             .unwrap();
@@ -781,15 +854,109 @@ mod tests {
         ] {
             assert_eq!(value(&m, name).as_deref(), Some(want), "{name} in\n{m}");
         }
+        assert!(!m.contains("flanneld_wireguard_"), "{m}");
         // The datapath counts on: the next scrape sees it without a pass.
-        reader.add_for_test(&Counters {
-            tx_packets: 1,
-            ..Counters::default()
-        });
+        running.add(
+            UdpCounters {
+                tx_packets: 1,
+                ..UdpCounters::default()
+            }
+            .to_array(),
+        );
         let (_, m) = client(move || get(addr, METRICS_PATH)).await;
         assert_eq!(
             value(&m, r#"flanneld_udp_packets_total{direction="tx"}"#).as_deref(),
             Some("12"),
+            "{m}"
+        );
+        srv.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wireguard_counters_are_read_per_device_at_scrape_time() {
+        let health = Health::default();
+        let v4 = WgCounters {
+            tx_packets: 11,
+            tx_bytes: 1100,
+            rx_packets: 12,
+            rx_bytes: 1200,
+            dropped_no_peer: 1,
+            dropped_tun_invalid: 2,
+            dropped_invalid: 3,
+            dropped_not_allowed: 4,
+            handshakes_received: 5,
+            handshakes_sent: 6,
+            send_errors: 7,
+            tun_write_errors: 8,
+        };
+        let v6 = WgCounters {
+            tx_packets: 21,
+            rx_packets: 22,
+            dropped_invalid: 23,
+            ..WgCounters::default()
+        };
+        let running = Arc::new(SharedCounters::default());
+        let sources = CounterSources {
+            udp: None,
+            wireguard: vec![
+                (
+                    "flannel-wg".into(),
+                    wireguard::CountersReader::new(v4.to_array(), running.clone()),
+                ),
+                (
+                    "flannel-wg-v6".into(),
+                    wireguard::CountersReader::new(v6.to_array(), Arc::default()),
+                ),
+            ],
+        };
+        health.datapath.record_pass(&PassReport::default(), sources);
+        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(code, 200);
+        let wg = |what: &str, dev: &str, label: &str| {
+            format!(r#"flanneld_wireguard_{what}_total{{device="{dev}",{label}}}"#)
+        };
+        for (name, want) in [
+            (wg("packets", "flannel-wg", r#"direction="tx""#), "11"),
+            (wg("packets", "flannel-wg", r#"direction="rx""#), "12"),
+            (wg("bytes", "flannel-wg", r#"direction="tx""#), "1100"),
+            (wg("bytes", "flannel-wg", r#"direction="rx""#), "1200"),
+            (wg("dropped", "flannel-wg", r#"reason="no_peer""#), "1"),
+            (wg("dropped", "flannel-wg", r#"reason="tun_invalid""#), "2"),
+            (wg("dropped", "flannel-wg", r#"reason="invalid""#), "3"),
+            (wg("dropped", "flannel-wg", r#"reason="not_allowed""#), "4"),
+            (
+                wg("handshakes", "flannel-wg", r#"direction="received""#),
+                "5",
+            ),
+            (wg("handshakes", "flannel-wg", r#"direction="sent""#), "6"),
+            (wg("dropped", "flannel-wg", r#"reason="send_error""#), "7"),
+            (
+                wg("dropped", "flannel-wg", r#"reason="tun_write_error""#),
+                "8",
+            ),
+            (wg("packets", "flannel-wg-v6", r#"direction="tx""#), "21"),
+            (wg("packets", "flannel-wg-v6", r#"direction="rx""#), "22"),
+            (wg("dropped", "flannel-wg-v6", r#"reason="invalid""#), "23"),
+            (wg("dropped", "flannel-wg-v6", r#"reason="no_peer""#), "0"),
+        ] {
+            assert_eq!(value(&m, &name).as_deref(), Some(want), "{name} in\n{m}");
+        }
+        assert!(!m.contains("flanneld_udp_"), "{m}");
+        running.add(
+            WgCounters {
+                rx_packets: 3,
+                ..WgCounters::default()
+            }
+            .to_array(),
+        );
+        let (_, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(
+            value(&m, &wg("packets", "flannel-wg", r#"direction="rx""#)).as_deref(),
+            Some("15"),
             "{m}"
         );
         srv.shutdown().await;

@@ -689,8 +689,15 @@ impl Worker {
                         }
                         report
                     };
-                    let udp = self.udp.as_ref().map(UdpDatapath::counters_reader);
-                    self.metrics.record_pass(&report, udp);
+                    let sources = crate::health::CounterSources {
+                        udp: self.udp.as_ref().map(UdpDatapath::counters_reader),
+                        wireguard: self
+                            .wireguard
+                            .iter()
+                            .map(|d| (d.device().to_owned(), d.counters_reader()))
+                            .collect(),
+                    };
+                    self.metrics.record_pass(&report, sources);
                     if report.full {
                         for w in waiters.drain(..) {
                             let _ = w.send(report.clone());

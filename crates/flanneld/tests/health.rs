@@ -2,9 +2,9 @@
 //! `--healthz-port`): real `flanneld` processes in node namespaces (the
 //! underlay of tests/common: a switch namespace at 172.16.1.1, nodes at
 //! 172.16.1.1N), queried over the node namespace's own loopback from a
-//! thread that entered that namespace. The udp case also pings between two
-//! nodes' subnets and sends one datagram from the switch; nothing leaves
-//! these namespaces.
+//! thread that entered that namespace. The udp and wireguard cases also
+//! ping between two nodes' subnets and send one datagram from the switch;
+//! nothing leaves these namespaces.
 //!
 //! Namespaces, processes (killed by PID) and directories go on drop, also on
 //! panic.
@@ -24,6 +24,7 @@ use common::{
 
 const CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}"#;
 const UDP_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}}"#;
+const WG_CONFIG: &str = r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard"}}"#;
 /// The switch's address: on no lease, so datagrams from it are spoofed.
 const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(172, 16, 1, 1);
 /// Any port will do: each node namespace has a loopback of its own.
@@ -374,6 +375,76 @@ fn udp_backend_counters_are_served_as_metrics() {
         .unwrap();
     c.wait_metrics(0, &mut daemons[0], "a spoofed datagram counted", |m| {
         sample(m, spoofed) == Some(1.0)
+    });
+    for (i, d) in daemons.into_iter().enumerate() {
+        d.stop(&c.nodes[i].log());
+    }
+}
+
+#[test]
+fn wireguard_backend_counters_are_served_per_device() {
+    let c = Cluster::with_config("wg", 2, WG_CONFIG);
+    let port = PORT.to_string();
+    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
+    let mut daemons = Vec::new();
+    let mut targets = Vec::new();
+    for i in 0..2 {
+        let key = c.nodes[i].subnet_file().with_file_name("wgkey");
+        let mut d = Daemon(Some(
+            c.command(i, &healthz)
+                .env("WIREGUARD_KEY_FILE", &key)
+                .spawn()
+                .expect("spawn flanneld"),
+        ));
+        let subnet = c.wait_subnet_env(i, &mut d);
+        targets.push(add_target(&c.nodes[i], subnet));
+        daemons.push(d);
+    }
+    wait_for("ping over flannel-wg", Duration::from_secs(15), || {
+        ping_in(
+            &c.nodes[0].ns.name,
+            Some(targets[0].into()),
+            targets[1].into(),
+        )
+        .then_some(())
+    });
+    let wg = |what: &str, label: &str| {
+        format!(r#"flanneld_wireguard_{what}_total{{device="flannel-wg",{label}}}"#)
+    };
+    let (tx, rx) = (
+        wg("packets", r#"direction="tx""#),
+        wg("packets", r#"direction="rx""#),
+    );
+    let m = c.wait_metrics(0, &mut daemons[0], "wireguard packets both ways", |m| {
+        sample(m, &tx).unwrap_or(0.0) >= 1.0 && sample(m, &rx).unwrap_or(0.0) >= 1.0
+    });
+    for dir in ["tx", "rx"] {
+        let bytes = sample(&m, &wg("bytes", &format!(r#"direction="{dir}""#)));
+        assert!(
+            bytes.unwrap_or(0.0) >= 84.0,
+            "an ICMP echo is 84 bytes: {m}"
+        );
+    }
+    // One handshake completed, whichever side began it.
+    let sent = sample(&m, &wg("handshakes", r#"direction="sent""#)).unwrap_or(0.0);
+    let received = sample(&m, &wg("handshakes", r#"direction="received""#)).unwrap_or(0.0);
+    assert!(sent >= 1.0 && received >= 1.0, "{m}");
+    let invalid = wg("dropped", r#"reason="invalid""#);
+    let before = sample(&m, &invalid).expect("dropped{reason=invalid} served");
+    assert!(!m.contains("flanneld_udp_"), "{m}");
+
+    // A datagram from the switch that is no WireGuard message: dropped and
+    // counted by reason.
+    let to = SocketAddrV4::new(c.ips[0], flannel_core::wire::WIREGUARD_DEFAULT_PORT);
+    c.bed
+        .switch
+        .run(|| {
+            let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
+            s.send_to(&[0x45; 40], to).unwrap();
+        })
+        .unwrap();
+    c.wait_metrics(0, &mut daemons[0], "a garbage datagram counted", |m| {
+        sample(m, &invalid) == Some(before + 1.0)
     });
     for (i, d) in daemons.into_iter().enumerate() {
         d.stop(&c.nodes[i].log());

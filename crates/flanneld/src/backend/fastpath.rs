@@ -6,6 +6,7 @@ use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flannel_netlink::Netlink;
@@ -195,6 +196,30 @@ impl<const N: usize> SharedCounters<N> {
     /// The totals (for a counters struct's `from_array()`).
     pub fn snapshot(&self) -> [u64; N] {
         std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Reads a running datapath's counters from any thread (the metrics
+/// endpoint): the totals of earlier generations of its threads plus the
+/// relaxed atomics the running ones add to, so nothing is added to the
+/// packet path. A restarted datapath hands out a new reader.
+#[derive(Debug, Clone)]
+pub struct CountersReader<const N: usize> {
+    base: [u64; N],
+    shared: Arc<SharedCounters<N>>,
+}
+
+impl<const N: usize> CountersReader<N> {
+    /// A reader of `shared` on top of `base` (a counters struct's
+    /// `to_array()`).
+    pub fn new(base: [u64; N], shared: Arc<SharedCounters<N>>) -> Self {
+        CountersReader { base, shared }
+    }
+
+    /// The counters now (for a counters struct's `from_array()`).
+    pub fn read(&self) -> [u64; N] {
+        let now = self.shared.snapshot();
+        std::array::from_fn(|i| self.base[i] + now[i])
     }
 }
 

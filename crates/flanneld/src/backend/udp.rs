@@ -215,7 +215,7 @@ pub fn remove_udp_leftovers(nl: &mut Netlink) -> Result<Vec<String>, UdpError> {
 /// State shared between the datapath handle and its threads.
 struct Shared {
     peers: ArcSwap<PeerTable>,
-    counters: SharedCounters<COUNTERS>,
+    counters: Arc<SharedCounters<COUNTERS>>,
     stop: AtomicBool,
     /// Set by a thread that stopped on a fatal error (the device is gone).
     failed: AtomicBool,
@@ -232,51 +232,9 @@ impl Shared {
     }
 }
 
-/// Reads a running datapath's counters from any thread (the metrics
-/// endpoint) from the same relaxed atomics the stats file is written from:
-/// nothing is added to the packet path.
-#[derive(Clone)]
-pub struct CountersReader {
-    base: Counters,
-    shared: Arc<Shared>,
-}
-
-impl CountersReader {
-    /// The counters now.
-    pub fn read(&self) -> Counters {
-        let mut c = self.base;
-        c.add(&self.shared.counters_now());
-        c
-    }
-
-    /// A reader of no datapath that starts at `base`.
-    #[cfg(test)]
-    pub(crate) fn fixed(base: Counters) -> CountersReader {
-        CountersReader {
-            base,
-            shared: Arc::new(Shared {
-                peers: ArcSwap::from_pointee(PeerTable::default()),
-                counters: SharedCounters::<COUNTERS>::default(),
-                stop: AtomicBool::new(false),
-                failed: AtomicBool::new(false),
-                port: 0,
-                address: AtomicU32::new(0),
-            }),
-        }
-    }
-
-    /// Counts as the datapath threads do.
-    #[cfg(test)]
-    pub(crate) fn add_for_test(&self, c: &Counters) {
-        self.shared.counters.add(c.to_array());
-    }
-}
-
-impl std::fmt::Debug for CountersReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("CountersReader").field(&self.read()).finish()
-    }
-}
+/// Reads [`UdpDatapath::counters`] from another thread (the metrics
+/// endpoint); `Counters::from_array` of what it reads.
+pub type CountersReader = super::fastpath::CountersReader<COUNTERS>;
 
 /// The running datapath: the TUN queues, the sockets and the threads.
 /// Dropping it stops and joins the threads; `flannel0` (persistent) stays.
@@ -381,7 +339,7 @@ impl UdpDatapath {
         let devs = open_tun(nl, &spec.device, queues)?;
         let shared = Arc::new(Shared {
             peers: ArcSwap::from_pointee(peers),
-            counters: SharedCounters::<COUNTERS>::default(),
+            counters: Arc::default(),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             port: spec.port,
@@ -433,10 +391,7 @@ impl UdpDatapath {
     /// A handle reading [`UdpDatapath::counters`] from another thread; it
     /// follows this generation of threads only (a restart makes a new one).
     pub fn counters_reader(&self) -> CountersReader {
-        CountersReader {
-            base: self.base,
-            shared: self.shared.clone(),
-        }
+        CountersReader::new(self.base.to_array(), self.shared.counters.clone())
     }
 
     /// Swaps in the peer table; returns whether the peers changed.

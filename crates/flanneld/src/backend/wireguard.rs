@@ -535,7 +535,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 /// State shared between the datapath handle and its threads.
 struct Shared {
     table: ArcSwap<Table>,
-    counters: SharedCounters<COUNTERS>,
+    counters: Arc<SharedCounters<COUNTERS>>,
     stop: AtomicBool,
     /// Set by a thread that stopped on a fatal error (the device is gone).
     failed: AtomicBool,
@@ -632,6 +632,10 @@ impl Shared {
 // ---------------------------------------------------------------------------
 // The datapath
 
+/// Reads one device's [`WgDatapath::counters`] from another thread;
+/// `Counters::from_array` of what it reads.
+pub type CountersReader = super::fastpath::CountersReader<COUNTERS>;
+
 /// One device's running datapath: the TUN queues, the sockets, the
 /// threads. Dropping it stops and joins the threads; the device
 /// (persistent) stays.
@@ -710,7 +714,7 @@ impl WgDatapath {
         let old = old.filter(|o| o.public == public && o.psk == psk && o.keepalive == keepalive);
         let shared = Arc::new(Shared {
             table: ArcSwap::from_pointee(Table::default()),
-            counters: SharedCounters::default(),
+            counters: Arc::default(),
             stop: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             rate_limiter: old.as_ref().map_or_else(
@@ -795,6 +799,12 @@ impl WgDatapath {
         let mut c = self.base;
         c.add(&self.shared.counters_now());
         c
+    }
+
+    /// A handle reading [`WgDatapath::counters`] from another thread (the
+    /// metrics endpoint); it follows this generation of threads only.
+    pub fn counters_reader(&self) -> CountersReader {
+        CountersReader::new(self.base.to_array(), self.shared.counters.clone())
     }
 
     /// Swaps in the peer set; returns whether it changed. Peers whose key
