@@ -25,7 +25,9 @@ use flannel_store::{LocalStore, Store};
 use ipnet::{IpNet, Ipv4Net};
 
 mod common;
-use common::{flanneld_in, our_nexthops, ping_in, read_log, require_root, wait_for, TempDir};
+use common::{
+    flanneld_in, our_nexthops, ping_in, read_log, require_root, wait_for, wait_log_quiet, TempDir,
+};
 
 const NETWORK: &str = "10.244.0.0/16";
 // SubnetMax keeps random subnets below 10.244.200.0: tests inject stale or foreign
@@ -761,17 +763,27 @@ fn direct_routing_routes_connected_peers_without_encapsulation() {
         let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
         routes.contains(&want).then_some(())
     });
-    // eth0 down and at once up again: the kernel dropped the direct route
-    // with it, silently; only eth0's link notifications tell.
+    // eth0 down and at once up again: the kernel drops the direct route
+    // with it, silently; only eth0's link notifications tell, and flanneld
+    // finds the route gone when it looks one up (`ip route get`). First the
+    // full pass that followed the repair above and the one that flannel.1's
+    // IPv6 address starts when it settles (duplicate address detection, a
+    // second or two after the device came up) have to be over: either would
+    // put the route back by itself, and the periodic resync is far off.
+    wait_log_quiet(&c.nodes[0].log(), Duration::from_secs(2));
     let eth0 = want.oif;
     c.nodes[0].nl(|nl| {
         nl.set_link_down(eth0).unwrap();
+        assert!(
+            !nl.list_routes().unwrap().contains(&want),
+            "the kernel dropped the route with eth0"
+        );
         nl.set_link_up(eth0).unwrap();
     });
 
     wait_for(
         "direct route back after eth0 down and up",
-        Duration::from_secs(5),
+        Duration::from_secs(3),
         || {
             let routes = c.nodes[0].nl(|nl| nl.list_routes().unwrap());
             routes.contains(&want).then_some(())

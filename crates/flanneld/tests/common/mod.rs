@@ -53,6 +53,28 @@ pub fn read_log(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
 
+/// Waits until the log at `p` has not grown for `quiet`: flanneld has run
+/// the passes that earlier changes started. Panics after 20 s of a log
+/// that keeps growing.
+pub fn wait_log_quiet(p: &Path, quiet: Duration) {
+    let start = Instant::now();
+    let len = || fs::metadata(p).map_or(0, |m| m.len());
+    let (mut last, mut since) = (len(), Instant::now());
+    while since.elapsed() < quiet {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} kept growing for 20 s:\n{}",
+            p.display(),
+            read_log(p)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        let now = len();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+}
+
 /// `flanneld` to be run inside `ns` (setns(2) between fork and exec, and
 /// SIGKILL when the test dies), logging to `log`, with exactly the flags the
 /// caller adds: no `FLANNELD_*` or `RUST_LOG` from the test's environment.
