@@ -377,7 +377,18 @@ pub fn admit(
     leases: &[Lease],
     now: SystemTime,
 ) -> Admission {
-    let (admitted, rejected) = decide(nets, own_key, own_attrs, leases.iter(), now);
+    let (admitted, rejected) = decide(nets, Some((own_key, own_attrs)), leases.iter(), now);
+    Admission {
+        admitted: admitted.into_iter().cloned().collect(),
+        rejected,
+    }
+}
+
+/// [`admit`] as a node that holds none of `leases` decides (rules 2 and 3
+/// of the order alone): what every node programs, except that a node whose
+/// own lease is contested keeps its own. `flannelctl leases` shows this.
+pub fn admit_as_observer(nets: &ClusterNets, leases: &[Lease], now: SystemTime) -> Admission {
+    let (admitted, rejected) = decide(nets, None, leases.iter(), now);
     Admission {
         admitted: admitted.into_iter().cloned().collect(),
         rejected,
@@ -388,18 +399,20 @@ pub fn admit(
 /// each sorted by key.
 fn decide<'a>(
     nets: &ClusterNets,
-    own_key: &LeaseKey,
-    own_attrs: &LeaseAttrs,
+    own: Option<(&LeaseKey, &LeaseAttrs)>,
     leases: impl Iterator<Item = &'a Lease>,
     now: SystemTime,
 ) -> (Vec<&'a Lease>, Vec<Rejection>) {
     let mut taken = Taken::default();
-    taken.insert(Holder::Own(*own_key), &facts(nets, own_key, own_attrs));
+    if let Some((key, attrs)) = own {
+        taken.insert(Holder::Own(*key), &facts(nets, key, attrs));
+    }
+    let own_key = own.map(|(k, _)| *k);
     let mut admitted = Vec::new();
     let mut rejected = Vec::new();
     let mut candidates = Vec::new();
     for l in leases {
-        if l.key == *own_key {
+        if Some(l.key) == own_key {
             admitted.push(l);
             continue;
         }
@@ -781,8 +794,7 @@ impl Admitter {
     ) -> AdmissionDelta {
         let (admitted, rejected) = decide(
             &self.nets,
-            &self.own_key,
-            &self.own_attrs,
+            Some((&self.own_key, &self.own_attrs)),
             all.values().map(|l| &**l),
             now,
         );
@@ -868,6 +880,52 @@ mod tests {
             .unwrap_or_else(|| panic!("{key} not rejected: {a:?}"))
             .reason
             .clone()
+    }
+
+    #[test]
+    fn an_observer_decides_as_every_uncontested_node() {
+        let rival = vx("10.244.1.128-25", "172.16.1.50", "02:00:00:00:00:50");
+        let same_ip = vx("10.244.7.0-24", "172.16.1.13", "02:00:00:00:00:07");
+        let ls = vec![
+            own(),
+            vx("10.244.2.0-24", "172.16.1.13", "52:17:43:ba:2e:56"),
+            same_ip.clone(),
+            rival.clone(),
+            vx("10.244.9.0-24", "127.0.0.1", "02:00:00:00:00:09"),
+        ];
+        let o = admit_as_observer(&nets(), &ls, t0());
+        // The regular /24 keeps its subnet from the /25, the lower key its
+        // PublicIP; loopback is no node's address.
+        assert_eq!(keys(&o), ["10.244.1.0-24", "10.244.2.0-24"]);
+        assert!(matches!(
+            reason_of(&o, "10.244.1.128-25"),
+            Reason::Overlap { holder: Holder::Peer(k), .. } if k == own().key
+        ));
+        assert!(matches!(
+            reason_of(&o, "10.244.7.0-24"),
+            Reason::PublicIpTaken { .. }
+        ));
+        assert!(matches!(
+            reason_of(&o, "10.244.9.0-24"),
+            Reason::BadPublicIp { .. }
+        ));
+        // A peer (the other holder of 172.16.1.13) decides the same about
+        // everything but its own lease, which it keeps.
+        let p = admit(&nets(), &same_ip.key, &same_ip.attrs, &ls, t0());
+        assert_eq!(keys(&p), ["10.244.1.0-24", "10.244.7.0-24"]);
+        assert!(matches!(
+            reason_of(&p, "10.244.2.0-24"),
+            Reason::PublicIpTaken {
+                holder: Holder::Own(_),
+                ..
+            }
+        ));
+        // Expired leases are left out and not reported.
+        let mut gone = rival;
+        gone.key = "10.244.12.0-24".parse().unwrap();
+        gone.expiration = Some(t0() - Duration::from_secs(1));
+        let o = admit_as_observer(&nets(), &[gone], t0());
+        assert!(o.admitted.is_empty() && o.rejected.is_empty(), "{o:?}");
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! `flannelctl leases [--local-store DIR | --etcd-endpoints URLS ... |
-//! --kube-subnet-mgr ...] [--json]`: who holds which subnet.
+//! --kube-subnet-mgr ...] [--json]`: who holds which subnet, and whether
+//! flanneld programs it (lease admission, with the network config).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use flannel_core::lease::{Lease, VxlanBackendData};
+use flannel_core::admit::{admit_as_observer, ClusterNets};
+use flannel_core::config::NetConfig;
+use flannel_core::lease::{Lease, LeaseKey, VxlanBackendData};
 use serde::Serialize;
 
 /// Errors of reading leases, with the store involved.
@@ -53,6 +56,10 @@ pub struct LeaseRow {
     pub expires_unix: Option<u64>,
     /// A lease without expiry, pinned to the node with this PublicIP.
     pub reservation: bool,
+    /// What flanneld does with it, decided as by a node that holds none of
+    /// the leases: `ok` (programmed), `expired`, or `skipped: <why>`
+    /// (lease admission); `None` without the network config.
+    pub status: Option<String>,
 }
 
 impl LeaseRow {
@@ -76,13 +83,51 @@ impl LeaseRow {
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             reservation: l.expiration.is_none(),
+            status: None,
         }
     }
 }
 
-/// Every lease of a local store directory, sorted by subnet.
-pub fn list(dir: &Path) -> Result<Vec<LeaseRow>, LeasesError> {
-    Ok(read_local(dir)?.iter().map(LeaseRow::from_lease).collect())
+/// The rows of `leases` (sorted by key), each with its [`LeaseRow::status`]
+/// when `cfg` is known.
+pub fn rows(leases: &[Lease], cfg: Option<&NetConfig>, now: SystemTime) -> Vec<LeaseRow> {
+    let mut rows: Vec<(LeaseKey, LeaseRow)> = leases
+        .iter()
+        .map(|l| (l.key, LeaseRow::from_lease(l)))
+        .collect();
+    rows.sort_by_key(|(k, _)| *k);
+    if let Some(cfg) = cfg {
+        let a = admit_as_observer(&ClusterNets::from_config(cfg), leases, now);
+        let ok: std::collections::BTreeSet<LeaseKey> = a.admitted.iter().map(|l| l.key).collect();
+        let why: std::collections::BTreeMap<LeaseKey, String> = a
+            .rejected
+            .into_iter()
+            .map(|r| (r.key, r.reason.to_string()))
+            .collect();
+        for (k, row) in &mut rows {
+            row.status = Some(if ok.contains(k) {
+                "ok".into()
+            } else if let Some(w) = why.get(k) {
+                format!("skipped: {w}")
+            } else {
+                "expired".into()
+            });
+        }
+    }
+    rows.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The network config in `path` (flanneld's `--net-config-path`); `Err`
+/// says why lease admission cannot be shown.
+pub fn net_conf_file(path: &Path) -> Result<NetConfig, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "network config {}: {e}; give --net-config-path to see which leases flanneld programs",
+            path.display()
+        )
+    })?;
+    flannel_core::config::parse(&text)
+        .map_err(|e| format!("network config {}: {e}", path.display()))
 }
 
 /// The leases themselves of a local store directory, sorted by subnet.
@@ -110,34 +155,57 @@ pub fn read_local(dir: &Path) -> Result<Vec<Lease>, LeasesError> {
     Ok(leases)
 }
 
-/// Every lease held in etcd below `opts.prefix`, sorted by subnet (one
-/// connection attempt; an unreachable etcd is an error naming the endpoints).
+/// Every lease held in etcd below `opts.prefix`, sorted by subnet, and
+/// the network config there (`Err`: why there is none to decide admission
+/// with). One connection attempt; an unreachable etcd is an error naming
+/// the endpoints.
 ///
-/// `etcdctl --endpoints=URLS get --prefix /coreos.com/network/subnets/`
-pub fn list_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<LeaseRow>, LeasesError> {
-    Ok(read_etcd(opts)?.iter().map(LeaseRow::from_lease).collect())
+/// `etcdctl --endpoints=URLS get --prefix /coreos.com/network/subnets/`,
+/// `etcdctl get /coreos.com/network/config`
+pub fn list_etcd(
+    opts: flannel_store::etcd::EtcdOptions,
+) -> Result<(Vec<Lease>, Result<NetConfig, String>), LeasesError> {
+    read_etcd_with(opts, true)
 }
 
 /// The leases themselves held in etcd, sorted by subnet.
 pub fn read_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<Lease>, LeasesError> {
+    read_etcd_with(opts, false).map(|(leases, _)| leases)
+}
+
+fn read_etcd_with(
+    opts: flannel_store::etcd::EtcdOptions,
+    with_config: bool,
+) -> Result<(Vec<Lease>, Result<NetConfig, String>), LeasesError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(LeasesError::Runtime)?;
     let endpoints = opts.endpoints.join(",");
-    let leases = rt.block_on(async {
+    let (leases, config) = rt.block_on(async {
         use flannel_store::Store;
         let store = flannel_store::etcd::EtcdStore::connect(opts)
             .await
             .map_err(LeasesError::EtcdConnect)?;
-        store
+        let config = if with_config {
+            match store.get_network_config().await {
+                Ok(Some(text)) => flannel_core::config::parse(&text)
+                    .map_err(|e| format!("network config in etcd: {e}")),
+                Ok(None) => Err("no network config in etcd".to_string()),
+                Err(e) => Err(format!("reading the network config from etcd: {e}")),
+            }
+        } else {
+            Err("not read".to_string())
+        };
+        let leases = store
             .list_leases()
             .await
-            .map_err(|source| LeasesError::Etcd { endpoints, source })
+            .map_err(|source| LeasesError::Etcd { endpoints, source })?;
+        Ok::<_, LeasesError>((leases, config))
     })?;
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);
-    Ok(leases)
+    Ok((leases, config))
 }
 
 /// The leases of the Nodes (Kubernetes mode), read as flanneld reads them,
@@ -188,7 +256,7 @@ fn human_expiry(row: &LeaseRow, now: SystemTime) -> String {
     }
 }
 
-/// A table: SUBNET PUBLIC-IP BACKEND VNI VTEP-MAC EXPIRES.
+/// A table: SUBNET PUBLIC-IP BACKEND VNI VTEP-MAC EXPIRES STATUS.
 pub fn render_table(rows: &[LeaseRow], now: SystemTime) -> String {
     let header = [
         "SUBNET",
@@ -197,9 +265,10 @@ pub fn render_table(rows: &[LeaseRow], now: SystemTime) -> String {
         "VNI",
         "VTEP-MAC",
         "EXPIRES",
+        "STATUS",
     ];
     let dash = || "-".to_string();
-    let lines: Vec<[String; 6]> = rows
+    let lines: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
             [
@@ -209,6 +278,7 @@ pub fn render_table(rows: &[LeaseRow], now: SystemTime) -> String {
                 r.vni.map(|v| v.to_string()).unwrap_or_else(dash),
                 r.vtep_mac.clone().unwrap_or_else(dash),
                 human_expiry(r, now),
+                r.status.clone().unwrap_or_else(dash),
             ]
         })
         .collect();
@@ -313,8 +383,76 @@ mod tests {
     }
 
     #[test]
+    fn status_says_which_leases_flanneld_programs() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let later = Some(now + Duration::from_secs(60));
+        let vx = |subnet: &str, ip: &str, mac: &str, exp| {
+            let mut l = lease(
+                subnet,
+                exp,
+                Some(serde_json::json!({"VNI": 1, "VtepMAC": mac})),
+            );
+            l.attrs.public_ip = Some(ip.parse().unwrap());
+            l
+        };
+        let leases = [
+            vx("10.244.2.0/24", "172.16.1.13", "52:17:43:ba:2e:56", later),
+            vx("10.244.1.0/24", "172.16.1.14", "26:62:24:f0:61:01", later),
+            // Another node's PublicIP, a broadcast VtepMAC, the underlay's
+            // subnet, an expired lease.
+            vx("10.244.3.0/24", "172.16.1.14", "02:00:00:00:00:03", later),
+            vx("10.244.4.0/24", "172.16.1.44", "ff:ff:ff:ff:ff:ff", later),
+            vx("172.16.1.0/24", "172.16.1.99", "02:00:00:00:00:99", later),
+            vx(
+                "10.244.5.0/24",
+                "172.16.1.55",
+                "02:00:00:00:00:05",
+                Some(now - Duration::from_secs(1)),
+            ),
+        ];
+        let cfg = flannel_core::config::parse(r#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let rows = rows(&leases, Some(&cfg), now);
+        let status: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|r| (r.subnet.as_str(), r.status.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            status[0],
+            ("10.244.1.0/24", "ok"),
+            "sorted by key: {status:?}"
+        );
+        assert_eq!(status[1], ("10.244.2.0/24", "ok"));
+        assert!(
+            status[2].0 == "10.244.3.0/24"
+                && status[2].1.starts_with("skipped: ")
+                && status[2].1.contains("PublicIP 172.16.1.14")
+                && status[2].1.contains("10.244.1.0-24"),
+            "{status:?}"
+        );
+        assert!(
+            status[3].1.starts_with("skipped: ") && status[3].1.contains("VtepMAC"),
+            "{status:?}"
+        );
+        assert_eq!(status[4], ("10.244.5.0/24", "expired"));
+        assert!(
+            status[5].0 == "172.16.1.0/24"
+                && status[5].1.contains("not inside the cluster network"),
+            "{status:?}"
+        );
+        let t = render_table(&rows, now);
+        assert!(t.lines().next().unwrap().ends_with("STATUS"), "{t}");
+        assert!(t.lines().nth(1).unwrap().ends_with("  ok"), "{t}");
+        let j: serde_json::Value = serde_json::from_str(&render_json(&rows)).unwrap();
+        assert_eq!(j[4]["status"], "expired");
+        // Without the config nothing is claimed.
+        assert!(super::rows(&leases, None, now)
+            .iter()
+            .all(|r| r.status.is_none()));
+    }
+
+    #[test]
     fn missing_store_is_a_clear_error() {
-        let e = list(Path::new("/nonexistent/flannel-store")).unwrap_err();
+        let e = read_local(Path::new("/nonexistent/flannel-store")).unwrap_err();
         assert!(e.to_string().contains("--local-store"), "{e}");
     }
 }

@@ -71,7 +71,9 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = wire::CNI_CONFLIST)]
         conf_dest: PathBuf,
     },
-    /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry.
+    /// The leases of a store: subnet, public IP, backend, VtepMAC, expiry,
+    /// and whether flanneld programs each (STATUS: `ok`, `expired` or
+    /// `skipped: <why>`, as a node holding none of them decides).
     ///
     /// Reads the store flanneld would use with the same flags (and the same
     /// FLANNELD_* variables): the Nodes with `--kube-subnet-mgr` (the
@@ -85,7 +87,10 @@ enum Command {
         etcd: EtcdFlags,
         #[command(flatten)]
         kube: flanneld::flags::KubeFlags,
-        /// The net-conf.json flanneld reads in Kubernetes mode.
+        /// flanneld's `--net-config-path`: the net-conf.json it reads in
+        /// Kubernetes mode and with `--local-store`, which decides the STATUS
+        /// column (which leases flanneld programs); with etcd the config is
+        /// read from etcd.
         #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = wire::DEFAULT_NET_CONFIG_PATH)]
         net_config_path: PathBuf,
         /// Print JSON instead of a table.
@@ -514,22 +519,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             net_config_path,
             json,
         } => {
-            let rows = match local_store {
+            let (all, cfg) = match local_store {
                 _ if kube.kube_subnet_mgr => {
                     let found = leases::read_kube(&kube, &net_config_path)?;
                     for (node, why) in &found.skipped {
                         eprintln!("flannelctl: skipped Node {node}: {why}");
                     }
-                    found
-                        .leases
-                        .iter()
-                        .map(leases::LeaseRow::from_lease)
-                        .collect()
+                    (found.leases, leases::net_conf_file(&net_config_path))
                 }
-                Some(dir) => leases::list(&dir)?,
+                Some(dir) => (
+                    leases::read_local(&dir)?,
+                    leases::net_conf_file(&net_config_path),
+                ),
                 None => leases::list_etcd(etcd.options())?,
             };
-            print_leases(&rows, json);
+            if let Err(why) = &cfg {
+                eprintln!("flannelctl: no STATUS column: {why}");
+            }
+            print_leases(
+                &leases::rows(&all, cfg.as_ref().ok(), SystemTime::now()),
+                json,
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::Store { name, action }) => {
@@ -607,10 +617,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Lab(LabCommand::Leases { name, json }) => {
             let lab = Lab::open(&name.name)?;
-            let mut all = lab.leases()?;
-            all.sort_by_key(|l| l.key);
-            let rows: Vec<_> = all.iter().map(leases::LeaseRow::from_lease).collect();
-            print_leases(&rows, json);
+            let all = lab.leases()?;
+            let cfg = lab.state.net_config();
+            print_leases(&leases::rows(&all, Some(&cfg), SystemTime::now()), json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Lab(LabCommand::Up {

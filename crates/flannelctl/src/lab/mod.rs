@@ -568,13 +568,16 @@ impl LabState {
         net_conf(self.backend, self.direct_routing, self.family).to_string()
     }
 
+    /// [`LabState::net_conf_json`], parsed.
+    pub fn net_config(&self) -> flannel_core::config::NetConfig {
+        flannel_core::config::parse(&self.net_conf_json()).expect("the lab's net-conf parses")
+    }
+
     /// The pod MTU flanneld writes: the underlay MTU minus the backend's
     /// overhead (vxlan 50, or 70 when IPv6 is on: the pods' one MTU must
     /// also fit the vxlan device over the IPv6 underlay).
     pub fn pod_mtu(&self) -> u32 {
-        let cfg =
-            flannel_core::config::parse(&self.net_conf_json()).expect("the lab's net-conf parses");
-        cfg.pod_mtu(self.mtu, self.family.has_v6())
+        self.net_config().pod_mtu(self.mtu, self.family.has_v6())
     }
 
     /// The lease key a node holds: its subnet of each family of the lab.

@@ -196,12 +196,10 @@ pub(crate) fn collect(lab: &Lab) -> LabStatus {
             }
         })
         .collect();
+    let cfg = lab.state.net_config();
     let leases = lab
         .leases()
-        .map(|mut l| {
-            l.sort_by_key(|l| l.key);
-            l.iter().map(LeaseRow::from_lease).collect::<Vec<_>>()
-        })
+        .map(|l| leases::rows(&l, Some(&cfg), SystemTime::now()))
         .map_err(|e| e.to_string());
     let store_health = leases.as_ref().map(|_| ()).map_err(Clone::clone);
     let etcd = lab.etcd_process();
