@@ -179,16 +179,33 @@ pub(crate) fn cmdline(pid: u32) -> Option<Vec<String>> {
 
 /// Process state letter from /proc/PID/stat (`R`, `S`, `Z`, ...).
 fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state(&format!("/proc/{pid}/stat"))
+}
+
+/// The state letter of a `/proc/.../stat` file.
+fn stat_state(path: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // The command name may contain spaces and parentheses: the state follows the last ')'.
     let after = &stat[stat.rfind(')')? + 1..];
     after.trim_start().chars().next()
 }
 
-/// Alive and not a zombie.
+/// Alive: some thread of it has not exited. A killed process's main thread
+/// is a zombie while its other threads are still exiting, and they hold
+/// the process's files until the last one is gone: a flanneld started
+/// again before that finds its health port still bound.
 pub(crate) fn is_alive(pid: u32) -> bool {
     reap_children();
-    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+    let live = |s: Option<char>| matches!(s, Some(s) if s != 'Z' && s != 'X');
+    live(proc_state(pid))
+        || std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|t| {
+                live(stat_state(&format!(
+                    "/proc/{pid}/task/{}/stat",
+                    t.file_name().to_string_lossy()
+                )))
+            })
+        })
 }
 
 /// Whether `pid` is a live `flanneld` whose command line points into `lab_dir`.
@@ -367,6 +384,31 @@ mod tests {
         assert!(is_alive(me));
         assert!(!is_lab_flanneld(me, Path::new("/run/flannel-lab/x")));
         assert!(!is_alive(u32::MAX - 1));
+    }
+
+    #[test]
+    fn a_process_whose_main_thread_exited_is_alive_until_its_last_thread() {
+        // The main thread leaves by pthread_exit (a zombie in /proc), the
+        // other sleeps on: the process, and its files, are still there.
+        let script = "import threading, time, ctypes\n\
+            threading.Thread(target=time.sleep, args=(1.5,)).start()\n\
+            ctypes.CDLL(None).pthread_exit(None)\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .spawn()
+            .expect("python3 (scripts/test installs it)");
+        let pid = child.id();
+        let start = Instant::now();
+        while proc_state(pid) != Some('Z') {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "main thread never exited"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(is_alive(pid), "the sleeping thread still runs");
+        child.wait().unwrap();
+        assert!(!is_alive(pid));
     }
 
     #[test]
