@@ -165,18 +165,6 @@ pub fn read_local(dir: &Path) -> Result<Vec<Lease>, LeasesError> {
 pub fn list_etcd(
     opts: flannel_store::etcd::EtcdOptions,
 ) -> Result<(Vec<Lease>, Result<NetConfig, String>), LeasesError> {
-    read_etcd_with(opts, true)
-}
-
-/// The leases themselves held in etcd, sorted by subnet.
-pub fn read_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<Lease>, LeasesError> {
-    read_etcd_with(opts, false).map(|(leases, _)| leases)
-}
-
-fn read_etcd_with(
-    opts: flannel_store::etcd::EtcdOptions,
-    with_config: bool,
-) -> Result<(Vec<Lease>, Result<NetConfig, String>), LeasesError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -187,15 +175,11 @@ fn read_etcd_with(
         let store = flannel_store::etcd::EtcdStore::connect(opts)
             .await
             .map_err(LeasesError::EtcdConnect)?;
-        let config = if with_config {
-            match store.get_network_config().await {
-                Ok(Some(text)) => flannel_core::config::parse(&text)
-                    .map_err(|e| format!("network config in etcd: {e}")),
-                Ok(None) => Err("no network config in etcd".to_string()),
-                Err(e) => Err(format!("reading the network config from etcd: {e}")),
-            }
-        } else {
-            Err("not read".to_string())
+        let config = match store.get_network_config().await {
+            Ok(Some(text)) => flannel_core::config::parse(&text)
+                .map_err(|e| format!("network config in etcd: {e}")),
+            Ok(None) => Err("no network config in etcd".to_string()),
+            Err(e) => Err(format!("reading the network config from etcd: {e}")),
         };
         let leases = store
             .list_leases()
@@ -206,6 +190,12 @@ fn read_etcd_with(
     let mut leases = leases.leases;
     leases.sort_by_key(|l| l.key);
     Ok((leases, config))
+}
+
+/// The leases themselves held in etcd, sorted by subnet ([`list_etcd`]
+/// without the config).
+pub fn read_etcd(opts: flannel_store::etcd::EtcdOptions) -> Result<Vec<Lease>, LeasesError> {
+    list_etcd(opts).map(|(leases, _)| leases)
 }
 
 /// The leases of the Nodes (Kubernetes mode), read as flanneld reads them,

@@ -288,41 +288,52 @@ fn encode_udp(e: &mut DescriptorEncoder<'_>, c: &UdpCounters) -> Result<(), std:
     )
 }
 
+/// One row per device and value of `label`: `f` gives a device's values.
+fn per_device<'a, const N: usize>(
+    devices: &[(&'a str, WgCounters)],
+    label: &'a str,
+    f: impl Fn(&WgCounters) -> [(&'a str, u64); N],
+) -> Vec<([(&'a str, &'a str); 2], u64)> {
+    devices
+        .iter()
+        .flat_map(|(dev, c)| f(c).map(|(v, n)| ([("device", *dev), (label, v)], n)))
+        .collect()
+}
+
 /// `flanneld_wireguard_*`: one row per device and direction or reason.
 fn encode_wireguard(
     e: &mut DescriptorEncoder<'_>,
     devices: &[(&str, WgCounters)],
 ) -> Result<(), std::fmt::Error> {
-    let rows = |f: &dyn Fn(&WgCounters) -> [(&'static str, u64); 2], label| {
-        devices
-            .iter()
-            .flat_map(|(dev, c)| f(c).map(|(v, n)| ([("device", *dev), (label, v)], n)))
-            .collect::<Vec<_>>()
-    };
     encode_counters(
         e,
         "wireguard_packets",
         "Packets carried by the wireguard backend (tx: device to a peer, encrypted; rx: from a peer, decrypted, to the device)",
-        &rows(&|c| [("tx", c.tx_packets), ("rx", c.rx_packets)], "direction"),
+        &per_device(devices, "direction", |c| {
+            [("tx", c.tx_packets), ("rx", c.rx_packets)]
+        }),
     )?;
     encode_counters(
         e,
         "wireguard_bytes",
         "Bytes of inner packets carried by the wireguard backend",
-        &rows(&|c| [("tx", c.tx_bytes), ("rx", c.rx_bytes)], "direction"),
+        &per_device(devices, "direction", |c| {
+            [("tx", c.tx_bytes), ("rx", c.rx_bytes)]
+        }),
     )?;
     encode_counters(
         e,
         "wireguard_handshakes",
         "WireGuard handshake messages (sent: initiations and responses; received: initiations, responses and cookie replies)",
-        &rows(
-            &|c| [("sent", c.handshakes_sent), ("received", c.handshakes_received)],
-            "direction",
-        ),
+        &per_device(devices, "direction", |c| {
+            [("sent", c.handshakes_sent), ("received", c.handshakes_received)]
+        }),
     )?;
-    let dropped: Vec<_> = devices
-        .iter()
-        .flat_map(|(dev, c)| {
+    encode_counters(
+        e,
+        "wireguard_dropped",
+        "Packets dropped by the wireguard backend, by reason (invalid: no valid WireGuard message for us; not_allowed: decrypted, but its source is outside the peer's allowed IPs)",
+        &per_device(devices, "reason", |c| {
             [
                 ("no_peer", c.dropped_no_peer),
                 ("tun_invalid", c.dropped_tun_invalid),
@@ -331,14 +342,7 @@ fn encode_wireguard(
                 ("send_error", c.send_errors),
                 ("tun_write_error", c.tun_write_errors),
             ]
-            .map(|(r, n)| ([("device", *dev), ("reason", r)], n))
-        })
-        .collect();
-    encode_counters(
-        e,
-        "wireguard_dropped",
-        "Packets dropped by the wireguard backend, by reason (invalid: no valid WireGuard message for us; not_allowed: decrypted, but its source is outside the peer's allowed IPs)",
-        &dropped,
+        }),
     )
 }
 
@@ -801,9 +805,31 @@ mod tests {
         srv.shutdown().await;
     }
 
+    /// A health server whose last pass left `sources`, and its address.
+    async fn serve_sources(sources: CounterSources) -> (HealthServer, SocketAddr) {
+        let health = Health::default();
+        health.datapath.record_pass(&PassReport::default(), sources);
+        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health)
+            .await
+            .unwrap();
+        let addr = srv.local_addr();
+        (srv, addr)
+    }
+
+    /// One scrape of `/metrics`, which must answer 200.
+    async fn scrape(addr: SocketAddr) -> String {
+        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
+        assert_eq!(code, 200, "{m}");
+        m
+    }
+
+    /// The sample `name` of `m` is `want`.
+    fn assert_sample(m: &str, name: &str, want: &str) {
+        assert_eq!(value(m, name).as_deref(), Some(want), "{name} in\n{m}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn udp_counters_are_read_at_scrape_time() {
-        let health = Health::default();
         // Counts of an earlier generation of threads, and the running one's.
         let base = UdpCounters {
             tx_packets: 10,
@@ -830,13 +856,8 @@ mod tests {
             udp: Some(udp::CountersReader::new(base.to_array(), running.clone())),
             wireguard: Vec::new(),
         };
-        health.datapath.record_pass(&PassReport::default(), sources);
-        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
-            .await
-            .unwrap();
-        let addr = srv.local_addr();
-        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
-        assert_eq!(code, 200);
+        let (srv, addr) = serve_sources(sources).await;
+        let m = scrape(addr).await;
         for (name, want) in [
             (r#"flanneld_udp_packets_total{direction="tx"}"#, "11"),
             (r#"flanneld_udp_packets_total{direction="rx"}"#, "12"),
@@ -852,7 +873,7 @@ mod tests {
                 "6",
             ),
         ] {
-            assert_eq!(value(&m, name).as_deref(), Some(want), "{name} in\n{m}");
+            assert_sample(&m, name, want);
         }
         assert!(!m.contains("flanneld_wireguard_"), "{m}");
         // The datapath counts on: the next scrape sees it without a pass.
@@ -863,18 +884,13 @@ mod tests {
             }
             .to_array(),
         );
-        let (_, m) = client(move || get(addr, METRICS_PATH)).await;
-        assert_eq!(
-            value(&m, r#"flanneld_udp_packets_total{direction="tx"}"#).as_deref(),
-            Some("12"),
-            "{m}"
-        );
+        let m = scrape(addr).await;
+        assert_sample(&m, r#"flanneld_udp_packets_total{direction="tx"}"#, "12");
         srv.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn wireguard_counters_are_read_per_device_at_scrape_time() {
-        let health = Health::default();
         let v4 = WgCounters {
             tx_packets: 11,
             tx_bytes: 1100,
@@ -909,13 +925,8 @@ mod tests {
                 ),
             ],
         };
-        health.datapath.record_pass(&PassReport::default(), sources);
-        let srv = HealthServer::start(Ipv4Addr::LOCALHOST.into(), 0, health.clone())
-            .await
-            .unwrap();
-        let addr = srv.local_addr();
-        let (code, m) = client(move || get(addr, METRICS_PATH)).await;
-        assert_eq!(code, 200);
+        let (srv, addr) = serve_sources(sources).await;
+        let m = scrape(addr).await;
         let wg = |what: &str, dev: &str, label: &str| {
             format!(r#"flanneld_wireguard_{what}_total{{device="{dev}",{label}}}"#)
         };
@@ -943,7 +954,7 @@ mod tests {
             (wg("dropped", "flannel-wg-v6", r#"reason="invalid""#), "23"),
             (wg("dropped", "flannel-wg-v6", r#"reason="no_peer""#), "0"),
         ] {
-            assert_eq!(value(&m, &name).as_deref(), Some(want), "{name} in\n{m}");
+            assert_sample(&m, &name, want);
         }
         assert!(!m.contains("flanneld_udp_"), "{m}");
         running.add(
@@ -953,12 +964,8 @@ mod tests {
             }
             .to_array(),
         );
-        let (_, m) = client(move || get(addr, METRICS_PATH)).await;
-        assert_eq!(
-            value(&m, &wg("packets", "flannel-wg", r#"direction="rx""#)).as_deref(),
-            Some("15"),
-            "{m}"
-        );
+        let m = scrape(addr).await;
+        assert_sample(&m, &wg("packets", "flannel-wg", r#"direction="rx""#), "15");
         srv.shutdown().await;
     }
 

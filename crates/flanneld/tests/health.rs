@@ -111,7 +111,12 @@ impl Cluster {
             &node.subnet_file(),
         ))
         .args(["--iface", "eth0"])
-        .args(extra);
+        .args(extra)
+        // Read by the wireguard backend only: each node its own key.
+        .env(
+            "WIREGUARD_KEY_FILE",
+            node.subnet_file().with_file_name("wgkey"),
+        );
         cmd
     }
 
@@ -156,6 +161,71 @@ impl Cluster {
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Cluster {
+    /// Starts flanneld on both nodes with `extra` flags and pings node 2's
+    /// target from node 1's across the datapath (node 1 sends, and receives
+    /// the replies); the daemons.
+    fn start_pair_and_ping(&self, extra: &[&str]) -> Vec<Daemon> {
+        let mut daemons = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..2 {
+            let mut d = self.start(i, extra);
+            let subnet = self.wait_subnet_env(i, &mut d);
+            targets.push(add_target(&self.nodes[i], subnet));
+            daemons.push(d);
+        }
+        wait_for("ping across the datapath", Duration::from_secs(15), || {
+            ping_in(
+                &self.nodes[0].ns.name,
+                Some(targets[0].into()),
+                targets[1].into(),
+            )
+            .then_some(())
+        });
+        daemons
+    }
+
+    /// Waits for node 1's packet counters of both directions (`name(what,
+    /// direction)` names the sample) and checks their bytes hold an ICMP
+    /// echo at least; that scrape.
+    fn wait_packets_both_ways(
+        &self,
+        d: &mut Daemon,
+        name: impl Fn(&str, &str) -> String,
+    ) -> String {
+        let (tx, rx) = (name("packets", "tx"), name("packets", "rx"));
+        let m = self.wait_metrics(0, d, "packets both ways", |m| {
+            sample(m, &tx).unwrap_or(0.0) >= 1.0 && sample(m, &rx).unwrap_or(0.0) >= 1.0
+        });
+        for dir in ["tx", "rx"] {
+            assert!(
+                sample(&m, &name("bytes", dir)).unwrap_or(0.0) >= 84.0,
+                "an ICMP echo is 84 bytes: {m}"
+            );
+        }
+        m
+    }
+
+    /// A datagram of garbage from the switch (which holds no lease) to
+    /// node 1's `port`.
+    fn garbage_from_switch(&self, port: u16) {
+        let to = SocketAddrV4::new(self.ips[0], port);
+        self.bed
+            .switch
+            .run(|| {
+                let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
+                s.send_to(&[0x45; 40], to).unwrap();
+            })
+            .unwrap();
+    }
+
+    fn stop_all(&self, daemons: Vec<Daemon>) {
+        for (i, d) in daemons.into_iter().enumerate() {
+            d.stop(&self.nodes[i].log());
         }
     }
 }
@@ -324,107 +394,36 @@ fn add_target(node: &NodeNs, subnet: Ipv4Net) -> Ipv4Addr {
 fn udp_backend_counters_are_served_as_metrics() {
     let c = Cluster::with_config("udp", 2, UDP_CONFIG);
     let port = PORT.to_string();
-    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
-    let mut daemons = Vec::new();
-    let mut targets = Vec::new();
-    for i in 0..2 {
-        let mut d = c.start(i, &healthz);
-        let subnet = c.wait_subnet_env(i, &mut d);
-        targets.push(add_target(&c.nodes[i], subnet));
-        daemons.push(d);
-    }
-    // Pod to pod across the udp datapath: node 1 sends, and receives the replies.
-    wait_for("ping over flannel0", Duration::from_secs(15), || {
-        ping_in(
-            &c.nodes[0].ns.name,
-            Some(targets[0].into()),
-            targets[1].into(),
-        )
-        .then_some(())
+    let mut daemons =
+        c.start_pair_and_ping(&["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()]);
+    let m = c.wait_packets_both_ways(&mut daemons[0], |what, dir| {
+        format!(r#"flanneld_udp_{what}_total{{direction="{dir}"}}"#)
     });
-    let (tx, rx) = (
-        r#"flanneld_udp_packets_total{direction="tx"}"#,
-        r#"flanneld_udp_packets_total{direction="rx"}"#,
-    );
-    let m = c.wait_metrics(0, &mut daemons[0], "udp packets both ways", |m| {
-        sample(m, tx).unwrap_or(0.0) >= 1.0 && sample(m, rx).unwrap_or(0.0) >= 1.0
-    });
-    for dir in ["tx", "rx"] {
-        let bytes = sample(
-            &m,
-            &format!(r#"flanneld_udp_bytes_total{{direction="{dir}"}}"#),
-        );
-        assert!(
-            bytes.unwrap_or(0.0) >= 84.0,
-            "an ICMP echo is 84 bytes: {m}"
-        );
-    }
     let spoofed = r#"flanneld_udp_dropped_total{reason="spoofed"}"#;
     assert_eq!(sample(&m, spoofed), Some(0.0), "{m}");
     assert_eq!(sample(&m, "flanneld_peers"), Some(1.0), "{m}");
 
     // A datagram from the switch, which holds no lease: dropped and counted
     // by reason.
-    let to = SocketAddrV4::new(c.ips[0], flannel_core::wire::UDP_DEFAULT_PORT);
-    c.bed
-        .switch
-        .run(|| {
-            let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
-            s.send_to(&[0x45; 40], to).unwrap();
-        })
-        .unwrap();
+    c.garbage_from_switch(flannel_core::wire::UDP_DEFAULT_PORT);
     c.wait_metrics(0, &mut daemons[0], "a spoofed datagram counted", |m| {
         sample(m, spoofed) == Some(1.0)
     });
-    for (i, d) in daemons.into_iter().enumerate() {
-        d.stop(&c.nodes[i].log());
-    }
+    c.stop_all(daemons);
 }
 
 #[test]
 fn wireguard_backend_counters_are_served_per_device() {
     let c = Cluster::with_config("wg", 2, WG_CONFIG);
     let port = PORT.to_string();
-    let healthz = ["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()];
-    let mut daemons = Vec::new();
-    let mut targets = Vec::new();
-    for i in 0..2 {
-        let key = c.nodes[i].subnet_file().with_file_name("wgkey");
-        let mut d = Daemon(Some(
-            c.command(i, &healthz)
-                .env("WIREGUARD_KEY_FILE", &key)
-                .spawn()
-                .expect("spawn flanneld"),
-        ));
-        let subnet = c.wait_subnet_env(i, &mut d);
-        targets.push(add_target(&c.nodes[i], subnet));
-        daemons.push(d);
-    }
-    wait_for("ping over flannel-wg", Duration::from_secs(15), || {
-        ping_in(
-            &c.nodes[0].ns.name,
-            Some(targets[0].into()),
-            targets[1].into(),
-        )
-        .then_some(())
-    });
+    let mut daemons =
+        c.start_pair_and_ping(&["--healthz-ip", "127.0.0.1", "--healthz-port", port.as_str()]);
     let wg = |what: &str, label: &str| {
         format!(r#"flanneld_wireguard_{what}_total{{device="flannel-wg",{label}}}"#)
     };
-    let (tx, rx) = (
-        wg("packets", r#"direction="tx""#),
-        wg("packets", r#"direction="rx""#),
-    );
-    let m = c.wait_metrics(0, &mut daemons[0], "wireguard packets both ways", |m| {
-        sample(m, &tx).unwrap_or(0.0) >= 1.0 && sample(m, &rx).unwrap_or(0.0) >= 1.0
+    let m = c.wait_packets_both_ways(&mut daemons[0], |what, dir| {
+        wg(what, &format!(r#"direction="{dir}""#))
     });
-    for dir in ["tx", "rx"] {
-        let bytes = sample(&m, &wg("bytes", &format!(r#"direction="{dir}""#)));
-        assert!(
-            bytes.unwrap_or(0.0) >= 84.0,
-            "an ICMP echo is 84 bytes: {m}"
-        );
-    }
     // One handshake completed, whichever side began it.
     let sent = sample(&m, &wg("handshakes", r#"direction="sent""#)).unwrap_or(0.0);
     let received = sample(&m, &wg("handshakes", r#"direction="received""#)).unwrap_or(0.0);
@@ -435,20 +434,11 @@ fn wireguard_backend_counters_are_served_per_device() {
 
     // A datagram from the switch that is no WireGuard message: dropped and
     // counted by reason.
-    let to = SocketAddrV4::new(c.ips[0], flannel_core::wire::WIREGUARD_DEFAULT_PORT);
-    c.bed
-        .switch
-        .run(|| {
-            let s = UdpSocket::bind(SocketAddrV4::new(SWITCH_IP, 0)).unwrap();
-            s.send_to(&[0x45; 40], to).unwrap();
-        })
-        .unwrap();
+    c.garbage_from_switch(flannel_core::wire::WIREGUARD_DEFAULT_PORT);
     c.wait_metrics(0, &mut daemons[0], "a garbage datagram counted", |m| {
         sample(m, &invalid) == Some(before + 1.0)
     });
-    for (i, d) in daemons.into_iter().enumerate() {
-        d.stop(&c.nodes[i].log());
-    }
+    c.stop_all(daemons);
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits.
