@@ -103,6 +103,33 @@ impl WireguardMode {
     }
 }
 
+/// Which WireGuard implementation carries a wireguard device's packets
+/// (`Backend.Datapath`, a flannel-rs key that upstream ignores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireguardDatapath {
+    /// `auto` (default): the kernel's `wireguard` link type when the kernel
+    /// has it, else the userspace datapath on a TUN device.
+    #[default]
+    Auto,
+    /// `kernel`: the kernel's device only; flanneld refuses to start
+    /// without it.
+    Kernel,
+    /// `userspace`: the userspace datapath even where the kernel has
+    /// WireGuard.
+    Userspace,
+}
+
+impl WireguardDatapath {
+    /// The spelling in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireguardDatapath::Auto => "auto",
+            WireguardDatapath::Kernel => "kernel",
+            WireguardDatapath::Userspace => "userspace",
+        }
+    }
+}
+
 /// wireguard backend options (upstream's names and defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireguardConfig {
@@ -120,6 +147,8 @@ pub struct WireguardConfig {
     /// `MTU`: the underlay MTU to plan for instead of the external
     /// interface's; as upstream, the devices and pods get this minus 80.
     pub mtu: Option<u32>,
+    /// `Datapath` (ours), default auto.
+    pub datapath: WireguardDatapath,
 }
 
 /// vxlan backend options.
@@ -179,6 +208,7 @@ impl Default for WireguardConfig {
             persistent_keepalive: 0,
             mode: WireguardMode::Separate,
             mtu: None,
+            datapath: WireguardDatapath::Auto,
         }
     }
 }
@@ -290,6 +320,8 @@ pub enum ConfigError {
     UnknownBackend { value: String },
     #[error("{field} {value:?} is not one of \"separate\", \"auto\", \"ipv4\", \"ipv6\"; set \"{field}\" to one of them or omit it (separate)")]
     InvalidMode { field: String, value: String },
+    #[error("{field} {value:?} is not one of \"auto\", \"kernel\", \"userspace\"; set \"{field}\" to one of them or omit it (auto: the kernel's WireGuard when it has it)")]
+    InvalidDatapath { field: String, value: String },
     #[error("{field} is not a WireGuard key: {detail}; set \"{field}\" to the output of `wg genpsk` or omit it")]
     InvalidKey { field: String, detail: String },
     #[error("{field} {value} is out of range: it must be between {min} and {max}; set \"{field}\" accordingly or omit it")]
@@ -322,6 +354,7 @@ impl ConfigError {
             | ConfigError::MinAboveMax { field, .. }
             | ConfigError::OutOfRange { field, .. }
             | ConfigError::InvalidMode { field, .. }
+            | ConfigError::InvalidDatapath { field, .. }
             | ConfigError::InvalidKey { field, .. } => field,
         }
     }
@@ -600,6 +633,20 @@ fn parse_wireguard(be: &Obj<'_>) -> Result<WireguardConfig, ConfigError> {
             }
         },
     };
+    let datapath = match be.string("Datapath")? {
+        None => d.datapath,
+        Some(m) => match m.as_str() {
+            "auto" => WireguardDatapath::Auto,
+            "kernel" => WireguardDatapath::Kernel,
+            "userspace" => WireguardDatapath::Userspace,
+            _ => {
+                return Err(ConfigError::InvalidDatapath {
+                    field: be.field("Datapath"),
+                    value: m,
+                })
+            }
+        },
+    };
     let psk = match be.string("PSK")? {
         // Go's zero value: no PSK.
         None => None,
@@ -646,6 +693,7 @@ fn parse_wireguard(be: &Obj<'_>) -> Result<WireguardConfig, ConfigError> {
         persistent_keepalive: keepalive,
         mode,
         mtu,
+        datapath,
     })
 }
 
@@ -1448,6 +1496,7 @@ mod tests {
                 persistent_keepalive: 25,
                 mode: WireguardMode::Auto,
                 mtu: Some(1400),
+                datapath: WireguardDatapath::Auto,
             })
         );
         // MTU is the underlay's: pods and devices get 80 less, as upstream.
@@ -1474,6 +1523,15 @@ mod tests {
             };
             assert_eq!(w.mode.as_str(), m);
         }
+        for m in ["auto", "kernel", "userspace"] {
+            let c = ok(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","Datapath":"{m}"}}}}"#
+            ));
+            let BackendConfig::Wireguard(w) = c.backend else {
+                unreachable!()
+            };
+            assert_eq!(w.datapath.as_str(), m);
+        }
         // The PSK is never printed.
         let c = ok(&format!(
             r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard","PSK":"{psk}"}}}}"#
@@ -1492,6 +1550,11 @@ mod tests {
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Mode":"Separate"}}"#,
             "Backend.Mode",
         );
+        let e = err(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","Datapath":"boringtun"}}"#,
+            "Backend.Datapath",
+        );
+        assert!(e.to_string().contains("\"kernel\", \"userspace\""), "{e}");
         let e = err(
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"secret"}}"#,
             "Backend.PSK",

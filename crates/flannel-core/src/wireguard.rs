@@ -329,6 +329,101 @@ fn lease_peer(
     }
 }
 
+/// One peer as a kernel WireGuard device holds it: the fields of its line
+/// in `wg show DEV dump` that flannel sets (not its handshake time or byte
+/// counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelPeer {
+    pub public_key: WgKey,
+    /// `None`: no preshared key (the kernel reports 32 zero bytes).
+    pub preshared_key: Option<SecretKey>,
+    /// `None`: the kernel knows no endpoint yet.
+    pub endpoint: Option<SocketAddr>,
+    /// Sorted.
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds, 0: off.
+    pub persistent_keepalive: u16,
+}
+
+impl KernelPeer {
+    /// The kernel peer that carries `peer` with the device's PSK and
+    /// keepalive.
+    pub fn new(peer: &WgPeer, psk: Option<SecretKey>, keepalive: u16) -> KernelPeer {
+        KernelPeer {
+            public_key: peer.public_key,
+            preshared_key: psk,
+            endpoint: Some(peer.endpoint),
+            allowed_ips: peer.allowed_ips.clone(),
+            persistent_keepalive: keepalive,
+        }
+    }
+}
+
+/// One write to a kernel device's peer list (`wg set DEV peer KEY ...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerUpdate {
+    /// Adds the peer or updates it in place, its allowed IPs replaced
+    /// (`replace-allowed-ips`): a session survives the update.
+    Set(KernelPeer),
+    /// `wg set DEV peer KEY remove`.
+    Remove(WgKey),
+}
+
+/// The writes that turn the kernel's peers `have` into `want`: a `Set`
+/// per peer missing or different, a `Remove` per peer not wanted, nothing
+/// for a peer that is right (its session is left alone). `want` needs no
+/// order; allowed IPs are compared sorted. Linear after the sorts.
+///
+/// An endpoint at the wanted address but another port is right: the
+/// kernel moves a peer's endpoint to wherever its authenticated packets
+/// come from (roaming), and a userspace peer sends from ephemeral ports.
+/// Writing the port back every pass would only make it roam again.
+pub fn peer_updates(want: &[KernelPeer], have: &[KernelPeer]) -> Vec<PeerUpdate> {
+    fn sorted(peers: &[KernelPeer]) -> Vec<&KernelPeer> {
+        let mut v: Vec<&KernelPeer> = peers.iter().collect();
+        v.sort_unstable_by_key(|p| p.public_key);
+        v
+    }
+    let same = |w: &KernelPeer, h: &KernelPeer| {
+        let mut hs = h.allowed_ips.clone();
+        hs.sort();
+        let mut ws = w.allowed_ips.clone();
+        ws.sort();
+        let endpoint = match (w.endpoint, h.endpoint) {
+            (Some(a), Some(b)) => a.ip() == b.ip(),
+            (a, b) => a == b,
+        };
+        w.preshared_key == h.preshared_key
+            && endpoint
+            && w.persistent_keepalive == h.persistent_keepalive
+            && ws == hs
+    };
+    let (want, have) = (sorted(want), sorted(have));
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < want.len() || j < have.len() {
+        match (want.get(i), have.get(j)) {
+            (Some(w), Some(h)) if w.public_key == h.public_key => {
+                if !same(w, h) {
+                    out.push(PeerUpdate::Set((*w).clone()));
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(w), h) if h.is_none_or(|h| w.public_key < h.public_key) => {
+                out.push(PeerUpdate::Set((*w).clone()));
+                i += 1;
+            }
+            (_, Some(h)) => {
+                out.push(PeerUpdate::Remove(h.public_key));
+                j += 1;
+            }
+            (None, None) | (Some(_), None) => unreachable!("covered above"),
+        }
+    }
+    out
+}
+
 /// Subnets of one prefix length: (network address, peer index), sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Group {
@@ -573,6 +668,97 @@ pub(crate) mod tests {
 
     fn key(s: &str) -> WgKey {
         s.parse().unwrap()
+    }
+
+    fn kpeer(n: u8, subnet: &str) -> KernelPeer {
+        KernelPeer {
+            public_key: WgKey([n; 32]),
+            preshared_key: None,
+            endpoint: Some(SocketAddr::from(([172, 16, 1, n], 51820))),
+            allowed_ips: vec![subnet.parse().unwrap()],
+            persistent_keepalive: 0,
+        }
+    }
+
+    #[test]
+    fn peer_updates_write_only_the_difference() {
+        let want = vec![
+            kpeer(3, "10.244.3.0/24"),
+            kpeer(1, "10.244.1.0/24"),
+            kpeer(2, "10.244.2.0/24"),
+        ];
+        assert_eq!(peer_updates(&want, &want), vec![]);
+        // The kernel reports allowed IPs in its own order.
+        let mut dual = kpeer(1, "10.244.1.0/24");
+        dual.allowed_ips.push("fd00:0:0:1::/64".parse().unwrap());
+        let mut dual_rev = dual.clone();
+        dual_rev.allowed_ips.reverse();
+        assert_eq!(
+            peer_updates(std::slice::from_ref(&dual), &[dual_rev]),
+            vec![]
+        );
+        let mut moved = kpeer(2, "10.244.2.0/24");
+        moved.endpoint = Some(SocketAddr::from(([172, 16, 1, 9], 51820)));
+        // Roamed to another port of the same address: right.
+        let mut roamed = kpeer(1, "10.244.1.0/24");
+        roamed.endpoint = Some(SocketAddr::from(([172, 16, 1, 1], 40001)));
+        assert_eq!(
+            peer_updates(&want[1..2], std::slice::from_ref(&roamed)),
+            vec![]
+        );
+        let mut keepalive = kpeer(3, "10.244.3.0/24");
+        keepalive.persistent_keepalive = 25;
+        let have = vec![keepalive, kpeer(4, "10.244.4.0/24"), moved];
+        assert_eq!(
+            peer_updates(&want, &have),
+            vec![
+                PeerUpdate::Set(kpeer(1, "10.244.1.0/24")),
+                PeerUpdate::Set(kpeer(2, "10.244.2.0/24")),
+                PeerUpdate::Set(kpeer(3, "10.244.3.0/24")),
+                PeerUpdate::Remove(WgKey([4; 32])),
+            ]
+        );
+        let mut psk = kpeer(1, "10.244.1.0/24");
+        psk.preshared_key = Some(SecretKey(WgKey([7; 32])));
+        assert_eq!(
+            peer_updates(&want[1..2], std::slice::from_ref(&psk)),
+            vec![PeerUpdate::Set(kpeer(1, "10.244.1.0/24"))]
+        );
+        assert_eq!(
+            peer_updates(&[], &want[..1]),
+            vec![PeerUpdate::Remove(WgKey([3; 32]))]
+        );
+    }
+
+    #[test]
+    fn peer_updates_at_20000_peers_are_linear_and_exact() {
+        let subnet = |i: u32| format!("10.{}.{}.0/24", i >> 8, i & 0xff);
+        let key = |i: u32| {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            WgKey(k)
+        };
+        let peer = |i: u32| KernelPeer {
+            public_key: key(i),
+            preshared_key: None,
+            endpoint: Some(SocketAddr::from((
+                [172, 16, (i >> 8) as u8, i as u8],
+                51820,
+            ))),
+            allowed_ips: vec![subnet(i).parse().unwrap()],
+            persistent_keepalive: 0,
+        };
+        let want: Vec<KernelPeer> = (0..20_000).rev().map(peer).collect();
+        let mut have: Vec<KernelPeer> = (0..20_000).filter(|i| i % 1000 != 7).map(peer).collect();
+        have.push(peer(30_000));
+        let u = peer_updates(&want, &have);
+        assert_eq!(u.len(), 21);
+        assert_eq!(u.last(), Some(&PeerUpdate::Remove(key(30_000))));
+        let set: Vec<PeerUpdate> = (0..20_000)
+            .filter(|i| i % 1000 == 7)
+            .map(|i| PeerUpdate::Set(peer(i)))
+            .collect();
+        assert_eq!(u[..20], set[..]);
     }
 
     fn lease(key_s: &str, attrs: LeaseAttrs) -> Lease {

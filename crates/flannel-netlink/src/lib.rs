@@ -1,4 +1,5 @@
-//! The thin kernel layer: synchronous rtnetlink and network namespaces.
+//! The thin kernel layer: synchronous rtnetlink, WireGuard's generic
+//! netlink family ([`wireguard`]) and network namespaces.
 //!
 //! Synchronous on purpose: the CNI plugin runs once per pod and must not pay
 //! for an async runtime, and the daemon drives the kernel from one dedicated
@@ -20,6 +21,7 @@ mod nexthop;
 mod routes;
 mod transport;
 pub mod tun;
+pub mod wireguard;
 
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -154,26 +154,43 @@ impl Netlink {
     /// Creating the link makes the kernel try to load the module, as `ip`
     /// does. `name` must not be in use.
     pub fn has_wireguard(&mut self, name: &str) -> Result<bool> {
-        let op = format!("ip link add {name} type wireguard");
-        check_ifname(&op, "probe link name", name)?;
-        let mut m = link_msg(0);
-        m.attributes.push(LinkAttribute::IfName(name.to_string()));
-        m.attributes
-            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
-                InfoKind::Wireguard,
-            )]));
-        match self.link_write(
-            RouteNetlinkMessage::NewLink(m),
-            NLM_F_CREATE | NLM_F_EXCL,
-            &op,
-        ) {
+        match self.add_wireguard_link(name, None) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return Ok(false),
             r => r?,
-        }
+        };
         if let Some(l) = self.link_by_name(name)? {
             self.del_link(l.index)?;
         }
         Ok(true)
+    }
+
+    /// `ip link add NAME [mtu MTU] type wireguard` (down, no key, no
+    /// peers: [`crate::wireguard::WireguardNetlink`] configures it).
+    /// Returns the new link's index. EOPNOTSUPP: the kernel has no
+    /// WireGuard; EEXIST: the name is taken.
+    pub fn add_wireguard_link(&mut self, name: &str, mtu: Option<u32>) -> Result<u32> {
+        let op = format!("ip link add {name} type wireguard");
+        check_ifname(&op, "link name", name)?;
+        let mut m = link_msg(0);
+        m.attributes.push(LinkAttribute::IfName(name.to_string()));
+        if let Some(mtu) = mtu {
+            m.attributes.push(LinkAttribute::Mtu(mtu));
+        }
+        m.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Wireguard,
+            )]));
+        self.link_write(
+            RouteNetlinkMessage::NewLink(m),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &op,
+        )?;
+        self.link_by_name(name)?
+            .map(|l| l.index)
+            .ok_or_else(|| Error::LinkNotFound {
+                op,
+                name: name.to_string(),
+            })
     }
 
     /// `ip link show NAME`; `Ok(None)` when absent.

@@ -1,5 +1,6 @@
-//! The request/response plumbing of one NETLINK_ROUTE socket: sequence
-//! numbers, ACKs, multipart dumps and kernel error codes.
+//! The request/response plumbing of one netlink socket (NETLINK_ROUTE, or
+//! NETLINK_GENERIC for WireGuard): sequence numbers, ACKs, multipart dumps
+//! and kernel error codes.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -37,7 +38,16 @@ impl Transport {
     /// Opens a NETLINK_ROUTE socket in the calling thread's namespace and
     /// joins the given multicast groups (`RTNLGRP_*` numbers).
     pub(crate) fn open(groups: &[u32], rcvbuf: usize) -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        Self::open_protocol(NETLINK_ROUTE, groups, rcvbuf)
+    }
+
+    /// Opens a socket of another netlink protocol (`NETLINK_GENERIC`).
+    pub(crate) fn open_protocol(
+        protocol: isize,
+        groups: &[u32],
+        rcvbuf: usize,
+    ) -> io::Result<Self> {
+        let mut sock = Socket::new(protocol)?;
         let port = sock.bind_auto()?.port_number();
         // Both are optional comforts (shorter error echoes, the kernel's
         // reason in text); old kernels without them still work.

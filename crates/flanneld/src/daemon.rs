@@ -118,6 +118,9 @@ pub struct Startup {
     pub existing_devices: PerFamily<Option<Link>>,
     /// The subnet of the previous subnet.env, for acquisition step 2.
     pub previous: Option<LeaseKey>,
+    /// With wireguard, whether its devices are the kernel's
+    /// (`Backend.Datapath` and the probe, decided once at start).
+    pub wireguard_kernel: bool,
 }
 
 /// Reads and validates the config file (or `store_config` when the file is
@@ -523,20 +526,24 @@ async fn run_with_store<S: Store>(
             *dev_names.get_mut(f) = Some(vxlan::device_name(vx.vni, f));
         }
     }
-    let probe_wireguard = matches!(backend, Backend::Wireguard(_));
-    let (ext, existing_devices) = tokio::task::spawn_blocking(move || {
+    let wireguard_datapath = match &backend {
+        Backend::Wireguard(w) => Some(w.datapath),
+        _ => None,
+    };
+    let (ext, existing_devices, wireguard_kernel) = tokio::task::spawn_blocking(move || {
         let mut nl = Netlink::open()?;
         let ext = iface::lookup(&mut nl, &req)?;
-        if probe_wireguard {
-            wireguard::log_kernel_support(&mut nl);
-        }
+        let wireguard_kernel = match wireguard_datapath {
+            Some(want) => wireguard::choose_datapath(&mut nl, want)?,
+            None => false,
+        };
         let mut devs: PerFamily<Option<Link>> = PerFamily::default();
         for f in FAMILIES {
             if let Some(n) = dev_names.get(f) {
                 *devs.get_mut(f) = nl.link_by_name(n)?;
             }
         }
-        Ok::<_, DaemonError>((ext, devs))
+        Ok::<_, DaemonError>((ext, devs, wireguard_kernel))
     })
     .await
     .map_err(|e| DaemonError::Device(format!("startup kernel reads failed: {e}")))??;
@@ -549,6 +556,7 @@ async fn run_with_store<S: Store>(
         backend,
         ext,
         existing_devices,
+        wireguard_kernel,
     };
     run_async(flags, startup, store, store_expires_leases, health, signals).await
 }
@@ -840,6 +848,7 @@ impl<S: Store> State<S> {
                         self.mtu,
                         keys,
                         self.flags.subnet_file.parent(),
+                        self.s.wireguard_kernel,
                     ),
                     local: flannel_core::wireguard::LocalAddrs {
                         v4: self.s.ext.public_ip,

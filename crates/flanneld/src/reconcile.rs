@@ -38,7 +38,8 @@ use tokio::sync::oneshot;
 use crate::backend::hostgw;
 use crate::backend::udp::{self, UdpDatapath, UdpSpec};
 use crate::backend::vxlan::{self, DeviceSpec};
-use crate::backend::wireguard::{self, WgDatapath, WgDeviceSpec};
+use crate::backend::wireguard::{self, WgDeviceSpec};
+use crate::backend::wireguard_kernel::WgDevice;
 use crate::health::DatapathMetrics;
 use crate::nexthops::{self, Nexthops};
 
@@ -600,8 +601,9 @@ struct Worker {
     unreachable: Vec<HostGwPeer>,
     /// The udp backend's running datapath (threads stop when it drops).
     udp: Option<UdpDatapath>,
-    /// The wireguard backend's running datapaths, one per device.
-    wireguard: Vec<WgDatapath>,
+    /// The wireguard backend's devices (userspace datapaths or kernel
+    /// devices), one per device.
+    wireguard: Vec<WgDevice>,
     metrics: DatapathMetrics,
     /// Peer routes through nexthop objects in large clusters.
     nh: Nexthops,
@@ -694,7 +696,7 @@ impl Worker {
                         wireguard: self
                             .wireguard
                             .iter()
-                            .map(|d| (d.device().to_owned(), d.counters_reader()))
+                            .filter_map(|d| Some((d.device().to_owned(), d.counters_reader()?)))
                             .collect(),
                     };
                     self.metrics.record_pass(&report, sources);
@@ -918,7 +920,7 @@ impl Worker {
                         .iter()
                         .position(|d| d.device() == spec.device);
                     let mut slot = at.map(|i| self.wireguard.swap_remove(i));
-                    let r = WgDatapath::ensure(&mut slot, &mut self.nl, spec);
+                    let r = WgDevice::ensure(&mut slot, &mut self.nl, spec);
                     if let Some(dp) = slot {
                         self.wireguard.push(dp);
                     }
@@ -927,10 +929,17 @@ impl Worker {
                             report.applied(&changes);
                             let dp = self
                                 .wireguard
-                                .iter()
+                                .iter_mut()
                                 .find(|d| d.device() == spec.device)
                                 .expect("ensured");
-                            update_wg_peers(dp, wg, spec, &self.leases, &self.settings.own, now);
+                            report.record(update_wg_peers(
+                                dp,
+                                wg,
+                                spec,
+                                &self.leases,
+                                &self.settings.own,
+                                now,
+                            ));
                             for f in FAMILIES {
                                 if wg.device_for(f).is_some_and(|d| d.device == spec.device) {
                                     *devices.get_mut(f) = Some(ifindex);
@@ -1085,9 +1094,16 @@ impl Worker {
             update_udp_peers(dp, spec, &self.leases, &self.settings.own);
         }
         if let BackendSettings::Wireguard(wg) = &self.settings.backend {
-            for dp in &self.wireguard {
+            for dp in &mut self.wireguard {
                 if let Some(spec) = wg.devices.iter().find(|d| d.device == dp.device()) {
-                    update_wg_peers(dp, wg, spec, &self.leases, &self.settings.own, now);
+                    report.record(update_wg_peers(
+                        dp,
+                        wg,
+                        spec,
+                        &self.leases,
+                        &self.settings.own,
+                        now,
+                    ));
                 }
             }
             let leases: Vec<&Lease> = self.leases.values().map(|l| &**l).collect();
@@ -1364,17 +1380,20 @@ fn update_udp_peers(
     }
 }
 
-/// Hands one wireguard device's datapath its peers among `leases` (a
-/// summary at INFO when they changed, the list at DEBUG).
+/// Hands one wireguard device its peers among `leases` (a summary at INFO
+/// when they changed, the list at DEBUG). Returns the kernel writes it
+/// took, a line for the pass's report.
 fn update_wg_peers(
-    dp: &WgDatapath,
+    dp: &mut WgDevice,
     wg: &WgSettings,
     spec: &WgDeviceSpec,
     leases: &BTreeMap<LeaseKey, Arc<Lease>>,
     own: &LeaseKey,
     now: SystemTime,
-) {
-    if dp.set_peers(wg.peers(spec, leases.values().map(|l| &**l), own, now)) {
+) -> Result<Vec<String>, wireguard::WireguardError> {
+    let (changed, written) =
+        dp.set_peers(wg.peers(spec, leases.values().map(|l| &**l), own, now))?;
+    if changed {
         let peers = dp.peers();
         tracing::info!(device = %spec.device, count = peers.len(), "wireguard peers updated");
         let list: Vec<String> = peers
@@ -1391,6 +1410,7 @@ fn update_wg_peers(
             .collect();
         tracing::debug!(device = %spec.device, peers = ?list, "wireguard peers updated: peers");
     }
+    Ok(written.into_iter().collect())
 }
 
 /// Whether a notification about a route, neighbour or FDB entry shows
@@ -2186,6 +2206,7 @@ mod tests {
                 1420,
                 &keys,
                 None,
+                false,
             ),
             local: Default::default(),
         });

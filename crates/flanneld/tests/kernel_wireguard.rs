@@ -2,18 +2,28 @@
 //! stock kernel booted in QEMU by `scripts/kernel-vm` (this machine's own
 //! kernel has no wireguard module and cannot load one). Inside the guest,
 //! two node namespaces joined by a veth pair run the real `flanneld` on a
-//! local store; node 1 starts with upstream flannel's kernel `flannel-wg`
-//! device in place. Checked from the guest's console: the probe finds
-//! kernel WireGuard, the kernel device is replaced by flanneld's TUN device,
-//! a ping crosses the userspace datapath, and a restart with vxlan removes
-//! upstream's kernel `flannel-wg-v6` and our `flannel-wg`. Nothing of the
-//! guest reaches this machine's network: it has no network device.
+//! local store, and wireguard-tools' `wg` reads the kernel's devices back.
+//! Node 1 starts with upstream flannel's kernel `flannel-wg` in place and
+//! `Datapath` auto, node 2 with `Datapath` userspace. Checked from the
+//! guest's console:
+//! - node 1 takes the kernel device over (key, port, peer from the lease,
+//!   keepalive), node 2 runs a TUN device, and pings cross both ways;
+//! - level-triggered: a peer removed by hand, a peer's allowed IPs changed
+//!   by hand and the deleted device come back;
+//! - node 2 restarted with `Datapath` kernel replaces its TUN device by a
+//!   kernel one (kernel to kernel); node 1 restarted with userspace
+//!   replaces its kernel device by a TUN (userspace to kernel);
+//! - a restart with vxlan removes `flannel-wg` and upstream's kernel
+//!   `flannel-wg-v6`.
+//!
+//! Nothing of the guest reaches this machine's network: it has no network
+//! device.
 
 use std::path::Path;
 use std::process::Command;
 
 const INIT: &str = r#"#!/bin/sh
-export PATH=/bin
+export PATH=/bin:/usr/bin
 IP=/usr/bin/ip
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
@@ -25,38 +35,85 @@ for i in 1 2; do
 done
 $IP -n n1 link add flannel-wg type wireguard && echo "MARK upstream flannel-wg created"
 mkdir -p /tmp/store /tmp/n1 /tmp/n2
-echo '{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}' > /tmp/wg.json
+B='"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PersistentKeepaliveInterval":25'
+echo "{$B}}" > /tmp/auto.json
+echo "{$B,\"Datapath\":\"userspace\"}}" > /tmp/userspace.json
+echo "{$B,\"Datapath\":\"kernel\"}}" > /tmp/kernel.json
 echo '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}' > /tmp/vxlan.json
 start() { # node config
+  rm -f /tmp/n$1/subnet.env
+  echo "=== $2" >> /tmp/n$1/log
   WIREGUARD_KEY_FILE=/tmp/n$1/wgkey $IP netns exec n$1 /usr/bin/flanneld --local-store /tmp/store \
     --net-config-path /tmp/$2.json --iface e$1 --subnet-file /tmp/n$1/subnet.env \
-    --iptables-forward-rules=false >> /tmp/n$1/log 2>&1 &
+    --iptables-forward-rules=false --resync-interval 2 >> /tmp/n$1/log 2>&1 &
   echo $! > /tmp/n$1/pid
+  for t in $(seq 60); do [ -f /tmp/n$1/subnet.env ] && break; sleep 1; done
 }
-start 1 wg; start 2 wg
-for t in $(seq 60); do [ -f /tmp/n1/subnet.env ] && [ -f /tmp/n2/subnet.env ] && break; sleep 1; done
-S2=$(grep FLANNEL_SUBNET /tmp/n2/subnet.env | cut -d= -f2 | cut -d/ -f1)
-$IP -n n2 addr add $S2/32 dev lo
-$IP -n n1 -d link show flannel-wg | grep -q "tun type tun" && echo "MARK flannel-wg is a tun device"
-for t in $(seq 20); do $IP netns exec n1 ping -c 1 -W 2 $S2 > /dev/null && echo "MARK ping over flannel-wg" && break; done
-kill $(cat /tmp/n1/pid); sleep 1
+stop() { kill $(cat /tmp/n$1/pid); sleep 1; }
+wgx() { n=$1; shift; $IP netns exec n$n /usr/bin/wg "$@"; }
+kind() { $IP -n n$1 -d link show flannel-wg | grep -q "$2"; }
+pings() { # from to
+  for t in $(seq 20); do $IP netns exec n$1 ping -c 1 -W 2 $2 > /dev/null && return 0; done; return 1
+}
+# The peer line of node $2's key in node $1's `wg show flannel-wg dump`:
+# endpoint address (the port roams to a userspace peer's source port),
+# allowed ips, keepalive.
+peer() {
+  wgx $1 show flannel-wg dump |
+    awk -v k="$(wgx $1 pubkey < /tmp/n$2/wgkey)" '$1 == k {sub(/:[0-9]+$/, "", $3); print $3, $4, $8}'
+}
+until_true() { for t in $(seq 30); do "$@" && return 0; sleep 1; done; return 1; }
+
+start 1 auto; start 2 userspace
+S1=$(grep FLANNEL_SUBNET /tmp/n1/subnet.env | cut -d= -f2)
+S2=$(grep FLANNEL_SUBNET /tmp/n2/subnet.env | cut -d= -f2)
+A1=${S1%.1/24}.0; A2=${S2%.1/24}.0; N2=${S2%.1/24}.0/24
+$IP -n n2 addr add $A2/32 dev lo
+kind 1 "wireguard" && echo "MARK n1 flannel-wg is kernel wireguard"
+kind 2 "tun type tun" && echo "MARK n2 flannel-wg is a tun device"
+pings 1 $A2 && echo "MARK ping kernel to userspace"
+pings 2 $A1 && echo "MARK ping userspace to kernel"
+[ "$(peer 1 2)" = "172.16.1.12 $N2 25" ] && echo "MARK wg show: the peer of the lease"
+[ "$(wgx 1 show flannel-wg private-key)" = "$(cat /tmp/n1/wgkey)" ] && echo "MARK wg show: our private key"
+[ "$(wgx 1 show flannel-wg listen-port)" = "51820" ] && echo "MARK wg show: listen-port 51820"
+K2=$(wgx 1 pubkey < /tmp/n2/wgkey)
+wgx 1 set flannel-wg peer $K2 remove
+present() { [ -n "$(peer 1 2)" ]; }
+until_true present && echo "MARK removed peer put back"
+wgx 1 set flannel-wg peer $K2 allowed-ips 10.99.0.0/16
+back() { [ "$(peer 1 2)" = "172.16.1.12 $N2 25" ]; }
+until_true back && echo "MARK allowed-ips put back"
+wgx 1 set flannel-wg peer $K2 endpoint 172.16.1.99:51820
+until_true back && echo "MARK endpoint put back"
+$IP -n n1 link del flannel-wg
+until_true kind 1 "wireguard" && until_true back && pings 1 $A2 && echo "MARK deleted device put back"
+
+stop 2; start 2 kernel
+kind 2 "wireguard" && echo "MARK n2 tun replaced by kernel wireguard"
+pings 1 $A2 && pings 2 $A1 && echo "MARK ping kernel to kernel"
+
+stop 1; start 1 userspace
+kind 1 "tun type tun" && echo "MARK n1 kernel device replaced by a tun device"
+pings 1 $A2 && pings 2 $A1 && echo "MARK ping userspace to kernel after the switch"
+
+stop 1
 $IP -n n1 link add flannel-wg-v6 type wireguard && echo "MARK upstream flannel-wg-v6 created"
-rm /tmp/n1/subnet.env; start 1 vxlan
-for t in $(seq 60); do [ -f /tmp/n1/subnet.env ] && break; sleep 1; done
+start 1 vxlan
 $IP -n n1 link show flannel.1 > /dev/null && echo "MARK flannel.1 up with vxlan"
 $IP -n n1 link show flannel-wg > /dev/null 2>&1 || echo "MARK flannel-wg removed"
 $IP -n n1 link show flannel-wg-v6 > /dev/null 2>&1 || echo "MARK flannel-wg-v6 removed"
-echo "LOG1-BEGIN"; cat /tmp/n1/log; echo "LOG1-END"
+for i in 1 2; do echo "LOG$i-BEGIN"; cat /tmp/n$i/log; echo "LOG$i-END"; done
 poweroff -f
 "#;
 
 #[test]
-fn on_a_kernel_with_wireguard_upstreams_devices_give_way_and_pods_talk() {
+fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
     for (cmd, pkg) in [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("busybox", "busybox-static"),
         ("cpio", "cpio"),
         ("depmod", "kmod"),
+        ("wg", "wireguard-tools"),
     ] {
         let found = Command::new("sh")
             .args(["-c", &format!("command -v {cmd}")])
@@ -75,6 +132,7 @@ fn on_a_kernel_with_wireguard_upstreams_devices_give_way_and_pods_talk() {
     let out = Command::new(root.join("scripts/kernel-vm"))
         .arg(&init)
         .arg(env!("CARGO_BIN_EXE_flanneld"))
+        .arg("/usr/bin/wg")
         .env("KERNEL_VM_CACHE", root.join("target/kernel-vm"))
         .output()
         .expect("run scripts/kernel-vm");
@@ -85,8 +143,21 @@ fn on_a_kernel_with_wireguard_upstreams_devices_give_way_and_pods_talk() {
     for mark in [
         "MARK modules loaded",
         "MARK upstream flannel-wg created",
-        "MARK flannel-wg is a tun device",
-        "MARK ping over flannel-wg",
+        "MARK n1 flannel-wg is kernel wireguard",
+        "MARK n2 flannel-wg is a tun device",
+        "MARK ping kernel to userspace",
+        "MARK ping userspace to kernel",
+        "MARK wg show: the peer of the lease",
+        "MARK wg show: our private key",
+        "MARK wg show: listen-port 51820",
+        "MARK removed peer put back",
+        "MARK allowed-ips put back",
+        "MARK endpoint put back",
+        "MARK deleted device put back",
+        "MARK n2 tun replaced by kernel wireguard",
+        "MARK ping kernel to kernel",
+        "MARK n1 kernel device replaced by a tun device",
+        "MARK ping userspace to kernel after the switch",
         "MARK upstream flannel-wg-v6 created",
         "MARK flannel.1 up with vxlan",
         "MARK flannel-wg removed",
@@ -94,17 +165,50 @@ fn on_a_kernel_with_wireguard_upstreams_devices_give_way_and_pods_talk() {
     ] {
         assert!(console.contains(mark), "missing {mark:?}\n{}", show());
     }
-    let log = console
-        .split("LOG1-BEGIN")
-        .nth(1)
-        .and_then(|l| l.split("LOG1-END").next())
-        .unwrap_or_default();
+    let log = |n: u8| {
+        console
+            .split(&format!("LOG{n}-BEGIN"))
+            .nth(1)
+            .and_then(|l| l.split(&format!("LOG{n}-END")).next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (log1, log2) = (log(1), log(2));
     assert!(
-        log.contains("the kernel has WireGuard (link type wireguard)"),
-        "the probe: {log}"
+        log1.contains(
+            "the kernel has WireGuard (link type wireguard): using kernel WireGuard devices"
+        ),
+        "the probe: {log1}"
     );
     assert!(
-        log.contains(r#"recreating it device="flannel-wg" kind=Some("wireguard")"#),
-        "upstream's kernel device replaced: {log}"
+        log2.contains(r#"Backend.Datapath "userspace": using the userspace WireGuard datapath"#),
+        "the knob: {log2}"
+    );
+    // One flanneld wrote the peer at start and again after each of the
+    // four hand-made changes: the repairs are the reconciler's.
+    let first = log1.split("=== userspace").next().unwrap_or_default();
+    assert!(
+        first
+            .matches("wg set flannel-wg: 1 peers written, 0 removed")
+            .count()
+            >= 5,
+        "peer writes: {first}"
+    );
+    assert!(
+        log2.contains(
+            "deleted flannel-wg (kind tun) to put a kernel wireguard device in its place"
+        ),
+        "TUN replaced: {log2}"
+    );
+    assert!(
+        log1.contains(
+            "deleted flannel-wg (kernel wireguard) to put the userspace datapath in its place"
+        ),
+        "kernel device replaced: {log1}"
+    );
+    // Sessions stay: a settled full pass writes nothing.
+    assert!(
+        first.matches("wireguard peers updated device").count() <= 6,
+        "peer set churn: {first}"
     );
 }

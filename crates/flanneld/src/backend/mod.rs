@@ -6,3 +6,4 @@ pub mod hostgw;
 pub mod udp;
 pub mod vxlan;
 pub mod wireguard;
+pub mod wireguard_kernel;

@@ -75,7 +75,7 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
-use flannel_core::config::WireguardConfig;
+use flannel_core::config::{WireguardConfig, WireguardDatapath};
 use flannel_core::lease::{IpFamily, LeaseAttrs};
 use flannel_core::wire;
 use flannel_core::wireguard::{
@@ -142,6 +142,14 @@ pub enum WireguardError {
         #[source]
         source: io::Error,
     },
+    #[error("wireguard device {device}: listen-port {port} ({field}) is in use; is another process using the port?")]
+    PortInUse {
+        device: String,
+        field: &'static str,
+        port: u16,
+    },
+    #[error("{field} \"kernel\": this kernel has no WireGuard (link type wireguard unknown); load the wireguard module, or set {field} to \"auto\" or \"userspace\"")]
+    NoKernelWireguard { field: String },
     #[error("wireguard device {device}: {source}")]
     Kernel {
         device: String,
@@ -324,8 +332,10 @@ pub struct WgDeviceSpec {
     pub psk: Option<SecretKey>,
     /// `PersistentKeepaliveInterval` (s), 0: off.
     pub keepalive: u16,
-    /// Where the counters are written as JSON.
+    /// Where the counters are written as JSON (userspace only).
     pub stats_file: Option<PathBuf>,
+    /// The kernel's WireGuard instead of the userspace datapath.
+    pub kernel: bool,
 }
 
 /// The stats file of `device` in `dir` (beside subnet.env).
@@ -347,6 +357,7 @@ pub fn device_specs(
     mtu: u32,
     keys: &KeyPair,
     stats_dir: Option<&Path>,
+    kernel: bool,
 ) -> Vec<WgDeviceSpec> {
     use flannel_core::config::WireguardMode;
     let addr4 = own_v4.map(|s| IpNet::V4(Ipv4Net::new(s.network(), 32).expect("/32")));
@@ -367,6 +378,7 @@ pub fn device_specs(
             keys: keys.clone(),
             psk: cfg.psk,
             keepalive: cfg.persistent_keepalive,
+            kernel,
         }
     };
     match cfg.mode {
@@ -443,13 +455,37 @@ pub fn remove_leftovers(nl: &mut Netlink, keep: &[&str]) -> Result<Vec<String>, 
     Ok(out)
 }
 
-/// Probes once whether the kernel has WireGuard and says what that means:
-/// flannel-rs always runs its userspace datapath.
-pub fn log_kernel_support(nl: &mut Netlink) {
-    match nl.has_wireguard("flannel-wgprobe") {
-        Ok(true) => tracing::info!("the kernel has WireGuard (link type wireguard); flannel-rs does not drive it yet and runs its userspace WireGuard datapath, which interoperates with kernel peers"),
-        Ok(false) => tracing::info!("no kernel WireGuard (link type wireguard unknown); using the userspace WireGuard datapath"),
-        Err(e) => tracing::info!(error = %e, "could not probe for kernel WireGuard; using the userspace WireGuard datapath"),
+/// Decides once, at start, which datapath the devices get from
+/// `Backend.Datapath` and a probe of the kernel (`ip link add
+/// flannel-wgprobe type wireguard`, deleted at once), and says so. Returns
+/// whether the kernel's WireGuard is used; `kernel` without it is an error.
+pub fn choose_datapath(nl: &mut Netlink, want: WireguardDatapath) -> Result<bool, WireguardError> {
+    if want == WireguardDatapath::Userspace {
+        tracing::info!("Backend.Datapath \"userspace\": using the userspace WireGuard datapath");
+        return Ok(false);
+    }
+    match (nl.has_wireguard("flannel-wgprobe"), want) {
+        (Ok(true), _) => {
+            tracing::info!(
+                "the kernel has WireGuard (link type wireguard): using kernel WireGuard devices"
+            );
+            Ok(true)
+        }
+        (Ok(false), WireguardDatapath::Kernel) => Err(WireguardError::NoKernelWireguard {
+            field: "Backend.Datapath".into(),
+        }),
+        (Err(e), WireguardDatapath::Kernel) => Err(WireguardError::Kernel {
+            device: "flannel-wgprobe".into(),
+            source: e,
+        }),
+        (Ok(false), _) => {
+            tracing::info!("no kernel WireGuard (link type wireguard unknown): using the userspace WireGuard datapath");
+            Ok(false)
+        }
+        (Err(e), _) => {
+            tracing::info!(error = %e, "could not probe for kernel WireGuard: using the userspace WireGuard datapath");
+            Ok(false)
+        }
     }
 }
 
@@ -669,7 +705,7 @@ fn wildcard(family: SocketFamily, port: u16) -> SocketAddr {
 
 const WHAT: &str = "wireguard backend";
 
-fn port_field(spec: &WgDeviceSpec) -> &'static str {
+pub(super) fn port_field(spec: &WgDeviceSpec) -> &'static str {
     match spec.role {
         DeviceRole::Separate(IpFamily::V6) => "Backend.ListenPortV6",
         _ => "Backend.ListenPort",
@@ -899,8 +935,8 @@ impl WgDatapath {
     }
 }
 
-/// MTU, addresses, up state and routes of the device.
-fn ensure_link(
+/// MTU, addresses, up state and routes of the device (either datapath's).
+pub(super) fn ensure_link(
     nl: &mut Netlink,
     link: &Link,
     spec: &WgDeviceSpec,
@@ -1610,6 +1646,7 @@ mod tests {
             1420,
             &k,
             Some(Path::new("/run/flannel")),
+            false,
         );
         assert_eq!(sep.len(), 2);
         assert_eq!(sep[0].device, "flannel-wg");
@@ -1640,6 +1677,7 @@ mod tests {
             1420,
             &k,
             None,
+            false,
         );
         assert_eq!(only6.len(), 1);
         assert_eq!(only6[0].device, "flannel-wg-v6");
@@ -1658,6 +1696,7 @@ mod tests {
                 1420,
                 &k,
                 None,
+                false,
             );
             assert_eq!(one.len(), 1);
             assert_eq!(one[0].device, "flannel-wg");
