@@ -939,3 +939,55 @@ impl BoundSocket {
         std::net::TcpStream::from(self.0)
     }
 }
+
+/// `Backend.Datapath`: on a kernel without WireGuard (this machine's),
+/// `kernel` refuses to start with an error naming the field and the fix,
+/// before it touches anything; `auto` says it runs the userspace datapath.
+/// On a kernel that has WireGuard both get a kernel device.
+#[test]
+fn datapath_kernel_needs_kernel_wireguard_and_auto_falls_back_to_userspace() {
+    const KERNEL: &str =
+        r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "wireguard", "Datapath": "kernel"}}"#;
+    let c = Cluster::new("dp", 1, KERNEL, false);
+    let node = &c.nodes[0];
+    let has_wireguard = node.nl(|nl| nl.has_wireguard("wgprobe0").unwrap());
+    let mut d = c.start(0);
+    if has_wireguard {
+        c.wait_subnets(0, &mut d, true, false);
+        let kind = node.nl(|nl| nl.link_by_name(DEV).unwrap().and_then(|l| l.kind));
+        assert_eq!(kind.as_deref(), Some("wireguard"));
+        c.stop(0, d);
+        return;
+    }
+    let status = wait_for("flanneld to exit", Duration::from_secs(15), || {
+        d.0.as_mut().unwrap().try_wait().unwrap()
+    });
+    let log = read_log(&node.log());
+    assert!(
+        !status.success(),
+        "flanneld started without kernel WireGuard:\n{log}"
+    );
+    assert!(
+        log.contains(r#"Backend.Datapath "kernel": this kernel has no WireGuard"#)
+            && log.contains(r#"set Backend.Datapath to "auto" or "userspace""#),
+        "{log}"
+    );
+    assert_eq!(node.nl(|nl| nl.link_by_name(DEV).unwrap()), None);
+    assert!(node.subnet_env().is_none(), "subnet.env written");
+
+    // The same node with auto: the userspace datapath, said so.
+    let auto = fs::read_to_string(&c.config)
+        .unwrap()
+        .replace(r#""Datapath": "kernel""#, r#""Datapath": "auto""#);
+    fs::write(&c.config, auto).unwrap();
+    let mut d = c.start(0);
+    c.wait_subnets(0, &mut d, true, false);
+    let log = read_log(&node.log());
+    assert!(
+        log.contains("no kernel WireGuard (link type wireguard unknown): using the userspace WireGuard datapath"),
+        "{log}"
+    );
+    let kind = node.nl(|nl| nl.link_by_name(DEV).unwrap().and_then(|l| l.kind));
+    assert_eq!(kind.as_deref(), Some("tun"));
+    c.stop(0, d);
+}
