@@ -1,6 +1,9 @@
 //! The wireguard backend: encrypted pod traffic between nodes, a userspace
 //! WireGuard datapath on a TUN device, wire-compatible with any WireGuard
-//! peer (the kernel's, wireguard-go, boringtun).
+//! peer (the kernel's, wireguard-go, boringtun). Where the kernel has
+//! WireGuard, `Backend.Datapath` auto (the default) or kernel gives the
+//! devices to the kernel instead ([`super::wireguard_kernel`]); this
+//! module's keys, specs and leftovers serve both.
 //!
 //! The devices, as upstream sets them up (with the kernel's `wireguard`
 //! link type where we use a TUN device):
@@ -47,9 +50,8 @@
 //! counted and dropped. Plaintext is padded to a multiple of 16 bytes
 //! before encryption (capped at the MTU), as the kernel does.
 //!
-//! Deliberate differences from upstream (kernel WireGuard):
-//! - the kernel's `wireguard` link type is not driven: flanneld probes for
-//!   it once and says so, and always runs this datapath (see the README);
+//! Deliberate differences of this datapath from upstream (kernel
+//! WireGuard):
 //! - a peer's endpoint is the lease's and stays so (no roaming of our
 //!   side): flannel knows every endpoint from the store;
 //! - data leaves from one of a few ephemeral ports per flow (the kernel
