@@ -39,6 +39,8 @@ pub enum DevKind {
     Vxlan { vni: u32, port: u16 },
     /// A TUN device (`flannel0`): flanneld's udp datapath.
     Tun,
+    /// A kernel WireGuard device (`flannel-wg` with the kernel datapath).
+    Wireguard,
     /// A bridge (`cni0`): delivered to the port that learned the MAC.
     Bridge,
     /// Anything else (veth, ...): the other end holds the next hop.
@@ -274,6 +276,13 @@ pub fn walk(view: &mut dyn View, from: &str, dst: IpAddr) -> Walk {
                     "flanneld's wireguard datapath".to_string(),
                     end,
                 );
+            }
+            DevKind::Wireguard => {
+                lines.push(format!(
+                    "{} is a kernel WireGuard device: the kernel encrypts the packet for the peer whose allowed IPs hold {dst} and sends it in UDP to that peer's endpoint (`wg show {} allowed-ips`)",
+                    r.dev, r.dev
+                ));
+                return left(hops, lines, place, "kernel WireGuard".to_string(), end);
             }
             DevKind::Tun => {
                 let peer = match view.udp_peer(dst) {
@@ -523,6 +532,7 @@ impl View for KernelView {
                 port: vx.port,
             },
             (Some("tun"), _) => DevKind::Tun,
+            (Some("wireguard"), _) => DevKind::Wireguard,
             (Some("bridge"), _) => DevKind::Bridge,
             _ => DevKind::Other,
         };
@@ -889,6 +899,28 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("udp"), "{text}");
+    }
+
+    #[test]
+    fn kernel_wireguard_leaves_through_the_kernel() {
+        let mut t = packet_walk();
+        t.route(
+            "k8s-node1",
+            "10.244.2.66",
+            "flannel-wg",
+            DevKind::Wireguard,
+            None,
+        );
+        let w = walk(&mut t, "ubuntu-1", ip("10.244.2.66"));
+        let text = w.render("x");
+        assert!(
+            matches!(&w.outcome, Outcome::Left { place, to } if place == "k8s-node1" && to == "kernel WireGuard"),
+            "{text}"
+        );
+        assert!(
+            text.contains("flannel-wg is a kernel WireGuard device"),
+            "{text}"
+        );
     }
 
     /// The leases as flanneld reads them: upstream's udp lease (no
