@@ -384,11 +384,16 @@ pub fn peer_updates(want: &[KernelPeer], have: &[KernelPeer]) -> Vec<PeerUpdate>
         v.sort_unstable_by_key(|p| p.public_key);
         v
     }
+    // Both sides are normally sorted already: sort copies only when not.
+    let same_ips = |a: &[IpNet], b: &[IpNet]| {
+        a == b || {
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort();
+            b.sort();
+            a == b
+        }
+    };
     let same = |w: &KernelPeer, h: &KernelPeer| {
-        let mut hs = h.allowed_ips.clone();
-        hs.sort();
-        let mut ws = w.allowed_ips.clone();
-        ws.sort();
         let endpoint = match (w.endpoint, h.endpoint) {
             (Some(a), Some(b)) => a.ip() == b.ip(),
             (a, b) => a == b,
@@ -396,7 +401,7 @@ pub fn peer_updates(want: &[KernelPeer], have: &[KernelPeer]) -> Vec<PeerUpdate>
         w.preshared_key == h.preshared_key
             && endpoint
             && w.persistent_keepalive == h.persistent_keepalive
-            && ws == hs
+            && same_ips(&w.allowed_ips, &h.allowed_ips)
     };
     let (want, have) = (sorted(want), sorted(have));
     let mut out = Vec::new();

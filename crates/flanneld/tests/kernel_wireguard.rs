@@ -13,6 +13,9 @@
 //! - node 2 restarted with `Datapath` kernel replaces its TUN device by a
 //!   kernel one (kernel to kernel); node 1 restarted with userspace
 //!   replaces its kernel device by a TUN (userspace to kernel);
+//! - dual stack with kernel devices on both nodes: `Mode` separate
+//!   (`flannel-wg-v6` on ListenPortV6, the lease's IPv6 endpoint) and
+//!   `Mode` auto (one device, one peer with both subnets), ping and ping6;
 //! - a restart with vxlan removes `flannel-wg` and upstream's kernel
 //!   `flannel-wg-v6`.
 //!
@@ -43,7 +46,7 @@ echo '{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}' > /tmp/vxlan.json
 start() { # node config
   rm -f /tmp/n$1/subnet.env
   echo "=== $2" >> /tmp/n$1/log
-  WIREGUARD_KEY_FILE=/tmp/n$1/wgkey $IP netns exec n$1 /usr/bin/flanneld --local-store /tmp/store \
+  WIREGUARD_KEY_FILE=/tmp/n$1/wgkey $IP netns exec n$1 /usr/bin/flanneld --local-store ${STORE:-/tmp/store} \
     --net-config-path /tmp/$2.json --iface e$1 --subnet-file /tmp/n$1/subnet.env \
     --iptables-forward-rules=false --resync-interval 2 >> /tmp/n$1/log 2>&1 &
   echo $! > /tmp/n$1/pid
@@ -54,6 +57,9 @@ wgx() { n=$1; shift; $IP netns exec n$n /usr/bin/wg "$@"; }
 kind() { $IP -n n$1 -d link show flannel-wg | grep -q "$2"; }
 pings() { # from to
   for t in $(seq 20); do $IP netns exec n$1 ping -c 1 -W 2 $2 > /dev/null && return 0; done; return 1
+}
+pings6() { # from to
+  for t in $(seq 20); do $IP netns exec n$1 ping6 -c 1 -W 2 $2 > /dev/null && return 0; done; return 1
 }
 # The peer line of node $2's key in node $1's `wg show flannel-wg dump`:
 # endpoint address (the port roams to a userspace peer's source port),
@@ -95,6 +101,29 @@ pings 1 $A2 && pings 2 $A1 && echo "MARK ping kernel to kernel"
 stop 1; start 1 userspace
 kind 1 "tun type tun" && echo "MARK n1 kernel device replaced by a tun device"
 pings 1 $A2 && pings 2 $A1 && echo "MARK ping userspace to kernel after the switch"
+
+# Dual stack on fresh stores, kernel devices on both nodes: Mode separate
+# (flannel-wg-v6 on ListenPortV6), then Mode auto (one flannel-wg).
+stop 1; stop 2
+for i in 1 2; do $IP -n n$i addr add fd00:16::1$i/64 dev e$i nodad; done
+D='"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard"'
+echo "{$D}}" > /tmp/dual.json
+echo "{$D,\"Mode\":\"auto\"}}" > /tmp/dualauto.json
+subnets() {
+  S2=$(grep FLANNEL_SUBNET /tmp/n2/subnet.env | cut -d= -f2); A2=${S2%.1/24}.0
+  V2=$(grep FLANNEL_IPV6_SUBNET /tmp/n2/subnet.env | cut -d= -f2); B2=${V2%1/64}
+}
+STORE=/tmp/store6; mkdir -p $STORE; start 1 dual; start 2 dual; subnets
+$IP -n n1 -d link show flannel-wg-v6 | grep -q wireguard && echo "MARK separate: flannel-wg-v6 is kernel wireguard"
+[ "$(wgx 1 show flannel-wg-v6 listen-port)" = "51821" ] && echo "MARK separate: flannel-wg-v6 listen-port 51821"
+wgx 1 show flannel-wg-v6 endpoints | grep -q "\[fd00:16::12\]:51821" && echo "MARK separate: IPv6 endpoint of the lease"
+pings6 1 $B2 && pings 1 $A2 && echo "MARK separate: ping6 and ping"
+stop 1; stop 2
+STORE=/tmp/store7; mkdir -p $STORE; start 1 dualauto; start 2 dualauto; subnets
+$IP -n n1 link show flannel-wg-v6 > /dev/null 2>&1 || echo "MARK auto: flannel-wg-v6 removed"
+wgx 1 show flannel-wg allowed-ips | grep "${A2%.0}.0/24" | grep -q "${B2}/64" && echo "MARK auto: one peer with both subnets"
+pings6 1 $B2 && pings 1 $A2 && echo "MARK auto: ping6 and ping over one flannel-wg"
+stop 2; STORE=
 
 stop 1
 $IP -n n1 link add flannel-wg-v6 type wireguard && echo "MARK upstream flannel-wg-v6 created"
@@ -158,6 +187,13 @@ fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
         "MARK ping kernel to kernel",
         "MARK n1 kernel device replaced by a tun device",
         "MARK ping userspace to kernel after the switch",
+        "MARK separate: flannel-wg-v6 is kernel wireguard",
+        "MARK separate: flannel-wg-v6 listen-port 51821",
+        "MARK separate: IPv6 endpoint of the lease",
+        "MARK separate: ping6 and ping",
+        "MARK auto: flannel-wg-v6 removed",
+        "MARK auto: one peer with both subnets",
+        "MARK auto: ping6 and ping over one flannel-wg",
         "MARK upstream flannel-wg-v6 created",
         "MARK flannel.1 up with vxlan",
         "MARK flannel-wg removed",
