@@ -11,7 +11,8 @@
 //! - level-triggered: a peer removed by hand, a peer's allowed IPs changed
 //!   by hand and the deleted device come back;
 //! - node 2 restarted with `Datapath` kernel replaces its TUN device by a
-//!   kernel one (kernel to kernel); node 1 restarted with userspace
+//!   kernel one (kernel to kernel), and restarted again writes nothing and
+//!   keeps the session; node 1 restarted with userspace
 //!   replaces its kernel device by a TUN (userspace to kernel);
 //! - dual stack with kernel devices on both nodes: `Mode` separate
 //!   (`flannel-wg-v6` on ListenPortV6, the lease's IPv6 endpoint) and
@@ -97,6 +98,14 @@ until_true kind 1 "wireguard" && until_true back && pings 1 $A2 && echo "MARK de
 stop 2; start 2 kernel
 kind 2 "wireguard" && echo "MARK n2 tun replaced by kernel wireguard"
 pings 1 $A2 && pings 2 $A1 && echo "MARK ping kernel to kernel"
+# A restart finds the device as it wants it: no write, the session stays.
+H=$(wgx 2 show flannel-wg latest-handshakes)
+stop 2; start 2 kernel
+since_start() { awk '/^=== /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' /tmp/n$1/log; }
+sleep 3
+since_start 2 | grep -q "wg set flannel-wg\|added flannel-wg\|private-key" ||
+  echo "MARK kernel restart writes nothing"
+[ "$(wgx 2 show flannel-wg latest-handshakes)" = "$H" ] && pings 1 $A2 && echo "MARK kernel restart keeps the session"
 
 stop 1; start 1 userspace
 kind 1 "tun type tun" && echo "MARK n1 kernel device replaced by a tun device"
@@ -185,6 +194,8 @@ fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
         "MARK deleted device put back",
         "MARK n2 tun replaced by kernel wireguard",
         "MARK ping kernel to kernel",
+        "MARK kernel restart writes nothing",
+        "MARK kernel restart keeps the session",
         "MARK n1 kernel device replaced by a tun device",
         "MARK ping userspace to kernel after the switch",
         "MARK separate: flannel-wg-v6 is kernel wireguard",
