@@ -93,6 +93,19 @@ pub struct Link {
     pub vxlan: Option<VxlanInfo>,
 }
 
+/// A link's counters as `ip -s link show` reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
+}
+
 /// The vxlan attributes of a link (`ip -d link show` "vxlan id .. local .. dev .. dstport ..").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanInfo {

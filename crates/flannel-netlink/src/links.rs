@@ -13,7 +13,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::RouteNetlinkMessage;
 
 use crate::transport::DUMP;
-use crate::{check_ifname, Error, Link, Netlink, Result, VxlanDevice, VxlanInfo};
+use crate::{check_ifname, Error, Link, LinkStats, Netlink, Result, VxlanDevice, VxlanInfo};
 
 /// What [`Netlink::create_veth`] creates (`ip link add HOST ... type veth peer name PEER ...`).
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +200,33 @@ impl Netlink {
         let mut m = link_msg(0);
         m.attributes.push(LinkAttribute::IfName(name.to_string()));
         self.get_link(m, &op)
+    }
+
+    /// `ip -s link show dev INDEX`: the link's packet and byte counters
+    /// (`IFLA_STATS64`); `Ok(None)` when the link is gone.
+    pub fn link_stats(&mut self, index: u32) -> Result<Option<LinkStats>> {
+        let op = format!("ip -s link show dev {index}");
+        let Some(m) = self.get_msg(link_msg(index), &op)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            m.attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Stats64(s) => Some(LinkStats {
+                        rx_packets: s.rx_packets,
+                        tx_packets: s.tx_packets,
+                        rx_bytes: s.rx_bytes,
+                        tx_bytes: s.tx_bytes,
+                        rx_errors: s.rx_errors,
+                        tx_errors: s.tx_errors,
+                        rx_dropped: s.rx_dropped,
+                        tx_dropped: s.tx_dropped,
+                    }),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+        ))
     }
 
     /// `ip link show` by index.

@@ -1393,3 +1393,27 @@ fn wireguard_probe_agrees_with_ip_and_leaves_nothing() {
         .unwrap_err();
     assert!(matches!(e, Error::Invalid { .. }), "{e}");
 }
+
+#[test]
+fn link_stats_count_what_crossed_the_link() {
+    need_root();
+    let ns = ScopedNetNs::unique("fnl-stats").unwrap();
+    ns.run(|| {
+        let mut nl = Netlink::open().unwrap();
+        let lo = nl.link_by_name("lo").unwrap().unwrap();
+        nl.set_link_up(lo.index).unwrap();
+        let before = nl.link_stats(lo.index).unwrap().unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..10 {
+            tx.send_to(&[0u8; 100], rx.local_addr().unwrap()).unwrap();
+        }
+        let after = nl.link_stats(lo.index).unwrap().unwrap();
+        assert_eq!(after.tx_packets - before.tx_packets, 10, "{after:?}");
+        assert_eq!(after.rx_packets - before.rx_packets, 10, "{after:?}");
+        // 100 bytes of payload, 8 of UDP, 20 of IPv4 (lo counts no link header).
+        assert_eq!(after.tx_bytes - before.tx_bytes, 10 * 128, "{after:?}");
+        assert_eq!(nl.link_stats(999_999).unwrap(), None);
+    })
+    .unwrap();
+}

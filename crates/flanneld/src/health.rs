@@ -115,9 +115,13 @@ pub enum HealthError {
 pub struct CounterSources {
     /// The udp backend's datapath, when it runs.
     pub udp: Option<udp::CountersReader>,
-    /// The wireguard backend's, one per device (`flannel-wg`,
-    /// `flannel-wg-v6`).
+    /// The wireguard backend's userspace datapaths, one per device
+    /// (`flannel-wg`, `flannel-wg-v6`).
     pub wireguard: Vec<(String, wireguard::CountersReader)>,
+    /// Its kernel devices: packets and bytes from the link's counters
+    /// (`ip -s link show`) as of the last full pass; the kernel counts no
+    /// handshakes or drop reasons there (`wg show` has per-peer bytes).
+    pub wireguard_kernel: Vec<(String, WgCounters)>,
 }
 
 /// The reconciler's part of the metrics: cheap clones sharing the same
@@ -304,12 +308,14 @@ fn per_device<'a, const N: usize>(
 fn encode_wireguard(
     e: &mut DescriptorEncoder<'_>,
     devices: &[(&str, WgCounters)],
+    kernel: &[(&str, WgCounters)],
 ) -> Result<(), std::fmt::Error> {
+    let all: Vec<(&str, WgCounters)> = devices.iter().chain(kernel).copied().collect();
     encode_counters(
         e,
         "wireguard_packets",
-        "Packets carried by the wireguard backend (tx: device to a peer, encrypted; rx: from a peer, decrypted, to the device)",
-        &per_device(devices, "direction", |c| {
+        "Packets carried by the wireguard backend (tx: device to a peer, encrypted; rx: from a peer, decrypted, to the device; kernel devices: as of the last full pass)",
+        &per_device(&all, "direction", |c| {
             [("tx", c.tx_packets), ("rx", c.rx_packets)]
         }),
     )?;
@@ -317,14 +323,14 @@ fn encode_wireguard(
         e,
         "wireguard_bytes",
         "Bytes of inner packets carried by the wireguard backend",
-        &per_device(devices, "direction", |c| {
+        &per_device(&all, "direction", |c| {
             [("tx", c.tx_bytes), ("rx", c.rx_bytes)]
         }),
     )?;
     encode_counters(
         e,
         "wireguard_handshakes",
-        "WireGuard handshake messages (sent: initiations and responses; received: initiations, responses and cookie replies)",
+        "WireGuard handshake messages of the userspace datapath (sent: initiations and responses; received: initiations, responses and cookie replies)",
         &per_device(devices, "direction", |c| {
             [("sent", c.handshakes_sent), ("received", c.handshakes_received)]
         }),
@@ -332,7 +338,7 @@ fn encode_wireguard(
     encode_counters(
         e,
         "wireguard_dropped",
-        "Packets dropped by the wireguard backend, by reason (invalid: no valid WireGuard message for us; not_allowed: decrypted, but its source is outside the peer's allowed IPs)",
+        "Packets dropped by the wireguard backend's userspace datapath, by reason (invalid: no valid WireGuard message for us; not_allowed: decrypted, but its source is outside the peer's allowed IPs)",
         &per_device(devices, "reason", |c| {
             [
                 ("no_peer", c.dropped_no_peer),
@@ -352,13 +358,18 @@ impl Collector for DatapathCollector {
         if let Some(r) = &s.udp {
             encode_udp(&mut encoder, &UdpCounters::from_array(r.read()))?;
         }
-        if !s.wireguard.is_empty() {
+        if !s.wireguard.is_empty() || !s.wireguard_kernel.is_empty() {
             let devices: Vec<(&str, WgCounters)> = s
                 .wireguard
                 .iter()
                 .map(|(d, r)| (d.as_str(), WgCounters::from_array(r.read())))
                 .collect();
-            encode_wireguard(&mut encoder, &devices)?;
+            let kernel: Vec<(&str, WgCounters)> = s
+                .wireguard_kernel
+                .iter()
+                .map(|(d, c)| (d.as_str(), *c))
+                .collect();
+            encode_wireguard(&mut encoder, &devices, &kernel)?;
         }
         Ok(())
     }
@@ -854,7 +865,7 @@ mod tests {
         );
         let sources = CounterSources {
             udp: Some(udp::CountersReader::new(base.to_array(), running.clone())),
-            wireguard: Vec::new(),
+            ..CounterSources::default()
         };
         let (srv, addr) = serve_sources(sources).await;
         let m = scrape(addr).await;
@@ -924,6 +935,7 @@ mod tests {
                     wireguard::CountersReader::new(v6.to_array(), Arc::default()),
                 ),
             ],
+            wireguard_kernel: Vec::new(),
         };
         let (srv, addr) = serve_sources(sources).await;
         let m = scrape(addr).await;
@@ -966,6 +978,19 @@ mod tests {
         );
         let m = scrape(addr).await;
         assert_sample(&m, &wg("packets", "flannel-wg", r#"direction="rx""#), "15");
+        srv.shutdown().await;
+
+        // A kernel device: packets and bytes only.
+        let sources = CounterSources {
+            wireguard_kernel: vec![("flannel-wg".into(), v6)],
+            ..CounterSources::default()
+        };
+        let (srv, addr) = serve_sources(sources).await;
+        let m = scrape(addr).await;
+        assert_sample(&m, &wg("packets", "flannel-wg", r#"direction="tx""#), "21");
+        assert_sample(&m, &wg("bytes", "flannel-wg", r#"direction="rx""#), "0");
+        assert!(!m.contains("flanneld_wireguard_dropped_total{"), "{m}");
+        assert!(!m.contains("flanneld_wireguard_handshakes_total{"), "{m}");
         srv.shutdown().await;
     }
 

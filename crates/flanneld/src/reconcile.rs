@@ -698,6 +698,11 @@ impl Worker {
                             .iter()
                             .filter_map(|d| Some((d.device().to_owned(), d.counters_reader()?)))
                             .collect(),
+                        wireguard_kernel: self
+                            .wireguard
+                            .iter()
+                            .filter_map(|d| Some((d.device().to_owned(), d.kernel_counters()?)))
+                            .collect(),
                     };
                     self.metrics.record_pass(&report, sources);
                     if report.full {

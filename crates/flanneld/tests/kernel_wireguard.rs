@@ -49,7 +49,7 @@ start() { # node config
   echo "=== $2" >> /tmp/n$1/log
   WIREGUARD_KEY_FILE=/tmp/n$1/wgkey $IP netns exec n$1 /usr/bin/flanneld --local-store ${STORE:-/tmp/store} \
     --net-config-path /tmp/$2.json --iface e$1 --subnet-file /tmp/n$1/subnet.env \
-    --iptables-forward-rules=false --resync-interval 2 >> /tmp/n$1/log 2>&1 &
+    --iptables-forward-rules=false --resync-interval 2 --healthz-port 10244 >> /tmp/n$1/log 2>&1 &
   echo $! > /tmp/n$1/pid
   for t in $(seq 60); do [ -f /tmp/n$1/subnet.env ] && break; sleep 1; done
 }
@@ -83,6 +83,13 @@ pings 2 $A1 && echo "MARK ping userspace to kernel"
 [ "$(peer 1 2)" = "172.16.1.12 $N2 25" ] && echo "MARK wg show: the peer of the lease"
 [ "$(wgx 1 show flannel-wg private-key)" = "$(cat /tmp/n1/wgkey)" ] && echo "MARK wg show: our private key"
 [ "$(wgx 1 show flannel-wg listen-port)" = "51820" ] && echo "MARK wg show: listen-port 51820"
+# /metrics: the kernel device's packets from its link counters (a full
+# pass after the pings), no handshake or drop rows for it.
+metric() { $IP netns exec n$1 wget -qO- http://127.0.0.1:10244/metrics | awk -v m="$2" '$1 == m {print $2}'; }
+counted() { [ "$(metric 1 'flanneld_wireguard_packets_total{device="flannel-wg",direction="tx"}')" -gt 0 ]; }
+until_true counted && echo "MARK metrics: kernel flannel-wg packets counted"
+$IP netns exec n1 wget -qO- http://127.0.0.1:10244/metrics | grep -q 'wireguard_dropped_total{' ||
+  echo "MARK metrics: no drop rows for a kernel device"
 K2=$(wgx 1 pubkey < /tmp/n2/wgkey)
 wgx 1 set flannel-wg peer $K2 remove
 present() { [ -n "$(peer 1 2)" ]; }
@@ -188,6 +195,8 @@ fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
         "MARK wg show: the peer of the lease",
         "MARK wg show: our private key",
         "MARK wg show: listen-port 51820",
+        "MARK metrics: kernel flannel-wg packets counted",
+        "MARK metrics: no drop rows for a kernel device",
         "MARK removed peer put back",
         "MARK allowed-ips put back",
         "MARK endpoint put back",

@@ -17,9 +17,9 @@
 //! [`WgDevice`] is one device of either kind; `Datapath` in the config
 //! picks which (the daemon probes the kernel once at start).
 
-use flannel_core::wireguard::{peer_updates, KernelPeer, PeerUpdate, WgPeer};
+use flannel_core::wireguard::{peer_updates, Counters, KernelPeer, PeerUpdate, WgPeer};
 use flannel_netlink::wireguard::{WgDeviceSet, WireguardNetlink};
-use flannel_netlink::Netlink;
+use flannel_netlink::{LinkStats, Netlink};
 
 use super::wireguard::{
     ensure_link, port_field, CountersReader, WgDatapath, WgDeviceSpec, WireguardError,
@@ -37,6 +37,8 @@ pub struct KernelDevice {
     have: Vec<KernelPeer>,
     /// The peers of the leases, as last handed in.
     want: Vec<WgPeer>,
+    /// The link's counters as of the last [`Self::ensure`].
+    stats: LinkStats,
 }
 
 impl std::fmt::Debug for KernelDevice {
@@ -93,6 +95,7 @@ impl KernelDevice {
             wg,
             have: Vec::new(),
             want,
+            stats: LinkStats::default(),
         };
         let state = me.wg.get_device(dev).map_err(k)?.ok_or_else(|| {
             k(flannel_netlink::Error::LinkNotFound {
@@ -140,6 +143,7 @@ impl KernelDevice {
             })
         })?;
         ensure_link(nl, &link, spec, &mut changes).map_err(k)?;
+        me.stats = nl.link_stats(link.index).map_err(k)?.unwrap_or_default();
         *this = Some(me);
         Ok((link.index, changes))
     }
@@ -283,11 +287,26 @@ impl WgDevice {
         }
     }
 
-    /// The userspace datapath's counters (kernel devices have `wg show`).
+    /// The userspace datapath's counters.
     pub fn counters_reader(&self) -> Option<CountersReader> {
         match self {
             WgDevice::Userspace(d) => Some(d.counters_reader()),
             WgDevice::Kernel(_) => None,
+        }
+    }
+
+    /// A kernel device's packets and bytes (the link's counters as of the
+    /// last full pass; the kernel keeps no handshake or drop counts there).
+    pub fn kernel_counters(&self) -> Option<Counters> {
+        match self {
+            WgDevice::Userspace(_) => None,
+            WgDevice::Kernel(d) => Some(Counters {
+                tx_packets: d.stats.tx_packets,
+                tx_bytes: d.stats.tx_bytes,
+                rx_packets: d.stats.rx_packets,
+                rx_bytes: d.stats.rx_bytes,
+                ..Counters::default()
+            }),
         }
     }
 }
