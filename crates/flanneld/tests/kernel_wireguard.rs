@@ -18,7 +18,9 @@
 //!   (`flannel-wg-v6` on ListenPortV6, the lease's IPv6 endpoint) and
 //!   `Mode` auto (one device, one peer with both subnets), ping and ping6;
 //! - a restart with vxlan removes `flannel-wg` and upstream's kernel
-//!   `flannel-wg-v6`.
+//!   `flannel-wg-v6`;
+//! - a listen port taken by another WireGuard tunnel is an error naming
+//!   `Backend.ListenPort`, retried every pass.
 //!
 //! Nothing of the guest reaches this machine's network: it has no network
 //! device.
@@ -147,6 +149,20 @@ start 1 vxlan
 $IP -n n1 link show flannel.1 > /dev/null && echo "MARK flannel.1 up with vxlan"
 $IP -n n1 link show flannel-wg > /dev/null 2>&1 || echo "MARK flannel-wg removed"
 $IP -n n1 link show flannel-wg-v6 > /dev/null 2>&1 || echo "MARK flannel-wg-v6 removed"
+# Port taken by another WireGuard tunnel of the host: the error names the
+# field, and each pass retries.
+stop 1
+$IP -n n1 link del flannel-wg
+$IP -n n1 link add wg-other type wireguard
+wgx 1 set wg-other listen-port 51820 && $IP -n n1 link set wg-other up
+rm -f /tmp/n1/subnet.env; echo "=== kernel, port taken" >> /tmp/n1/log
+WIREGUARD_KEY_FILE=/tmp/n1/wgkey $IP netns exec n1 /usr/bin/flanneld --local-store /tmp/store \
+  --net-config-path /tmp/kernel.json --iface e1 --subnet-file /tmp/n1/subnet.env \
+  --iptables-forward-rules=false --resync-interval 2 >> /tmp/n1/log 2>&1 &
+echo $! > /tmp/n1/pid
+taken() { since_start 1 | grep -c "listen-port 51820 (Backend.ListenPort) is in use" | grep -q "[2-9]"; }
+until_true taken && echo "MARK port in use named and retried"
+stop 1
 for i in 1 2; do echo "LOG$i-BEGIN"; cat /tmp/n$i/log; echo "LOG$i-END"; done
 poweroff -f
 "#;
@@ -218,6 +234,7 @@ fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
         "MARK flannel.1 up with vxlan",
         "MARK flannel-wg removed",
         "MARK flannel-wg-v6 removed",
+        "MARK port in use named and retried",
     ] {
         assert!(console.contains(mark), "missing {mark:?}\n{}", show());
     }

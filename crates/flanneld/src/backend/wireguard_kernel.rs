@@ -67,6 +67,19 @@ impl KernelDevice {
             device: dev.clone(),
             source,
         };
+        // The kernel binds the port when the key is set on a device that is
+        // up, or when the device goes up.
+        let port_in_use = |e: flannel_netlink::Error| {
+            if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                WireguardError::PortInUse {
+                    device: dev.clone(),
+                    field: port_field(spec),
+                    port: spec.port,
+                }
+            } else {
+                k(e)
+            }
+        };
         let mut changes = Vec::new();
         let mut link = nl.link_by_name(dev).map_err(k)?;
         if let Some(l) = link
@@ -111,17 +124,7 @@ impl KernelDevice {
                 listen_port: port,
                 peers: &[],
             };
-            me.wg.set_device(dev, &set).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EADDRINUSE) {
-                    WireguardError::PortInUse {
-                        device: dev.clone(),
-                        field: port_field(spec),
-                        port: spec.port,
-                    }
-                } else {
-                    k(e)
-                }
-            })?;
+            me.wg.set_device(dev, &set).map_err(port_in_use)?;
             if key.is_some() {
                 changes.push(format!(
                     "set {dev} private-key (public key {})",
@@ -142,7 +145,7 @@ impl KernelDevice {
                 name: dev.clone(),
             })
         })?;
-        ensure_link(nl, &link, spec, &mut changes).map_err(k)?;
+        ensure_link(nl, &link, spec, &mut changes).map_err(port_in_use)?;
         me.stats = nl.link_stats(link.index).map_err(k)?.unwrap_or_default();
         *this = Some(me);
         Ok((link.index, changes))
