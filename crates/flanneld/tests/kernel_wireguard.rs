@@ -16,7 +16,8 @@
 //!   replaces its kernel device by a TUN (userspace to kernel);
 //! - dual stack with kernel devices on both nodes: `Mode` separate
 //!   (`flannel-wg-v6` on ListenPortV6, the lease's IPv6 endpoint) and
-//!   `Mode` auto (one device, one peer with both subnets), ping and ping6;
+//!   `Mode` auto (one device, one peer with both subnets), `Mode` ipv6
+//!   (both families over IPv6 endpoints), ping and ping6;
 //! - a restart with vxlan removes `flannel-wg` and upstream's kernel
 //!   `flannel-wg-v6`;
 //! - a listen port taken by another WireGuard tunnel is an error naming
@@ -127,6 +128,7 @@ for i in 1 2; do $IP -n n$i addr add fd00:16::1$i/64 dev e$i nodad; done
 D='"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"wireguard"'
 echo "{$D}}" > /tmp/dual.json
 echo "{$D,\"Mode\":\"auto\"}}" > /tmp/dualauto.json
+echo "{$D,\"Mode\":\"ipv6\",\"ListenPortV6\":51820}}" > /tmp/dualipv6.json
 subnets() {
   S2=$(grep FLANNEL_SUBNET /tmp/n2/subnet.env | cut -d= -f2); A2=${S2%.1/24}.0
   V2=$(grep FLANNEL_IPV6_SUBNET /tmp/n2/subnet.env | cut -d= -f2); B2=${V2%1/64}
@@ -141,6 +143,10 @@ STORE=/tmp/store7; mkdir -p $STORE; start 1 dualauto; start 2 dualauto; subnets
 $IP -n n1 link show flannel-wg-v6 > /dev/null 2>&1 || echo "MARK auto: flannel-wg-v6 removed"
 wgx 1 show flannel-wg allowed-ips | grep "${A2%.0}.0/24" | grep -q "${B2}/64" && echo "MARK auto: one peer with both subnets"
 pings6 1 $B2 && pings 1 $A2 && echo "MARK auto: ping6 and ping over one flannel-wg"
+stop 1; stop 2
+STORE=/tmp/store8; mkdir -p $STORE; start 1 dualipv6; start 2 dualipv6; subnets
+wgx 1 show flannel-wg endpoints | grep -q "\[fd00:16::12\]:51820" && echo "MARK ipv6: the IPv6 endpoint"
+pings6 1 $B2 && pings 1 $A2 && echo "MARK ipv6: both families over IPv6 endpoints"
 stop 2; STORE=
 
 stop 1
@@ -230,6 +236,8 @@ fn kernel_wireguard_is_driven_repaired_and_interoperates_with_userspace() {
         "MARK auto: flannel-wg-v6 removed",
         "MARK auto: one peer with both subnets",
         "MARK auto: ping6 and ping over one flannel-wg",
+        "MARK ipv6: the IPv6 endpoint",
+        "MARK ipv6: both families over IPv6 endpoints",
         "MARK upstream flannel-wg-v6 created",
         "MARK flannel.1 up with vxlan",
         "MARK flannel-wg removed",
