@@ -92,6 +92,14 @@ pub enum WireguardMode {
 }
 
 impl WireguardMode {
+    /// Every mode, in upstream's order.
+    pub const ALL: [WireguardMode; 4] = [
+        WireguardMode::Separate,
+        WireguardMode::Auto,
+        WireguardMode::Ipv4,
+        WireguardMode::Ipv6,
+    ];
+
     /// Upstream's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -120,6 +128,13 @@ pub enum WireguardDatapath {
 }
 
 impl WireguardDatapath {
+    /// Every choice.
+    pub const ALL: [WireguardDatapath; 3] = [
+        WireguardDatapath::Auto,
+        WireguardDatapath::Kernel,
+        WireguardDatapath::Userspace,
+    ];
+
     /// The spelling in the config.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -318,10 +333,16 @@ pub enum ConfigError {
     BackendNotSupportedYet { value: String },
     #[error("Backend.Type {value:?} is unknown; set \"Backend\": {{\"Type\": ...}} to one of \"vxlan\", \"host-gw\", \"udp\", \"wireguard\"")]
     UnknownBackend { value: String },
-    #[error("{field} {value:?} is not one of \"separate\", \"auto\", \"ipv4\", \"ipv6\"; set \"{field}\" to one of them or omit it (separate)")]
-    InvalidMode { field: String, value: String },
-    #[error("{field} {value:?} is not one of \"auto\", \"kernel\", \"userspace\"; set \"{field}\" to one of them or omit it (auto: the kernel's WireGuard when it has it)")]
-    InvalidDatapath { field: String, value: String },
+    /// A string option (`Mode`, `Datapath`) that is none of its spellings.
+    #[error("{field} {value:?} is not one of {choices}; set \"{field}\" to one of them or omit it ({default})")]
+    InvalidChoice {
+        field: String,
+        value: String,
+        /// The spellings, quoted, comma-separated.
+        choices: String,
+        /// What omitting it means.
+        default: &'static str,
+    },
     #[error("{field} is not a WireGuard key: {detail}; set \"{field}\" to the output of `wg genpsk` or omit it")]
     InvalidKey { field: String, detail: String },
     #[error("{field} {value} is out of range: it must be between {min} and {max}; set \"{field}\" accordingly or omit it")]
@@ -353,8 +374,7 @@ impl ConfigError {
             | ConfigError::Unaligned { field, .. }
             | ConfigError::MinAboveMax { field, .. }
             | ConfigError::OutOfRange { field, .. }
-            | ConfigError::InvalidMode { field, .. }
-            | ConfigError::InvalidDatapath { field, .. }
+            | ConfigError::InvalidChoice { field, .. }
             | ConfigError::InvalidKey { field, .. } => field,
         }
     }
@@ -618,35 +638,22 @@ fn parse_backend(root: &Obj<'_>) -> Result<BackendConfig, ConfigError> {
 /// port nobody can know; a peer would dial the default).
 fn parse_wireguard(be: &Obj<'_>) -> Result<WireguardConfig, ConfigError> {
     let d = WireguardConfig::default();
-    let mode = match be.string("Mode")? {
-        None => d.mode,
-        Some(m) => match m.as_str() {
-            "separate" => WireguardMode::Separate,
-            "auto" => WireguardMode::Auto,
-            "ipv4" => WireguardMode::Ipv4,
-            "ipv6" => WireguardMode::Ipv6,
-            _ => {
-                return Err(ConfigError::InvalidMode {
-                    field: be.field("Mode"),
-                    value: m,
-                })
-            }
-        },
-    };
-    let datapath = match be.string("Datapath")? {
-        None => d.datapath,
-        Some(m) => match m.as_str() {
-            "auto" => WireguardDatapath::Auto,
-            "kernel" => WireguardDatapath::Kernel,
-            "userspace" => WireguardDatapath::Userspace,
-            _ => {
-                return Err(ConfigError::InvalidDatapath {
-                    field: be.field("Datapath"),
-                    value: m,
-                })
-            }
-        },
-    };
+    let mode = be
+        .choice(
+            "Mode",
+            &WireguardMode::ALL,
+            WireguardMode::as_str,
+            "separate",
+        )?
+        .unwrap_or(d.mode);
+    let datapath = be
+        .choice(
+            "Datapath",
+            &WireguardDatapath::ALL,
+            WireguardDatapath::as_str,
+            "auto: the kernel's WireGuard when it has it",
+        )?
+        .unwrap_or(d.datapath);
     let psk = match be.string("PSK")? {
         // Go's zero value: no PSK.
         None => None,
@@ -898,6 +905,32 @@ impl<'a> Obj<'a> {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(v) => Err(self.wrong(key, "a string", v)),
+        }
+    }
+
+    /// A string that must be one of `all`'s spellings (`name`), exactly.
+    fn choice<T: Copy>(
+        &self,
+        key: &str,
+        all: &[T],
+        name: fn(T) -> &'static str,
+        default: &'static str,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(v) = self.string(key)? else {
+            return Ok(None);
+        };
+        match all.iter().find(|&&t| name(t) == v) {
+            Some(&t) => Ok(Some(t)),
+            None => Err(ConfigError::InvalidChoice {
+                field: self.field(key),
+                value: v,
+                choices: all
+                    .iter()
+                    .map(|&t| format!("{:?}", name(t)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                default,
+            }),
         }
     }
 

@@ -364,17 +364,22 @@ mod tests {
             .unwrap_or(&[])
     }
 
-    #[test]
-    fn a_set_without_peers_is_one_message() {
+    /// The messages of a set of key `[9; 32]`, port 51820 and `peers`.
+    fn keyed_set(peers: &[PeerUpdate]) -> Vec<Vec<WireguardAttribute>> {
         let key = SecretKey(WgKey([9; 32]));
-        let m = set_messages(
+        set_messages(
             "flannel-wg",
             &WgDeviceSet {
                 private_key: Some(&key),
                 listen_port: Some(51820),
-                peers: &[],
+                peers,
             },
-        );
+        )
+    }
+
+    #[test]
+    fn a_set_without_peers_is_one_message() {
+        let m = keyed_set(&[]);
         assert_eq!(
             m,
             vec![vec![
@@ -398,15 +403,7 @@ mod tests {
                 }
             })
             .collect();
-        let key = SecretKey(WgKey([9; 32]));
-        let m = set_messages(
-            "flannel-wg",
-            &WgDeviceSet {
-                private_key: Some(&key),
-                listen_port: Some(51820),
-                peers: &updates,
-            },
-        );
+        let m = keyed_set(&updates);
         assert!(m.len() > 2, "{} messages", m.len());
         assert!(m[0].contains(&WireguardAttribute::PrivateKey([9; 32])));
         for (i, attrs) in m.iter().enumerate() {

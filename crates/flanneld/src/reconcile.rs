@@ -932,19 +932,6 @@ impl Worker {
                     match r {
                         Ok((ifindex, changes)) => {
                             report.applied(&changes);
-                            let dp = self
-                                .wireguard
-                                .iter_mut()
-                                .find(|d| d.device() == spec.device)
-                                .expect("ensured");
-                            report.record(update_wg_peers(
-                                dp,
-                                wg,
-                                spec,
-                                &self.leases,
-                                &self.settings.own,
-                                now,
-                            ));
                             for f in FAMILIES {
                                 if wg.device_for(f).is_some_and(|d| d.device == spec.device) {
                                     *devices.get_mut(f) = Some(ifindex);
@@ -956,10 +943,19 @@ impl Worker {
                             report.device_error = Some(e.to_string());
                             report.errors.push(e.to_string());
                             self.ifindex = PerFamily::default();
+                            report.log(started);
                             return report;
                         }
                     }
                 }
+                update_wg_peers(
+                    &mut self.wireguard,
+                    wg,
+                    &self.leases,
+                    &self.settings.own,
+                    now,
+                    &mut report,
+                );
             }
         }
         self.ifindex = devices;
@@ -1099,18 +1095,14 @@ impl Worker {
             update_udp_peers(dp, spec, &self.leases, &self.settings.own);
         }
         if let BackendSettings::Wireguard(wg) = &self.settings.backend {
-            for dp in &mut self.wireguard {
-                if let Some(spec) = wg.devices.iter().find(|d| d.device == dp.device()) {
-                    report.record(update_wg_peers(
-                        dp,
-                        wg,
-                        spec,
-                        &self.leases,
-                        &self.settings.own,
-                        now,
-                    ));
-                }
-            }
+            update_wg_peers(
+                &mut self.wireguard,
+                wg,
+                &self.leases,
+                &self.settings.own,
+                now,
+                &mut report,
+            );
             let leases: Vec<&Lease> = self.leases.values().map(|l| &**l).collect();
             report.peers = FAMILIES
                 .into_iter()
@@ -1385,37 +1377,50 @@ fn update_udp_peers(
     }
 }
 
-/// Hands one wireguard device its peers among `leases` (a summary at INFO
-/// when they changed, the list at DEBUG). Returns the kernel writes it
-/// took, a line for the pass's report.
+/// Hands each wireguard device its peers among `leases` (a summary at INFO
+/// when they changed, the list at DEBUG) and records the kernel writes
+/// that took in `report`.
 fn update_wg_peers(
-    dp: &mut WgDevice,
+    devices: &mut [WgDevice],
     wg: &WgSettings,
-    spec: &WgDeviceSpec,
     leases: &BTreeMap<LeaseKey, Arc<Lease>>,
     own: &LeaseKey,
     now: SystemTime,
-) -> Result<Vec<String>, wireguard::WireguardError> {
-    let (changed, written) =
-        dp.set_peers(wg.peers(spec, leases.values().map(|l| &**l), own, now))?;
-    if changed {
-        let peers = dp.peers();
-        tracing::info!(device = %spec.device, count = peers.len(), "wireguard peers updated");
-        let list: Vec<String> = peers
-            .iter()
-            .map(|p| {
-                let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
-                format!(
-                    "{} at {} allowed {}",
-                    p.public_key,
-                    p.endpoint,
-                    ips.join(",")
-                )
-            })
-            .collect();
-        tracing::debug!(device = %spec.device, peers = ?list, "wireguard peers updated: peers");
+    report: &mut PassReport,
+) {
+    for dp in devices {
+        let Some(spec) = wg.devices.iter().find(|d| d.device == dp.device()) else {
+            continue;
+        };
+        let peers = wg.peers(spec, leases.values().map(|l| &**l), own, now);
+        let (changed, written) = match dp.set_peers(peers) {
+            Ok(r) => r,
+            Err(e) => {
+                report.failed(e);
+                continue;
+            }
+        };
+        if changed {
+            let peers = dp.peers();
+            tracing::info!(device = %spec.device, count = peers.len(), "wireguard peers updated");
+            let list: Vec<String> = peers
+                .iter()
+                .map(|p| {
+                    let ips: Vec<String> = p.allowed_ips.iter().map(|n| n.to_string()).collect();
+                    format!(
+                        "{} at {} allowed {}",
+                        p.public_key,
+                        p.endpoint,
+                        ips.join(",")
+                    )
+                })
+                .collect();
+            tracing::debug!(device = %spec.device, peers = ?list, "wireguard peers updated: peers");
+        }
+        if let Some(line) = written {
+            report.applied(&[line]);
+        }
     }
-    Ok(written.into_iter().collect())
 }
 
 /// Whether a notification about a route, neighbour or FDB entry shows
